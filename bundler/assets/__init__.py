@@ -1,0 +1,1 @@
+"""Scripts run inside a bundled environment (not imported by the tool)."""

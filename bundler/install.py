@@ -1,0 +1,133 @@
+"""Offline stage: install an unpacked bundle into a prefix, with no index and no network.
+
+The venv is made ``--without-pip`` and pip runs from the bundled pip wheel, the same way
+install.sh does it: hosts whose python3 lacks ensurepip (Debian without python3-venv)
+install all the same. A marker file marks an install under way; an interrupted install
+is detected and replaced on the next run, and a failed one is removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bundler import layout
+from bundler.errors import HostMismatch, InstallError
+from bundler.subproc import clean_env, last_lines, run
+
+log = logging.getLogger("bundler")
+
+# What a previous install of ours leaves in a prefix (and a re-run replaces).
+OURS = (layout.PREFIX_VENV, layout.MODELS_DIR, layout.SMOKE_DIR, layout.PREFIX_CONFIG,
+        layout.PREFIX_ENV, layout.PREFIX_MANIFEST, "smoke-result.json",
+        layout.PREFIX_MARKER_INCOMPLETE)
+
+
+@dataclass(frozen=True)
+class Installed:
+    prefix: Path
+    python: str  # the venv's interpreter
+    seconds: float
+    packages: int
+    method: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ok": True, "prefix": str(self.prefix), "seconds": round(self.seconds, 1),
+                "packages": self.packages, "method": self.method}
+
+
+def check_host(manifest: dict[str, Any]) -> dict[str, str]:
+    """Refuse before installing when this host's Python or platform is not the target's."""
+    target = manifest.get("target", {})
+    want_py, want_arch = str(target.get("python")), str(target.get("arch"))
+    have_py = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    have_arch = platform.machine()
+    if sys.platform != "linux" or have_arch != want_arch:
+        raise HostMismatch(f"this bundle is for linux {want_arch}; this host is "
+                           f"{sys.platform} {have_arch}")
+    if have_py != want_py:
+        raise HostMismatch(f"this bundle is for CPython {want_py}; this host runs Python "
+                           f"{have_py} (run pyannote-bundle with a python{want_py})")
+    return {"python": have_py, "platform": f"linux_{have_arch}"}
+
+
+def install(bundle: Path, prefix: Path, python: str = sys.executable) -> Installed:
+    """Install the unpacked bundle at ``bundle`` into ``prefix``."""
+    started = time.monotonic()
+    prefix = prefix.resolve()
+    created = _prepare(prefix)
+    try:
+        (prefix / layout.PREFIX_MARKER_INCOMPLETE).write_text("installing\n")
+        venv = prefix / layout.PREFIX_VENV
+        res = run([python, "-m", "venv", "--without-pip", str(venv)], env=clean_env())
+        if res.returncode != 0:
+            raise InstallError(f"cannot create a venv with {python}: {last_lines(res.stderr, 1)}")
+        vpython = str(venv / "bin" / "python")
+        wheels = bundle / layout.WHEELS_DIR
+        pips = sorted(wheels.glob("pip-*.whl"))
+        if pips:
+            pip_cmd, method = [vpython, str(pips[-1] / "pip")], "venv --without-pip + bundled pip"
+        else:
+            res = run([vpython, "-m", "ensurepip"], env=clean_env())
+            if res.returncode != 0:
+                raise InstallError("the bundle ships no pip wheel and this Python has no "
+                                   "ensurepip; install python3-venv or rebuild the bundle")
+            pip_cmd, method = [vpython, "-m", "pip"], "venv + ensurepip"
+        log.info("install: pip install --no-index into %s", venv)
+        res = run([*pip_cmd, "install", "--no-index", "--no-cache-dir", "--find-links",
+                   str(wheels), "--require-hashes", "-r", str(bundle / layout.LOCK),
+                   "--progress-bar", "off", "--disable-pip-version-check"],
+                  env=clean_env())
+        if res.returncode != 0:
+            raise InstallError(f"offline pip install failed: {last_lines(res.stderr or res.stdout)}")
+        for name in (layout.MODELS_DIR, layout.SMOKE_DIR):
+            if (bundle / name).is_dir():
+                shutil.copytree(bundle / name, prefix / name)
+        shutil.copy2(bundle / layout.MANIFEST, prefix / layout.PREFIX_MANIFEST)
+        res = run([python, str(bundle / layout.CONFIGURE), str(prefix)], env=clean_env())
+        if res.returncode != 0:
+            raise InstallError(f"cannot write {prefix / layout.PREFIX_CONFIG}: "
+                               f"{last_lines(res.stderr, 1)}")
+        (prefix / layout.PREFIX_MARKER_INCOMPLETE).unlink()
+    except BaseException:
+        remove_install(prefix, created)
+        raise
+    count = sum(1 for ln in (bundle / layout.LOCK).read_text().splitlines()
+                if ln and not ln.startswith("#"))
+    return Installed(prefix, vpython, time.monotonic() - started, count, method)
+
+
+def _prepare(prefix: Path) -> bool:
+    """Make ``prefix`` ready; True if this call created it. Refuses a foreign, non-empty one."""
+    if not prefix.exists():
+        prefix.mkdir(parents=True)
+        return True
+    if not prefix.is_dir():
+        raise InstallError(f"{prefix} exists and is not a folder")
+    entries = {p.name for p in prefix.iterdir()}
+    if entries and not entries & {layout.PREFIX_MARKER_INCOMPLETE, layout.PREFIX_MANIFEST}:
+        raise InstallError(f"{prefix} is not empty and holds no earlier install; choose an "
+                           "empty or new folder")
+    if entries:
+        log.info("install: replacing the earlier install in %s", prefix)
+        remove_install(prefix, created=False)
+    return False
+
+
+def remove_install(prefix: Path, created: bool) -> None:
+    """Remove what an install put in ``prefix`` (the whole folder if it made it)."""
+    if created:
+        shutil.rmtree(prefix, ignore_errors=True)
+        return
+    for name in OURS:
+        path = prefix / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)

@@ -1,0 +1,263 @@
+"""Offline stage: prove a tarball is the bundle its checksums describe, and unpack it safely.
+
+One streaming pass over the file: the outer bytes are hashed for the sidecar while each
+member is checked (PEP 706's ``data`` filter, plus: regular files and folders only, one
+top-level folder, no duplicates, size and count limits) and written, hashed, into the work
+folder. Then SHA256SUMS is checked in both directions and manifest.json against it. On
+any failure the caller removes the work folder: nothing is installed from a bad bundle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+
+from bundler import layout
+from bundler.errors import IntegrityError
+from bundler.render import parse_checksums
+
+BUFSIZE = 1 << 20
+MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Refuse a bundle before it fills the disk. Defaults fit a CUDA pyannote bundle (~4 GB)."""
+
+    max_bytes: int = 32 * 1024**3  # unpacked size
+    max_members: int = 10_000
+    max_member_bytes: int = 8 * 1024**3
+
+
+@dataclass(frozen=True)
+class Integrity:
+    """The result of a successful check."""
+
+    root: Path  # the unpacked bundle folder
+    top: str
+    sidecar: str  # "match" or "absent"
+    sha256: str  # of the tarball
+    files: int
+    bytes: int
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ok": True, "sidecar": self.sidecar, "sha256": self.sha256,
+                "files": self.files, "bytes": self.bytes}
+
+
+class _HashingReader(io.RawIOBase):
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw, self.hash, self.count = raw, hashlib.sha256(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = self.raw.readinto(b)  # type: ignore[attr-defined]
+        if n:
+            self.hash.update(memoryview(b)[:n])
+            self.count += n
+        return n or 0
+
+    def drain(self) -> None:
+        """Hash whatever follows the tar's end blocks: the digest covers the whole file."""
+        buf = bytearray(BUFSIZE)
+        while self.readinto(buf):
+            pass
+
+
+def read_sidecar(tarball: Path) -> str | None:
+    """The expected sha256 from ``<tarball>.sha256``, or None when there is none."""
+    sidecar = tarball.with_name(tarball.name + layout.SIDECAR_SUFFIX)
+    try:
+        text = sidecar.read_text()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise IntegrityError(sidecar.name, f"cannot read the sidecar: {exc}") from None
+    sha, _, name = text.strip().partition("  ")
+    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise IntegrityError(sidecar.name, "is not '<sha256>  <file name>'")
+    if name.lstrip("*") != tarball.name:
+        raise IntegrityError(sidecar.name, f"names '{name}', not {tarball.name}")
+    return sha
+
+
+def _compression(f: IO[bytes]) -> str:
+    head = f.read(4)
+    f.seek(0)
+    for magic, name in MAGIC.items():
+        if head.startswith(magic):
+            return name
+    return "none"
+
+
+def check_and_extract(tarball: Path, work: Path, limits: Limits = Limits()) -> Integrity:
+    """Stream ``tarball`` once into ``work``; raise IntegrityError on the first problem."""
+    expected_outer = read_sidecar(tarball)
+    try:
+        raw = open(tarball, "rb")
+    except OSError as exc:
+        raise IntegrityError(tarball.name, f"cannot open: {exc.strerror}") from None
+    with raw:
+        reader = _HashingReader(raw)
+        kind = _compression(raw)
+        stream: Any = io.BufferedReader(reader, BUFSIZE)
+        if kind == "gzip":
+            import gzip
+
+            stream = gzip.GzipFile(fileobj=stream, mode="rb")
+        elif kind == "zstd":
+            import zstandard
+
+            stream = zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True)
+        try:
+            hashes, top, total = _extract(stream, work, limits)
+            # Read to the end so the digest covers every byte.
+            while stream.read(BUFSIZE):
+                pass
+        except IntegrityError:
+            raise
+        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+            problem = " ".join(str(exc).split()) or type(exc).__name__
+            if expected_outer is not None:
+                reader.drain()
+                if reader.hash.hexdigest() != expected_outer:
+                    raise IntegrityError(tarball.name, "sha256 does not match the sidecar "
+                                         f"{tarball.name}{layout.SIDECAR_SUFFIX} (damaged or "
+                                         f"tampered): {problem}") from None
+            raise IntegrityError(tarball.name, f"not a readable bundle tarball ({kind}): "
+                                 f"{problem}") from None
+        except Exception as exc:  # zstandard raises its own ZstdError
+            raise IntegrityError(tarball.name, f"corrupt {kind} stream: {exc}") from None
+        reader.drain()
+    outer = reader.hash.hexdigest()
+    if expected_outer is not None and outer != expected_outer:
+        raise IntegrityError(tarball.name, f"sha256 {outer} does not match the sidecar "
+                             f"{tarball.name}{layout.SIDECAR_SUFFIX} ({expected_outer}): "
+                             "damaged or tampered")
+    root = work / top
+    manifest = _check_lists(root, hashes)
+    return Integrity(root, top, "match" if expected_outer else "absent", outer,
+                     len(hashes), total, manifest)
+
+
+def _extract(stream: IO[bytes], work: Path, limits: Limits) -> tuple[dict[str, str], str, int]:
+    hashes: dict[str, str] = {}
+    dirs: set[str] = set()
+    top: str | None = None
+    total = 0
+    count = 0
+    work.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        for member in tar:
+            count += 1
+            name = member.name
+            if count > limits.max_members:
+                raise IntegrityError(name, f"more than {limits.max_members} members "
+                                     "(limit; raise it with --max-members)")
+            _check_member(member)
+            try:
+                # PEP 706: refuses absolute paths, '..', links out, devices; our checks
+                # above are stricter (no links at all), this is the second line.
+                member = tarfile.data_filter(member, str(work))
+            except tarfile.FilterError as exc:
+                raise IntegrityError(name, f"unsafe member: {exc}") from None
+            parts = PurePosixPath(name).parts
+            if top is None:
+                top = parts[0]
+            elif parts[0] != top:
+                raise IntegrityError(name, f"outside the bundle's single top folder '{top}'")
+            rel = "/".join(parts[1:])
+            if member.isdir():
+                if rel in hashes:
+                    raise IntegrityError(name, "is both a file and a folder")
+                dirs.add(rel)
+                (work / name).mkdir(parents=True, exist_ok=True)
+                continue
+            if not rel:
+                raise IntegrityError(name, "a file where the top folder should be")
+            if rel in hashes or rel in dirs:
+                raise IntegrityError(name, "appears twice in the tarball")
+            if member.size > limits.max_member_bytes:
+                raise IntegrityError(name, f"{member.size} bytes is over the per-file limit "
+                                     f"of {limits.max_member_bytes}")
+            total += member.size
+            if total > limits.max_bytes:
+                raise IntegrityError(name, f"the bundle unpacks to more than "
+                                     f"{limits.max_bytes} bytes (limit; raise it with "
+                                     "--max-bytes)")
+            src = tar.extractfile(member)
+            assert src is not None
+            dest = work / name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            h = hashlib.sha256()
+            got = 0
+            with open(dest, "xb") as out:
+                while chunk := src.read(BUFSIZE):
+                    h.update(chunk)
+                    out.write(chunk)
+                    got += len(chunk)
+            if got != member.size:
+                raise IntegrityError(name, f"truncated: {got} of {member.size} bytes")
+            os.chmod(dest, 0o755 if rel in layout.EXECUTABLES else 0o644)
+            hashes[rel] = h.hexdigest()
+    if top is None:
+        raise IntegrityError("(tarball)", "empty: no members")
+    return hashes, top, total
+
+
+def _check_member(member: tarfile.TarInfo) -> None:
+    name = member.name
+    if not (member.isreg() or member.isdir()):
+        kind = ("symlink" if member.issym() else "hardlink" if member.islnk()
+                else "device" if member.isdev() else "fifo" if member.isfifo() else "special")
+        raise IntegrityError(name, f"is a {kind}: a bundle holds only regular files and "
+                             "folders")
+    if name.startswith("/") or "\\" in name:
+        raise IntegrityError(name, "absolute or non-posix path")
+    if any(p in ("", ".", "..") for p in name.rstrip("/").split("/")):
+        raise IntegrityError(name, "path has an empty, '.' or '..' component")
+
+
+def _check_lists(root: Path, hashes: dict[str, str]) -> dict[str, Any]:
+    """SHA256SUMS both ways, then manifest.json against SHA256SUMS."""
+    if layout.CHECKSUMS not in hashes:
+        raise IntegrityError(layout.CHECKSUMS, "missing: not a pyannote-bundle tarball, or "
+                             "an incomplete one")
+    try:
+        listed = parse_checksums((root / layout.CHECKSUMS).read_bytes())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise IntegrityError(layout.CHECKSUMS, f"malformed: {exc}") from None
+    for path, sha in sorted(listed.items()):
+        if path not in hashes:
+            raise IntegrityError(path, "listed in SHA256SUMS but missing from the tarball")
+        if hashes[path] != sha:
+            raise IntegrityError(path, f"sha256 {hashes[path]} does not match SHA256SUMS "
+                                 f"({sha}): damaged or tampered")
+    for path in sorted(hashes):
+        if path != layout.CHECKSUMS and path not in listed:
+            raise IntegrityError(path, "present in the tarball but not listed in SHA256SUMS")
+    if layout.MANIFEST not in listed:
+        raise IntegrityError(layout.MANIFEST, "missing from SHA256SUMS")
+    try:
+        manifest = json.loads((root / layout.MANIFEST).read_text())
+        files = manifest["files"]
+        assert isinstance(files, dict)
+    except (ValueError, KeyError, AssertionError, TypeError):
+        raise IntegrityError(layout.MANIFEST, "not a pyannote-bundle manifest") from None
+    for path, entry in sorted(files.items()):
+        sha = entry.get("sha256") if isinstance(entry, dict) else None
+        if listed.get(path) != sha:
+            raise IntegrityError(path, "manifest.json and SHA256SUMS disagree about it")
+    for path in listed:
+        if path not in files and path != layout.MANIFEST:
+            raise IntegrityError(path, "listed in SHA256SUMS but not in manifest.json")
+    return dict(manifest)

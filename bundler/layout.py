@@ -1,0 +1,44 @@
+"""Every path inside a bundle and an install prefix, named once.
+
+The builder and the verifier import these names, so the two sides cannot drift.
+"""
+
+from __future__ import annotations
+
+# --- inside the bundle (relative to its single top-level folder) ---------------
+CHECKSUMS = "SHA256SUMS"
+MANIFEST = "manifest.json"
+INSTALL_SH = "install.sh"
+README = "README.txt"
+CONFIGURE = "configure.py"  # writes the absolute config and the env file for a prefix
+LOCK = "requirements.lock"  # hashes of the exact wheels shipped in wheels/
+WHEELS_DIR = "wheels"
+MODELS_DIR = "models"
+CONFIG = f"{MODELS_DIR}/config.yaml"
+SMOKE_DIR = "smoke"
+SMOKE_SCRIPT = f"{SMOKE_DIR}/smoke.py"
+SAMPLE_AUDIO = f"{SMOKE_DIR}/sample.wav"
+EXPECTED = f"{SMOKE_DIR}/expected.json"
+
+EXECUTABLES = frozenset({INSTALL_SH})
+
+# --- beside the tarball --------------------------------------------------------
+SIDECAR_SUFFIX = ".sha256"
+
+# --- inside an install prefix --------------------------------------------------
+PREFIX_VENV = "venv"
+PREFIX_CONFIG = "config.yaml"  # absolute paths, rendered for this prefix
+PREFIX_ENV = "pyannote.env"  # the offline variables, to be sourced
+PREFIX_MARKER_INCOMPLETE = ".install-incomplete"  # present while an install is under way
+PREFIX_MANIFEST = "manifest.json"
+
+# The offline variables: a bundled environment never reaches for the network.
+OFFLINE_ENV: dict[str, str] = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    # pyannote.audio 4.x sends telemetry by default (trap 9).
+    "PYANNOTE_METRICS_ENABLED": "false",
+}

@@ -1,0 +1,1 @@
+"""Recipes shipped with pyannote-bundle (TOML files beside this one)."""

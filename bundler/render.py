@@ -1,0 +1,116 @@
+"""Stage: the small files of a bundle, rendered from ``templates/`` (Jinja).
+
+Everything here is a pure function of its inputs: no clock, no host paths, so two builds
+from the same inputs render the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import struct
+import wave
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from io import BytesIO
+from typing import Any
+
+import jinja2
+
+from bundler import layout
+from bundler.spec import Spec
+
+DEFAULT_PREFIX = "/opt/pyannote-bundle"
+
+
+def _env() -> jinja2.Environment:
+    root = resources.files("bundler.templates")
+    return jinja2.Environment(
+        loader=jinja2.FunctionLoader(lambda name: root.joinpath(name).read_text()),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+
+
+def template_bytes(name: str) -> bytes:
+    """A file shipped verbatim from templates/ (smoke.py, configure.py)."""
+    return resources.files("bundler.templates").joinpath(name).read_bytes()
+
+
+def config_yaml(spec: Spec, model_paths: Mapping[str, str]) -> str:
+    """models/config.yaml for the 3.1 recipe: the spec's config with the model paths set.
+
+    ``model_paths`` maps a role (segmentation, embedding) to a path relative to the bundle
+    root, e.g. ``models/pyannote_model_segmentation-3.0.bin``.
+    """
+    config: dict[str, Any] = json.loads(json.dumps(spec.config))  # deep copy
+    params = config.setdefault("pipeline", {}).setdefault("params", {})
+    for role, path in model_paths.items():
+        params[role] = path
+    return _env().get_template("config-3.1.yaml.j2").render(config=config, recipe=spec.name)
+
+
+def install_sh(bundle_name: str, spec: Spec, pip_wheel: str) -> str:
+    return _env().get_template("install.sh.j2").render(
+        bundle_name=bundle_name, target=spec.target, pip_wheel=pip_wheel,
+        default_prefix=f"{DEFAULT_PREFIX}/{spec.name}", marker=layout.PREFIX_MARKER_INCOMPLETE,
+    )
+
+
+def readme_txt(bundle_name: str, spec: Spec, tool_version: str) -> str:
+    return _env().get_template("README.txt.j2").render(
+        bundle_name=bundle_name, target=spec.target, description=spec.description or spec.name,
+        tool_version=tool_version,
+    )
+
+
+def manifest_json(manifest: Mapping[str, Any]) -> bytes:
+    """Canonical JSON: sorted keys, fixed indentation, trailing newline."""
+    return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+
+
+def checksums(entries: Sequence[tuple[str, str]]) -> bytes:
+    """SHA256SUMS in sha256sum's format: ``<hex>  <path>``, sorted by path."""
+    return "".join(f"{sha}  {path}\n" for path, sha in sorted(entries)).encode()
+
+
+def parse_checksums(data: bytes, source: str = layout.CHECKSUMS) -> dict[str, str]:
+    """Parse SHA256SUMS strictly; ValueError names the bad line."""
+    out: dict[str, str] = {}
+    for n, line in enumerate(data.decode("utf-8", "strict").splitlines(), 1):
+        sha, sep, path = line.partition("  ")
+        if not sep or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha) or not path:
+            raise ValueError(f"{source}: line {n} is not '<sha256>  <path>'")
+        if path in out:
+            raise ValueError(f"{source}: line {n} lists {path} twice")
+        out[path] = sha
+    return out
+
+
+def sample_wav(seconds: float = 10.0, rate: int = 16000) -> bytes:
+    """A deterministic two-voice sample: alternating harmonic 'speakers' with pauses.
+
+    Synthetic on purpose: no licence to track, and it exercises segmentation, embedding
+    and clustering end to end. Decoded by soundfile in the smoke test (no FFmpeg).
+    """
+    rng = random.Random(0)
+    turns = [(0.0, 2.4, 120.0), (2.7, 5.1, 210.0), (5.3, 7.6, 120.0), (7.9, 9.8, 210.0)]
+    n = int(seconds * rate)
+    frames = bytearray()
+    for i in range(n):
+        t = i / rate
+        x = rng.gauss(0.0, 0.003)
+        for start, end, f0 in turns:
+            if start <= t < end:
+                env = 0.5 + 0.5 * math.sin(2 * math.pi * 3.0 * t)  # syllable-like rhythm
+                x += env * sum(0.25 / k * math.sin(2 * math.pi * f0 * k * t) for k in (1, 2, 3))
+        frames += struct.pack("<h", max(-32767, min(32767, int(x * 20000))))
+    buf = BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(bytes(frames))
+    return buf.getvalue()

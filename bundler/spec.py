@@ -1,0 +1,324 @@
+"""The data model: frozen dataclasses, parsed and validated once at the edge.
+
+A *recipe* is a small TOML file shipped in ``bundler/recipes/``; ``--spec`` takes a user
+file of the same form. Every field is checked here, so later stages can trust a Spec.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+import sys
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from bundler.errors import SpecError
+
+SHA40 = re.compile(r"^[0-9a-f]{40}$")
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+
+PIPELINES = ("pyannote-3.1", "community-1")
+ROLES = ("segmentation", "embedding", "pipeline")
+ARCHES = ("x86_64", "aarch64")
+
+
+# --- target -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Target:
+    """The host a bundle is built for: CPython version, OS and CPU architecture."""
+
+    python: str = "3.11"  # "3.X"
+    arch: str = "x86_64"
+    glibc: str = "2.28"  # the oldest glibc the target hosts have (manylinux tag ceiling)
+
+    @property
+    def slug(self) -> str:
+        """e.g. ``py311-linux-x86_64``: used in lockfile and bundle names."""
+        return f"py{self.python.replace('.', '')}-linux-{self.arch}"
+
+    @property
+    def abi(self) -> str:
+        return f"cp{self.python.replace('.', '')}"
+
+    @property
+    def platforms(self) -> list[str]:
+        """Wheel platform tags this target accepts, most specific first."""
+        major, minor = (int(x) for x in self.glibc.split("."))
+        tags = [f"manylinux_{major}_{m}_{self.arch}" for m in range(minor, 16, -1)]
+        tags += [f"manylinux2014_{self.arch}"]
+        if self.arch == "x86_64":
+            tags += ["manylinux2010_x86_64", "manylinux1_x86_64"]
+        return tags + [f"linux_{self.arch}"]
+
+    @classmethod
+    def host(cls) -> Target:
+        """The machine this runs on."""
+        return cls(python=f"{sys.version_info[0]}.{sys.version_info[1]}", arch=platform.machine())
+
+    def matches_host(self) -> bool:
+        host = Target.host()
+        return sys.platform == "linux" and (host.python, host.arch) == (self.python, self.arch)
+
+    def pip_download_args(self) -> list[str]:
+        """Flags that make ``pip download`` pick wheels for this target, not the host."""
+        if self.matches_host():
+            return []
+        args = ["--python-version", self.python, "--implementation", "cp"]
+        for abi in (self.abi, "abi3", "none"):
+            args += ["--abi", abi]
+        for tag in self.platforms:
+            args += ["--platform", tag]
+        return args
+
+    def supported_tags(self) -> frozenset[str]:
+        """Every wheel tag (``py3-none-any`` form) an installer on this target accepts."""
+        from packaging import tags
+
+        if self.matches_host():
+            return frozenset(str(t) for t in tags.sys_tags())
+        version = tuple(int(x) for x in self.python.split("."))
+        out = list(tags.cpython_tags(version, abis=[self.abi, "abi3", "none"],
+                                     platforms=self.platforms))
+        out += list(tags.compatible_tags(version, interpreter=self.abi, platforms=self.platforms))
+        return frozenset(str(t) for t in out)
+
+    def as_dict(self) -> dict[str, str]:
+        return {"python": self.python, "platform": f"linux_{self.arch}", "arch": self.arch,
+                "glibc": self.glibc, "slug": self.slug}
+
+
+@dataclass(frozen=True)
+class IndexOptions:
+    """Where wheels come from: explicit, never this machine's pip configuration."""
+
+    index_url: str = "https://pypi.org/simple"
+    extra_index_urls: tuple[str, ...] = ()
+    find_links: tuple[str, ...] = ()
+
+    def pip_args(self) -> list[str]:
+        args = ["--index-url", self.index_url]
+        for url in self.extra_index_urls:
+            args += ["--extra-index-url", url]
+        for link in self.find_links:
+            args += ["--find-links", link]
+        return args
+
+    def redacted(self) -> dict[str, Any]:
+        """For the manifest: credentials in URLs are never recorded."""
+        return {
+            "index_url": redact_url(self.index_url),
+            "extra_index_urls": [redact_url(u) for u in self.extra_index_urls],
+            "find_links": [redact_url(u) for u in self.find_links],
+        }
+
+
+def redact_url(url: str) -> str:
+    """``https://user:secret@host/x`` -> ``https://***@host/x``."""
+    return re.sub(r"^([a-z][a-z0-9+.-]*://)[^/@]+@", r"\1***@", url)
+
+
+# --- models -------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelFile:
+    """One file of a Hub repo and where it lands in the bundle's ``models/``."""
+
+    path: str  # in the repo
+    bundle_path: str  # relative to models/
+    sha256: str | None = None  # pinned; otherwise the Hub's LFS sha256 is the reference
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    repo_id: str
+    revision: str  # branch, tag or 40-hex commit; a branch is resolved and recorded
+    role: str
+    files: tuple[ModelFile, ...]
+    license: str = "unknown"
+
+    @property
+    def name(self) -> str:
+        return self.repo_id.split("/", 1)[1]
+
+
+def pyannote_model_name(repo_id: str) -> str:
+    """The bundle name of a 3.1-recipe checkpoint.
+
+    pyannote.audio picks the embedding loader by substring of the path (trap 1): a path
+    containing ``pyannote`` goes to the pyannote loader first, whatever else it holds.
+    """
+    return f"pyannote_model_{repo_id.split('/', 1)[1]}.bin"
+
+
+# --- the spec -----------------------------------------------------------------
+@dataclass(frozen=True)
+class Spec:
+    """A validated recipe: what goes into a bundle, for which target, from where."""
+
+    name: str
+    pipeline: str  # one of PIPELINES
+    lockfile: str  # stem: lockfiles/<lockfile>-<target slug>.txt
+    models: tuple[ModelRef, ...]
+    config: Mapping[str, Any] = field(default_factory=dict)  # pyannote config (3.1 recipe)
+    description: str = ""
+    target: Target = field(default_factory=Target.host)
+    source: str = "<spec>"
+
+    def model(self, role: str) -> ModelRef:
+        return next(m for m in self.models if m.role == role)
+
+
+def recipe_names() -> list[str]:
+    """Names of the recipes shipped in the package."""
+    root = resources.files("bundler.recipes")
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".toml"))
+
+
+def load_recipe(name: str, target: Target | None = None) -> Spec:
+    """Load a shipped recipe by name."""
+    names = recipe_names()
+    if name not in names:
+        raise SpecError("--recipe", "name", f"unknown recipe '{name}'; known: {', '.join(names)}")
+    text = resources.files("bundler.recipes").joinpath(f"{name}.toml").read_text()
+    return parse_spec(text, f"recipe {name}", target)
+
+
+def load_spec(path: Path, target: Target | None = None) -> Spec:
+    """Load a user spec file (same form as a recipe)."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(str(path), "-", f"cannot read: {exc.strerror}") from None
+    return parse_spec(text, str(path), target)
+
+
+_TOP_KEYS = {"name", "pipeline", "lockfile", "description", "models", "config"}
+_MODEL_KEYS = {"repo", "revision", "role", "license", "files"}
+_FILE_KEYS = {"path", "name", "sha256"}
+
+
+def parse_spec(text: str, source: str, target: Target | None = None) -> Spec:
+    """Parse and validate a spec; every problem names the field and the reason."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(source, "-", f"not valid TOML: {exc}") from None
+
+    def need(obj: Mapping[str, Any], key: str, where: str, kind: type) -> Any:
+        if key not in obj:
+            raise SpecError(source, f"{where}{key}", "missing")
+        value = obj[key]
+        if not isinstance(value, kind):
+            raise SpecError(source, f"{where}{key}", f"must be a {kind.__name__}")
+        return value
+
+    def no_unknown(obj: Mapping[str, Any], allowed: set[str], where: str) -> None:
+        for key in obj:
+            if key not in allowed:
+                raise SpecError(source, f"{where}{key}",
+                                f"unknown key (known: {', '.join(sorted(allowed))})")
+
+    no_unknown(data, _TOP_KEYS, "")
+    name = need(data, "name", "", str)
+    if not NAME.match(name):
+        raise SpecError(source, "name", "use lowercase letters, digits, '.', '_' and '-'")
+    pipeline = need(data, "pipeline", "", str)
+    if pipeline not in PIPELINES:
+        raise SpecError(source, "pipeline", f"'{pipeline}' is not one of {', '.join(PIPELINES)}")
+    lockfile = data.get("lockfile", name)
+    if not isinstance(lockfile, str) or not NAME.match(lockfile):
+        raise SpecError(source, "lockfile", "must be a lockfile stem like 'speaker-diarization-3.1'")
+    config = data.get("config", {})
+    if not isinstance(config, dict):
+        raise SpecError(source, "config", "must be a table")
+
+    raw_models = need(data, "models", "", list)
+    if not raw_models:
+        raise SpecError(source, "models", "at least one model is needed")
+    models: list[ModelRef] = []
+    for i, raw in enumerate(raw_models):
+        where = f"models[{i}]."
+        if not isinstance(raw, dict):
+            raise SpecError(source, f"models[{i}]", "must be a table")
+        no_unknown(raw, _MODEL_KEYS, where)
+        repo = need(raw, "repo", where, str)
+        if not REPO_ID.match(repo):
+            raise SpecError(source, f"{where}repo", f"'{repo}' is not a Hub repo id 'org/name'")
+        revision = raw.get("revision", "main")
+        if not isinstance(revision, str) or not revision or any(c in revision for c in " \n"):
+            raise SpecError(source, f"{where}revision", "must be a branch, tag or 40-hex commit")
+        role = need(raw, "role", where, str)
+        if role not in ROLES:
+            raise SpecError(source, f"{where}role", f"'{role}' is not one of {', '.join(ROLES)}")
+        license_ = raw.get("license", "unknown")
+        files = _parse_files(raw.get("files"), repo, pipeline, source, where)
+        models.append(ModelRef(repo, revision, role, files, str(license_)))
+
+    roles = [m.role for m in models]
+    wanted = ("segmentation", "embedding") if pipeline == "pyannote-3.1" else ("pipeline",)
+    for role in wanted:
+        if roles.count(role) != 1:
+            raise SpecError(source, "models", f"pipeline '{pipeline}' needs exactly one "
+                            f"'{role}' model (has {roles.count(role)})")
+    seen: set[str] = set()
+    for model in models:
+        for f in model.files:
+            if f.bundle_path in seen:
+                raise SpecError(source, "models", f"two files land at models/{f.bundle_path}")
+            seen.add(f.bundle_path)
+    return Spec(name=name, pipeline=pipeline, lockfile=lockfile, models=tuple(models),
+                config=config, description=str(data.get("description", "")),
+                target=target or Target.host(), source=source)
+
+
+def _parse_files(raw: Any, repo: str, pipeline: str, source: str,
+                 where: str) -> tuple[ModelFile, ...]:
+    if raw is None:
+        raw = [{"path": "pytorch_model.bin"}]
+    if not isinstance(raw, list) or not raw:
+        raise SpecError(source, f"{where}files", "must be a non-empty list of tables")
+    files = []
+    for j, item in enumerate(raw):
+        fw = f"{where}files[{j}]."
+        if not isinstance(item, dict):
+            raise SpecError(source, f"{where}files[{j}]", "must be a table")
+        for key in item:
+            if key not in _FILE_KEYS:
+                raise SpecError(source, f"{fw}{key}", "unknown key (known: name, path, sha256)")
+        path = item.get("path")
+        if not isinstance(path, str) or not _safe_relpath(path):
+            raise SpecError(source, f"{fw}path", "must be a relative path inside the repo")
+        default = pyannote_model_name(repo) if pipeline == "pyannote-3.1" else path
+        bundle_path = item.get("name", default)
+        if not isinstance(bundle_path, str) or not _safe_relpath(bundle_path):
+            raise SpecError(source, f"{fw}name", "must be a relative path inside models/")
+        sha = item.get("sha256")
+        if sha is not None and (not isinstance(sha, str) or not SHA256.match(sha)):
+            raise SpecError(source, f"{fw}sha256", "must be 64 lowercase hex digits")
+        files.append(ModelFile(path, bundle_path, sha))
+    return tuple(files)
+
+
+def _safe_relpath(path: str) -> bool:
+    parts = path.split("/")
+    return bool(path) and not path.startswith("/") and all(p not in ("", ".", "..") for p in parts)
+
+
+def parse_target(python: str | None, arch: str | None, glibc: str | None) -> Target:
+    """A Target from CLI options; unspecified parts default to the host."""
+    host = Target.host()
+    python = python or host.python
+    if not re.match(r"^3\.\d{1,2}$", python):
+        raise SpecError("--python-version", "python", f"'{python}' is not like 3.11")
+    arch = arch or host.arch
+    if arch not in ARCHES:
+        raise SpecError("--arch", "arch", f"'{arch}' is not one of {', '.join(ARCHES)}")
+    glibc = glibc or Target.glibc
+    if not re.match(r"^2\.\d{2}$", glibc):
+        raise SpecError("--glibc", "glibc", f"'{glibc}' is not like 2.28")
+    return Target(python=python, arch=arch, glibc=glibc)

@@ -1,0 +1,69 @@
+"""Every child process goes through here: pip, venv, unshare.
+
+pip is always a subprocess (never ``pip._internal``), isolated from the build machine's
+pip configuration: only the index options a spec or the command line names are used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+log = logging.getLogger("bundler")
+
+# Environment variables that carry secrets: never passed to children that don't need them.
+SECRET_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN")
+# TLS settings are kept: a build host behind a corporate CA needs them.
+_PIP_KEEP = ("PIP_CERT", "PIP_CLIENT_CERT")
+
+
+@dataclass(frozen=True)
+class Completed:
+    args: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The parent's environment without pip configuration and without secrets."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not (k.startswith("PIP_") and k not in _PIP_KEEP) and k not in SECRET_VARS
+    }
+    env["PIP_CONFIG_FILE"] = os.devnull
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    env["PIP_NO_INPUT"] = "1"
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    if extra:
+        env.update(extra)
+    return env
+
+
+def run(args: Sequence[str], *, env: Mapping[str, str] | None = None,
+        cwd: str | None = None, timeout: float | None = None) -> Completed:
+    """Run a command, capturing its output; never raises on a non-zero status."""
+    log.debug("run: %s", " ".join(args))
+    proc = subprocess.run(list(args), env=dict(env) if env is not None else clean_env(),
+                          cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+    return Completed(tuple(args), proc.returncode, proc.stdout, proc.stderr)
+
+
+def run_pip(args: Sequence[str], *, python: str | None = None,
+            extra_env: Mapping[str, str] | None = None, timeout: float | None = None
+            ) -> Completed:
+    """``python -m pip ARGS`` in an isolated environment."""
+    return run([python or sys.executable, "-m", "pip", *args], env=clean_env(extra_env),
+               timeout=timeout)
+
+
+def last_lines(text: str, n: int = 3) -> str:
+    """The informative tail of a child's output, for one-line error messages."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return " | ".join(lines[-n:])

@@ -1,0 +1,119 @@
+"""pyannote's known traps, as data, with the checks shared by build and verify.
+
+Each trap has an id, what goes wrong, and a check that raises TrapError with a message
+that names the file or pin and the fix. See KNOWLEDGE.md for where each was met.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bundler.errors import TrapError
+
+
+@dataclass(frozen=True)
+class Trap:
+    id: str
+    what: str
+
+
+TRAPS: dict[str, Trap] = {t.id: t for t in (
+    Trap("loader-routing", "pyannote picks the embedding loader by substring of the path: "
+         "without 'pyannote' in it, 'speechbrain', 'nvidia' or 'wespeaker' anywhere in the "
+         "path routes it to another loader (ONNX: INVALID_PROTOBUF)"),
+    Trap("relative-path", "3.x resolves relative model paths against the current directory, "
+         "not the config's folder"),
+    Trap("hub-id", "a Hub id left in the config makes pyannote reach for the Hub offline"),
+    Trap("missing-file", "a missing local path is taken for a Hub id (HFValidationError / "
+         "'NoneType' has no attribute 'eval')"),
+    Trap("checksum", "a model file that differs from the bundle's manifest"),
+    Trap("hf-hub-1", "huggingface-hub >= 1.0 removed use_auth_token, which pyannote 3.x passes"),
+    Trap("torchaudio-2.9", "torchaudio 2.9 removed AudioMetaData: pyannote 3.x fails on import"),
+    Trap("weights-only", "torch >= 2.6 with lightning >= 2.6 loads checkpoints weights_only: "
+         "UnpicklingError on pyannote checkpoints"),
+    Trap("missing-plda", "pyannote 4.x always loads a PLDA and reaches for the Hub without a "
+         "local plda folder"),
+)}
+
+MODEL_KEYS = ("segmentation", "embedding", "plda")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w.-]+)?$")
+
+
+def _fail(trap: str, message: str) -> TrapError:
+    assert trap in TRAPS
+    return TrapError(trap, message)
+
+
+def check_config(params: Mapping[str, Any], *, base: Path, sha256: Mapping[str, str],
+                 hash_file: Any = None, pyannote_major: int = 3) -> list[str]:
+    """Lint a rendered 3.1-format config's ``pipeline.params``; returns the checks passed.
+
+    ``sha256`` maps each absolute model path to the hash the manifest records;
+    ``hash_file`` (path -> hex) checks the bytes when given.
+    """
+    passed = []
+    for key in MODEL_KEYS:
+        value = params.get(key)
+        if value is None:
+            if key == "plda" and pyannote_major >= 4:
+                raise _fail("missing-plda", "pyannote.audio 4.x needs pipeline.params.plda "
+                            "to name a local folder with xvec_transform.npz and plda.npz")
+            continue
+        if not isinstance(value, str):
+            continue
+        if not value.startswith("/"):
+            if _HUB_ID.match(value) and not (base / value).exists():
+                raise _fail("hub-id", f"pipeline.params.{key} is '{value}', a Hub id: offline "
+                            "it must be a local path")
+            raise _fail("relative-path", f"pipeline.params.{key} is the relative path "
+                        f"'{value}': write it absolute (pyannote 3.x resolves it against the "
+                        "current directory)")
+        path = Path(value)
+        if key == "embedding" and "pyannote" not in value:
+            routed = next((w for w in ("speechbrain", "nvidia", "wespeaker") if w in value), None)
+            why = f"it contains '{routed}', so" if routed else "without it"
+            raise _fail("loader-routing", f"the embedding path {value} lacks 'pyannote': {why} "
+                        "pyannote may load it with the wrong loader; name the file "
+                        "pyannote_model_<name>.bin")
+        if not path.exists():
+            raise _fail("missing-file", f"pipeline.params.{key}: {value} does not exist")
+        expected = sha256.get(value)
+        if hash_file is not None and expected is not None and path.is_file():
+            actual = hash_file(path)
+            if actual != expected:
+                raise _fail("checksum", f"{value}: sha256 {actual} differs from the "
+                            f"manifest's {expected}")
+        passed.append(key)
+    return passed
+
+
+def check_pins(pins: Mapping[str, str]) -> None:
+    """Lint a lock's pins (name -> version) for the version traps of pyannote 3.x / 4.x."""
+    from packaging.version import Version
+
+    pa = pins.get("pyannote-audio")
+    if pa is None:
+        return
+    major = Version(pa).major
+    if major == 3:
+        hub = pins.get("huggingface-hub")
+        if hub and Version(hub).major >= 1:
+            raise _fail("hf-hub-1", f"pyannote.audio {pa} with huggingface-hub {hub}: pin "
+                        "huggingface-hub<1.0")
+        ta = pins.get("torchaudio")
+        if ta and Version(ta).release[:2] >= (2, 9):
+            raise _fail("torchaudio-2.9", f"pyannote.audio {pa} with torchaudio {ta}: pin "
+                        "torchaudio<2.9 and the matching torch")
+    torch = pins.get("torch")
+    lightnings = [pins[n] for n in ("lightning", "pytorch-lightning") if n in pins]
+    if torch and Version(torch).release[:2] >= (2, 6) and major == 3:
+        if any(Version(v).release[:2] >= (2, 6) for v in lightnings):
+            raise _fail("weights-only", f"pyannote.audio {pa}, torch {torch} and lightning "
+                        f"{max(lightnings)}: pin lightning and pytorch-lightning <2.6")
+    if major == 4 and Version(pa) < Version("4.0.3"):
+        raise _fail("weights-only", f"pyannote.audio {pa}: 4.0.0-4.0.2 fail to load "
+                    "checkpoints with torch >= 2.6; use >= 4.0.3")

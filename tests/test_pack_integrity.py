@@ -1,0 +1,118 @@
+"""Pack and the offline integrity check, on small real files: round trip, determinism, refusals."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from bundler import layout
+from bundler.errors import IntegrityError
+from bundler.integrity import check_and_extract
+from bundler.pack import Entry, pack
+from bundler.render import manifest_json
+
+
+def _entries(tmp: Path) -> list[Entry]:
+    model = tmp / "model.bin"
+    model.write_bytes(b"\x00weights" * 1000)
+    files = [
+        Entry.from_bytes(layout.INSTALL_SH, b"#!/bin/sh\necho hi\n"),
+        Entry(f"{layout.MODELS_DIR}/pyannote_model_x.bin",
+              hashlib.sha256(model.read_bytes()).hexdigest(), model.stat().st_size, source=model),
+        Entry.from_bytes(f"{layout.WHEELS_DIR}/a-1-py3-none-any.whl", b"PK fake wheel"),
+    ]
+    manifest = {"files": {e.path: {"sha256": e.sha256, "size": e.size} for e in files}}
+    return [*files, Entry.from_bytes(layout.MANIFEST, manifest_json(manifest))]
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip", "zstd"])
+def test_round_trip_and_byte_identical(tmp_path: Path, compression: str) -> None:
+    entries = _entries(tmp_path)
+    a = pack(entries, top="b-1", output_dir=tmp_path / "a", compression=compression, mtime=0)
+    b = pack(entries, top="b-1", output_dir=tmp_path / "b", compression=compression, mtime=0)
+    assert a.path.read_bytes() == b.path.read_bytes()
+    assert a.sidecar.read_text() == f"{hashlib.sha256(a.path.read_bytes()).hexdigest()}  {a.path.name}\n"
+    result = check_and_extract(a.path, tmp_path / "work")
+    assert result.sidecar == "match" and result.top == "b-1"
+    assert (result.root / layout.MODELS_DIR / "pyannote_model_x.bin").read_bytes() == (
+        tmp_path / "model.bin").read_bytes()
+    assert not list((tmp_path / "a").glob(".*partial*"))
+
+
+def test_tar_metadata_is_normalised(tmp_path: Path) -> None:
+    p = pack(_entries(tmp_path), top="b-1", output_dir=tmp_path, compression="none", mtime=42)
+    with tarfile.open(p.path) as tar:
+        members = tar.getmembers()
+    names = [m.name for m in members]
+    assert names[0] == "b-1" and "b-1/SHA256SUMS" in names
+    assert all(m.mtime == 42 and m.uid == 0 and m.gid == 0 and m.uname == "" for m in members)
+    assert {m.mode for m in members if m.isreg()} == {0o644, 0o755}
+
+
+def test_flipped_byte_is_refused_by_the_sidecar(tmp_path: Path) -> None:
+    p = pack(_entries(tmp_path), top="b-1", output_dir=tmp_path, compression="none", mtime=0)
+    data = bytearray(p.path.read_bytes())
+    data[2000] ^= 1
+    p.path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="sidecar"):
+        check_and_extract(p.path, tmp_path / "work")
+
+
+def _tar(tmp: Path, members: list[tuple[tarfile.TarInfo, bytes]]) -> Path:
+    path = tmp / "evil.tar"
+    with tarfile.open(path, "w") as tar:
+        for info, data in members:
+            info.size = len(data) if info.isreg() else 0
+            tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    return path
+
+
+def _reg(name: str) -> tarfile.TarInfo:
+    return tarfile.TarInfo(name)
+
+
+def _link(name: str, kind: bytes, target: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    return info
+
+
+@pytest.mark.parametrize("info,reason", [
+    (_reg("b/../../escape.txt"), "'..'"),
+    (_reg("/etc/evil"), "absolute"),
+    (_link("b/link", tarfile.SYMTYPE, "/etc/passwd"), "symlink"),
+    (_link("b/hard", tarfile.LNKTYPE, "/etc/passwd"), "hardlink"),
+    (_link("b/dev", tarfile.CHRTYPE, ""), "device"),
+])
+def test_hostile_members_are_refused_and_nothing_escapes(tmp_path: Path, info: tarfile.TarInfo,
+                                                         reason: str) -> None:
+    evil = _tar(tmp_path, [(_reg("b/SHA256SUMS"), b""), (info, b"x")])
+    with pytest.raises(IntegrityError, match=reason):
+        check_and_extract(evil, tmp_path / "work" / "inner")
+    assert not (tmp_path / "work" / "escape.txt").exists()
+    assert not (tmp_path / "escape.txt").exists()
+
+
+def test_file_not_listed_in_checksums_is_refused(tmp_path: Path) -> None:
+    evil = _tar(tmp_path, [(_reg("b/SHA256SUMS"), b""), (_reg("b/extra.txt"), b"x")])
+    with pytest.raises(IntegrityError, match="not listed in SHA256SUMS"):
+        check_and_extract(evil, tmp_path / "work")
+
+
+def test_missing_checksums_is_refused(tmp_path: Path) -> None:
+    evil = _tar(tmp_path, [(_reg("b/manifest.json"), json.dumps({"files": {}}).encode())])
+    with pytest.raises(IntegrityError, match="SHA256SUMS: missing"):
+        check_and_extract(evil, tmp_path / "work")
+
+
+def test_truncated_tarball_is_refused(tmp_path: Path) -> None:
+    p = pack(_entries(tmp_path), top="b-1", output_dir=tmp_path, compression="none", mtime=0)
+    p.sidecar.unlink()
+    p.path.write_bytes(p.path.read_bytes()[:3000])
+    with pytest.raises(IntegrityError):
+        check_and_extract(p.path, tmp_path / "work")
