@@ -12,20 +12,20 @@ import random
 import struct
 import wave
 from collections.abc import Mapping, Sequence
-from importlib import resources
 from io import BytesIO
 from typing import Any
 
 import jinja2
 
 from bundler import layout
+from bundler.data import data_dir
 from bundler.spec import Spec
 
 DEFAULT_PREFIX = "/opt/pyannote-bundle"
 
 
 def _env() -> jinja2.Environment:
-    root = resources.files("bundler.templates")
+    root = data_dir("templates")
     return jinja2.Environment(
         loader=jinja2.FunctionLoader(lambda name: root.joinpath(name).read_text()),
         undefined=jinja2.StrictUndefined,
@@ -36,7 +36,7 @@ def _env() -> jinja2.Environment:
 
 def template_bytes(name: str) -> bytes:
     """A file shipped verbatim from templates/ (smoke.py, configure.py)."""
-    return resources.files("bundler.templates").joinpath(name).read_bytes()
+    return data_dir("templates").joinpath(name).read_bytes()
 
 
 def config_yaml(spec: Spec, model_paths: Mapping[str, str]) -> str:

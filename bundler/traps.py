@@ -40,6 +40,7 @@ TRAPS: dict[str, Trap] = {t.id: t for t in (
 )}
 
 MODEL_KEYS = ("segmentation", "embedding", "plda")
+_FILE_SUFFIXES = {".bin", ".ckpt", ".pt", ".pth", ".onnx", ".safetensors", ".npz", ".yaml"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w.-]+)?$")
 
 
@@ -66,7 +67,8 @@ def check_config(params: Mapping[str, Any], *, base: Path, sha256: Mapping[str, 
         if not isinstance(value, str):
             continue
         if not value.startswith("/"):
-            if _HUB_ID.match(value) and not (base / value).exists():
+            if (_HUB_ID.match(value) and Path(value).suffix not in _FILE_SUFFIXES
+                    and not (base / value).exists()):
                 raise _fail("hub-id", f"pipeline.params.{key} is '{value}', a Hub id: offline "
                             "it must be a local path")
             raise _fail("relative-path", f"pipeline.params.{key} is the relative path "
