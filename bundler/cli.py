@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -28,6 +30,45 @@ def recipes_cmd() -> None:
 
     for name in recipe_names():
         click.echo(name)
+
+
+@cli.command("build")
+@click.option("--recipe", default="speaker-diarization-3.1", show_default=True,
+              help="A shipped recipe (see `pyannote-bundle recipes`).")
+@click.option("--spec", "spec_file", type=click.Path(path_type=Path),
+              help="A spec file of the same form as a recipe (overrides --recipe).")
+@click.option("--output", "-o", "output", type=click.Path(path_type=Path), required=True,
+              help="Folder for the tarball and its .sha256 sidecar.")
+@click.option("--lockfile", type=click.Path(path_type=Path), help="Use this lockfile.")
+@click.option("--index-url", default="https://pypi.org/simple", show_default=True)
+@click.option("--extra-index-url", multiple=True)
+@click.option("--find-links", multiple=True)
+@click.option("--compression", type=click.Choice(["none", "zstd", "gzip"]), default="none",
+              show_default=True, help="Wheels are zip-compressed already: none is fastest.")
+@click.option("--cache-dir", type=click.Path(path_type=Path),
+              default=lambda: Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+              / "pyannote-bundle", show_default="~/.cache/pyannote-bundle")
+def build_cmd(recipe: str, spec_file: Path | None, output: Path, lockfile: Path | None,
+              index_url: str, extra_index_url: tuple[str, ...], find_links: tuple[str, ...],
+              compression: str, cache_dir: Path) -> None:
+    """Build one checksummed, reproducible bundle.
+
+    \b
+    Example (HF_TOKEN must have access to the gated pyannote repos):
+      HF_TOKEN=hf_... pyannote-bundle build --recipe speaker-diarization-3.1 --output out/
+
+    HF_ENDPOINT selects another Hub; SOURCE_DATE_EPOCH sets the recorded time.
+    """
+    from bundler.build import BuildOptions, build
+    from bundler.spec import IndexOptions, load_recipe, load_spec
+
+    spec = load_spec(spec_file) if spec_file else load_recipe(recipe)
+    opts = BuildOptions(output_dir=output, cache_dir=cache_dir, lockfile=lockfile,
+                        index=IndexOptions(index_url, extra_index_url, find_links),
+                        compression=compression, endpoint=os.environ.get("HF_ENDPOINT"),
+                        token=os.environ.get("HF_TOKEN"))
+    result = build(spec, opts)
+    click.echo(f"{result.packed.path}\n{result.packed.sidecar}")
 
 
 def main(argv: list[str] | None = None) -> None:

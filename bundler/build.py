@@ -1,0 +1,122 @@
+"""The orchestrator of the build side: spec -> wheels -> models -> render -> pack.
+
+No stage calls another; this module chains them and assembles the manifest.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from bundler import __version__, layout, render
+from bundler.data import data_dir
+from bundler.errors import InputError
+from bundler.models import fetch_models
+from bundler.pack import Entry, Packed, pack
+from bundler.spec import IndexOptions, Spec
+from bundler.traps import check_pins
+from bundler.wheels import bundle_lock, fetch_wheels
+
+# Without SOURCE_DATE_EPOCH, a fixed epoch keeps two builds of the same inputs identical.
+DEFAULT_EPOCH = 946684800  # 2000-01-01T00:00:00Z
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    output_dir: Path
+    cache_dir: Path
+    index: IndexOptions = field(default_factory=IndexOptions)
+    compression: str = "none"
+    endpoint: str | None = None
+    token: str | None = None
+    lockfile: Path | None = None
+    source_date_epoch: int | None = None
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    bundle_name: str
+    packed: Packed
+    manifest: dict[str, Any]
+
+
+def source_date_epoch(value: int | None = None) -> int:
+    if value is not None:
+        return value
+    raw = os.environ.get("SOURCE_DATE_EPOCH")
+    if raw is None:
+        return DEFAULT_EPOCH
+    if not raw.isdigit():
+        raise InputError(f"SOURCE_DATE_EPOCH='{raw}' is not a whole number of seconds")
+    return int(raw)
+
+
+def find_lockfile(spec: Spec) -> Path:
+    name = f"{spec.lockfile}-{spec.target.slug}.txt"
+    path = data_dir("lockfiles").joinpath(name)
+    if not path.is_file():
+        raise InputError(f"no lockfile {name} for recipe {spec.name} and target "
+                         f"{spec.target.slug}; pass --lockfile or lock one first")
+    return Path(str(path))
+
+
+def build(spec: Spec, opts: BuildOptions) -> BuildResult:
+    """Build the bundle for ``spec``; returns where it is and its manifest."""
+    epoch = source_date_epoch(opts.source_date_epoch)
+    lockfile = opts.lockfile or find_lockfile(spec)
+    wheels = fetch_wheels(lockfile, spec.target, opts.index, opts.cache_dir / "wheels", epoch)
+    pins = {w.name: w.version for w in wheels}
+    check_pins(pins)
+    models = fetch_models(spec.models, endpoint=opts.endpoint, token=opts.token,
+                          cache_dir=opts.cache_dir / "hub")
+    version = pins.get("pyannote-audio", "0")
+    bundle_name = f"{spec.name}-{version}-{spec.target.slug}"
+
+    entries: list[Entry] = []
+    for w in wheels:
+        entries.append(Entry(f"{layout.WHEELS_DIR}/{w.filename}", w.sha256, w.size, source=w.path))
+    model_paths: dict[str, str] = {}
+    for m in models:
+        for f in m.files:
+            path = f"{layout.MODELS_DIR}/{f.bundle_path}"
+            entries.append(Entry(path, f.sha256, f.size, source=f.local))
+            if m.role in ("segmentation", "embedding"):
+                model_paths[m.role] = path
+    pip_wheel = next((w.filename for w in wheels if w.name == "pip"), "")
+    entries += [
+        Entry.from_bytes(layout.CONFIG, render.config_yaml(spec, model_paths).encode()),
+        Entry.from_bytes(layout.INSTALL_SH, render.install_sh(bundle_name, spec, pip_wheel).encode()),
+        Entry.from_bytes(layout.README, render.readme_txt(bundle_name, spec, __version__).encode()),
+        Entry.from_bytes(layout.CONFIGURE, render.template_bytes("configure.py")),
+        Entry.from_bytes(layout.SMOKE_SCRIPT, render.template_bytes("smoke.py")),
+        Entry.from_bytes(layout.SAMPLE_AUDIO, render.sample_wav()),
+        Entry.from_bytes(layout.LOCK, bundle_lock(wheels).encode()),
+    ]
+    manifest: dict[str, Any] = {
+        "format": 1,
+        "bundle": bundle_name,
+        "recipe": {"name": spec.name, "pipeline": spec.pipeline},
+        "target": spec.target.as_dict(),
+        "tool": {"name": "pyannote-bundle", "version": __version__},
+        "build": {"source_date_epoch": epoch,
+                  "time": datetime.fromtimestamp(epoch, timezone.utc).isoformat()},
+        "index": opts.index.redacted(),
+        "lockfile": lockfile.name,
+        "pyannote_audio": version,
+        "wheels": [{"name": w.name, "version": w.version, "filename": w.filename,
+                    "sha256": w.sha256, "size": w.size, "built_from_sdist": w.built_from}
+                   for w in wheels],
+        "models": [{"repo": m.repo_id, "revision": m.revision, "commit": m.commit,
+                    "role": m.role, "license": m.license,
+                    "files": [{"path": f.path, "bundle_path": f"{layout.MODELS_DIR}/{f.bundle_path}",
+                               "sha256": f.sha256, "size": f.size} for f in m.files]}
+                   for m in models],
+        "files": {e.path: {"sha256": e.sha256, "size": e.size} for e in entries},
+    }
+    entries.append(Entry.from_bytes(layout.MANIFEST, render.manifest_json(manifest)))
+    packed = pack(entries, top=bundle_name, output_dir=opts.output_dir,
+                  compression=opts.compression, mtime=epoch)
+    return BuildResult(bundle_name, packed, manifest)

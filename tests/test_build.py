@@ -1,0 +1,67 @@
+"""The build side end to end on small real parts: a real wheel from PyPI (six), models from the
+loopback Hub through huggingface_hub, a real tarball checked from outside with sha256sum."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import tarfile
+from pathlib import Path
+
+from bundler.build import BuildOptions, build
+from bundler.hub import HubRepo, LoopbackHub
+from bundler.integrity import check_and_extract
+from bundler.spec import load_recipe
+
+TOKEN = "hf_canary_0123456789abcdef"
+SEG = b"segmentation weights" * 5000
+EMB = b"embedding weights" * 9000
+LOCK = Path(__file__).parent / "data" / "tiny.lock"
+
+
+def test_build_is_complete_checked_reproducible_and_token_free(tmp_path: Path) -> None:
+    spec = load_recipe("speaker-diarization-3.1")
+    repos = [HubRepo("pyannote/segmentation-3.0", {"pytorch_model.bin": SEG}, gated=True),
+             HubRepo("pyannote/wespeaker-voxceleb-resnet34-LM", {"pytorch_model.bin": EMB})]
+    results = []
+    with LoopbackHub(repos, tokens=[TOKEN]) as hub:
+        for out in ("a", "b"):
+            opts = BuildOptions(output_dir=tmp_path / out, cache_dir=tmp_path / "cache",
+                                endpoint=hub.url, token=TOKEN, lockfile=LOCK)
+            results.append(build(spec, opts))
+        assert any(r["authorized"] for r in hub.requests)
+    a, b = (r.packed for r in results)
+    assert a.path.read_bytes() == b.path.read_bytes(), "two builds must be byte-identical"
+    subprocess.run(["sha256sum", "-c", a.sidecar.name], cwd=a.path.parent, check=True,
+                   capture_output=True)
+    work = tmp_path / "x"
+    work.mkdir()
+    subprocess.run(["tar", "-xf", str(a.path), "-C", str(work)], check=True)
+    root = work / results[0].bundle_name
+    subprocess.run(["sha256sum", "-c", "--strict", "SHA256SUMS"], cwd=root, check=True,
+                   capture_output=True)
+    listed = {ln.split("  ", 1)[1] for ln in (root / "SHA256SUMS").read_text().splitlines()}
+    present = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+    assert listed == present - {"SHA256SUMS"}
+    assert (root / "models/pyannote_model_segmentation-3.0.bin").read_bytes() == SEG
+    assert (root / "models/pyannote_model_wespeaker-voxceleb-resnet34-LM.bin").read_bytes() == EMB
+    assert "pyannote_model_wespeaker" in (root / "models/config.yaml").read_text()
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert [len(m["commit"]) for m in manifest["models"]] == [40, 40]
+    assert manifest["wheels"][0]["sha256"] == hashlib.sha256(
+        (root / "wheels" / manifest["wheels"][0]["filename"]).read_bytes()).hexdigest()
+    with tarfile.open(a.path) as tar:
+        assert tar.getmember(f"{results[0].bundle_name}/install.sh").mode == 0o755
+    for path in [a.path, a.sidecar, *root.rglob("*")]:
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes(), path
+    assert check_and_extract(a.path, tmp_path / "verify").sidecar == "match"
+
+
+def test_cli_rejects_unknown_recipe_in_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run(["pyannote-bundle", "build", "--recipe", "nope", "--output",
+                           str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "unknown recipe 'nope'" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
