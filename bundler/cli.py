@@ -71,6 +71,47 @@ def build_cmd(recipe: str, spec_file: Path | None, output: Path, lockfile: Path 
     click.echo(f"{result.packed.path}\n{result.packed.sidecar}")
 
 
+@cli.command("verify")
+@click.argument("bundle", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--prefix", type=click.Path(path_type=Path),
+              help="Install here (default: a temporary folder, removed afterwards).")
+@click.option("--keep", is_flag=True, help="Keep the work folder and the install.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--no-smoke", is_flag=True, help="Check and install, but do not diarize.")
+def verify_cmd(bundle: Path, prefix: Path | None, keep: bool, as_json: bool,
+               no_smoke: bool) -> None:
+    """Prove a bundle is intact, installs offline, and diarizes with the network disabled.
+
+    \b
+    Example:
+      pyannote-bundle verify out/speaker-diarization-3.1-3.4.0-py311-linux-x86_64.tar --json
+    """
+    import json as _json
+
+    from bundler.verify import VerifyOptions, verify
+
+    try:
+        report = verify(bundle, VerifyOptions(prefix=prefix, keep=keep, smoke=not no_smoke))
+    except BundlerError as exc:
+        if as_json:
+            click.echo(_json.dumps(getattr(exc, "report", {"ok": False, "error": str(exc)})))
+            sys.exit(exc.exit_code)
+        raise
+    if as_json:
+        click.echo(_json.dumps(report))
+        return
+    integ = report["integrity"]
+    click.echo(f"integrity: ok ({integ['files']} files, sidecar {integ['sidecar']})")
+    click.echo(f"install:   ok ({report['install']['packages']} packages, "
+               f"{report['install']['seconds']} s)")
+    smoke = report["smoke"]
+    if smoke.get("skipped"):
+        click.echo("smoke:     skipped (--no-smoke)")
+    else:
+        click.echo(f"smoke:     ok ({len(smoke['segments'])} segments, {smoke['speakers']} "
+                   f"speakers, {smoke['seconds']} s, network: {report['network_isolation']})")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: BundlerError becomes one line and its exit code."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])

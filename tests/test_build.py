@@ -65,3 +65,41 @@ def test_cli_rejects_unknown_recipe_in_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "unknown recipe 'nope'" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def _tiny_bundle(tmp_path: Path) -> Path:
+    spec = load_recipe("speaker-diarization-3.1")
+    repos = [HubRepo("pyannote/segmentation-3.0", {"pytorch_model.bin": SEG}),
+             HubRepo("pyannote/wespeaker-voxceleb-resnet34-LM", {"pytorch_model.bin": EMB})]
+    with LoopbackHub(repos) as hub:
+        opts = BuildOptions(output_dir=tmp_path / "out", cache_dir=tmp_path / "cache",
+                            endpoint=hub.url, lockfile=LOCK)
+        return build(spec, opts).packed.path
+
+
+def test_verify_installs_offline_and_writes_an_absolute_config(tmp_path: Path) -> None:
+    tarball = _tiny_bundle(tmp_path)
+    prefix = tmp_path / "My Prefix"
+    proc = subprocess.run(["pyannote-bundle", "verify", str(tarball), "--no-smoke", "--json",
+                           "--prefix", str(prefix)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["ok"] is True and report["integrity"]["sidecar"] == "match"
+    assert report["config"]["checked"] == ["segmentation", "embedding"]
+    assert (prefix / "venv/bin/python").exists()
+    assert f'"{prefix}/models/pyannote_model_segmentation-3.0.bin"' in (
+        prefix / "config.yaml").read_text()
+    assert not (prefix / ".install-incomplete").exists()
+
+
+def test_verify_refuses_a_flipped_byte_and_installs_nothing(tmp_path: Path) -> None:
+    tarball = _tiny_bundle(tmp_path)
+    data = bytearray(tarball.read_bytes())
+    data[len(data) // 2] ^= 1
+    tarball.write_bytes(bytes(data))
+    prefix = tmp_path / "prefix"
+    proc = subprocess.run(["pyannote-bundle", "verify", str(tarball), "--prefix", str(prefix)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 10
+    assert "sidecar" in proc.stderr and "Traceback" not in proc.stderr
+    assert not prefix.exists()
