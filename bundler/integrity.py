@@ -52,7 +52,7 @@ class Integrity:
                 "files": self.files, "bytes": self.bytes}
 
 
-class _HashingReader(io.RawIOBase):
+class HashingReader(io.RawIOBase):
     def __init__(self, raw: IO[bytes]) -> None:
         self.raw, self.hash, self.count = raw, hashlib.sha256(), 0
 
@@ -90,7 +90,7 @@ def read_sidecar(tarball: Path) -> str | None:
     return sha
 
 
-def _compression(f: IO[bytes]) -> str:
+def detect_compression(f: IO[bytes]) -> str:
     head = f.read(4)
     f.seek(0)
     for magic, name in MAGIC.items():
@@ -107,8 +107,8 @@ def check_and_extract(tarball: Path, work: Path, limits: Limits = Limits()) -> I
     except OSError as exc:
         raise IntegrityError(tarball.name, f"cannot open: {exc.strerror}") from None
     with raw:
-        reader = _HashingReader(raw)
-        kind = _compression(raw)
+        reader = HashingReader(raw)
+        kind = detect_compression(raw)
         stream: Any = io.BufferedReader(reader, BUFSIZE)
         if kind == "gzip":
             import gzip
@@ -133,6 +133,9 @@ def check_and_extract(tarball: Path, work: Path, limits: Limits = Limits()) -> I
                     raise IntegrityError(tarball.name, "sha256 does not match the sidecar "
                                          f"{tarball.name}{layout.SIDECAR_SUFFIX} (damaged or "
                                          f"tampered): {problem}") from None
+            if isinstance(exc, EOFError) or "end of data" in problem:
+                raise IntegrityError(tarball.name, "truncated: the tarball ends early (an "
+                                     "incomplete copy or download; copy it again)") from None
             raise IntegrityError(tarball.name, f"not a readable bundle tarball ({kind}): "
                                  f"{problem}") from None
         except Exception as exc:  # zstandard raises its own ZstdError
@@ -254,8 +257,7 @@ def _check_lists(root: Path, hashes: dict[str, str]) -> dict[str, Any]:
     except (ValueError, KeyError, AssertionError, TypeError):
         raise IntegrityError(layout.MANIFEST, "not a pyannote-bundle manifest") from None
     for path, entry in sorted(files.items()):
-        sha = entry.get("sha256") if isinstance(entry, dict) else None
-        if listed.get(path) != sha:
+        if listed.get(path) != (entry.get("sha256") if isinstance(entry, dict) else None):
             raise IntegrityError(path, "manifest.json and SHA256SUMS disagree about it")
     for path in listed:
         if path not in files and path != layout.MANIFEST:

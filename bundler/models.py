@@ -9,6 +9,7 @@ revisions.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import time
@@ -80,8 +81,8 @@ def fetch_models(models: Sequence[ModelRef], *, endpoint: str | None, token: str
                 raise EntryNotFound(model.repo_id, model.revision, f.path)
             lfs_sha = _lfs_sha256(sib)
             expected = f.sha256 or lfs_sha
-            local = _retry(lambda m=model, f=f: _download(m.repo_id, f.path, commit, endpoint,  # type: ignore[misc]
-                                                        token, cache_dir),
+            local = _retry(functools.partial(_download, model.repo_id, f.path, commit,
+                                             endpoint, token, cache_dir),
                            model, endpoint, f.path, sleep)
             actual, size = sha256_file(local)
             if expected is not None:

@@ -20,7 +20,7 @@ import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from bundler import layout
 from bundler.errors import OutputError
@@ -154,7 +154,7 @@ def _write_tar(out: _HashingWriter, members: Sequence[Entry], top: str, compress
         # A fixed worker count: zstd's multi-threaded output is reproducible for any count
         # >= 1, but differs from single-threaded output.
         cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=2, write_checksum=True)
-        stream = cctx.stream_writer(out, closefd=False)
+        stream = cctx.stream_writer(cast(IO[bytes], out), closefd=False)
     else:
         stream = out
     with tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT,
@@ -176,7 +176,7 @@ def _write_tar(out: _HashingWriter, members: Sequence[Entry], top: str, compress
             assert entry.source is not None
             with open(entry.source, "rb") as f:
                 reader = _HashingReader(f)
-                tar.addfile(info, reader)  # type: ignore[arg-type]
+                tar.addfile(info, reader)
             if reader.hash.hexdigest() != entry.sha256:
                 raise OutputError(f"{entry.source} changed on disk while packing (sha256 "
                                   f"{reader.hash.hexdigest()} != {entry.sha256}); build again")

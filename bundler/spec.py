@@ -232,7 +232,8 @@ def parse_spec(text: str, source: str, target: Target | None = None) -> Spec:
         raise SpecError(source, "pipeline", f"'{pipeline}' is not one of {', '.join(PIPELINES)}")
     lockfile = data.get("lockfile", name)
     if not isinstance(lockfile, str) or not NAME.match(lockfile):
-        raise SpecError(source, "lockfile", "must be a lockfile stem like 'speaker-diarization-3.1'")
+        raise SpecError(source, "lockfile",
+                        "must be a lockfile stem like 'speaker-diarization-3.1'")
     config = data.get("config", {})
     if not isinstance(config, dict):
         raise SpecError(source, "config", "must be a table")

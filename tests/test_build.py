@@ -4,10 +4,13 @@ loopback Hub through huggingface_hub, a real tarball checked from outside with s
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import subprocess
 import tarfile
 from pathlib import Path
+
+import pytest
 
 from bundler.build import BuildOptions, build
 from bundler.hub import HubRepo, LoopbackHub
@@ -103,3 +106,82 @@ def test_verify_refuses_a_flipped_byte_and_installs_nothing(tmp_path: Path) -> N
     assert proc.returncode == 10
     assert "sidecar" in proc.stderr and "Traceback" not in proc.stderr
     assert not prefix.exists()
+
+
+def _repack(src: Path, dst: Path, drop: str | None = None,
+            add: tuple[str, bytes] | None = None) -> None:
+    """Copy a bundle tarball member by member, leaving one out or slipping one in."""
+    with tarfile.open(src) as tin, tarfile.open(dst, "w", format=tarfile.PAX_FORMAT) as tout:
+        top = tin.getmembers()[0].name.split("/")[0]
+        for m in tin.getmembers():
+            if drop and m.name == f"{top}/{drop}":
+                continue
+            tout.addfile(m, tin.extractfile(m) if m.isfile() else None)
+        if add:
+            info = tarfile.TarInfo(f"{top}/{add[0]}")
+            info.size = len(add[1])
+            tout.addfile(info, io.BytesIO(add[1]))
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("missing", "models/pyannote_model_segmentation-3.0.bin: listed in SHA256SUMS but missing"),
+    ("extra", "models/extra.bin: present in the tarball but not listed in SHA256SUMS"),
+    ("truncated", "truncated"),
+])
+def test_verify_refuses_a_repacked_bundle_naming_the_file(tmp_path: Path, case: str,
+                                                          message: str) -> None:
+    tarball = _tiny_bundle(tmp_path)
+    bad = tmp_path / "bad" / tarball.name
+    bad.parent.mkdir()
+    if case == "missing":
+        _repack(tarball, bad, drop="models/pyannote_model_segmentation-3.0.bin")
+    elif case == "extra":
+        _repack(tarball, bad, add=("models/extra.bin", b"not from the build"))
+    else:
+        with tarfile.open(tarball) as tar:
+            member = next(m for m in tar.getmembers() if m.name.endswith("segmentation-3.0.bin"))
+        bad.write_bytes(tarball.read_bytes()[: member.offset_data + member.size // 2])
+    prefix = tmp_path / "prefix"
+    proc = subprocess.run(["pyannote-bundle", "verify", str(bad), "--prefix", str(prefix)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 10, proc.stderr
+    assert message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not prefix.exists()
+
+
+def test_inspect_reads_the_manifest_without_unpacking_the_wheels(tmp_path: Path) -> None:
+    tarball = _tiny_bundle(tmp_path)
+    proc = subprocess.run(["pyannote-bundle", "inspect", str(tarball), "--json"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["recipe"]["name"] == "speaker-diarization-3.1"
+    assert info["target"]["slug"] == "py311-linux-x86_64"
+    assert [m["repo"] for m in info["models"]] == [
+        "pyannote/segmentation-3.0", "pyannote/wespeaker-voxceleb-resnet34-LM"]
+    seg = info["models"][0]["files"][0]
+    assert seg["sha256"] == hashlib.sha256(SEG).hexdigest() and seg["size"] == len(SEG)
+    assert info["wheels"]["count"] == 2 and info["manifest_matches_sha256sums"] is True
+    pip_wheel = next(w for w in info["wheels"]["key"]) if info["wheels"]["key"] else None
+    assert pip_wheel is None  # neither six nor pip is a key package
+    # The stream stopped at the first wheel: the pip wheel (most of the tarball) was not read.
+    with tarfile.open(tarball) as tar:
+        first_wheel = min(m.offset for m in tar.getmembers() if "/wheels/" in m.name)
+    assert info["bytes_read"] < first_wheel + 64 * 1024 < info["size"]
+    text = subprocess.run(["pyannote-bundle", "inspect", str(tarball)], capture_output=True,
+                          text=True).stdout
+    assert "pyannote/segmentation-3.0 @ " in text and "Not verified" in text
+
+
+@pytest.mark.parametrize(("argv", "code"), [
+    (["inspect", "README.md"], 10),
+    (["verify", "README.md"], 10),
+    (["inspect", "no-such-bundle.tar"], 2),
+    (["build", "--recipe", "speaker-diarization-9", "--output", "x"], 2),
+])
+def test_bad_input_gets_a_short_answer_and_no_traceback(argv: list[str], code: int) -> None:
+    root = Path(__file__).parent.parent
+    proc = subprocess.run(["pyannote-bundle", *argv], capture_output=True, text=True, cwd=root)
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr and 1 <= len(proc.stderr.strip().splitlines()) <= 3

@@ -36,7 +36,8 @@ def test_round_trip_and_byte_identical(tmp_path: Path, compression: str) -> None
     a = pack(entries, top="b-1", output_dir=tmp_path / "a", compression=compression, mtime=0)
     b = pack(entries, top="b-1", output_dir=tmp_path / "b", compression=compression, mtime=0)
     assert a.path.read_bytes() == b.path.read_bytes()
-    assert a.sidecar.read_text() == f"{hashlib.sha256(a.path.read_bytes()).hexdigest()}  {a.path.name}\n"
+    digest = hashlib.sha256(a.path.read_bytes()).hexdigest()
+    assert a.sidecar.read_text() == f"{digest}  {a.path.name}\n"
     result = check_and_extract(a.path, tmp_path / "work")
     assert result.sidecar == "match" and result.top == "b-1"
     assert (result.root / layout.MODELS_DIR / "pyannote_model_x.bin").read_bytes() == (

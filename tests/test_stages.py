@@ -32,8 +32,9 @@ def test_default_recipe_names_the_seed_models() -> None:
 
 def test_config_carries_the_seed_params() -> None:
     spec = load_recipe("speaker-diarization-3.1")
-    text = config_yaml(spec, {"segmentation": "models/pyannote_model_segmentation-3.0.bin",
-                              "embedding": "models/pyannote_model_wespeaker-voxceleb-resnet34-LM.bin"})
+    text = config_yaml(spec, {
+        "segmentation": "models/pyannote_model_segmentation-3.0.bin",
+        "embedding": "models/pyannote_model_wespeaker-voxceleb-resnet34-LM.bin"})
     cfg = yaml.safe_load(text)
     assert cfg["pipeline"]["name"] == "pyannote.audio.pipelines.SpeakerDiarization"
     assert cfg["pipeline"]["params"]["embedding"].endswith("resnet34-LM.bin")

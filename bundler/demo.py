@@ -1,0 +1,155 @@
+"""The main job on an embedded default, for a newcomer with no token and no Hub access.
+
+1. the default recipe's locked wheels, into the cache (the only step that needs an index);
+2. a helper venv installed offline from those wheels, kept in the cache;
+3. format-true, random-weight checkpoints written by that venv (``assets/make_checkpoints.py``);
+4. a loopback Hub on 127.0.0.1 serving them, the build pointed at it through its endpoint;
+5. the build, with the self-test (install, smoke, ship the expected result);
+6. the offline verification of the tarball, as a sysadmin would run it.
+
+The models are random: the bundle proves the machinery, not diarization quality.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import bundler
+from bundler.build import BuildOptions, build, find_lockfile, source_date_epoch
+from bundler.errors import InstallError, SmokeError
+from bundler.hub import HubRepo, LoopbackHub
+from bundler.install import check_host, make_venv
+from bundler.spec import IndexOptions, load_recipe
+from bundler.subproc import clean_env, last_lines, run
+from bundler.verify import VerifyOptions, verify
+from bundler.wheels import bundle_lock, fetch_wheels
+
+log = logging.getLogger("bundler")
+
+RECIPE = "speaker-diarization-3.1"
+SEED = 0
+# Where make_checkpoints.py writes each repo, relative to its output folder.
+REPOS = ("pyannote/segmentation-3.0", "pyannote/wespeaker-voxceleb-resnet34-LM")
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    build: dict[str, Any]
+    verify: dict[str, Any]
+    seconds: dict[str, float]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ok": bool(self.verify.get("ok")), "build": self.build, "verify": self.verify,
+                "seconds": self.seconds}
+
+
+def demo(output_dir: Path, cache_dir: Path, index: IndexOptions,
+         compression: str = "none") -> DemoResult:
+    spec = load_recipe(RECIPE)
+    check_host({"target": spec.target.as_dict()})
+    seconds: dict[str, float] = {}
+    lockfile = find_lockfile(spec)
+
+    t = time.monotonic()
+    log.info("demo: 1/5 wheels for %s", spec.target.slug)
+    wheels = fetch_wheels(lockfile, spec.target, index, cache_dir / "wheels",
+                          source_date_epoch())
+    seconds["wheels"] = round(time.monotonic() - t, 1)
+
+    t = time.monotonic()
+    lock = bundle_lock(wheels)
+    helper = cache_dir / "demo" / f"venv-{hashlib.sha256(lock.encode()).hexdigest()[:16]}"
+    if not (helper / ".complete").is_file():
+        log.info("demo: 2/5 helper venv for the checkpoints (once per lockfile): %s", helper)
+        shutil.rmtree(helper, ignore_errors=True)
+        links = helper.with_name(helper.name + ".wheels")
+        shutil.rmtree(links, ignore_errors=True)
+        links.mkdir(parents=True)
+        try:
+            for w in wheels:
+                os.symlink(w.path.resolve(), links / w.filename)
+            (links / "requirements.lock").write_text(lock)
+            make_venv(sys.executable, helper, links, links / "requirements.lock")
+        except BaseException:
+            shutil.rmtree(helper, ignore_errors=True)
+            raise
+        finally:
+            shutil.rmtree(links, ignore_errors=True)
+        (helper / ".complete").write_text("ok\n")
+    else:
+        log.info("demo: 2/5 helper venv from the cache: %s", helper)
+    seconds["helper_venv"] = round(time.monotonic() - t, 1)
+
+    t = time.monotonic()
+    ckpt = helper.with_name(helper.name + f".checkpoints-seed{SEED}")
+    if not all((ckpt / r / "pytorch_model.bin").is_file() for r in REPOS):
+        log.info("demo: 3/5 random-weight checkpoints (seed %d)", SEED)
+        shutil.rmtree(ckpt, ignore_errors=True)
+        script = Path(bundler.__file__).parent / "assets" / "make_checkpoints.py"
+        res = run([str(helper / "bin" / "python"), str(script), str(ckpt), "--seed", str(SEED)],
+                  env={**clean_env(), "HF_HUB_OFFLINE": "1"})
+        if res.returncode != 0:
+            shutil.rmtree(ckpt, ignore_errors=True)
+            raise InstallError(f"make_checkpoints.py failed: {last_lines(res.stderr)}")
+    else:
+        log.info("demo: 3/5 checkpoints from the cache: %s", ckpt)
+    seconds["checkpoints"] = round(time.monotonic() - t, 1)
+
+    t = time.monotonic()
+    repos = [HubRepo.from_dir(r, ckpt / r, gated=True) for r in REPOS]
+    token = "hf_demo_" + os.urandom(12).hex()  # the loopback Hub is gated like the real one
+    with LoopbackHub(repos, tokens=[token]) as hub:
+        log.info("demo: 4/5 build against the loopback Hub at %s, with the self-test", hub.url)
+        result = build(spec, BuildOptions(output_dir=output_dir, cache_dir=cache_dir,
+                                          index=index, compression=compression,
+                                          endpoint=hub.url, token=token, lockfile=lockfile,
+                                          self_test=True))
+    seconds["build"] = round(time.monotonic() - t, 1)
+    if not result.manifest.get("self_test", {}).get("ran"):
+        raise SmokeError("the self-test did not run; the demo needs it")
+
+    t = time.monotonic()
+    log.info("demo: 5/5 verify %s offline", result.packed.path.name)
+    report = verify(result.packed.path, VerifyOptions())
+    seconds["verify"] = round(time.monotonic() - t, 1)
+    built = {"bundle": str(result.packed.path), "sidecar": str(result.packed.sidecar),
+             "sha256": result.packed.sha256, "size": result.packed.size,
+             "files": len(result.manifest["files"]) + 2,  # + manifest.json, SHA256SUMS
+             "models": [{"repo": m["repo"], "commit": m["commit"]}
+                        for m in result.manifest["models"]]}
+    return DemoResult(built, report, seconds)
+
+
+def summary(res: DemoResult) -> str:
+    b, v = res.build, res.verify
+    smoke = v["smoke"]
+    lines = [
+        f"bundle:    {b['bundle']}",
+        f"sidecar:   {b['sidecar']}",
+        f"size:      {b['size'] / 1e9:.2f} GB, {b['files']} files, sha256 {b['sha256'][:16]}...",
+        "proven:",
+        f"  integrity  sidecar {v['integrity']['sidecar']}, SHA256SUMS both ways, "
+        f"{v['integrity']['files']} files",
+        f"  install    {v['install']['packages']} packages with --no-index "
+        f"in {v['install']['seconds']} s",
+        f"  smoke      {len(smoke['segments'])} segments, {smoke['speakers']} speakers, "
+        f"{smoke['seconds']} s, expected result: {smoke.get('expected', 'none')}",
+        f"  network    {v['network_isolation']}; loopback probe blocked",
+        "seconds:   " + ", ".join(f"{k} {t}" for k, t in res.seconds.items()),
+        "The models are random weights served by a loopback Hub: this proves the machinery.",
+        "For real models: HF_TOKEN=hf_... pyannote-bundle build --output out/",
+    ]
+    return "\n".join(lines)
+
+
+def dumps(res: DemoResult) -> str:
+    return json.dumps(res.as_dict())

@@ -1,0 +1,164 @@
+"""End to end on the real default recipe: real torch and pyannote.audio wheels, real
+format-true checkpoints served by the loopback Hub, a real offline install and a real
+diarization with the network disabled.
+
+One `pyannote-bundle demo` run per test session builds and verifies the bundle (minutes,
+GBs); every test here then checks that one bundle from another side. The wheel cache is
+``$PYANNOTE_BUNDLE_CACHE`` (default ``~/.cache/pyannote-bundle``), so a second session
+downloads nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bundler.spec import load_recipe
+
+pytestmark = pytest.mark.slow
+
+RECIPE = "speaker-diarization-3.1"
+
+
+def _run(*argv: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), capture_output=True, text=True, **kw)
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("demo")
+    proc = _run("pyannote-bundle", "demo", "--output", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report: dict[str, Any] = json.loads(proc.stdout)
+    report["stderr"] = proc.stderr
+    return report
+
+
+@pytest.fixture(scope="session")
+def tarball(demo: dict[str, Any]) -> Path:
+    return Path(demo["build"]["bundle"])
+
+
+@pytest.fixture(scope="session")
+def extracted(tarball: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    work = tmp_path_factory.mktemp("extracted")
+    subprocess.run(["tar", "-xf", str(tarball), "-C", str(work)], check=True)
+    (root,) = work.iterdir()
+    yield root
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def test_demo_builds_and_verifies_offline(demo: dict[str, Any]) -> None:
+    assert demo["ok"] is True
+    v = demo["verify"]
+    assert v["integrity"]["sidecar"] == "match"
+    assert v["install"]["packages"] > 100
+    smoke = v["smoke"]
+    assert smoke["ok"] is True and smoke["segments"] and smoke["speakers"] >= 1
+    assert all(s["end"] > s["start"] for s in smoke["segments"])
+    assert smoke["expected"] == "match"
+    assert "unshare" in v["network_isolation"]
+    # A socket connect from inside the smoke process was tried and failed.
+    assert smoke["network_probes"] and set(smoke["network_probes"].values()) == {"blocked"}
+    # The demo's own token for its gated loopback Hub never reaches the output.
+    assert not re.search(r"hf_demo_[0-9a-f]{24}", demo["stderr"])
+
+
+def test_bundle_passes_checks_from_outside_the_tool(tarball: Path, extracted: Path) -> None:
+    subprocess.run(["sha256sum", "-c", tarball.name + ".sha256"], cwd=tarball.parent,
+                   check=True, capture_output=True)
+    subprocess.run(["sha256sum", "-c", "--strict", "SHA256SUMS"], cwd=extracted, check=True,
+                   capture_output=True)
+    listed = {ln.split("  ", 1)[1] for ln in (extracted / "SHA256SUMS").read_text().splitlines()}
+    present = {str(p.relative_to(extracted)) for p in extracted.rglob("*") if p.is_file()}
+    assert listed == present - {"SHA256SUMS"}
+    for name in ("segmentation-3.0", "wespeaker-voxceleb-resnet34-LM"):
+        assert f"models/pyannote_model_{name}.bin" in listed
+    wheels = {p.name for p in (extracted / "wheels").iterdir()}
+    assert any(re.match(r"pyannote_audio-3\.\d+\.\d+-", w) for w in wheels)
+    assert any(w.startswith("torch-") for w in wheels)
+    assert os.access(extracted / "install.sh", os.X_OK)
+
+
+def test_manifest_and_config_carry_the_recipe(extracted: Path, demo: dict[str, Any]) -> None:
+    manifest = json.loads((extracted / "manifest.json").read_text())
+    assert [m["commit"] for m in manifest["models"]] == [
+        m["commit"] for m in demo["build"]["models"]]
+    assert all(re.fullmatch(r"[0-9a-f]{40}", m["commit"]) for m in manifest["models"])
+    assert manifest["self_test"]["ran"] is True
+    expected = json.loads((extracted / "smoke/expected.json").read_text())
+    assert expected["segments"] == demo["verify"]["smoke"]["segments"]
+    config = (extracted / "models/config.yaml").read_text()
+    spec = load_recipe(RECIPE)
+    for value in spec.params.get("clustering", {}).values():
+        assert str(value) in config
+    assert "models/pyannote_model_wespeaker-voxceleb-resnet34-LM.bin" in config
+
+
+def test_install_sh_works_offline_with_a_clean_environment(extracted: Path,
+                                                           tmp_path: Path) -> None:
+    prefix = tmp_path / "opt dir" / "diarization"
+    # No pyannote-bundle on PATH, no variables from this session, no network at all.
+    proc = _run("unshare", "-n", "env", "-i", "PATH=/usr/bin:/bin", f"HOME={tmp_path}",
+                "sh", "./install.sh", str(prefix), cwd=extracted)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "install.sh: ok" in proc.stdout + proc.stderr
+    result = json.loads((prefix / "smoke-result.json").read_text())
+    assert result["ok"] is True and result["segments"]
+    assert str(prefix / "models") in (prefix / "config.yaml").read_text()
+    assert "HF_HUB_OFFLINE=1" in (prefix / "pyannote.env").read_text()
+    assert not (prefix / ".install-incomplete").exists()
+    shutil.rmtree(prefix)
+
+
+def _flip(path: Path, offset: int) -> None:
+    with path.open("r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 1]))
+
+
+def test_flipped_byte_is_refused_with_nothing_installed(tarball: Path, tmp_path: Path) -> None:
+    offset = tarball.stat().st_size // 2
+    _flip(tarball, offset)
+    try:
+        prefix = tmp_path / "prefix"
+        proc = _run("pyannote-bundle", "verify", str(tarball), "--prefix", str(prefix))
+    finally:
+        _flip(tarball, offset)
+    assert proc.returncode == 10
+    assert "does not match the sidecar" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not prefix.exists()
+
+
+def test_changed_model_byte_is_named_without_the_sidecar(tarball: Path, tmp_path: Path) -> None:
+    member = "models/pyannote_model_segmentation-3.0.bin"
+    with tarfile.open(tarball) as tar:
+        info = next(m for m in tar.getmembers() if m.name.endswith("/" + member))
+    offset = info.offset_data + info.size // 2
+    sidecar = tarball.with_name(tarball.name + ".sha256")
+    moved = tmp_path / sidecar.name
+    shutil.move(sidecar, moved)
+    _flip(tarball, offset)
+    try:
+        prefix = tmp_path / "prefix"
+        proc = _run("pyannote-bundle", "verify", str(tarball), "--prefix", str(prefix), "--json")
+    finally:
+        _flip(tarball, offset)
+        shutil.move(moved, sidecar)
+    assert proc.returncode == 10
+    report = json.loads(proc.stdout)
+    assert report["ok"] is False and member in report["error"]
+    assert "Traceback" not in proc.stderr
+    assert not prefix.exists()
