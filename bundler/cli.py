@@ -176,6 +176,56 @@ def inspect_cmd(bundle: Path, as_json: bool) -> None:
     click.echo(_json.dumps(info) if as_json else render_text(info))
 
 
+@cli.command("lock")
+@click.option("--recipe", default="speaker-diarization-3.1", show_default=True,
+              help="A shipped recipe (see `pyannote-bundle recipes`).")
+@click.option("--spec", "spec_file", type=click.Path(path_type=Path),
+              help="A spec file of the same form as a recipe (overrides --recipe).")
+@click.option("--input", "source", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="The .in to lock (default: the recipe's shipped one).")
+@click.option("--output", "-o", type=click.Path(path_type=Path),
+              help="Lockfile to write  [default: lockfiles/<recipe>-<target>.txt]")
+@click.option("--check", is_flag=True,
+              help="Write nothing; exit 4 if the lockfile is stale against its .in (offline).")
+@click.option("--upgrade", is_flag=True, help="Re-resolve every pin, not only the ones that "
+              "no longer fit.")
+@index_options
+def lock_cmd(recipe: str, spec_file: Path | None, source: Path | None, output: Path | None,
+             check: bool, upgrade: bool, index_url: str, extra_index_url: tuple[str, ...],
+             find_links: tuple[str, ...], cache_dir: Path) -> None:
+    """Lock a recipe's requirements, with hashes, for its target (pip-tools).
+
+    The lockfile records the sha256 of the .in it came from; --check fails when the .in
+    changed since, or when a pin no longer satisfies it (for CI, offline, in a second).
+
+    \b
+    Examples:
+      pyannote-bundle lock --recipe speaker-diarization-3.1
+      pyannote-bundle lock --check --output lockfiles/speaker-diarization-3.1-py311-linux-x86_64.txt
+    """
+    from bundler.errors import LockError
+    from bundler.lock import check as check_lock
+    from bundler.lock import default_paths, lock
+    from bundler.spec import IndexOptions, load_recipe, load_spec
+
+    spec = load_spec(spec_file) if spec_file else load_recipe(recipe)
+    if check and output is None:
+        from bundler.build import find_lockfile
+
+        output = find_lockfile(spec)
+    paths = default_paths(spec, output, source)
+    if check:
+        problems = check_lock(paths, spec.target)
+        if problems:
+            raise LockError(f"{paths.lockfile} is stale: {'; '.join(problems)}; run "
+                            "`pyannote-bundle lock` and commit the result")
+        click.echo(f"{paths.lockfile}: up to date with {paths.source.name}")
+        return
+    pins = lock(paths, spec.target, IndexOptions(index_url, extra_index_url, find_links),
+                upgrade=upgrade)
+    click.echo(f"{paths.lockfile}: {len(pins)} packages pinned with hashes")
+
+
 @cli.command("demo")
 @click.option("--output", "-o", type=click.Path(path_type=Path),
               default=Path("pyannote-bundle-demo"), show_default=True,

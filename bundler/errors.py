@@ -27,7 +27,8 @@ EXIT_CODES: dict[int, str] = {
     EXIT_INTERNAL: "internal error (a bug: rerun with --debug and report it)",
     EXIT_USAGE: "bad usage, spec or input file",
     EXIT_HUB: "model download failed (gated, missing, unreachable, checksum mismatch)",
-    EXIT_WHEELS: "lock or wheel download failed (no wheel for the target, hash mismatch)",
+    EXIT_WHEELS: "lock failed or stale, or wheel download failed "
+                 "(no wheel for the target, hash mismatch)",
     EXIT_OUTPUT: "cannot write the bundle (disk full, permissions)",
     EXIT_INTEGRITY: "bundle integrity check failed "
                     "(checksum, unsafe member, missing or extra file)",
@@ -114,6 +115,10 @@ class WheelError(BundlerError):
     """Locking or downloading wheels failed."""
 
     exit_code = EXIT_WHEELS
+
+
+class LockError(WheelError):
+    """pip-compile failed, or a lockfile is stale against its .in."""
 
 
 class NoWheelForTarget(WheelError):

@@ -1,0 +1,134 @@
+"""`lock`: a hashed lockfile for a recipe and target, from its committed ``.in``, and the
+check that a lockfile is not stale against that ``.in``.
+
+Locking runs pip-tools (``pip-compile --generate-hashes``) in a subprocess, isolated from
+the machine's pip configuration. pip-compile resolves for the interpreter that runs it, so
+it locks only for this host's target; another target needs a Python of that version on
+this platform (or a resolver that can target another platform) and is refused here with
+that said. An existing lockfile seeds the resolution: pins that still fit are kept.
+
+The lockfile records the sha256 of the ``.in`` it was made from. ``--check`` is offline and
+fast: the lockfile is stale when the ``.in`` changed since, or when a requirement of the
+``.in`` is missing from the lockfile or not satisfied by its pin.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
+
+from bundler.data import data_dir
+from bundler.errors import HostMismatch, InputError, LockError
+from bundler.spec import IndexOptions, Spec, Target
+from bundler.subproc import clean_env, last_lines, run
+from bundler.wheels import parse_lockfile
+
+log = logging.getLogger("bundler")
+
+HEADER = "# pyannote-bundle: locked from {name} sha256={digest}\n"
+_HEADER = re.compile(r"^# pyannote-bundle: locked from (\S+) sha256=([0-9a-f]{64})$", re.M)
+
+
+@dataclass(frozen=True)
+class LockPaths:
+    source: Path  # the .in
+    lockfile: Path  # the .txt
+
+
+def default_paths(spec: Spec, output: Path | None = None, source: Path | None = None
+                  ) -> LockPaths:
+    src = source or Path(str(data_dir("lockfiles").joinpath(f"{spec.lockfile}.in")))
+    if not src.is_file():
+        raise InputError(f"no {src.name} for recipe {spec.name}; pass --input FILE")
+    out = output or Path("lockfiles") / f"{spec.lockfile}-{spec.target.slug}.txt"
+    return LockPaths(src, out)
+
+
+def input_digest(source: Path) -> str:
+    return hashlib.sha256(source.read_bytes()).hexdigest()
+
+
+def lock(paths: LockPaths, target: Target, index: IndexOptions,
+         upgrade: bool = False) -> list[str]:
+    """Write ``paths.lockfile``; return the pinned ``name==version`` lines."""
+    host = Target(python=f"{sys.version_info[0]}.{sys.version_info[1]}", arch=target.arch)
+    import platform
+
+    if platform.machine() != target.arch or host.python != target.python:
+        raise HostMismatch(
+            f"pip-compile resolves for the Python running it: this is CPython {host.python} "
+            f"{platform.machine()}, the target is {target.slug}; run `pyannote-bundle lock` "
+            f"with a python{target.python} on a linux {target.arch} host")
+    paths.lockfile.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="pyannote-bundle-lock-") as tmp:
+        out = Path(tmp) / paths.lockfile.name
+        # The .in beside the output, by its bare name: "# via -r <name>.in", no local paths.
+        (Path(tmp) / paths.source.name).write_bytes(paths.source.read_bytes())
+        if paths.lockfile.is_file() and not upgrade:
+            out.write_text(paths.lockfile.read_text())  # seed: keep the pins that still fit
+        argv = [sys.executable, "-m", "piptools", "compile", "--quiet", "--generate-hashes",
+                "--allow-unsafe", "--strip-extras", "--no-emit-index-url",
+                "--no-emit-find-links", "--no-config", *index.pip_args(),
+                "--output-file", str(out), paths.source.name]
+        if upgrade:
+            argv.insert(argv.index("--generate-hashes"), "--upgrade")
+        log.info("lock: pip-compile %s for %s", paths.source.name, target.slug)
+        # cwd: a folder of our own, so nothing in the caller's folder shadows a module.
+        res = run(argv, cwd=tmp, env=clean_env({"CUSTOM_COMPILE_COMMAND":
+                                                f"pyannote-bundle lock ({paths.source.name})"}))
+        if res.returncode != 0:
+            raise LockError(f"pip-compile could not lock {paths.source.name} for "
+                            f"{target.slug}: {last_lines(res.stderr or res.stdout)}")
+        text = out.read_text()
+    text = HEADER.format(name=paths.source.name, digest=input_digest(paths.source)) + text
+    parse_lockfile(text, str(paths.lockfile))  # pinned and hashed, or refuse to write it
+    tmp_out = paths.lockfile.with_name(f".{paths.lockfile.name}.partial")
+    tmp_out.write_text(text)
+    tmp_out.replace(paths.lockfile)
+    return [f"{r.name}=={r.version}" for r in parse_lockfile(text, str(paths.lockfile))]
+
+
+def check(paths: LockPaths, target: Target) -> list[str]:
+    """Problems that make ``paths.lockfile`` stale against ``paths.source`` (empty: fresh)."""
+    try:
+        text = paths.lockfile.read_text()
+    except OSError as exc:
+        raise InputError(f"{paths.lockfile}: cannot read lockfile: {exc.strerror}") from None
+    pins = {r.name: r.version for r in parse_lockfile(text, str(paths.lockfile))}
+    problems: list[str] = []
+    env = {"python_version": target.python, "python_full_version": f"{target.python}.0",
+           "sys_platform": "linux", "platform_system": "Linux",
+           "platform_machine": target.arch, "implementation_name": "cpython",
+           "platform_python_implementation": "CPython", "os_name": "posix"}
+    for lineno, raw in enumerate(paths.source.read_text().splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        try:
+            req = Requirement(line)
+        except InvalidRequirement as exc:
+            raise InputError(f"{paths.source}: line {lineno}: {exc}") from None
+        if req.marker is not None and not req.marker.evaluate(env):
+            continue
+        name = canonicalize_name(req.name)
+        if name not in pins:
+            problems.append(f"{req.name} is required by {paths.source.name} but not locked")
+        elif not req.specifier.contains(pins[name], prereleases=True):
+            problems.append(f"{name}=={pins[name]} does not satisfy '{req}' in "
+                            f"{paths.source.name}")
+    m = _HEADER.search(text)
+    digest = input_digest(paths.source)
+    if m is None:
+        problems.append(f"{paths.lockfile.name} does not record which .in it was locked from")
+    elif m.group(2) != digest:
+        problems.append(f"{paths.source.name} changed since {paths.lockfile.name} was locked "
+                        f"(sha256 {m.group(2)[:12]}..., now {digest[:12]}...)")
+    return problems
