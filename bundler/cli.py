@@ -13,6 +13,7 @@ import click
 
 from bundler import __version__
 from bundler.errors import EXIT_CODES, BundlerError
+from bundler.integrity import Limits
 
 EXIT_TABLE = "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
 F = TypeVar("F", bound=Callable[..., Any])
@@ -121,8 +122,12 @@ def build_cmd(recipe: str, spec_file: Path | None, output: Path, lockfile: Path 
 @click.option("--keep", is_flag=True, help="Keep the work folder and the install.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--no-smoke", is_flag=True, help="Check and install, but do not diarize.")
+@click.option("--max-bytes", type=click.IntRange(min=1), default=Limits.max_bytes,
+              show_default=True, help="Refuse a bundle that unpacks to more than this.")
+@click.option("--max-members", type=click.IntRange(min=1), default=Limits.max_members,
+              show_default=True, help="Refuse a tarball with more members than this.")
 def verify_cmd(bundle: Path, prefix: Path | None, keep: bool, as_json: bool,
-               no_smoke: bool) -> None:
+               no_smoke: bool, max_bytes: int, max_members: int) -> None:
     """Prove a bundle is intact, installs offline, and diarizes with the network disabled.
 
     \b
@@ -134,7 +139,10 @@ def verify_cmd(bundle: Path, prefix: Path | None, keep: bool, as_json: bool,
     from bundler.verify import VerifyOptions, verify
 
     try:
-        report = verify(bundle, VerifyOptions(prefix=prefix, keep=keep, smoke=not no_smoke))
+        limits = Limits(max_bytes=max_bytes, max_members=max_members,
+                        max_member_bytes=min(max_bytes, Limits.max_member_bytes))
+        report = verify(bundle, VerifyOptions(prefix=prefix, keep=keep, smoke=not no_smoke,
+                                              limits=limits))
     except BundlerError as exc:
         if as_json:
             click.echo(_json.dumps(getattr(exc, "report", {"ok": False, "error": str(exc)})))

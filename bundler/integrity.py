@@ -221,7 +221,7 @@ def _check_member(member: tarfile.TarInfo) -> None:
     name = member.name
     if not (member.isreg() or member.isdir()):
         kind = ("symlink" if member.issym() else "hardlink" if member.islnk()
-                else "device" if member.isdev() else "fifo" if member.isfifo() else "special")
+                else "fifo" if member.isfifo() else "device" if member.isdev() else "special")
         raise IntegrityError(name, f"is a {kind}: a bundle holds only regular files and "
                              "folders")
     if name.startswith("/") or "\\" in name:

@@ -11,6 +11,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from conftest import EMB, SEG, TINY_LOCK, TinyBundle
 
 from bundler.build import BuildOptions, build
 from bundler.hub import HubRepo, LoopbackHub
@@ -18,9 +19,7 @@ from bundler.integrity import check_and_extract
 from bundler.spec import load_recipe
 
 TOKEN = "hf_canary_0123456789abcdef"
-SEG = b"segmentation weights" * 5000
-EMB = b"embedding weights" * 9000
-LOCK = Path(__file__).parent / "data" / "tiny.lock"
+LOCK = TINY_LOCK
 
 
 def test_build_is_complete_checked_reproducible_and_token_free(tmp_path: Path) -> None:
@@ -70,18 +69,9 @@ def test_cli_rejects_unknown_recipe_in_one_line(tmp_path: Path) -> None:
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def _tiny_bundle(tmp_path: Path) -> Path:
-    spec = load_recipe("speaker-diarization-3.1")
-    repos = [HubRepo("pyannote/segmentation-3.0", {"pytorch_model.bin": SEG}),
-             HubRepo("pyannote/wespeaker-voxceleb-resnet34-LM", {"pytorch_model.bin": EMB})]
-    with LoopbackHub(repos) as hub:
-        opts = BuildOptions(output_dir=tmp_path / "out", cache_dir=tmp_path / "cache",
-                            endpoint=hub.url, lockfile=LOCK)
-        return build(spec, opts).packed.path
-
-
-def test_verify_installs_offline_and_writes_an_absolute_config(tmp_path: Path) -> None:
-    tarball = _tiny_bundle(tmp_path)
+def test_verify_installs_offline_and_writes_an_absolute_config(tmp_path: Path,
+        tiny_bundle: TinyBundle) -> None:
+    tarball = tiny_bundle()
     prefix = tmp_path / "My Prefix"
     proc = subprocess.run(["pyannote-bundle", "verify", str(tarball), "--no-smoke", "--json",
                            "--prefix", str(prefix)], capture_output=True, text=True)
@@ -95,8 +85,9 @@ def test_verify_installs_offline_and_writes_an_absolute_config(tmp_path: Path) -
     assert not (prefix / ".install-incomplete").exists()
 
 
-def test_verify_refuses_a_flipped_byte_and_installs_nothing(tmp_path: Path) -> None:
-    tarball = _tiny_bundle(tmp_path)
+def test_verify_refuses_a_flipped_byte_and_installs_nothing(tmp_path: Path,
+        tiny_bundle: TinyBundle) -> None:
+    tarball = tiny_bundle()
     data = bytearray(tarball.read_bytes())
     data[len(data) // 2] ^= 1
     tarball.write_bytes(bytes(data))
@@ -129,8 +120,9 @@ def _repack(src: Path, dst: Path, drop: str | None = None,
     ("truncated", "truncated"),
 ])
 def test_verify_refuses_a_repacked_bundle_naming_the_file(tmp_path: Path, case: str,
-                                                          message: str) -> None:
-    tarball = _tiny_bundle(tmp_path)
+                                                          message: str,
+                                                          tiny_bundle: TinyBundle) -> None:
+    tarball = tiny_bundle()
     bad = tmp_path / "bad" / tarball.name
     bad.parent.mkdir()
     if case == "missing":
@@ -150,8 +142,9 @@ def test_verify_refuses_a_repacked_bundle_naming_the_file(tmp_path: Path, case: 
     assert not prefix.exists()
 
 
-def test_inspect_reads_the_manifest_without_unpacking_the_wheels(tmp_path: Path) -> None:
-    tarball = _tiny_bundle(tmp_path)
+def test_inspect_reads_the_manifest_without_unpacking_the_wheels(tmp_path: Path,
+        tiny_bundle: TinyBundle) -> None:
+    tarball = tiny_bundle()
     proc = subprocess.run(["pyannote-bundle", "inspect", str(tarball), "--json"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
