@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from bundler.models import fetch_models
 from bundler.pack import Entry, Packed, pack
 from bundler.smoketest import TOLERANCE_S, detect_isolation, run_smoke
 from bundler.spec import IndexOptions, Spec
-from bundler.traps import check_pins
+from bundler.traps import check_pins, check_pipeline
 from bundler.wheels import bundle_lock, fetch_wheels
 
 log = logging.getLogger("bundler")
@@ -79,6 +80,8 @@ def build(spec: Spec, opts: BuildOptions) -> BuildResult:
     wheels = fetch_wheels(lockfile, spec.target, opts.index, opts.cache_dir / "wheels", epoch)
     pins = {w.name: w.version for w in wheels}
     check_pins(pins)
+    if "pyannote-audio" in pins:
+        check_pipeline(spec.pipeline, pins["pyannote-audio"])
     models = fetch_models(spec.models, endpoint=opts.endpoint, token=opts.token,
                           cache_dir=opts.cache_dir / "hub")
     version = pins.get("pyannote-audio", "0")
@@ -88,15 +91,24 @@ def build(spec: Spec, opts: BuildOptions) -> BuildResult:
     for w in wheels:
         entries.append(Entry(f"{layout.WHEELS_DIR}/{w.filename}", w.sha256, w.size, source=w.path))
     model_paths: dict[str, str] = {}
+    repo_config: tuple[str, str] | None = None  # (text, folder) of a pipeline repo's config
     for m in models:
         for f in m.files:
             path = f"{layout.MODELS_DIR}/{f.bundle_path}"
             entries.append(Entry(path, f.sha256, f.size, source=f.local))
             if m.role in ("segmentation", "embedding"):
                 model_paths[m.role] = path
+            if m.role == "pipeline" and f.path == "config.yaml":
+                repo_config = (f.local.read_text(), posixpath.dirname(path))
+    if spec.pipeline == "pyannote-3.1":
+        config = render.config_yaml(spec, model_paths)
+    elif repo_config is not None:
+        config = render.config_yaml_from_repo(spec, *repo_config)
+    else:
+        raise InputError(f"recipe {spec.name}: its pipeline model must list config.yaml")
     pip_wheel = next((w.filename for w in wheels if w.name == "pip"), "")
     entries += [
-        Entry.from_bytes(layout.CONFIG, render.config_yaml(spec, model_paths).encode()),
+        Entry.from_bytes(layout.CONFIG, config.encode()),
         Entry.from_bytes(layout.INSTALL_SH,
                          render.install_sh(bundle_name, spec, pip_wheel).encode()),
         Entry.from_bytes(layout.README,

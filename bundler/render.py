@@ -16,10 +16,13 @@ from io import BytesIO
 from typing import Any
 
 import jinja2
+import yaml
 
 from bundler import layout
 from bundler.data import data_dir
+from bundler.errors import InputError
 from bundler.spec import Spec
+from bundler.traps import check_repo_config
 
 DEFAULT_PREFIX = "/opt/pyannote-bundle"
 
@@ -49,7 +52,38 @@ def config_yaml(spec: Spec, model_paths: Mapping[str, str]) -> str:
     params = config.setdefault("pipeline", {}).setdefault("params", {})
     for role, path in model_paths.items():
         params[role] = path
-    return _env().get_template("config-3.1.yaml.j2").render(config=config, recipe=spec.name)
+    return _env().get_template("config.yaml.j2").render(config=config, recipe=spec.name)
+
+
+def config_yaml_from_repo(spec: Spec, repo_config: str, folder: str) -> str:
+    """models/config.yaml for a pipeline repo (community-1): its own config.yaml with each
+    ``$model/<sub>`` spelled out as ``{checkpoint: <folder>, subfolder: <sub>}``, the form
+    pyannote 4 expands it to itself, so that it can be made absolute for a prefix.
+
+    ``folder`` is where the repo's files lie, relative to the bundle root.
+    """
+    try:
+        config = yaml.safe_load(repo_config)
+    except yaml.YAMLError as exc:
+        raise InputError(f"the pipeline repo's config.yaml is not YAML: {exc}") from None
+    params = config.get("pipeline", {}).get("params") if isinstance(config, dict) else None
+    if not isinstance(params, dict):
+        raise InputError("the pipeline repo's config.yaml has no pipeline.params")
+
+    def expand(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: expand(v) for k, v in node.items()}
+        if isinstance(node, str) and node.startswith("$model/"):
+            sub = node[len("$model/"):]
+            if "@" in sub or not sub:
+                raise InputError(f"config.yaml entry '{node}': a revision or an empty "
+                                 "subfolder cannot be bundled")
+            return {"checkpoint": folder, "subfolder": sub}
+        return node
+
+    expanded = expand(config)
+    check_repo_config(expanded["pipeline"]["params"])
+    return _env().get_template("config.yaml.j2").render(config=expanded, recipe=spec.name)
 
 
 def install_sh(bundle_name: str, spec: Spec, pip_wheel: str) -> str:

@@ -294,7 +294,8 @@ def _parse_files(raw: Any, repo: str, pipeline: str, source: str,
         path = item.get("path")
         if not isinstance(path, str) or not _safe_relpath(path):
             raise SpecError(source, f"{fw}path", "must be a relative path inside the repo")
-        default = pyannote_model_name(repo) if pipeline == "pyannote-3.1" else path
+        default = (pyannote_model_name(repo) if pipeline == "pyannote-3.1"
+                   else f"{repo.split('/', 1)[1]}/{path}")
         bundle_path = item.get("name", default)
         if not isinstance(bundle_path, str) or not _safe_relpath(bundle_path):
             raise SpecError(source, f"{fw}name", "must be a relative path inside models/")

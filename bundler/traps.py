@@ -64,8 +64,14 @@ def check_config(params: Mapping[str, Any], *, base: Path, sha256: Mapping[str, 
                 raise _fail("missing-plda", "pyannote.audio 4.x needs pipeline.params.plda "
                             "to name a local folder with xvec_transform.npz and plda.npz")
             continue
+        if isinstance(value, Mapping):
+            passed.append(_check_folder(key, value, sha256, hash_file))
+            continue
         if not isinstance(value, str):
             continue
+        if value.startswith("$model/"):
+            raise _fail("relative-path", f"pipeline.params.{key} is '{value}': in an install "
+                        "config it must be an absolute {checkpoint, subfolder} mapping")
         if not value.startswith("/"):
             if (_HUB_ID.match(value) and Path(value).suffix not in _FILE_SUFFIXES
                     and not (base / value).exists()):
@@ -91,6 +97,31 @@ def check_config(params: Mapping[str, Any], *, base: Path, sha256: Mapping[str, 
                             f"manifest's {expected}")
         passed.append(key)
     return passed
+
+
+def _check_folder(key: str, value: Mapping[str, Any], sha256: Mapping[str, str],
+                  hash_file: Any) -> str:
+    """A ``{checkpoint, subfolder}`` entry: absolute, present, complete, and hashing right."""
+    checkpoint, sub = str(value.get("checkpoint", "")), str(value.get("subfolder", ""))
+    if not checkpoint.startswith("/"):
+        raise _fail("relative-path", f"pipeline.params.{key}.checkpoint is '{checkpoint}': "
+                    "write it absolute")
+    folder = Path(checkpoint) / sub
+    if not folder.is_dir():
+        raise _fail("missing-file", f"pipeline.params.{key}: {folder} is not a folder")
+    needed = ("xvec_transform.npz", "plda.npz") if key == "plda" else ("pytorch_model.bin",)
+    for name in needed:
+        if not (folder / name).is_file():
+            raise _fail("missing-plda" if key == "plda" else "missing-file",
+                        f"pipeline.params.{key}: {folder / name} is missing")
+    if hash_file is not None:
+        for path, expected in sha256.items():
+            if Path(path).parent == folder and Path(path).is_file():
+                actual = hash_file(Path(path))
+                if actual != expected:
+                    raise _fail("checksum", f"{path}: sha256 {actual} differs from the "
+                                f"manifest's {expected}")
+    return key
 
 
 def check_pins(pins: Mapping[str, str]) -> None:
@@ -119,3 +150,32 @@ def check_pins(pins: Mapping[str, str]) -> None:
     if major == 4 and Version(pa) < Version("4.0.3"):
         raise _fail("weights-only", f"pyannote.audio {pa}: 4.0.0-4.0.2 fail to load "
                     "checkpoints with torch >= 2.6; use >= 4.0.3")
+
+
+def check_repo_config(params: Mapping[str, Any]) -> None:
+    """Lint a pipeline repo's ``pipeline.params`` (community-1 form) at build time."""
+    if "plda" not in params:
+        raise _fail("missing-plda", "the pipeline's config.yaml names no plda: pyannote.audio "
+                    "4.x would fetch one from the Hub; add `plda: $model/plda` and ship the "
+                    "plda folder")
+    for key in MODEL_KEYS:
+        value = params.get(key)
+        if (isinstance(value, str) and _HUB_ID.match(value)
+                and Path(value).suffix not in _FILE_SUFFIXES):
+            raise _fail("hub-id", f"pipeline.params.{key} is '{value}', a Hub id: bundle it "
+                        "in the repo and name it $model/<folder>")
+
+
+def check_pipeline(pipeline: str, pyannote_audio: str) -> None:
+    """Refuse a recipe format on a pyannote.audio generation that cannot run it offline."""
+    from packaging.version import Version
+
+    major = Version(pyannote_audio).major
+    if pipeline == "pyannote-3.1" and major >= 4:
+        raise _fail("missing-plda", f"the 3.1 recipe format on pyannote.audio {pyannote_audio}: "
+                    "4.x always loads a PLDA, which the 3.1 models do not include, and would "
+                    "reach for the Hub; use the speaker-diarization-community-1 recipe, or "
+                    "pin pyannote.audio 3.x")
+    if pipeline == "community-1" and major < 4:
+        raise _fail("missing-plda", f"the community-1 recipe needs pyannote.audio >= 4.0.3 "
+                    f"(VBx clustering with a PLDA); the lock pins {pyannote_audio}")

@@ -8,7 +8,12 @@ It writes, in the Hugging Face Hub repositories' layout,
 
 * ``OUTDIR/pyannote/segmentation-3.0/pytorch_model.bin``: PyanNet as segmentation-3.0
   (powerset, 3 speakers with at most 2 per frame, 10 s chunks, 16 kHz);
-* ``OUTDIR/pyannote/wespeaker-voxceleb-resnet34-LM/pytorch_model.bin``: WeSpeakerResNet34.
+* ``OUTDIR/pyannote/wespeaker-voxceleb-resnet34-LM/pytorch_model.bin``: WeSpeakerResNet34;
+* ``OUTDIR/pyannote/speaker-diarization-community-1/``: the community-1 repo's layout
+  (``config.yaml`` with ``$model/...`` entries, ``segmentation/`` and ``embedding/`` holding
+  the two checkpoints above, ``plda/xvec_transform.npz`` and ``plda/plda.npz``: a random
+  256 -> 128 LDA and a random, well-conditioned 128-dim PLDA, in the arrays and shapes
+  pyannote 4's ``vbx_setup`` reads).
 
 Each file is a Lightning-style dict (``state_dict``, ``hyper_parameters``,
 ``pytorch-lightning_version``, and the ``pyannote.audio`` key filled in by the installed
@@ -21,10 +26,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
+import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from pyannote.audio.core.model import Model
@@ -89,6 +98,39 @@ def save(model: Model, path: Path) -> dict[str, Any]:
     return {"path": str(path), "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
+# community-1's config.yaml, as published with pyannote.audio 4 (weights aside, the recipe's
+# whole behaviour is in it).
+COMMUNITY_CONFIG = Path(__file__).with_name("community-1-config.yaml")
+
+
+def _orthonormal(rng: np.random.RandomState, rows: int, cols: int) -> np.ndarray:
+    q, _ = np.linalg.qr(rng.normal(size=(rows, cols)))
+    return q
+
+
+def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """np.savez, but with fixed zip timestamps: the same arrays give the same bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        for name, array in arrays.items():
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.ascontiguousarray(array), allow_pickle=False)
+            zf.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)),
+                        buf.getvalue())
+    data = path.read_bytes()
+    return {"path": str(path), "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def plda_files(folder: Path, seed: int) -> list[dict[str, Any]]:
+    rng = np.random.RandomState(seed)
+    transform = {"mean1": rng.normal(scale=0.1, size=256), "mean2": rng.normal(scale=0.1, size=128),
+                 "lda": _orthonormal(rng, 256, 128)}
+    plda = {"mu": rng.normal(scale=0.1, size=128), "tr": _orthonormal(rng, 128, 128),
+            "psi": np.sort(rng.uniform(0.5, 5.0, size=128))[::-1].copy()}
+    return [save_npz(folder / "xvec_transform.npz", transform),
+            save_npz(folder / "plda.npz", plda)]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("outdir", type=Path)
@@ -102,6 +144,14 @@ def main(argv: list[str] | None = None) -> None:
         torch.manual_seed(args.seed)
         model = build().eval()
         files.append(save(model, args.outdir / "pyannote" / repo / "pytorch_model.bin"))
+    community = args.outdir / "pyannote" / "speaker-diarization-community-1"
+    for sub, repo in (("segmentation", "segmentation-3.0"),
+                      ("embedding", "wespeaker-voxceleb-resnet34-LM")):
+        (community / sub).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(args.outdir / "pyannote" / repo / "pytorch_model.bin",
+                        community / sub / "pytorch_model.bin")
+    shutil.copyfile(COMMUNITY_CONFIG, community / "config.yaml")
+    files += plda_files(community / "plda", args.seed)
     print(json.dumps({"files": files, "seed": args.seed}))
 
 
