@@ -22,6 +22,7 @@ from bundler.errors import HostMismatch, InputError
 from bundler.install import check_host, install
 from bundler.models import fetch_models
 from bundler.pack import Entry, Packed, pack
+from bundler.sbom import sbom_json
 from bundler.smoketest import TOLERANCE_S, detect_isolation, run_smoke
 from bundler.spec import IndexOptions, Spec
 from bundler.traps import check_pins, check_pipeline
@@ -139,6 +140,7 @@ def build(spec: Spec, opts: BuildOptions) -> BuildResult:
                                "sha256": f.sha256, "size": f.size} for f in m.files]}
                    for m in models],
     }
+    entries.append(Entry.from_bytes(layout.SBOM, sbom_json(manifest)))
     if opts.self_test:
         expected, manifest["self_test"] = self_test(entries, manifest, spec)
         if expected is not None:

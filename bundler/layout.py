@@ -8,6 +8,7 @@ from __future__ import annotations
 # --- inside the bundle (relative to its single top-level folder) ---------------
 CHECKSUMS = "SHA256SUMS"
 MANIFEST = "manifest.json"
+SBOM = "sbom.cdx.json"  # CycloneDX 1.6: every wheel and model file with its sha256
 INSTALL_SH = "install.sh"
 README = "README.txt"
 CONFIGURE = "configure.py"  # writes the absolute config and the env file for a prefix
@@ -31,6 +32,7 @@ PREFIX_CONFIG = "config.yaml"  # absolute paths, rendered for this prefix
 PREFIX_ENV = "pyannote.env"  # the offline variables, to be sourced
 PREFIX_MARKER_INCOMPLETE = ".install-incomplete"  # present while an install is under way
 PREFIX_MANIFEST = "manifest.json"
+SBOM = "sbom.cdx.json"  # CycloneDX 1.6: every wheel and model file with its sha256
 
 # The offline variables: a bundled environment never reaches for the network.
 OFFLINE_ENV: dict[str, str] = {

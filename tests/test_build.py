@@ -178,3 +178,27 @@ def test_bad_input_gets_a_short_answer_and_no_traceback(argv: list[str], code: i
     proc = subprocess.run(["pyannote-bundle", *argv], capture_output=True, text=True, cwd=root)
     assert proc.returncode == code, proc.stderr
     assert "Traceback" not in proc.stderr and 1 <= len(proc.stderr.strip().splitlines()) <= 3
+
+
+def test_sbom_lists_every_wheel_and_model_file_with_its_hash(tmp_path: Path,
+                                                             tiny_bundle: TinyBundle) -> None:
+    tarball = tiny_bundle()
+    with tarfile.open(tarball) as tar:
+        top = tar.getmembers()[0].name
+        read = lambda name: tar.extractfile(f"{top}/{name}").read()  # noqa: E731
+        sbom, manifest = json.loads(read("sbom.cdx.json")), json.loads(read("manifest.json"))
+        sums = read("SHA256SUMS").decode()
+    assert sbom["bomFormat"] == "CycloneDX" and sbom["specVersion"] == "1.6"
+    assert "  sbom.cdx.json\n" in sums and "sbom.cdx.json" in manifest["files"]
+    by_ref = {c["bom-ref"]: c for c in sbom["components"]}
+    for w in manifest["wheels"]:
+        ref = f"pkg:pypi/{w['name']}@{w['version']}?file_name={w['filename']}"
+        assert by_ref[ref]["hashes"] == [{"alg": "SHA-256", "content": w["sha256"]}]
+    for m in manifest["models"]:
+        for f in m["files"]:
+            c = by_ref[f"hf:{m['repo']}@{m['commit']}/{f['path']}"]
+            assert c["type"] == "machine-learning-model" and c["version"] == m["commit"]
+            assert c["hashes"][0]["content"] == f["sha256"]
+            assert c["licenses"][0]["license"]["id"] == m["license"]
+    assert len(sbom["components"]) == len(manifest["wheels"]) + 2
+    assert sbom["metadata"]["timestamp"].startswith("2000-01-01")
