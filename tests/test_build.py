@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 from conftest import EMB, SEG, TINY_LOCK, TinyBundle
+from cyclonedx.schema import SchemaVersion
+from cyclonedx.validation.json import JsonStrictValidator
 
 from bundler.build import BuildOptions, build
 from bundler.hub import HubRepo, LoopbackHub
@@ -189,6 +191,8 @@ def test_sbom_lists_every_wheel_and_model_file_with_its_hash(tmp_path: Path,
         sbom, manifest = json.loads(read("sbom.cdx.json")), json.loads(read("manifest.json"))
         sums = read("SHA256SUMS").decode()
     assert sbom["bomFormat"] == "CycloneDX" and sbom["specVersion"] == "1.6"
+    error = JsonStrictValidator(SchemaVersion.V1_6).validate_str(json.dumps(sbom))
+    assert error is None, f"not a valid CycloneDX 1.6 document: {error}"
     assert "  sbom.cdx.json\n" in sums and "sbom.cdx.json" in manifest["files"]
     by_ref = {c["bom-ref"]: c for c in sbom["components"]}
     for w in manifest["wheels"]:

@@ -268,6 +268,21 @@ def test_hub_faults_end_in_one_clear_error(tmp_path: Path, faults: list[str],
     assert words in str(exc.value) and TOKEN not in str(exc.value)
 
 
+def test_gated_build_without_a_token_leaves_no_bundle(tmp_path: Path, wheel_cache: Path,
+                                                     tiny_bundle: TinyBundle) -> None:
+    tiny_bundle()  # warm the wheel cache
+    out = tmp_path / "gated"
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HF_HOME")}
+    with _hub() as hub:
+        proc = subprocess.run(_build_argv(out, wheel_cache), capture_output=True, text=True,
+                              env={**env, "HF_ENDPOINT": hub.url,
+                                   "HF_HOME": str(tmp_path / "hf-home")})
+    assert proc.returncode == 3, proc.stderr
+    assert "pyannote/segmentation-3.0 is gated" in proc.stderr and "HF_TOKEN" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert not out.exists() or list(out.iterdir()) == []
+
+
 def test_wrong_token_is_gated_and_never_echoed(tmp_path: Path) -> None:
     with _hub() as hub, pytest.raises(errors.GatedRepo) as exc:
         _fetch(hub, tmp_path, token="hf_wrong_SECRET_1234")
@@ -323,7 +338,7 @@ def test_no_wheel_for_the_target_names_package_and_target(tmp_path: Path) -> Non
 
 # --- build side: disk full, Ctrl-C ---------------------------------------------------------
 def _build_argv(out: Path, cache: Path) -> list[str]:
-    return ["pyannote-bundle", "build", "--output", str(out), "--lockfile", str(TINY_LOCK),
+    return ["pyannote-bundle", "-q", "build", "--output", str(out), "--lockfile", str(TINY_LOCK),
             "--cache-dir", str(cache)]
 
 
