@@ -1,0 +1,262 @@
+"""Time pyannote-bundle's hot paths against their baselines, on the same files, in one run.
+
+    python benchmarks/run.py [--json] [--runs N] [--payload-mb MB] [--bundle TARBALL]
+
+Stages and their baselines (the median of ``--runs`` runs each, baselines run alternately
+with the tool so both see the same page cache):
+
+* ``pack_vs_tar_sha256``: the tool's pack (deterministic tar, each member hashed while it is
+  written, the archive's digest, fsync) vs ``tar -cf - FILES`` piped into one pass that hashes
+  and writes the archive (the single-pass limit); ``pack_vs_seed_recipe``: vs the manual
+  recipe, ``tar czf`` then ``sha256sum``.
+* ``verify_vs_sha256``: the tool's integrity check (the sidecar digest, every member unpacked
+  and checked against SHA256SUMS, both ways) vs hashing the tarball's bytes once.
+* ``install_vs_pip`` (with ``--bundle``): the offline install the bundle performs vs a plain
+  ``python -m venv`` + ``pip install --no-index --require-hashes`` of the same wheels.
+* smoke diarization time, real-time factor and peak memory (with ``--bundle``), and the
+  bundle's size by part.
+
+The pack/verify payload is the wheels and models of ``--bundle`` when given (a real
+wheelhouse), else generated incompressible files shaped like one (stated in the output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bundler import layout  # noqa: E402
+from bundler.install import install  # noqa: E402
+from bundler.integrity import check_and_extract  # noqa: E402
+from bundler.pack import Entry, pack  # noqa: E402
+from bundler.render import manifest_json  # noqa: E402
+from bundler.smoketest import detect_isolation, run_smoke  # noqa: E402
+from bundler.wheels import sha256_file  # noqa: E402
+
+BUF = 1 << 20
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def hash_stream_to_file(src: Any, dest: Path) -> str:
+    h = hashlib.sha256()
+    with open(dest, "wb") as out:
+        while chunk := src.read(BUF):
+            h.update(chunk)
+            out.write(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    return h.hexdigest()
+
+
+def hash_file(path: Path) -> str:
+    return sha256_file(path)[0]
+
+
+def generate_payload(root: Path, megabytes: int) -> list[Path]:
+    """Incompressible files sized like a wheelhouse: a few large, many small."""
+    sizes = [0.30, 0.20, 0.10, 0.08] + [0.32 / 60] * 60
+    files = []
+    for i, share in enumerate(sizes):
+        path = root / "wheels" / f"pkg{i:02d}-1.0-py3-none-any.whl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        size = max(4096, int(share * megabytes * 1e6))
+        with open(path, "wb") as f:
+            while size > 0:
+                n = min(size, BUF)
+                f.write(os.urandom(n))
+                size -= n
+        files.append(path)
+    model = root / "models" / "pyannote_model_x.bin"
+    model.parent.mkdir(parents=True, exist_ok=True)
+    model.write_bytes(os.urandom(32 * 10**6))
+    return [*files, model]
+
+
+def real_payload(bundle: Path, root: Path) -> tuple[Path, list[Path]]:
+    """Unpack ``bundle`` once (checked); its wheels and models are the payload."""
+    integrity = check_and_extract(bundle, root)
+    files = sorted(p for d in (layout.WHEELS_DIR, layout.MODELS_DIR)
+                   for p in (integrity.root / d).rglob("*") if p.is_file())
+    return integrity.root, files
+
+
+def entries_for(files: list[Path], base: Path) -> list[Entry]:
+    out = []
+    for p in files:
+        sha, size = sha256_file(p)  # known in a real build (lock hashes, model checks)
+        out.append(Entry(p.relative_to(base).as_posix(), sha, size, source=p))
+    manifest = {"files": {e.path: {"sha256": e.sha256, "size": e.size} for e in out}}
+    return [*out, Entry.from_bytes(layout.MANIFEST, manifest_json(manifest))]
+
+
+def median_pair(runs: int, tool: Callable[[], Any], base: Callable[[], Any]) -> tuple[float,
+                                                                                     float]:
+    tool_t, base_t = [], []
+    for i in range(runs):
+        order = (tool, base) if i % 2 == 0 else (base, tool)
+        for fn in order:
+            t = timed(fn)
+            (tool_t if fn is tool else base_t).append(t)
+    return statistics.median(tool_t), statistics.median(base_t)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--runs", type=int, default=3, help="runs per stage (median)")
+    ap.add_argument("--payload-mb", type=int, default=400,
+                    help="size of the generated payload when no --bundle is given")
+    ap.add_argument("--bundle", type=Path, help="a built bundle tarball: real payload, and "
+                    "the install and smoke stages")
+    ap.add_argument("--install-runs", type=int, default=1)
+    args = ap.parse_args(argv)
+
+    seconds: dict[str, float] = {}
+    ratios: dict[str, float] = {}
+    sizes: dict[str, int] = {}
+    notes: list[str] = []
+    work = Path(tempfile.mkdtemp(prefix="pyannote-bundle-bench-"))
+    try:
+        if args.bundle:
+            base, files = real_payload(args.bundle, work / "src")
+            payload = f"real: wheels and models of {args.bundle.name}"
+        else:
+            base = work / "src"
+            files = generate_payload(base, args.payload_mb)
+            payload = f"generated: {len(files)} incompressible files, ~{args.payload_mb + 32} MB"
+        sizes["payload"] = sum(p.stat().st_size for p in files)
+        entries = entries_for(files, base)
+        rel = [str(p.relative_to(base)) for p in files]
+
+        # --- pack ---------------------------------------------------------------------
+        out = work / "out"
+
+        def tool_pack() -> None:
+            shutil.rmtree(out, ignore_errors=True)
+            pack(entries, top="bench", output_dir=out, compression="none", mtime=0)
+
+        def tar_sha256() -> None:
+            proc = subprocess.Popen(["tar", "-cf", "-", *rel], cwd=base, stdout=subprocess.PIPE)
+            assert proc.stdout is not None
+            hash_stream_to_file(proc.stdout, work / "baseline.tar")
+            proc.wait()
+
+        def seed_recipe() -> None:
+            subprocess.run(["tar", "czf", str(work / "seed.tar.gz"), *rel], cwd=base, check=True)
+            subprocess.run(["sha256sum", str(work / "seed.tar.gz")], check=True,
+                           capture_output=True)
+
+        seconds["pack"], seconds["tar_sha256"] = median_pair(args.runs, tool_pack, tar_sha256)
+        seconds["seed_recipe_tar_czf_sha256sum"] = timed(seed_recipe)  # slow: once
+        ratios["pack_vs_tar_sha256"] = seconds["pack"] / seconds["tar_sha256"]
+        ratios["pack_vs_seed_recipe"] = seconds["pack"] / seconds["seed_recipe_tar_czf_sha256sum"]
+        tool_pack()
+        tarball = out / "bench.tar"
+        sizes["tarball"] = tarball.stat().st_size
+        sizes["seed_recipe_tar_gz"] = (work / "seed.tar.gz").stat().st_size
+
+        # --- verify (integrity) -------------------------------------------------------
+        extract = work / "extract"
+
+        def tool_verify() -> None:
+            shutil.rmtree(extract, ignore_errors=True)
+            check_and_extract(tarball, extract)
+
+        seconds["verify_integrity"], seconds["sha256_once"] = median_pair(
+            args.runs, tool_verify, lambda: hash_file(tarball))
+        ratios["verify_vs_sha256"] = seconds["verify_integrity"] / seconds["sha256_once"]
+        shutil.rmtree(extract, ignore_errors=True)
+        (work / "seed.tar.gz").unlink(missing_ok=True)
+
+        # --- install and smoke (real bundle only) -------------------------------------
+        smoke: dict[str, Any] | None = None
+        if args.bundle:
+            root = base
+            for part, folder in (("wheels", layout.WHEELS_DIR), ("models", layout.MODELS_DIR)):
+                sizes[part] = sum(p.stat().st_size for p in (root / folder).rglob("*")
+                                  if p.is_file())
+            sizes["other"] = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) \
+                - sizes["wheels"] - sizes["models"]
+            prefix = work / "prefix"
+
+            def tool_install() -> None:
+                shutil.rmtree(prefix, ignore_errors=True)
+                install(root, prefix)
+
+            def pip_install() -> None:
+                venv = work / "pip-venv"
+                shutil.rmtree(venv, ignore_errors=True)
+                subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+                subprocess.run([str(venv / "bin/python"), "-m", "pip", "install", "-q",
+                                "--no-index", "--no-cache-dir", "--find-links",
+                                str(root / layout.WHEELS_DIR), "--require-hashes", "-r",
+                                str(root / layout.LOCK)], check=True,
+                               env={**os.environ, "PIP_CONFIG_FILE": os.devnull})
+                shutil.rmtree(venv, ignore_errors=True)
+
+            seconds["install"], seconds["pip_install"] = median_pair(
+                args.install_runs, tool_install, pip_install)
+            ratios["install_vs_pip"] = seconds["install"] / seconds["pip_install"]
+            tool_install()
+            isolation = detect_isolation()
+            t = time.perf_counter()
+            result = run_smoke(prefix, isolation)
+            seconds["smoke_wall"] = time.perf_counter() - t
+            smoke = {k: result.get(k) for k in ("seconds", "load_seconds", "diarize_seconds",
+                                                "audio_seconds", "rtf", "peak_rss_mb",
+                                                "speakers", "embedding_batch_size")}
+            smoke["network_isolation"] = isolation.name
+        else:
+            notes.append("install_vs_pip and smoke need a real bundle: pass --bundle TARBALL "
+                         "(e.g. the one `pyannote-bundle demo` writes)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    report = {
+        "ratios": {k: round(v, 3) for k, v in ratios.items()},
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "bytes": sizes,
+        "smoke": smoke,
+        "payload": payload,
+        "runs": args.runs,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform(), "processor": platform.processor()},
+        "notes": notes,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"payload: {payload} ({sizes['payload'] / 1e6:.0f} MB), median of {args.runs} runs")
+    for name, value in report["ratios"].items():
+        print(f"  {name:<24} {value:6.2f}")
+    for name, value in report["seconds"].items():
+        print(f"  {name:<32} {value:8.2f} s")
+    if smoke:
+        print(f"  smoke: {smoke['seconds']} s, RTF {smoke['rtf']}, peak RSS "
+              f"{smoke['peak_rss_mb']} MB ({smoke['network_isolation']})")
+    for note in notes:
+        print(f"note: {note}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
