@@ -177,7 +177,6 @@ def self_test(entries: list[Entry], manifest: dict[str, Any],
         log.info("self-test: installing the staged bundle on this host")
         installed = install(root, stage / "prefix")
         isolation = detect_isolation()
-        log.info("self-test: smoke diarization, network disabled by %s", isolation.name)
         result = run_smoke(installed.prefix, isolation)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -49,6 +49,9 @@ def setup_logging(quiet: bool, verbose: bool) -> None:
     log.addHandler(handler)
     log.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
     log.propagate = False
+    from bundler.progress import enable_bars
+
+    enable_bars(not quiet)
 
 
 @click.group(epilog=f"\b\nExit codes:\n{EXIT_TABLE}")

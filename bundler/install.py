@@ -19,6 +19,7 @@ from typing import Any
 
 from bundler import layout
 from bundler.errors import HostMismatch, InstallError
+from bundler.progress import task
 from bundler.subproc import clean_env, last_lines, run
 
 log = logging.getLogger("bundler")
@@ -103,10 +104,10 @@ def make_venv(python: str, venv: Path, wheels: Path, lock: Path) -> str:
             raise InstallError("the bundle ships no pip wheel and this Python has no "
                                "ensurepip; install python3-venv or rebuild the bundle")
         pip_cmd, method = [vpython, "-m", "pip"], "venv + ensurepip"
-    log.info("install: pip install --no-index into %s", venv)
-    res = run([*pip_cmd, "install", "--no-index", "--no-cache-dir", "--find-links",
-               str(wheels), "--require-hashes", "-r", str(lock),
-               "--progress-bar", "off", "--disable-pip-version-check"], env=clean_env())
+    with task(f"install: pip install --no-index into {venv}"):
+        res = run([*pip_cmd, "install", "--no-index", "--no-cache-dir", "--find-links",
+                   str(wheels), "--require-hashes", "-r", str(lock),
+                   "--progress-bar", "off", "--disable-pip-version-check"], env=clean_env())
     if res.returncode != 0:
         raise InstallError(f"offline pip install failed: {last_lines(res.stderr or res.stdout)}")
     return method

@@ -14,12 +14,14 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from bundler import layout
 from bundler.errors import IntegrityError
+from bundler.progress import task
 from bundler.render import parse_checksums
 
 BUFSIZE = 1 << 20
@@ -53,8 +55,8 @@ class Integrity:
 
 
 class HashingReader(io.RawIOBase):
-    def __init__(self, raw: IO[bytes]) -> None:
-        self.raw, self.hash, self.count = raw, hashlib.sha256(), 0
+    def __init__(self, raw: IO[bytes], advance: Callable[[int], None] = lambda n: None) -> None:
+        self.raw, self.hash, self.count, self.advance = raw, hashlib.sha256(), 0, advance
 
     def readable(self) -> bool:
         return True
@@ -64,6 +66,7 @@ class HashingReader(io.RawIOBase):
         if n:
             self.hash.update(memoryview(b)[:n])
             self.count += n
+            self.advance(n)
         return n or 0
 
     def drain(self) -> None:
@@ -106,8 +109,8 @@ def check_and_extract(tarball: Path, work: Path, limits: Limits = Limits()) -> I
         raw = open(tarball, "rb")
     except OSError as exc:
         raise IntegrityError(tarball.name, f"cannot open: {exc.strerror}") from None
-    with raw:
-        reader = HashingReader(raw)
+    with raw, task(f"integrity: {tarball.name}", os.fstat(raw.fileno()).st_size) as advance:
+        reader = HashingReader(raw, advance)
         kind = detect_compression(raw)
         stream: Any = io.BufferedReader(reader, BUFSIZE)
         if kind == "gzip":

@@ -17,13 +17,14 @@ import io
 import logging
 import os
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, cast
 
 from bundler import layout
 from bundler.errors import OutputError
+from bundler.progress import task
 from bundler.render import checksums
 
 log = logging.getLogger("bundler")
@@ -64,8 +65,8 @@ class Packed:
 class _HashingWriter(io.RawIOBase):
     """Write-through that hashes and counts the bytes (the archive's own digest)."""
 
-    def __init__(self, raw: IO[bytes]) -> None:
-        self.raw, self.hash, self.count = raw, hashlib.sha256(), 0
+    def __init__(self, raw: IO[bytes], advance: Callable[[int], None] = lambda n: None) -> None:
+        self.raw, self.hash, self.count, self.advance = raw, hashlib.sha256(), 0, advance
 
     def writable(self) -> bool:
         return True
@@ -75,6 +76,7 @@ class _HashingWriter(io.RawIOBase):
         self.hash.update(mv)
         self.raw.write(mv)
         self.count += len(mv)
+        self.advance(len(mv))
         return len(mv)
 
     def tell(self) -> int:
@@ -114,8 +116,9 @@ def pack(entries: Sequence[Entry], *, top: str, output_dir: Path, compression: s
     tmp_sidecar = sidecar.with_name(f".{sidecar.name}.partial-{os.getpid()}")
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as raw:
-            out = _HashingWriter(raw)
+        total = sum(e.size for e in members)
+        with open(tmp, "wb") as raw, task(f"pack: {final.name}", total) as advance:
+            out = _HashingWriter(raw, advance)
             _write_tar(out, members, top, compression, mtime)
             raw.flush()
             os.fsync(raw.fileno())

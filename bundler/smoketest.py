@@ -19,6 +19,7 @@ from typing import Any
 
 from bundler import layout
 from bundler.errors import SmokeError
+from bundler.progress import task
 
 TOLERANCE_S = 0.5  # segment boundaries may move this much against the expected result
 TIMEOUT_S = 900
@@ -56,7 +57,9 @@ def run_smoke(prefix: Path, isolation: Isolation) -> dict[str, Any]:
     if isolation.guard:
         argv.append("--guard-sockets")
     try:
-        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+        with task(f"smoke: diarizing the sample, network disabled by {isolation.name}"):
+            proc = subprocess.run(argv, env=env, capture_output=True, text=True,
+                                  timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
         raise SmokeError(f"smoke diarization did not finish in {TIMEOUT_S} s") from None
     finally:

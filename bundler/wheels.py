@@ -21,6 +21,7 @@ from pathlib import Path
 from packaging.utils import canonicalize_name, parse_sdist_filename, parse_wheel_filename
 
 from bundler.errors import InputError, NoWheelForTarget, WheelError, WheelHashMismatch
+from bundler.progress import task
 from bundler.spec import IndexOptions, Target
 from bundler.subproc import last_lines, run_pip
 
@@ -153,8 +154,8 @@ def fetch_wheels(lockfile: Path, target: Target, index: IndexOptions, cache_dir:
     cache = WheelCache(cache_dir)
     missing = [r for r in reqs if cache.lookup(r, tags) is None and cache.sdist(r) is None]
     if missing:
-        log.info("wheels: downloading %d of %d for %s", len(missing), len(reqs), target.slug)
-        _download(missing, target, index, cache)
+        with task(f"wheels: downloading {len(missing)} of {len(reqs)} for {target.slug}"):
+            _download(missing, target, index, cache)
     else:
         log.info("wheels: all %d in the cache for %s", len(reqs), target.slug)
     out = []

@@ -75,7 +75,7 @@ def test_verify_installs_offline_and_writes_an_absolute_config(tmp_path: Path,
         tiny_bundle: TinyBundle) -> None:
     tarball = tiny_bundle()
     prefix = tmp_path / "My Prefix"
-    proc = subprocess.run(["pyannote-bundle", "verify", str(tarball), "--no-smoke", "--json",
+    proc = subprocess.run(["pyannote-bundle", "-q", "verify", str(tarball), "--no-smoke", "--json",
                            "--prefix", str(prefix)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
@@ -94,7 +94,8 @@ def test_verify_refuses_a_flipped_byte_and_installs_nothing(tmp_path: Path,
     data[len(data) // 2] ^= 1
     tarball.write_bytes(bytes(data))
     prefix = tmp_path / "prefix"
-    proc = subprocess.run(["pyannote-bundle", "verify", str(tarball), "--prefix", str(prefix)],
+    proc = subprocess.run(["pyannote-bundle", "-q", "verify",
+                           str(tarball), "--prefix", str(prefix)],
                           capture_output=True, text=True)
     assert proc.returncode == 10
     assert "sidecar" in proc.stderr and "Traceback" not in proc.stderr
@@ -136,7 +137,7 @@ def test_verify_refuses_a_repacked_bundle_naming_the_file(tmp_path: Path, case: 
             member = next(m for m in tar.getmembers() if m.name.endswith("segmentation-3.0.bin"))
         bad.write_bytes(tarball.read_bytes()[: member.offset_data + member.size // 2])
     prefix = tmp_path / "prefix"
-    proc = subprocess.run(["pyannote-bundle", "verify", str(bad), "--prefix", str(prefix)],
+    proc = subprocess.run(["pyannote-bundle", "-q", "verify", str(bad), "--prefix", str(prefix)],
                           capture_output=True, text=True)
     assert proc.returncode == 10, proc.stderr
     assert message in proc.stderr, proc.stderr
@@ -177,7 +178,8 @@ def test_inspect_reads_the_manifest_without_unpacking_the_wheels(tmp_path: Path,
 ])
 def test_bad_input_gets_a_short_answer_and_no_traceback(argv: list[str], code: int) -> None:
     root = Path(__file__).parent.parent
-    proc = subprocess.run(["pyannote-bundle", *argv], capture_output=True, text=True, cwd=root)
+    proc = subprocess.run(["pyannote-bundle", "-q", *argv], capture_output=True, text=True,
+                          cwd=root)
     assert proc.returncode == code, proc.stderr
     assert "Traceback" not in proc.stderr and 1 <= len(proc.stderr.strip().splitlines()) <= 3
 
@@ -206,3 +208,15 @@ def test_sbom_lists_every_wheel_and_model_file_with_its_hash(tmp_path: Path,
             assert c["licenses"][0]["license"]["id"] == m["license"]
     assert len(sbom["components"]) == len(manifest["wheels"]) + 2
     assert sbom["metadata"]["timestamp"].startswith("2000-01-01")
+
+
+def test_progress_is_plain_lines_off_a_terminal(tmp_path: Path, tiny_bundle: TinyBundle) -> None:
+    tarball = tiny_bundle()
+    proc = subprocess.run(["pyannote-bundle", "verify", str(tarball), "--no-smoke", "--prefix",
+                           str(tmp_path / "p")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "\x1b[" not in proc.stderr and "\r" not in proc.stderr  # CI logs stay readable
+    assert f"integrity: {tarball.name}" in proc.stderr and "install: " in proc.stderr
+    quiet = subprocess.run(["pyannote-bundle", "-q", "verify", str(tarball), "--no-smoke",
+                            "--prefix", str(tmp_path / "q")], capture_output=True, text=True)
+    assert quiet.returncode == 0 and quiet.stderr == ""

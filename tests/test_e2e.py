@@ -136,7 +136,7 @@ def test_flipped_byte_is_refused_with_nothing_installed(tarball: Path, tmp_path:
     _flip(tarball, offset)
     try:
         prefix = tmp_path / "prefix"
-        proc = _run("pyannote-bundle", "verify", str(tarball), "--prefix", str(prefix))
+        proc = _run("pyannote-bundle", "-q", "verify", str(tarball), "--prefix", str(prefix))
     finally:
         _flip(tarball, offset)
     assert proc.returncode == 10
@@ -156,7 +156,8 @@ def test_changed_model_byte_is_named_without_the_sidecar(tarball: Path, tmp_path
     _flip(tarball, offset)
     try:
         prefix = tmp_path / "prefix"
-        proc = _run("pyannote-bundle", "verify", str(tarball), "--prefix", str(prefix), "--json")
+        proc = _run("pyannote-bundle", "-q", "verify",
+                    str(tarball), "--prefix", str(prefix), "--json")
     finally:
         _flip(tarball, offset)
         shutil.move(moved, sidecar)

@@ -41,7 +41,7 @@ def _verify(tarball: Path, tmp_path: Path, *extra: str) -> tuple[subprocess.Comp
     tmp = tmp_path / "tmpdir"
     tmp.mkdir(exist_ok=True)
     prefix = tmp_path / "prefix"
-    proc = subprocess.run(["pyannote-bundle", "verify", str(tarball), "--prefix", str(prefix),
+    proc = subprocess.run(["pyannote-bundle", "-q", "verify", str(tarball), "--prefix", str(prefix),
                            *extra], capture_output=True, text=True,
                           env={**os.environ, "TMPDIR": str(tmp)})
     return proc, prefix
@@ -177,7 +177,7 @@ def test_interrupted_install_is_detected_and_a_rerun_succeeds(tmp_path: Path,
                                                               tiny_bundle: TinyBundle) -> None:
     tarball = tiny_bundle()
     prefix = tmp_path / "prefix"
-    proc = subprocess.Popen(["pyannote-bundle", "verify", str(tarball), "--no-smoke",
+    proc = subprocess.Popen(["pyannote-bundle", "-q", "verify", str(tarball), "--no-smoke",
                              "--prefix", str(prefix)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
@@ -187,7 +187,7 @@ def test_interrupted_install_is_detected_and_a_rerun_succeeds(tmp_path: Path,
     proc.wait()
     # Killed mid-install: the marker says so (or nothing was started at all).
     assert (prefix / ".install-incomplete").exists() or not (prefix / "venv").exists()
-    rerun = subprocess.run(["pyannote-bundle", "verify", str(tarball), "--no-smoke",
+    rerun = subprocess.run(["pyannote-bundle", "-q", "verify", str(tarball), "--no-smoke",
                             "--prefix", str(prefix)], capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert not (prefix / ".install-incomplete").exists()
