@@ -166,3 +166,26 @@ def test_changed_model_byte_is_named_without_the_sidecar(tarball: Path, tmp_path
     assert report["ok"] is False and member in report["error"]
     assert "Traceback" not in proc.stderr
     assert not prefix.exists()
+
+
+def test_community_1_builds_with_its_plda_and_verifies_offline(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    out = tmp_path_factory.mktemp("demo-community-1")
+    proc = _run("pyannote-bundle", "demo", "--recipe", "speaker-diarization-community-1",
+                "--output", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout)
+    v = report["verify"]
+    assert report["ok"] is True and v["integrity"]["sidecar"] == "match"
+    assert v["config"]["checked"] == ["segmentation", "embedding", "plda"]
+    assert v["smoke"]["ok"] is True and v["smoke"]["segments"]
+    assert v["smoke"]["pyannote_audio"].startswith("4.") and v["smoke"]["expected"] == "match"
+    assert "unshare" in v["network_isolation"]
+    assert set(v["smoke"]["network_probes"].values()) == {"blocked"}
+    # inspect reads the real 4 GB bundle's manifest without unpacking its wheels.
+    info = json.loads(_run("pyannote-bundle", "inspect", report["build"]["bundle"],
+                           "--json").stdout)
+    paths = [f["path"] for m in info["models"] for f in m["files"]]
+    assert "models/speaker-diarization-community-1/plda/plda.npz" in paths
+    assert info["bytes_read"] < info["size"] // 100
+    shutil.rmtree(out)
