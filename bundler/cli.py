@@ -129,8 +129,11 @@ def build_cmd(recipe: str, spec_file: Path | None, output: Path, lockfile: Path 
               show_default=True, help="Refuse a bundle that unpacks to more than this.")
 @click.option("--max-members", type=click.IntRange(min=1), default=Limits.max_members,
               show_default=True, help="Refuse a tarball with more members than this.")
+@click.option("--hash-members", is_flag=True,
+              help="Hash each member against SHA256SUMS even when the sidecar's digest, "
+                   "which covers every byte, matched.")
 def verify_cmd(bundle: Path, prefix: Path | None, keep: bool, as_json: bool,
-               no_smoke: bool, max_bytes: int, max_members: int) -> None:
+               no_smoke: bool, max_bytes: int, max_members: int, hash_members: bool) -> None:
     """Prove a bundle is intact, installs offline, and diarizes with the network disabled.
 
     \b
@@ -145,7 +148,7 @@ def verify_cmd(bundle: Path, prefix: Path | None, keep: bool, as_json: bool,
         limits = Limits(max_bytes=max_bytes, max_members=max_members,
                         max_member_bytes=min(max_bytes, Limits.max_member_bytes))
         report = verify(bundle, VerifyOptions(prefix=prefix, keep=keep, smoke=not no_smoke,
-                                              limits=limits))
+                                              limits=limits, hash_members=hash_members))
     except BundlerError as exc:
         if as_json:
             click.echo(_json.dumps(getattr(exc, "report", {"ok": False, "error": str(exc)})))

@@ -21,6 +21,7 @@ from typing import IO, Any
 
 from bundler import layout
 from bundler.errors import IntegrityError
+from bundler.hashing import BackgroundSha256
 from bundler.progress import task
 from bundler.render import parse_checksums
 
@@ -48,15 +49,17 @@ class Integrity:
     files: int
     bytes: int
     manifest: dict[str, Any] = field(default_factory=dict)
+    members_checked_by: str = "sha256 of each member"
 
     def as_dict(self) -> dict[str, Any]:
         return {"ok": True, "sidecar": self.sidecar, "sha256": self.sha256,
-                "files": self.files, "bytes": self.bytes}
+                "files": self.files, "bytes": self.bytes,
+                "members_checked_by": self.members_checked_by}
 
 
 class HashingReader(io.RawIOBase):
     def __init__(self, raw: IO[bytes], advance: Callable[[int], None] = lambda n: None) -> None:
-        self.raw, self.hash, self.count, self.advance = raw, hashlib.sha256(), 0, advance
+        self.raw, self.hash, self.count, self.advance = raw, BackgroundSha256(), 0, advance
 
     def readable(self) -> bool:
         return True
@@ -64,7 +67,7 @@ class HashingReader(io.RawIOBase):
     def readinto(self, b: Any) -> int:
         n = self.raw.readinto(b)  # type: ignore[attr-defined]
         if n:
-            self.hash.update(memoryview(b)[:n])
+            self.hash.update(memoryview(b)[:n])  # copied: the buffer is reused
             self.count += n
             self.advance(n)
         return n or 0
@@ -102,49 +105,28 @@ def detect_compression(f: IO[bytes]) -> str:
     return "none"
 
 
-def check_and_extract(tarball: Path, work: Path, limits: Limits = Limits()) -> Integrity:
-    """Stream ``tarball`` once into ``work``; raise IntegrityError on the first problem."""
+def check_and_extract(tarball: Path, work: Path, limits: Limits = Limits(),
+                      hash_members: bool = False) -> Integrity:
+    """Stream ``tarball`` once into ``work``; raise IntegrityError on the first problem.
+
+    The archive's digest is computed on a second core while members are unpacked. With a
+    sidecar, that one digest covers every byte of every member, so members are checked
+    against SHA256SUMS through it; without a sidecar (or with ``hash_members``) each
+    member is hashed as well and compared with its SHA256SUMS line.
+    """
     expected_outer = read_sidecar(tarball)
+    each = hash_members or expected_outer is None
     try:
         raw = open(tarball, "rb")
     except OSError as exc:
         raise IntegrityError(tarball.name, f"cannot open: {exc.strerror}") from None
     with raw, task(f"integrity: {tarball.name}", os.fstat(raw.fileno()).st_size) as advance:
         reader = HashingReader(raw, advance)
-        kind = detect_compression(raw)
-        stream: Any = io.BufferedReader(reader, BUFSIZE)
-        if kind == "gzip":
-            import gzip
-
-            stream = gzip.GzipFile(fileobj=stream, mode="rb")
-        elif kind == "zstd":
-            import zstandard
-
-            stream = zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True)
         try:
-            hashes, top, total = _extract(stream, work, limits)
-            # Read to the end so the digest covers every byte.
-            while stream.read(BUFSIZE):
-                pass
-        except IntegrityError:
-            raise
-        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-            problem = " ".join(str(exc).split()) or type(exc).__name__
-            if expected_outer is not None:
-                reader.drain()
-                if reader.hash.hexdigest() != expected_outer:
-                    raise IntegrityError(tarball.name, "sha256 does not match the sidecar "
-                                         f"{tarball.name}{layout.SIDECAR_SUFFIX} (damaged or "
-                                         f"tampered): {problem}") from None
-            if isinstance(exc, EOFError) or "end of data" in problem:
-                raise IntegrityError(tarball.name, "truncated: the tarball ends early (an "
-                                     "incomplete copy or download; copy it again)") from None
-            raise IntegrityError(tarball.name, f"not a readable bundle tarball ({kind}): "
-                                 f"{problem}") from None
-        except Exception as exc:  # zstandard raises its own ZstdError
-            raise IntegrityError(tarball.name, f"corrupt {kind} stream: {exc}") from None
-        reader.drain()
-    outer = reader.hash.hexdigest()
+            hashes, top, total = _stream(tarball, raw, reader, work, limits, each,
+                                         expected_outer)
+        finally:
+            outer = reader.hash.hexdigest()  # also stops the hashing thread on errors
     if expected_outer is not None and outer != expected_outer:
         raise IntegrityError(tarball.name, f"sha256 {outer} does not match the sidecar "
                              f"{tarball.name}{layout.SIDECAR_SUFFIX} ({expected_outer}): "
@@ -152,11 +134,52 @@ def check_and_extract(tarball: Path, work: Path, limits: Limits = Limits()) -> I
     root = work / top
     manifest = _check_lists(root, hashes)
     return Integrity(root, top, "match" if expected_outer else "absent", outer,
-                     len(hashes), total, manifest)
+                     len(hashes), total, manifest,
+                     "sha256 of each member" if each else "the sidecar's digest of the tarball")
 
 
-def _extract(stream: IO[bytes], work: Path, limits: Limits) -> tuple[dict[str, str], str, int]:
-    hashes: dict[str, str] = {}
+def _stream(tarball: Path, raw: IO[bytes], reader: HashingReader, work: Path, limits: Limits,
+            each: bool, expected_outer: str | None
+            ) -> tuple[dict[str, str | None], str, int]:
+    kind = detect_compression(raw)
+    stream: Any = io.BufferedReader(reader, BUFSIZE)
+    if kind == "gzip":
+        import gzip
+
+        stream = gzip.GzipFile(fileobj=stream, mode="rb")
+    elif kind == "zstd":
+        import zstandard
+
+        stream = zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True)
+    try:
+        hashes, top, total = _extract(stream, work, limits, each)
+        # Read to the end so the digest covers every byte.
+        while stream.read(BUFSIZE):
+            pass
+    except IntegrityError:
+        raise
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        problem = " ".join(str(exc).split()) or type(exc).__name__
+        if expected_outer is not None:
+            reader.drain()
+            if reader.hash.hexdigest() != expected_outer:
+                raise IntegrityError(tarball.name, "sha256 does not match the sidecar "
+                                     f"{tarball.name}{layout.SIDECAR_SUFFIX} (damaged or "
+                                     f"tampered): {problem}") from None
+        if isinstance(exc, EOFError) or "end of data" in problem:
+            raise IntegrityError(tarball.name, "truncated: the tarball ends early (an "
+                                 "incomplete copy or download; copy it again)") from None
+        raise IntegrityError(tarball.name, f"not a readable bundle tarball ({kind}): "
+                             f"{problem}") from None
+    except Exception as exc:  # zstandard raises its own ZstdError
+        raise IntegrityError(tarball.name, f"corrupt {kind} stream: {exc}") from None
+    reader.drain()
+    return hashes, top, total
+
+
+def _extract(stream: IO[bytes], work: Path, limits: Limits,
+             each: bool) -> tuple[dict[str, str | None], str, int]:
+    hashes: dict[str, str | None] = {}
     dirs: set[str] = set()
     top: str | None = None
     total = 0
@@ -204,17 +227,18 @@ def _extract(stream: IO[bytes], work: Path, limits: Limits) -> tuple[dict[str, s
             assert src is not None
             dest = work / name
             dest.parent.mkdir(parents=True, exist_ok=True)
-            h = hashlib.sha256()
+            h = hashlib.sha256() if each else None
             got = 0
             with open(dest, "xb") as out:
                 while chunk := src.read(BUFSIZE):
-                    h.update(chunk)
+                    if h is not None:
+                        h.update(chunk)
                     out.write(chunk)
                     got += len(chunk)
             if got != member.size:
                 raise IntegrityError(name, f"truncated: {got} of {member.size} bytes")
             os.chmod(dest, 0o755 if rel in layout.EXECUTABLES else 0o644)
-            hashes[rel] = h.hexdigest()
+            hashes[rel] = h.hexdigest() if h is not None else None
     if top is None:
         raise IntegrityError("(tarball)", "empty: no members")
     return hashes, top, total
@@ -233,7 +257,7 @@ def _check_member(member: tarfile.TarInfo) -> None:
         raise IntegrityError(name, "path has an empty, '.' or '..' component")
 
 
-def _check_lists(root: Path, hashes: dict[str, str]) -> dict[str, Any]:
+def _check_lists(root: Path, hashes: dict[str, str | None]) -> dict[str, Any]:
     """SHA256SUMS both ways, then manifest.json against SHA256SUMS."""
     if layout.CHECKSUMS not in hashes:
         raise IntegrityError(layout.CHECKSUMS, "missing: not a pyannote-bundle tarball, or "
@@ -245,7 +269,7 @@ def _check_lists(root: Path, hashes: dict[str, str]) -> dict[str, Any]:
     for path, sha in sorted(listed.items()):
         if path not in hashes:
             raise IntegrityError(path, "listed in SHA256SUMS but missing from the tarball")
-        if hashes[path] != sha:
+        if hashes[path] is not None and hashes[path] != sha:
             raise IntegrityError(path, f"sha256 {hashes[path]} does not match SHA256SUMS "
                                  f"({sha}): damaged or tampered")
     for path in sorted(hashes):

@@ -24,6 +24,7 @@ from typing import IO, Any, cast
 
 from bundler import layout
 from bundler.errors import OutputError
+from bundler.hashing import BackgroundSha256
 from bundler.progress import task
 from bundler.render import checksums
 
@@ -66,18 +67,18 @@ class _HashingWriter(io.RawIOBase):
     """Write-through that hashes and counts the bytes (the archive's own digest)."""
 
     def __init__(self, raw: IO[bytes], advance: Callable[[int], None] = lambda n: None) -> None:
-        self.raw, self.hash, self.count, self.advance = raw, hashlib.sha256(), 0, advance
+        self.raw, self.hash, self.count, self.advance = raw, BackgroundSha256(), 0, advance
 
     def writable(self) -> bool:
         return True
 
     def write(self, b: Any) -> int:
-        mv = memoryview(b)
-        self.hash.update(mv)
-        self.raw.write(mv)
-        self.count += len(mv)
-        self.advance(len(mv))
-        return len(mv)
+        data = b if isinstance(b, bytes) else bytes(b)
+        self.hash.update(data)
+        self.raw.write(data)
+        self.count += len(data)
+        self.advance(len(data))
+        return len(data)
 
     def tell(self) -> int:
         return self.count
@@ -87,11 +88,12 @@ class _HashingReader:
     """Read-through that hashes a member while tarfile copies it."""
 
     def __init__(self, raw: IO[bytes]) -> None:
-        self.raw, self.hash = raw, hashlib.sha256()
+        self.raw, self.hash = raw, BackgroundSha256()
 
     def read(self, n: int = -1) -> bytes:
         b = self.raw.read(n)
-        self.hash.update(b)
+        if b:
+            self.hash.update(b)
         return b
 
 
@@ -119,7 +121,10 @@ def pack(entries: Sequence[Entry], *, top: str, output_dir: Path, compression: s
         total = sum(e.size for e in members)
         with open(tmp, "wb") as raw, task(f"pack: {final.name}", total) as advance:
             out = _HashingWriter(raw, advance)
-            _write_tar(out, members, top, compression, mtime)
+            try:
+                _write_tar(out, members, top, compression, mtime)
+            finally:
+                out.hash.close()
             raw.flush()
             os.fsync(raw.fileno())
         digest = out.hash.hexdigest()
@@ -162,6 +167,7 @@ def _write_tar(out: _HashingWriter, members: Sequence[Entry], top: str, compress
         stream = out
     with tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT,
                       bufsize=BUFSIZE) as tar:
+        tar.copybufsize = BUFSIZE  # members are copied in 1 MiB chunks, not tarfile's 16 KiB
         tar.addfile(_info(top + "/", tarfile.DIRTYPE, 0, mtime, 0o755))
         seen_dirs: set[str] = set()
         for entry in members:
@@ -179,10 +185,13 @@ def _write_tar(out: _HashingWriter, members: Sequence[Entry], top: str, compress
             assert entry.source is not None
             with open(entry.source, "rb") as f:
                 reader = _HashingReader(f)
-                tar.addfile(info, reader)
-            if reader.hash.hexdigest() != entry.sha256:
+                try:
+                    tar.addfile(info, reader)
+                finally:
+                    digest = reader.hash.hexdigest()
+            if digest != entry.sha256:
                 raise OutputError(f"{entry.source} changed on disk while packing (sha256 "
-                                  f"{reader.hash.hexdigest()} != {entry.sha256}); build again")
+                                  f"{digest} != {entry.sha256}); build again")
         # stream (gzip/zstd) is closed after tar writes its end blocks
     if stream is not out:
         stream.close()

@@ -30,6 +30,7 @@ class VerifyOptions:
     smoke: bool = True
     workdir: Path | None = None
     limits: Limits = Limits()
+    hash_members: bool = False
 
 
 def verify(tarball: Path, opts: VerifyOptions) -> dict[str, Any]:
@@ -38,7 +39,7 @@ def verify(tarball: Path, opts: VerifyOptions) -> dict[str, Any]:
     prefix = opts.prefix or work / "prefix"
     installed = False
     try:
-        integrity = check_and_extract(tarball, work / "bundle", opts.limits)
+        integrity = check_and_extract(tarball, work / "bundle", opts.limits, opts.hash_members)
         report["integrity"] = integrity.as_dict()
         report["host"] = check_host(integrity.manifest)
         inst = install(integrity.root, prefix)

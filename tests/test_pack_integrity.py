@@ -117,3 +117,13 @@ def test_truncated_tarball_is_refused(tmp_path: Path) -> None:
     p.path.write_bytes(p.path.read_bytes()[:3000])
     with pytest.raises(IntegrityError):
         check_and_extract(p.path, tmp_path / "work")
+
+
+def test_members_are_covered_by_the_sidecar_or_hashed_each(tmp_path: Path) -> None:
+    p = pack(_entries(tmp_path), top="b-1", output_dir=tmp_path, compression="none", mtime=0)
+    assert check_and_extract(p.path, tmp_path / "w1").members_checked_by.startswith("the sidecar")
+    forced = check_and_extract(p.path, tmp_path / "w2", hash_members=True)
+    assert forced.members_checked_by == "sha256 of each member"
+    p.sidecar.unlink()
+    alone = check_and_extract(p.path, tmp_path / "w3")
+    assert alone.members_checked_by == "sha256 of each member" and alone.sidecar == "absent"
