@@ -13,6 +13,7 @@ import platform
 import shutil
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ log = logging.getLogger("bundler")
 # What a previous install of ours leaves in a prefix (and a re-run replaces).
 OURS = (layout.PREFIX_VENV, layout.MODELS_DIR, layout.SMOKE_DIR, layout.PREFIX_CONFIG,
         layout.PREFIX_ENV, layout.PREFIX_MANIFEST, "smoke-result.json",
-        layout.PREFIX_MARKER_INCOMPLETE)
+        layout.PREFIX_MARKER_INCOMPLETE, ".uv-install")
 
 
 @dataclass(frozen=True)
@@ -88,13 +89,22 @@ def install(bundle: Path, prefix: Path, python: str = sys.executable) -> Install
 def make_venv(python: str, venv: Path, wheels: Path, lock: Path) -> str:
     """Make ``venv`` and install ``lock`` into it from ``wheels`` alone; returns the method.
 
-    The venv is made without pip and pip runs from the newest pip wheel in ``wheels`` (as
-    install.sh does); ensurepip only when no pip wheel is there.
+    The venv is made without pip (hosts without python3-venv/ensurepip work too). When the
+    wheels hold uv, its binary is taken out of the wheel and installs them (about 3x faster
+    than pip: it links files from a cache kept beside the venv, then drops the cache);
+    otherwise, or if uv cannot run on this host, pip runs from the newest pip wheel.
     """
     res = run([python, "-m", "venv", "--without-pip", str(venv)], env=clean_env())
     if res.returncode != 0:
         raise InstallError(f"cannot create a venv with {python}: {last_lines(res.stderr, 1)}")
     vpython = str(venv / "bin" / "python")
+    uvs = sorted(wheels.glob("uv-*.whl"))
+    if uvs:
+        with task(f"install: uv pip install --offline into {venv}"):
+            error = _uv_install(uvs[-1], vpython, venv, wheels, lock)
+        if error is None:
+            return "venv --without-pip + bundled uv"
+        log.warning("install: uv could not install (%s); using pip", error)
     pips = sorted(wheels.glob("pip-*.whl"))
     if pips:
         pip_cmd, method = [vpython, str(pips[-1] / "pip")], "venv --without-pip + bundled pip"
@@ -111,6 +121,36 @@ def make_venv(python: str, venv: Path, wheels: Path, lock: Path) -> str:
     if res.returncode != 0:
         raise InstallError(f"offline pip install failed: {last_lines(res.stderr or res.stdout)}")
     return method
+
+
+def _uv_install(wheel: Path, vpython: str, venv: Path, wheels: Path, lock: Path) -> str | None:
+    """Install with the uv binary inside ``wheel``; None on success, else why not."""
+    work = venv.parent / ".uv-install"
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        work.mkdir()
+        with zipfile.ZipFile(wheel) as zf:
+            name = next((n for n in zf.namelist() if n.endswith(".data/scripts/uv")), None)
+            if name is None:
+                return f"{wheel.name} holds no uv binary"
+            binary = work / "uv"
+            binary.write_bytes(zf.read(name))
+        binary.chmod(0o755)
+        env = clean_env({"UV_NO_CONFIG": "1", "UV_CACHE_DIR": str(work / "cache"),
+                         "UV_PYTHON_DOWNLOADS": "never", "UV_NO_PROGRESS": "1"})
+        env = {k: v for k, v in env.items()
+               if not k.startswith("UV_") or k in ("UV_NO_CONFIG", "UV_CACHE_DIR",
+                                                     "UV_PYTHON_DOWNLOADS", "UV_NO_PROGRESS")}
+        res = run([str(binary), "pip", "install", "--offline", "--no-index", "--find-links",
+                   str(wheels), "--require-hashes", "-r", str(lock), "--python", vpython,
+                   "--link-mode", "hardlink", "--quiet"], env=env)
+        if res.returncode != 0:
+            return last_lines(res.stderr or res.stdout, 1) or f"exit {res.returncode}"
+        return None
+    except OSError as exc:
+        return str(exc)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _prepare(prefix: Path) -> bool:

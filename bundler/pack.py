@@ -167,7 +167,8 @@ def _write_tar(out: _HashingWriter, members: Sequence[Entry], top: str, compress
         stream = out
     with tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT,
                       bufsize=BUFSIZE) as tar:
-        tar.copybufsize = BUFSIZE  # members are copied in 1 MiB chunks, not tarfile's 16 KiB
+        # Members are copied in 1 MiB chunks, not tarfile's 16 KiB (not in typeshed).
+        setattr(tar, "copybufsize", BUFSIZE)  # noqa: B010
         tar.addfile(_info(top + "/", tarfile.DIRTYPE, 0, mtime, 0o755))
         seen_dirs: set[str] = set()
         for entry in members:

@@ -23,6 +23,7 @@ os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get(
 SEG = b"segmentation weights" * 5000
 EMB = b"embedding weights" * 9000
 TINY_LOCK = Path(__file__).parent / "data" / "tiny.lock"
+TINY_UV_LOCK = Path(__file__).parent / "data" / "tiny-uv.lock"  # + the uv wheel
 
 
 @pytest.fixture(scope="session")
@@ -38,14 +39,14 @@ def tiny_bundle(tmp_path: Path, wheel_cache: Path) -> TinyBundle:
     """``make(compression="none", target=None, token=None)`` -> the tarball's path."""
 
     def make(compression: str = "none", target: Target | None = None,
-             token: str | None = None, out: str = "out") -> Path:
+             token: str | None = None, out: str = "out", lockfile: Path = TINY_LOCK) -> Path:
         spec = load_recipe("speaker-diarization-3.1", target)
         repos = [HubRepo("pyannote/segmentation-3.0", {"pytorch_model.bin": SEG},
                          gated=token is not None),
                  HubRepo("pyannote/wespeaker-voxceleb-resnet34-LM", {"pytorch_model.bin": EMB})]
         with LoopbackHub(repos, tokens=[token] if token else []) as hub:
             opts = BuildOptions(output_dir=tmp_path / out, cache_dir=wheel_cache,
-                                endpoint=hub.url, token=token, lockfile=TINY_LOCK,
+                                endpoint=hub.url, token=token, lockfile=lockfile,
                                 compression=compression)
             return build(spec, opts).packed.path
 

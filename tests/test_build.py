@@ -6,17 +6,22 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import subprocess
+import sys
 import tarfile
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import EMB, SEG, TINY_LOCK, TinyBundle
+from conftest import EMB, SEG, TINY_LOCK, TINY_UV_LOCK, TinyBundle
 from cyclonedx.schema import SchemaVersion
 from cyclonedx.validation.json import JsonStrictValidator
 
 from bundler.build import BuildOptions, build
 from bundler.hub import HubRepo, LoopbackHub
+from bundler.install import make_venv
 from bundler.integrity import check_and_extract
 from bundler.spec import load_recipe
 
@@ -220,3 +225,39 @@ def test_progress_is_plain_lines_off_a_terminal(tmp_path: Path, tiny_bundle: Tin
     quiet = subprocess.run(["pyannote-bundle", "-q", "verify", str(tarball), "--no-smoke",
                             "--prefix", str(tmp_path / "q")], capture_output=True, text=True)
     assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+def test_install_uses_the_bundled_uv_and_falls_back_to_pip(tmp_path: Path,
+                                                           tiny_bundle: TinyBundle) -> None:
+    tarball = tiny_bundle(lockfile=TINY_UV_LOCK)
+
+    def verify(prefix: str, **env: str) -> dict[str, Any]:
+        proc = subprocess.run(["pyannote-bundle", "-q", "verify", str(tarball), "--no-smoke",
+                               "--json", "--prefix", str(tmp_path / prefix)],
+                              capture_output=True, text=True, env={**os.environ, **env})
+        assert proc.returncode == 0, proc.stderr
+        return dict(json.loads(proc.stdout))
+
+    assert verify("uv")["install"]["method"] == "venv --without-pip + bundled uv"
+    assert (tmp_path / "uv/venv/lib/python3.11/site-packages/six.py").is_file()
+    assert not (tmp_path / "uv/.uv-install").exists(), "uv's cache is dropped"
+
+
+def test_a_uv_that_cannot_run_falls_back_to_pip(tmp_path: Path, wheel_cache: Path,
+                                                tiny_bundle: TinyBundle,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    tiny_bundle()  # the six and pip wheels, in the session cache
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    for name in ("six-1.16.0-*.whl", "pip-26.3-*.whl"):
+        (found,) = wheel_cache.rglob(name)
+        (wheels / found.name).symlink_to(found)
+    with zipfile.ZipFile(wheels / "uv-0.0.1-py3-none-any.whl", "w") as zf:
+        zf.writestr("uv-0.0.1.data/scripts/uv",
+                    "#!/bin/sh\necho 'uv: cannot run here' >&2\nexit 3\n")
+    lock = tmp_path / "requirements.lock"
+    lock.write_text(TINY_LOCK.read_text())
+    method = make_venv(sys.executable, tmp_path / "venv", wheels, lock)
+    assert method == "venv --without-pip + bundled pip"
+    assert "uv could not install (uv: cannot run here); using pip" in caplog.text
+    assert (tmp_path / "venv/lib/python3.11/site-packages/six.py").is_file()
