@@ -87,6 +87,9 @@ def recipes_cmd() -> None:
               help="A spec file of the same form as a recipe (overrides --recipe).")
 @click.option("--output", "-o", "output", type=click.Path(path_type=Path), required=True,
               help="Folder for the tarball and its .sha256 sidecar.")
+@click.option("--target", "target_slug", metavar="SLUG",
+              help="Build for another host: py<major><minor>-linux-<arch>, e.g. "
+                   "py312-linux-aarch64  [default: this host]")
 @click.option("--lockfile", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Use this lockfile instead of the recipe's shipped one.")
 @index_options
@@ -95,7 +98,8 @@ def recipes_cmd() -> None:
 @click.option("--self-test", is_flag=True,
               help="Install the bundle on this host, diarize with the network disabled, and "
                    "ship the result as smoke/expected.json (skipped if the target differs).")
-def build_cmd(recipe: str, spec_file: Path | None, output: Path, lockfile: Path | None,
+def build_cmd(recipe: str, spec_file: Path | None, output: Path, target_slug: str | None,
+              lockfile: Path | None,
               index_url: str, extra_index_url: tuple[str, ...], find_links: tuple[str, ...],
               cache_dir: Path, compression: str, self_test: bool) -> None:
     """Build one checksummed, reproducible bundle.
@@ -107,9 +111,10 @@ def build_cmd(recipe: str, spec_file: Path | None, output: Path, lockfile: Path 
     HF_ENDPOINT selects another Hub; SOURCE_DATE_EPOCH sets the recorded time.
     """
     from bundler.build import BuildOptions, build
-    from bundler.spec import IndexOptions, load_recipe, load_spec
+    from bundler.spec import IndexOptions, Target, load_recipe, load_spec
 
-    spec = load_spec(spec_file) if spec_file else load_recipe(recipe)
+    target = Target.from_slug(target_slug) if target_slug else None
+    spec = load_spec(spec_file, target) if spec_file else load_recipe(recipe, target)
     opts = BuildOptions(output_dir=output, cache_dir=cache_dir, lockfile=lockfile,
                         index=IndexOptions(index_url, extra_index_url, find_links),
                         compression=compression, endpoint=os.environ.get("HF_ENDPOINT"),
@@ -199,15 +204,22 @@ def inspect_cmd(bundle: Path, as_json: bool) -> None:
               help="The .in to lock (default: the recipe's shipped one).")
 @click.option("--output", "-o", type=click.Path(path_type=Path),
               help="Lockfile to write  [default: lockfiles/<recipe>-<target>.txt]")
+@click.option("--target", "target_slug", metavar="SLUG",
+              help="Lock for another host: py<major><minor>-linux-<arch>, e.g. "
+                   "py312-linux-aarch64  [default: this host]")
 @click.option("--check", is_flag=True,
               help="Write nothing; exit 4 if the lockfile is stale against its .in (offline).")
 @click.option("--upgrade", is_flag=True, help="Re-resolve every pin, not only the ones that "
               "no longer fit.")
 @index_options
 def lock_cmd(recipe: str, spec_file: Path | None, source: Path | None, output: Path | None,
-             check: bool, upgrade: bool, index_url: str, extra_index_url: tuple[str, ...],
-             find_links: tuple[str, ...], cache_dir: Path) -> None:
-    """Lock a recipe's requirements, with hashes, for its target (pip-tools).
+             target_slug: str | None, check: bool, upgrade: bool, index_url: str,
+             extra_index_url: tuple[str, ...], find_links: tuple[str, ...],
+             cache_dir: Path) -> None:
+    """Lock a recipe's requirements, with hashes, for a target.
+
+    This host's target is locked with pip-tools (pip-compile); another CPython version or
+    architecture with `uv pip compile --python-version --python-platform`.
 
     The lockfile records the sha256 of the .in it came from; --check fails when the .in
     changed since, or when a pin no longer satisfies it (for CI, offline, in a second).
@@ -215,14 +227,16 @@ def lock_cmd(recipe: str, spec_file: Path | None, source: Path | None, output: P
     \b
     Examples:
       pyannote-bundle lock --recipe speaker-diarization-3.1
+      pyannote-bundle lock --recipe speaker-diarization-3.1 --target py312-linux-aarch64
       pyannote-bundle lock --check --output lockfiles/speaker-diarization-3.1-py311-linux-x86_64.txt
     """
     from bundler.errors import LockError
     from bundler.lock import check as check_lock
     from bundler.lock import default_paths, lock
-    from bundler.spec import IndexOptions, load_recipe, load_spec
+    from bundler.spec import IndexOptions, Target, load_recipe, load_spec
 
-    spec = load_spec(spec_file) if spec_file else load_recipe(recipe)
+    target = Target.from_slug(target_slug) if target_slug else None
+    spec = load_spec(spec_file, target) if spec_file else load_recipe(recipe, target)
     if check and output is None:
         from bundler.build import find_lockfile
 

@@ -1,11 +1,13 @@
 """`lock`: a hashed lockfile for a recipe and target, from its committed ``.in``, and the
 check that a lockfile is not stale against that ``.in``.
 
-Locking runs pip-tools (``pip-compile --generate-hashes``) in a subprocess, isolated from
-the machine's pip configuration. pip-compile resolves for the interpreter that runs it, so
-it locks only for this host's target; another target needs a Python of that version on
-this platform (or a resolver that can target another platform) and is refused here with
-that said. An existing lockfile seeds the resolution: pins that still fit are kept.
+This host's target is locked with pip-tools (``pip-compile --generate-hashes``) in a
+subprocess, isolated from the machine's pip configuration. pip-compile resolves only for
+the interpreter that runs it, so another CPython version or architecture is locked with
+``uv pip compile --python-version --python-platform`` (uv resolves for a target without
+running on it; about 7 s for the 3.1 recipe). An existing lockfile seeds the resolution:
+pins that still fit are kept. A package with no wheel for the target fails the lock with
+the resolver's own line naming the package and the platform.
 
 The lockfile records the sha256 of the ``.in`` it was made from. ``--check`` is offline and
 fast: the lockfile is stale when the ``.in`` changed since, or when a requirement of the
@@ -26,7 +28,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
 from bundler.data import data_dir
-from bundler.errors import HostMismatch, InputError, LockError
+from bundler.errors import InputError, LockError
 from bundler.spec import IndexOptions, Spec, Target
 from bundler.subproc import clean_env, last_lines, run
 from bundler.wheels import parse_lockfile
@@ -58,15 +60,12 @@ def input_digest(source: Path) -> str:
 
 def lock(paths: LockPaths, target: Target, index: IndexOptions,
          upgrade: bool = False) -> list[str]:
-    """Write ``paths.lockfile``; return the pinned ``name==version`` lines."""
-    host = Target(python=f"{sys.version_info[0]}.{sys.version_info[1]}", arch=target.arch)
-    import platform
+    """Write ``paths.lockfile``; return the pinned ``name==version`` lines.
 
-    if platform.machine() != target.arch or host.python != target.python:
-        raise HostMismatch(
-            f"pip-compile resolves for the Python running it: this is CPython {host.python} "
-            f"{platform.machine()}, the target is {target.slug}; run `pyannote-bundle lock` "
-            f"with a python{target.python} on a linux {target.arch} host")
+    This host's target is locked by pip-compile (pip-tools); another Python version or
+    architecture by ``uv pip compile --python-version --python-platform``, which resolves
+    for a target without running on it (pip-compile cannot).
+    """
     paths.lockfile.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="pyannote-bundle-lock-") as tmp:
         out = Path(tmp) / paths.lockfile.name
@@ -74,19 +73,33 @@ def lock(paths: LockPaths, target: Target, index: IndexOptions,
         (Path(tmp) / paths.source.name).write_bytes(paths.source.read_bytes())
         if paths.lockfile.is_file() and not upgrade:
             out.write_text(paths.lockfile.read_text())  # seed: keep the pins that still fit
-        argv = [sys.executable, "-m", "piptools", "compile", "--quiet", "--generate-hashes",
-                "--allow-unsafe", "--strip-extras", "--no-emit-index-url",
-                "--no-emit-find-links", "--no-config", *index.pip_args(),
-                "--output-file", str(out), paths.source.name]
-        if upgrade:
-            argv.insert(argv.index("--generate-hashes"), "--upgrade")
-        log.info("lock: pip-compile %s for %s", paths.source.name, target.slug)
+        if target.matches_host():
+            tool = "pip-compile"
+            argv = [sys.executable, "-m", "piptools", "compile", "--quiet", "--generate-hashes",
+                    "--allow-unsafe", "--strip-extras", "--no-emit-index-url",
+                    "--no-emit-find-links", "--no-config", *index.pip_args(),
+                    "--output-file", str(out), paths.source.name]
+            if upgrade:
+                argv.insert(argv.index("--generate-hashes"), "--upgrade")
+            env = clean_env({"CUSTOM_COMPILE_COMMAND":
+                             f"pyannote-bundle lock ({paths.source.name})"})
+        else:
+            tool = "uv pip compile"
+            argv = [_uv(), "pip", "compile", "--quiet", "--generate-hashes", "--no-config",
+                    "--python-version", target.python, "--python-platform", target.uv_platform,
+                    "--no-emit-index-url", *index.pip_args(), "--output-file", str(out),
+                    paths.source.name]
+            if upgrade:
+                argv.append("--upgrade")
+            env = clean_env({"UV_NATIVE_TLS": "1", "UV_CUSTOM_COMPILE_COMMAND":
+                             f"pyannote-bundle lock --target {target.slug} "
+                             f"({paths.source.name})"})
+        log.info("lock: %s %s for %s", tool, paths.source.name, target.slug)
         # cwd: a folder of our own, so nothing in the caller's folder shadows a module.
-        res = run(argv, cwd=tmp, env=clean_env({"CUSTOM_COMPILE_COMMAND":
-                                                f"pyannote-bundle lock ({paths.source.name})"}))
+        res = run(argv, cwd=tmp, env=env)
         if res.returncode != 0:
-            raise LockError(f"pip-compile could not lock {paths.source.name} for "
-                            f"{target.slug}: {last_lines(res.stderr or res.stdout)}")
+            raise LockError(f"{tool} could not lock {paths.source.name} for {target.slug}: "
+                            f"{_why(res.stderr or res.stdout)}")
         text = out.read_text()
     text = HEADER.format(name=paths.source.name, digest=input_digest(paths.source)) + text
     parse_lockfile(text, str(paths.lockfile))  # pinned and hashed, or refuse to write it
@@ -94,6 +107,23 @@ def lock(paths: LockPaths, target: Target, index: IndexOptions,
     tmp_out.write_text(text)
     tmp_out.replace(paths.lockfile)
     return [f"{r.name}=={r.version}" for r in parse_lockfile(text, str(paths.lockfile))]
+
+
+def _uv() -> str:
+    try:
+        from uv import find_uv_bin
+    except ImportError:
+        raise LockError("locking for another target needs uv (pip install uv)") from None
+    return str(find_uv_bin())
+
+
+def _why(output: str) -> str:
+    """The line of a resolver's output that says why, else its last lines."""
+    for line in output.splitlines():
+        text = line.strip().removeprefix("cause:").strip()
+        if "has no wheels with a matching platform tag" in text or "unsatisfiable" in text:
+            return text
+    return last_lines(output)
 
 
 def check(paths: LockPaths, target: Target) -> list[str]:

@@ -92,6 +92,20 @@ class Target:
         return {"python": self.python, "platform": f"linux_{self.arch}", "arch": self.arch,
                 "glibc": self.glibc, "slug": self.slug}
 
+    @property
+    def uv_platform(self) -> str:
+        """``--python-platform`` for uv, e.g. ``aarch64-manylinux_2_28``."""
+        return f"{self.arch}-manylinux_{self.glibc.replace('.', '_')}"
+
+    @classmethod
+    def from_slug(cls, slug: str) -> Target:
+        """``py312-linux-aarch64`` -> Target(python="3.12", arch="aarch64")."""
+        m = re.fullmatch(r"py3(\d{1,2})-linux-([a-z0-9_]+)", slug)
+        if not m or m.group(2) not in ARCHES:
+            raise SpecError("--target", "target", f"'{slug}' is not like py311-linux-x86_64 "
+                            f"(architectures: {', '.join(ARCHES)})")
+        return cls(python=f"3.{m.group(1)}", arch=m.group(2))
+
 
 @dataclass(frozen=True)
 class IndexOptions:
