@@ -78,7 +78,8 @@ def build(spec: Spec, opts: BuildOptions) -> BuildResult:
     """Build the bundle for ``spec``; returns where it is and its manifest."""
     epoch = source_date_epoch(opts.source_date_epoch)
     lockfile = opts.lockfile or find_lockfile(spec)
-    wheels = fetch_wheels(lockfile, spec.target, opts.index, opts.cache_dir / "wheels", epoch)
+    index = spec.index(opts.index)
+    wheels = fetch_wheels(lockfile, spec.target, index, opts.cache_dir / "wheels", epoch)
     pins = {w.name: w.version for w in wheels}
     check_pins(pins)
     if "pyannote-audio" in pins:
@@ -127,7 +128,7 @@ def build(spec: Spec, opts: BuildOptions) -> BuildResult:
         "tool": {"name": "pyannote-bundle", "version": __version__},
         "build": {"source_date_epoch": epoch,
                   "time": datetime.fromtimestamp(epoch, UTC).isoformat()},
-        "index": opts.index.redacted(),
+        "index": index.redacted(),
         "lockfile": lockfile.name,
         "pyannote_audio": version,
         "wheels": [{"name": w.name, "version": w.version, "filename": w.filename,

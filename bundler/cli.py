@@ -249,7 +249,8 @@ def lock_cmd(recipe: str, spec_file: Path | None, source: Path | None, output: P
                             "`pyannote-bundle lock` and commit the result")
         click.echo(f"{paths.lockfile}: up to date with {paths.source.name}")
         return
-    pins = lock(paths, spec.target, IndexOptions(index_url, extra_index_url, find_links),
+    pins = lock(paths, spec.target,
+                spec.index(IndexOptions(index_url, extra_index_url, find_links)),
                 upgrade=upgrade)
     click.echo(f"{paths.lockfile}: {len(pins)} packages pinned with hashes")
 

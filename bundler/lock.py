@@ -30,7 +30,7 @@ from packaging.utils import canonicalize_name
 from bundler.data import data_dir
 from bundler.errors import InputError, LockError
 from bundler.spec import IndexOptions, Spec, Target
-from bundler.subproc import clean_env, last_lines, run
+from bundler.subproc import clean_env, last_lines, pip_problem, run
 from bundler.wheels import parse_lockfile
 
 log = logging.getLogger("bundler")
@@ -119,6 +119,9 @@ def _uv() -> str:
 
 def _why(output: str) -> str:
     """The line of a resolver's output that says why, else its last lines."""
+    problem = pip_problem(output)
+    if problem:
+        return problem
     for line in output.splitlines():
         text = line.strip().removeprefix("cause:").strip()
         if "has no wheels with a matching platform tag" in text or "unsatisfiable" in text:

@@ -182,6 +182,16 @@ class Spec:
     description: str = ""
     target: Target = field(default_factory=Target.host)
     source: str = "<spec>"
+    # Indexes the recipe's wheels need besides the command line's (e.g. the PyTorch CPU
+    # index for a CPU-only torch); added to --extra-index-url / --find-links.
+    extra_index_urls: tuple[str, ...] = ()
+    find_links: tuple[str, ...] = ()
+
+    def index(self, cli: IndexOptions) -> IndexOptions:
+        """The command line's index options plus the spec's own."""
+        return IndexOptions(cli.index_url,
+                            tuple(dict.fromkeys((*cli.extra_index_urls, *self.extra_index_urls))),
+                            tuple(dict.fromkeys((*cli.find_links, *self.find_links))))
 
     def model(self, role: str) -> ModelRef:
         return next(m for m in self.models if m.role == role)
@@ -211,7 +221,8 @@ def load_spec(path: Path, target: Target | None = None) -> Spec:
     return parse_spec(text, str(path), target)
 
 
-_TOP_KEYS = {"name", "pipeline", "lockfile", "description", "models", "config"}
+_TOP_KEYS = {"name", "pipeline", "lockfile", "description", "models", "config", "index"}
+_INDEX_KEYS = {"extra_index_urls", "find_links"}
 _MODEL_KEYS = {"repo", "revision", "role", "license", "files"}
 _FILE_KEYS = {"path", "name", "sha256"}
 
@@ -251,6 +262,16 @@ def parse_spec(text: str, source: str, target: Target | None = None) -> Spec:
     config = data.get("config", {})
     if not isinstance(config, dict):
         raise SpecError(source, "config", "must be a table")
+    index = data.get("index", {})
+    if not isinstance(index, dict):
+        raise SpecError(source, "index", "must be a table")
+    no_unknown(index, _INDEX_KEYS, "index.")
+    urls: dict[str, tuple[str, ...]] = {}
+    for key in _INDEX_KEYS:
+        value = index.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise SpecError(source, f"index.{key}", "must be a list of URLs or paths")
+        urls[key] = tuple(value)
 
     raw_models = need(data, "models", "", list)
     if not raw_models:
@@ -288,7 +309,8 @@ def parse_spec(text: str, source: str, target: Target | None = None) -> Spec:
             seen.add(f.bundle_path)
     return Spec(name=name, pipeline=pipeline, lockfile=lockfile, models=tuple(models),
                 config=config, description=str(data.get("description", "")),
-                target=target or Target.host(), source=source)
+                target=target or Target.host(), source=source,
+                extra_index_urls=urls["extra_index_urls"], find_links=urls["find_links"])
 
 
 def _parse_files(raw: Any, repo: str, pipeline: str, source: str,

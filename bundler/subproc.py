@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -53,6 +54,28 @@ def run(args: Sequence[str], *, env: Mapping[str, str] | None = None,
                           cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
     return Completed(tuple(args), proc.returncode, proc.stdout, proc.stderr)
+
+
+_UNREACHABLE = re.compile(r"(Failed to establish a new connection: [^')]*|Name or service not "
+                          r"known|Temporary failure in name resolution|Connection refused|"
+                          r"Could not fetch URL \S+)")
+_NOT_FOUND = re.compile(r"No matching distribution found for (\S+)")
+
+
+def pip_problem(output: str) -> str | None:
+    """What pip (or pip-compile) says went wrong, in one line: the requirement it could not
+    find, and an index it could not reach; None when neither is in ``output``."""
+    missing, unreachable = _NOT_FOUND.search(output), _UNREACHABLE.search(output)
+    if missing is None and unreachable is None:
+        return None
+    parts = []
+    if missing:
+        parts.append(f"no distribution found for {missing.group(1)}")
+    if unreachable:
+        parts.append(f"an index could not be reached ({unreachable.group(1).strip()}): check "
+                     "the network and the index options (--index-url, --extra-index-url, "
+                     "--find-links, or the spec's [index])")
+    return "; ".join(parts)
 
 
 def run_pip(args: Sequence[str], *, python: str | None = None,

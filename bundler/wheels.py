@@ -23,7 +23,7 @@ from packaging.utils import canonicalize_name, parse_sdist_filename, parse_wheel
 from bundler.errors import InputError, NoWheelForTarget, WheelError, WheelHashMismatch
 from bundler.progress import task
 from bundler.spec import IndexOptions, Target
-from bundler.subproc import last_lines, run_pip
+from bundler.subproc import last_lines, pip_problem, run_pip
 
 log = logging.getLogger("bundler")
 
@@ -224,6 +224,9 @@ def _build_from_sdist(req: LockedRequirement, target: Target, index: IndexOption
 
 
 def _pip_error(output: str, target: Target) -> WheelError:
+    problem = pip_problem(output)
+    if problem and "index could not be reached" in problem:
+        return WheelError(f"pip download for {target.slug}: {problem}")
     m = re.search(r"No matching distribution found for ([A-Za-z0-9._-]+)", output)
     if m:
         return NoWheelForTarget(canonicalize_name(m.group(1)), target.slug)

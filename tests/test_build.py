@@ -20,10 +20,12 @@ from cyclonedx.schema import SchemaVersion
 from cyclonedx.validation.json import JsonStrictValidator
 
 from bundler.build import BuildOptions, build
+from bundler.errors import WheelError
 from bundler.hub import HubRepo, LoopbackHub
 from bundler.install import make_venv
 from bundler.integrity import check_and_extract
-from bundler.spec import load_recipe
+from bundler.spec import IndexOptions, load_recipe
+from bundler.wheels import fetch_wheels
 
 TOKEN = "hf_canary_0123456789abcdef"
 LOCK = TINY_LOCK
@@ -261,3 +263,57 @@ def test_a_uv_that_cannot_run_falls_back_to_pip(tmp_path: Path, wheel_cache: Pat
     assert method == "venv --without-pip + bundled pip"
     assert "uv could not install (uv: cannot run here); using pip" in caplog.text
     assert (tmp_path / "venv/lib/python3.11/site-packages/six.py").is_file()
+
+
+def _wheel(folder: Path, name: str, version: str) -> Path:
+    """A minimal, valid pure-Python wheel that exists on no index."""
+    dist = f"{name}-{version}"
+    files = {f"{name}.py": b"VALUE = 1\n",
+             f"{dist}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\n"
+                                           f"Version: {version}\n".encode(),
+             f"{dist}.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\n"
+                                        b"Root-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = "".join(f"{p},,\n" for p in files) + f"{dist}.dist-info/RECORD,,\n"
+    path = folder / f"{dist}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as zf:
+        for p, data in files.items():
+            zf.writestr(p, data)
+        zf.writestr(f"{dist}.dist-info/RECORD", record)
+    return path
+
+
+def test_a_specs_own_index_options_reach_pip(tmp_path: Path, wheel_cache: Path,
+                                             tiny_bundle: TinyBundle) -> None:
+    tiny_bundle()  # six and pip in the session cache: only the local wheel is downloaded
+    links = tmp_path / "links"
+    links.mkdir()
+    local = _wheel(links, "localpkg", "1.0")
+    lock = tmp_path / "local.lock"
+    lock.write_text(TINY_LOCK.read_text() + "localpkg==1.0 \\\n    --hash=sha256:"
+                    f"{hashlib.sha256(local.read_bytes()).hexdigest()}\n")
+    recipe = (Path(__file__).parent.parent / "bundler/recipes/speaker-diarization-3.1.toml")
+    spec_file = tmp_path / "local.toml"
+    spec_file.write_text(recipe.read_text() + f'\n[index]\nfind_links = ["{links}"]\n')
+    repos = [HubRepo("pyannote/segmentation-3.0", {"pytorch_model.bin": SEG}),
+             HubRepo("pyannote/wespeaker-voxceleb-resnet34-LM", {"pytorch_model.bin": EMB})]
+    with LoopbackHub(repos) as hub:
+        proc = subprocess.run(
+            ["pyannote-bundle", "-q", "build", "--spec", str(spec_file), "--lockfile", str(lock),
+             "--output", str(tmp_path / "out"), "--cache-dir", str(wheel_cache),
+             "--index-url", "http://127.0.0.1:9/simple"],  # nothing listens there
+            capture_output=True, text=True, env={**os.environ, "HF_ENDPOINT": hub.url})
+    assert proc.returncode == 0, proc.stderr
+    tarball = Path(proc.stdout.splitlines()[0])
+    with tarfile.open(tarball) as tar:
+        names = tar.getnames()
+        manifest = json.loads(tar.extractfile(f"{names[0]}/manifest.json").read())
+    assert any(n.endswith("/wheels/localpkg-1.0-py3-none-any.whl") for n in names)
+    assert manifest["index"]["find_links"] == [str(links)]
+
+
+def test_an_unreachable_index_is_said_so(tmp_path: Path) -> None:
+    lock = tmp_path / "x.lock"
+    lock.write_text(f"nosuchpkg-xyz==1.0 --hash=sha256:{'ab' * 32}\n")
+    with pytest.raises(WheelError, match="an index could not be reached"):
+        fetch_wheels(lock, load_recipe("speaker-diarization-3.1").target,
+                     IndexOptions("http://127.0.0.1:9/simple"), tmp_path / "cache", 0)
