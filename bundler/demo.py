@@ -1,8 +1,9 @@
 """The main job on an embedded default, for a newcomer with no token and no Hub access.
 
 1. the default recipe's locked wheels, into the cache (the only step that needs an index);
-2. a helper venv installed offline from the default recipe's wheels, kept in the cache;
-3. format-true, random-weight checkpoints written by that venv (``assets/make_checkpoints.py``);
+2. a helper venv installed offline from the default recipe's wheels, for one job:
+3. format-true, random-weight checkpoints written by that venv (``assets/make_checkpoints.py``),
+   kept in the cache (the venv is removed);
 4. a loopback Hub on 127.0.0.1 serving them, the build pointed at it through its endpoint;
 5. the build, with the self-test (install, smoke, ship the expected result);
 6. the offline verification of the tarball, as a sysadmin would run it.
@@ -78,41 +79,37 @@ def demo(output_dir: Path, cache_dir: Path, index: IndexOptions,
 
     t = time.monotonic()
     lock = bundle_lock(wheels)
-    helper = cache_dir / "demo" / f"venv-{hashlib.sha256(lock.encode()).hexdigest()[:16]}"
-    if not (helper / ".complete").is_file():
-        log.info("demo: 2/5 helper venv for the checkpoints (once per lockfile): %s", helper)
-        shutil.rmtree(helper, ignore_errors=True)
+    key = hashlib.sha256(lock.encode()).hexdigest()[:16]
+    ckpt = cache_dir / "demo" / f"checkpoints-{key}-seed{SEED}"
+    if not (ckpt / COMPLETE).is_file():
+        # The helper venv (about 7 GB with CUDA torch) lives only as long as it is needed:
+        # the checkpoints it writes are what the cache keeps.
+        helper = cache_dir / "demo" / f"venv-{key}"
         links = helper.with_name(helper.name + ".wheels")
-        shutil.rmtree(links, ignore_errors=True)
-        links.mkdir(parents=True)
         try:
+            log.info("demo: 2/5 helper venv for the checkpoints: %s", helper)
+            shutil.rmtree(helper, ignore_errors=True)
+            shutil.rmtree(links, ignore_errors=True)
+            links.mkdir(parents=True)
             for w in wheels:
                 os.symlink(w.path.resolve(), links / w.filename)
             (links / "requirements.lock").write_text(lock)
             make_venv(sys.executable, helper, links, links / "requirements.lock")
-        except BaseException:
-            shutil.rmtree(helper, ignore_errors=True)
-            raise
+            seconds["helper_venv"] = round(time.monotonic() - t, 1)
+            t = time.monotonic()
+            log.info("demo: 3/5 random-weight checkpoints (seed %d)", SEED)
+            shutil.rmtree(ckpt, ignore_errors=True)
+            script = Path(bundler.__file__).parent / "assets" / "make_checkpoints.py"
+            res = run([str(helper / "bin" / "python"), str(script), str(ckpt), "--seed",
+                       str(SEED)], env={**clean_env(), "HF_HUB_OFFLINE": "1"})
+            if res.returncode != 0:
+                shutil.rmtree(ckpt, ignore_errors=True)
+                raise InstallError(f"make_checkpoints.py failed: {last_lines(res.stderr)}")
         finally:
             shutil.rmtree(links, ignore_errors=True)
-        (helper / ".complete").write_text("ok\n")
+            shutil.rmtree(helper, ignore_errors=True)
     else:
-        log.info("demo: 2/5 helper venv from the cache: %s", helper)
-    seconds["helper_venv"] = round(time.monotonic() - t, 1)
-
-    t = time.monotonic()
-    ckpt = helper.with_name(helper.name + f".checkpoints-seed{SEED}")
-    if not (ckpt / COMPLETE).is_file():
-        log.info("demo: 3/5 random-weight checkpoints (seed %d)", SEED)
-        shutil.rmtree(ckpt, ignore_errors=True)
-        script = Path(bundler.__file__).parent / "assets" / "make_checkpoints.py"
-        res = run([str(helper / "bin" / "python"), str(script), str(ckpt), "--seed", str(SEED)],
-                  env={**clean_env(), "HF_HUB_OFFLINE": "1"})
-        if res.returncode != 0:
-            shutil.rmtree(ckpt, ignore_errors=True)
-            raise InstallError(f"make_checkpoints.py failed: {last_lines(res.stderr)}")
-    else:
-        log.info("demo: 3/5 checkpoints from the cache: %s", ckpt)
+        log.info("demo: 2-3/5 checkpoints from the cache: %s", ckpt)
     seconds["checkpoints"] = round(time.monotonic() - t, 1)
 
     t = time.monotonic()

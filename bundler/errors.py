@@ -29,7 +29,7 @@ EXIT_CODES: dict[int, str] = {
     EXIT_HUB: "model download failed (gated, missing, unreachable, checksum mismatch)",
     EXIT_WHEELS: "lock failed or stale, or wheel download failed "
                  "(no wheel for the target, hash mismatch)",
-    EXIT_OUTPUT: "cannot write the bundle (disk full, permissions)",
+    EXIT_OUTPUT: "cannot write the bundle or the work folder (disk full, permissions)",
     EXIT_INTEGRITY: "bundle integrity check failed "
                     "(checksum, unsafe member, missing or extra file)",
     EXIT_HOST: "this host does not match the bundle's target (Python, platform)",

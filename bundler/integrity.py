@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from bundler import layout
-from bundler.errors import IntegrityError
+from bundler.errors import IntegrityError, OutputError
 from bundler.hashing import BackgroundSha256
 from bundler.progress import task
 from bundler.render import parse_checksums
@@ -156,7 +156,7 @@ def _stream(tarball: Path, raw: IO[bytes], reader: HashingReader, work: Path, li
         # Read to the end so the digest covers every byte.
         while stream.read(BUFSIZE):
             pass
-    except IntegrityError:
+    except (IntegrityError, OutputError):
         raise
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
         problem = " ".join(str(exc).split()) or type(exc).__name__
@@ -229,11 +229,18 @@ def _extract(stream: IO[bytes], work: Path, limits: Limits,
             dest.parent.mkdir(parents=True, exist_ok=True)
             h = hashlib.sha256() if each else None
             got = 0
-            with open(dest, "xb") as out:
+            try:
+                out = open(dest, "xb")
+            except OSError as exc:
+                raise _cannot_write(work, exc) from None
+            with out:
                 while chunk := src.read(BUFSIZE):
                     if h is not None:
                         h.update(chunk)
-                    out.write(chunk)
+                    try:
+                        out.write(chunk)
+                    except OSError as exc:
+                        raise _cannot_write(work, exc) from None
                     got += len(chunk)
             if got != member.size:
                 raise IntegrityError(name, f"truncated: {got} of {member.size} bytes")
@@ -242,6 +249,11 @@ def _extract(stream: IO[bytes], work: Path, limits: Limits,
     if top is None:
         raise IntegrityError("(tarball)", "empty: no members")
     return hashes, top, total
+
+
+def _cannot_write(work: Path, exc: OSError) -> OutputError:
+    return OutputError(f"cannot unpack into {work.parent}: {exc.strerror or exc}; free space "
+                       "there or set TMPDIR to a larger disk (nothing was installed)")
 
 
 def _check_member(member: tarfile.TarInfo) -> None:

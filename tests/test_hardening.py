@@ -362,6 +362,22 @@ def test_disk_full_while_packing_leaves_no_bundle(tmp_path: Path, tiny_bundle: T
     assert list(out.iterdir()) == [], "no bundle, no partial file"
 
 
+def test_disk_full_while_unpacking_is_said_so_and_installs_nothing(
+        tmp_path: Path, tiny_bundle: TinyBundle) -> None:
+    tarball = tiny_bundle()
+
+    def small_disk() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, 256 << 10))  # the pip wheel is 1.8 MB
+
+    (tmp_path / "tmpdir").mkdir()
+    proc = subprocess.run(["pyannote-bundle", "-q", "verify", str(tarball), "--prefix",
+                           str(tmp_path / "prefix")], capture_output=True, text=True,
+                          preexec_fn=small_disk,
+                          env={**os.environ, "TMPDIR": str(tmp_path / "tmpdir")})
+    _assert_refused(proc, tmp_path / "prefix", 5, "cannot unpack into", "TMPDIR")
+
+
 def test_ctrl_c_during_a_build_leaves_no_bundle(tmp_path: Path, wheel_cache: Path,
                                                 tiny_bundle: TinyBundle) -> None:
     tiny_bundle()
