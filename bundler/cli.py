@@ -73,7 +73,13 @@ def cli(ctx: click.Context, debug: bool, quiet: bool, verbose: bool) -> None:
 
 @cli.command("recipes")
 def recipes_cmd() -> None:
-    """List the recipes shipped with pyannote-bundle."""
+    """List the recipes shipped with pyannote-bundle.
+
+    \b
+    Example:
+      pyannote-bundle recipes
+      pyannote-bundle build --recipe speaker-diarization-community-1 --output out/
+    """
     from bundler.spec import recipe_names
 
     for name in recipe_names():

@@ -317,3 +317,17 @@ def test_an_unreachable_index_is_said_so(tmp_path: Path) -> None:
     with pytest.raises(WheelError, match="an index could not be reached"):
         fetch_wheels(lock, load_recipe("speaker-diarization-3.1").target,
                      IndexOptions("http://127.0.0.1:9/simple"), tmp_path / "cache", 0)
+
+
+def test_every_verb_teaches_with_an_example_and_completes() -> None:
+    top = subprocess.run(["pyannote-bundle", "--help"], capture_output=True, text=True).stdout
+    for verb in ("build", "verify", "inspect", "lock", "demo", "recipes"):
+        assert f"  {verb} " in top
+        text = subprocess.run(["pyannote-bundle", verb, "--help"], capture_output=True,
+                              text=True).stdout
+        assert "Example" in text and f"pyannote-bundle {verb}" in text, verb
+    assert "130  interrupted" in top  # the exit-code table
+    done = subprocess.run(["pyannote-bundle"], capture_output=True, text=True,
+                          env={**os.environ, "_PYANNOTE_BUNDLE_COMPLETE": "bash_complete",
+                               "COMP_WORDS": "pyannote-bundle insp", "COMP_CWORD": "1"})
+    assert done.stdout.strip() == "plain,inspect"
