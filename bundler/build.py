@@ -23,6 +23,7 @@ from bundler.install import check_host, install
 from bundler.models import fetch_models
 from bundler.pack import Entry, Packed, pack
 from bundler.sbom import sbom_json
+from bundler.signing import sign
 from bundler.smoketest import TOLERANCE_S, detect_isolation, run_smoke
 from bundler.spec import IndexOptions, Spec
 from bundler.traps import check_pins, check_pipeline
@@ -45,6 +46,7 @@ class BuildOptions:
     lockfile: Path | None = None
     source_date_epoch: int | None = None
     self_test: bool = False  # install the staged bundle here, smoke it, ship the result
+    sign_key: Path | None = None  # an SSH private key: <tarball>.sha256.sig beside the sidecar
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,14 @@ def build(spec: Spec, opts: BuildOptions) -> BuildResult:
     entries.append(Entry.from_bytes(layout.MANIFEST, render.manifest_json(manifest)))
     packed = pack(entries, top=bundle_name, output_dir=opts.output_dir,
                   compression=opts.compression, mtime=epoch)
+    if opts.sign_key is not None:
+        try:
+            sign(packed.sidecar, opts.sign_key)
+        except BaseException:
+            # An unsigned bundle under the final name would pass for a finished one.
+            packed.path.unlink(missing_ok=True)
+            packed.sidecar.unlink(missing_ok=True)
+            raise
     return BuildResult(bundle_name, packed, manifest)
 
 

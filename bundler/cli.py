@@ -104,8 +104,11 @@ def recipes_cmd() -> None:
 @click.option("--self-test", is_flag=True,
               help="Install the bundle on this host, diarize with the network disabled, and "
                    "ship the result as smoke/expected.json (skipped if the target differs).")
+@click.option("--sign-key", type=click.Path(path_type=Path, dir_okay=False),
+              help="Sign the sidecar with this SSH private key (ssh-keygen -Y sign): "
+                   "<tarball>.sha256.sig, checked by verify --allowed-signers.")
 def build_cmd(recipe: str, spec_file: Path | None, output: Path, target_slug: str | None,
-              lockfile: Path | None,
+              sign_key: Path | None, lockfile: Path | None,
               index_url: str, extra_index_url: tuple[str, ...], find_links: tuple[str, ...],
               cache_dir: Path, compression: str, self_test: bool) -> None:
     """Build one checksummed, reproducible bundle.
@@ -124,7 +127,8 @@ def build_cmd(recipe: str, spec_file: Path | None, output: Path, target_slug: st
     opts = BuildOptions(output_dir=output, cache_dir=cache_dir, lockfile=lockfile,
                         index=IndexOptions(index_url, extra_index_url, find_links),
                         compression=compression, endpoint=os.environ.get("HF_ENDPOINT"),
-                        token=os.environ.get("HF_TOKEN"), self_test=self_test)
+                        token=os.environ.get("HF_TOKEN"), self_test=self_test,
+                        sign_key=sign_key)
     result = build(spec, opts)
     click.echo(f"{result.packed.path}\n{result.packed.sidecar}")
 
@@ -143,8 +147,12 @@ def build_cmd(recipe: str, spec_file: Path | None, output: Path, target_slug: st
 @click.option("--hash-members", is_flag=True,
               help="Hash each member against SHA256SUMS even when the sidecar's digest, "
                    "which covers every byte, matched.")
+@click.option("--allowed-signers", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Require <tarball>.sha256.sig to verify against this ssh-keygen "
+                   "allowed_signers file before anything else.")
 def verify_cmd(bundle: Path, prefix: Path | None, keep: bool, as_json: bool,
-               no_smoke: bool, max_bytes: int, max_members: int, hash_members: bool) -> None:
+               no_smoke: bool, max_bytes: int, max_members: int, hash_members: bool,
+               allowed_signers: Path | None) -> None:
     """Prove a bundle is intact, installs offline, and diarizes with the network disabled.
 
     \b
@@ -159,7 +167,8 @@ def verify_cmd(bundle: Path, prefix: Path | None, keep: bool, as_json: bool,
         limits = Limits(max_bytes=max_bytes, max_members=max_members,
                         max_member_bytes=min(max_bytes, Limits.max_member_bytes))
         report = verify(bundle, VerifyOptions(prefix=prefix, keep=keep, smoke=not no_smoke,
-                                              limits=limits, hash_members=hash_members))
+                                              limits=limits, hash_members=hash_members,
+                                              allowed_signers=allowed_signers))
     except BundlerError as exc:
         if as_json:
             click.echo(_json.dumps(getattr(exc, "report", {"ok": False, "error": str(exc)})))
@@ -169,6 +178,8 @@ def verify_cmd(bundle: Path, prefix: Path | None, keep: bool, as_json: bool,
         click.echo(_json.dumps(report))
         return
     integ = report["integrity"]
+    if "signature" in report:
+        click.echo(f"signature: ok (signed by {report['signature']['signer']})")
     click.echo(f"integrity: ok ({integ['files']} files, sidecar {integ['sidecar']})")
     click.echo(f"install:   ok ({report['install']['packages']} packages, "
                f"{report['install']['seconds']} s)")

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 log = logging.getLogger("bundler")
 
@@ -47,12 +48,16 @@ def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def run(args: Sequence[str], *, env: Mapping[str, str] | None = None,
-        cwd: str | None = None, timeout: float | None = None) -> Completed:
-    """Run a command, capturing its output; never raises on a non-zero status."""
+        cwd: str | None = None, timeout: float | None = None,
+        stdin: Path | None = None) -> Completed:
+    """Run a command, capturing its output; never raises on a non-zero status.
+
+    ``stdin``: a file fed to the command's standard input (else nothing: no prompts)."""
     log.debug("run: %s", " ".join(args))
-    proc = subprocess.run(list(args), env=dict(env) if env is not None else clean_env(),
-                          cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+    with open(stdin, "rb") if stdin is not None else open(os.devnull, "rb") as feed:
+        proc = subprocess.run(list(args), env=dict(env) if env is not None else clean_env(),
+                              cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                              stdin=feed)
     return Completed(tuple(args), proc.returncode, proc.stdout, proc.stderr)
 
 

@@ -19,6 +19,7 @@ from bundler import layout, traps
 from bundler.errors import BundlerError
 from bundler.install import check_host, install, remove_install
 from bundler.integrity import Limits, check_and_extract
+from bundler.signing import verify_signature
 from bundler.smoketest import compare, detect_isolation, run_smoke
 from bundler.wheels import sha256_file
 
@@ -31,6 +32,7 @@ class VerifyOptions:
     workdir: Path | None = None
     limits: Limits = Limits()
     hash_members: bool = False
+    allowed_signers: Path | None = None  # check <tarball>.sha256.sig with ssh-keygen first
 
 
 def verify(tarball: Path, opts: VerifyOptions) -> dict[str, Any]:
@@ -39,6 +41,9 @@ def verify(tarball: Path, opts: VerifyOptions) -> dict[str, Any]:
     prefix = opts.prefix or work / "prefix"
     installed = False
     try:
+        if opts.allowed_signers is not None:
+            report["signature"] = {"ok": True, "signer": verify_signature(
+                tarball.with_name(tarball.name + layout.SIDECAR_SUFFIX), opts.allowed_signers)}
         integrity = check_and_extract(tarball, work / "bundle", opts.limits, opts.hash_members)
         report["integrity"] = integrity.as_dict()
         report["host"] = check_host(integrity.manifest)

@@ -429,3 +429,62 @@ def test_token_never_reaches_a_file_an_argv_or_a_child_env(tmp_path: Path, wheel
         if path.is_file():
             assert TOKEN.encode() not in path.read_bytes(), path
     assert TOKEN not in json.dumps(result.manifest)
+
+
+# --- signatures (ssh-keygen -Y) ------------------------------------------------------------
+def _keypair(tmp_path: Path, name: str) -> tuple[Path, str]:
+    key = tmp_path / name
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(key)],
+                   check=True)
+    return key, key.with_suffix(".pub").read_text().strip()
+
+
+def test_a_signed_sidecar_proves_who_built_the_bundle(tmp_path: Path, wheel_cache: Path,
+                                                      tiny_bundle: TinyBundle) -> None:
+    tiny_bundle()
+    key, pub = _keypair(tmp_path, "release")
+    _, other_pub = _keypair(tmp_path, "someone-else")
+    allowed = tmp_path / "allowed_signers"
+    allowed.write_text(f"release@example.org {pub}\n")
+    out = tmp_path / "signed"
+    with _hub() as hub:
+        proc = subprocess.run([*_build_argv(out, wheel_cache), "--sign-key", str(key)],
+                              capture_output=True, text=True,
+                              env={**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN})
+    assert proc.returncode == 0, proc.stderr
+    tarball = Path(proc.stdout.splitlines()[0])
+    sidecar = tarball.with_name(tarball.name + ".sha256")
+    assert sidecar.with_name(sidecar.name + ".sig").is_file()
+    ok = subprocess.run(["pyannote-bundle", "-q", "verify", str(tarball), "--no-smoke", "--json",
+                         "--allowed-signers", str(allowed)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["signature"] == {"ok": True, "signer": "release@example.org"}
+
+    # Someone rewrites the tarball and its sidecar consistently: checksums alone pass, the
+    # signature does not.
+    data = bytearray(tarball.read_bytes())
+    data[len(data) // 2] ^= 1
+    tarball.write_bytes(bytes(data))
+    sidecar.write_text(f"{hashlib.sha256(bytes(data)).hexdigest()}  {tarball.name}\n")
+    proc, prefix = _verify(tarball, tmp_path, "--allowed-signers", str(allowed))
+    _assert_refused(proc, prefix, 10, ".sha256.sig", "does not verify")
+
+    # A bundle signed by a key that is not allowed.
+    allowed.write_text(f"other@example.org {other_pub}\n")
+    proc, prefix = _verify(tarball, tmp_path, "--allowed-signers", str(allowed))
+    _assert_refused(proc, prefix, 10, "not signed by any key in")
+
+
+def test_a_failed_signature_leaves_no_unsigned_bundle(tmp_path: Path, wheel_cache: Path,
+                                                      tiny_bundle: TinyBundle) -> None:
+    tiny_bundle()
+    not_a_key = tmp_path / "not-a-key"
+    not_a_key.write_text("hello\n")
+    out = tmp_path / "unsigned"
+    with _hub() as hub:
+        proc = subprocess.run([*_build_argv(out, wheel_cache), "--sign-key", str(not_a_key)],
+                              capture_output=True, text=True,
+                              env={**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN})
+    assert proc.returncode == 2 and "could not sign" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert list(out.iterdir()) == [], "no tarball, sidecar or signature under the final names"
