@@ -139,3 +139,21 @@ def test_missing_revision_is_named(tmp_path: Path) -> None:
     with _hub() as hub, pytest.raises(errors.RevisionNotFound, match="'nope'"):
         fetch_models(spec.models, endpoint=hub.url, token=None, cache_dir=tmp_path,
                      sleep=lambda s: None)
+
+
+def test_the_bundled_scripts_set_the_same_offline_variables() -> None:
+    """configure.py and smoke.py ship in the bundle (stdlib only), so they carry their own
+    copy of the offline variables: it must not drift from layout.OFFLINE_ENV."""
+    import ast
+
+    from bundler.layout import OFFLINE_ENV
+
+    root = Path(__file__).parent.parent / "templates"
+    configure = ast.parse((root / "configure.py").read_text())
+    found = next(ast.literal_eval(n.value) for n in ast.walk(configure)
+                 if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "OFFLINE_ENV")
+    assert found == OFFLINE_ENV
+    smoke = (root / "smoke.py").read_text()
+    for key, value in OFFLINE_ENV.items():
+        if key != "HF_DATASETS_OFFLINE":  # smoke.py loads no datasets
+            assert f'"{key}": "{value}"' in smoke, key
