@@ -10,7 +10,9 @@ with the tool so both see the same page cache):
   and writes the archive (the single-pass limit); ``pack_vs_seed_recipe``: vs the manual
   recipe, ``tar czf`` then ``sha256sum``.
 * ``verify_vs_sha256``: the tool's integrity check (the sidecar digest, every member unpacked
-  and checked against SHA256SUMS, both ways) vs hashing the tarball's bytes once.
+  and checked against SHA256SUMS, both ways) vs hashing the tarball's bytes once;
+  ``verify_vs_tar_xf``: vs ``tar -xf`` of the same tarball, which unpacks and checks nothing
+  (on a large bundle writing the files, not hashing, is the floor).
 * ``install_vs_pip`` (with ``--bundle``): the offline install the bundle performs vs a plain
   ``python -m venv`` + ``pip install --no-index --require-hashes`` of the same wheels.
 * smoke diarization time, real-time factor and peak memory (with ``--bundle``), and the
@@ -108,14 +110,19 @@ def entries_for(files: list[Path], base: Path) -> list[Entry]:
     return [*out, Entry.from_bytes(layout.MANIFEST, manifest_json(manifest))]
 
 
-def median_pair(runs: int, tool: Callable[[], Any], base: Callable[[], Any]) -> tuple[float,
-                                                                                     float]:
+def median_pair(runs: int, tool: Callable[[], Any], base: Callable[[], Any],
+                cleanup: Callable[[], Any] = lambda: None) -> tuple[float, float]:
+    """Median seconds of ``tool`` and ``base``, run alternately; ``cleanup`` runs untimed
+    after each (removing what the run wrote, so deleting GBs is never part of a figure)."""
     tool_t, base_t = [], []
     for i in range(runs):
         order = (tool, base) if i % 2 == 0 else (base, tool)
         for fn in order:
+            cleanup()
+            subprocess.run(["sync"], check=False)  # each run starts with no dirty pages
             t = timed(fn)
             (tool_t if fn is tool else base_t).append(t)
+    cleanup()
     return statistics.median(tool_t), statistics.median(base_t)
 
 
@@ -151,8 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         out = work / "out"
 
         def tool_pack() -> None:
-            shutil.rmtree(out, ignore_errors=True)
             pack(entries, top="bench", output_dir=out, compression="none", mtime=0)
+
+        def clean_pack() -> None:
+            shutil.rmtree(out, ignore_errors=True)
+            (work / "baseline.tar").unlink(missing_ok=True)
 
         def tar_sha256() -> None:
             proc = subprocess.Popen(["tar", "-cf", "-", *rel], cwd=base, stdout=subprocess.PIPE)
@@ -165,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(["sha256sum", str(work / "seed.tar.gz")], check=True,
                            capture_output=True)
 
-        seconds["pack"], seconds["tar_sha256"] = median_pair(args.runs, tool_pack, tar_sha256)
+        seconds["pack"], seconds["tar_sha256"] = median_pair(args.runs, tool_pack, tar_sha256,
+                                                             clean_pack)
         seconds["seed_recipe_tar_czf_sha256sum"] = timed(seed_recipe)  # slow: once
         ratios["pack_vs_tar_sha256"] = seconds["pack"] / seconds["tar_sha256"]
         ratios["pack_vs_seed_recipe"] = seconds["pack"] / seconds["seed_recipe_tar_czf_sha256sum"]
@@ -178,13 +189,20 @@ def main(argv: list[str] | None = None) -> int:
         extract = work / "extract"
 
         def tool_verify() -> None:
-            shutil.rmtree(extract, ignore_errors=True)
             check_and_extract(tarball, extract)
 
+        def tar_xf() -> None:
+            extract.mkdir()
+            subprocess.run(["tar", "-xf", str(tarball), "-C", str(extract)], check=True)
+
+        def clean_extract() -> None:
+            shutil.rmtree(extract, ignore_errors=True)
+
         seconds["verify_integrity"], seconds["sha256_once"] = median_pair(
-            args.runs, tool_verify, lambda: hash_file(tarball))
+            args.runs, tool_verify, lambda: hash_file(tarball), clean_extract)
         ratios["verify_vs_sha256"] = seconds["verify_integrity"] / seconds["sha256_once"]
-        shutil.rmtree(extract, ignore_errors=True)
+        _, seconds["tar_xf"] = median_pair(args.runs, lambda: None, tar_xf, clean_extract)
+        ratios["verify_vs_tar_xf"] = seconds["verify_integrity"] / seconds["tar_xf"]
         (work / "seed.tar.gz").unlink(missing_ok=True)
 
         # --- install and smoke (real bundle only) -------------------------------------
@@ -198,23 +216,25 @@ def main(argv: list[str] | None = None) -> int:
                 - sizes["wheels"] - sizes["models"]
             prefix = work / "prefix"
 
+            venv = work / "pip-venv"
+
             def tool_install() -> None:
-                shutil.rmtree(prefix, ignore_errors=True)
                 install(root, prefix)
 
             def pip_install() -> None:
-                venv = work / "pip-venv"
-                shutil.rmtree(venv, ignore_errors=True)
                 subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
                 subprocess.run([str(venv / "bin/python"), "-m", "pip", "install", "-q",
                                 "--no-index", "--no-cache-dir", "--find-links",
                                 str(root / layout.WHEELS_DIR), "--require-hashes", "-r",
                                 str(root / layout.LOCK)], check=True,
                                env={**os.environ, "PIP_CONFIG_FILE": os.devnull})
+
+            def clean_install() -> None:
+                shutil.rmtree(prefix, ignore_errors=True)
                 shutil.rmtree(venv, ignore_errors=True)
 
             seconds["install"], seconds["pip_install"] = median_pair(
-                args.install_runs, tool_install, pip_install)
+                args.install_runs, tool_install, pip_install, clean_install)
             ratios["install_vs_pip"] = seconds["install"] / seconds["pip_install"]
             tool_install()
             isolation = detect_isolation()
