@@ -27,7 +27,7 @@ from bundler.signing import sign
 from bundler.smoketest import TOLERANCE_S, detect_isolation, run_smoke
 from bundler.spec import IndexOptions, Spec
 from bundler.traps import check_pins, check_pipeline
-from bundler.wheels import bundle_lock, fetch_wheels
+from bundler.wheels import bundle_lock, fetch_wheels, wheel_license
 
 log = logging.getLogger("bundler")
 
@@ -134,7 +134,8 @@ def build(spec: Spec, opts: BuildOptions) -> BuildResult:
         "lockfile": lockfile.name,
         "pyannote_audio": version,
         "wheels": [{"name": w.name, "version": w.version, "filename": w.filename,
-                    "sha256": w.sha256, "size": w.size, "built_from_sdist": w.built_from}
+                    "sha256": w.sha256, "size": w.size, "built_from_sdist": w.built_from,
+                    "license": wheel_license(w.path)}
                    for w in wheels],
         "models": [{"repo": m.repo_id, "revision": m.revision, "commit": m.commit,
                     "role": m.role, "license": m.license,

@@ -43,10 +43,12 @@ def sbom_json(manifest: Mapping[str, Any]) -> bytes:
     for w in manifest["wheels"]:
         purl = PackageURL("pypi", name=w["name"], version=w["version"],
                           qualifiers={"file_name": w["filename"]})
+        declared = w.get("license")
         bom.components.add(Component(
             type=ComponentType.LIBRARY, name=w["name"], version=w["version"], purl=purl,
             bom_ref=purl.to_string(), hashes=[HashType(alg=HashAlgorithm.SHA_256,
-                                                       content=w["sha256"])]))
+                                                       content=w["sha256"])],
+            licenses=[DisjunctiveLicense(name=declared)] if declared else []))
     for m in manifest["models"]:
         licence = str(m.get("license") or "unknown")
         licences = [] if licence == "unknown" else [DisjunctiveLicense(id=licence)]

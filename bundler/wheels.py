@@ -236,6 +236,32 @@ def _pip_error(output: str, target: Target) -> WheelError:
     return WheelError(f"pip download failed for {target.slug}: {last_lines(output)}")
 
 
+def wheel_license(path: Path) -> str | None:
+    """The licence a wheel declares in its METADATA: License-Expression (PEP 639), else a
+    one-line License field, else the OSI classifiers; None when it declares none."""
+    import email.parser
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            name = next((n for n in zf.namelist()
+                         if n.count("/") == 1 and n.endswith(".dist-info/METADATA")), None)
+            if name is None:
+                return None
+            meta = email.parser.BytesHeaderParser().parsebytes(zf.read(name))
+    except (OSError, zipfile.BadZipFile):
+        return None
+    expression = meta.get("License-Expression")
+    if expression:
+        return str(expression).strip()
+    text = str(meta.get("License") or "").strip()
+    if text and "\n" not in text and len(text) <= 80 and text.upper() != "UNKNOWN":
+        return text
+    classifiers = [str(c).rsplit("::", 1)[1].strip() for c in meta.get_all("Classifier") or []
+                   if str(c).startswith("License ::") and "::" in str(c)[10:]]
+    return " OR ".join(classifiers) or None
+
+
 def bundle_lock(wheels: Iterable[WheelFile]) -> str:
     """The bundle's own lock: the exact wheel files shipped, by hash (for --require-hashes)."""
     lines = ["# The exact wheels in wheels/, by sha256: pip install --no-index "

@@ -121,6 +121,16 @@ def test_install_sh_works_offline_with_a_clean_environment(extracted: Path,
     assert str(prefix / "models") in (prefix / "config.yaml").read_text()
     assert "HF_HUB_OFFLINE=1" in (prefix / "pyannote.env").read_text()
     assert not (prefix / ".install-incomplete").exists()
+    assert "installed offline with uv" in proc.stderr
+    site = prefix / "venv/lib/python3.11/site-packages"
+    assert list((site / "pyannote/audio/__pycache__").glob("*.pyc")), "bytecode compiled"
+    assert not (prefix / ".uv-install").exists()
+    # Re-runnable: a second run over the same prefix replaces the first install.
+    again = _run("unshare", "-n", "env", "-i", "PATH=/usr/bin:/bin", f"HOME={tmp_path}",
+                 "sh", "./install.sh", str(prefix), cwd=extracted)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "replacing the previous install" in again.stderr
+    assert json.loads((prefix / "smoke-result.json").read_text())["ok"] is True
     shutil.rmtree(prefix)
 
 
