@@ -171,7 +171,11 @@ def _stream(tarball: Path, raw: IO[bytes], reader: HashingReader, work: Path, li
                                  "incomplete copy or download; copy it again)") from None
         raise IntegrityError(tarball.name, f"not a readable bundle tarball ({kind}): "
                              f"{problem}") from None
-    except Exception as exc:  # zstandard raises its own ZstdError
+    except Exception as exc:
+        # zstandard raises its own ZstdError for a corrupt stream; anything else is a bug
+        # of ours (exit 1 with --debug's traceback), never "a corrupt bundle".
+        if type(exc).__name__ != "ZstdError":
+            raise
         raise IntegrityError(tarball.name, f"corrupt {kind} stream: {exc}") from None
     reader.drain()
     return hashes, top, total
@@ -193,12 +197,7 @@ def _extract(stream: IO[bytes], work: Path, limits: Limits,
                 raise IntegrityError(name, f"more than {limits.max_members} members "
                                      "(limit; raise it with --max-members)")
             _check_member(member)
-            try:
-                # PEP 706: refuses absolute paths, '..', links out, devices; our checks
-                # above are stricter (no links at all), this is the second line.
-                member = tarfile.data_filter(member, str(work))
-            except tarfile.FilterError as exc:
-                raise IntegrityError(name, f"unsafe member: {exc}") from None
+            _data_filter(member, work)
             parts = PurePosixPath(name).parts
             if top is None:
                 top = parts[0]
@@ -254,6 +253,29 @@ def _extract(stream: IO[bytes], work: Path, limits: Limits,
 def _cannot_write(work: Path, exc: OSError) -> OutputError:
     return OutputError(f"cannot unpack into {work.parent}: {exc.strerror or exc}; free space "
                        "there or set TMPDIR to a larger disk (nothing was installed)")
+
+
+def _data_filter(member: tarfile.TarInfo, work: Path) -> None:
+    """The second line after ``_check_member``: PEP 706's ``data`` filter where the standard
+    library has it (CPython 3.11.4+, 3.12+), else the same destination check done here.
+
+    Debian 12 ships CPython 3.11.2, whose tarfile has neither ``data_filter`` nor
+    ``FilterError``: a good bundle must not be called corrupt there. The filter's other
+    refusals (links, devices, absolute and '..' paths) are ``_check_member``'s already, and
+    modes are set by ``_extract`` itself, so what is left to check is where the member lands.
+    """
+    data_filter = getattr(tarfile, "data_filter", None)
+    if data_filter is not None:
+        try:
+            data_filter(member, str(work))
+        except tarfile.FilterError as exc:
+            raise IntegrityError(member.name, f"unsafe member: {exc}") from None
+        return
+    root = os.path.realpath(work)
+    dest = os.path.realpath(os.path.join(root, member.name))
+    if os.path.commonpath([root, dest]) != root:
+        raise IntegrityError(member.name, "unsafe member: it would be written outside the "
+                             "destination folder")
 
 
 def _check_member(member: tarfile.TarInfo) -> None:

@@ -178,3 +178,33 @@ def test_changed_model_byte_is_named_without_the_sidecar(tarball: Path, tmp_path
     assert "Traceback" not in proc.stderr
     assert not prefix.exists()
 
+
+
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+
+
+@pytest.fixture(scope="module")
+def system_tool(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """pyannote-bundle installed as the README says, with the distribution's own python3
+    (Debian 12: CPython 3.11.2, which has no PEP 706 tarfile filter)."""
+    if not SYSTEM_PYTHON.exists():
+        pytest.skip("this host has no /usr/bin/python3")
+    minor = _run(str(SYSTEM_PYTHON), "-c", "import sys; print(sys.version_info[1])").stdout
+    if minor.strip() != "11":
+        pytest.skip("the distribution's python3 is not 3.11, the bundle's target")
+    venv = tmp_path_factory.mktemp("system-tool") / ".venv"
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PIP_CONFIG_FILE": os.devnull, "PIP_FIND_LINKS": ""}
+    subprocess.run([str(SYSTEM_PYTHON), "-m", "venv", str(venv)], check=True)
+    proc = _run(str(venv / "bin/pip"), "install", "--quiet", "--index-url",
+                "https://pypi.org/simple", str(repo), env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return venv / "bin/pyannote-bundle"
+
+
+def test_verify_with_the_distributions_python3(tarball: Path, system_tool: Path) -> None:
+    proc = _run(str(system_tool), "-q", "verify", str(tarball), "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["ok"] is True and report["integrity"]["sidecar"] == "match"
+    assert report["host"]["python"] == "3.11" and report["smoke"]["expected"] == "match"

@@ -127,3 +127,20 @@ def test_members_are_covered_by_the_sidecar_or_hashed_each(tmp_path: Path) -> No
     p.sidecar.unlink()
     alone = check_and_extract(p.path, tmp_path / "w3")
     assert alone.members_checked_by == "sha256 of each member" and alone.sidecar == "absent"
+
+
+def test_unpacks_where_tarfile_has_no_pep_706_filter(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Debian 12's CPython 3.11.2 has no tarfile.data_filter/FilterError: a good bundle
+    still unpacks there, and the destination check is still made."""
+    from bundler import integrity
+
+    monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    monkeypatch.delattr(tarfile, "FilterError", raising=False)
+    p = pack(_entries(tmp_path), top="b-1", output_dir=tmp_path / "a", compression="none",
+             mtime=0)
+    result = check_and_extract(p.path, tmp_path / "work")
+    assert result.files == 5 and (result.root / layout.INSTALL_SH).is_file()
+    outside = tarfile.TarInfo("b-1/../../escaped")
+    with pytest.raises(IntegrityError, match="outside the destination"):
+        integrity._data_filter(outside, tmp_path / "work2")
