@@ -117,9 +117,11 @@ def build(spec: Spec, opts: BuildOptions) -> BuildResult:
                          render.install_sh(bundle_name, spec, pip_wheel).encode()),
         Entry.from_bytes(layout.README,
                          render.readme_txt(bundle_name, spec, __version__).encode()),
-        Entry.from_bytes(layout.CONFIGURE, render.template_bytes("configure.py")),
-        Entry.from_bytes(layout.SMOKE_SCRIPT, render.template_bytes("smoke.py")),
-        Entry.from_bytes(layout.SAMPLE_AUDIO, render.sample_wav()),
+        Entry.from_bytes(layout.CONFIGURE, render.runtime_bytes("configure.py")),
+        Entry.from_bytes(layout.DIARIZE_SCRIPT, render.runtime_bytes("diarize.py")),
+        Entry.from_bytes(layout.SMOKE_SCRIPT, render.runtime_bytes("smoke.py")),
+        *(Entry.from_bytes(path, render.sample_bytes(fmt))
+          for fmt, path in layout.SAMPLES.items()),
         Entry.from_bytes(layout.LOCK, bundle_lock(wheels).encode()),
     ]
     manifest: dict[str, Any] = {
@@ -193,6 +195,8 @@ def self_test(entries: list[Entry], manifest: dict[str, Any],
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     expected = {"segments": result["segments"], "speakers": result["speakers"],
+                "formats": {fmt: {"segments": f["segments"], "speakers": f["speakers"]}
+                            for fmt, f in result.get("formats", {}).items()},
                 "tolerance_s": TOLERANCE_S, "pyannote_audio": result.get("pyannote_audio"),
                 "torch": result.get("torch")}
     log.info("self-test: %d segments, %d speakers", len(result["segments"]), result["speakers"])

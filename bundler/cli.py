@@ -187,8 +187,11 @@ def verify_cmd(bundle: Path, prefix: Path | None, keep: bool, as_json: bool,
     if smoke.get("skipped"):
         click.echo("smoke:     skipped (--no-smoke)")
     else:
-        click.echo(f"smoke:     ok ({len(smoke['segments'])} segments, {smoke['speakers']} "
-                   f"speakers, {smoke['seconds']} s, network: {report['network_isolation']})")
+        formats = ", ".join(f"{fmt} {len(f['segments'])} segments"
+                            for fmt, f in smoke.get("formats", {}).items())
+        click.echo(f"smoke:     ok (bin/diarize: {formats}; {smoke['speakers']} speakers, "
+                   f"{smoke['seconds']} s; network: {report['network_isolation']}, "
+                   f"{smoke.get('network_attempts', 0)} connection attempts)")
 
 
 @cli.command("inspect")

@@ -20,6 +20,7 @@ EXIT_HOST = 11
 EXIT_INSTALL = 12
 EXIT_SMOKE = 13
 EXIT_TRAP = 14
+EXIT_NETWORK = 15
 EXIT_INTERRUPTED = 130
 
 EXIT_CODES: dict[int, str] = {
@@ -36,6 +37,8 @@ EXIT_CODES: dict[int, str] = {
     EXIT_INSTALL: "offline install failed",
     EXIT_SMOKE: "smoke diarization failed or differs from the expected result",
     EXIT_TRAP: "the pipeline config hits a known pyannote trap",
+    EXIT_NETWORK: "the smoke diarization tried to reach the network (a connection attempt "
+                  "or name lookup)",
     EXIT_INTERRUPTED: "interrupted",
 }
 
@@ -169,6 +172,19 @@ class InstallError(BundlerError):
 
 class SmokeError(BundlerError):
     exit_code = EXIT_SMOKE
+
+
+class NetworkAttempted(BundlerError):
+    """The diarizing process tried to connect or look a name up: an isolated host would
+    see a timeout per run and a line in a firewall log."""
+
+    exit_code = EXIT_NETWORK
+
+    def __init__(self, attempts: int, first: str) -> None:
+        self.attempts, self.first = attempts, first
+        super().__init__(f"the smoke diarization made {attempts} connection attempt(s) with "
+                         f"the network disabled (first: {first[:200]}); an isolated host "
+                         "must see none")
 
 
 class TrapError(BundlerError):

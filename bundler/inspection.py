@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import tarfile
+import zlib
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -56,7 +57,8 @@ def inspect_bundle(tarball: Path) -> dict[str, Any]:
             raise IntegrityError(tarball.name, "not a readable bundle tarball: "
                                  f"{' '.join(str(exc).split()) or type(exc).__name__}") from None
         except Exception as exc:
-            if type(exc).__name__ != "ZstdError":  # a bug of ours, not a corrupt bundle
+            # zlib.error (gzip) and ZstdError mean a corrupt stream; anything else is a bug
+            if not isinstance(exc, zlib.error) and type(exc).__name__ != "ZstdError":
                 raise
             raise IntegrityError(tarball.name, f"corrupt {kind} stream: {exc}") from None
         bytes_read = reader.count

@@ -26,9 +26,9 @@ from bundler.subproc import clean_env, last_lines, run
 log = logging.getLogger("bundler")
 
 # What a previous install of ours leaves in a prefix (and a re-run replaces).
-OURS = (layout.PREFIX_VENV, layout.MODELS_DIR, layout.SMOKE_DIR, layout.PREFIX_CONFIG,
-        layout.PREFIX_ENV, layout.PREFIX_MANIFEST, "smoke-result.json",
-        layout.PREFIX_MARKER_INCOMPLETE, ".uv-install")
+OURS = (layout.PREFIX_VENV, layout.MODELS_DIR, layout.SMOKE_DIR, layout.RUNTIME_DIR,
+        layout.PREFIX_DIARIZE, layout.PREFIX_CONFIG, layout.PREFIX_ENV, layout.PREFIX_MANIFEST,
+        "smoke-result.json", layout.PREFIX_MARKER_INCOMPLETE, ".uv-install")
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def install(bundle: Path, prefix: Path, python: str = sys.executable) -> Install
         (prefix / layout.PREFIX_MARKER_INCOMPLETE).write_text("installing\n")
         method = make_venv(python, prefix / layout.PREFIX_VENV, bundle / layout.WHEELS_DIR,
                            bundle / layout.LOCK)
-        for name in (layout.MODELS_DIR, layout.SMOKE_DIR):
+        for name in (layout.MODELS_DIR, layout.SMOKE_DIR, layout.RUNTIME_DIR):
             if (bundle / name).is_dir():
                 shutil.copytree(bundle / name, prefix / name)
         shutil.copy2(bundle / layout.MANIFEST, prefix / layout.PREFIX_MANIFEST)
@@ -182,3 +182,6 @@ def remove_install(prefix: Path, created: bool) -> None:
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
+    bin_dir = (prefix / layout.PREFIX_DIARIZE).parent
+    if bin_dir.is_dir() and not any(bin_dir.iterdir()):
+        bin_dir.rmdir()  # only when it held nothing but ours

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import tarfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -172,9 +173,9 @@ def _stream(tarball: Path, raw: IO[bytes], reader: HashingReader, work: Path, li
         raise IntegrityError(tarball.name, f"not a readable bundle tarball ({kind}): "
                              f"{problem}") from None
     except Exception as exc:
-        # zstandard raises its own ZstdError for a corrupt stream; anything else is a bug
-        # of ours (exit 1 with --debug's traceback), never "a corrupt bundle".
-        if type(exc).__name__ != "ZstdError":
+        # A corrupt stream raises zlib.error (gzip) or zstandard's own ZstdError; anything
+        # else is a bug of ours (exit 1, traceback with --debug), never "a corrupt bundle".
+        if not isinstance(exc, zlib.error) and type(exc).__name__ != "ZstdError":
             raise
         raise IntegrityError(tarball.name, f"corrupt {kind} stream: {exc}") from None
     reader.drain()

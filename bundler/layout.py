@@ -11,7 +11,7 @@ MANIFEST = "manifest.json"
 SBOM = "sbom.cdx.json"  # CycloneDX 1.6: every wheel and model file with its sha256
 INSTALL_SH = "install.sh"
 README = "README.txt"
-CONFIGURE = "configure.py"  # writes the absolute config and the env file for a prefix
+CONFIGURE = "configure.py"  # writes the absolute config, env file and bin/diarize for a prefix
 LOCK = "requirements.lock"  # hashes of the exact wheels shipped in wheels/
 WHEELS_DIR = "wheels"
 MODELS_DIR = "models"
@@ -19,7 +19,12 @@ CONFIG = f"{MODELS_DIR}/config.yaml"
 SMOKE_DIR = "smoke"
 SMOKE_SCRIPT = f"{SMOKE_DIR}/smoke.py"
 SAMPLE_AUDIO = f"{SMOKE_DIR}/sample.wav"
+# The smoke test diarizes the sample in each of these containers, through bin/diarize.
+SAMPLES = {"wav": SAMPLE_AUDIO, "mp3": f"{SMOKE_DIR}/sample.mp3",
+           "m4a": f"{SMOKE_DIR}/sample.m4a"}
 EXPECTED = f"{SMOKE_DIR}/expected.json"
+RUNTIME_DIR = "runtime"  # code that runs on the isolated host, shipped verbatim
+DIARIZE_SCRIPT = f"{RUNTIME_DIR}/diarize.py"
 
 EXECUTABLES = frozenset({INSTALL_SH})
 
@@ -32,7 +37,7 @@ PREFIX_CONFIG = "config.yaml"  # absolute paths, rendered for this prefix
 PREFIX_ENV = "pyannote.env"  # the offline variables, to be sourced
 PREFIX_MARKER_INCOMPLETE = ".install-incomplete"  # present while an install is under way
 PREFIX_MANIFEST = "manifest.json"
-SBOM = "sbom.cdx.json"  # CycloneDX 1.6: every wheel and model file with its sha256
+PREFIX_DIARIZE = "bin/diarize"  # written by configure.py: runtime/diarize.py with the venv
 
 # The offline variables: a bundled environment never reaches for the network.
 OFFLINE_ENV: dict[str, str] = {
@@ -43,4 +48,5 @@ OFFLINE_ENV: dict[str, str] = {
     "HF_DATASETS_OFFLINE": "1",
     # pyannote.audio 4.x sends telemetry by default (trap 9).
     "PYANNOTE_METRICS_ENABLED": "false",
+    "OTEL_SDK_DISABLED": "true",
 }

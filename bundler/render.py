@@ -12,6 +12,7 @@ import random
 import struct
 import wave
 from collections.abc import Mapping, Sequence
+from importlib import resources
 from io import BytesIO
 from typing import Any
 
@@ -37,9 +38,19 @@ def _env() -> jinja2.Environment:
     )
 
 
-def template_bytes(name: str) -> bytes:
-    """A file shipped verbatim from templates/ (smoke.py, configure.py)."""
-    return data_dir("templates").joinpath(name).read_bytes()
+def runtime_bytes(name: str) -> bytes:
+    """A program shipped verbatim from ``bundler/runtime/`` (diarize.py, smoke.py,
+    configure.py): the code that runs on the isolated host."""
+    return resources.files("bundler.runtime").joinpath(name).read_bytes()
+
+
+def sample_bytes(fmt: str) -> bytes:
+    """The smoke sample in ``fmt``: wav is rendered here; the compressed copies are
+    committed files (made from the same wav by tests/media.py), so that no encoder's
+    version decides a bundle's bytes."""
+    if fmt == "wav":
+        return sample_wav()
+    return resources.files("bundler.assets").joinpath(f"sample.{fmt}").read_bytes()
 
 
 def config_yaml(spec: Spec, model_paths: Mapping[str, str]) -> str:

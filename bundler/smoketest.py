@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bundler import layout
-from bundler.errors import SmokeError
+from bundler.errors import NetworkAttempted, SmokeError
 from bundler.progress import task
 
 TOLERANCE_S = 0.5  # segment boundaries may move this much against the expected result
@@ -44,7 +44,9 @@ def detect_isolation() -> Isolation:
 
 
 def run_smoke(prefix: Path, isolation: Isolation) -> dict[str, Any]:
-    """Run the bundled smoke.py in ``prefix``; return its JSON result or raise SmokeError."""
+    """Run the bundled smoke.py in ``prefix`` (it runs ``bin/diarize`` on the samples);
+    return its JSON result, or raise SmokeError, or NetworkAttempted when the diarizing
+    process tried to connect anywhere."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
@@ -52,8 +54,7 @@ def run_smoke(prefix: Path, isolation: Isolation) -> dict[str, Any]:
     home = tempfile.mkdtemp(prefix="smoke-home-")
     env = {"PATH": "/usr/bin:/bin", "HOME": home, "LANG": "C.UTF-8", **layout.OFFLINE_ENV}
     argv = [*isolation.argv, str(prefix / layout.PREFIX_VENV / "bin" / "python"),
-            str(prefix / layout.SMOKE_SCRIPT), "--config", str(prefix / layout.PREFIX_CONFIG),
-            "--audio", str(prefix / layout.SAMPLE_AUDIO), "--probe", probe]
+            str(prefix / layout.SMOKE_SCRIPT), "--prefix", str(prefix), "--probe", probe]
     if isolation.guard:
         argv.append("--guard-sockets")
     try:
@@ -70,6 +71,9 @@ def run_smoke(prefix: Path, isolation: Isolation) -> dict[str, Any]:
     except (ValueError, IndexError):
         raise SmokeError(f"smoke.py printed no result (exit {proc.returncode}): "
                          f"{' | '.join(proc.stderr.strip().splitlines()[-2:])}") from None
+    if result.get("network_attempts"):
+        raise NetworkAttempted(result["network_attempts"],
+                               (result.get("network_attempt_details") or ["?"])[0])
     if not result.get("ok"):
         raise SmokeError(f"smoke diarization failed: {result.get('error')}")
     if any(v != "blocked" for v in result.get("network_probes", {}).values()):
@@ -79,13 +83,20 @@ def run_smoke(prefix: Path, isolation: Isolation) -> dict[str, Any]:
 
 
 def compare(result: dict[str, Any], expected: dict[str, Any]) -> None:
-    """Fail when the result differs from the one recorded on the build host."""
+    """Fail when the result differs from the one recorded on the build host: the wav's
+    segments, and each container's where the expected result has them."""
+    _compare("sample", result, expected)
+    for fmt, want in sorted(expected.get("formats", {}).items()):
+        _compare(f"sample.{fmt}", result.get("formats", {}).get(fmt, {}), want)
+
+
+def _compare(what: str, result: dict[str, Any], expected: dict[str, Any]) -> None:
     got, want = result.get("segments", []), expected.get("segments", [])
     if result.get("speakers") != expected.get("speakers") or len(got) != len(want):
-        raise SmokeError(f"smoke result differs from the build host's: {len(got)} segments / "
-                         f"{result.get('speakers')} speakers, expected {len(want)} / "
-                         f"{expected.get('speakers')}")
+        raise SmokeError(f"smoke result for {what} differs from the build host's: {len(got)} "
+                         f"segments / {result.get('speakers')} speakers, expected "
+                         f"{len(want)} / {expected.get('speakers')}")
     for g, w in zip(got, want, strict=True):
         if abs(g["start"] - w["start"]) > TOLERANCE_S or abs(g["end"] - w["end"]) > TOLERANCE_S:
-            raise SmokeError(f"smoke segment {g} differs from the expected {w} by more than "
-                             f"{TOLERANCE_S} s")
+            raise SmokeError(f"smoke segment {g} of {what} differs from the expected {w} by "
+                             f"more than {TOLERANCE_S} s")

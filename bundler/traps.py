@@ -37,6 +37,9 @@ TRAPS: dict[str, Trap] = {t.id: t for t in (
          "UnpicklingError on pyannote checkpoints"),
     Trap("missing-plda", "pyannote 4.x always loads a PLDA and reaches for the Hub without a "
          "local plda folder"),
+    Trap("decoders", "pyannote 4.x reads files only through torchcodec and the host's FFmpeg, "
+         "3.x not m4a/mp4/webm: bin/diarize decodes with soundfile and PyAV, which the lock "
+         "must hold"),
 )}
 
 MODEL_KEYS = ("segmentation", "embedding", "plda")
@@ -150,6 +153,13 @@ def check_pins(pins: Mapping[str, str]) -> None:
     if major == 4 and Version(pa) < Version("4.0.3"):
         raise _fail("weights-only", f"pyannote.audio {pa}: 4.0.0-4.0.2 fail to load "
                     "checkpoints with torch >= 2.6; use >= 4.0.3")
+    missing = [name for name in ("soundfile", "av") if name not in pins]
+    if missing:
+        # bin/diarize decodes files itself: pyannote 4 reads files only through torchcodec
+        # and the host's FFmpeg, 3.x not m4a/mp4/webm (trap 7).
+        raise _fail("decoders", f"the lock has no {' and no '.join(missing)}: bin/diarize "
+                    "decodes recordings with soundfile and av (PyAV) and needs no FFmpeg; add "
+                    "both to the .in and lock again")
 
 
 def check_repo_config(params: Mapping[str, Any]) -> None:

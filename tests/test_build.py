@@ -171,7 +171,8 @@ def test_inspect_reads_the_manifest_without_unpacking_the_wheels(tmp_path: Path,
     # The stream stopped at the first wheel: the pip wheel (most of the tarball) was not read.
     with tarfile.open(tarball) as tar:
         first_wheel = min(m.offset for m in tar.getmembers() if "/wheels/" in m.name)
-    assert info["bytes_read"] < first_wheel + 64 * 1024 < info["size"]
+    # (read-ahead: up to two 64 KiB buffers past the first wheel's header)
+    assert info["bytes_read"] < first_wheel + 128 * 1024 < info["size"] - 1024 * 1024
     text = subprocess.run(["pyannote-bundle", "inspect", str(tarball)], capture_output=True,
                           text=True).stdout
     assert "pyannote/segmentation-3.0 @ " in text and "Not verified" in text

@@ -22,6 +22,12 @@ from typing import Any
 
 import pytest
 import yaml
+from e2e import (
+    Installed,
+    check_diarize_on_real_recordings,
+    check_next_steps_work_verbatim,
+    installed_by_install_sh,
+)
 
 from bundler.spec import load_recipe
 
@@ -71,6 +77,9 @@ def test_demo_builds_and_verifies_offline(demo: dict[str, Any]) -> None:
     assert "unshare" in v["network_isolation"]
     # A socket connect from inside the smoke process was tried and failed.
     assert smoke["network_probes"] and set(smoke["network_probes"].values()) == {"blocked"}
+    # bin/diarize read the sample in every container, and tried no connection itself.
+    assert set(smoke["formats"]) == {"wav", "mp3", "m4a"} and smoke["network_attempts"] == 0
+    assert all(f["ok"] and f["segments"] for f in smoke["formats"].values())
     # The demo's own token for its gated loopback Hub never reaches the output.
     assert not re.search(r"hf_demo_[0-9a-f]{24}", demo["stderr"])
 
@@ -108,30 +117,47 @@ def test_manifest_and_config_carry_the_recipe(extracted: Path, demo: dict[str, A
         "models/pyannote_model_segmentation-3.0.bin")
 
 
-def test_install_sh_works_offline_with_a_clean_environment(extracted: Path,
-                                                           tmp_path: Path) -> None:
-    prefix = tmp_path / "opt dir" / "diarization"
+@pytest.fixture(scope="module")
+def installed(extracted: Path) -> Iterator[Installed]:
+    with installed_by_install_sh(extracted) as inst:
+        yield inst
+
+
+def test_install_sh_works_offline_with_a_clean_environment(installed: Installed,
+                                                           extracted: Path) -> None:
+    prefix = installed.prefix
     # No pyannote-bundle on PATH, no variables from this session, no network at all.
-    proc = _run("unshare", "-n", "env", "-i", "PATH=/usr/bin:/bin", f"HOME={tmp_path}",
-                "sh", "./install.sh", str(prefix), cwd=extracted)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "install.sh: ok" in proc.stdout + proc.stderr
+    assert "install.sh: ok" in installed.stdout + installed.stderr
     result = json.loads((prefix / "smoke-result.json").read_text())
     assert result["ok"] is True and result["segments"]
+    # The smoke test took the user's path: bin/diarize on three containers, no attempts.
+    assert set(result["formats"]) == {"wav", "mp3", "m4a"}
+    assert all(f["ok"] and f["segments"] for f in result["formats"].values())
+    assert result["network_attempts"] == 0
+    assert os.access(prefix / "bin/diarize", os.X_OK)
     assert str(prefix / "models") in (prefix / "config.yaml").read_text()
     assert "HF_HUB_OFFLINE=1" in (prefix / "pyannote.env").read_text()
     assert not (prefix / ".install-incomplete").exists()
-    assert "installed offline with uv" in proc.stderr
+    assert "installed offline with uv" in installed.stderr
     site = prefix / "venv/lib/python3.11/site-packages"
+    assert "PYANNOTE_METRICS_ENABLED" in (site / "pyannote_bundle_offline.pth").read_text()
     assert list((site / "pyannote/audio/__pycache__").glob("*.pyc")), "bytecode compiled"
     assert not (prefix / ".uv-install").exists()
     # Re-runnable: a second run over the same prefix replaces the first install.
-    again = _run("unshare", "-n", "env", "-i", "PATH=/usr/bin:/bin", f"HOME={tmp_path}",
+    again = _run("unshare", "-n", "env", "-i", "PATH=/usr/bin:/bin", "HOME=/root",
                  "sh", "./install.sh", str(prefix), cwd=extracted)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "replacing the previous install" in again.stderr
     assert json.loads((prefix / "smoke-result.json").read_text())["ok"] is True
-    shutil.rmtree(prefix)
+
+
+def test_diarize_turns_real_recordings_into_rttm_offline_as_nobody(
+        installed: Installed) -> None:
+    check_diarize_on_real_recordings(installed, expect_exclusive=False)
+
+
+def test_next_steps_printed_by_install_sh_work_verbatim(installed: Installed) -> None:
+    check_next_steps_work_verbatim(installed)
 
 
 def _flip(path: Path, offset: int) -> None:

@@ -1,14 +1,22 @@
 """End to end on the community-1 recipe (pyannote.audio 4.x): real wheels, the repo's
-layout with a PLDA, built with its self-test and verified offline by `pyannote-bundle demo`."""
+layout with a PLDA, built with its self-test and verified offline by `pyannote-bundle demo`,
+then installed by its own install.sh and used through bin/diarize on real recordings."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import subprocess
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from e2e import (
+    Installed,
+    check_diarize_on_real_recordings,
+    check_next_steps_work_verbatim,
+    installed_by_install_sh,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -17,24 +25,55 @@ def _run(*argv: str, **kw: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(argv), capture_output=True, text=True, **kw)
 
 
-def test_community_1_builds_with_its_plda_and_verifies_offline(
-        tmp_path_factory: pytest.TempPathFactory) -> None:
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     out = tmp_path_factory.mktemp("demo-community-1")
     proc = _run("pyannote-bundle", "demo", "--recipe", "speaker-diarization-community-1",
                 "--output", str(out), "--json")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(proc.stdout)
-    v = report["verify"]
-    assert report["ok"] is True and v["integrity"]["sidecar"] == "match"
+    yield json.loads(proc.stdout)
+    shutil.rmtree(out, ignore_errors=True)  # 4 GB
+
+
+@pytest.fixture(scope="module")
+def installed(demo: dict[str, Any],
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
+    work = tmp_path_factory.mktemp("extracted-community-1")
+    subprocess.run(["tar", "-xf", demo["build"]["bundle"], "-C", str(work)], check=True)
+    (root,) = work.iterdir()
+    try:
+        with installed_by_install_sh(root) as inst:
+            yield inst
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_community_1_builds_with_its_plda_and_verifies_offline(demo: dict[str, Any]) -> None:
+    v = demo["verify"]
+    assert demo["ok"] is True and v["integrity"]["sidecar"] == "match"
     assert v["config"]["checked"] == ["segmentation", "embedding", "plda"]
     assert v["smoke"]["ok"] is True and v["smoke"]["segments"]
     assert v["smoke"]["pyannote_audio"].startswith("4.") and v["smoke"]["expected"] == "match"
     assert "unshare" in v["network_isolation"]
     assert set(v["smoke"]["network_probes"].values()) == {"blocked"}
+    # pyannote.audio 4 reads files only through torchcodec and FFmpeg; bin/diarize read
+    # the sample as wav, mp3 and m4a here, where there is no FFmpeg, with no attempt to
+    # reach pyannote's telemetry.
+    assert set(v["smoke"]["formats"]) == {"wav", "mp3", "m4a"}
+    assert v["smoke"]["network_attempts"] == 0
     # inspect reads the real 4 GB bundle's manifest without unpacking its wheels.
-    info = json.loads(_run("pyannote-bundle", "inspect", report["build"]["bundle"],
+    info = json.loads(_run("pyannote-bundle", "inspect", demo["build"]["bundle"],
                            "--json").stdout)
     paths = [f["path"] for m in info["models"] for f in m["files"]]
     assert "models/speaker-diarization-community-1/plda/plda.npz" in paths
     assert info["bytes_read"] < info["size"] // 100
-    shutil.rmtree(out)
+
+
+def test_diarize_turns_real_recordings_into_rttm_offline_as_nobody(
+        installed: Installed) -> None:
+    assert (installed.prefix / "smoke-result.json").is_file()
+    check_diarize_on_real_recordings(installed, expect_exclusive=True)
+
+
+def test_next_steps_printed_by_install_sh_work_verbatim(installed: Installed) -> None:
+    check_next_steps_work_verbatim(installed)

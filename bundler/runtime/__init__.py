@@ -1,0 +1,3 @@
+"""Programs that run on the isolated host, shipped verbatim in every bundle (stdlib only up
+to the pipeline): ``configure.py``, ``diarize.py``, ``smoke.py``. install.sh and
+`pyannote-bundle verify` run the same files."""

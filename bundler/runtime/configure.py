@@ -1,0 +1,114 @@
+"""Make an install prefix usable: config with absolute paths, the offline environment, and
+``bin/diarize``.
+
+    python3 configure.py PREFIX
+
+Run by install.sh and by `pyannote-bundle verify`, with the host's python3 (stdlib only),
+after the venv is installed and ``models/``, ``smoke/`` and ``runtime/`` are copied. It
+writes:
+
+- ``PREFIX/config.yaml``: pyannote 3.x resolves relative model paths against the current
+  directory, not the config (trap 2), so every ``models/...`` value becomes absolute;
+- ``PREFIX/pyannote.env``: the offline variables, to be sourced;
+- ``PREFIX/venv/lib/pythonX.Y/site-packages/pyannote_bundle_offline.pth``: the same
+  variables as defaults for every process of the venv, so that ``venv/bin/python`` run from
+  a service, a notebook or cron without sourcing anything still makes no connection attempt
+  (pyannote.audio 4 sends telemetry unless told not to: trap 9); a variable the user set
+  wins;
+- ``PREFIX/bin/diarize``: runs ``runtime/diarize.py`` with the venv, isolated from the
+  caller's ``PYTHONPATH``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "PYANNOTE_METRICS_ENABLED": "false",
+    "OTEL_SDK_DISABLED": "true",
+}
+VALUE = re.compile(r'^(\s*[A-Za-z_][\w.-]*:\s*)("models/[^"]*"|models/\S*)\s*$')
+OFFLINE_PTH = "pyannote_bundle_offline.pth"
+DIARIZE = "bin/diarize"
+
+
+def absolute_config(text: str, prefix: Path) -> str:
+    """The config with every ``models/...`` value made absolute under ``prefix``."""
+    out = []
+    for line in text.splitlines():
+        m = VALUE.match(line)
+        if m:
+            rel = json.loads(m.group(2)) if m.group(2).startswith('"') else m.group(2)
+            line = m.group(1) + json.dumps(str(prefix / rel))
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def env_file(prefix: Path) -> str:
+    lines = ["# Source this before running pyannote: it keeps every library off the network."]
+    lines += [f"export {k}={v}" for k, v in OFFLINE_ENV.items()]
+    lines.append(f"export PYANNOTE_BUNDLE_CONFIG={shell_quote(str(prefix / 'config.yaml'))}")
+    return "\n".join(lines) + "\n"
+
+
+def offline_pth() -> str:
+    """One ``import`` line (site runs those at start-up): the offline defaults."""
+    pairs = ", ".join(f"({k!r}, {v!r})" for k, v in OFFLINE_ENV.items())
+    return (f"import os; [os.environ.setdefault(k, v) for k, v in ({pairs},)]"
+            "  # pyannote-bundle: offline by default\n")
+
+
+def diarize_wrapper(prefix: Path) -> str:
+    python = shell_quote(str(prefix / "venv" / "bin" / "python"))
+    script = shell_quote(str(prefix / "runtime" / "diarize.py"))
+    return ("#!/bin/sh\n"
+            f"# diarize with the pyannote bundle installed in {prefix}; --help for usage.\n"
+            f'exec {python} -I {script} "$@"\n')
+
+
+def site_packages(prefix: Path) -> Path:
+    version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    return prefix / "venv" / "lib" / version / "site-packages"
+
+
+def shell_quote(s: str) -> str:
+    return "'" + s.replace("'", "'\"'\"'") + "'"
+
+
+def write(path: Path, text: str, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python3 configure.py PREFIX", file=sys.stderr)
+        return 2
+    prefix = Path(argv[0]).resolve()
+    config = (prefix / "models" / "config.yaml").read_text()
+    write(prefix / "config.yaml", absolute_config(config, prefix))
+    write(prefix / "pyannote.env", env_file(prefix))
+    site = site_packages(prefix)
+    if not site.is_dir():
+        print(f"configure.py: {site} is missing: is the venv made with this python3?",
+              file=sys.stderr)
+        return 1
+    write(site / OFFLINE_PTH, offline_pth())
+    write(prefix / DIARIZE, diarize_wrapper(prefix), 0o755)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

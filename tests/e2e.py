@@ -1,0 +1,173 @@
+"""What the slow end-to-end modules share: a bundle installed by its own install.sh the way
+a sysadmin does it, and ``bin/diarize`` run on real recordings the way a service does.
+
+Both recipes' modules (test_e2e.py, test_e2e_community.py) run the same checks on their
+own bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import media
+
+OFFLINE = ("unshare", "-n")
+NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
+CLEAN_ENV = ("env", "-i", "PATH=/usr/bin:/bin")  # no HOME: a service user has none
+
+
+def run(*argv: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), capture_output=True, text=True, errors="replace", **kw)
+
+
+@dataclass(frozen=True)
+class Installed:
+    base: Path  # world-traversable scratch folder holding the prefix, corpus and outputs
+    prefix: Path
+    stdout: str
+    stderr: str
+
+
+@contextmanager
+def installed_by_install_sh(extracted: Path) -> Iterator[Installed]:
+    """``install.sh PREFIX`` as root, with no network and a clean environment, into a
+    prefix with a space in its path that an unprivileged user can read but not write."""
+    base = Path(tempfile.mkdtemp(prefix="pyannote-bundle-e2e-", dir="/tmp"))
+    base.chmod(0o755)
+    prefix = base / "opt dir" / "diarization"
+    try:
+        proc = run(*OFFLINE, *CLEAN_ENV, "HOME=/root", "sh", "./install.sh", str(prefix),
+                   cwd=extracted)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        yield Installed(base, prefix, proc.stdout, proc.stderr)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+        nobody = pwd.getpwnam("nobody").pw_uid
+        shutil.rmtree(Path(tempfile.gettempdir()) / f"pyannote-bundle-{nobody}",
+                      ignore_errors=True)
+
+
+def assert_host_has_no_ffmpeg() -> None:
+    """The decoding tests prove something only where FFmpeg's libraries are absent."""
+    libs = run("ldconfig", "-p").stdout
+    assert not re.search(r"libav(util|codec|format)\.so", libs), "this host has FFmpeg"
+    assert shutil.which("ffmpeg") is None
+
+
+def make_corpus(inst: Installed) -> dict[str, Path]:
+    files = media.corpus(inst.base / "corpus")
+    for path in (inst.base / "corpus").rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return files
+
+
+def output_dir(inst: Installed, name: str) -> Path:
+    out = inst.base / name
+    out.mkdir()
+    nobody = pwd.getpwnam("nobody")
+    os.chown(out, nobody.pw_uid, nobody.pw_gid)
+    return out
+
+
+def diarize_as_nobody(inst: Installed, *args: str,
+                      trace: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``PREFIX/bin/diarize ARGS`` as nobody, in a fresh network namespace, with no HOME;
+    with ``trace``, under strace counting every connect() from outside the process."""
+    strace = ("strace", "-f", "-qq", "--seccomp-bpf", "-e", "trace=connect", "-o",
+              str(trace)) if trace else ()
+    return run(*OFFLINE, *strace, *NOBODY, *CLEAN_ENV, str(inst.prefix / "bin/diarize"),
+               *args, cwd=inst.base)
+
+
+def connection_attempts(trace: Path) -> list[str]:
+    """strace's connect() lines other than local (AF_UNIX) and kernel (AF_NETLINK) sockets."""
+    lines = trace.read_text().splitlines()
+    return [ln for ln in lines if "connect(" in ln
+            and "AF_UNIX" not in ln and "AF_NETLINK" not in ln]
+
+
+def check_diarize_on_real_recordings(inst: Installed, expect_exclusive: bool) -> None:
+    """The issue's 'done when', on one installed bundle: every container the README names,
+    as nobody, offline, from a read-only prefix; the corrupt file named; nothing re-done;
+    shards that cover the corpus exactly once; no connection attempt, seen from outside."""
+    assert_host_has_no_ffmpeg()
+    files = make_corpus(inst)
+    corpus = inst.base / "corpus"
+    good = {label: p.relative_to(corpus).as_posix() for label, p in files.items()
+            if label != "corrupt"}
+    out = output_dir(inst, "rttm")
+    trace = inst.base / "connect.trace"
+    proc = diarize_as_nobody(inst, str(corpus), "--output-dir", str(out), "--format",
+                             "rttm,json", "--json", trace=trace)
+    assert proc.returncode == 4, proc.stderr[-3000:]  # some files failed, the rest done
+    assert "Traceback" not in proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["done"] == len(good) and report["failed"] == 1
+    assert report["failures"][0]["file"] == "broken.m4a"
+    assert "broken.m4a: cannot decode" in proc.stderr
+    assert report["network_attempts"] == 0
+    assert connection_attempts(trace) == [], "connect() seen from outside the process"
+    for label, rel in good.items():
+        rttm = (out / f"{rel}.rttm").read_text().splitlines()
+        assert rttm, label
+        for line in rttm:
+            fields = line.split()
+            assert len(fields) == 10 and fields[0] == "SPEAKER" and fields[2] == "1", line
+            assert fields[1] == rel.replace(" ", "_") and float(fields[4]) > 0, line
+        record = json.loads((out / f"{rel}.json").read_text())
+        assert abs(record["audio_seconds"] - 10.0) < 0.1 and record["segments"], label
+        assert ("exclusive_segments" in record) is expect_exclusive
+    assert not list(out.rglob("broken*")) and not list(out.rglob(".*.tmp"))
+    assert (out / "call.wav.rttm").is_file() and (out / "meetings/call.wav.rttm").is_file()
+
+    # A re-run rewrites nothing and loads nothing, only the corrupt file is tried again.
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    again = diarize_as_nobody(inst, str(corpus), "--output-dir", str(out), "--format",
+                              "rttm,json", "--json")
+    assert again.returncode == 4, again.stderr[-2000:]
+    rerun = json.loads(again.stdout)
+    assert rerun["skipped"] == len(good) and rerun["done"] == 0 and rerun["failed"] == 1
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps
+
+    # Two shards of the same sorted list: every file exactly once.
+    seen: list[str] = []
+    for index in (0, 1):
+        shard_out = output_dir(inst, f"shard{index}")
+        part = diarize_as_nobody(inst, str(corpus), "--output-dir", str(shard_out),
+                                 "--shard", f"{index}/2", "--json", "-q")
+        assert part.returncode in (0, 4), part.stderr[-2000:]
+        data = json.loads(part.stdout)
+        assert data["shard"] == {"index": index, "count": 2, "from": "--shard"}
+        seen += [o["file"] for o in data["outputs"]] + [f["file"] for f in data["failures"]]
+    assert sorted(seen) == sorted([*good.values(), "broken.m4a"])
+
+
+def check_next_steps_work_verbatim(inst: Installed) -> None:
+    """The runnable lines install.sh prints after 'Next' work as printed, offline, with
+    nothing sourced; each run makes no connection attempt seen from outside."""
+    lines = inst.stdout.split("Installed in", 1)[1].splitlines()
+    commands = [ln.strip() for ln in lines
+                if ln.startswith("  \"") and "FILE_OR_FOLDER" not in ln and "--help" not in ln]
+    assert any("bin/diarize" in c for c in commands) and any("venv/bin/python" in c
+                                                             for c in commands)
+    work = inst.base / "next"
+    work.mkdir()
+    for n, command in enumerate(commands):
+        trace = inst.base / f"next{n}.trace"
+        proc = run(*OFFLINE, "strace", "-f", "-qq", "--seccomp-bpf", "-e", "trace=connect",
+                   "-o", str(trace), *CLEAN_ENV, f"HOME={work}", "sh", "-c", command, cwd=work)
+        assert proc.returncode == 0, (command, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr
+        assert connection_attempts(trace) == [], command
+    assert (work / "diarization/sample.mp3.rttm").read_text().startswith("SPEAKER sample.mp3 1 ")

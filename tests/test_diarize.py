@@ -1,0 +1,293 @@
+"""bin/diarize's own logic, fast: output names, sharding, arguments and exit codes, decoding
+the recordings people have, the offline environment and the connection-attempt count.
+
+The pipeline itself runs in the slow end-to-end tests (tests/test_e2e*.py); everything here
+is decided before pyannote is imported, and is run the way a user runs it where it can be:
+``python diarize.py ...`` in a child process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bundler.runtime import diarize as d
+
+SCRIPT = Path(d.__file__)
+
+
+def _diarize(*argv: str, env: dict[str, str] | None = None,
+             cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True,
+                          text=True, env=env, cwd=cwd)
+
+
+def _tree(root: Path, names: list[str]) -> None:
+    for name in names:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"RIFF")
+
+
+def test_outputs_mirror_the_tree_and_keep_the_extension(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    _tree(corpus, ["meetings/a.m4a", "a.wav", "a.mp3", "notes.txt", ".hidden.wav",
+                   ".cache/x.wav", "deep/er/b c.webm"])
+    single = tmp_path / "elsewhere" / "call.MP3"
+    _tree(single.parent, [single.name])
+    jobs = d.find_jobs([str(corpus), str(single)])
+    assert [j.rel for j in jobs] == ["a.mp3", "a.wav", "deep/er/b c.webm", "meetings/a.m4a",
+                                     "call.MP3"]
+    out = tmp_path / "out"
+    names = {j.rel: d.outputs_for(j, out, ["rttm", "json"]) for j in jobs}
+    assert names["meetings/a.m4a"]["rttm"] == out / "meetings/a.m4a.rttm"
+    assert names["a.wav"]["json"] == out / "a.wav.json"
+    assert names["a.wav"]["rttm"] != names["a.mp3"]["rttm"]
+    assert next(j for j in jobs if " " in j.rel).uri == "deep/er/b_c.webm"
+
+
+def test_two_inputs_that_would_write_the_same_output_are_refused(tmp_path: Path) -> None:
+    _tree(tmp_path, ["x/a.wav", "y/a.wav"])
+    with pytest.raises(d.DiarizeError, match="would both be written as a.wav.rttm") as exc:
+        d.find_jobs([str(tmp_path / "x/a.wav"), str(tmp_path / "y/a.wav")])
+    assert exc.value.code == d.EXIT_USAGE
+
+
+def test_rttm_lines_are_standard() -> None:
+    text = d.rttm("meetings/a_b.m4a", [{"start": 0.5, "end": 2.25, "speaker": "SPEAKER 00"}])
+    assert text == "SPEAKER meetings/a_b.m4a 1 0.500 1.750 <NA> <NA> SPEAKER_00 <NA> <NA>\n"
+    assert len(text.split()) == 10
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 7])
+def test_shards_cover_every_file_exactly_once(count: int) -> None:
+    jobs = [d.Job(Path(f"/c/{i}.wav"), f"{i:02}.wav", 0) for i in range(20)]
+    shares = [d.Shard(i, count, "--shard").take(jobs) for i in range(count)]
+    flat = [j.rel for share in shares for j in share]
+    assert sorted(flat) == [j.rel for j in jobs] and len(flat) == len(set(flat))
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_shard_comes_from_the_option_slurm_or_an_indexed_job() -> None:
+    assert d.resolve_shard("3/8", None, {}) == d.Shard(3, 8, "--shard")
+    slurm = {"SLURM_ARRAY_TASK_ID": "12", "SLURM_ARRAY_TASK_MIN": "10",
+             "SLURM_ARRAY_TASK_COUNT": "4"}
+    assert d.resolve_shard(None, None, slurm) == d.Shard(2, 4, "SLURM_ARRAY_TASK_ID")
+    stepped = {"SLURM_ARRAY_TASK_ID": "6", "SLURM_ARRAY_TASK_MIN": "0",
+               "SLURM_ARRAY_TASK_STEP": "2", "SLURM_ARRAY_TASK_COUNT": "5"}
+    assert d.resolve_shard(None, None, stepped) == d.Shard(3, 5, "SLURM_ARRAY_TASK_ID")
+    assert d.resolve_shard("0/2", None, slurm).source == "--shard"  # the option wins
+    k8s = {"JOB_COMPLETION_INDEX": "5"}
+    assert d.resolve_shard(None, 6, k8s) == d.Shard(5, 6, "JOB_COMPLETION_INDEX")
+    assert d.resolve_shard(None, None, {}) == d.Shard(0, 1, "none")
+
+
+@pytest.mark.parametrize("option,count,env,message", [
+    ("2/2", None, {}, "I must be 0 to N-1"),
+    ("1-4", None, {}, "expected I/N"),
+    (None, None, {"JOB_COMPLETION_INDEX": "1"}, "--shard-count"),
+    (None, 2, {"JOB_COMPLETION_INDEX": "2"}, "is not 0 to 1"),
+    (None, 2, {}, "needs JOB_COMPLETION_INDEX"),
+    (None, None, {"SLURM_ARRAY_TASK_ID": "1"}, "SLURM_ARRAY_TASK_COUNT"),
+])
+def test_bad_shards_are_usage_errors(option: str | None, count: int | None,
+                                     env: dict[str, str], message: str) -> None:
+    with pytest.raises(d.DiarizeError, match=message) as exc:
+        d.resolve_shard(option, count, env)
+    assert exc.value.code == d.EXIT_USAGE
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--format", "rttm,srt"], "--format 'rttm,srt'"),
+    (["--num-speakers", "2", "--max-speakers", "3"], "excludes"),
+    (["--min-speakers", "4", "--max-speakers", "3"], "larger than"),
+    (["--num-speakers", "0"], "at least 1"),
+    (["--device", "gpu"], "--device 'gpu'"),
+    (["--shard", "5/5"], "I must be 0 to N-1"),
+    (["--bogus"], "unrecognized arguments"),
+])
+def test_argument_errors_exit_2_with_one_line(tmp_path: Path, argv: list[str],
+                                              message: str) -> None:
+    _tree(tmp_path, ["a.wav"])
+    proc = _diarize(str(tmp_path / "a.wav"), *argv, "-o", str(tmp_path / "out"))
+    assert proc.returncode == d.EXIT_USAGE
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stdout == ""
+
+
+def test_missing_input_and_no_audio_exit_2(tmp_path: Path) -> None:
+    proc = _diarize(str(tmp_path / "nope"))
+    assert proc.returncode == 2 and "nope: no such file or folder" in proc.stderr
+    _tree(tmp_path / "docs", ["a.txt"])
+    proc = _diarize(str(tmp_path / "docs"))
+    assert proc.returncode == 2 and "no audio or video files" in proc.stderr
+
+
+def test_a_missing_config_means_nothing_can_run(tmp_path: Path) -> None:
+    _tree(tmp_path, ["a.wav"])
+    proc = _diarize(str(tmp_path / "a.wav"), "--config", str(tmp_path / "none.yaml"),
+                    "-o", str(tmp_path / "out"))
+    assert proc.returncode == d.EXIT_CANNOT_RUN
+    assert "config not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_missing_model_is_named_before_loading(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("pipeline:\n  params:\n    segmentation: /nowhere/pyannote_seg.bin\n")
+    _tree(tmp_path, ["a.wav"])
+    proc = _diarize(str(tmp_path / "a.wav"), "--config", str(config), "-o",
+                    str(tmp_path / "o"))
+    assert proc.returncode == 3 and "segmentation model not found: /nowhere" in proc.stderr
+
+
+def test_done_files_are_skipped_without_loading_anything(tmp_path: Path) -> None:
+    _tree(tmp_path / "in", ["a.wav", "sub/b.flac"])
+    out = tmp_path / "out"
+    _tree(out, ["a.wav.rttm", "sub/b.flac.rttm"])
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.rttm")}
+    # The config does not exist: had anything been loaded, this would exit 3.
+    proc = _diarize(str(tmp_path / "in"), "-o", str(out), "--json", "--config",
+                    str(tmp_path / "absent.yaml"))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["skipped"] == 2 and report["done"] == 0 and report["failed"] == 0
+    assert report["network_attempts"] == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.rttm")} == before
+
+
+def test_an_unwritable_output_folder_exits_5(tmp_path: Path) -> None:
+    _tree(tmp_path, ["a.wav"])
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    proc = _diarize(str(tmp_path / "a.wav"), "-o", str(blocker / "out"))
+    assert proc.returncode == d.EXIT_OUTPUT and "cannot write to" in proc.stderr
+
+
+def test_help_lists_the_exit_codes_on_stdout() -> None:
+    proc = _diarize("--help")
+    assert proc.returncode == 0
+    assert "--shard I/N" in proc.stdout and "some files failed" in proc.stdout
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "sub" / "a.wav.rttm"
+    d.write_atomic(target, "one\n")
+
+    def boom(*_: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        d.write_atomic(target, "two\n")
+    assert target.read_text() == "one\n"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["a.wav.rttm"]
+
+
+def test_offline_environment_and_caches_for_a_user_without_a_home(tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    env: dict[str, str] = {"HOME": "/nonexistent/home", "TORCH_HOME": "/mine",
+                           "PYANNOTE_METRICS_ENABLED": "true"}
+    root = d.go_offline(env)
+    assert root == tmp_path / f"pyannote-bundle-{os.getuid()}" and root.is_dir()
+    assert env["PYANNOTE_METRICS_ENABLED"] == "false" and env["HF_HUB_OFFLINE"] == "1"
+    assert env["OTEL_SDK_DISABLED"] == "true"
+    assert env["TORCH_HOME"] == "/mine"  # the user's own setting wins
+    assert env["MPLCONFIGDIR"] == str(root / "matplotlib")
+    assert env["XDG_CACHE_HOME"] == str(root / "xdg")
+
+
+def test_network_attempts_are_counted_and_can_be_blocked() -> None:
+    audit = d.NetworkAudit()
+    s = socket.socket()
+    audit("socket.connect", (s, ("192.0.2.1", 443)))
+    audit("socket.getaddrinfo", ("otel.example", 443, 0, 0, 0))
+    unix = socket.socket(socket.AF_UNIX)
+    audit("socket.connect", (unix, "/run/x.sock"))
+    audit("open", ("/etc/hosts", "r", 0))
+    assert len(audit.attempts) == 2 and "192.0.2.1" in audit.attempts[0]
+    blocking = d.NetworkAudit(block=True)
+    with pytest.raises(ConnectionRefusedError):
+        blocking("socket.getaddrinfo", ("example.org", 80, 0, 0, 0))
+    assert blocking.attempts == ["getaddrinfo 'example.org'"]
+    s.close()
+    unix.close()
+
+
+@pytest.mark.parametrize("driver,built,old", [
+    ((12, 2), "12.8", False),  # minor-version compatibility
+    ((11, 8), "12.8", True),
+    (None, "12.8", False),
+    ((12, 4), None, False),
+])
+def test_driver_preflight(driver: tuple[int, int] | None, built: str | None,
+                          old: bool) -> None:
+    assert d.driver_too_old(driver, built) is old
+
+
+def test_auto_device_falls_back_to_cpu_with_one_line_for_an_old_driver(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    class FakeCuda:
+        @staticmethod
+        def is_available() -> bool:
+            return True
+
+    class FakeTorch:  # only what choose_device reads: torch itself is for the e2e tests
+        version = type("v", (), {"cuda": "12.8"})
+        cuda = FakeCuda
+
+    said: list[str] = []
+    monkeypatch.setattr(d, "cuda_driver_version", lambda: (11, 4))
+    assert d.choose_device("auto", FakeTorch, said.append) == "cpu"
+    assert len(said) == 1 and "CUDA 11.4" in said[0] and "12.8" in said[0]
+    with pytest.raises(d.DiarizeError, match="update the driver") as exc:
+        d.choose_device("cuda", FakeTorch, said.append)
+    assert exc.value.code == d.EXIT_CANNOT_RUN
+    monkeypatch.setattr(d, "cuda_driver_version", lambda: (12, 9))
+    assert d.choose_device("auto", FakeTorch, said.append) == "cuda"
+
+
+def test_recordings_people_have_decode_to_16k_mono(tmp_path: Path) -> None:
+    """Real files from real encoders: every container the README names, and a corrupt one."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import media
+
+    files = media.corpus(tmp_path)
+    for label, path in files.items():
+        if label == "corrupt":
+            with pytest.raises(d.FileFailed, match="cannot decode"):
+                d.decode(path)
+            continue
+        wave = d.decode(path)
+        assert wave.dtype.name == "float32" and wave.ndim == 1, label
+        assert abs(len(wave) / 16000 - 10.0) < 0.1, label
+        assert 0.05 < float(abs(wave).max()) <= 1.0, label
+
+
+def test_committed_smoke_samples_are_the_bundle_sample(tmp_path: Path) -> None:
+    """sample.mp3/.m4a are the rendered sample.wav, encoded once by tests/media.py."""
+    import numpy as np
+
+    from bundler.render import sample_bytes
+
+    wav_path = tmp_path / "s.wav"
+    wav_path.write_bytes(sample_bytes("wav"))
+    ref = d.decode(wav_path)
+    for fmt in ("mp3", "m4a"):
+        path = tmp_path / f"s.{fmt}"
+        path.write_bytes(sample_bytes(fmt))
+        got = d.decode(path)
+        n = min(len(ref), len(got))
+        # Lossy codecs shift and shape the signal; the envelope (who speaks when) is kept.
+        n -= n % 1600
+        env_ref = np.abs(ref[:n]).reshape(-1, 1600).mean(axis=1)
+        env_got = np.abs(got[:n]).reshape(-1, 1600).mean(axis=1)
+        assert np.corrcoef(env_ref, env_got)[0, 1] > 0.9, fmt
