@@ -17,6 +17,10 @@ with the tool so both see the same page cache):
   ``python -m venv`` + ``pip install --no-index --require-hashes`` of the same wheels.
 * smoke diarization time, real-time factor and peak memory (with ``--bundle``), and the
   bundle's size by part.
+* ``diarize_vs_pyannote`` (with ``--bundle``): ``bin/diarize`` on a folder of 20 recordings
+  in 7 containers vs a bare loop in the same venv (pipeline loaded once, the same files
+  decoded the same way); decode seconds per audio hour for each container, model-load time
+  and peak RSS.
 
 The pack/verify payload is the wheels and models of ``--bundle`` when given (a real
 wheelhouse), else generated incompressible files shaped like one (stated in the output).
@@ -67,6 +71,61 @@ def hash_stream_to_file(src: Any, dest: Path) -> str:
         out.flush()
         os.fsync(out.fileno())
     return h.hexdigest()
+
+
+BARE_LOOP = """
+import json, sys, time
+t0 = time.perf_counter()
+sys.path.insert(0, sys.argv[1] + "/runtime")
+import diarize as d  # the same decoding, so that only diarize's own machinery differs
+d.go_offline()
+import torch
+from pyannote.audio import Pipeline
+pipeline = Pipeline.from_pretrained(sys.argv[1] + "/config.yaml")
+pipeline.embedding_batch_size = pipeline.segmentation_batch_size = 1
+for path in sys.argv[2:]:
+    wave = d.decode(d.Path(path))
+    pipeline({"waveform": torch.from_numpy(wave).unsqueeze(0), "sample_rate": 16000})
+print(json.dumps({"seconds": time.perf_counter() - t0}))
+"""
+
+
+def bench_diarize(prefix: Path, work: Path, runs: int) -> dict[str, Any]:
+    """``bin/diarize`` on 20 recordings (7 containers) against a bare loop in the install's
+    venv: the pipeline loaded once, the same files decoded the same way, nothing written.
+    Both are whole processes (start-up, imports and model load included)."""
+    venv_python = str(prefix / "venv/bin/python")
+    corpus = work / "corpus"
+    media = Path(__file__).resolve().parent.parent / "tests" / "media.py"
+    subprocess.run([venv_python, str(media), "bench", str(corpus), "--wav",
+                    str(prefix / layout.SAMPLE_AUDIO)], check=True, capture_output=True)
+    files = sorted(str(p) for p in corpus.iterdir())
+    report: dict[str, Any] = {}
+
+    def tool() -> None:
+        proc = subprocess.run([str(prefix / layout.PREFIX_DIARIZE), str(corpus), "--output-dir",
+                               str(work / "out"), "--overwrite", "--json", "-q",
+                               "--embedding-batch-size", "1", "--segmentation-batch-size", "1"],
+                              check=True, capture_output=True, text=True)
+        report.update(json.loads(proc.stdout))
+
+    def bare() -> None:
+        subprocess.run([venv_python, "-c", BARE_LOOP, str(prefix), *files], check=True,
+                       capture_output=True)
+
+    tool_s, bare_s = median_pair(runs, tool, bare, lambda: None)
+    per_ext: dict[str, list[float]] = {}
+    for out in report["outputs"]:
+        ext = Path(out["file"]).suffix.lstrip(".")
+        per_ext.setdefault(ext, [0.0, 0.0])
+        per_ext[ext][0] += out["decode_seconds"]
+        per_ext[ext][1] += out["audio_seconds"]
+    shutil.rmtree(work, ignore_errors=True)
+    return {"ratio": tool_s / bare_s, "seconds": (tool_s, bare_s), "files": report["files"],
+            "audio_seconds": report["audio_seconds"], "load_seconds": report["load_seconds"],
+            "peak_rss_mb": report["peak_rss_mb"], "network_attempts": report["network_attempts"],
+            "decode_seconds_per_audio_hour": {
+                ext: round(d / a * 3600, 3) for ext, (d, a) in sorted(per_ext.items())}}
 
 
 def hash_file(path: Path) -> str:
@@ -207,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # --- install and smoke (real bundle only) -------------------------------------
         smoke: dict[str, Any] | None = None
+        diarize: dict[str, Any] | None = None
         if args.bundle:
             root = base
             for part, folder in (("wheels", layout.WHEELS_DIR), ("models", layout.MODELS_DIR)):
@@ -245,17 +305,22 @@ def main(argv: list[str] | None = None) -> int:
                                                 "audio_seconds", "rtf", "peak_rss_mb",
                                                 "speakers", "embedding_batch_size")}
             smoke["network_isolation"] = isolation.name
+            diarize = bench_diarize(prefix, work / "diarize", args.runs)
         else:
             notes.append("install_vs_pip and smoke need a real bundle: pass --bundle TARBALL "
                          "(e.g. the one `pyannote-bundle demo` writes)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+    if diarize:
+        ratios["diarize_vs_pyannote"] = diarize.pop("ratio")
+        seconds["diarize"], seconds["bare_loop"] = diarize.pop("seconds")
     report = {
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "bytes": sizes,
         "smoke": smoke,
+        "diarize": diarize,
         "payload": payload,
         "runs": args.runs,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
@@ -273,6 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     if smoke:
         print(f"  smoke: {smoke['seconds']} s, RTF {smoke['rtf']}, peak RSS "
               f"{smoke['peak_rss_mb']} MB ({smoke['network_isolation']})")
+    if diarize:
+        print(f"  diarize: {diarize['files']} files, {diarize['audio_seconds']} s of audio; "
+              f"model load {diarize['load_seconds']} s, peak RSS {diarize['peak_rss_mb']} MB")
+        for ext, rate in diarize["decode_seconds_per_audio_hour"].items():
+            print(f"    decode {ext:<5} {rate:8.2f} s per audio hour")
     for note in notes:
         print(f"note: {note}")
     return 0

@@ -124,6 +124,9 @@ def build(spec: Spec, opts: BuildOptions) -> BuildResult:
           for fmt, path in layout.SAMPLES.items()),
         Entry.from_bytes(layout.LOCK, bundle_lock(wheels).encode()),
     ]
+    # The programs that run on the isolated host, named in the manifest and the SBOM too.
+    programs = [e for e in entries if e.path in (layout.DIARIZE_SCRIPT, layout.CONFIGURE,
+                                                 layout.SMOKE_SCRIPT, layout.INSTALL_SH)]
     manifest: dict[str, Any] = {
         "format": 1,
         "bundle": bundle_name,
@@ -139,6 +142,8 @@ def build(spec: Spec, opts: BuildOptions) -> BuildResult:
                     "sha256": w.sha256, "size": w.size, "built_from_sdist": w.built_from,
                     "license": wheel_license(w.path)}
                    for w in wheels],
+        "programs": [{"path": e.path, "sha256": e.sha256, "size": e.size}
+                     for e in sorted(programs, key=lambda e: e.path)],
         "models": [{"repo": m.repo_id, "revision": m.revision, "commit": m.commit,
                     "role": m.role, "license": m.license,
                     "files": [{"path": f.path,

@@ -150,9 +150,11 @@ def summary(res: DemoResult) -> str:
         f"{v['integrity']['files']} files",
         f"  install    {v['install']['packages']} packages with --no-index "
         f"in {v['install']['seconds']} s",
-        f"  smoke      {len(smoke['segments'])} segments, {smoke['speakers']} speakers, "
+        f"  smoke      bin/diarize read the sample as {', '.join(smoke.get('formats', {}))}: "
+        f"{len(smoke['segments'])} segments, {smoke['speakers']} speakers, "
         f"{smoke['seconds']} s, expected result: {smoke.get('expected', 'none')}",
-        f"  network    {v['network_isolation']}; loopback probe blocked",
+        f"  network    {v['network_isolation']}; loopback probe blocked; "
+        f"{smoke.get('network_attempts', 0)} connection attempts by bin/diarize",
         "seconds:   " + ", ".join(f"{k} {t}" for k, t in res.seconds.items()),
         "The models are random weights served by a loopback Hub: this proves the machinery.",
         "For real models: HF_TOKEN=hf_... pyannote-bundle build --recipe "

@@ -1,7 +1,8 @@
 """Stage: a CycloneDX SBOM of what the bundle ships, written with cyclonedx-python-lib.
 
-One component per wheel (purl ``pkg:pypi/<name>@<version>?file_name=...``, sha256) and one
-per model file (type ``machine-learning-model``: repo, commit, path, sha256, licence).
+One component per wheel (purl ``pkg:pypi/<name>@<version>?file_name=...``, sha256), one
+per model file (type ``machine-learning-model``: repo, commit, path, sha256, licence), and
+one per program the bundle runs on the host (``runtime/diarize.py``, ``install.sh``, ...).
 Deterministic like the rest of the bundle: the serial number is derived from the shipped
 hashes and the timestamp is the build's SOURCE_DATE_EPOCH.
 """
@@ -32,6 +33,8 @@ def sbom_json(manifest: Mapping[str, Any]) -> bytes:
     for m in manifest["models"]:
         for f in m["files"]:
             digest.update(f"{m['repo']}@{m['commit']}/{f['path']} {f['sha256']}\n".encode())
+    for prog in manifest.get("programs", []):
+        digest.update(f"{prog['path']} {prog['sha256']}\n".encode())
     bom = Bom(serial_number=uuid.UUID(bytes=digest.digest()[:16], version=5))
     bom.metadata.timestamp = datetime.fromtimestamp(manifest["build"]["source_date_epoch"],
                                                     UTC)
@@ -63,5 +66,14 @@ def sbom_json(manifest: Mapping[str, Any]) -> bytes:
                 external_references=[ExternalReference(
                     type=ExternalReferenceType.DISTRIBUTION,
                     url=XsUri(f"{HUB}/{m['repo']}/blob/{m['commit']}/{f['path']}"))]))
+    for prog in manifest.get("programs", []):
+        # The code that runs on the isolated host (bin/diarize, the installer): ours, pinned
+        # by its sha256 like every wheel.
+        bom.components.add(Component(
+            type=ComponentType.APPLICATION, name=prog["path"],
+            version=manifest["tool"]["version"], bom_ref=f"file:{prog['path']}",
+            description=f"pyannote-bundle {manifest['tool']['version']}: {prog['path']} "
+                        f"({prog['size']} bytes)",
+            hashes=[HashType(alg=HashAlgorithm.SHA_256, content=prog["sha256"])]))
     bom.register_dependency(root, list(bom.components))  # the bundle ships all of them
     return JsonV1Dot6(bom).output_as_string(indent=2).encode() + b"\n"

@@ -121,6 +121,30 @@ def corpus(folder: Path) -> dict[str, Path]:
     return files
 
 
+BENCH_KINDS = (("wav", None), ("flac", None), ("mp3", "libmp3lame"), ("ogg", None),
+               ("m4a", "aac"), ("mp4", "aac"), ("webm", "libopus"))
+
+
+def bench(folder: Path, count: int = 20) -> list[Path]:
+    """``count`` recordings cycling through the containers people have (for benchmarks)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    made = []
+    for i in range(count):
+        ext, codec = BENCH_KINDS[i % len(BENCH_KINDS)]
+        path = folder / f"rec{i:02}.{ext}"
+        if ext == "wav":
+            soundfile.write(path, sample(), 16000, subtype="PCM_16")
+        elif ext == "flac":
+            soundfile.write(path, sample(44100, 2), 44100, format="FLAC")
+        elif ext == "ogg":
+            soundfile.write(path, sample(), 16000, format="OGG", subtype="VORBIS")
+        else:
+            encode(path, codec or "aac", rate=48000 if ext in ("mp4", "webm") else 16000,
+                   video=ext == "mp4", bit_rate=48000)
+        made.append(path)
+    return made
+
+
 def samples(folder: Path) -> None:
     """The committed smoke samples: sample.mp3 and sample.m4a."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -132,9 +156,9 @@ if __name__ == "__main__":
     import argparse
 
     cli = argparse.ArgumentParser(description="Make the smoke samples or a test corpus.")
-    cli.add_argument("what", choices=("samples", "corpus"))
+    cli.add_argument("what", choices=("samples", "corpus", "bench"))
     cli.add_argument("folder", type=Path)
     cli.add_argument("--wav", type=Path, help="the sample to encode (default: rendered)")
     opts = cli.parse_args()
     SAMPLE_WAV = opts.wav
-    (samples if opts.what == "samples" else corpus)(opts.folder)
+    {"samples": samples, "corpus": corpus, "bench": bench}[opts.what](opts.folder)

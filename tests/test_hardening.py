@@ -488,3 +488,63 @@ def test_a_failed_signature_leaves_no_unsigned_bundle(tmp_path: Path, wheel_cach
     assert proc.returncode == 2 and "could not sign" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     assert list(out.iterdir()) == [], "no tarball, sidecar or signature under the final names"
+
+
+PYENV = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+
+
+def _interpreter(minor: int) -> Path:
+    """A real CPython 3.<minor> binary (pyenv's, not its shim), or skip."""
+    found = sorted(PYENV.glob(f"3.{minor}.*/bin/python3.{minor}"))
+    if not found:
+        pytest.skip(f"no CPython 3.{minor} on this machine")
+    return found[-1]
+
+
+def _host_path(tmp_path: Path, **links: Path) -> str:
+    """A PATH whose first folder offers exactly ``links`` (name -> interpreter)."""
+    bin_dir = tmp_path / "host-bin"
+    bin_dir.mkdir()
+    for name, target in links.items():
+        (bin_dir / name.replace("_", ".")).symlink_to(target)
+    return f"{bin_dir}:/usr/bin:/bin"
+
+
+def test_install_sh_finds_the_targets_python_when_python3_is_another(
+        tmp_path: Path, tiny_bundle: TinyBundle) -> None:
+    py312 = _interpreter(12)
+    root = _extracted(tiny_bundle(target=Target(python="3.12")), tmp_path / "x")
+    path = _host_path(tmp_path, python3=_interpreter(11), python3_12=py312)
+    proc = subprocess.run(["env", "-i", f"PATH={path}", "sh", "./install.sh",
+                           str(tmp_path / "prefix")], cwd=root, capture_output=True, text=True)
+    assert "python3 is not Python 3.12; using python3.12" in proc.stderr, proc.stderr
+    # Past every host check: the venv is 3.12 (the tiny bundle has no pyannote to smoke).
+    assert (tmp_path / "prefix/venv/lib/python3.12").is_dir()
+    assert proc.returncode == 13, proc.stderr
+
+
+def test_install_sh_names_the_pythons_it_found_when_none_fits(
+        tmp_path: Path, tiny_bundle: TinyBundle) -> None:
+    root = _extracted(tiny_bundle(target=Target(python="3.13")), tmp_path / "x")
+    path = _host_path(tmp_path, python3=_interpreter(11), python3_10=_interpreter(10))
+    proc = subprocess.run(["env", "-i", f"PATH={path}", "sh", "./install.sh",
+                           str(tmp_path / "prefix")], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 11, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "needs Python 3.13" in line and "python3 (3.11)" in line
+    assert "python3.10 (3.10)" in line and "PYTHON=/path/to/python3.13" in line
+    assert not (tmp_path / "prefix").exists()
+
+
+def test_install_sh_blames_an_interpreter_that_does_not_run_not_the_bundle(
+        tmp_path: Path, tiny_bundle: TinyBundle) -> None:
+    root = _extracted(tiny_bundle(), tmp_path / "x")
+    shim = tmp_path / "python3.11"  # what a pyenv shim does outside pyenv's environment
+    shim.write_text("#!/bin/sh\necho 'pyenv: python3.11: command not found' >&2\nexit 127\n")
+    shim.chmod(0o755)
+    proc = subprocess.run(["env", "-i", "PATH=/usr/bin:/bin", f"PYTHON={shim}", "sh",
+                           "./install.sh", str(tmp_path / "prefix")], cwd=root,
+                          capture_output=True, text=True)
+    assert proc.returncode == 11, proc.stderr
+    assert "does not run" in proc.stderr and "SHA256SUMS" not in proc.stderr
+    assert not (tmp_path / "prefix").exists()
