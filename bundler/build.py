@@ -19,7 +19,7 @@ from typing import Any
 from bundler import __version__, layout, render
 from bundler.data import data_dir
 from bundler.errors import HostMismatch, InputError
-from bundler.install import check_host, install
+from bundler.install import check_host, find_python, install
 from bundler.models import fetch_models
 from bundler.pack import Entry, Packed, pack
 from bundler.sbom import sbom_json
@@ -47,6 +47,7 @@ class BuildOptions:
     source_date_epoch: int | None = None
     self_test: bool = False  # install the staged bundle here, smoke it, ship the result
     sign_key: Path | None = None  # an SSH private key: <tarball>.sha256.sig beside the sidecar
+    python: str | None = None  # the self-test's interpreter (default: found for the target)
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,7 @@ def build(spec: Spec, opts: BuildOptions) -> BuildResult:
     }
     entries.append(Entry.from_bytes(layout.SBOM, sbom_json(manifest)))
     if opts.self_test:
-        expected, manifest["self_test"] = self_test(entries, manifest, spec)
+        expected, manifest["self_test"] = self_test(entries, manifest, spec, opts.python)
         if expected is not None:
             entries.append(Entry.from_bytes(layout.EXPECTED, expected))
     manifest["files"] = {e.path: {"sha256": e.sha256, "size": e.size} for e in entries}
@@ -171,14 +172,21 @@ def build(spec: Spec, opts: BuildOptions) -> BuildResult:
     return BuildResult(bundle_name, packed, manifest)
 
 
-def self_test(entries: list[Entry], manifest: dict[str, Any],
-              spec: Spec) -> tuple[bytes | None, dict[str, Any]]:
-    """Install the staged bundle on this host, run the smoke diarization with the network
-    disabled, and return its result as ``smoke/expected.json`` (plus what the manifest says
-    about it). Skipped, with a warning, when this host cannot run the bundle's target."""
+def self_test(entries: list[Entry], manifest: dict[str, Any], spec: Spec,
+              python: str | None = None) -> tuple[bytes | None, dict[str, Any]]:
+    """Install the staged bundle on this host with the target's interpreter (``python``, or
+    the one found for it: this tool's own, or ``python3.X`` on PATH), run the smoke
+    diarization with the network disabled, and return its result as ``smoke/expected.json``
+    (plus what the manifest says about it). Skipped, with a warning, when this host cannot
+    run the bundle's target."""
+    chosen = find_python(spec.target.python, python)
     try:
-        check_host({"target": spec.target.as_dict()})
+        if chosen is None:
+            raise HostMismatch(f"no python{spec.target.python} on this host (pass --python)")
+        check_host({"target": spec.target.as_dict()}, chosen)
     except HostMismatch as exc:
+        if python is not None:
+            raise  # asked for explicitly: a wrong interpreter is an error, not a skip
         log.warning("self-test: skipped: %s", exc)
         return None, {"ran": False, "reason": str(exc)}
     stage = Path(tempfile.mkdtemp(prefix="pyannote-bundle-selftest-"))
@@ -194,7 +202,7 @@ def self_test(entries: list[Entry], manifest: dict[str, Any],
                 os.symlink(e.source.resolve(), dst)
         (root / layout.MANIFEST).write_bytes(render.manifest_json(manifest))
         log.info("self-test: installing the staged bundle on this host")
-        installed = install(root, stage / "prefix")
+        installed = install(root, stage / "prefix", python=chosen)
         isolation = detect_isolation()
         result = run_smoke(installed.prefix, isolation)
     finally:

@@ -41,6 +41,14 @@ def index_options(f: F) -> F:
     return f
 
 
+def python_option(f: F) -> F:
+    """The interpreter that installs a bundle (verify, the self-test, the demo)."""
+    return click.option(
+        "--python", "python", type=click.Path(dir_okay=False, exists=True),
+        help="The CPython that installs the bundle [default: this one when it is the "
+             "target's version, else python3.X found on PATH].")(f)
+
+
 def setup_logging(quiet: bool, verbose: bool) -> None:
     log = logging.getLogger("bundler")
     log.handlers.clear()
@@ -103,14 +111,16 @@ def recipes_cmd() -> None:
               show_default=True, help="Wheels are zip-compressed already: none is fastest.")
 @click.option("--self-test", is_flag=True,
               help="Install the bundle on this host, diarize with the network disabled, and "
-                   "ship the result as smoke/expected.json (skipped if the target differs).")
+                   "ship the result as smoke/expected.json (with the target's Python: "
+                   "--python, or python3.X on PATH; skipped when there is none).")
+@python_option
 @click.option("--sign-key", type=click.Path(path_type=Path, dir_okay=False),
               help="Sign the sidecar with this SSH private key (ssh-keygen -Y sign): "
                    "<tarball>.sha256.sig, checked by verify --allowed-signers.")
 def build_cmd(recipe: str, spec_file: Path | None, output: Path, target_slug: str | None,
               sign_key: Path | None, lockfile: Path | None,
               index_url: str, extra_index_url: tuple[str, ...], find_links: tuple[str, ...],
-              cache_dir: Path, compression: str, self_test: bool) -> None:
+              cache_dir: Path, compression: str, self_test: bool, python: str | None) -> None:
     """Build one checksummed, reproducible bundle.
 
     \b
@@ -128,7 +138,7 @@ def build_cmd(recipe: str, spec_file: Path | None, output: Path, target_slug: st
                         index=IndexOptions(index_url, extra_index_url, find_links),
                         compression=compression, endpoint=os.environ.get("HF_ENDPOINT"),
                         token=os.environ.get("HF_TOKEN"), self_test=self_test,
-                        sign_key=sign_key)
+                        sign_key=sign_key, python=python)
     result = build(spec, opts)
     click.echo(f"{result.packed.path}\n{result.packed.sidecar}")
 
@@ -150,9 +160,10 @@ def build_cmd(recipe: str, spec_file: Path | None, output: Path, target_slug: st
 @click.option("--allowed-signers", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Require <tarball>.sha256.sig to verify against this ssh-keygen "
                    "allowed_signers file before anything else.")
+@python_option
 def verify_cmd(bundle: Path, prefix: Path | None, keep: bool, as_json: bool,
                no_smoke: bool, max_bytes: int, max_members: int, hash_members: bool,
-               allowed_signers: Path | None) -> None:
+               allowed_signers: Path | None, python: str | None) -> None:
     """Prove a bundle is intact, installs offline, and diarizes with the network disabled.
 
     \b
@@ -168,7 +179,8 @@ def verify_cmd(bundle: Path, prefix: Path | None, keep: bool, as_json: bool,
                         max_member_bytes=min(max_bytes, Limits.max_member_bytes))
         report = verify(bundle, VerifyOptions(prefix=prefix, keep=keep, smoke=not no_smoke,
                                               limits=limits, hash_members=hash_members,
-                                              allowed_signers=allowed_signers))
+                                              allowed_signers=allowed_signers,
+                                              python=python))
     except BundlerError as exc:
         if as_json:
             click.echo(_json.dumps(getattr(exc, "report", {"ok": False, "error": str(exc)})))
@@ -286,9 +298,13 @@ def lock_cmd(recipe: str, spec_file: Path | None, source: Path | None, output: P
 @click.option("--compression", type=click.Choice(["none", "zstd", "gzip"]), default="none",
               show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--target", "target_slug", metavar="SLUG",
+              help="Another CPython of this host's architecture, e.g. py312-linux-x86_64: "
+                   "built, self-tested and verified with that Python  [default: this host]")
+@python_option
 def demo_cmd(recipe: str, output: Path, index_url: str, extra_index_url: tuple[str, ...],
              find_links: tuple[str, ...], cache_dir: Path, compression: str,
-             as_json: bool) -> None:
+             as_json: bool, target_slug: str | None, python: str | None) -> None:
     """Build and verify the default bundle end to end, with no token and no Hub.
 
     Downloads the default recipe's locked wheels (the only step that needs an index),
@@ -297,14 +313,16 @@ def demo_cmd(recipe: str, output: Path, index_url: str, extra_index_url: tuple[s
     offline with the network disabled, and says what was proven.
 
     \b
-    Example:
+    Examples:
       pyannote-bundle demo --output demo/
+      pyannote-bundle demo --target py312-linux-x86_64 --python /usr/bin/python3.12
     """
     from bundler.demo import demo, dumps, summary
-    from bundler.spec import IndexOptions
+    from bundler.spec import IndexOptions, Target
 
+    target = Target.from_slug(target_slug) if target_slug else None
     res = demo(output, cache_dir, IndexOptions(index_url, extra_index_url, find_links),
-               compression, recipe)
+               compression, recipe, target, python)
     click.echo(dumps(res) if as_json else summary(res))
 
 

@@ -26,10 +26,10 @@ from typing import Any
 
 import bundler
 from bundler.build import BuildOptions, build, find_lockfile, source_date_epoch
-from bundler.errors import InputError, InstallError, SmokeError
+from bundler.errors import HostMismatch, InputError, InstallError, SmokeError
 from bundler.hub import HubRepo, LoopbackHub
-from bundler.install import check_host, make_venv
-from bundler.spec import IndexOptions, load_recipe
+from bundler.install import check_host, find_python, make_venv
+from bundler.spec import IndexOptions, Target, load_recipe
 from bundler.subproc import clean_env, last_lines, run
 from bundler.verify import VerifyOptions, verify
 from bundler.wheels import bundle_lock, fetch_wheels
@@ -59,11 +59,19 @@ class DemoResult:
 
 
 def demo(output_dir: Path, cache_dir: Path, index: IndexOptions,
-         compression: str = "none", recipe: str = RECIPE) -> DemoResult:
+         compression: str = "none", recipe: str = RECIPE, target: Target | None = None,
+         python: str | None = None) -> DemoResult:
+    """``target``: another CPython of this host's architecture, installed (self-test and
+    verify) with ``python``, or the ``python3.X`` found on PATH."""
     if recipe not in REPOS:
         raise InputError(f"the demo has checkpoints for {', '.join(REPOS)}, not '{recipe}'")
-    spec = load_recipe(recipe)
-    check_host({"target": spec.target.as_dict()})
+    spec = load_recipe(recipe, target)
+    chosen = find_python(spec.target.python, python)
+    if chosen is None:
+        raise HostMismatch(f"the demo installs and diarizes the bundle on this host: it "
+                           f"needs a python{spec.target.python} (pass --python "
+                           f"/path/to/python{spec.target.python})")
+    check_host({"target": spec.target.as_dict()}, chosen)
     seconds: dict[str, float] = {}
     lockfile = find_lockfile(spec)
 
@@ -120,14 +128,14 @@ def demo(output_dir: Path, cache_dir: Path, index: IndexOptions,
         result = build(spec, BuildOptions(output_dir=output_dir, cache_dir=cache_dir,
                                           index=index, compression=compression,
                                           endpoint=hub.url, token=token, lockfile=lockfile,
-                                          self_test=True))
+                                          self_test=True, python=chosen))
     seconds["build"] = round(time.monotonic() - t, 1)
     if not result.manifest.get("self_test", {}).get("ran"):
         raise SmokeError("the self-test did not run; the demo needs it")
 
     t = time.monotonic()
     log.info("demo: 5/5 verify %s offline", result.packed.path.name)
-    report = verify(result.packed.path, VerifyOptions())
+    report = verify(result.packed.path, VerifyOptions(python=chosen))
     seconds["verify"] = round(time.monotonic() - t, 1)
     built = {"recipe": recipe, "bundle": str(result.packed.path),
              "sidecar": str(result.packed.sidecar),

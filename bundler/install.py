@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import platform
 import shutil
+import subprocess
 import sys
 import time
 import zipfile
@@ -44,19 +45,53 @@ class Installed:
                 "packages": self.packages, "method": self.method}
 
 
-def check_host(manifest: dict[str, Any]) -> dict[str, str]:
-    """Refuse before installing when this host's Python or platform is not the target's."""
+def interpreter(python: str) -> tuple[str, str]:
+    """``(version "3.X", machine)`` of the interpreter at ``python``; HostMismatch when it
+    does not run (a pyenv shim outside pyenv's environment, a broken install)."""
+    if python == sys.executable:
+        return f"{sys.version_info[0]}.{sys.version_info[1]}", platform.machine()
+    try:
+        res = run([python, "-c", "import platform, sys; print('%d.%d' % sys.version_info[:2], "
+                   "platform.machine())"], env=clean_env(), timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise HostMismatch(f"cannot run {python}: {exc}") from None
+    parts = res.stdout.split()
+    if res.returncode != 0 or len(parts) != 2:
+        raise HostMismatch(f"{python} does not run: {last_lines(res.stderr, 1) or 'no output'} "
+                           "(point --python at the interpreter itself)")
+    return parts[0], parts[1]
+
+
+def find_python(version: str, explicit: str | None = None) -> str | None:
+    """The interpreter to install a bundle for CPython ``version`` with: ``explicit`` when
+    given, else the one running this tool if it is that version, else ``python<version>``
+    on PATH (as install.sh looks for it); None when there is none that runs."""
+    if explicit is not None:
+        return explicit
+    if f"{sys.version_info[0]}.{sys.version_info[1]}" == version:
+        return sys.executable
+    found = shutil.which(f"python{version}")
+    if found is None:
+        return None
+    try:
+        return found if interpreter(found)[0] == version else None
+    except HostMismatch:
+        return None
+
+
+def check_host(manifest: dict[str, Any], python: str = sys.executable) -> dict[str, str]:
+    """Refuse before installing when ``python`` or this platform is not the target's."""
     target = manifest.get("target", {})
     want_py, want_arch = str(target.get("python")), str(target.get("arch"))
-    have_py = f"{sys.version_info[0]}.{sys.version_info[1]}"
-    have_arch = platform.machine()
+    have_py, have_arch = interpreter(python)
     if sys.platform != "linux" or have_arch != want_arch:
         raise HostMismatch(f"this bundle is for linux {want_arch}; this host is "
                            f"{sys.platform} {have_arch}")
     if have_py != want_py:
-        raise HostMismatch(f"this bundle is for CPython {want_py}; this host runs Python "
-                           f"{have_py} (run pyannote-bundle with a python{want_py})")
-    return {"python": have_py, "platform": f"linux_{have_arch}"}
+        raise HostMismatch(f"this bundle is for CPython {want_py}; {python} is Python "
+                           f"{have_py} (pass --python /path/to/python{want_py}, or run "
+                           f"pyannote-bundle with a python{want_py})")
+    return {"python": have_py, "platform": f"linux_{have_arch}", "interpreter": python}
 
 
 def install(bundle: Path, prefix: Path, python: str = sys.executable) -> Installed:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import yaml
 
 from bundler import layout, traps
 from bundler.errors import BundlerError
-from bundler.install import check_host, install, remove_install
+from bundler.install import check_host, find_python, install, remove_install
 from bundler.integrity import Limits, check_and_extract
 from bundler.signing import verify_signature
 from bundler.smoketest import compare, detect_isolation, run_smoke
@@ -33,6 +34,7 @@ class VerifyOptions:
     limits: Limits = Limits()
     hash_members: bool = False
     allowed_signers: Path | None = None  # check <tarball>.sha256.sig with ssh-keygen first
+    python: str | None = None  # install with it (default: this one, or python3.X on PATH)
 
 
 def verify(tarball: Path, opts: VerifyOptions) -> dict[str, Any]:
@@ -46,8 +48,10 @@ def verify(tarball: Path, opts: VerifyOptions) -> dict[str, Any]:
                 tarball.with_name(tarball.name + layout.SIDECAR_SUFFIX), opts.allowed_signers)}
         integrity = check_and_extract(tarball, work / "bundle", opts.limits, opts.hash_members)
         report["integrity"] = integrity.as_dict()
-        report["host"] = check_host(integrity.manifest)
-        inst = install(integrity.root, prefix)
+        want = str(integrity.manifest.get("target", {}).get("python"))
+        python = find_python(want, opts.python) or sys.executable
+        report["host"] = check_host(integrity.manifest, python)
+        inst = install(integrity.root, prefix, python=python)
         installed = True
         report["install"] = inst.as_dict()
         report["config"] = _lint(prefix, integrity.manifest)

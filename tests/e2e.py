@@ -40,15 +40,16 @@ class Installed:
 
 
 @contextmanager
-def installed_by_install_sh(extracted: Path) -> Iterator[Installed]:
-    """``install.sh PREFIX`` as root, with no network and a clean environment, into a
-    prefix with a space in its path that an unprivileged user can read but not write."""
+def installed_by_install_sh(extracted: Path, path: str = "/usr/bin:/bin") -> Iterator[Installed]:
+    """``install.sh PREFIX`` as root, with no network and a clean environment (``path`` as
+    its PATH), into a prefix with a space in its path that an unprivileged user can read
+    but not write."""
     base = Path(tempfile.mkdtemp(prefix="pyannote-bundle-e2e-", dir="/tmp"))
     base.chmod(0o755)
     prefix = base / "opt dir" / "diarization"
     try:
-        proc = run(*OFFLINE, *CLEAN_ENV, "HOME=/root", "sh", "./install.sh", str(prefix),
-                   cwd=extracted)
+        proc = run(*OFFLINE, "env", "-i", f"PATH={path}", "HOME=/root", "sh", "./install.sh",
+                   str(prefix), cwd=extracted)
         assert proc.returncode == 0, proc.stderr[-3000:]
         yield Installed(base, prefix, proc.stdout, proc.stderr)
     finally:
@@ -56,6 +57,13 @@ def installed_by_install_sh(extracted: Path) -> Iterator[Installed]:
         nobody = pwd.getpwnam("nobody").pw_uid
         shutil.rmtree(Path(tempfile.gettempdir()) / f"pyannote-bundle-{nobody}",
                       ignore_errors=True)
+
+
+def pyenv_python(minor: int) -> Path | None:
+    """A real CPython 3.<minor> binary from pyenv (not its shim, which fails under env -i)."""
+    root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    found = sorted(root.glob(f"3.{minor}.*/bin/python3.{minor}"))
+    return found[-1] if found else None
 
 
 def assert_host_has_no_ffmpeg() -> None:
