@@ -5,6 +5,8 @@ The builder and the verifier import these names, so the two sides cannot drift.
 
 from __future__ import annotations
 
+from bundler.runtime.diarize import OFFLINE_ENV as _DIARIZE_OFFLINE_ENV
+
 # --- inside the bundle (relative to its single top-level folder) ---------------
 CHECKSUMS = "SHA256SUMS"
 MANIFEST = "manifest.json"
@@ -39,14 +41,7 @@ PREFIX_MARKER_INCOMPLETE = ".install-incomplete"  # present while an install is 
 PREFIX_MANIFEST = "manifest.json"
 PREFIX_DIARIZE = "bin/diarize"  # written by configure.py: runtime/diarize.py with the venv
 
-# The offline variables: a bundled environment never reaches for the network.
-OFFLINE_ENV: dict[str, str] = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    # pyannote.audio 4.x sends telemetry by default (trap 9).
-    "PYANNOTE_METRICS_ENABLED": "false",
-    "OTEL_SDK_DISABLED": "true",
-}
+# The offline variables: a bundled environment never reaches for the network. One list, in
+# the program that runs on the isolated host (configure.py, stdlib-only and run before the
+# venv exists, carries a copy that a test keeps equal).
+OFFLINE_ENV: dict[str, str] = dict(_DIARIZE_OFFLINE_ENV)
