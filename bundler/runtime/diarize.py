@@ -586,9 +586,9 @@ def parser(default_config: Path) -> argparse.ArgumentParser:
     p = _Parser(
         prog="diarize",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Who spoke when: write an RTTM file for each recording, offline, with "
-                    "this bundle's pipeline. Reads wav, flac, ogg, mp3, m4a/AAC, mp4, mov, "
-                    "mkv, webm/opus and more with no FFmpeg on the host.",
+        description="Who spoke when: an RTTM file for each recording, offline, with this "
+                    "bundle's pipeline.\nReads wav, flac, ogg, mp3, m4a/AAC, mp4, mov, mkv, "
+                    "webm/opus and more, with no FFmpeg on the host.",
         epilog="examples:\n"
                "  diarize call.mp3                          -> diarization/call.mp3.rttm\n"
                "  diarize /srv/meetings --output-dir /srv/rttm --format rttm,json\n"
