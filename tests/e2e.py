@@ -106,7 +106,7 @@ def connection_attempts(trace: Path) -> list[str]:
 
 
 def check_diarize_on_real_recordings(inst: Installed, expect_exclusive: bool) -> None:
-    """The issue's 'done when', on one installed bundle: every container the README names,
+    """What bin/diarize promises, on one installed bundle: every container the README names,
     as nobody, offline, from a read-only prefix; the corrupt file named; nothing re-done;
     shards that cover the corpus exactly once; no connection attempt, seen from outside."""
     assert_host_has_no_ffmpeg()
