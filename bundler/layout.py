@@ -42,6 +42,5 @@ PREFIX_MANIFEST = "manifest.json"
 PREFIX_DIARIZE = "bin/diarize"  # written by configure.py: runtime/diarize.py with the venv
 
 # The offline variables: a bundled environment never reaches for the network. One list, in
-# the program that runs on the isolated host (configure.py, stdlib-only and run before the
-# venv exists, carries a copy that a test keeps equal).
+# the program that runs on the isolated host (configure.py reads it from there too).
 OFFLINE_ENV: dict[str, str] = dict(_DIARIZE_OFFLINE_ENV)

@@ -490,15 +490,14 @@ def test_a_failed_signature_leaves_no_unsigned_bundle(tmp_path: Path, wheel_cach
     assert list(out.iterdir()) == [], "no tarball, sidecar or signature under the final names"
 
 
-PYENV = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
-
-
 def _interpreter(minor: int) -> Path:
     """A real CPython 3.<minor> binary (pyenv's, not its shim), or skip."""
-    found = sorted(PYENV.glob(f"3.{minor}.*/bin/python3.{minor}"))
-    if not found:
+    from e2e import pyenv_python
+
+    found = pyenv_python(minor)
+    if found is None:
         pytest.skip(f"no CPython 3.{minor} on this machine")
-    return found[-1]
+    return found
 
 
 def _host_path(tmp_path: Path, **links: Path) -> str:

@@ -4,6 +4,8 @@ model fetching from the loopback Hub through the real huggingface_hub client."""
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -142,11 +144,39 @@ def test_missing_revision_is_named(tmp_path: Path) -> None:
                      sleep=lambda s: None)
 
 
-def test_the_bundled_scripts_set_the_same_offline_variables() -> None:
-    """configure.py and diarize.py ship in the bundle (stdlib only), so they carry their own
-    copy of the offline variables: it must not drift from layout.OFFLINE_ENV."""
-    from bundler.layout import OFFLINE_ENV
-    from bundler.runtime import configure, diarize
+def test_configure_writes_the_offline_variables_of_the_shipped_diarize(tmp_path: Path) -> None:
+    """configure.py (run as the installers run it, with a python3 and a prefix) takes the
+    offline variables from the prefix's runtime/diarize.py: pyannote.env and the venv's .pth
+    carry exactly layout.OFFLINE_ENV, and the .pth sets them when a Python starts."""
+    import shutil
+    import subprocess
+    import sys
 
-    assert configure.OFFLINE_ENV == OFFLINE_ENV
-    assert diarize.OFFLINE_ENV == OFFLINE_ENV
+    from bundler.layout import OFFLINE_ENV
+    from bundler.render import runtime_bytes
+
+    prefix = tmp_path / "prefix dir"
+    (prefix / "runtime").mkdir(parents=True)
+    (prefix / "runtime/diarize.py").write_bytes(runtime_bytes("diarize.py"))
+    (prefix / "models").mkdir()
+    (prefix / "models/config.yaml").write_text("pipeline:\n  params:\n"
+                                               "    segmentation: models/pyannote_model_s.bin\n")
+    site = prefix / f"venv/lib/python{sys.version_info[0]}.{sys.version_info[1]}/site-packages"
+    site.mkdir(parents=True)
+    script = tmp_path / "configure.py"
+    script.write_bytes(runtime_bytes("configure.py"))
+    subprocess.run([sys.executable, str(script), str(prefix)], check=True)
+    exported = dict(line.removeprefix("export ").split("=", 1)
+                    for line in (prefix / "pyannote.env").read_text().splitlines()
+                    if line.startswith("export ") and "PYANNOTE_BUNDLE_CONFIG" not in line)
+    assert exported == OFFLINE_ENV
+    assert f'"{prefix}/models/pyannote_model_s.bin"' in (prefix / "config.yaml").read_text()
+    # site runs the .pth as a Python of the venv would at start-up.
+    probe = ("import json, os, site, sys; site.addsitedir(sys.argv[1]); "
+             "print(json.dumps({k: os.environ.get(k) for k in sys.argv[2:]}))")
+    clean = {k: v for k, v in os.environ.items() if k not in OFFLINE_ENV}
+    out = subprocess.run([sys.executable, "-c", probe, str(site), *OFFLINE_ENV], env=clean,
+                         capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == OFFLINE_ENV
+    assert (prefix / "bin/diarize").stat().st_mode & 0o111
+    shutil.rmtree(prefix)

@@ -21,21 +21,13 @@ writes:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
 import sys
 from pathlib import Path
 
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "PYANNOTE_METRICS_ENABLED": "false",
-    "OTEL_SDK_DISABLED": "true",
-}
 VALUE = re.compile(r'^(\s*[A-Za-z_][\w.-]*:\s*)("models/[^"]*"|models/\S*)\s*$')
 OFFLINE_PTH = "pyannote_bundle_offline.pth"
 DIARIZE = "bin/diarize"
@@ -53,16 +45,30 @@ def absolute_config(text: str, prefix: Path) -> str:
     return "\n".join(out) + "\n"
 
 
-def env_file(prefix: Path) -> str:
+def offline_env(prefix: Path) -> dict[str, str]:
+    """The offline variables: bin/diarize's own list, read from ``PREFIX/runtime/diarize.py``
+    (copied into the prefix before this runs), so that the variables exist in one place.
+    Importing it runs only the standard library."""
+    path = prefix / "runtime" / "diarize.py"
+    spec = importlib.util.spec_from_file_location("pyannote_bundle_diarize", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return dict(module.OFFLINE_ENV)
+
+
+def env_file(prefix: Path, env: dict[str, str]) -> str:
     lines = ["# Source this before running pyannote: it keeps every library off the network."]
-    lines += [f"export {k}={v}" for k, v in OFFLINE_ENV.items()]
+    lines += [f"export {k}={v}" for k, v in env.items()]
     lines.append(f"export PYANNOTE_BUNDLE_CONFIG={shell_quote(str(prefix / 'config.yaml'))}")
     return "\n".join(lines) + "\n"
 
 
-def offline_pth() -> str:
+def offline_pth(env: dict[str, str]) -> str:
     """One ``import`` line (site runs those at start-up): the offline defaults."""
-    pairs = ", ".join(f"({k!r}, {v!r})" for k, v in OFFLINE_ENV.items())
+    pairs = ", ".join(f"({k!r}, {v!r})" for k, v in env.items())
     return (f"import os; [os.environ.setdefault(k, v) for k, v in ({pairs},)]"
             "  # pyannote-bundle: offline by default\n")
 
@@ -98,14 +104,15 @@ def main(argv: list[str]) -> int:
         return 2
     prefix = Path(argv[0]).resolve()
     config = (prefix / "models" / "config.yaml").read_text()
+    env = offline_env(prefix)
     write(prefix / "config.yaml", absolute_config(config, prefix))
-    write(prefix / "pyannote.env", env_file(prefix))
+    write(prefix / "pyannote.env", env_file(prefix, env))
     site = site_packages(prefix)
     if not site.is_dir():
         print(f"configure.py: {site} is missing: is the venv made with this python3?",
               file=sys.stderr)
         return 1
-    write(site / OFFLINE_PTH, offline_pth())
+    write(site / OFFLINE_PTH, offline_pth(env))
     write(prefix / DIARIZE, diarize_wrapper(prefix), 0o755)
     return 0
 

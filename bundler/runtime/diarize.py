@@ -38,8 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-# The offline variables (layout.OFFLINE_ENV on the build side; a test keeps them equal).
-# Forced, not defaulted: this program never needs the network.
+# The offline variables: the one list (layout.OFFLINE_ENV on the build side and configure.py,
+# for pyannote.env and the venv's defaults, read it from here). Forced here, not defaulted:
+# this program never needs the network.
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
@@ -386,7 +387,8 @@ def driver_too_old(driver: tuple[int, int] | None, built_for: str | None) -> boo
 
 def choose_device(requested: str, torch: Any, warn: Callable[[str], None]) -> str:
     """``auto`` -> ``cuda`` when torch can use a GPU (and the driver is new enough), else
-    ``cpu``. An explicit ``cuda[:N]`` that cannot be used is an error."""
+    ``cpu``. An explicit ``cuda[:N]`` (its form checked by ``check_args``) that cannot be
+    used is an error."""
     if requested == "cpu":
         return "cpu"
     built = getattr(torch.version, "cuda", None)
@@ -398,8 +400,6 @@ def choose_device(requested: str, torch: Any, warn: Callable[[str], None]) -> st
                  f"built for CUDA {built}: using the CPU (update the driver to use the GPU)")
             return "cpu"
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if not re.fullmatch(r"cuda(:\d+)?", requested):
-        raise DiarizeError(f"--device '{requested}': use auto, cpu, cuda or cuda:N", EXIT_USAGE)
     if not built:
         raise DiarizeError(f"--device {requested}: this bundle's torch is a CPU-only build",
                            EXIT_CANNOT_RUN)
