@@ -21,6 +21,7 @@ from bundler.data import data_dir
 from bundler.errors import HostMismatch, InputError
 from bundler.install import check_host, find_python, install
 from bundler.models import fetch_models
+from bundler.native import host_requirements
 from bundler.pack import Entry, Packed, pack
 from bundler.sbom import sbom_json
 from bundler.signing import sign
@@ -85,6 +86,7 @@ def build(spec: Spec, opts: BuildOptions) -> BuildResult:
     wheels = fetch_wheels(lockfile, spec.target, index, opts.cache_dir / "wheels", epoch)
     pins = {w.name: w.version for w in wheels}
     check_pins(pins)
+    host = host_requirements(wheels, opts.cache_dir / "wheels")
     if "pyannote-audio" in pins:
         check_pipeline(spec.pipeline, pins["pyannote-audio"])
     models = fetch_models(spec.models, endpoint=opts.endpoint, token=opts.token,
@@ -120,6 +122,7 @@ def build(spec: Spec, opts: BuildOptions) -> BuildResult:
                          render.readme_txt(bundle_name, spec, __version__).encode()),
         Entry.from_bytes(layout.CONFIGURE, render.runtime_bytes("configure.py")),
         Entry.from_bytes(layout.DIARIZE_SCRIPT, render.runtime_bytes("diarize.py")),
+        Entry.from_bytes(layout.HOSTLIBS_SCRIPT, render.runtime_bytes("hostlibs.py")),
         Entry.from_bytes(layout.SMOKE_SCRIPT, render.runtime_bytes("smoke.py")),
         *(Entry.from_bytes(path, render.sample_bytes(fmt))
           for fmt, path in layout.SAMPLES.items()),
@@ -127,7 +130,8 @@ def build(spec: Spec, opts: BuildOptions) -> BuildResult:
     ]
     # The programs that run on the isolated host, named in the manifest and the SBOM too.
     programs = [e for e in entries if e.path in (layout.DIARIZE_SCRIPT, layout.CONFIGURE,
-                                                 layout.SMOKE_SCRIPT, layout.INSTALL_SH)]
+                                                 layout.SMOKE_SCRIPT, layout.INSTALL_SH,
+                                                 layout.HOSTLIBS_SCRIPT)]
     manifest: dict[str, Any] = {
         "format": 1,
         "bundle": bundle_name,
@@ -139,6 +143,8 @@ def build(spec: Spec, opts: BuildOptions) -> BuildResult:
         "index": index.redacted(),
         "lockfile": lockfile.name,
         "pyannote_audio": version,
+        # What the wheels need from the host; runtime/hostlibs.py checks it before install.
+        "host_requirements": host,
         "wheels": [{"name": w.name, "version": w.version, "filename": w.filename,
                     "sha256": w.sha256, "size": w.size, "built_from_sdist": w.built_from,
                     "license": wheel_license(w.path)}

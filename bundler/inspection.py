@@ -100,6 +100,7 @@ def inspect_bundle(tarball: Path) -> dict[str, Any]:
                    "key": {w["name"]: w["version"] for w in wheels
                            if w.get("name") in ("pyannote-audio", "torch", "torchaudio",
                                                 "huggingface-hub", "pytorch-lightning")}},
+        "host_requirements": manifest.get("host_requirements"),
         "files": len(manifest["files"]) + 2,  # + manifest.json, SHA256SUMS
         "self_test": manifest.get("self_test"),
         "expected": None if expected is None else {
@@ -123,8 +124,17 @@ def render_text(info: dict[str, Any]) -> str:
         f"{(info.get('tool') or {}).get('version')}",
         f"wheels:   {info['wheels']['count']} ({info['wheels']['size'] / 1e9:.2f} GB): "
         + ", ".join(f"{k} {v}" for k, v in sorted(info["wheels"]["key"].items())),
-        "models:",
     ]
+    host = info.get("host_requirements")
+    if host is not None:
+        libs = host.get("libraries", [])
+        required = [lib["soname"] for lib in libs if lib.get("required")]
+        optional = sorted(host.get("optional_for", {}))
+        lines.append(f"host:     glibc >= {host.get('glibc')}; "
+                     + (", ".join(required) or "no other library")
+                     + (f" (+{len(libs) - len(required)} optional: {', '.join(optional)})"
+                        if optional else ""))
+    lines.append("models:")
     for m in info["models"]:
         lines.append(f"  {m['repo']} @ {m['commit']}  ({m.get('license') or 'licence unknown'})")
         for f in m["files"]:

@@ -8,6 +8,7 @@ is detected and replaced on the next run, and a failed one is removed.
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import shutil
@@ -79,8 +80,11 @@ def find_python(version: str, explicit: str | None = None) -> str | None:
         return None
 
 
-def check_host(manifest: dict[str, Any], python: str = sys.executable) -> dict[str, str]:
-    """Refuse before installing when ``python`` or this platform is not the target's."""
+def check_host(manifest: dict[str, Any], python: str = sys.executable,
+               bundle: Path | None = None) -> dict[str, Any]:
+    """Refuse before installing when ``python`` or this platform is not the target's, or,
+    given the unpacked ``bundle``, when the host lacks a library its wheels need (checked by
+    the bundle's own ``runtime/hostlibs.py``, as install.sh does)."""
     target = manifest.get("target", {})
     want_py, want_arch = str(target.get("python")), str(target.get("arch"))
     have_py, have_arch = interpreter(python)
@@ -91,7 +95,24 @@ def check_host(manifest: dict[str, Any], python: str = sys.executable) -> dict[s
         raise HostMismatch(f"this bundle is for CPython {want_py}; {python} is Python "
                            f"{have_py} (pass --python /path/to/python{want_py}, or run "
                            f"pyannote-bundle with a python{want_py})")
-    return {"python": have_py, "platform": f"linux_{have_arch}", "interpreter": python}
+    report: dict[str, Any] = {"python": have_py, "platform": f"linux_{have_arch}",
+                              "interpreter": python}
+    if bundle is not None and (bundle / layout.HOSTLIBS_SCRIPT).is_file():
+        report["libraries"] = _check_libraries(bundle, python)
+    return report
+
+
+def _check_libraries(bundle: Path, python: str) -> dict[str, Any]:
+    res = run([python, str(bundle / layout.HOSTLIBS_SCRIPT), str(bundle / layout.MANIFEST),
+               "--json"], env=clean_env())
+    try:
+        result: dict[str, Any] = json.loads(res.stdout)
+    except ValueError:
+        raise HostMismatch(f"cannot check this host's libraries with {python}: "
+                           f"{last_lines(res.stderr, 1)}") from None
+    if not result.get("ok"):
+        raise HostMismatch(f"{result.get('message')}; nothing was installed")
+    return result
 
 
 def install(bundle: Path, prefix: Path, python: str = sys.executable) -> Installed:

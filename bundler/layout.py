@@ -27,6 +27,8 @@ SAMPLES = {"wav": SAMPLE_AUDIO, "mp3": f"{SMOKE_DIR}/sample.mp3",
 EXPECTED = f"{SMOKE_DIR}/expected.json"
 RUNTIME_DIR = "runtime"  # code that runs on the isolated host, shipped verbatim
 DIARIZE_SCRIPT = f"{RUNTIME_DIR}/diarize.py"
+# Checks the host has the shared libraries the wheels need (manifest host_requirements).
+HOSTLIBS_SCRIPT = f"{RUNTIME_DIR}/hostlibs.py"
 
 EXECUTABLES = frozenset({INSTALL_SH})
 

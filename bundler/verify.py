@@ -50,7 +50,7 @@ def verify(tarball: Path, opts: VerifyOptions) -> dict[str, Any]:
         report["integrity"] = integrity.as_dict()
         want = str(integrity.manifest.get("target", {}).get("python"))
         python = find_python(want, opts.python) or sys.executable
-        report["host"] = check_host(integrity.manifest, python)
+        report["host"] = check_host(integrity.manifest, python, integrity.root)
         inst = install(integrity.root, prefix, python=python)
         installed = True
         report["install"] = inst.as_dict()

@@ -131,6 +131,20 @@ def test_manifest_disagreeing_with_sha256sums_is_refused(tmp_path: Path,
     _assert_refused(proc, prefix, 10, model, "disagree")
 
 
+def test_verify_refuses_a_host_without_a_library_the_wheels_need(
+        tmp_path: Path, tiny_bundle: TinyBundle) -> None:
+    top, files = _bundle_files(tiny_bundle())
+    manifest = json.loads(files["manifest.json"])
+    manifest["host_requirements"] = {"glibc": "2.17", "libraries": [
+        {"soname": "libqqq.so.8", "required": True, "needed_by": ["torch"],
+         "debian": "libqqq8", "rhel": "qqq-libs"}]}
+    files["manifest.json"] = json.dumps(manifest).encode()
+    files["SHA256SUMS"] = _sums({n: d for n, d in files.items() if n != "SHA256SUMS"})
+    proc, prefix = _verify(_write_bundle(tmp_path / "b.tar", top, files), tmp_path)
+    _assert_refused(proc, prefix, 11, "libqqq.so.8 (needed by torch; install "
+                    "Debian/Ubuntu: libqqq8; RHEL: qqq-libs)", "nothing was installed")
+
+
 def test_member_longer_than_its_checksum_says_is_refused(tmp_path: Path,
                                                          tiny_bundle: TinyBundle) -> None:
     top, files = _bundle_files(tiny_bundle())
@@ -202,7 +216,21 @@ def _extracted(tarball: Path, dest: Path) -> Path:
     return root
 
 
+def _needs_a_missing_library(root: Path) -> None:
+    """The manifest a build writes for wheels that link a library this host lacks."""
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["host_requirements"] = {"glibc": "2.17", "libraries": [
+        {"soname": "libqqq.so.8", "required": True, "needed_by": ["torch"],
+         "debian": "libqqq8", "rhel": "qqq-libs"}]}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    sums = [f"{hashlib.sha256((root / line[66:]).read_bytes()).hexdigest()}  {line[66:]}"
+            for line in (root / "SHA256SUMS").read_text().splitlines()]
+    (root / "SHA256SUMS").write_text("\n".join(sums) + "\n")
+
+
 INSTALL_SH_CASES: dict[str, tuple[Callable[[Path], Any], int, str]] = {
+    "host-library": (_needs_a_missing_library, 11, "libqqq.so.8 (needed by torch; install "
+                     "Debian/Ubuntu: libqqq8; RHEL: qqq-libs)"),
     "changed": (lambda r: (r / "models/pyannote_model_segmentation-3.0.bin").write_bytes(b"x"),
                 10, "does not match SHA256SUMS"),
     "extra": (lambda r: (r / "wheels/evil-1.0-py3-none-any.whl").write_bytes(b"PK"),
