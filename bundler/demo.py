@@ -78,13 +78,47 @@ def demo(output_dir: Path, cache_dir: Path, index: IndexOptions,
     t = time.monotonic()
     log.info("demo: 1/5 wheels for %s", spec.target.slug)
     fetch_wheels(lockfile, spec.target, index, cache_dir / "wheels", source_date_epoch())
+    seconds["wheels"] = round(time.monotonic() - t, 1)
+
+    t = time.monotonic()
+    ckpt = checkpoints(cache_dir, index, seconds)
+    seconds["checkpoints"] = round(time.monotonic() - t, 1)
+
+    t = time.monotonic()
+    served, token = serve(recipe, ckpt)
+    with served as hub:
+        log.info("demo: 4/5 build against the loopback Hub at %s, with the self-test", hub.url)
+        result = build(spec, BuildOptions(output_dir=output_dir, cache_dir=cache_dir,
+                                          index=index, compression=compression,
+                                          endpoint=hub.url, token=token, lockfile=lockfile,
+                                          self_test=True, python=chosen))
+    seconds["build"] = round(time.monotonic() - t, 1)
+    if not result.manifest.get("self_test", {}).get("ran"):
+        raise SmokeError("the self-test did not run; the demo needs it")
+
+    t = time.monotonic()
+    log.info("demo: 5/5 verify %s offline", result.packed.path.name)
+    report = verify(result.packed.path, VerifyOptions(python=chosen))
+    seconds["verify"] = round(time.monotonic() - t, 1)
+    built = {"recipe": recipe, "bundle": str(result.packed.path),
+             "sidecar": str(result.packed.sidecar),
+             "sha256": result.packed.sha256, "size": result.packed.size,
+             "files": len(result.manifest["files"]) + 2,  # + manifest.json, SHA256SUMS
+             "models": [{"repo": m["repo"], "commit": m["commit"]}
+                        for m in result.manifest["models"]]}
+    return DemoResult(built, report, seconds)
+
+
+def checkpoints(cache_dir: Path, index: IndexOptions, seconds: dict[str, float] | None = None
+                ) -> Path:
+    """The folder of random-weight checkpoints for every recipe in ``REPOS``, made once per
+    cache (keyed by the helper's lock) and reused."""
+    seconds = {} if seconds is None else seconds
     # The checkpoints are always written by the default recipe's pyannote.audio 3.x: both
     # generations load them, and one helper venv serves every demo.
     default = load_recipe(RECIPE)
     wheels = fetch_wheels(find_lockfile(default), default.target, index,
                           cache_dir / "wheels", source_date_epoch())
-    seconds["wheels"] = round(time.monotonic() - t, 1)
-
     t = time.monotonic()
     lock = bundle_lock(wheels)
     key = hashlib.sha256(lock.encode()).hexdigest()[:16]
@@ -118,32 +152,14 @@ def demo(output_dir: Path, cache_dir: Path, index: IndexOptions,
             shutil.rmtree(helper, ignore_errors=True)
     else:
         log.info("demo: 2-3/5 checkpoints from the cache: %s", ckpt)
-    seconds["checkpoints"] = round(time.monotonic() - t, 1)
+    return ckpt
 
-    t = time.monotonic()
+
+def serve(recipe: str, ckpt: Path) -> tuple[LoopbackHub, str]:
+    """A gated loopback Hub holding ``recipe``'s checkpoints, and a token it accepts."""
     repos = [HubRepo.from_dir(r, ckpt / r, gated=True) for r in REPOS[recipe]]
     token = "hf_demo_" + os.urandom(12).hex()  # the loopback Hub is gated like the real one
-    with LoopbackHub(repos, tokens=[token]) as hub:
-        log.info("demo: 4/5 build against the loopback Hub at %s, with the self-test", hub.url)
-        result = build(spec, BuildOptions(output_dir=output_dir, cache_dir=cache_dir,
-                                          index=index, compression=compression,
-                                          endpoint=hub.url, token=token, lockfile=lockfile,
-                                          self_test=True, python=chosen))
-    seconds["build"] = round(time.monotonic() - t, 1)
-    if not result.manifest.get("self_test", {}).get("ran"):
-        raise SmokeError("the self-test did not run; the demo needs it")
-
-    t = time.monotonic()
-    log.info("demo: 5/5 verify %s offline", result.packed.path.name)
-    report = verify(result.packed.path, VerifyOptions(python=chosen))
-    seconds["verify"] = round(time.monotonic() - t, 1)
-    built = {"recipe": recipe, "bundle": str(result.packed.path),
-             "sidecar": str(result.packed.sidecar),
-             "sha256": result.packed.sha256, "size": result.packed.size,
-             "files": len(result.manifest["files"]) + 2,  # + manifest.json, SHA256SUMS
-             "models": [{"repo": m["repo"], "commit": m["commit"]}
-                        for m in result.manifest["models"]]}
-    return DemoResult(built, report, seconds)
+    return LoopbackHub(repos, tokens=[token]), token
 
 
 def summary(res: DemoResult) -> str:
