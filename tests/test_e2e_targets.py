@@ -1,5 +1,5 @@
 """Bundles for the Pythons that distributions ship, proven rather than only locked: the 3.1
-recipe built for CPython 3.10 (Ubuntu 22.04) and 3.12 (Ubuntu 24.04) with
+recipe built for CPython 3.10 (Ubuntu 22.04), 3.12 (Ubuntu 24.04) and 3.13 (Debian 13) with
 `pyannote-bundle demo --target`, self-tested and verified with that interpreter, then
 installed offline by its own install.sh, which finds python3.X on PATH when python3 is the
 host's 3.11, and diarizes.
@@ -21,7 +21,7 @@ from e2e import installed_by_install_sh, pyenv_python, run
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("minor", [10, 12])
+@pytest.mark.parametrize("minor", [10, 12, 13])
 def test_the_3_1_recipe_installs_and_diarizes_with_the_targets_python(
         minor: int, tmp_path_factory: pytest.TempPathFactory) -> None:
     python = pyenv_python(minor)
@@ -38,6 +38,8 @@ def test_the_3_1_recipe_installs_and_diarizes_with_the_targets_python(
         v = report["verify"]
         assert report["ok"] is True and v["host"]["python"] == f"3.{minor}"
         assert v["host"]["interpreter"] == str(python)
+        # The wheels' own ELF headers said what the host must have; the bundle checked it.
+        assert {"libstdc++.so.6", "libgcc_s.so.1"} <= set(v["host"]["libraries"]["checked"])
         # The self-test ran with the target's Python on the build host and shipped its
         # result; the verification with the same interpreter matched it.
         assert v["smoke"]["expected"] == "match" and v["smoke"]["network_attempts"] == 0
