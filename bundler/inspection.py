@@ -130,8 +130,9 @@ def render_text(info: dict[str, Any]) -> str:
         libs = host.get("libraries", [])
         required = [lib["soname"] for lib in libs if lib.get("required")]
         optional = sorted(host.get("optional_for", {}))
-        lines.append(f"host:     glibc >= {host.get('glibc')}; "
-                     + (", ".join(required) or "no other library")
+        needs = [f"glibc >= {host['glibc']}"] if host.get("glibc") else []
+        needs.append(", ".join(required) or "no library beyond glibc")
+        lines.append("host:     " + "; ".join(needs)
                      + (f" (+{len(libs) - len(required)} optional: {', '.join(optional)})"
                         if optional else ""))
     lines.append("models:")

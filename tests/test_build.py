@@ -176,6 +176,24 @@ def test_inspect_reads_the_manifest_without_unpacking_the_wheels(tmp_path: Path,
     text = subprocess.run(["pyannote-bundle", "inspect", str(tarball)], capture_output=True,
                           text=True).stdout
     assert "pyannote/segmentation-3.0 @ " in text and "Not verified" in text
+    # Two pure-Python wheels: nothing needed from the host beyond glibc.
+    assert info["host_requirements"]["libraries"] == []
+    assert "host:     no library beyond glibc\n" in text
+
+
+def test_inspect_says_what_the_host_must_provide() -> None:
+    from bundler.inspection import render_text
+
+    info = {"bundle": "b", "size": 1, "files": 3, "compression": "none", "sidecar": True,
+            "wheels": {"count": 0, "size": 0, "key": {}}, "models": [],
+            "manifest_matches_sha256sums": True,
+            "host_requirements": {"glibc": "2.28", "optional_for": {"ffmpeg": "..."},
+                                  "libraries": [
+                                      {"soname": "libgomp.so.1", "required": True},
+                                      {"soname": "libstdc++.so.6", "required": True},
+                                      {"soname": "libavutil.so.58", "required": False}]}}
+    assert ("host:     glibc >= 2.28; libgomp.so.1, libstdc++.so.6 (+1 optional: ffmpeg)"
+            in render_text(info).splitlines())
 
 
 @pytest.mark.parametrize(("argv", "code"), [
