@@ -207,6 +207,7 @@ def self_test(entries: list[Entry], manifest: dict[str, Any], spec: Spec,
                 assert e.source is not None
                 os.symlink(e.source.resolve(), dst)
         (root / layout.MANIFEST).write_bytes(render.manifest_json(manifest))
+        check_host(manifest, chosen, root)  # the shared libraries, as install.sh checks them
         log.info("self-test: installing the staged bundle on this host")
         installed = install(root, stage / "prefix", python=chosen)
         isolation = detect_isolation()
