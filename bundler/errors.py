@@ -33,7 +33,8 @@ EXIT_CODES: dict[int, str] = {
     EXIT_OUTPUT: "cannot write the bundle or the work folder (disk full, permissions)",
     EXIT_INTEGRITY: "bundle integrity check failed "
                     "(checksum, unsafe member, missing or extra file)",
-    EXIT_HOST: "this host does not match the bundle's target (Python, platform)",
+    EXIT_HOST: "this host does not match the bundle's target (Python, platform, glibc, "
+               "or a shared library the wheels need)",
     EXIT_INSTALL: "offline install failed",
     EXIT_SMOKE: "smoke diarization failed or differs from the expected result",
     EXIT_TRAP: "the pipeline config hits a known pyannote trap",
