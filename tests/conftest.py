@@ -8,6 +8,7 @@ small model files served by the loopback Hub; the wheels are downloaded once per
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,12 @@ from bundler.hub import HubRepo, LoopbackHub
 from bundler.spec import Target, load_recipe
 
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
+# A test run started in the background (nohup, `cmd &` in a script) inherits SIGINT ignored,
+# and so would every program the tests interrupt with Ctrl-C: Python leaves an ignored SIGINT
+# ignored. Restore the default here; an exec'd child then starts with it too.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 SEG = b"segmentation weights" * 5000
 EMB = b"embedding weights" * 9000

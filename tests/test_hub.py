@@ -402,5 +402,9 @@ def test_command_line_serves_a_folder(tmp_path: Path) -> None:
             assert Path(path).read_bytes() == b"served\n"
         finally:
             proc.send_signal(signal.SIGINT)
-            _, stderr = proc.communicate(timeout=5)
+            try:
+                _, stderr = proc.communicate(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()  # fail, not hang: the server ignored Ctrl-C
+                raise
         assert proc.returncode == 0 and stderr == ""
