@@ -103,8 +103,8 @@ def check_host(manifest: dict[str, Any], python: str = sys.executable,
 
 
 def _check_libraries(bundle: Path, python: str) -> dict[str, Any]:
-    res = run([python, str(bundle / layout.HOSTLIBS_SCRIPT), str(bundle / layout.MANIFEST),
-               "--json"], env=clean_env())
+    res = run([python, "-I", str(bundle / layout.HOSTLIBS_SCRIPT),
+               str(bundle / layout.MANIFEST), "--json"], env=clean_env())
     try:
         result: dict[str, Any] = json.loads(res.stdout)
     except ValueError:

@@ -255,6 +255,17 @@ def test_install_sh_refuses_before_touching_the_prefix(tmp_path: Path, tiny_bund
     assert not prefix.exists()
 
 
+def test_a_module_slipped_in_beside_hostlibs_never_runs(tmp_path: Path,
+                                                       tiny_bundle: TinyBundle) -> None:
+    root = _extracted(tiny_bundle(), tmp_path / "x")
+    ran = tmp_path / "shadow-ran"
+    (root / "runtime/json.py").write_text(f"open({str(ran)!r}, 'w').close()\n")
+    proc = subprocess.run(["env", "-i", "PATH=/usr/bin:/bin", "sh", "./install.sh",
+                           str(tmp_path / "prefix")], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 10 and "not listed in SHA256SUMS: runtime/json.py" in proc.stderr
+    assert not ran.exists() and not (tmp_path / "prefix").exists()
+
+
 def test_install_sh_refuses_another_python(tmp_path: Path, tiny_bundle: TinyBundle) -> None:
     other = "3.12" if sys.version_info[:2] != (3, 12) else "3.11"
     root = _extracted(tiny_bundle(target=Target(python=other)), tmp_path / "x")
