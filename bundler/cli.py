@@ -146,10 +146,15 @@ def build_cmd(recipe: str, spec_file: Path | None, output: Path, target_slug: st
 @cli.command("verify")
 @click.argument("bundle", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("--prefix", type=click.Path(path_type=Path),
-              help="Install here (default: a temporary folder, removed afterwards).")
+              help="Install here: a new or empty folder, or an earlier install of ours, "
+                   "which stays live unless the new one passes (a folder holding anything "
+                   "else is refused, untouched: exit 16). Default: a temporary folder, "
+                   "removed afterwards.")
 @click.option("--keep", is_flag=True, help="Keep the work folder and the install.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--no-smoke", is_flag=True, help="Check and install, but do not diarize.")
+@click.option("--pip", "use_pip", is_flag=True,
+              help="Install the wheels with the bundled pip instead of uv (install.sh --pip).")
 @click.option("--max-bytes", type=click.IntRange(min=1), default=Limits.max_bytes,
               show_default=True, help="Refuse a bundle that unpacks to more than this.")
 @click.option("--max-members", type=click.IntRange(min=1), default=Limits.max_members,
@@ -163,7 +168,7 @@ def build_cmd(recipe: str, spec_file: Path | None, output: Path, target_slug: st
 @python_option
 def verify_cmd(bundle: Path, prefix: Path | None, keep: bool, as_json: bool,
                no_smoke: bool, max_bytes: int, max_members: int, hash_members: bool,
-               allowed_signers: Path | None, python: str | None) -> None:
+               allowed_signers: Path | None, python: str | None, use_pip: bool) -> None:
     """Prove a bundle is intact, installs offline, and diarizes with the network disabled.
 
     \b
@@ -180,7 +185,7 @@ def verify_cmd(bundle: Path, prefix: Path | None, keep: bool, as_json: bool,
         report = verify(bundle, VerifyOptions(prefix=prefix, keep=keep, smoke=not no_smoke,
                                               limits=limits, hash_members=hash_members,
                                               allowed_signers=allowed_signers,
-                                              python=python))
+                                              python=python, use_pip=use_pip))
     except BundlerError as exc:
         if as_json:
             click.echo(_json.dumps(getattr(exc, "report", {"ok": False, "error": str(exc)})))

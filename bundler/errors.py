@@ -21,6 +21,7 @@ EXIT_INSTALL = 12
 EXIT_SMOKE = 13
 EXIT_TRAP = 14
 EXIT_NETWORK = 15
+EXIT_PREFIX = 16
 EXIT_INTERRUPTED = 130
 
 EXIT_CODES: dict[int, str] = {
@@ -30,7 +31,8 @@ EXIT_CODES: dict[int, str] = {
     EXIT_HUB: "model download failed (gated, missing, unreachable, checksum mismatch)",
     EXIT_WHEELS: "lock failed or stale, or wheel download failed "
                  "(no wheel for the target, hash mismatch)",
-    EXIT_OUTPUT: "cannot write the bundle or the work folder (disk full, permissions)",
+    EXIT_OUTPUT: "cannot write the bundle, the work folder or the install prefix (disk full, "
+                 "permissions)",
     EXIT_INTEGRITY: "bundle integrity check failed "
                     "(checksum, unsafe member, missing or extra file)",
     EXIT_HOST: "this host does not match the bundle's target (Python, platform, glibc, "
@@ -40,6 +42,8 @@ EXIT_CODES: dict[int, str] = {
     EXIT_TRAP: "the pipeline config hits a known pyannote trap",
     EXIT_NETWORK: "the smoke diarization tried to reach the network (a connection attempt "
                   "or name lookup)",
+    EXIT_PREFIX: "the install prefix holds files that no install of ours made (nothing was "
+                 "touched), or another install into it is running",
     EXIT_INTERRUPTED: "interrupted",
 }
 
@@ -186,6 +190,21 @@ class NetworkAttempted(BundlerError):
         super().__init__(f"the smoke diarization made {attempts} connection attempt(s) with "
                          f"the network disabled (first: {first[:200]}); an isolated host "
                          "must see none")
+
+    @classmethod
+    def from_message(cls, message: str) -> NetworkAttempted:
+        """The installer's own line, as it said it."""
+        exc = cls.__new__(cls)
+        exc.attempts, exc.first = -1, ""
+        BundlerError.__init__(exc, message)
+        return exc
+
+
+class PrefixNotOurs(BundlerError):
+    """The install prefix is not new, not empty and holds no receipt of ours: nothing in it
+    was touched (the installer never deletes what it did not create)."""
+
+    exit_code = EXIT_PREFIX
 
 
 class TrapError(BundlerError):

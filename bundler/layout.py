@@ -5,6 +5,7 @@ The builder and the verifier import these names, so the two sides cannot drift.
 
 from __future__ import annotations
 
+from bundler.runtime import install as _installer
 from bundler.runtime.diarize import OFFLINE_ENV as _DIARIZE_OFFLINE_ENV
 
 # --- inside the bundle (relative to its single top-level folder) ---------------
@@ -29,19 +30,22 @@ RUNTIME_DIR = "runtime"  # code that runs on the isolated host, shipped verbatim
 DIARIZE_SCRIPT = f"{RUNTIME_DIR}/diarize.py"
 # Checks the host has the shared libraries the wheels need (manifest host_requirements).
 HOSTLIBS_SCRIPT = f"{RUNTIME_DIR}/hostlibs.py"
+# The one installer: install.sh runs it on the isolated host, verify runs it too.
+INSTALLER = f"{RUNTIME_DIR}/install.py"
 
 EXECUTABLES = frozenset({INSTALL_SH})
 
 # --- beside the tarball --------------------------------------------------------
 SIDECAR_SUFFIX = ".sha256"
 
-# --- inside an install prefix --------------------------------------------------
-PREFIX_VENV = "venv"
-PREFIX_CONFIG = "config.yaml"  # absolute paths, rendered for this prefix
+# --- inside an install prefix (named by the installer, which runs without this package) --
+PREFIX_VENV = "venv"  # each of these is a link through current/ to the live release
+PREFIX_CONFIG = "config.yaml"  # absolute paths, rendered for the release
 PREFIX_ENV = "pyannote.env"  # the offline variables, to be sourced
-PREFIX_MARKER_INCOMPLETE = ".install-incomplete"  # present while an install is under way
-PREFIX_MANIFEST = "manifest.json"
 PREFIX_DIARIZE = "bin/diarize"  # written by configure.py: runtime/diarize.py with the venv
+PREFIX_RECEIPT = _installer.RECEIPT  # what the installer made here: the prefix is ours
+PREFIX_RELEASES = _installer.RELEASES  # one folder per install; current/ -> the live one
+PREFIX_CURRENT = _installer.CURRENT
 
 # The offline variables: a bundled environment never reaches for the network. One list, in
 # the program that runs on the isolated host (configure.py reads it from there too).

@@ -97,10 +97,10 @@ def config_yaml_from_repo(spec: Spec, repo_config: str, folder: str) -> str:
     return _env().get_template("config.yaml.j2").render(config=expanded, recipe=spec.name)
 
 
-def install_sh(bundle_name: str, spec: Spec, pip_wheel: str) -> str:
+def install_sh(bundle_name: str, spec: Spec) -> str:
     return _env().get_template("install.sh.j2").render(
-        bundle_name=bundle_name, target=spec.target, pip_wheel=pip_wheel,
-        default_prefix=f"{DEFAULT_PREFIX}/{spec.name}", marker=layout.PREFIX_MARKER_INCOMPLETE,
+        bundle_name=bundle_name, target=spec.target,
+        default_prefix=f"{DEFAULT_PREFIX}/{spec.name}",
     )
 
 

@@ -1,12 +1,14 @@
-"""The orchestrator of the offline side: integrity -> host -> install -> config -> smoke.
+"""The orchestrator of the offline side: tarball integrity and safe unpacking, then the
+bundle's own installer (``runtime/install.py``, what install.sh runs: integrity both ways,
+host, install, config, smoke in a network namespace), then the config lint.
 
 Returns a report (the CLI renders it as text or JSON). On failure the partial report is
-attached to the raised error, the work folder is removed, and nothing stays installed.
+attached to the raised error and the work folder is removed; the installer removes what it
+made and nothing else, so a prefix given with ``--prefix`` keeps every file it had.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import tempfile
@@ -18,10 +20,9 @@ import yaml
 
 from bundler import layout, traps
 from bundler.errors import BundlerError
-from bundler.install import check_host, find_python, install, remove_install
+from bundler.install import check_host, find_python, run_installer
 from bundler.integrity import Limits, check_and_extract
 from bundler.signing import verify_signature
-from bundler.smoketest import compare, detect_isolation, run_smoke
 from bundler.wheels import sha256_file
 
 
@@ -35,13 +36,13 @@ class VerifyOptions:
     hash_members: bool = False
     allowed_signers: Path | None = None  # check <tarball>.sha256.sig with ssh-keygen first
     python: str | None = None  # install with it (default: this one, or python3.X on PATH)
+    use_pip: bool = False  # the bundled pip instead of uv, as install.sh --pip
 
 
 def verify(tarball: Path, opts: VerifyOptions) -> dict[str, Any]:
     report: dict[str, Any] = {"ok": False, "bundle": str(tarball)}
     work = Path(tempfile.mkdtemp(prefix="pyannote-bundle-verify-", dir=opts.workdir))
-    prefix = opts.prefix or work / "prefix"
-    installed = False
+    prefix = opts.prefix.resolve() if opts.prefix else work / "prefix"
     try:
         if opts.allowed_signers is not None:
             report["signature"] = {"ok": True, "signer": verify_signature(
@@ -50,30 +51,21 @@ def verify(tarball: Path, opts: VerifyOptions) -> dict[str, Any]:
         report["integrity"] = integrity.as_dict()
         want = str(integrity.manifest.get("target", {}).get("python"))
         python = find_python(want, opts.python) or sys.executable
-        report["host"] = check_host(integrity.manifest, python, integrity.root)
-        inst = install(integrity.root, prefix, python=python)
-        installed = True
-        report["install"] = inst.as_dict()
-        report["config"] = _lint(prefix, integrity.manifest)
-        if opts.smoke:
-            isolation = detect_isolation()
-            report["network_isolation"] = isolation.name
-            result = run_smoke(prefix, isolation)
-            expected_path = integrity.root / layout.EXPECTED
-            if expected_path.is_file():
-                compare(result, json.loads(expected_path.read_text()))
-                result["expected"] = "match"
-            report["smoke"] = {"ok": True, **result}
-        else:
-            report["smoke"] = {"ok": None, "skipped": True}
-            report["network_isolation"] = None
+        check_host(integrity.manifest, python)  # the tool's advice (--python) comes first
+        installed = run_installer(integrity.root, prefix, python, smoke=opts.smoke,
+                                  use_pip=opts.use_pip)
+        report["host"] = installed["host"]
+        report["install"] = {**installed["install"], "integrity": installed["integrity"]}
+        # The config names the release's own paths (absolute, valid across upgrades).
+        report["config"] = _lint(Path(installed["install"]["release"]), integrity.manifest)
+        smoke = installed.get("smoke") or {}
+        report["network_isolation"] = smoke.get("network_isolation")
+        report["smoke"] = smoke if opts.smoke else {"ok": None, "skipped": True}
         report["ok"] = True
         return report
     except BundlerError as exc:
         report["error"] = str(exc)
         exc.report = report  # type: ignore[attr-defined]
-        if installed:
-            remove_install(prefix, created=opts.prefix is None or not opts.keep)
         raise
     finally:
         if not (opts.keep and report["ok"]):

@@ -89,9 +89,14 @@ def test_verify_installs_offline_and_writes_an_absolute_config(tmp_path: Path,
     assert report["ok"] is True and report["integrity"]["sidecar"] == "match"
     assert report["config"]["checked"] == ["segmentation", "embedding"]
     assert (prefix / "venv/bin/python").exists()
-    assert f'"{prefix}/models/pyannote_model_segmentation-3.0.bin"' in (
+    # The config names its own release's files, absolutely: a release never moves, and the
+    # next one is smoke-tested with its own config while this one stays live.
+    release = Path(report["install"]["release"])
+    assert release.parent == prefix / "releases" and (prefix / "current").resolve() == release
+    assert f'"{release}/models/pyannote_model_segmentation-3.0.bin"' in (
         prefix / "config.yaml").read_text()
-    assert not (prefix / ".install-incomplete").exists()
+    receipt = json.loads((prefix / ".pyannote-bundle-receipt.json").read_text())
+    assert receipt["current"] == release.name and receipt["prefix_created"] is True
 
 
 def test_verify_refuses_a_flipped_byte_and_installs_nothing(tmp_path: Path,
@@ -234,7 +239,8 @@ def test_sbom_lists_every_wheel_and_model_file_with_its_hash(tmp_path: Path,
             assert c["licenses"][0]["license"]["id"] == m["license"]
     # bin/diarize's code and the installer are components too, hashed like the rest.
     programs = {p["path"]: p["sha256"] for p in manifest["programs"]}
-    assert set(programs) == {"runtime/diarize.py", "runtime/hostlibs.py", "configure.py",
+    assert set(programs) == {"runtime/diarize.py", "runtime/hostlibs.py", "runtime/install.py",
+                             "configure.py",
                              "smoke/smoke.py", "install.sh"}
     for path, sha in programs.items():
         assert by_ref[f"file:{path}"]["hashes"][0]["content"] == sha
@@ -273,7 +279,7 @@ def test_install_uses_the_bundled_uv_and_falls_back_to_pip(tmp_path: Path,
 
 def test_a_uv_that_cannot_run_falls_back_to_pip(tmp_path: Path, wheel_cache: Path,
                                                 tiny_bundle: TinyBundle,
-                                                caplog: pytest.LogCaptureFixture) -> None:
+                                                capsys: pytest.CaptureFixture[str]) -> None:
     tiny_bundle()  # the six and pip wheels, in the session cache
     wheels = tmp_path / "wheels"
     wheels.mkdir()
@@ -287,8 +293,27 @@ def test_a_uv_that_cannot_run_falls_back_to_pip(tmp_path: Path, wheel_cache: Pat
     lock.write_text(TINY_LOCK.read_text())
     method = make_venv(sys.executable, tmp_path / "venv", wheels, lock)
     assert method == "venv --without-pip + bundled pip"
-    assert "uv could not install (uv: cannot run here); using pip" in caplog.text
+    assert "uv could not install the wheels (uv: cannot run here); using pip" in \
+        capsys.readouterr().err
     assert (tmp_path / "venv/lib/python3.11/site-packages/six.py").is_file()
+
+
+@pytest.mark.parametrize("args, method", [((), "uv"), (("--pip",), "pip")])
+def test_install_sh_installs_with_uv_or_with_the_bundled_pip(
+        tmp_path: Path, tiny_bundle: TinyBundle, args: tuple[str, ...], method: str) -> None:
+    tarball = tiny_bundle(lockfile=TINY_UV_LOCK)
+    (tmp_path / "x").mkdir()
+    subprocess.run(["tar", "-xf", str(tarball), "-C", str(tmp_path / "x")], check=True)
+    (root,) = (tmp_path / "x").iterdir()
+    prefix = tmp_path / "prefix"
+    # The tiny bundle has no pyannote to smoke: --no-smoke, as a sysadmin may pass it too.
+    proc = subprocess.run(["env", "-i", "PATH=/usr/bin:/bin", f"PYTHON={sys.executable}", "sh",
+                           "./install.sh", str(prefix), "--no-smoke", *args], cwd=root,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert f"wheels installed offline with venv --without-pip + bundled {method}" in proc.stderr
+    assert (prefix / "venv/lib/python3.11/site-packages/six.py").is_file()
+    assert (prefix / "bin/diarize").is_file() and (prefix / "config.yaml").is_file()
 
 
 def _wheel(folder: Path, name: str, version: str) -> Path:

@@ -44,7 +44,9 @@ def test_community_bundle_keeps_the_repo_layout_and_installs(tmp_path: Path,
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["config"]["checked"] == ["segmentation", "embedding", "plda"]
-    folder = prefix / "models" / "speaker-diarization-community-1"
+    release = Path(report["install"]["release"])  # the config names the release's own files
+    folder = release / "models" / "speaker-diarization-community-1"
+    assert (prefix / "models" / "speaker-diarization-community-1" / "plda" / "plda.npz").is_file()
     assert (folder / "plda" / "plda.npz").read_bytes() == b"plda" * 3000
     assert (folder / "config.yaml").read_bytes() == CONFIG  # the repo's own, $model and all
     params = yaml.safe_load((prefix / "config.yaml").read_text())["pipeline"]["params"]

@@ -10,6 +10,7 @@ second session downloads nothing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -127,7 +128,7 @@ def test_install_sh_works_offline_with_a_clean_environment(installed: Installed,
                                                            extracted: Path) -> None:
     prefix = installed.prefix
     # No pyannote-bundle on PATH, no variables from this session, no network at all.
-    assert "install.sh: ok" in installed.stdout + installed.stderr
+    assert "install: ok" in installed.stdout
     result = json.loads((prefix / "smoke-result.json").read_text())
     assert result["ok"] is True and result["segments"]
     # The smoke test took the user's path: bin/diarize on three containers, no attempts.
@@ -135,19 +136,23 @@ def test_install_sh_works_offline_with_a_clean_environment(installed: Installed,
     assert all(f["ok"] and f["segments"] for f in result["formats"].values())
     assert result["network_attempts"] == 0
     assert os.access(prefix / "bin/diarize", os.X_OK)
-    assert str(prefix / "models") in (prefix / "config.yaml").read_text()
+    first = (prefix / "current").resolve()
+    assert first.parent == prefix / "releases"
+    assert str(first / "models") in (prefix / "config.yaml").read_text()
     assert "HF_HUB_OFFLINE=1" in (prefix / "pyannote.env").read_text()
-    assert not (prefix / ".install-incomplete").exists()
-    assert "installed offline with uv" in installed.stderr
+    assert "installed offline with venv --without-pip + bundled uv" in installed.stderr
     site = prefix / "venv/lib/python3.11/site-packages"
     assert "PYANNOTE_METRICS_ENABLED" in (site / "pyannote_bundle_offline.pth").read_text()
     assert list((site / "pyannote/audio/__pycache__").glob("*.pyc")), "bytecode compiled"
-    assert not (prefix / ".uv-install").exists()
-    # Re-runnable: a second run over the same prefix replaces the first install.
+    assert not (first / ".uv-install").exists()
+    # Re-runnable: a second run installs a new release beside the live one, proves it, and
+    # only then switches to it and removes the first.
     again = _run("unshare", "-n", "env", "-i", "PATH=/usr/bin:/bin", "HOME=/root",
                  "sh", "./install.sh", str(prefix), cwd=extracted)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "replacing the previous install" in again.stderr
+    assert f"the install in {first} stays live" in again.stderr
+    second = (prefix / "current").resolve()
+    assert second != first and not first.exists()
     assert json.loads((prefix / "smoke-result.json").read_text())["ok"] is True
 
 
@@ -158,6 +163,46 @@ def test_diarize_turns_real_recordings_into_rttm_offline_as_nobody(
 
 def test_next_steps_printed_by_install_sh_work_verbatim(installed: Installed) -> None:
     check_next_steps_work_verbatim(installed)
+
+
+def test_a_failed_upgrade_leaves_the_previous_install_working(installed: Installed,
+                                                              extracted: Path,
+                                                              tmp_path: Path) -> None:
+    prefix = installed.prefix
+    live = (prefix / "current").resolve()
+    mine = prefix / "notes.txt"  # a file of the sysadmin's own, beside our install
+    mine.write_text("keep me\n")
+    # A self-consistent bundle whose model cannot load: its bytes changed and SHA256SUMS
+    # made anew, as a broken release build would be (hard links: no 4 GB copy).
+    forged = tmp_path / "forged"
+    subprocess.run(["cp", "-al", str(extracted), str(forged)], check=True)
+    model = forged / "models/pyannote_model_segmentation-3.0.bin"
+    size = model.stat().st_size
+    model.unlink()  # a new file: the linked original stays as it was
+    model.write_bytes(b"\0" * size)
+    sums = (forged / "SHA256SUMS").read_text().splitlines()
+    (forged / "SHA256SUMS").unlink()
+    digest = hashlib.sha256(model.read_bytes()).hexdigest()
+    (forged / "SHA256SUMS").write_text("".join(
+        f"{digest}  {ln[66:]}\n" if ln.endswith(model.name) else ln + "\n" for ln in sums))
+    proc = _run("unshare", "-n", "env", "-i", "PATH=/usr/bin:/bin", "HOME=/root", "sh",
+                "./install.sh", str(prefix), cwd=forged)
+    assert proc.returncode == 13, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr.splitlines()[-1]
+    assert f"{prefix} still runs the previous one" in proc.stderr
+    assert (prefix / "current").resolve() == live
+    assert [p.name for p in (prefix / "releases").iterdir()] == [live.name]
+    receipt = json.loads((prefix / ".pyannote-bundle-receipt.json").read_text())
+    assert receipt["current"] == live.name and receipt["releases"] == [live.name]
+    assert mine.read_text() == "keep me\n"
+    # The previous install still diarizes, through the paths users know.
+    out = tmp_path / "out"
+    again = _run("unshare", "-n", "env", "-i", "PATH=/usr/bin:/bin", "HOME=/root",
+                 str(prefix / "bin/diarize"), str(prefix / "smoke/sample.wav"), "--output-dir",
+                 str(out))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (out / "sample.wav.rttm").read_text().startswith("SPEAKER sample.wav 1 ")
+    mine.unlink()
 
 
 def _flip(path: Path, offset: int) -> None:

@@ -118,5 +118,5 @@ def test_the_aarch64_bundle_names_libgomp1_then_installs_and_diarizes_with_it(
     smoke = json.loads((target / "smoke-result.json").read_text())
     assert smoke["speakers"] >= 1 and smoke["network_attempts"] == 0
     assert sorted(smoke["formats"]) == ["m4a", "mp3", "wav"]
-    ok = next(ln for ln in done.stdout.splitlines() if ln.startswith("install.sh: ok"))
+    ok = next(ln for ln in done.stdout.splitlines() if ln.startswith("install: ok"))
     print(f"aarch64 under qemu: {ok}")

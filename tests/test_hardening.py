@@ -193,18 +193,20 @@ def test_interrupted_install_is_detected_and_a_rerun_succeeds(tmp_path: Path,
     prefix = tmp_path / "prefix"
     proc = subprocess.Popen(["pyannote-bundle", "-q", "verify", str(tarball), "--no-smoke",
                              "--prefix", str(prefix)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 60
-    while not (prefix / "venv").exists() and time.monotonic() < deadline:
+    while not list(prefix.glob("releases/*/venv")) and time.monotonic() < deadline:
         time.sleep(0.01)
-    proc.kill()  # SIGKILL: no cleanup code runs
+    os.killpg(proc.pid, signal.SIGKILL)  # the tool and its installer: no cleanup code runs
     proc.wait()
-    # Killed mid-install: the marker says so (or nothing was started at all).
-    assert (prefix / ".install-incomplete").exists() or not (prefix / "venv").exists()
+    # Killed mid-install: the receipt, written before the release folder, claims it.
+    (stale,) = prefix.glob("releases/*")
+    receipt = json.loads((prefix / ".pyannote-bundle-receipt.json").read_text())
+    assert receipt["releases"] == [stale.name] and receipt["current"] is None
     rerun = subprocess.run(["pyannote-bundle", "-q", "verify", str(tarball), "--no-smoke",
                             "--prefix", str(prefix)], capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
-    assert not (prefix / ".install-incomplete").exists()
+    assert not stale.exists()
     assert (prefix / "venv" / "bin" / "python").exists()
 
 
@@ -556,9 +558,11 @@ def test_install_sh_finds_the_targets_python_when_python3_is_another(
     proc = subprocess.run(["env", "-i", f"PATH={path}", "sh", "./install.sh",
                            str(tmp_path / "prefix")], cwd=root, capture_output=True, text=True)
     assert "python3 is not Python 3.12; using python3.12" in proc.stderr, proc.stderr
-    # Past every host check: the venv is 3.12 (the tiny bundle has no pyannote to smoke).
-    assert (tmp_path / "prefix/venv/lib/python3.12").is_dir()
+    # Past every host check: the venv is 3.12 (the tiny bundle has no pyannote to smoke, and
+    # a release that fails its smoke test is removed).
+    assert "with Python 3.12 (" in proc.stderr
     assert proc.returncode == 13, proc.stderr
+    assert not (tmp_path / "prefix").exists()
 
 
 def test_install_sh_names_the_pythons_it_found_when_none_fits(

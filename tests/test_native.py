@@ -18,8 +18,7 @@ from typing import Any
 import pytest
 
 from bundler import layout, native
-from bundler.errors import HostMismatch
-from bundler.install import check_host
+from bundler.runtime import install as installer
 from bundler.wheels import WheelFile, sha256_file
 
 REAL_SO = Path(_ctypes.__file__)
@@ -142,7 +141,7 @@ def test_a_glibc_older_than_the_wheels_need_is_refused(tmp_path: Path) -> None:
     assert proc.returncode == 1 and "need glibc 99.0 or newer; this host has 2." in proc.stdout
 
 
-def test_the_tool_refuses_the_host_with_the_bundles_own_check(tmp_path: Path) -> None:
+def test_the_installer_refuses_the_host_with_the_bundles_own_check(tmp_path: Path) -> None:
     bundle = tmp_path / "bundle"
     (bundle / "runtime").mkdir(parents=True)
     (bundle / layout.HOSTLIBS_SCRIPT).write_bytes(HOSTLIBS.read_bytes())
@@ -151,8 +150,10 @@ def test_the_tool_refuses_the_host_with_the_bundles_own_check(tmp_path: Path) ->
                            "arch": platform.machine()},
                 "host_requirements": {"libraries": [lib("libqqq.so.8", debian="libqqq8")]}}
     (bundle / layout.MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(HostMismatch, match=r"lacks .*libqqq\.so\.8 .*libqqq8.*nothing was"):
-        check_host(manifest, sys.executable, bundle)
+    with pytest.raises(installer.Failure, match=r"lacks .*libqqq\.so\.8 .*libqqq8.*nothing was") \
+            as refused:
+        installer.check_host(bundle, manifest)
+    assert refused.value.code == 11
     manifest["host_requirements"] = {"libraries": [lib("libm.so.6")]}
     (bundle / layout.MANIFEST).write_text(json.dumps(manifest))
-    assert check_host(manifest, sys.executable, bundle)["libraries"]["checked"] == ["libm.so.6"]
+    assert installer.check_host(bundle, manifest)["libraries"]["checked"] == ["libm.so.6"]

@@ -9,7 +9,8 @@ the ld.so cache and the default folders), and compares glibc with the newest the
 platform tags ask for. Prints nothing and exits 0 when all is there; else prints one line
 naming each missing library and the Debian/Ubuntu and RHEL packages that provide it, and
 exits 1. Exit 2: the manifest cannot be read. Runs with the host's python3, standard
-library only; ``install.sh`` and ``pyannote-bundle verify`` both run this file.
+library only; the bundle's installer (``runtime/install.py``, run by ``install.sh`` and
+``pyannote-bundle verify`` alike) calls ``check``.
 """
 
 from __future__ import annotations
@@ -78,6 +79,18 @@ def problems(requirements: dict[str, Any]) -> tuple[list[str], list[dict[str, An
     return found, missing_optional
 
 
+def check(requirements: dict[str, Any]) -> dict[str, Any]:
+    """The whole answer: ``ok``, the one-line ``message`` when not, ``problems``, the
+    ``glibc`` floor, the required libraries ``checked`` and the ``optional_missing``."""
+    found, missing_optional = problems(requirements)
+    required = [lib["soname"] for lib in requirements.get("libraries", [])
+                if lib.get("required", True)]
+    message = "this host lacks what the bundled wheels need: " + "; ".join(found)
+    return {"ok": not found, "message": message if found else None, "problems": found,
+            "glibc": requirements.get("glibc"), "checked": required,
+            "optional_missing": [lib["soname"] for lib in missing_optional]}
+
+
 def main(argv: list[str]) -> int:
     as_json = "--json" in argv
     args = [a for a in argv if a != "--json"]
@@ -90,20 +103,12 @@ def main(argv: list[str]) -> int:
     except (OSError, ValueError) as exc:
         print(f"cannot read {args[0]}: {exc}", file=sys.stderr)
         return 2
-    requirements = manifest.get("host_requirements") or {}
-    found, missing_optional = problems(requirements)
-    required = [lib["soname"] for lib in requirements.get("libraries", [])
-                if lib.get("required", True)]
-    message = "this host lacks what the bundled wheels need: " + "; ".join(found)
+    result = check(manifest.get("host_requirements") or {})
     if as_json:
-        print(json.dumps({"ok": not found, "message": message if found else None,
-                          "problems": found, "glibc": requirements.get("glibc"),
-                          "checked": required,
-                          "optional_missing": [lib["soname"] for lib in missing_optional]}))
-    elif found:
-        print(message)
-    return 1 if found else 0
-
+        print(json.dumps(result))
+    elif not result["ok"]:
+        print(result["message"])
+    return 0 if result["ok"] else 1
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
