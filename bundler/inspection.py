@@ -15,7 +15,7 @@ from typing import Any
 
 from bundler import layout
 from bundler.errors import IntegrityError, shown
-from bundler.integrity import open_bundle
+from bundler.integrity import Limits, open_bundle
 from bundler.render import parse_checksums
 
 MAX_SMALL = 64 << 20  # manifest, checksums and expected result are far smaller than this
@@ -31,6 +31,11 @@ def inspect_bundle(tarball: Path) -> dict[str, Any]:
             rel = "/".join(PurePosixPath(member.name).parts[1:])
             if rel.startswith(layout.WHEELS_DIR + "/"):
                 break
+            if member.size > Limits.max_member_bytes:
+                # Passing over a member reads its bytes: a hostile size must not keep
+                # inspect reading (or spinning at the end of the stream) for hours.
+                raise IntegrityError(member.name, f"{member.size} bytes is over the per-file "
+                                     f"limit of {Limits.max_member_bytes}")
             if rel in WANTED and member.isfile() and member.size <= MAX_SMALL:
                 f = bundle.tar.extractfile(member)
                 assert f is not None

@@ -458,6 +458,8 @@ def check_member(member: tarfile.TarInfo) -> None:
                              "folders")
     if name.startswith("/") or "\\" in name:
         raise IntegrityError(name, "absolute or non-posix path")
+    if member.size < 0:
+        raise IntegrityError(name, f"a negative size ({member.size})")
     if member.isreg() and name.endswith("/"):
         raise IntegrityError(name, "a file whose name ends with '/'")
     if any(p in ("", ".", "..") for p in name.rstrip("/").split("/")):
