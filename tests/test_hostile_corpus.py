@@ -251,3 +251,14 @@ def test_a_second_compressed_stream_after_the_end_is_refused(tmp_path: Path, val
                             compress(valid.read_bytes()) + compress(tail))
     assert f"{TOP}/{layout.INSTALL_SH}" in _tar_names(spliced, "--ignore-zeros")[-1:]
     _verify_refuses(_subprocess, spliced, tmp_path, "data after the end-of-archive marker")
+
+
+def test_inspect_refuses_a_member_it_would_spin_past(tmp_path: Path, in_process: Run) -> None:
+    """A header claiming 1 PiB before the wheels: passing over it is reading it, and past
+    the end tarfile's stream keeps 'reading' empty blocks; refused at once instead."""
+    info = tarfile.TarInfo(f"{TOP}/{layout.MODELS_DIR}/big")
+    info.size = 1 << 50
+    huge = tmp_path / "huge.tar"
+    huge.write_bytes(info.tobuf(tarfile.GNU_FORMAT) + b"\0" * 1024)
+    proc = in_process("inspect", str(huge), tmp=tmp_path)
+    _assert_refused(proc, tmp_path, "1125899906842624 bytes is over the per-file limit")
