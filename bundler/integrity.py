@@ -23,7 +23,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -46,7 +45,6 @@ MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd"}
 MAX_COMPONENT_BYTES = 255
 MAX_NAME_BYTES = 4096
 MAX_DEPTH = 32
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 _POSIX_MAGIC = b"ustar\x0000"
 _EXTENDED = (tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
              tarfile.GNUTYPE_LONGLINK)
@@ -267,8 +265,9 @@ def open_bundle(tarball: Path, advance: Callable[[int], None] = lambda n: None,
             import zstandard
 
             stream = zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True)
+        # ReadError, not TarError: StreamError (a backward seek) would be a bug of ours.
         refused: tuple[type[BaseException], ...] = (
-            _NotTar, tarfile.TarError, EOFError, *_corrupt_stream_errors(kind))
+            _NotTar, tarfile.ReadError, EOFError, *_corrupt_stream_errors(kind))
         try:
             with tarfile.open(fileobj=stream, mode="r|", tarinfo=_StrictInfo) as tar:
                 yield BundleStream(tarball.name, kind, reader, tar)
@@ -299,7 +298,7 @@ def _refusal(name: str, kind: str, reader: HashingReader, exc: BaseException,
                               "or download; copy it again)")
     if isinstance(exc, _NotTar):
         return IntegrityError(name, f"{problem}; refused ({_TAMPERED})")
-    if isinstance(exc, tarfile.TarError):
+    if isinstance(exc, tarfile.ReadError):
         return IntegrityError(name, f"not a readable bundle tarball ({kind}): {problem}")
     return IntegrityError(name, f"corrupt {kind} stream: {problem}")
 
@@ -474,8 +473,8 @@ def _check_name(name: str) -> None:
     if size > MAX_NAME_BYTES:
         raise IntegrityError(name, f"name is {size} bytes long, over the limit of "
                              f"{MAX_NAME_BYTES}")
-    if _CONTROL.search(name):
-        raise IntegrityError(name, "name holds a control character")
+    if not name.isprintable():  # control characters, and invisible ones (U+202E, U+2028)
+        raise IntegrityError(name, "name holds a control or invisible character")
     parts = name.rstrip("/").split("/")
     if len(parts) > MAX_DEPTH:
         raise IntegrityError(name, f"path is {len(parts)} folders deep, over the limit of "
