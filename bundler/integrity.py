@@ -242,7 +242,8 @@ def _corrupt_stream_errors(kind: str) -> tuple[type[BaseException], ...]:
 
 @contextmanager
 def open_bundle(tarball: Path, advance: Callable[[int], None] = lambda n: None,
-                expected_sha256: str | None = None) -> Iterator[BundleStream]:
+                expected_sha256: str | None = None,
+                bufsize: int = BUFSIZE) -> Iterator[BundleStream]:
     """The one way a bundle is read (verify's integrity check and inspect): the file,
     decompressed by its magic, as a tar stream whose headers are read strictly.
 
@@ -250,6 +251,7 @@ def open_bundle(tarball: Path, advance: Callable[[int], None] = lambda n: None,
     after the end) becomes one IntegrityError naming the tarball; with ``expected_sha256``
     (the sidecar's), a file whose digest differs is reported as such, the likelier truth.
     Anything else raised inside is left alone: a bug must not read as a corrupt bundle.
+    ``bufsize``: the read-ahead (small for a reader that stops early, like inspect).
     """
     try:
         raw = open(tarball, "rb")
@@ -258,7 +260,7 @@ def open_bundle(tarball: Path, advance: Callable[[int], None] = lambda n: None,
         raise IntegrityError(tarball.name, f"cannot read: {exc.strerror or exc}") from None
     with raw:
         reader = HashingReader(raw, advance)
-        stream: Any = io.BufferedReader(reader, BUFSIZE)
+        stream: Any = io.BufferedReader(reader, bufsize)
         if kind == "gzip":
             stream = gzip.GzipFile(fileobj=stream, mode="rb")
         elif kind == "zstd":

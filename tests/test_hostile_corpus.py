@@ -262,3 +262,24 @@ def test_inspect_refuses_a_member_it_would_spin_past(tmp_path: Path, in_process:
     huge.write_bytes(info.tobuf(tarfile.GNU_FORMAT) + b"\0" * 1024)
     proc = in_process("inspect", str(huge), tmp=tmp_path)
     _assert_refused(proc, tmp_path, "1125899906842624 bytes is over the per-file limit")
+
+
+@pytest.mark.parametrize("manifest", [
+    b'{"files": {}, "models": ["x"], "wheels": [1, {"name": "torch"}], "target": "x", '
+    b'"host_requirements": {"libraries": [{"required": true}], "optional_for": [1, "a"]}, '
+    b'"recipe": [], "build": 3, "tool": null}',
+    b'{"files": {}, "bundle": "b\\npyannote-bundle: verified OK", "models": [{"files": 7}]}',
+])
+def test_inspect_reports_a_manifest_of_another_shape_without_crashing(
+        tmp_path: Path, in_process: Run, manifest: bytes) -> None:
+    """Nothing inspect reads is verified: a field of another type is left out, and no field
+    prints a line of its own."""
+    odd = tmp_path / "odd.tar"
+    with tarfile.open(odd, "w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo(f"{TOP}/{layout.MANIFEST}")
+        info.size = len(manifest)
+        tar.addfile(info, io.BytesIO(manifest))
+    proc = in_process("inspect", str(odd), tmp=tmp_path)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert all(line.isprintable() for line in proc.stdout.splitlines())
+    assert not any(line.startswith("pyannote-bundle:") for line in proc.stdout.splitlines())
