@@ -508,11 +508,12 @@ def _check_lists(root: Path, hashes: dict[str, str | None]) -> dict[str, Any]:
     if layout.MANIFEST not in listed:
         raise IntegrityError(layout.MANIFEST, "missing from SHA256SUMS")
     try:
-        manifest = json.loads((root / layout.MANIFEST).read_text())
-        files = manifest["files"]
-        assert isinstance(files, dict)
-    except (ValueError, KeyError, AssertionError, TypeError):
+        manifest = json.loads((root / layout.MANIFEST).read_bytes())
+    except ValueError:  # UnicodeDecodeError included
         raise IntegrityError(layout.MANIFEST, "not a pyannote-bundle manifest") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise IntegrityError(layout.MANIFEST, "not a pyannote-bundle manifest")
     for path, entry in sorted(files.items()):
         if listed.get(path) != (entry.get("sha256") if isinstance(entry, dict) else None):
             raise IntegrityError(path, "manifest.json and SHA256SUMS disagree about it")
