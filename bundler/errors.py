@@ -203,7 +203,7 @@ NAME_LIMIT = 160  # characters of a name a message shows
 def shown(text: str, limit: int = NAME_LIMIT) -> str:
     """``text`` as one line of a message may show it: cut in the middle past ``limit``
     characters (saying how long it was), every character that is not printable escaped
-    (``\\n``, ``\\x1b``, ``\\u202e``; a byte that is not UTF-8 as ``\\xNN``), and ``\\``
+    (``\\x0a``, ``\\x1b``, ``\\u202e``; a byte that is not UTF-8 as ``\\xNN``), and ``\\``
     doubled, so the text cannot forge a line, move the cursor or hide what follows it.
     """
     if len(text) > limit:
