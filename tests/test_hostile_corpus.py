@@ -23,6 +23,7 @@ import hashlib
 import io
 import logging
 import os
+import shutil
 import subprocess
 import tarfile
 import tempfile
@@ -212,9 +213,11 @@ def _member(name: str, data: bytes) -> bytes:
 
 COMPRESS = {"none": lambda b: b, "gzip": lambda b: gzip.compress(b, mtime=0),
             "zstd": lambda b: zstandard.ZstdCompressor().compress(b)}
+# GNU tar reads zstd through the zstd program
+NEEDS_ZSTD = pytest.mark.skipif(shutil.which("zstd") is None, reason="no zstd program for tar")
 
 
-@pytest.mark.parametrize("compression", sorted(COMPRESS))
+@pytest.mark.parametrize("compression", ["gzip", "none", pytest.param("zstd", marks=NEEDS_ZSTD)])
 @pytest.mark.parametrize("sample,problem", [
     ("go-neg-size.tar", "an unreadable tar header (invalid header)"),
     ("cpython-recursion.tar", "a global PAX header"),
@@ -240,7 +243,7 @@ def test_a_second_install_sh_behind_a_bad_header_is_refused(
     _verify_refuses(_subprocess, spliced, tmp_path, f"byte {end} of the tar stream", problem)
 
 
-@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+@pytest.mark.parametrize("compression", ["gzip", pytest.param("zstd", marks=NEEDS_ZSTD)])
 def test_a_second_compressed_stream_after_the_end_is_refused(tmp_path: Path, valid: Path,
                                                              compression: str) -> None:
     """Another gzip member or zstd frame appended to a compressed bundle: the decompressor
