@@ -6,8 +6,6 @@ from data and say what is wrong and what to do, in one line.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 # Exit codes: a public contract, documented in `--help` and the README.
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -164,7 +162,8 @@ class IntegrityError(BundlerError):
 
     def __init__(self, member: str, problem: str) -> None:
         self.member, self.problem = member, problem
-        super().__init__(f"{member}: {problem}")
+        # Both come from the tarball: a hostile name must not forge a line or fill a screen.
+        super().__init__(f"{shown(member) or '(empty name)'}: {shown(problem, 1000)}")
 
 
 class HostMismatch(BundlerError):
@@ -217,6 +216,34 @@ class TrapError(BundlerError):
         super().__init__(f"[{trap}] {message}")
 
 
-def describe_path(path: Path) -> str:
-    """A path as users should see it in messages."""
-    return str(path)
+NAME_LIMIT = 160  # characters of a name a message shows
+
+
+def shown(text: str, limit: int = NAME_LIMIT) -> str:
+    """``text`` as one line of a message may show it: cut in the middle past ``limit``
+    characters (saying how long it was), every character that is not printable escaped
+    (``\\x0a``, ``\\x1b``, ``\\u202e``; a byte that is not UTF-8 as ``\\xNN``), and ``\\``
+    doubled, so the text cannot forge a line, move the cursor or hide what follows it.
+    """
+    if len(text) > limit:
+        # Cut before escaping: a 1 MiB name is not walked character by character.
+        head, tail = text[:limit * 2 // 3], text[-(limit // 3):]
+        return f"{_escape(head)}[...{len(text)} characters...]{_escape(tail)}"
+    return _escape(text)
+
+
+def _escape(text: str) -> str:
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(c if c.isprintable() and c != "\\" else _escape_char(c) for c in text)
+
+
+def _escape_char(c: str) -> str:
+    code = ord(c)
+    if c == "\\":
+        return "\\\\"
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+        return f"\\x{code - 0xDC00:02x}"
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"

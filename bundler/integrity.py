@@ -1,24 +1,35 @@
 """Offline stage: prove a tarball is the bundle its checksums describe, and unpack it safely.
 
 One streaming pass over the file: the outer bytes are hashed for the sidecar while each
-member is checked (PEP 706's ``data`` filter, plus: regular files and folders only, one
-top-level folder, no duplicates, size and count limits) and written, hashed, into the work
-folder. Then SHA256SUMS is checked in both directions and manifest.json against it. On
-any failure the caller removes the work folder: nothing is installed from a bad bundle.
+member is checked (PEP 706's ``data`` filter, plus: regular files and folders only, sane
+names, one top-level folder, no duplicates, size and count limits) and written, hashed,
+into the work folder. Then SHA256SUMS is checked in both directions and manifest.json
+against it. On any failure the caller removes the work folder: nothing is installed from a
+bad bundle.
+
+No parser differential: the README tells the sysadmin to unpack with GNU tar, so the members
+read here must be the members GNU tar unpacks. Python's tarfile quietly ends the archive at
+a header it cannot read where GNU tar skips it and unpacks what follows; the two pick
+differently among several extended headers for one member, apply global headers and
+old-style name prefixes differently, and expand sparse files their own ways. Each of those
+is refused (``_StrictInfo``, ``check_member``), and after the end-of-archive marker only
+zero bytes may follow (``BundleStream.read_to_end``), so nothing can hide behind the end.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
 import os
 import tarfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import IO, Any, Self
 
 from bundler import layout
 from bundler.errors import IntegrityError, OutputError
@@ -28,6 +39,16 @@ from bundler.render import parse_checksums
 
 BUFSIZE = 1 << 20
 MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd"}
+
+# Member names: Linux's NAME_MAX and PATH_MAX, and a depth far beyond any bundle's (its
+# deepest file is five folders down) yet far below what recursion in path handling survives.
+MAX_COMPONENT_BYTES = 255
+MAX_NAME_BYTES = 4096
+MAX_DEPTH = 32
+_POSIX_MAGIC = b"ustar\x0000"
+_EXTENDED = (tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+             tarfile.GNUTYPE_LONGLINK)
+_TAMPERED = "damaged or tampered: get the bundle again from its source"
 
 
 @dataclass(frozen=True)
@@ -58,6 +79,20 @@ class Integrity:
                 "members_checked_by": self.members_checked_by}
 
 
+class _ReadFailed(Exception):
+    """The tarball's own bytes could not be read (an I/O error): not a verdict on them."""
+
+
+class _NotTar(Exception):
+    """A place where tarfile would stop quietly, or GNU tar read something else: refused.
+    Not a BundlerError, so nothing between the tar reader and ``open_bundle`` mistakes it
+    for a verdict with a member name."""
+
+    def __init__(self, offset: int, problem: str, truncated: bool = False) -> None:
+        super().__init__(problem)
+        self.offset, self.problem, self.truncated = offset, problem, truncated
+
+
 class HashingReader(io.RawIOBase):
     def __init__(self, raw: IO[bytes], advance: Callable[[int], None] = lambda n: None) -> None:
         self.raw, self.hash, self.count, self.advance = raw, BackgroundSha256(), 0, advance
@@ -66,7 +101,10 @@ class HashingReader(io.RawIOBase):
         return True
 
     def readinto(self, b: Any) -> int:
-        n = self.raw.readinto(b)  # type: ignore[attr-defined]
+        try:
+            n = self.raw.readinto(b)  # type: ignore[attr-defined]
+        except OSError as exc:
+            raise _ReadFailed(exc.strerror or str(exc)) from None
         if n:
             self.hash.update(memoryview(b)[:n])  # copied: the buffer is reused
             self.count += n
@@ -74,10 +112,95 @@ class HashingReader(io.RawIOBase):
         return n or 0
 
     def drain(self) -> None:
-        """Hash whatever follows the tar's end blocks: the digest covers the whole file."""
+        """Hash whatever the decompressor left unread: the digest covers the whole file."""
         buf = bytearray(BUFSIZE)
         while self.readinto(buf):
             pass
+
+
+class _StrictInfo(tarfile.TarInfo):
+    """tarfile's header reader, made to refuse what it would pass over or read otherwise
+    than GNU tar (see the module's docstring). tarfile calls these hooks for every header,
+    the extended ones that come before a member included."""
+
+    @classmethod
+    def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> Self:
+        obj = super().frombuf(buf, encoding, errors)
+        # tarfile prepends the ustar prefix field (bytes 345-500) whatever the magic; GNU
+        # tar reads it only under the POSIX one (the old GNU format keeps times there).
+        obj._foreign_prefix = (buf[345:346] not in (b"", b"\0")  # type: ignore[attr-defined]
+                               and buf[257:265] != _POSIX_MAGIC
+                               and obj.type not in tarfile.GNU_TYPES)
+        return obj
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> Self:
+        try:
+            return super().fromtarfile(tarfile_)
+        except tarfile.EOFHeaderError:  # type: ignore[attr-defined]
+            raise  # a zero block, the end-of-archive marker: read_to_end checks what follows
+        except (tarfile.EmptyHeaderError,  # type: ignore[attr-defined]
+                tarfile.TruncatedHeaderError):  # type: ignore[attr-defined]
+            if tarfile_.offset == 0:
+                raise _NotTar(0, "not a tar archive: too short for a tar header") from None
+            raise _NotTar(tarfile_.offset, "the tarball ends where a tar header should be",
+                          truncated=True) from None
+        except (tarfile.HeaderError, ValueError) as exc:
+            # ValueError: tarfile parses extended headers' numbers (sparse maps) with int()
+            raise _NotTar(tarfile_.offset, "an unreadable tar header "
+                          f"({' '.join(str(exc).split()) or type(exc).__name__}), which tar -x "
+                          "would skip to unpack what follows") from None
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if getattr(self, "_foreign_prefix", False):
+            raise _NotTar(self.offset, "a ustar name prefix under a non-POSIX magic: GNU tar "
+                          "ignores it, Python's tarfile does not")
+        if self.type == tarfile.XGLTYPE:
+            raise _NotTar(self.offset, "a global PAX header: tar readers apply it "
+                          "differently, and a bundle has none")
+        if self.type not in _EXTENDED:
+            return super()._proc_member(tarfile_)  # type: ignore[misc]
+        # An extended header (long name, PAX) is read with the header it describes: a second
+        # one before that header means tar readers disagree about which name wins.
+        if getattr(tarfile_, "_bundler_extended", False):
+            raise _NotTar(self.offset, "several extended headers for one member: tar "
+                          "readers disagree about which one names it")
+        tarfile_._bundler_extended = True  # type: ignore[attr-defined]
+        try:
+            return super()._proc_member(tarfile_)  # type: ignore[misc]
+        finally:
+            tarfile_._bundler_extended = False  # type: ignore[attr-defined]
+
+
+@dataclass
+class BundleStream:
+    """A bundle opened for one pass: its members in order, and the outer bytes read so far
+    (``reader.count``, ``reader.hash``)."""
+
+    name: str
+    kind: str  # compression: "none", "gzip" or "zstd"
+    reader: HashingReader
+    tar: tarfile.TarFile
+
+    def members(self) -> Iterator[tarfile.TarInfo]:
+        """Each member, after ``check_member``: no name reaches other code unchecked."""
+        for member in self.tar:
+            check_member(member)
+            yield member
+
+    def read_to_end(self) -> None:
+        """After the last member: only zero bytes may follow the end-of-archive marker, to
+        the end of the stream; then the rest of the file is hashed. A tail, not a 2nd pass."""
+        stream = self.tar.fileobj  # tarfile's reader: it holds what it read ahead
+        assert stream is not None
+        pos = self.tar.offset + tarfile.BLOCKSIZE  # past the zero block that ended the loop
+        while chunk := stream.read(BUFSIZE):
+            rest = chunk.lstrip(b"\0")
+            if rest:
+                raise _NotTar(pos + len(chunk) - len(rest), "data after the end-of-archive "
+                              "marker: a bundle ends with zero blocks only")
+            pos += len(chunk)
+        self.reader.drain()
 
 
 def read_sidecar(tarball: Path) -> str | None:
@@ -93,7 +216,7 @@ def read_sidecar(tarball: Path) -> str | None:
     if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
         raise IntegrityError(sidecar.name, "is not '<sha256>  <file name>'")
     if name.lstrip("*") != tarball.name:
-        raise IntegrityError(sidecar.name, f"names '{name}', not {tarball.name}")
+        raise IntegrityError(sidecar.name, f"names '{name[:200]}', not {tarball.name}")
     return sha
 
 
@@ -104,6 +227,82 @@ def detect_compression(f: IO[bytes]) -> str:
         if head.startswith(magic):
             return name
     return "none"
+
+
+def _corrupt_stream_errors(kind: str) -> tuple[type[BaseException], ...]:
+    """What a damaged compressed stream raises (never a bug of ours)."""
+    if kind == "gzip":
+        return zlib.error, gzip.BadGzipFile
+    if kind == "zstd":
+        import zstandard
+
+        return (zstandard.ZstdError,)
+    return ()
+
+
+@contextmanager
+def open_bundle(tarball: Path, advance: Callable[[int], None] = lambda n: None,
+                expected_sha256: str | None = None,
+                bufsize: int = BUFSIZE) -> Iterator[BundleStream]:
+    """The one way a bundle is read (verify's integrity check and inspect): the file,
+    decompressed by its magic, as a tar stream whose headers are read strictly.
+
+    Every failure of the data (an unreadable header, a corrupt or truncated stream, bytes
+    after the end) becomes one IntegrityError naming the tarball; with ``expected_sha256``
+    (the sidecar's), a file whose digest differs is reported as such, the likelier truth.
+    Anything else raised inside is left alone: a bug must not read as a corrupt bundle.
+    ``bufsize``: the read-ahead (small for a reader that stops early, like inspect).
+    """
+    try:
+        raw = open(tarball, "rb")
+        kind = detect_compression(raw)
+    except OSError as exc:
+        raise IntegrityError(tarball.name, f"cannot read: {exc.strerror or exc}") from None
+    with raw:
+        reader = HashingReader(raw, advance)
+        stream: Any = io.BufferedReader(reader, bufsize)
+        if kind == "gzip":
+            stream = gzip.GzipFile(fileobj=stream, mode="rb")
+        elif kind == "zstd":
+            import zstandard
+
+            stream = zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True)
+        # ReadError, not TarError: StreamError (a backward seek) would be a bug of ours.
+        refused: tuple[type[BaseException], ...] = (
+            _NotTar, tarfile.ReadError, EOFError, *_corrupt_stream_errors(kind))
+        try:
+            with tarfile.open(fileobj=stream, mode="r|", tarinfo=_StrictInfo) as tar:
+                yield BundleStream(tarball.name, kind, reader, tar)
+        except _ReadFailed as exc:
+            raise IntegrityError(tarball.name, f"cannot read: {exc}") from None
+        except refused as exc:
+            raise _refusal(tarball.name, kind, reader, exc, expected_sha256) from None
+        finally:
+            reader.hash.close()  # stops the hashing thread on every path
+
+
+def _refusal(name: str, kind: str, reader: HashingReader, exc: BaseException,
+             expected_sha256: str | None) -> IntegrityError:
+    problem = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, _NotTar):
+        problem = f"byte {exc.offset} of the tar stream: {exc.problem}"
+    if expected_sha256 is not None:
+        try:
+            reader.drain()
+        except _ReadFailed:
+            pass
+        if reader.hash.hexdigest() != expected_sha256:
+            return IntegrityError(name, "sha256 does not match the sidecar "
+                                  f"{name}{layout.SIDECAR_SUFFIX} ({_TAMPERED}): {problem}")
+    if (isinstance(exc, EOFError) or getattr(exc, "truncated", False)
+            or "end of data" in problem):
+        return IntegrityError(name, "truncated: the tarball ends early (an incomplete copy "
+                              "or download; copy it again)")
+    if isinstance(exc, _NotTar):
+        return IntegrityError(name, f"{problem}; refused ({_TAMPERED})")
+    if isinstance(exc, tarfile.ReadError):
+        return IntegrityError(name, f"not a readable bundle tarball ({kind}): {problem}")
+    return IntegrityError(name, f"corrupt {kind} stream: {problem}")
 
 
 def check_and_extract(tarball: Path, work: Path, limits: Limits = Limits(),
@@ -118,16 +317,14 @@ def check_and_extract(tarball: Path, work: Path, limits: Limits = Limits(),
     expected_outer = read_sidecar(tarball)
     each = hash_members or expected_outer is None
     try:
-        raw = open(tarball, "rb")
+        size = tarball.stat().st_size
     except OSError as exc:
         raise IntegrityError(tarball.name, f"cannot open: {exc.strerror}") from None
-    with raw, task(f"integrity: {tarball.name}", os.fstat(raw.fileno()).st_size) as advance:
-        reader = HashingReader(raw, advance)
-        try:
-            hashes, top, total = _stream(tarball, raw, reader, work, limits, each,
-                                         expected_outer)
-        finally:
-            outer = reader.hash.hexdigest()  # also stops the hashing thread on errors
+    with task(f"integrity: {tarball.name}", size) as advance, \
+            open_bundle(tarball, advance, expected_outer) as bundle:
+        hashes, top, total = _extract(bundle, work, limits, each)
+        bundle.read_to_end()
+        outer = bundle.reader.hash.hexdigest()
     if expected_outer is not None and outer != expected_outer:
         raise IntegrityError(tarball.name, f"sha256 {outer} does not match the sidecar "
                              f"{tarball.name}{layout.SIDECAR_SUFFIX} ({expected_outer}): "
@@ -139,116 +336,82 @@ def check_and_extract(tarball: Path, work: Path, limits: Limits = Limits(),
                      "sha256 of each member" if each else "the sidecar's digest of the tarball")
 
 
-def _stream(tarball: Path, raw: IO[bytes], reader: HashingReader, work: Path, limits: Limits,
-            each: bool, expected_outer: str | None
-            ) -> tuple[dict[str, str | None], str, int]:
-    kind = detect_compression(raw)
-    stream: Any = io.BufferedReader(reader, BUFSIZE)
-    if kind == "gzip":
-        import gzip
-
-        stream = gzip.GzipFile(fileobj=stream, mode="rb")
-    elif kind == "zstd":
-        import zstandard
-
-        stream = zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True)
-    try:
-        hashes, top, total = _extract(stream, work, limits, each)
-        # Read to the end so the digest covers every byte.
-        while stream.read(BUFSIZE):
-            pass
-    except (IntegrityError, OutputError):
-        raise
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-        problem = " ".join(str(exc).split()) or type(exc).__name__
-        if expected_outer is not None:
-            reader.drain()
-            if reader.hash.hexdigest() != expected_outer:
-                raise IntegrityError(tarball.name, "sha256 does not match the sidecar "
-                                     f"{tarball.name}{layout.SIDECAR_SUFFIX} (damaged or "
-                                     f"tampered): {problem}") from None
-        if isinstance(exc, EOFError) or "end of data" in problem:
-            raise IntegrityError(tarball.name, "truncated: the tarball ends early (an "
-                                 "incomplete copy or download; copy it again)") from None
-        raise IntegrityError(tarball.name, f"not a readable bundle tarball ({kind}): "
-                             f"{problem}") from None
-    except Exception as exc:
-        # A corrupt stream raises zlib.error (gzip) or zstandard's own ZstdError; anything
-        # else is a bug of ours (exit 1, traceback with --debug), never "a corrupt bundle".
-        if not isinstance(exc, zlib.error) and type(exc).__name__ != "ZstdError":
-            raise
-        raise IntegrityError(tarball.name, f"corrupt {kind} stream: {exc}") from None
-    reader.drain()
-    return hashes, top, total
-
-
-def _extract(stream: IO[bytes], work: Path, limits: Limits,
+def _extract(bundle: BundleStream, work: Path, limits: Limits,
              each: bool) -> tuple[dict[str, str | None], str, int]:
     hashes: dict[str, str | None] = {}
     dirs: set[str] = set()
     top: str | None = None
     total = 0
     count = 0
-    work.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(fileobj=stream, mode="r|") as tar:
-        for member in tar:
-            count += 1
-            name = member.name
-            if count > limits.max_members:
-                raise IntegrityError(name, f"more than {limits.max_members} members "
-                                     "(limit; raise it with --max-members)")
-            _check_member(member)
-            _data_filter(member, work)
-            parts = PurePosixPath(name).parts
-            if top is None:
-                top = parts[0]
-            elif parts[0] != top:
-                raise IntegrityError(name, f"outside the bundle's single top folder '{top}'")
-            rel = "/".join(parts[1:])
-            if member.isdir():
-                if rel in hashes:
-                    raise IntegrityError(name, "is both a file and a folder")
-                dirs.add(rel)
-                (work / name).mkdir(parents=True, exist_ok=True)
-                continue
-            if not rel:
-                raise IntegrityError(name, "a file where the top folder should be")
-            if rel in hashes or rel in dirs:
-                raise IntegrityError(name, "appears twice in the tarball")
-            if member.size > limits.max_member_bytes:
-                raise IntegrityError(name, f"{member.size} bytes is over the per-file limit "
-                                     f"of {limits.max_member_bytes}")
-            total += member.size
-            if total > limits.max_bytes:
-                raise IntegrityError(name, f"the bundle unpacks to more than "
-                                     f"{limits.max_bytes} bytes (limit; raise it with "
-                                     "--max-bytes)")
-            src = tar.extractfile(member)
-            assert src is not None
-            dest = work / name
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            h = hashlib.sha256() if each else None
-            got = 0
-            try:
-                out = open(dest, "xb")
-            except OSError as exc:
-                raise _cannot_write(work, exc) from None
-            with out:
-                while chunk := src.read(BUFSIZE):
-                    if h is not None:
-                        h.update(chunk)
-                    try:
-                        out.write(chunk)
-                    except OSError as exc:
-                        raise _cannot_write(work, exc) from None
-                    got += len(chunk)
-            if got != member.size:
-                raise IntegrityError(name, f"truncated: {got} of {member.size} bytes")
-            os.chmod(dest, 0o755 if rel in layout.EXECUTABLES else 0o644)
-            hashes[rel] = h.hexdigest() if h is not None else None
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _cannot_write(work, exc) from None
+    tar = bundle.tar
+    for member in bundle.members():
+        count += 1
+        name = member.name
+        if count > limits.max_members:
+            raise IntegrityError(name, f"more than {limits.max_members} members "
+                                 "(limit; raise it with --max-members)")
+        _data_filter(member, work)
+        parts = PurePosixPath(name).parts
+        if top is None:
+            top = parts[0]
+        elif parts[0] != top:
+            raise IntegrityError(name, f"outside the bundle's single top folder '{top}'")
+        rel = "/".join(parts[1:])
+        if member.isdir():
+            if rel in hashes:
+                raise IntegrityError(name, "is both a file and a folder")
+            dirs.add(rel)
+            _mkdir(work, work / name)
+            continue
+        if not rel:
+            raise IntegrityError(name, "a file where the top folder should be")
+        if rel in hashes or rel in dirs:
+            raise IntegrityError(name, "appears twice in the tarball")
+        if member.size > limits.max_member_bytes:
+            raise IntegrityError(name, f"{member.size} bytes is over the per-file limit "
+                                 f"of {limits.max_member_bytes}")
+        total += member.size
+        if total > limits.max_bytes:
+            raise IntegrityError(name, f"the bundle unpacks to more than "
+                                 f"{limits.max_bytes} bytes (limit; raise it with "
+                                 "--max-bytes)")
+        src = tar.extractfile(member)
+        assert src is not None
+        dest = work / name
+        _mkdir(work, dest.parent)
+        h = hashlib.sha256() if each else None
+        got = 0
+        try:
+            out = open(dest, "xb")
+        except OSError as exc:
+            raise _cannot_write(work, exc) from None
+        with out:
+            while chunk := src.read(BUFSIZE):
+                if h is not None:
+                    h.update(chunk)
+                try:
+                    out.write(chunk)
+                except OSError as exc:
+                    raise _cannot_write(work, exc) from None
+                got += len(chunk)
+        if got != member.size:
+            raise IntegrityError(name, f"truncated: {got} of {member.size} bytes")
+        os.chmod(dest, 0o755 if rel in layout.EXECUTABLES else 0o644)
+        hashes[rel] = h.hexdigest() if h is not None else None
     if top is None:
         raise IntegrityError("(tarball)", "empty: no members")
     return hashes, top, total
+
+
+def _mkdir(work: Path, path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _cannot_write(work, exc) from None
 
 
 def _cannot_write(work: Path, exc: OSError) -> OutputError:
@@ -257,12 +420,12 @@ def _cannot_write(work: Path, exc: OSError) -> OutputError:
 
 
 def _data_filter(member: tarfile.TarInfo, work: Path) -> None:
-    """The second line after ``_check_member``: PEP 706's ``data`` filter where the standard
+    """The second line after ``check_member``: PEP 706's ``data`` filter where the standard
     library has it (CPython 3.11.4+, 3.12+), else the same destination check done here.
 
     Debian 12 ships CPython 3.11.2, whose tarfile has neither ``data_filter`` nor
     ``FilterError``: a good bundle must not be called corrupt there. The filter's other
-    refusals (links, devices, absolute and '..' paths) are ``_check_member``'s already, and
+    refusals (links, devices, absolute and '..' paths) are ``check_member``'s already, and
     modes are set by ``_extract`` itself, so what is left to check is where the member lands.
     """
     data_filter = getattr(tarfile, "data_filter", None)
@@ -279,17 +442,49 @@ def _data_filter(member: tarfile.TarInfo, work: Path) -> None:
                              "destination folder")
 
 
-def _check_member(member: tarfile.TarInfo) -> None:
+def check_member(member: tarfile.TarInfo) -> None:
+    """Refuse a member no bundle holds, before its name is used for anything: a name that
+    is not sane (UTF-8, no control characters, within NAME_MAX, PATH_MAX and MAX_DEPTH),
+    anything but a regular file or a folder, a sparse file, an absolute or '..' path."""
     name = member.name
+    _check_name(name)
+    if member.issparse() or any(k.startswith("GNU.sparse.") for k in member.pax_headers):
+        raise IntegrityError(name, "is a sparse file: tar readers expand it differently, "
+                             "and a bundle holds none")
     if not (member.isreg() or member.isdir()):
         kind = ("symlink" if member.issym() else "hardlink" if member.islnk()
-                else "fifo" if member.isfifo() else "device" if member.isdev() else "special")
+                else "fifo" if member.isfifo() else "device" if member.isdev()
+                else f"tar entry of type {member.type!r}")
         raise IntegrityError(name, f"is a {kind}: a bundle holds only regular files and "
                              "folders")
     if name.startswith("/") or "\\" in name:
         raise IntegrityError(name, "absolute or non-posix path")
+    if member.size < 0:
+        raise IntegrityError(name, f"a negative size ({member.size})")
+    if member.isreg() and name.endswith("/"):
+        raise IntegrityError(name, "a file whose name ends with '/'")
     if any(p in ("", ".", "..") for p in name.rstrip("/").split("/")):
         raise IntegrityError(name, "path has an empty, '.' or '..' component")
+
+
+def _check_name(name: str) -> None:
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise IntegrityError(name, "name is not UTF-8") from None
+    if size > MAX_NAME_BYTES:
+        raise IntegrityError(name, f"name is {size} bytes long, over the limit of "
+                             f"{MAX_NAME_BYTES}")
+    if not name.isprintable():  # control characters, and invisible ones (U+202E, U+2028)
+        raise IntegrityError(name, "name holds a control or invisible character")
+    parts = name.rstrip("/").split("/")
+    if len(parts) > MAX_DEPTH:
+        raise IntegrityError(name, f"path is {len(parts)} folders deep, over the limit of "
+                             f"{MAX_DEPTH}")
+    longest = max(len(p.encode("utf-8")) for p in parts)
+    if longest > MAX_COMPONENT_BYTES:
+        raise IntegrityError(name, f"a path component is {longest} bytes long, over the "
+                             f"limit of {MAX_COMPONENT_BYTES}")
 
 
 def _check_lists(root: Path, hashes: dict[str, str | None]) -> dict[str, Any]:
@@ -313,11 +508,12 @@ def _check_lists(root: Path, hashes: dict[str, str | None]) -> dict[str, Any]:
     if layout.MANIFEST not in listed:
         raise IntegrityError(layout.MANIFEST, "missing from SHA256SUMS")
     try:
-        manifest = json.loads((root / layout.MANIFEST).read_text())
-        files = manifest["files"]
-        assert isinstance(files, dict)
-    except (ValueError, KeyError, AssertionError, TypeError):
+        manifest = json.loads((root / layout.MANIFEST).read_bytes())
+    except ValueError:  # UnicodeDecodeError included
         raise IntegrityError(layout.MANIFEST, "not a pyannote-bundle manifest") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise IntegrityError(layout.MANIFEST, "not a pyannote-bundle manifest")
     for path, entry in sorted(files.items()):
         if listed.get(path) != (entry.get("sha256") if isinstance(entry, dict) else None):
             raise IntegrityError(path, "manifest.json and SHA256SUMS disagree about it")

@@ -73,6 +73,11 @@ def _info(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.T
     return info
 
 
+def _pax(info: tarfile.TarInfo, headers: dict[str, str]) -> tarfile.TarInfo:
+    info.pax_headers = headers
+    return info
+
+
 def _sums(files: dict[str, bytes]) -> bytes:
     return "".join(f"{hashlib.sha256(d).hexdigest()}  {n}\n" for n, d in sorted(files.items())
                    ).encode()
@@ -106,6 +111,30 @@ HOSTILE: dict[str, tuple[list[tuple[tarfile.TarInfo, bytes]], str]] = {
     "no-sums": ([(_info("b/manifest.json"), b'{"files": {}}')], "SHA256SUMS: missing"),
     "bad-sums": ([(_info("b/SHA256SUMS"), b"this is not a checksum line\n")],
                  "SHA256SUMS: malformed"),
+    # Names: each refused before it is used for a path or printed raw.
+    "long-component": ([(_info("b/SHA256SUMS"), b""), (_info("b/" + "x" * 256), b"x")],
+                       "a path component is 256 bytes long, over the limit of 255"),
+    "long-name": ([(_info("b/SHA256SUMS"), b""),
+                   (_info("b/" + "/".join(["d" * 250] * 17)), b"x")],
+                  "name is 4268 bytes long, over the limit of 4096"),
+    "megabyte-name": ([(_info("b/SHA256SUMS"), b""), (_info("b/" + "m" * (1 << 20)), b"x")],
+                      "over the limit of 4096"),
+    "deep": ([(_info("b/SHA256SUMS"), b""), (_info("b/" + "a/" * 1500 + "f"), b"x")],
+             "path is 1502 folders deep, over the limit of 32"),
+    "newline": ([(_info("b/SHA256SUMS"), b""),
+                 (_info("b/x\npyannote-bundle: verified OK (3 files)"), b"x")],
+                "b/x\\x0apyannote-bundle: verified OK (3 files): name holds a control"),
+    "bidi-override": ([(_info("b/SHA256SUMS"), b""), (_info("b/install\u202ehs.sh"), b"x")],
+                      "b/install\\u202ehs.sh: name holds a control or invisible character"),
+    "terminal-escape": ([(_info("b/SHA256SUMS"), b""), (_info("b/\x1b[2J\x1b[Hx"), b"x")],
+                        "b/\\x1b[2J\\x1b[Hx: name holds a control or invisible character"),
+    "not-utf8": ([(_info("b/SHA256SUMS"), b""), (_info("b/caf\udce9"), b"x")],
+                 "b/caf\\xe9: name is not UTF-8"),
+    "sparse-gnu": ([(_info("b/SHA256SUMS"), b""), (_info("b/s", tarfile.GNUTYPE_SPARSE), b"")],
+                   "b/s: is a sparse file"),
+    "sparse-pax": ([(_info("b/SHA256SUMS"), b""),
+                    (_pax(_info("b/s"), {"GNU.sparse.map": "0,1", "GNU.sparse.size": "1"}),
+                     b"x")], "b/s: is a sparse file"),
 }
 
 
@@ -115,6 +144,8 @@ def test_hostile_tarball_is_refused_and_nothing_escapes(tmp_path: Path, case: st
     evil = _tar(tmp_path / "evil.tar", members)
     proc, prefix = _verify(evil, tmp_path)
     _assert_refused(proc, prefix, 10, reason)
+    line = proc.stderr.strip()
+    assert line.isprintable() and len(line) < 1500, line[:300]  # escaped and cut
     assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.tar", "tmpdir"]
     assert not Path("/tmp/evil-abs.txt").exists()
 

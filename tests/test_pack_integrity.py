@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -144,3 +145,111 @@ def test_unpacks_where_tarfile_has_no_pep_706_filter(tmp_path: Path,
     outside = tarfile.TarInfo("b-1/../../escaped")
     with pytest.raises(IntegrityError, match="outside the destination"):
         integrity._data_filter(outside, tmp_path / "work2")
+
+
+# --- what GNU tar would read differently: refused, not passed over -------------------------
+def _block(info: tarfile.TarInfo, fmt: int, **patch: bytes) -> bytes:
+    """The header block tarfile writes for ``info``, with fields overwritten at the byte
+    offsets named ``at<offset>`` and its checksum recomputed: a header tarfile cannot write."""
+    block = bytearray(info.tobuf(fmt)[-tarfile.BLOCKSIZE:])
+    for key, data in patch.items():
+        at = int(key[2:])
+        block[at:at + len(data)] = data
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+def _raw_bundle(tmp: Path, *pieces: bytes, end: bytes = b"\0" * 1024) -> Path:
+    """A small valid bundle with ``pieces`` spliced in before its end-of-archive marker,
+    and no sidecar: the stream itself is judged."""
+    p = pack(_entries(tmp), top="b-1", output_dir=tmp / "src", compression="none", mtime=0)
+    with tarfile.open(p.path) as tar:
+        last = tar.getmembers()[-1]
+    cut = last.offset_data + -(-last.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    path = tmp / "b-1.tar"
+    path.write_bytes(p.path.read_bytes()[:cut] + b"".join(pieces) + end)
+    return path
+
+
+def _gnu_tar_names(path: Path) -> list[str]:
+    return subprocess.run(["tar", "-tf", str(path)], capture_output=True,
+                          text=True).stdout.splitlines()
+
+
+def _pax_member(name: str, data: bytes = b"x") -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return info.tobuf(tarfile.PAX_FORMAT) + data.ljust(tarfile.BLOCKSIZE, b"\0")
+
+
+def test_several_extended_headers_for_one_member_are_refused(tmp_path: Path) -> None:
+    """Two PAX headers naming one member: each tar reader picks its own name."""
+    first = _pax_member("b-1/" + "a" * 120)[:-2 * tarfile.BLOCKSIZE]  # its PAX header only
+    path = _raw_bundle(tmp_path, first, _pax_member("b-1/" + "b" * 120))
+    with pytest.raises(IntegrityError, match="several extended headers for one member"):
+        check_and_extract(path, tmp_path / "work")
+
+
+def test_a_prefix_under_the_gnu_magic_is_refused(tmp_path: Path) -> None:
+    """Under the old GNU magic, GNU tar ignores the ustar prefix field; Python's tarfile
+    prepends it: the two would unpack the member under different names."""
+    info = tarfile.TarInfo("install.sh")
+    info.size = 1
+    path = _raw_bundle(tmp_path, _block(info, tarfile.GNU_FORMAT, at345=b"b-1/evil"),
+                       b"x".ljust(tarfile.BLOCKSIZE, b"\0"))
+    with tarfile.open(path) as tar:
+        assert "b-1/evil/install.sh" in tar.getnames()
+    assert "install.sh" in _gnu_tar_names(path)
+    with pytest.raises(IntegrityError, match="prefix under a non-POSIX magic"):
+        check_and_extract(path, tmp_path / "work")
+
+
+def test_a_global_header_is_refused(tmp_path: Path) -> None:
+    glob = tarfile.TarInfo.create_pax_global_header({"path": "b-1/install.sh"})
+    path = _raw_bundle(tmp_path, glob, _pax_member("b-1/other"))
+    with pytest.raises(IntegrityError, match="a global PAX header"):
+        check_and_extract(path, tmp_path / "work")
+
+
+def test_a_negative_size_is_refused(tmp_path: Path) -> None:
+    info = tarfile.TarInfo("b-1/neg")
+    path = _raw_bundle(tmp_path, _block(info, tarfile.GNU_FORMAT, at124=b"\xff" * 12))
+    with pytest.raises(IntegrityError, match="negative size|unreadable tar header"):
+        check_and_extract(path, tmp_path / "work")
+
+
+def test_only_zeros_may_follow_the_end_of_archive_marker(tmp_path: Path) -> None:
+    padded = _raw_bundle(tmp_path, end=b"\0" * 30_000)  # a copy padded to a block device
+    assert check_and_extract(padded, tmp_path / "ok").files == 5
+    junk = _raw_bundle(tmp_path, end=b"\0" * 1024 + b"\0" * 700 + b"!")
+    with pytest.raises(IntegrityError, match="byte .* data after the end-of-archive marker"):
+        check_and_extract(junk, tmp_path / "work")
+    lone = _raw_bundle(tmp_path, end=b"\0" * 512 + _pax_member("b-1/hidden") + b"\0" * 1024)
+    with pytest.raises(IntegrityError, match="data after the end-of-archive marker"):
+        check_and_extract(lone, tmp_path / "work2")
+
+
+def test_a_tarball_without_its_end_of_archive_marker_is_truncated(tmp_path: Path) -> None:
+    path = _raw_bundle(tmp_path, end=b"")
+    with pytest.raises(IntegrityError, match="truncated"):
+        check_and_extract(path, tmp_path / "work")
+
+
+def test_a_bug_is_not_reported_as_a_corrupt_bundle(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error of our own while unpacking escapes as itself (exit 1, a traceback with
+    --debug), never as IntegrityError (exit 10: 'the bundle is bad')."""
+    from bundler import integrity
+
+    def broken(member: tarfile.TarInfo, work: Path) -> None:
+        raise ValueError("a bug in the filter")
+
+    monkeypatch.setattr(integrity, "_data_filter", broken)
+    p = pack(_entries(tmp_path), top="b-1", output_dir=tmp_path, compression="gzip", mtime=0)
+    with pytest.raises(ValueError, match="a bug in the filter"):
+        check_and_extract(p.path, tmp_path / "work")
+    monkeypatch.setattr(integrity, "_data_filter", lambda m, w: None)
+    monkeypatch.setattr(integrity.os, "chmod", lambda *a: (_ for _ in ()).throw(OSError(1, "x")))
+    with pytest.raises(OSError):
+        check_and_extract(p.path, tmp_path / "work2")
