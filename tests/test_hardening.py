@@ -222,9 +222,12 @@ def test_interrupted_install_is_detected_and_a_rerun_succeeds(tmp_path: Path,
                                                               tiny_bundle: TinyBundle) -> None:
     tarball = tiny_bundle()
     prefix = tmp_path / "prefix"
+    work = tmp_path / "tmpdir"  # a killed verify cannot remove its work folder: keep it here
+    work.mkdir()
     proc = subprocess.Popen(["pyannote-bundle", "-q", "verify", str(tarball), "--no-smoke",
                              "--prefix", str(prefix)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+                            stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "TMPDIR": str(work)})
     deadline = time.monotonic() + 60
     while not list(prefix.glob("releases/*/venv")) and time.monotonic() < deadline:
         time.sleep(0.01)
