@@ -21,6 +21,8 @@ EXIT_INSTALL = 12
 EXIT_SMOKE = 13
 EXIT_TRAP = 14
 EXIT_NETWORK = 15
+EXIT_REBUILD_DIFFERS = 16
+EXIT_CANNOT_REBUILD = 17
 EXIT_INTERRUPTED = 130
 
 EXIT_CODES: dict[int, str] = {
@@ -40,6 +42,10 @@ EXIT_CODES: dict[int, str] = {
     EXIT_TRAP: "the pipeline config hits a known pyannote trap",
     EXIT_NETWORK: "the smoke diarization tried to reach the network (a connection attempt "
                   "or name lookup)",
+    EXIT_REBUILD_DIFFERS: "rebuild: the bundle rebuilt from its recorded inputs differs from "
+                          "it (the members that differ are listed)",
+    EXIT_CANNOT_REBUILD: "rebuild: this tool cannot rebuild the bundle (another tool "
+                         "version, or an input it records that is not available here)",
     EXIT_INTERRUPTED: "interrupted",
 }
 
@@ -201,3 +207,36 @@ class TrapError(BundlerError):
 def describe_path(path: Path) -> str:
     """A path as users should see it in messages."""
     return str(path)
+
+
+# --- reproducibility ----------------------------------------------------------
+class BuiltWheelMismatch(WheelError):
+    """A wheel built here from an sdist is not the one the build lock records."""
+
+    def __init__(self, package: str, version: str, expected: str, actual: str,
+                 backend: list[str]) -> None:
+        self.package, self.expected, self.actual = package, expected, actual
+        super().__init__(
+            f"{package}=={version}: the wheel built from its sdist has sha256 {actual}, not "
+            f"the {expected} recorded in build-backend.txt (backend {', '.join(backend)}); "
+            "this build host cannot reproduce it - nothing was bundled"
+        )
+
+
+class CannotRebuild(BundlerError):
+    """``rebuild`` refuses: the bundle records an input this tool cannot reproduce."""
+
+    exit_code = EXIT_CANNOT_REBUILD
+
+
+class RebuildDiffers(BundlerError):
+    """The rebuilt bundle is not byte-identical to the one given."""
+
+    exit_code = EXIT_REBUILD_DIFFERS
+
+    def __init__(self, bundle: str, members: list[str]) -> None:
+        self.bundle, self.members = bundle, members
+        shown = ", ".join(members[:5]) + (f" and {len(members) - 5} more"
+                                          if len(members) > 5 else "")
+        super().__init__(f"{bundle}: the rebuild differs in {len(members)} member(s): "
+                         f"{shown or 'tar headers only'}; it is not what these inputs make")
