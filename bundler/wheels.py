@@ -296,13 +296,19 @@ def _build_from_sdist(req: LockedRequirement, target: Target, index: IndexOption
     if sdist is None:
         raise NoWheelForTarget(req.name, target.slug, "nothing was downloaded for it")
     sdist_sha, _ = sha256_file(sdist)
+    record = backend.built.get(sdist_sha)
     path = cache.built(sdist_sha, backend.key, tags)
+    if path is not None and record is not None and sha256_file(path)[0] != record.sha256:
+        # Left by an older tool, or changed on disk: the cache is no authority, the record is.
+        log.info("wheels: %s in the cache is not the recorded wheel; building it again",
+                 path.name)
+        path.unlink()
+        path = None
     if path is None:
         log.info("wheels: %s has no wheel; building one from its sdist with %s", sdist.name,
                  ", ".join(backend.pins))
         path = _build_wheel(req, sdist, sdist_sha, target, index, cache, tags, backend)
     sha, size = sha256_file(path)
-    record = backend.built.get(sdist_sha)
     if record is None:
         log.warning("wheels: %s: the wheel built from its sdist is not recorded in %s; add "
                     "this line there so that every build host must make the same one:\n%s",

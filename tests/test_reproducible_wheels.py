@@ -194,3 +194,13 @@ def test_the_built_wheel_is_cached_per_backend(built_cache: Path, docopt_lock: P
                                     Target.host().supported_tags()) is None
     (again,) = fetch_wheels(docopt_lock, HOST, IndexOptions(), cache, EPOCH)
     assert again.path == w.path and again.sha256 == w.sha256
+
+
+def test_a_cached_wheel_that_is_not_the_recorded_one_is_built_again(
+        built_cache: Path, docopt_lock: Path) -> None:
+    (w,) = fetch_wheels(docopt_lock, HOST, IndexOptions(), built_cache, EPOCH)
+    good = w.path.read_bytes()
+    w.path.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # an older tool's, or bit rot
+    (again,) = fetch_wheels(docopt_lock, HOST, IndexOptions(), built_cache, EPOCH)
+    assert again.sha256 == load_build_lock().built[DOCOPT_SDIST].sha256
+    assert again.path.read_bytes() == good
