@@ -5,13 +5,15 @@ No stage calls another; this module chains them and assembles the manifest.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import posixpath
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from bundler.sbom import sbom_json
 from bundler.signing import sign
 from bundler.spec import IndexOptions, Spec
 from bundler.traps import check_pins, check_pipeline
-from bundler.wheels import bundle_lock, fetch_wheels, wheel_license
+from bundler.wheels import bundle_lock, fetch_wheels, load_build_lock, wheel_license
 
 log = logging.getLogger("bundler")
 
@@ -49,6 +51,9 @@ class BuildOptions:
     self_test: bool = False  # install the staged bundle here, smoke it, ship the result
     sign_key: Path | None = None  # an SSH private key: <tarball>.sha256.sig beside the sidecar
     python: str | None = None  # the self-test's interpreter (default: found for the target)
+    # rebuild: fetch each repo at the commit a bundle records, whatever its branch says now;
+    # the manifest still records the revision the spec asks for.
+    model_commits: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,11 @@ def build(spec: Spec, opts: BuildOptions) -> BuildResult:
     host = host_requirements(wheels, opts.cache_dir / "wheels")
     if "pyannote-audio" in pins:
         check_pipeline(spec.pipeline, pins["pyannote-audio"])
-    models = fetch_models(spec.models, endpoint=opts.endpoint, token=opts.token,
+    asked = {m.repo_id: m.revision for m in spec.models}
+    models = fetch_models(tuple(replace(m, revision=opts.model_commits.get(m.repo_id,
+                                                                           m.revision))
+                                for m in spec.models),
+                          endpoint=opts.endpoint, token=opts.token,
                           cache_dir=opts.cache_dir / "hub")
     version = pins.get("pyannote-audio", "0")
     bundle_name = f"{spec.name}-{version}-{spec.target.slug}"
@@ -135,13 +144,19 @@ def build(spec: Spec, opts: BuildOptions) -> BuildResult:
     manifest: dict[str, Any] = {
         "format": 1,
         "bundle": bundle_name,
-        "recipe": {"name": spec.name, "pipeline": spec.pipeline},
+        # What `rebuild` needs to make the same bundle again: a shipped recipe by name, a
+        # spec file by its own text.
+        "recipe": {"name": spec.name, "pipeline": spec.pipeline, **_spec_source(spec)},
         "target": spec.target.as_dict(),
         "tool": {"name": "pyannote-bundle", "version": __version__},
         "build": {"source_date_epoch": epoch,
-                  "time": datetime.fromtimestamp(epoch, UTC).isoformat()},
+                  "time": datetime.fromtimestamp(epoch, UTC).isoformat(),
+                  "compression": opts.compression},
         "index": index.redacted(),
         "lockfile": lockfile.name,
+        "lockfile_sha256": hashlib.sha256(lockfile.read_bytes()).hexdigest(),
+        # The backend that built the wheels made here from sdists (none: null).
+        "build_backend": _build_backend(wheels),
         "pyannote_audio": version,
         # What the wheels need from the host; runtime/hostlibs.py checks it before install.
         "host_requirements": host,
@@ -151,7 +166,8 @@ def build(spec: Spec, opts: BuildOptions) -> BuildResult:
                    for w in wheels],
         "programs": [{"path": e.path, "sha256": e.sha256, "size": e.size}
                      for e in sorted(programs, key=lambda e: e.path)],
-        "models": [{"repo": m.repo_id, "revision": m.revision, "commit": m.commit,
+        "models": [{"repo": m.repo_id, "revision": asked.get(m.repo_id, m.revision),
+                    "commit": m.commit,
                     "role": m.role, "license": m.license,
                     "files": [{"path": f.path,
                                "bundle_path": f"{layout.MODELS_DIR}/{f.bundle_path}",
@@ -176,6 +192,26 @@ def build(spec: Spec, opts: BuildOptions) -> BuildResult:
             packed.sidecar.unlink(missing_ok=True)
             raise
     return BuildResult(bundle_name, packed, manifest)
+
+
+def _spec_source(spec: Spec) -> dict[str, Any]:
+    """A shipped recipe by name; a spec file by its text (None when it cannot be read)."""
+    if spec.source == f"recipe {spec.name}":
+        return {"source": "recipe", "spec": None}
+    try:
+        text: str | None = Path(spec.source).read_text()
+    except (OSError, UnicodeDecodeError):
+        text = None
+    return {"source": "spec", "spec": text}
+
+
+def _build_backend(wheels: list[Any]) -> dict[str, Any] | None:
+    if not any(w.built_from for w in wheels):
+        return None
+    backend = load_build_lock()
+    return {"lockfile": backend.path.name,
+            "sha256": hashlib.sha256(backend.path.read_bytes()).hexdigest(),
+            "requires": backend.pins}
 
 
 def self_test(entries: list[Entry], manifest: dict[str, Any], spec: Spec,
@@ -221,4 +257,6 @@ def self_test(entries: list[Entry], manifest: dict[str, Any], spec: Spec,
                 "torch": result.get("torch")}
     log.info("self-test: %d segments, %d speakers", len(result["segments"]), result["speakers"])
     return (json.dumps(expected, indent=2, sort_keys=True).encode() + b"\n",
-            {"ran": True, "network_isolation": result.get("network_isolation")})
+            # Not the isolation the build host offered: the manifest must not depend on the
+            # host, so that a rebuild elsewhere gives the same bytes.
+            {"ran": True})

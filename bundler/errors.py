@@ -20,6 +20,8 @@ EXIT_SMOKE = 13
 EXIT_TRAP = 14
 EXIT_NETWORK = 15
 EXIT_PREFIX = 16
+EXIT_REBUILD_DIFFERS = 17
+EXIT_CANNOT_REBUILD = 18
 EXIT_INTERRUPTED = 130
 
 EXIT_CODES: dict[int, str] = {
@@ -42,6 +44,10 @@ EXIT_CODES: dict[int, str] = {
                   "or name lookup)",
     EXIT_PREFIX: "the install prefix holds files that no install of ours made (nothing was "
                  "touched), or another install into it is running",
+    EXIT_REBUILD_DIFFERS: "rebuild: the bundle rebuilt from its recorded inputs differs from "
+                          "it (the members that differ are listed)",
+    EXIT_CANNOT_REBUILD: "rebuild: this tool cannot rebuild the bundle (another tool "
+                         "version, or an input it records that is not available here)",
     EXIT_INTERRUPTED: "interrupted",
 }
 
@@ -214,6 +220,39 @@ class TrapError(BundlerError):
     def __init__(self, trap: str, message: str) -> None:
         self.trap = trap
         super().__init__(f"[{trap}] {message}")
+
+
+# --- reproducibility ----------------------------------------------------------
+class BuiltWheelMismatch(WheelError):
+    """A wheel built here from an sdist is not the one the build lock records."""
+
+    def __init__(self, package: str, version: str, expected: str, actual: str,
+                 backend: list[str]) -> None:
+        self.package, self.expected, self.actual = package, expected, actual
+        super().__init__(
+            f"{package}=={version}: the wheel built from its sdist has sha256 {actual}, not "
+            f"the {expected} recorded in build-backend.txt (backend {', '.join(backend)}); "
+            "this build host cannot reproduce it - nothing was bundled"
+        )
+
+
+class CannotRebuild(BundlerError):
+    """``rebuild`` refuses: the bundle records an input this tool cannot reproduce."""
+
+    exit_code = EXIT_CANNOT_REBUILD
+
+
+class RebuildDiffers(BundlerError):
+    """The rebuilt bundle is not byte-identical to the one given."""
+
+    exit_code = EXIT_REBUILD_DIFFERS
+
+    def __init__(self, bundle: str, members: list[str]) -> None:
+        self.bundle, self.members = bundle, members
+        listed = ", ".join(members[:5]) + (f" and {len(members) - 5} more"
+                                          if len(members) > 5 else "")
+        super().__init__(f"{bundle}: the rebuild differs in {len(members)} member(s): "
+                         f"{listed or 'tar headers only'}; it is not what these inputs make")
 
 
 NAME_LIMIT = 160  # characters of a name a message shows

@@ -9,9 +9,13 @@ running on it; about 7 s for the 3.1 recipe). An existing lockfile seeds the res
 pins that still fit are kept. A package with no wheel for the target fails the lock with
 the resolver's own line naming the package and the platform.
 
-The lockfile records the sha256 of the ``.in`` it was made from. ``--check`` is offline and
-fast: the lockfile is stale when the ``.in`` changed since, or when a requirement of the
-``.in`` is missing from the lockfile or not satisfied by its pin.
+The lockfile records the sha256 of the ``.in`` it was made from. A relock that changes no
+pin keeps the ``# pyannote-bundle: built ...`` lines of the lockfile it replaces (in
+``build-backend.txt``: the wheels that backend must make from sdists, see bundler.wheels);
+a changed backend drops them, and the next build prints the lines to record.
+
+``--check`` is offline and fast: the lockfile is stale when the ``.in`` changed since, or
+when a requirement of the ``.in`` is missing from the lockfile or not satisfied by its pin.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from bundler.data import data_dir
 from bundler.errors import InputError, LockError
 from bundler.spec import IndexOptions, Spec, Target
 from bundler.subproc import clean_env, last_lines, pip_problem, run
-from bundler.wheels import parse_lockfile
+from bundler.wheels import parse_built_records, parse_lockfile
 
 log = logging.getLogger("bundler")
 
@@ -102,11 +106,28 @@ def lock(paths: LockPaths, target: Target, index: IndexOptions,
                             f"{_why(res.stderr or res.stdout)}")
         text = out.read_text()
     text = HEADER.format(name=paths.source.name, digest=input_digest(paths.source)) + text
+    pins = {(r.name, r.version) for r in parse_lockfile(text, str(paths.lockfile))}
+    text = text.rstrip("\n") + "\n" + _kept_records(paths.lockfile, pins)
     parse_lockfile(text, str(paths.lockfile))  # pinned and hashed, or refuse to write it
     tmp_out = paths.lockfile.with_name(f".{paths.lockfile.name}.partial")
     tmp_out.write_text(text)
     tmp_out.replace(paths.lockfile)
     return [f"{r.name}=={r.version}" for r in parse_lockfile(text, str(paths.lockfile))]
+
+
+def _kept_records(lockfile: Path, pins: set[tuple[str, str]]) -> str:
+    """The built-wheel records of the lockfile being replaced, when it pins the same
+    versions: the backend did not change, so neither did the wheels it must make."""
+    try:
+        old = lockfile.read_text()
+        before = {(r.name, r.version) for r in parse_lockfile(old, str(lockfile))}
+    except (OSError, InputError):
+        return ""
+    kept = [r.line() + "\n" for r in parse_built_records(old).values()]
+    if not kept or before != pins:
+        return ""
+    return ("# Wheels built on the build host from sdists, and the sha256 each must have:\n"
+            + "".join(sorted(kept)))
 
 
 def _uv() -> str:

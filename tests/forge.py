@@ -1,0 +1,63 @@
+"""A self-consistent forgery of a bundle: one byte of one member changed, and every sum that
+covers it made again (manifest.json, the SBOM, SHA256SUMS, the sidecar) with the tool's own
+packer, so that every integrity check passes and only a rebuild can tell."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+
+from bundler import layout, render
+from bundler.pack import Entry, pack
+from bundler.sbom import sbom_json
+from bundler.wheels import sha256_file
+
+
+def forge(bundle: Path, member: str, output_dir: Path) -> Path:
+    """``bundle`` with the middle byte of ``member`` flipped and re-summed, written to
+    ``output_dir`` under the same name; returns its path."""
+    work = Path(tempfile.mkdtemp(prefix="forge-", dir=output_dir.parent))
+    try:
+        with tarfile.open(bundle) as tar:
+            tar.extractall(work, filter="data")
+        (root,) = work.iterdir()
+        manifest = json.loads((root / layout.MANIFEST).read_text())
+        # The SBOM is made from the manifest before its file list and self-test: check that
+        # this is still how the build makes it, so the forgery stays self-consistent.
+        before = {k: v for k, v in manifest.items() if k not in ("files", "self_test")}
+        assert sbom_json(before) == (root / layout.SBOM).read_bytes(), "SBOM recipe changed"
+
+        target = root / member
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        target.write_bytes(bytes(data))
+        sha = hashlib.sha256(data).hexdigest()
+        for model in manifest["models"]:
+            for f in model["files"]:
+                if f["bundle_path"] == member:
+                    f["sha256"] = sha
+        for w in manifest["wheels"]:
+            if f"{layout.WHEELS_DIR}/{w['filename']}" == member:
+                w["sha256"] = sha
+        manifest["files"][member]["sha256"] = sha
+        sbom = sbom_json({k: v for k, v in manifest.items() if k not in ("files", "self_test")})
+        (root / layout.SBOM).write_bytes(sbom)
+        manifest["files"][layout.SBOM] = {"sha256": hashlib.sha256(sbom).hexdigest(),
+                                          "size": len(sbom)}
+        entries = []
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            rel = path.relative_to(root).as_posix()
+            if rel in (layout.MANIFEST, layout.CHECKSUMS):
+                continue
+            digest, size = sha256_file(path)
+            entries.append(Entry(rel, digest, size, source=path))
+        entries.append(Entry.from_bytes(layout.MANIFEST, render.manifest_json(manifest)))
+        packed = pack(entries, top=root.name, output_dir=output_dir, compression="none",
+                      mtime=manifest["build"]["source_date_epoch"])
+        return packed.path
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
