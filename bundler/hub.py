@@ -27,6 +27,8 @@ from types import MappingProxyType, TracebackType
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from bundler.hashing import git_blob_sha1
+
 __all__ = ["FAULTS", "HubRepo", "LoopbackHub", "main"]
 
 #: Faults ``LoopbackHub.inject`` understands.
@@ -48,11 +50,6 @@ _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 _MAX_BODY = 1 << 20
 _MAX_LOG = 100_000
 _IDLE_TIMEOUT_S = 30.0
-
-
-def _git_blob_sha1(data: bytes) -> str:
-    """The git object id of a blob: what the Hub calls ``blobId``/``oid``."""
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -126,8 +123,8 @@ class _Entry:
                 f"version https://git-lfs.github.com/spec/v1\n"
                 f"oid sha256:{sha256}\nsize {len(content)}\n"
             ).encode()
-            return cls(path, content, sha256, _git_blob_sha1(pointer), True, len(pointer))
-        return cls(path, content, sha256, _git_blob_sha1(content), False, 0)
+            return cls(path, content, sha256, git_blob_sha1(pointer), True, len(pointer))
+        return cls(path, content, sha256, git_blob_sha1(content), False, 0)
 
     @property
     def etag(self) -> str:

@@ -8,7 +8,6 @@ here, on the build host, so the isolated host never builds anything.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -18,16 +17,20 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from packaging.utils import canonicalize_name, parse_sdist_filename, parse_wheel_filename
+from packaging.utils import (
+    InvalidWheelFilename,
+    canonicalize_name,
+    parse_sdist_filename,
+    parse_wheel_filename,
+)
 
 from bundler.errors import InputError, NoWheelForTarget, WheelError, WheelHashMismatch
+from bundler.hashing import sha256_file
 from bundler.progress import task
 from bundler.spec import IndexOptions, Target
 from bundler.subproc import last_lines, pip_problem, run_pip
 
 log = logging.getLogger("bundler")
-
-BUFSIZE = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -80,17 +83,6 @@ def parse_lockfile(text: str, source: str = "lockfile") -> list[LockedRequiremen
     return reqs
 
 
-def sha256_file(path: Path) -> tuple[str, int]:
-    """sha256 and size of a file, in one read with large buffers."""
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(BUFSIZE):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
-
-
 class WheelCache:
     """``ROOT/wheels/<sha256>/<file>`` for downloads, ``ROOT/built/<sdist sha256>/<wheel>``."""
 
@@ -137,7 +129,7 @@ def _files(folder: Path) -> list[Path]:
 def _fits(filename: str, tags: frozenset[str]) -> bool:
     try:
         _, _, _, wheel_tags = parse_wheel_filename(filename)
-    except Exception:
+    except InvalidWheelFilename:  # a stray file in the cache: not a wheel for anyone
         return False
     return any(str(t) in tags for t in wheel_tags)
 
