@@ -217,7 +217,10 @@ def _remove_partial(cache_dir: Path) -> None:
     except OSError:
         return
     for p in partial:
-        p.unlink(missing_ok=True)
+        try:
+            p.unlink(missing_ok=True)
+        except OSError:
+            pass  # the error being reported already says what to fix
 
 
 def _classify(exc: BaseException, model: ModelRef, endpoint: str,

@@ -180,3 +180,30 @@ def test_git_blob_id_is_gits_and_shared_by_the_hub_and_the_fetcher(tmp_path: Pat
     from bundler import hub, wheels
     assert models.git_blob_sha1 is hub.git_blob_sha1 is hashing.git_blob_sha1
     assert models.sha256_file is wheels.sha256_file is hashing.sha256_file
+
+
+# --- what nothing uses is gone; what ships is what runs -------------------------------------
+def test_unknown_trap_id_is_refused_under_python_O_too() -> None:
+    # A check, not an assert: `python -O` must not turn a typo in a trap id into a silent pass.
+    proc = subprocess.run([sys.executable, "-O", "-c",
+                           "from bundler.traps import _fail; _fail('no-such-trap', 'x')"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "unknown trap id 'no-such-trap'" in proc.stderr
+
+
+def test_every_trap_listed_is_raised_somewhere_and_only_those() -> None:
+    import re
+
+    from bundler import traps
+    source = Path(traps.__file__).read_text()
+    raised = set(re.findall(r'_fail\(\s*"([a-z0-9.-]+)"', source))
+    raised |= set(re.findall(r'"(missing-plda)" if', source))
+    assert raised == set(traps.TRAPS)
+
+
+def test_the_shipped_hub_serves_and_leaves_faults_to_the_tests() -> None:
+    from bundler import hub, pack, spec
+    assert not hasattr(hub.LoopbackHub, "inject") and not hasattr(hub, "FAULTS")
+    assert not hasattr(hub, "main"), "the standalone server lives in tests/hubfaults.py"
+    assert not hasattr(spec, "parse_target") and not hasattr(spec.ModelRef, "name")
+    assert not hasattr(pack, "DEFAULT_COMPRESSION"), "the CLI's default is the only one"
