@@ -6,6 +6,7 @@ from data and say what is wrong and what to do, in one line.
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 # Exit codes: a public contract, documented in `--help` and the README.
@@ -150,6 +151,29 @@ class OutputError(BundlerError):
     """The bundle could not be written."""
 
     exit_code = EXIT_OUTPUT
+
+
+class CannotWrite(OutputError):
+    """This host could not write a cache or an output: the disk is full, or the folder is not
+    writable. Neither a retry nor the network can fix it: the message says what will."""
+
+    NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+    NO_ACCESS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+
+    def __init__(self, what: str, folder: Path, exc: OSError, option: str = "") -> None:
+        self.what, self.folder, self.errno = what, folder, exc.errno
+        elsewhere = f" (or pass {option})" if option else ""
+        if exc.errno in self.NO_SPACE:
+            fix = f"free space on the file system of {folder}{elsewhere}"
+        else:
+            fix = f"make {folder} writable for this user{elsewhere}"
+        super().__init__(f"cannot write {what} {exc.filename or folder}: "
+                         f"{exc.strerror or exc}; {fix} and retry")
+
+    @classmethod
+    def matches(cls, exc: BaseException) -> bool:
+        """Whether ``exc`` is a write this host refused (full disk, no permission)."""
+        return isinstance(exc, OSError) and exc.errno in cls.NO_SPACE | cls.NO_ACCESS
 
 
 # --- offline side ------------------------------------------------------------

@@ -9,7 +9,6 @@ revisions.
 
 from __future__ import annotations
 
-import errno
 import functools
 import logging
 import time
@@ -19,11 +18,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bundler.errors import (
+    CannotWrite,
     EntryNotFound,
     GatedRepo,
     HubError,
     ModelChecksumMismatch,
-    OutputError,
     RepoNotFound,
     RevisionNotFound,
 )
@@ -35,10 +34,6 @@ log = logging.getLogger("bundler")
 DEFAULT_ENDPOINT = "https://huggingface.co"
 RETRIES = 4  # attempts for each call, on transient faults (429, 5xx, dropped connections)
 T = TypeVar("T")
-
-# A write that failed on this host: retrying cannot help, and the Hub is not to blame.
-_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
-_NO_ACCESS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 
 
 @dataclass(frozen=True)
@@ -89,10 +84,7 @@ def fetch_models(models: Sequence[ModelRef], *, endpoint: str | None, token: str
             local = _retry(functools.partial(_download, model.repo_id, f.path, commit,
                                              endpoint, token, cache_dir),
                            model, endpoint, f.path, sleep, cache_dir)
-            try:
-                actual, size = sha256_file(local)
-            except OSError as exc:
-                raise _local_error(exc, cache_dir) from None
+            actual, size = sha256_file(local)
             if expected is not None:
                 if actual != expected:
                     raise ModelChecksumMismatch(model.repo_id, f.path, expected, actual)
@@ -133,7 +125,7 @@ def _retry(call: Callable[[], T], model: ModelRef, endpoint: str, path: str | No
            sleep: Callable[[float], None], cache_dir: Path) -> T:
     """Call, retrying transient faults with backoff; map the Hub's errors to ours.
 
-    A local write that fails (disk full, no permission) is an OutputError at once: neither
+    A local write that fails (disk full, no permission) is CannotWrite at once: neither
     a retry nor the Hub can fix it. Anything else that is not a network or Hub fault is a
     bug, and is left to surface as one."""
     delay = 1.0
@@ -192,21 +184,15 @@ def _chain(exc: BaseException) -> list[BaseException]:
 def _local_cause(exc: BaseException) -> OSError | None:
     """The failed local write behind ``exc`` (itself, or what it was raised from), if any."""
     for err in _chain(exc):
-        if isinstance(err, OSError) and err.errno in _NO_SPACE | _NO_ACCESS:
+        if isinstance(err, OSError) and CannotWrite.matches(err):
             return err
     return None
 
 
-def _local_error(exc: OSError, cache_dir: Path) -> OutputError:
+def _local_error(exc: OSError, cache_dir: Path) -> CannotWrite:
     """One line for a model download that this host could not write."""
-    where = exc.filename or cache_dir
     _remove_partial(cache_dir)
-    if exc.errno in _NO_SPACE:
-        return OutputError(f"cannot write the model cache {where}: {exc.strerror}; free space "
-                           f"on the file system of {cache_dir} (or pass --cache-dir on "
-                           "another one) and retry; the partial download was removed")
-    return OutputError(f"cannot write the model cache {where}: {exc.strerror}; make "
-                       f"{cache_dir} writable for this user (or pass --cache-dir) and retry")
+    return CannotWrite("the model cache", cache_dir, exc, "--cache-dir")
 
 
 def _remove_partial(cache_dir: Path) -> None:

@@ -24,7 +24,13 @@ from packaging.utils import (
     parse_wheel_filename,
 )
 
-from bundler.errors import InputError, NoWheelForTarget, WheelError, WheelHashMismatch
+from bundler.errors import (
+    CannotWrite,
+    InputError,
+    NoWheelForTarget,
+    WheelError,
+    WheelHashMismatch,
+)
 from bundler.hashing import sha256_file
 from bundler.progress import task
 from bundler.spec import IndexOptions, Target
@@ -144,18 +150,23 @@ def fetch_wheels(lockfile: Path, target: Target, index: IndexOptions, cache_dir:
     reqs = parse_lockfile(text, str(lockfile))
     tags = target.supported_tags()
     cache = WheelCache(cache_dir)
-    missing = [r for r in reqs if cache.lookup(r, tags) is None and cache.sdist(r) is None]
-    if missing:
-        with task(f"wheels: downloading {len(missing)} of {len(reqs)} for {target.slug}"):
-            _download(missing, target, index, cache)
-    else:
-        log.info("wheels: all %d in the cache for %s", len(reqs), target.slug)
-    out = []
-    for req in reqs:
-        wheel = cache.lookup(req, tags)
-        if wheel is None:
-            wheel = _build_from_sdist(req, target, index, cache, source_date_epoch, tags)
-        out.append(wheel)
+    try:
+        missing = [r for r in reqs if cache.lookup(r, tags) is None and cache.sdist(r) is None]
+        if missing:
+            with task(f"wheels: downloading {len(missing)} of {len(reqs)} for {target.slug}"):
+                _download(missing, target, index, cache)
+        else:
+            log.info("wheels: all %d in the cache for %s", len(reqs), target.slug)
+        out = []
+        for req in reqs:
+            wheel = cache.lookup(req, tags)
+            if wheel is None:
+                wheel = _build_from_sdist(req, target, index, cache, source_date_epoch, tags)
+            out.append(wheel)
+    except OSError as exc:
+        if CannotWrite.matches(exc):
+            raise CannotWrite("the wheel cache", cache_dir, exc, "--cache-dir") from None
+        raise
     return out
 
 
@@ -175,7 +186,7 @@ def _download(reqs: Iterable[LockedRequirement], target: Target, index: IndexOpt
                 *index.pip_args(), *target.pip_download_args()]
         result = run_pip(args)
         if result.returncode != 0:
-            raise _pip_error(result.stderr + result.stdout, target)
+            raise _pip_error(result.stderr + result.stdout, target, cache.root)
         for path in sorted(dest.iterdir()):
             digest, _ = sha256_file(path)
             cache.add("wheels", digest, path)
@@ -215,7 +226,16 @@ def _build_from_sdist(req: LockedRequirement, target: Target, index: IndexOption
     return WheelFile(req.name, str(version), path.name, sha, size, path, sdist_sha)
 
 
-def _pip_error(output: str, target: Target) -> WheelError:
+# pip's line for a write it could not make: "OSError: [Errno 28] No space left on device"
+# (with ": '/path'" when it names the file).
+_PIP_OSERROR = re.compile(r"\[Errno (\d+)\] ([^:'\n]+?)(?:: '([^'\n]+)')?\s*$", re.M)
+
+
+def _pip_error(output: str, target: Target, cache_root: Path) -> WheelError | CannotWrite:
+    for found in _PIP_OSERROR.finditer(output):
+        exc = OSError(int(found.group(1)), found.group(2).strip(), found.group(3))
+        if CannotWrite.matches(exc):
+            return CannotWrite("the wheel cache", cache_root, exc, "--cache-dir")
     problem = pip_problem(output)
     if problem and "index could not be reached" in problem:
         return WheelError(f"pip download for {target.slug}: {problem}")

@@ -86,13 +86,7 @@ def test_an_unwritable_model_cache_exits_5_and_says_what_to_fix(
         tmp_path: Path, wheel_cache: Path, tiny_bundle: TinyBundle) -> None:
     cache = _cache(tmp_path, wheel_cache, tiny_bundle)
     out = tmp_path / "refused"
-    (cache / "hub").chmod(0o500)
-    # root writes anywhere: drop the capabilities that let it, so the mode bits decide.
-    prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner"]
-    if os.geteuid() != 0:
-        prefix = []
-    elif shutil.which("setpriv") is None:
-        pytest.skip("needs setpriv to run without root's override of file modes")
+    prefix = _unprivileged(cache / "hub")
     try:
         with _hub() as hub:
             proc = _build(out, cache, hub, prefix=prefix)
@@ -101,6 +95,60 @@ def test_an_unwritable_model_cache_exits_5_and_says_what_to_fix(
     _assert_one_line(proc, 5, "cannot write the model cache", "Permission denied",
                      f"make {cache / 'hub'} writable")
     assert not out.exists() or list(out.iterdir()) == []
+
+
+def _unprivileged(folder: Path) -> list[str]:
+    """``folder`` made read-only, and the argv prefix under which that really holds."""
+    folder.chmod(0o500)
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv to run without root's override of file modes")
+    # root writes anywhere: drop the capabilities that let it, so the mode bits decide.
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner"]
+
+
+def test_an_unwritable_wheel_cache_exits_5_before_any_download(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    prefix = _unprivileged(cache)
+    try:
+        with _hub() as hub:
+            proc = _build(tmp_path / "refused", cache, hub, prefix=prefix)
+    finally:
+        cache.chmod(0o700)
+    _assert_one_line(proc, 5, "cannot write the wheel cache", "Permission denied",
+                     f"make {cache / 'wheels'} writable")
+
+
+def test_disk_full_while_pip_downloads_wheels_exits_5(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+
+    def small_disk() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, 256 << 10))  # pip's wheel: 1.8 MB
+
+    with _hub() as hub:
+        proc = _build(tmp_path / "refused", cache, hub, preexec_fn=small_disk)
+    _assert_one_line(proc, 5, "cannot write the wheel cache", "free space")
+    assert not list(cache.rglob("*.whl")), "no wheel, whole or partial, is left in the cache"
+
+
+def test_an_unwritable_lockfile_folder_exits_5(tmp_path: Path) -> None:
+    source = tmp_path / "tiny.in"
+    source.write_text("six==1.16.0\n")
+    folder = tmp_path / "locks"
+    folder.mkdir()
+    prefix = _unprivileged(folder)
+    try:
+        proc = subprocess.run([*prefix, shutil.which("pyannote-bundle") or "pyannote-bundle",
+                               "-q", "lock", "--input", str(source), "--output",
+                               str(folder / "sub" / "tiny-py311-linux-x86_64.txt")],
+                              capture_output=True, text=True)
+    finally:
+        folder.chmod(0o700)
+    _assert_one_line(proc, 5, "cannot write the lockfile", f"make {folder / 'sub'} writable",
+                     "--output")
 
 
 def test_a_bug_is_not_retried_as_a_hub_fault() -> None:
