@@ -226,19 +226,29 @@ def _build_from_sdist(req: LockedRequirement, target: Target, index: IndexOption
     return WheelFile(req.name, str(version), path.name, sha, size, path, sdist_sha)
 
 
-# pip's line for a write it could not make: "OSError: [Errno 28] No space left on device"
-# (with ": '/path'" when it names the file).
-_PIP_OSERROR = re.compile(r"\[Errno (\d+)\] ([^:'\n]+?)(?:: '([^'\n]+)')?\s*$", re.M)
+# pip's line for a write it could not make: "OSError: [Errno 28] No space left on device",
+# then ": '/path'" when it names the file, or ": '/tmp/x' -> '/cache/x'" for a copy.
+_PIP_OSERROR = re.compile(
+    r"\[Errno (\d+)\] ([^:'\n]+?)(?:: '([^'\n]+)'(?: -> '([^'\n]+)')?)?\s*$", re.M)
 
 
 def _pip_error(output: str, target: Target, cache_root: Path) -> WheelError | CannotWrite:
     for found in _PIP_OSERROR.finditer(output):
-        exc = OSError(int(found.group(1)), found.group(2).strip(), found.group(3))
+        exc = OSError(int(found.group(1)), found.group(2).strip(),
+                      found.group(4) or found.group(3))
         if CannotWrite.matches(exc):
             return CannotWrite("the wheel cache", cache_root, exc, "--cache-dir")
     problem = pip_problem(output)
     if problem and "index could not be reached" in problem:
         return WheelError(f"pip download for {target.slug}: {problem}")
+    if "incomplete-download" in output:
+        # pip >= 25 says this of a failed write to its temporary file too, and blames the
+        # network: say both.
+        said = re.search(r"Download failed[^\n]*", output)
+        return WheelError(f"pip download for {target.slug}: a download ended early (pip: "
+                          f"{said.group(0).strip() if said else last_lines(output, 1)}); the "
+                          "connection dropped, or the disk under TMPDIR "
+                          f"({tempfile.gettempdir()}) is full: check both and retry")
     m = re.search(r"No matching distribution found for ([A-Za-z0-9._-]+)", output)
     if m:
         return NoWheelForTarget(canonicalize_name(m.group(1)), target.slug)
