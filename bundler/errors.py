@@ -7,6 +7,8 @@ from data and say what is wrong and what to do, in one line.
 from __future__ import annotations
 
 import errno
+import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 # Exit codes: a public contract, documented in `--help` and the README.
@@ -174,6 +176,26 @@ class CannotWrite(OutputError):
     def matches(cls, exc: BaseException) -> bool:
         """Whether ``exc`` is a write this host refused (full disk, no permission)."""
         return isinstance(exc, OSError) and exc.errno in cls.NO_SPACE | cls.NO_ACCESS
+
+
+# --- child processes ---------------------------------------------------------
+class ChildTimeout(BundlerError, subprocess.TimeoutExpired):
+    """A child process ran past its kind's time limit and was killed (bundler.subproc).
+
+    Also a ``subprocess.TimeoutExpired``, so a caller that handles a hang itself still can;
+    the exit code is the kind's (a lock or a download: 4, an install: 12)."""
+
+    def __init__(self, args: Sequence[str], kind: str, timeout: float, exit_code: int,
+                 advice: str) -> None:
+        subprocess.TimeoutExpired.__init__(self, list(args), timeout)
+        self.kind, self.exit_code = kind, exit_code
+        command = " ".join([Path(args[0]).name, *args[1:4]])
+        self.message = (f"'{command} ...' ({kind}) did not finish in {timeout:g} s and was "
+                        f"stopped; {advice}")
+        BundlerError.__init__(self, self.message)
+
+    def __str__(self) -> str:
+        return self.message
 
 
 # --- offline side ------------------------------------------------------------

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bundler.errors import EXIT_INSTALL, EXIT_INTERNAL, EXIT_WHEELS, BundlerError, InputError
+from bundler.errors import EXIT_INSTALL, EXIT_INTERNAL, EXIT_WHEELS, ChildTimeout, InputError
 
 log = logging.getLogger("bundler")
 
@@ -67,25 +67,6 @@ def kind_of(args: Sequence[str]) -> Kind:
     return OTHER
 
 
-class ChildTimeout(BundlerError, subprocess.TimeoutExpired):
-    """A child process ran past its time and was killed.
-
-    Also a ``subprocess.TimeoutExpired``, so a caller that handles a hang itself still can."""
-
-    def __init__(self, args: Sequence[str], kind: Kind, timeout: float) -> None:
-        subprocess.TimeoutExpired.__init__(self, list(args), timeout)
-        self.kind = kind
-        self.exit_code = kind.exit_code
-        command = " ".join([Path(args[0]).name, *args[1:4]])
-        self.message = (f"'{command} ...' ({kind.name}) did not finish in {timeout:g} s and "
-                        f"was stopped; {kind.advice}, or set {TIMEOUT_ENV}=SECONDS to allow "
-                        "longer")
-        BundlerError.__init__(self, self.message)
-
-    def __str__(self) -> str:
-        return self.message
-
-
 def default_timeout(kind: Kind) -> float:
     """The kind's time limit, or the one ``$PYANNOTE_BUNDLE_TIMEOUT`` sets for every kind."""
     raw = os.environ.get(TIMEOUT_ENV, "").strip()
@@ -134,7 +115,9 @@ def run(args: Sequence[str], *, env: Mapping[str, str] | None = None,
                                   cwd=cwd, capture_output=True, encoding="utf-8",
                                   errors="replace", timeout=limit, stdin=feed)
         except subprocess.TimeoutExpired:
-            raise ChildTimeout(args, kind, limit) from None
+            raise ChildTimeout(args, kind.name, limit, kind.exit_code,
+                               f"{kind.advice}, or set {TIMEOUT_ENV}=SECONDS to allow longer"
+                               ) from None
     return Completed(tuple(args), proc.returncode, proc.stdout, proc.stderr)
 
 

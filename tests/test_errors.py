@@ -221,7 +221,7 @@ def test_every_child_has_a_time_limit_by_kind(argv: list[str], kind: subproc.Kin
 def test_a_hung_child_is_stopped_at_its_kinds_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(subproc, "OTHER", subproc.Kind("child", 1, 1, "look at it"))
     started = time.monotonic()
-    with pytest.raises(subproc.ChildTimeout) as exc:
+    with pytest.raises(errors.ChildTimeout) as exc:
         subproc.run([sys.executable, "-c", "import time; time.sleep(20)"])
     assert time.monotonic() - started < 10
     assert isinstance(exc.value, errors.BundlerError)
