@@ -174,8 +174,12 @@ class CannotWrite(OutputError):
 
     @classmethod
     def matches(cls, exc: BaseException) -> bool:
-        """Whether ``exc`` is a write this host refused (full disk, no permission)."""
-        return isinstance(exc, OSError) and exc.errno in cls.NO_SPACE | cls.NO_ACCESS
+        """Whether ``exc`` is a write this host refused: a full disk, or a path it may not
+        write (a path: a connection a firewall refuses is EPERM too, and names none)."""
+        if not isinstance(exc, OSError):
+            return False
+        return exc.errno in cls.NO_SPACE or (exc.errno in cls.NO_ACCESS
+                                             and exc.filename is not None)
 
 
 # --- child processes ---------------------------------------------------------

@@ -1,4 +1,6 @@
-"""Every child process goes through here: pip, venv, unshare.
+"""Every child process goes through here: pip, venv, unshare. Each runs with a time limit
+by kind (``kind_of``) and its output is decoded leniently, so neither a hang nor a stray byte
+becomes a traceback.
 
 pip is always a subprocess (never ``pip._internal``), isolated from the build machine's
 pip configuration: only the index options a spec or the command line names are used.
@@ -57,7 +59,7 @@ TIMEOUT_ENV = "PYANNOTE_BUNDLE_TIMEOUT"
 def kind_of(args: Sequence[str]) -> Kind:
     """The kind of the command ``args``, from what it runs (pip, uv, venv, ...)."""
     words = [Path(a).name if i == 0 else a for i, a in enumerate(args)]
-    if "compile" in words and ("piptools" in words or "uv" in words[0]):
+    if "compile" in words and ("piptools" in words or words[0] == "uv"):
         return LOCK
     if any(w in ("download", "wheel") for w in words) and "pip" in words:
         return DOWNLOAD

@@ -3,6 +3,7 @@ retried as one; a child's odd bytes or a hung child end in one clear line."""
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import shutil
@@ -282,3 +283,10 @@ def test_the_shipped_hub_serves_and_leaves_faults_to_the_tests() -> None:
     assert not hasattr(hub, "main"), "the standalone server lives in tests/hubfaults.py"
     assert not hasattr(spec, "parse_target") and not hasattr(spec.ModelRef, "name")
     assert not hasattr(pack, "DEFAULT_COMPRESSION"), "the CLI's default is the only one"
+
+
+def test_a_refused_connection_is_not_taken_for_an_unwritable_folder() -> None:
+    # connect() blocked by a firewall fails with EPERM and no path: a network fault.
+    assert not errors.CannotWrite.matches(PermissionError(errno.EPERM, "Operation not permitted"))
+    assert errors.CannotWrite.matches(PermissionError(errno.EACCES, "Permission denied", "/c"))
+    assert errors.CannotWrite.matches(OSError(errno.ENOSPC, "No space left on device"))
