@@ -165,10 +165,12 @@ class CannotWrite(OutputError):
     def __init__(self, what: str, folder: Path, exc: OSError, option: str = "") -> None:
         self.what, self.folder, self.errno = what, folder, exc.errno
         elsewhere = f" (or pass {option})" if option else ""
+        # The folder to fix is the nearest one that exists: a missing one cannot be blamed.
+        there = next((p for p in (folder, *folder.parents) if p.is_dir()), folder)
         if exc.errno in self.NO_SPACE:
-            fix = f"free space on the file system of {folder}{elsewhere}"
+            fix = f"free space on the file system of {there}{elsewhere}"
         else:
-            fix = f"make {folder} writable for this user{elsewhere}"
+            fix = f"make {there} writable for this user{elsewhere}"
         super().__init__(f"cannot write {what} {exc.filename or folder}: "
                          f"{exc.strerror or exc}; {fix} and retry")
 
