@@ -6,6 +6,11 @@ from data and say what is wrong and what to do, in one line.
 
 from __future__ import annotations
 
+import errno
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
 # Exit codes: a public contract, documented in `--help` and the README.
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -158,6 +163,55 @@ class OutputError(BundlerError):
     """The bundle could not be written."""
 
     exit_code = EXIT_OUTPUT
+
+
+class CannotWrite(OutputError):
+    """This host could not write a cache or an output: the disk is full, or the folder is not
+    writable. Neither a retry nor the network can fix it: the message says what will."""
+
+    NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+    NO_ACCESS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+
+    def __init__(self, what: str, folder: Path, exc: OSError, option: str = "") -> None:
+        self.what, self.folder, self.errno = what, folder, exc.errno
+        elsewhere = f" (or pass {option})" if option else ""
+        # The folder to fix is the nearest one that exists: a missing one cannot be blamed.
+        there = next((p for p in (folder, *folder.parents) if p.is_dir()), folder)
+        if exc.errno in self.NO_SPACE:
+            fix = f"free space on the file system of {there}{elsewhere}"
+        else:
+            fix = f"make {there} writable for this user{elsewhere}"
+        super().__init__(f"cannot write {what} {exc.filename or folder}: "
+                         f"{exc.strerror or exc}; {fix} and retry")
+
+    @classmethod
+    def matches(cls, exc: BaseException) -> bool:
+        """Whether ``exc`` is a write this host refused: a full disk, or a path it may not
+        write (a path: a connection a firewall refuses is EPERM too, and names none)."""
+        if not isinstance(exc, OSError):
+            return False
+        return exc.errno in cls.NO_SPACE or (exc.errno in cls.NO_ACCESS
+                                             and exc.filename is not None)
+
+
+# --- child processes ---------------------------------------------------------
+class ChildTimeout(BundlerError, subprocess.TimeoutExpired):
+    """A child process ran past its kind's time limit and was killed (bundler.subproc).
+
+    Also a ``subprocess.TimeoutExpired``, so a caller that handles a hang itself still can;
+    the exit code is the kind's (a lock or a download: 4, an install: 12)."""
+
+    def __init__(self, args: Sequence[str], kind: str, timeout: float, exit_code: int,
+                 advice: str) -> None:
+        subprocess.TimeoutExpired.__init__(self, list(args), timeout)
+        self.kind, self.exit_code = kind, exit_code
+        command = " ".join([Path(args[0]).name, *args[1:4]])
+        self.message = (f"'{command} ...' ({kind}) did not finish in {timeout:g} s and was "
+                        f"stopped; {advice}")
+        BundlerError.__init__(self, self.message)
+
+    def __str__(self) -> str:
+        return self.message
 
 
 # --- offline side ------------------------------------------------------------

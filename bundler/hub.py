@@ -1,17 +1,17 @@
-"""A loopback Hugging Face Hub: the Hub's HTTP protocol on 127.0.0.1, for tests and demos.
+"""A loopback Hugging Face Hub: the Hub's HTTP protocol on 127.0.0.1, for ``demo`` and tests.
 
 The real Hub is unreachable from build and CI machines, yet the builder must be proven against the
 *real* ``huggingface_hub`` client (0.3x and 1.x/2.x), not a mock of it. This module serves in-memory
-model repositories with exactly the routes, headers and error signals that client relies on, and
-can inject the faults a real download meets (rate limits, 5xx, dropped connections, corrupted
-bytes) so the builder's handling of each one is tested for real.
+model repositories with exactly the routes, headers and error signals that client relies on.
+``demo`` builds against it; the tests also inject the faults a real download meets (rate limits,
+5xx, dropped connections, corrupted bytes) through a subclass of ``Handler`` kept with them
+(``tests/hubfaults.py``), beside the standalone server.
 
-Standard library only: it must run wherever the test suite runs.
+Standard library only (and the digest helpers): it must run wherever the test suite runs.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import re
@@ -27,12 +27,9 @@ from types import MappingProxyType, TracebackType
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
-__all__ = ["FAULTS", "HubRepo", "LoopbackHub", "main"]
+from bundler.hashing import git_blob_sha1
 
-#: Faults ``LoopbackHub.inject`` understands.
-FAULTS = frozenset({"401", "403", "404", "429", "500", "502", "503", "drop", "corrupt"})
-# These two alter a file body, so they wait for a GET of file content (a HEAD cannot carry them).
-_BODY_FAULTS = frozenset({"drop", "corrupt"})
+__all__ = ["Handler", "HttpError", "HubFile", "HubRepo", "LoopbackHub", "gated_message"]
 
 # The Hub stores big and binary files in LFS; the client then gets the sha256 as ETag and in the
 # listings, which is what the builder checks downloads against.
@@ -48,11 +45,6 @@ _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 _MAX_BODY = 1 << 20
 _MAX_LOG = 100_000
 _IDLE_TIMEOUT_S = 30.0
-
-
-def _git_blob_sha1(data: bytes) -> str:
-    """The git object id of a blob: what the Hub calls ``blobId``/``oid``."""
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -107,7 +99,7 @@ class HubRepo:
 
 
 @dataclass(frozen=True)
-class _Entry:
+class HubFile:
     """A file as the Hub describes it, computed once per repo."""
 
     path: str
@@ -118,7 +110,7 @@ class _Entry:
     pointer_size: int
 
     @classmethod
-    def of(cls, path: str, content: bytes) -> _Entry:
+    def of(cls, path: str, content: bytes) -> HubFile:
         sha256 = hashlib.sha256(content).hexdigest()
         lfs = len(content) > _LFS_MIN_SIZE or path.endswith(_LFS_SUFFIXES)
         if lfs:
@@ -126,8 +118,8 @@ class _Entry:
                 f"version https://git-lfs.github.com/spec/v1\n"
                 f"oid sha256:{sha256}\nsize {len(content)}\n"
             ).encode()
-            return cls(path, content, sha256, _git_blob_sha1(pointer), True, len(pointer))
-        return cls(path, content, sha256, _git_blob_sha1(content), False, 0)
+            return cls(path, content, sha256, git_blob_sha1(pointer), True, len(pointer))
+        return cls(path, content, sha256, git_blob_sha1(content), False, 0)
 
     @property
     def etag(self) -> str:
@@ -170,7 +162,7 @@ class _Index:
     def __init__(self, repo: HubRepo) -> None:
         self.repo = repo
         self.commit = cast(str, repo.commit)
-        self.files = {p: _Entry.of(p, c) for p, c in sorted(repo.files.items())}
+        self.files = {p: HubFile.of(p, c) for p, c in sorted(repo.files.items())}
         dirs: set[str] = set()
         for path in self.files:
             parts = path.split("/")
@@ -188,7 +180,7 @@ class _Index:
             "path": path,
         }
 
-    def _under(self, path: str) -> Iterator[_Entry]:
+    def _under(self, path: str) -> Iterator[HubFile]:
         prefix = f"{path}/" if path else ""
         return (e for p, e in self.files.items() if p.startswith(prefix))
 
@@ -221,8 +213,9 @@ class _Index:
         }
 
 
-class _HttpError(Exception):
-    """A response that ends the handling of a request, with the Hub's error signals."""
+class HttpError(Exception):
+    """A response that ends the handling of a request, with the Hub's error signals: raise it
+    from a ``Handler`` hook to answer with an error."""
 
     def __init__(
         self,
@@ -246,7 +239,7 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, hub: LoopbackHub, port: int) -> None:
         self.hub = hub
-        super().__init__(("127.0.0.1", port), _Handler)
+        super().__init__(("127.0.0.1", port), hub.handler_class)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client hanging up (or stop() closing its idle connection) is routine, not a bug
@@ -255,8 +248,11 @@ class _Server(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    """Routes one connection's requests to the hub. Keep-alive, as the client pools connections."""
+class Handler(BaseHTTPRequestHandler):
+    """Routes one connection's requests to the hub. Keep-alive, as the client pools connections.
+
+    Hooks for a subclass (``LoopbackHub.handler_class``): ``before`` sees each request first,
+    ``file_body`` gives a file's bytes, ``write_body`` sends them."""
 
     # HTTP/1.1 so that Content-Length governs the body: a short body is then a protocol error
     # the client can detect, which is what the "drop" fault needs.
@@ -264,8 +260,6 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = _IDLE_TIMEOUT_S
     server_version = "LoopbackHub/1"
     sys_version = ""
-    # "drop" or "corrupt" taken for the request being handled (one handler serves a connection).
-    _body_fault: str | None = None
 
     @property
     def hub(self) -> LoopbackHub:
@@ -309,21 +303,20 @@ class _Handler(BaseHTTPRequestHandler):
                 "authorized": auth is not None,
             }
         )
-        self._body_fault = None
         try:
             body = self._read_body()
             self._route(body, auth)
-        except _HttpError as err:
+        except HttpError as err:
             self._send_error(err)
 
     def _read_body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             self.close_connection = True
-            raise _HttpError(411, "Length Required")
+            raise HttpError(411, "Length Required")
         length = int(self.headers.get("Content-Length") or 0)
         if length > _MAX_BODY:
             self.close_connection = True
-            raise _HttpError(413, "Request body too large")
+            raise HttpError(413, "Request body too large")
         return self.rfile.read(length) if length > 0 else b""
 
     def _route(self, body: bytes, auth: str | None) -> None:
@@ -345,7 +338,7 @@ class _Handler(BaseHTTPRequestHandler):
                 index = self._open(repo_id, None, auth, unquote(rest[1]), api=True)
                 sub = unquote("/".join(rest[2:])).strip("/")
                 if sub and sub not in index.dirs:
-                    raise _HttpError(
+                    raise HttpError(
                         404, f'{sub} does not exist on "{unquote(rest[1])}"', "EntryNotFound"
                     )
                 # One page holds everything: no Link header, so paginating clients stop here.
@@ -358,21 +351,29 @@ class _Handler(BaseHTTPRequestHandler):
             path = unquote("/".join(parts[4:]))
             index = self._open(repo_id, path, auth, unquote(parts[3]), api=False)
             return self._send_file(index, path)
-        raise _HttpError(404, "Not Found")
+        raise HttpError(404, "Not Found")
+
+    def before(self, repo_id: str, path: str | None, *, api: bool) -> None:
+        """Called first for every request of a repo (``path``: the file, for a download);
+        raise ``HttpError`` to answer with it. Nothing here: the Hub serves."""
+
+    def file_body(self, entry: HubFile) -> bytes:
+        """The bytes served for a file."""
+        return entry.content
+
+    def write_body(self, body: bytes) -> None:
+        """Send a file's bytes, after headers that promised ``len(body)`` of them."""
+        self.wfile.write(body)
 
     def _open(
         self, repo_id: str, path: str | None, auth: str | None, rev: str | None, *, api: bool
     ) -> _Index:
-        """Apply, in the Hub's order, faults, then repo, gate and revision checks."""
+        """Apply, in the Hub's order, ``before``, then repo, gate and revision checks."""
         hub = self.hub
-        fault = hub._take_fault(repo_id, path, content=self.command == "GET" and not api)
-        if fault in _BODY_FAULTS:
-            self._body_fault = fault
-        elif fault is not None:
-            raise _fault_error(fault, repo_id)
+        self.before(repo_id, path, api=api)
         index = hub._indexes.get(repo_id)
         if index is None:
-            raise _HttpError(404, "Repository not found", "RepoNotFound")
+            raise HttpError(404, "Repository not found", "RepoNotFound")
         if index.repo.gated:
             token = auth[len("Bearer ") :] if auth and auth.startswith("Bearer ") else None
             if token is None:
@@ -381,11 +382,11 @@ class _Handler(BaseHTTPRequestHandler):
                     f"Access to model {repo_id} is restricted. You must be authenticated to "
                     "access it."
                     if api
-                    else _gated_message(repo_id)
+                    else gated_message(repo_id)
                 )
-                raise _HttpError(401, msg, "GatedRepo")
+                raise HttpError(401, msg, "GatedRepo")
             if token not in hub._tokens:
-                raise _HttpError(
+                raise HttpError(
                     403,
                     f"Access to model {repo_id} is restricted and you are not "
                     f"in the authorized list. Visit https://huggingface.co/{repo_id}"
@@ -393,7 +394,7 @@ class _Handler(BaseHTTPRequestHandler):
                     "GatedRepo",
                 )
         if rev is not None and rev not in (index.repo.branch, index.commit):
-            raise _HttpError(404, f"Invalid rev id: {rev}", "RevisionNotFound")
+            raise HttpError(404, f"Invalid rev id: {rev}", "RevisionNotFound")
         return index
 
     def _paths_info(self, index: _Index, body: bytes) -> list[dict[str, Any]]:
@@ -402,7 +403,7 @@ class _Handler(BaseHTTPRequestHandler):
             try:
                 data = json.loads(body or b"{}")
             except ValueError:
-                raise _HttpError(400, "Invalid JSON body") from None
+                raise HttpError(400, "Invalid JSON body") from None
             paths = data.get("paths", []) if isinstance(data, dict) else []
             paths = [paths] if isinstance(paths, str) else paths
         else:
@@ -422,12 +423,8 @@ class _Handler(BaseHTTPRequestHandler):
         commit_header = {"X-Repo-Commit": index.commit}
         if entry is None:
             # The Hub names the commit even here; the client caches the absence under it.
-            raise _HttpError(404, "Entry not found", "EntryNotFound", commit_header)
-        data = entry.content
-        if self._body_fault == "corrupt" and data:
-            # Same size, one byte flipped: only a content hash can tell.
-            mid = len(data) // 2
-            data = data[:mid] + bytes([data[mid] ^ 0xFF]) + data[mid + 1 :]
+            raise HttpError(404, "Entry not found", "EntryNotFound", commit_header)
+        data = self.file_body(entry)
         size = len(data)
         headers = {
             **commit_header,
@@ -449,7 +446,7 @@ class _Handler(BaseHTTPRequestHandler):
                 start = int(first)
                 end = min(int(last) + 1, size) if last else size
             if start >= size or start >= end:
-                raise _HttpError(
+                raise HttpError(
                     416,
                     "Requested range not satisfiable",
                     headers={**commit_header, "Content-Range": f"bytes */{size}"},
@@ -464,13 +461,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command == "HEAD":
             return
-        if self._body_fault == "drop":
-            # Promise the whole body, deliver about half, hang up: a connection lost mid-file.
-            self.wfile.write(body[: len(body) // 2])
-            self.wfile.flush()
-            self.close_connection = True
-            return
-        self.wfile.write(body)
+        self.write_body(body)
 
     def _send_json(self, payload: Any) -> None:
         body = json.dumps(payload).encode()
@@ -481,7 +472,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _send_error(self, err: _HttpError) -> None:
+    def _send_error(self, err: HttpError) -> None:
         body = json.dumps({"error": err.message}).encode()
         self.send_response(err.status)
         self.send_header("Content-Type", "application/json; charset=utf-8")
@@ -502,29 +493,12 @@ def _flag(query: Mapping[str, list[str]], name: str) -> bool:
     return query.get(name, [""])[-1].lower() in ("1", "true")
 
 
-def _gated_message(repo_id: str) -> str:
+def gated_message(repo_id: str) -> str:
+    """What the Hub says to a download of a gated repo without a token."""
     return (
         f"Access to model {repo_id} is restricted. You must have access to it and be "
         "authenticated to access it. Please log in."
     )
-
-
-def _fault_error(fault: str, repo_id: str) -> _HttpError:
-    if fault == "401":
-        return _HttpError(401, _gated_message(repo_id), "GatedRepo")
-    if fault == "403":
-        return _HttpError(403, "Forbidden", None, {"X-Error-Message": "Forbidden"})
-    if fault == "429":
-        # Retry-After: 0 keeps tests fast; the client still waits its own second on top.
-        return _HttpError(429, "Too Many Requests", None, {"Retry-After": "0"})
-    # A bare 404 or 5xx with no X-Error-Code: what a proxy or a failing Hub front end sends.
-    reasons = {
-        "404": "Not Found",
-        "500": "Internal Error",
-        "502": "Bad Gateway",
-        "503": "Service Unavailable",
-    }
-    return _HttpError(int(fault), reasons[fault])
 
 
 class LoopbackHub:
@@ -532,6 +506,8 @@ class LoopbackHub:
 
     ``tokens`` are the bearer tokens accepted for gated repos. ``port`` 0 picks a free port.
     """
+
+    handler_class: type[Handler] = Handler
 
     def __init__(
         self, repos: Iterable[HubRepo], *, tokens: Iterable[str] = (), port: int = 0
@@ -545,7 +521,6 @@ class LoopbackHub:
         self._port = port
         self._lock = threading.Lock()
         self._log_entries: deque[dict[str, Any]] = deque(maxlen=_MAX_LOG)
-        self._faults: dict[tuple[str, str | None], deque[str]] = {}
         self._conns: set[socket.socket] = set()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -607,33 +582,6 @@ class LoopbackHub:
     ) -> None:
         self.stop()
 
-    def inject(self, repo_id: str, path: str | None, *faults: str) -> None:
-        """Queue ``faults`` for ``repo_id``; each is consumed by one matching request, in order.
-
-        With a ``path``, only ``resolve`` requests for that file match; with ``None``, any request
-        for the repo (API calls included). ``"drop"`` and ``"corrupt"`` wait for a GET of file
-        content; a HEAD passes them by. ``"corrupt"`` does nothing to an empty file.
-        """
-        unknown = [f for f in faults if f not in FAULTS]
-        if unknown:
-            raise ValueError(f"unknown faults {unknown}; known: {sorted(FAULTS)}")
-        index = self._indexes.get(repo_id)
-        if index is None:
-            raise KeyError(f"no repo {repo_id}")
-        if path is not None and path not in index.files:
-            raise KeyError(f"no file {path} in {repo_id}")
-        with self._lock:
-            self._faults.setdefault((repo_id, path), deque()).extend(faults)
-
-    def _take_fault(self, repo_id: str, path: str | None, *, content: bool) -> str | None:
-        keys = [(repo_id, path), (repo_id, None)] if path is not None else [(repo_id, None)]
-        with self._lock:
-            for key in keys:
-                queue = self._faults.get(key)
-                if queue and (content or queue[0] not in _BODY_FAULTS):
-                    return queue.popleft()
-        return None
-
     def _log(self, entry: dict[str, Any]) -> None:
         with self._lock:
             self._log_entries.append(entry)
@@ -644,42 +592,3 @@ class LoopbackHub:
                 self._conns.add(conn)
             else:
                 self._conns.discard(conn)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Serve folders as Hub repos until Ctrl-C: ``python -m bundler.hub --repo ORG/NAME=DIR``."""
-    parser = argparse.ArgumentParser(prog="python -m bundler.hub", description=main.__doc__)
-    parser.add_argument(
-        "--repo",
-        action="append",
-        required=True,
-        metavar="ORG/NAME=DIR",
-        help="serve the files under DIR as repo ORG/NAME (repeatable)",
-    )
-    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: free)")
-    args = parser.parse_args(argv)
-    repos = []
-    for spec in args.repo:
-        repo_id, sep, folder = spec.partition("=")
-        if not sep:
-            parser.error(f"--repo wants ORG/NAME=DIR, got {spec!r}")
-        try:
-            repos.append(HubRepo.from_dir(repo_id, Path(folder)))
-        except (ValueError, OSError) as err:
-            parser.error(str(err))
-    with LoopbackHub(repos, port=args.port) as hub:
-        for repo in repos:
-            print(f"{repo.repo_id}@{repo.commit} ({len(repo.files)} files)")
-        print(
-            f"Serving on {hub.url}  (try: HF_ENDPOINT={hub.url} pyannote-bundle build ...)",
-            flush=True,
-        )
-        try:
-            threading.Event().wait()
-        except KeyboardInterrupt:
-            pass
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

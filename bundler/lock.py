@@ -32,7 +32,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
 from bundler.data import data_dir
-from bundler.errors import InputError, LockError
+from bundler.errors import CannotWrite, InputError, LockError
 from bundler.spec import IndexOptions, Spec, Target
 from bundler.subproc import clean_env, last_lines, pip_problem, run
 from bundler.wheels import parse_built_records, parse_lockfile
@@ -70,7 +70,11 @@ def lock(paths: LockPaths, target: Target, index: IndexOptions,
     architecture by ``uv pip compile --python-version --python-platform``, which resolves
     for a target without running on it (pip-compile cannot).
     """
-    paths.lockfile.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        paths.lockfile.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _raise_if_cannot_write(paths, exc)
+        raise
     with tempfile.TemporaryDirectory(prefix="pyannote-bundle-lock-") as tmp:
         out = Path(tmp) / paths.lockfile.name
         # The .in beside the output, by its bare name: "# via -r <name>.in", no local paths.
@@ -110,8 +114,14 @@ def lock(paths: LockPaths, target: Target, index: IndexOptions,
     text = text.rstrip("\n") + "\n" + _kept_records(paths.lockfile, pins)
     parse_lockfile(text, str(paths.lockfile))  # pinned and hashed, or refuse to write it
     tmp_out = paths.lockfile.with_name(f".{paths.lockfile.name}.partial")
-    tmp_out.write_text(text)
-    tmp_out.replace(paths.lockfile)
+    try:
+        tmp_out.write_text(text)
+        tmp_out.replace(paths.lockfile)
+    except BaseException as exc:
+        tmp_out.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            _raise_if_cannot_write(paths, exc)
+        raise
     return [f"{r.name}=={r.version}" for r in parse_lockfile(text, str(paths.lockfile))]
 
 
@@ -128,6 +138,11 @@ def _kept_records(lockfile: Path, pins: set[tuple[str, str]]) -> str:
         return ""
     return ("# Wheels built on the build host from sdists, and the sha256 each must have:\n"
             + "".join(sorted(kept)))
+
+
+def _raise_if_cannot_write(paths: LockPaths, exc: OSError) -> None:
+    if CannotWrite.matches(exc):
+        raise CannotWrite("the lockfile", paths.lockfile.parent, exc, "--output") from None
 
 
 def _uv() -> str:

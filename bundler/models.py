@@ -10,7 +10,6 @@ revisions.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bundler.errors import (
+    CannotWrite,
     EntryNotFound,
     GatedRepo,
     HubError,
@@ -26,8 +26,8 @@ from bundler.errors import (
     RepoNotFound,
     RevisionNotFound,
 )
+from bundler.hashing import git_blob_sha1, sha256_file
 from bundler.spec import SHA40, ModelRef
-from bundler.wheels import sha256_file
 
 log = logging.getLogger("bundler")
 
@@ -67,7 +67,7 @@ def fetch_models(models: Sequence[ModelRef], *, endpoint: str | None, token: str
     for model in models:
         info = _retry(lambda m=model: api.model_info(m.repo_id, revision=m.revision,  # type: ignore[misc]
                                                    files_metadata=True),
-                      model, endpoint, None, sleep)
+                      model, endpoint, None, sleep, cache_dir)
         commit = info.sha
         if not commit or not SHA40.match(commit):
             raise HubError(f"{model.repo_id}@{model.revision}: the Hub gave no commit id")
@@ -83,7 +83,7 @@ def fetch_models(models: Sequence[ModelRef], *, endpoint: str | None, token: str
             expected = f.sha256 or lfs_sha
             local = _retry(functools.partial(_download, model.repo_id, f.path, commit,
                                              endpoint, token, cache_dir),
-                           model, endpoint, f.path, sleep)
+                           model, endpoint, f.path, sleep, cache_dir)
             actual, size = sha256_file(local)
             if expected is not None:
                 if actual != expected:
@@ -93,9 +93,11 @@ def fetch_models(models: Sequence[ModelRef], *, endpoint: str | None, token: str
                 if not blob:
                     raise HubError(f"{model.repo_id}/{f.path}: the Hub lists no hash for it; "
                                    "pin its sha256 in the spec")
-                if _git_blob_sha1(local) != blob:
+                # Non-LFS files are small text files (config.yaml): read whole.
+                got = git_blob_sha1(local.read_bytes())
+                if got != blob:
                     raise ModelChecksumMismatch(model.repo_id, f.path, f"git:{blob}",
-                                                f"git:{_git_blob_sha1(local)}")
+                                                f"git:{got}")
             log.info("models: %s/%s@%s ok (%d bytes)", model.repo_id, f.path, commit[:12], size)
             files.append(FetchedFile(f.path, f.bundle_path, actual, size, local))
         out.append(FetchedModel(model.repo_id, model.revision, commit, model.role,
@@ -119,19 +121,21 @@ def _lfs_sha256(sibling: Any) -> str | None:
     return str(sha) if sha else None
 
 
-def _git_blob_sha1(path: Path) -> str:
-    data = path.read_bytes()
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
 def _retry(call: Callable[[], T], model: ModelRef, endpoint: str, path: str | None,
-           sleep: Callable[[float], None]) -> T:
-    """Call, retrying transient faults with backoff; map the Hub's errors to ours."""
+           sleep: Callable[[float], None], cache_dir: Path) -> T:
+    """Call, retrying transient faults with backoff; map the Hub's errors to ours.
+
+    A local write that fails (disk full, no permission) is CannotWrite at once: neither
+    a retry nor the Hub can fix it. Anything else that is not a network or Hub fault is a
+    bug, and is left to surface as one."""
     delay = 1.0
     for attempt in range(1, RETRIES + 1):
         try:
             return call()
-        except Exception as exc:  # noqa: BLE001 - classified below, re-raised as HubError
+        except _network_errors() as exc:
+            local = _local_cause(exc)
+            if local is not None:
+                raise _local_error(local, cache_dir) from None
             error = _classify(exc, model, endpoint, path)
             if error is not None:
                 raise error from None
@@ -146,16 +150,71 @@ def _retry(call: Callable[[], T], model: ModelRef, endpoint: str, path: str | No
     raise AssertionError("unreachable")
 
 
-def _classify(exc: BaseException, model: ModelRef, endpoint: str,
-              path: str | None) -> HubError | None:
-    """A permanent failure as a HubError, or None when a retry may help."""
-    from huggingface_hub import errors as e
+@functools.cache
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """What a call to the Hub raises when the Hub or the network fails: the client's HTTP
+    errors (requests for huggingface_hub 0.3x, httpx for 1.x and later), and OSError, which
+    covers refused and reset connections, timeouts, the client's "no connection" error, and
+    a local write that failed (told apart by its errno in ``_local_cause``)."""
+    from huggingface_hub.errors import HfHubHTTPError
 
+    found: list[type[BaseException]] = [HfHubHTTPError, OSError]
+    try:
+        import httpx
+        found.append(httpx.HTTPError)
+    except ImportError:
+        pass
+    try:
+        import requests
+        found.append(requests.RequestException)
+    except ImportError:
+        pass
+    return tuple(found)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
     chain: list[BaseException] = []
     cur: BaseException | None = exc
     while cur is not None and len(chain) < 5:
         chain.append(cur)
         cur = cur.__cause__ or cur.__context__
+    return chain
+
+
+def _local_cause(exc: BaseException) -> OSError | None:
+    """The failed local write behind ``exc`` (itself, or what it was raised from), if any."""
+    for err in _chain(exc):
+        if isinstance(err, OSError) and CannotWrite.matches(err):
+            return err
+    return None
+
+
+def _local_error(exc: OSError, cache_dir: Path) -> CannotWrite:
+    """One line for a model download that this host could not write."""
+    _remove_partial(cache_dir)
+    return CannotWrite("the model cache", cache_dir, exc, "--cache-dir")
+
+
+def _remove_partial(cache_dir: Path) -> None:
+    """Remove huggingface_hub's ``*.incomplete`` downloads: on a full disk they only take the
+    space that the retry needs (0.3x keeps them to resume; 1.x and later remove them)."""
+    try:
+        partial = list(cache_dir.rglob("*.incomplete"))
+    except OSError:
+        return
+    for p in partial:
+        try:
+            p.unlink(missing_ok=True)
+        except OSError:
+            pass  # the error being reported already says what to fix
+
+
+def _classify(exc: BaseException, model: ModelRef, endpoint: str,
+              path: str | None) -> HubError | None:
+    """A permanent failure as a HubError, or None when a retry may help."""
+    from huggingface_hub import errors as e
+
+    chain = _chain(exc)
     for err in chain:
         if isinstance(err, e.GatedRepoError):
             return GatedRepo(model.repo_id, endpoint)

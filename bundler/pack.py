@@ -33,8 +33,8 @@ log = logging.getLogger("bundler")
 BUFSIZE = 1 << 20
 COMPRESSIONS = {"none": ".tar", "zstd": ".tar.zst", "gzip": ".tar.gz"}
 # Wheels are zip files: measured on a 344 MB wheelhouse, zstd -3 saves ~2 % in 0.9 s and
-# gzip -6 saves ~2 % in 15 s. Not compressing is the honest default; zstd is on offer.
-DEFAULT_COMPRESSION = "none"
+# gzip -6 saves ~2 % in 15 s. Not compressing is the honest default (the CLI's); zstd is on
+# offer.
 GZIP_LEVEL = 1  # the ratio on zipped wheels barely moves with the level; the time does
 ZSTD_LEVEL = 3
 

@@ -149,15 +149,13 @@ class ModelFile:
 
 @dataclass(frozen=True)
 class ModelRef:
+    """A Hub repo at a revision, its role in the pipeline, and the files taken from it."""
+
     repo_id: str
     revision: str  # branch, tag or 40-hex commit; a branch is resolved and recorded
     role: str
     files: tuple[ModelFile, ...]
     license: str = "unknown"
-
-    @property
-    def name(self) -> str:
-        return self.repo_id.split("/", 1)[1]
 
 
 def pyannote_model_name(repo_id: str) -> str:
@@ -345,18 +343,3 @@ def _parse_files(raw: Any, repo: str, pipeline: str, source: str,
 def _safe_relpath(path: str) -> bool:
     parts = path.split("/")
     return bool(path) and not path.startswith("/") and all(p not in ("", ".", "..") for p in parts)
-
-
-def parse_target(python: str | None, arch: str | None, glibc: str | None) -> Target:
-    """A Target from CLI options; unspecified parts default to the host."""
-    host = Target.host()
-    python = python or host.python
-    if not re.match(r"^3\.\d{1,2}$", python):
-        raise SpecError("--python-version", "python", f"'{python}' is not like 3.11")
-    arch = arch or host.arch
-    if arch not in ARCHES:
-        raise SpecError("--arch", "arch", f"'{arch}' is not one of {', '.join(ARCHES)}")
-    glibc = glibc or Target.glibc
-    if not re.match(r"^2\.\d{2}$", glibc):
-        raise SpecError("--glibc", "glibc", f"'{glibc}' is not like 2.28")
-    return Target(python=python, arch=arch, glibc=glibc)

@@ -1,4 +1,6 @@
-"""Every child process goes through here: pip, venv, unshare.
+"""Every child process goes through here: pip, venv, unshare. Each runs with a time limit
+by kind (``kind_of``) and its output is decoded leniently, so neither a hang nor a stray byte
+becomes a traceback.
 
 pip is always a subprocess (never ``pip._internal``), isolated from the build machine's
 pip configuration: only the index options a spec or the command line names are used.
@@ -15,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from bundler.errors import EXIT_INSTALL, EXIT_INTERNAL, EXIT_WHEELS, ChildTimeout, InputError
+
 log = logging.getLogger("bundler")
 
 # Environment variables that carry secrets: never passed to children that don't need them.
@@ -29,6 +33,54 @@ class Completed:
     returncode: int
     stdout: str
     stderr: str
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A kind of child process: how long it may run, and which exit code a hang ends in."""
+
+    name: str
+    timeout_s: float
+    exit_code: int
+    advice: str
+
+
+# Generous: each bounds a hang, not a slow run. pip's own --timeout already gives up on a
+# stalled connection; these catch what it cannot (a resolver loop, a lock held forever, a
+# child waiting on a prompt that never comes).
+LOCK = Kind("lock", 1800, EXIT_WHEELS, "check the network and the index options")
+DOWNLOAD = Kind("download", 3600, EXIT_WHEELS, "check the network and the index options")
+INSTALL = Kind("install", 1800, EXIT_INSTALL, "check that the disk is not full or stalled")
+OTHER = Kind("child", 600, EXIT_INTERNAL, "rerun with --debug to see the command")
+# Seconds every child may run instead of its kind's default: for a slow link or disk.
+TIMEOUT_ENV = "PYANNOTE_BUNDLE_TIMEOUT"
+
+
+def kind_of(args: Sequence[str]) -> Kind:
+    """The kind of the command ``args``, from what it runs (pip, uv, venv, ...)."""
+    words = [Path(a).name if i == 0 else a for i, a in enumerate(args)]
+    if "compile" in words and ("piptools" in words or words[0] == "uv"):
+        return LOCK
+    if any(w in ("download", "wheel") for w in words) and "pip" in words:
+        return DOWNLOAD
+    if (("pip" in words and "install" in words) or "venv" in words
+            or "ensurepip" in words):
+        return INSTALL
+    return OTHER
+
+
+def default_timeout(kind: Kind) -> float:
+    """The kind's time limit, or the one ``$PYANNOTE_BUNDLE_TIMEOUT`` sets for every kind."""
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return kind.timeout_s
+    try:
+        limit = float(raw)
+    except ValueError:
+        limit = 0.0
+    if not limit > 0:
+        raise InputError(f"{TIMEOUT_ENV}={raw!r}: want a number of seconds above 0")
+    return limit
 
 
 def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -52,12 +104,22 @@ def run(args: Sequence[str], *, env: Mapping[str, str] | None = None,
         stdin: Path | None = None) -> Completed:
     """Run a command, capturing its output; never raises on a non-zero status.
 
+    ``timeout``: seconds, else the default for the command's kind (``kind_of``); past it
+    the child is killed and ChildTimeout raised. Output is decoded as UTF-8, an invalid
+    byte replaced (pip relays whatever a build or a server prints).
     ``stdin``: a file fed to the command's standard input (else nothing: no prompts)."""
-    log.debug("run: %s", " ".join(args))
+    kind = kind_of(args)
+    limit = timeout if timeout is not None else default_timeout(kind)
+    log.debug("run: %s (%s, at most %.0f s)", " ".join(args), kind.name, limit)
     with open(stdin, "rb") if stdin is not None else open(os.devnull, "rb") as feed:
-        proc = subprocess.run(list(args), env=dict(env) if env is not None else clean_env(),
-                              cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                              stdin=feed)
+        try:
+            proc = subprocess.run(list(args), env=dict(env) if env is not None else clean_env(),
+                                  cwd=cwd, capture_output=True, encoding="utf-8",
+                                  errors="replace", timeout=limit, stdin=feed)
+        except subprocess.TimeoutExpired:
+            raise ChildTimeout(args, kind.name, limit, kind.exit_code,
+                               f"{kind.advice}, or set {TIMEOUT_ENV}=SECONDS to allow longer"
+                               ) from None
     return Completed(tuple(args), proc.returncode, proc.stdout, proc.stderr)
 
 

@@ -1,46 +1,46 @@
 """pyannote's known traps, as data, with the checks shared by build and verify.
 
-Each trap has an id, what goes wrong, and a check that raises TrapError with a message
-that names the file or pin and the fix. See KNOWLEDGE.md for where each was met.
+Each trap has an id (what goes wrong is said beside it) and a check that raises TrapError
+with a message that names the file or pin and the fix. See KNOWLEDGE.md for where each was met.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bundler.errors import TrapError
 
-
-@dataclass(frozen=True)
-class Trap:
-    id: str
-    what: str
-
-
-TRAPS: dict[str, Trap] = {t.id: t for t in (
-    Trap("loader-routing", "pyannote picks the embedding loader by substring of the path: "
-         "without 'pyannote' in it, 'speechbrain', 'nvidia' or 'wespeaker' anywhere in the "
-         "path routes it to another loader (ONNX: INVALID_PROTOBUF)"),
-    Trap("relative-path", "3.x resolves relative model paths against the current directory, "
-         "not the config's folder"),
-    Trap("hub-id", "a Hub id left in the config makes pyannote reach for the Hub offline"),
-    Trap("missing-file", "a missing local path is taken for a Hub id (HFValidationError / "
-         "'NoneType' has no attribute 'eval')"),
-    Trap("checksum", "a model file that differs from the bundle's manifest"),
-    Trap("hf-hub-1", "huggingface-hub >= 1.0 removed use_auth_token, which pyannote 3.x passes"),
-    Trap("torchaudio-2.9", "torchaudio 2.9 removed AudioMetaData: pyannote 3.x fails on import"),
-    Trap("weights-only", "torch >= 2.6 with lightning >= 2.6 loads checkpoints weights_only: "
-         "UnpicklingError on pyannote checkpoints"),
-    Trap("missing-plda", "pyannote 4.x always loads a PLDA and reaches for the Hub without a "
-         "local plda folder"),
-    Trap("decoders", "pyannote 4.x reads files only through torchcodec and the host's FFmpeg, "
-         "3.x not m4a/mp4/webm: bin/diarize decodes with soundfile and PyAV, which the lock "
-         "must hold"),
-)}
+# The id of each trap (the [id] of a TrapError), and what goes wrong:
+TRAPS = frozenset({
+    # pyannote picks the embedding loader by substring of the path: without 'pyannote' in it,
+    # 'speechbrain', 'nvidia' or 'wespeaker' anywhere in the path routes it to another loader
+    # (ONNX: INVALID_PROTOBUF)
+    "loader-routing",
+    # 3.x resolves relative model paths against the current directory, not the config's folder
+    "relative-path",
+    # a Hub id left in the config makes pyannote reach for the Hub offline
+    "hub-id",
+    # a missing local path is taken for a Hub id (HFValidationError / 'NoneType' has no
+    # attribute 'eval')
+    "missing-file",
+    # a model file that differs from the bundle's manifest
+    "checksum",
+    # huggingface-hub >= 1.0 removed use_auth_token, which pyannote 3.x passes
+    "hf-hub-1",
+    # torchaudio 2.9 removed AudioMetaData: pyannote 3.x fails on import
+    "torchaudio-2.9",
+    # torch >= 2.6 with lightning >= 2.6 loads checkpoints weights_only: UnpicklingError on
+    # pyannote checkpoints
+    "weights-only",
+    # pyannote 4.x always loads a PLDA and reaches for the Hub without a local plda folder
+    "missing-plda",
+    # pyannote 4.x reads files only through torchcodec and the host's FFmpeg, 3.x not
+    # m4a/mp4/webm: bin/diarize decodes with soundfile and PyAV, which the lock must hold
+    "decoders",
+})
 
 MODEL_KEYS = ("segmentation", "embedding", "plda")
 _FILE_SUFFIXES = {".bin", ".ckpt", ".pt", ".pth", ".onnx", ".safetensors", ".npz", ".yaml"}
@@ -48,7 +48,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w.-]+)?$")
 
 
 def _fail(trap: str, message: str) -> TrapError:
-    assert trap in TRAPS
+    if trap not in TRAPS:  # a check, not an assert: it must hold under python -O too
+        raise ValueError(f"unknown trap id {trap!r}")
     return TrapError(trap, message)
 
 

@@ -30,23 +30,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from packaging.requirements import InvalidRequirement, Requirement
-from packaging.utils import canonicalize_name, parse_sdist_filename, parse_wheel_filename
+from packaging.utils import (
+    InvalidWheelFilename,
+    canonicalize_name,
+    parse_sdist_filename,
+    parse_wheel_filename,
+)
 
 from bundler.data import data_dir
 from bundler.errors import (
     BuiltWheelMismatch,
+    CannotWrite,
     InputError,
     NoWheelForTarget,
     WheelError,
     WheelHashMismatch,
 )
+from bundler.hashing import sha256_file
 from bundler.progress import task
 from bundler.spec import IndexOptions, Target
 from bundler.subproc import clean_env, last_lines, pip_problem, run, run_pip
 
 log = logging.getLogger("bundler")
-
-BUFSIZE = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -97,17 +102,6 @@ def parse_lockfile(text: str, source: str = "lockfile") -> list[LockedRequiremen
     if not reqs:
         raise InputError(f"{source}: no requirements")
     return reqs
-
-
-def sha256_file(path: Path) -> tuple[str, int]:
-    """sha256 and size of a file, in one read with large buffers."""
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(BUFSIZE):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
 
 
 # The build backend for wheels made here from sdists, locked like every other requirement.
@@ -230,7 +224,7 @@ def _files(folder: Path) -> list[Path]:
 def _fits(filename: str, tags: frozenset[str]) -> bool:
     try:
         _, _, _, wheel_tags = parse_wheel_filename(filename)
-    except Exception:
+    except InvalidWheelFilename:  # a stray file in the cache: not a wheel for anyone
         return False
     return any(str(t) in tags for t in wheel_tags)
 
@@ -250,20 +244,25 @@ def fetch_wheels(lockfile: Path, target: Target, index: IndexOptions, cache_dir:
     reqs = parse_lockfile(text, str(lockfile))
     tags = target.supported_tags()
     cache = WheelCache(cache_dir)
-    missing = [r for r in reqs if cache.lookup(r, tags) is None and cache.sdist(r) is None]
-    if missing:
-        with task(f"wheels: downloading {len(missing)} of {len(reqs)} for {target.slug}"):
-            _download(missing, target, index, cache)
-    else:
-        log.info("wheels: all %d in the cache for %s", len(reqs), target.slug)
-    out = []
-    backend: BuildLock | None = None
-    for req in reqs:
-        wheel = cache.lookup(req, tags)
-        if wheel is None:
-            backend = backend or load_build_lock(build_lock)
-            wheel = _build_from_sdist(req, target, index, cache, tags, backend)
-        out.append(wheel)
+    try:
+        missing = [r for r in reqs if cache.lookup(r, tags) is None and cache.sdist(r) is None]
+        if missing:
+            with task(f"wheels: downloading {len(missing)} of {len(reqs)} for {target.slug}"):
+                _download(missing, target, index, cache)
+        else:
+            log.info("wheels: all %d in the cache for %s", len(reqs), target.slug)
+        out = []
+        backend: BuildLock | None = None
+        for req in reqs:
+            wheel = cache.lookup(req, tags)
+            if wheel is None:
+                backend = backend or load_build_lock(build_lock)
+                wheel = _build_from_sdist(req, target, index, cache, tags, backend)
+            out.append(wheel)
+    except OSError as exc:
+        if CannotWrite.matches(exc):
+            raise CannotWrite("the wheel cache", cache_dir, exc, "--cache-dir") from None
+        raise
     return out
 
 
@@ -283,7 +282,7 @@ def _download(reqs: Iterable[LockedRequirement], target: Target, index: IndexOpt
                 *index.pip_args(), *target.pip_download_args()]
         result = run_pip(args)
         if result.returncode != 0:
-            raise _pip_error(result.stderr + result.stdout, target)
+            raise _pip_error(result.stderr + result.stdout, target, cache.root)
         for path in sorted(dest.iterdir()):
             digest, _ = sha256_file(path)
             cache.add("wheels", digest, path)
@@ -482,10 +481,29 @@ def normalize_wheel(path: Path, source_date_epoch: int) -> None:
     os.replace(tmp, path)
 
 
-def _pip_error(output: str, target: Target) -> WheelError:
+# pip's line for a write it could not make: "OSError: [Errno 28] No space left on device",
+# then ": '/path'" when it names the file, or ": '/tmp/x' -> '/cache/x'" for a copy.
+_PIP_OSERROR = re.compile(
+    r"\[Errno (\d+)\] ([^:'\n]+?)(?:: '([^'\n]+)'(?: -> '([^'\n]+)')?)?\s*$", re.M)
+
+
+def _pip_error(output: str, target: Target, cache_root: Path) -> WheelError | CannotWrite:
+    for found in _PIP_OSERROR.finditer(output):
+        exc = OSError(int(found.group(1)), found.group(2).strip(),
+                      found.group(4) or found.group(3))
+        if CannotWrite.matches(exc):
+            return CannotWrite("the wheel cache", cache_root, exc, "--cache-dir")
     problem = pip_problem(output)
     if problem and "index could not be reached" in problem:
         return WheelError(f"pip download for {target.slug}: {problem}")
+    if "incomplete-download" in output:
+        # pip >= 25 says this of a failed write to its temporary file too, and blames the
+        # network: say both.
+        said = re.search(r"Download failed[^\n]*", output)
+        return WheelError(f"pip download for {target.slug}: a download ended early (pip: "
+                          f"{said.group(0).strip() if said else last_lines(output, 1)}); the "
+                          "connection dropped, or the disk under TMPDIR "
+                          f"({tempfile.gettempdir()}) is full: check both and retry")
     m = re.search(r"No matching distribution found for ([A-Za-z0-9._-]+)", output)
     if m:
         return NoWheelForTarget(canonicalize_name(m.group(1)), target.slug)

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from conftest import EMB, SEG, TINY_LOCK, TinyBundle
+from hubfaults import FaultyHub
 
 from bundler import errors
 from bundler.build import BuildOptions, build
@@ -315,8 +316,8 @@ def test_install_sh_refuses_another_python(tmp_path: Path, tiny_bundle: TinyBund
 
 
 # --- build side: Hub faults ----------------------------------------------------------------
-def _hub(**kw: Any) -> LoopbackHub:
-    return LoopbackHub([HubRepo("pyannote/segmentation-3.0", {"pytorch_model.bin": SEG},
+def _hub(**kw: Any) -> FaultyHub:
+    return FaultyHub([HubRepo("pyannote/segmentation-3.0", {"pytorch_model.bin": SEG},
                                 gated=True),
                         HubRepo("pyannote/wespeaker-voxceleb-resnet34-LM",
                                 {"pytorch_model.bin": EMB})], tokens=[TOKEN], **kw)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
+from hubfaults import FaultyHub
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
@@ -62,8 +63,8 @@ def git_sha1(data: bytes) -> str:
 
 
 @pytest.fixture
-def hub() -> Iterator[LoopbackHub]:
-    with LoopbackHub([REPO, GATED], tokens=[TOKEN]) as server:
+def hub() -> Iterator[FaultyHub]:
+    with FaultyHub([REPO, GATED], tokens=[TOKEN]) as server:
         yield server
 
 
@@ -249,7 +250,7 @@ def heads(hub: LoopbackHub) -> int:
     return sum(r["method"] == "HEAD" for r in hub.requests)
 
 
-def test_429_on_download(hub: LoopbackHub, tmp_path: Path) -> None:
+def test_429_on_download(hub: FaultyHub, tmp_path: Path) -> None:
     hub.inject(REPO.repo_id, "config.yaml", "429", "429")
     if HF_MAJOR >= 1:
         # The first HEAD never retries (fast fallback to the cache); with no cached copy it asks
@@ -267,7 +268,7 @@ def test_429_on_download(hub: LoopbackHub, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("fault", ["500", "502", "503"])
 def test_one_server_error_on_download_is_retried(
-    hub: LoopbackHub, tmp_path: Path, fault: str
+    hub: FaultyHub, tmp_path: Path, fault: str
 ) -> None:
     hub.inject(REPO.repo_id, "config.yaml", fault)
     assert download(hub, tmp_path, "config.yaml") == FILES["config.yaml"]
@@ -275,7 +276,7 @@ def test_one_server_error_on_download_is_retried(
 
 
 @pytest.mark.parametrize("fault", ["429", "500", "503"])
-def test_api_calls_are_not_retried(hub: LoopbackHub, api: HfApi, fault: str) -> None:
+def test_api_calls_are_not_retried(hub: FaultyHub, api: HfApi, fault: str) -> None:
     # model_info has no backoff in either major version: the fetcher must retry it itself.
     hub.inject(REPO.repo_id, None, fault)
     with pytest.raises(HfHubHTTPError) as err:
@@ -286,7 +287,7 @@ def test_api_calls_are_not_retried(hub: LoopbackHub, api: HfApi, fault: str) -> 
 
 @pytest.mark.parametrize(("fault", "status"), [("403", 403), ("404", 404)])
 def test_bare_403_and_404_read_as_no_connection(
-    hub: LoopbackHub, tmp_path: Path, fault: str, status: int
+    hub: FaultyHub, tmp_path: Path, fault: str, status: int
 ) -> None:
     # Without X-Error-Code the client cannot tell what went wrong and blames the network.
     hub.inject(REPO.repo_id, "config.yaml", fault)
@@ -296,7 +297,7 @@ def test_bare_403_and_404_read_as_no_connection(
     assert err.value.__cause__.response.status_code == status
 
 
-def test_injected_401_is_a_gated_error(hub: LoopbackHub, tmp_path: Path) -> None:
+def test_injected_401_is_a_gated_error(hub: FaultyHub, tmp_path: Path) -> None:
     hub.inject(REPO.repo_id, None, "401")
     with pytest.raises(GatedRepoError):
         download(hub, tmp_path, "config.yaml")
@@ -307,7 +308,7 @@ def test_injected_401_is_a_gated_error(hub: LoopbackHub, tmp_path: Path) -> None
 def test_dropped_connection(tmp_path: Path, size: int) -> None:
     content = os.urandom(size)
     big = HubRepo("pyannote/big", {"model.bin": content})
-    with LoopbackHub([big]) as server:
+    with FaultyHub([big]) as server:
         server.inject(big.repo_id, "model.bin", "drop")
 
         def fetch() -> bytes:
@@ -332,7 +333,7 @@ def test_dropped_connection(tmp_path: Path, size: int) -> None:
 
 
 def test_corrupt_bytes_are_accepted_by_the_client(
-    hub: LoopbackHub, api: HfApi, tmp_path: Path
+    hub: FaultyHub, api: HfApi, tmp_path: Path
 ) -> None:
     hub.inject(REPO.repo_id, SEG, "corrupt")
     got = download(hub, tmp_path, SEG)
@@ -360,7 +361,7 @@ def test_hub_repo_commit_and_validation(tmp_path: Path) -> None:
     for bad in ({"repo_id": "no-slash"}, {"commit": "abc"}, {"files": {"../x": b""}}):
         with pytest.raises(ValueError):
             HubRepo(**{"repo_id": "o/r", "files": {}, **bad})  # type: ignore[arg-type]
-    with LoopbackHub([repo]) as hub, pytest.raises(ValueError):
+    with FaultyHub([repo]) as hub, pytest.raises(ValueError):
         hub.inject("o/r", None, "timeout")
 
 
@@ -382,7 +383,8 @@ def test_stop_closes_idle_keep_alive_connections() -> None:
 def test_command_line_serves_a_folder(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_bytes(b"served\n")
     with subprocess.Popen(
-        [sys.executable, "-m", "bundler.hub", "--repo", f"o/r={tmp_path}"],
+        [sys.executable, str(Path(__file__).with_name("hubfaults.py")), "--repo",
+         f"o/r={tmp_path}"],
         cwd=Path(__file__).resolve().parents[1],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

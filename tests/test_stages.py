@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hubfaults import FaultyHub
 
 from bundler import errors
 from bundler.data import data_dir
-from bundler.hub import HubRepo, LoopbackHub
+from bundler.hub import HubRepo
 from bundler.models import fetch_models
 from bundler.render import config_yaml, sample_wav
 from bundler.spec import SpecError, load_recipe, parse_spec
@@ -99,8 +100,8 @@ def test_sample_audio_is_deterministic() -> None:
     assert a == sample_wav(1.0) and a[:4] == b"RIFF" and len(a) == 44 + 2 * 16000
 
 
-def _hub(**kw: object) -> LoopbackHub:
-    return LoopbackHub([
+def _hub(**kw: object) -> FaultyHub:
+    return FaultyHub([
         HubRepo("pyannote/segmentation-3.0", {"pytorch_model.bin": SEG}),
         HubRepo("pyannote/wespeaker-voxceleb-resnet34-LM", {"pytorch_model.bin": EMB},
                 gated=True),

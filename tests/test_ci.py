@@ -1,0 +1,45 @@
+"""CI installs its test tools from a hashed lock that matches what the project declares."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from bundler.wheels import parse_lockfile
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCK = ROOT / ".ci" / "requirements-test.txt"
+
+
+def _declared() -> list[Requirement]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return [Requirement(r) for r in project["optional-dependencies"]["test"]]
+
+
+def test_the_test_lock_pins_every_declared_test_tool_by_hash() -> None:
+    pins = {r.name: r.version for r in parse_lockfile(LOCK.read_text(), str(LOCK))}
+    for req in _declared():
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req} (pyproject's [test]) is not in {LOCK.name}: relock"
+        assert req.specifier.contains(pins[name]), f"{name}=={pins[name]} breaks '{req}'"
+    assert "pip" in pins, "pip itself is pinned too"
+
+
+def test_the_lock_source_lists_what_pyproject_declares() -> None:
+    source = (ROOT / ".ci" / "requirements-test.in").read_text()
+    listed = {canonicalize_name(Requirement(line).name) for line in source.splitlines()
+              if line.strip() and not line.startswith("#")}
+    assert {canonicalize_name(r.name) for r in _declared()} | {"pip"} == listed
+
+
+def test_ci_makes_fresh_venvs_and_installs_the_tools_by_hash_the_project_as_users_do() -> None:
+    script = (ROOT / ".ci" / "run").read_text()
+    assert len(re.findall(r"-m venv --clear ", script)) == 2
+    assert "--require-hashes" in script and "-r .ci/requirements-test.txt" in script
+    assert "'.[test]'" not in script and "--upgrade pip" not in script
+    assert re.search(r"pip install --quiet --index-url https://pypi.org/simple \.$", script,
+                     re.M), "the project itself, with its dependencies resolved by pip"
