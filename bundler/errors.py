@@ -36,8 +36,8 @@ EXIT_CODES: dict[int, str] = {
     EXIT_HUB: "model download failed (gated, missing, unreachable, checksum mismatch)",
     EXIT_WHEELS: "lock failed or stale, or wheel download failed "
                  "(no wheel for the target, hash mismatch)",
-    EXIT_OUTPUT: "cannot write the bundle, the work folder or the install prefix (disk full, "
-                 "permissions)",
+    EXIT_OUTPUT: "cannot write the bundle, a cache, the lockfile, the work folder or the "
+                 "install prefix (disk full, permissions)",
     EXIT_INTEGRITY: "bundle integrity check failed "
                     "(checksum, unsafe member, missing or extra file)",
     EXIT_HOST: "this host does not match the bundle's target (Python, platform, glibc, "
