@@ -15,7 +15,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import TinyBundle
+from conftest import TINY_LOCK, TinyBundle
 
 RECEIPT = ".pyannote-bundle-receipt.json"
 
@@ -164,3 +164,29 @@ def test_a_receipt_that_is_not_ours_is_not_trusted(tmp_path: Path,
     proc = _install_sh(_extracted(tiny_bundle(), tmp_path / "x"), prefix, "--no-smoke")
     assert proc.returncode == 16 and "is not a pyannote-bundle receipt" in proc.stderr
     assert _snapshot(prefix) == before
+
+
+@pytest.mark.parametrize("minor", [9, 10, 12, 13])
+def test_the_installer_runs_on_every_targets_python(tmp_path: Path, tiny_bundle: TinyBundle,
+                                                    minor: int) -> None:
+    """runtime/install.py runs with the host's own interpreter, RHEL 9's 3.9 included: the
+    whole install (integrity, host, release, switch) with each, and an upgrade over it."""
+    from e2e import pyenv_python
+
+    python = pyenv_python(minor)
+    if python is None:
+        pytest.skip(f"no CPython 3.{minor} on this machine")
+    from bundler.spec import Target
+
+    # pip 26 has no wheel for 3.9: RHEL 9's bundles ship pip 25.2, as this lock does.
+    lock = TINY_LOCK.with_name("tiny-py39.lock") if minor == 9 else TINY_LOCK
+    root = _extracted(tiny_bundle(target=Target(python=f"3.{minor}"), lockfile=lock),
+                      tmp_path / "x")
+    prefix = tmp_path / "prefix"
+    for _ in range(2):
+        proc = subprocess.run(["env", "-i", "PATH=/usr/bin:/bin", f"PYTHON={python}", "sh",
+                               "./install.sh", str(prefix), "--no-smoke"], cwd=root,
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+    assert (prefix / f"venv/lib/python3.{minor}/site-packages/six.py").is_file()
+    assert len(list((prefix / "releases").iterdir())) == 1
