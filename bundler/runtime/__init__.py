@@ -1,3 +1,4 @@
 """Programs that run on the isolated host, shipped verbatim in every bundle (stdlib only up
-to the pipeline): ``configure.py``, ``diarize.py``, ``smoke.py``. install.sh and
-`pyannote-bundle verify` run the same files."""
+to the pipeline, Python 3.9 and newer): ``install.py`` (the one installer), ``hostlibs.py``,
+``configure.py``, ``diarize.py``, ``smoke.py``. install.sh and `pyannote-bundle verify` run
+the same files."""

@@ -3,9 +3,10 @@
 
     python3 configure.py PREFIX
 
-Run by install.sh and by `pyannote-bundle verify`, with the host's python3 (stdlib only),
-after the venv is installed and ``models/``, ``smoke/`` and ``runtime/`` are copied. It
-writes:
+Run by the bundle's installer (``runtime/install.py``, which install.sh and ``pyannote-bundle
+verify`` both run) with the host's python3 (stdlib only), in a new release folder
+(``PREFIX/releases/<id>``, given as PREFIX here) after its venv is installed and ``models/``,
+``smoke/`` and ``runtime/`` are copied. It writes:
 
 - ``PREFIX/config.yaml``: pyannote 3.x resolves relative model paths against the current
   directory, not the config (trap 2), so every ``models/...`` value becomes absolute;
