@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import EMB, SEG, TINY_LOCK
-from forge import forge
+from forge import extract, forge
 
 from bundler import layout, render
 from bundler.build import BuildOptions, build
@@ -184,8 +184,7 @@ def test_a_self_consistent_forgery_is_named_and_fails(bundle: Path, hub: Loopbac
 def _with_manifest(bundle: Path, out: Path, change: dict[str, object]) -> Path:
     """``bundle`` re-packed with top-level manifest keys replaced (sums made again)."""
     work = out / "x"
-    with tarfile.open(bundle) as tar:
-        tar.extractall(work, filter="data")
+    extract(bundle, work)
     (root,) = work.iterdir()
     manifest = json.loads((root / layout.MANIFEST).read_text())
     manifest.update(change)
