@@ -223,13 +223,77 @@ def inspect_cmd(bundle: Path, as_json: bool) -> None:
     \b
     Example:
       pyannote-bundle inspect out/speaker-diarization-3.1-3.4.0-py311-linux-x86_64.tar --json
+
+    On a delta, it shows the base the delta needs (name, size, sha256), the bundle it
+    makes, and the members it carries:
+      pyannote-bundle inspect updates/NEW.from-0123456789ab.delta.tar
     """
     import json as _json
 
+    from bundler.delta import inspect_delta, is_delta, render_delta
     from bundler.inspection import inspect_bundle, render_text
 
+    if is_delta(bundle):
+        dinfo = inspect_delta(bundle)
+        click.echo(_json.dumps(dinfo) if as_json else render_delta(dinfo))
+        return
     info = inspect_bundle(bundle)
     click.echo(_json.dumps(info) if as_json else render_text(info))
+
+
+@cli.command("delta")
+@click.argument("old", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.argument("new", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--output", "-o", "output", type=click.Path(path_type=Path), required=True,
+              help="Folder for the delta tarball and its .sha256 sidecar.")
+@click.option("--sign-key", type=click.Path(path_type=Path, dir_okay=False),
+              help="Sign the delta's sidecar with this SSH private key (as build does).")
+def delta_cmd(old: Path, new: Path, output: Path, sign_key: Path | None) -> None:
+    """Write the update from bundle OLD to bundle NEW: only what OLD lacks.
+
+    The delta, <NEW stem>.from-<12 hex of OLD's sha256>.delta.tar, holds the members of NEW
+    whose bytes are in no member of OLD, a delta.json (both digests, where each member of
+    NEW comes from) and apply.py, which rebuilds NEW byte for byte with python3 alone. Both
+    bundles must be uncompressed (build's default) and match their sidecars if present.
+
+    \b
+    Example:
+      pyannote-bundle delta out/OLD.tar out/NEW.tar --output updates/
+    """
+    from bundler.delta import make_delta
+
+    res = make_delta(old, new, output, sign_key)
+    click.echo(f"{res.path}\n{res.sidecar}" + (f"\n{res.signature}" if res.signature else ""))
+
+
+@cli.command("apply")
+@click.argument("delta", type=click.Path(path_type=Path, exists=True))
+@click.option("--base", required=True, type=click.Path(path_type=Path, exists=True,
+                                                       dir_okay=False),
+              help="The bundle the delta was made from (its sha256 is checked).")
+@click.option("--output", "-o", "output", type=click.Path(path_type=Path), required=True,
+              help="Folder for the rebuilt bundle and its .sha256 sidecar.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def apply_cmd(delta: Path, base: Path, output: Path, as_json: bool) -> None:
+    """Rebuild the new bundle from OLD (--base) and a delta, byte for byte, offline.
+
+    Runs the delta's own apply.py code: the result is checked against the new bundle's
+    sha256 recorded in the delta before it gets its name, and its sidecar is written
+    beside it, so sha256sum -c, verify and install.sh work on it as on the original.
+    A wrong base or a damaged delta: exit 10; cannot write: exit 5; nothing is left in
+    --output. Without this tool: tar -xf DELTA && python3 <folder>/apply.py --base OLD
+    --output DIR.
+
+    \b
+    Example:
+      pyannote-bundle apply updates/NEW.from-0123456789ab.delta.tar --base OLD.tar --output out/
+    """
+    import json as _json
+
+    from bundler.delta import apply
+
+    res = apply(delta, base, output)
+    click.echo(_json.dumps(res) if as_json else f"{res['path']}\n{res['sidecar']}")
 
 
 @cli.command("lock")

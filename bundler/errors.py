@@ -220,3 +220,10 @@ class TrapError(BundlerError):
 def describe_path(path: Path) -> str:
     """A path as users should see it in messages."""
     return str(path)
+
+
+class DeltaError(BundlerError):
+    """A delta cannot rebuild its bundle: the delta is damaged, or the base given is not the
+    bundle it was made from. Nothing was written."""
+
+    exit_code = EXIT_INTEGRITY
