@@ -171,6 +171,9 @@ def verify_cmd(bundle: Path, prefix: Path | None, keep: bool, as_json: bool,
                allowed_signers: Path | None, python: str | None, use_pip: bool) -> None:
     """Prove a bundle is intact, installs offline, and diarizes with the network disabled.
 
+    BUNDLE may be the first part of a split bundle (BUNDLE.part-000) or its
+    BUNDLE.parts.sha256: the parts are read as they are, each checked against its line.
+
     \b
     Example:
       pyannote-bundle verify out/speaker-diarization-3.1-3.4.0-py311-linux-x86_64.tar --json
@@ -294,6 +297,33 @@ def apply_cmd(delta: Path, base: Path, output: Path, as_json: bool) -> None:
 
     res = apply(delta, base, output)
     click.echo(_json.dumps(res) if as_json else f"{res['path']}\n{res['sidecar']}")
+
+
+@cli.command("split")
+@click.argument("bundle", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--size", "size", required=True, metavar="SIZE",
+              help="Largest part: K, M, G are powers of 1024, KB, MB, GB of 1000 (650M, 1G, "
+                   "4GB). FAT32 holds at most 4 GiB - 1 byte per file: 4095M or 4GB fit, 4G "
+                   "does not.")
+@click.option("--output", "-o", "output", type=click.Path(path_type=Path), required=True,
+              help="Folder for the parts, their checksum list and the bundle's sidecar.")
+def split_cmd(bundle: Path, size: str, output: Path) -> None:
+    """Cut a bundle into volumes for removable media or a per-file size limit.
+
+    Writes BUNDLE.part-000, -001, ... (each at most SIZE), BUNDLE.parts.sha256 (the
+    parts' checksums, for sha256sum -c) and BUNDLE.sha256 (the bundle's own sidecar).
+    `cat BUNDLE.part-* > BUNDLE` gives the bundle back; verify and inspect read the parts
+    as they are when given the first part or BUNDLE.parts.sha256.
+
+    \b
+    Example:
+      pyannote-bundle split out/BUNDLE.tar --size 4095M --output usb/
+      pyannote-bundle verify usb/BUNDLE.tar.part-000
+    """
+    from bundler.parts import parse_size, split
+
+    res = split(bundle, parse_size(size), output)
+    click.echo("\n".join(str(p) for p in [*res.parts, res.listing, res.sidecar]))
 
 
 @cli.command("lock")

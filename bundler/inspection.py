@@ -26,8 +26,10 @@ WANTED = (layout.MANIFEST, layout.CHECKSUMS, layout.EXPECTED)
 
 
 def inspect_bundle(tarball: Path) -> dict[str, Any]:
+    from bundler.parts import open_bundle, total_size, whole
+
     try:
-        raw = open(tarball, "rb")
+        raw = open_bundle(tarball)  # the file, or one stream across its parts
     except OSError as exc:
         raise IntegrityError(str(tarball), f"cannot open: {exc.strerror}") from None
     found: dict[str, bytes] = {}
@@ -83,9 +85,10 @@ def inspect_bundle(tarball: Path) -> dict[str, Any]:
     return {
         "bundle": manifest.get("bundle"),
         "tarball": str(tarball),
-        "size": tarball.stat().st_size,
+        "size": total_size(tarball),
         "compression": kind,
-        "sidecar": tarball.with_name(tarball.name + layout.SIDECAR_SUFFIX).is_file(),
+        "sidecar": whole(tarball).with_name(whole(tarball).name
+                                            + layout.SIDECAR_SUFFIX).is_file(),
         "recipe": manifest.get("recipe"),
         "target": manifest.get("target"),
         "pyannote_audio": manifest.get("pyannote_audio"),

@@ -115,13 +115,15 @@ def check_and_extract(tarball: Path, work: Path, limits: Limits = Limits(),
     against SHA256SUMS through it; without a sidecar (or with ``hash_members``) each
     member is hashed as well and compared with its SHA256SUMS line.
     """
-    expected_outer = read_sidecar(tarball)
+    from bundler.parts import bundle_size, open_bundle, whole
+
+    expected_outer = read_sidecar(whole(tarball))  # a part's or the parts' list: the bundle's
     each = hash_members or expected_outer is None
     try:
-        raw = open(tarball, "rb")
+        raw = open_bundle(tarball)  # the file, or one stream across its parts
     except OSError as exc:
         raise IntegrityError(tarball.name, f"cannot open: {exc.strerror}") from None
-    with raw, task(f"integrity: {tarball.name}", os.fstat(raw.fileno()).st_size) as advance:
+    with raw, task(f"integrity: {tarball.name}", bundle_size(raw)) as advance:
         reader = HashingReader(raw, advance)
         try:
             hashes, top, total = _stream(tarball, raw, reader, work, limits, each,

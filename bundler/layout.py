@@ -50,3 +50,7 @@ PREFIX_CURRENT = _installer.CURRENT
 # The offline variables: a bundled environment never reaches for the network. One list, in
 # the program that runs on the isolated host (configure.py reads it from there too).
 OFFLINE_ENV: dict[str, str] = dict(_DIARIZE_OFFLINE_ENV)
+
+# --- volumes for removable media (bundler/parts.py) ----------------------------
+PART_INFIX = ".part-"  # BUNDLE.part-000, -001, ...: `cat BUNDLE.part-* > BUNDLE` joins them
+PARTS_LIST_SUFFIX = ".parts.sha256"  # the parts' sha256, in `sha256sum -c` form
