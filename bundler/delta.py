@@ -234,10 +234,15 @@ def _extract(src: Any, m: _Member, work: Path, sha: str | None) -> Entry:
 
 def apply(delta: Path, base: Path, output_dir: Path) -> dict[str, Any]:
     """Rebuild the new bundle with the apply.py code a delta ships; map its failures."""
+    size: int | None = None
     try:
-        size = _apply.Delta(delta).load()["target"]["size"] if delta.is_dir() else None
+        d = _apply.Delta(delta)
+        try:
+            size = int(d.load()["target"]["size"])  # for the progress bar only
+        finally:
+            d.close()
     except _apply.ApplyError:
-        size = None
+        pass  # apply_delta says what is wrong, in its own words
     try:
         with task(f"apply: {delta.name}", size or base.stat().st_size) as advance:
             return _apply.apply_delta(delta, base, output_dir, advance)
