@@ -117,10 +117,17 @@ def recipes_cmd() -> None:
 @click.option("--sign-key", type=click.Path(path_type=Path, dir_okay=False),
               help="Sign the sidecar with this SSH private key (ssh-keygen -Y sign): "
                    "<tarball>.sha256.sig, checked by verify --allowed-signers.")
+@click.option("--base", "base", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="The bundle the isolated host has: also write the delta from it to this "
+                   "bundle beside it (see `pyannote-bundle delta`).")
+@click.option("--split-size", metavar="SIZE",
+              help="Also cut the bundle into volumes of at most SIZE beside it (see "
+                   "`pyannote-bundle split`).")
 def build_cmd(recipe: str, spec_file: Path | None, output: Path, target_slug: str | None,
               sign_key: Path | None, lockfile: Path | None,
               index_url: str, extra_index_url: tuple[str, ...], find_links: tuple[str, ...],
-              cache_dir: Path, compression: str, self_test: bool, python: str | None) -> None:
+              cache_dir: Path, compression: str, self_test: bool, python: str | None,
+              base: Path | None = None, split_size: str | None = None) -> None:
     """Build one checksummed, reproducible bundle.
 
     \b
@@ -128,8 +135,19 @@ def build_cmd(recipe: str, spec_file: Path | None, output: Path, target_slug: st
       HF_TOKEN=hf_... pyannote-bundle build --recipe speaker-diarization-3.1 --output out/
 
     HF_ENDPOINT selects another Hub; SOURCE_DATE_EPOCH sets the recorded time.
+
+    \b
+    An update for a host that has OLD.tar, and volumes for removable media:
+      pyannote-bundle build --spec new.toml --output out/ --base OLD.tar --split-size 4095M
     """
     from bundler.build import BuildOptions, build
+    from bundler.errors import InputError
+    from bundler.parts import parse_size
+
+    size = parse_size(split_size) if split_size else None  # bad input fails before the build
+    if base is not None and compression != "none":
+        raise InputError("--base needs an uncompressed bundle: deltas are rebuilt byte for "
+                         "byte by python3 alone (drop --compression)")
     from bundler.spec import IndexOptions, Target, load_recipe, load_spec
 
     target = Target.from_slug(target_slug) if target_slug else None
@@ -141,6 +159,16 @@ def build_cmd(recipe: str, spec_file: Path | None, output: Path, target_slug: st
                         sign_key=sign_key, python=python)
     result = build(spec, opts)
     click.echo(f"{result.packed.path}\n{result.packed.sidecar}")
+    if base is not None:
+        from bundler.delta import make_delta
+
+        made = make_delta(base, result.packed.path, output, sign_key)
+        click.echo(f"{made.path}\n{made.sidecar}")
+    if size is not None:
+        from bundler.parts import split
+
+        volumes = split(result.packed.path, size, output)
+        click.echo("\n".join(str(p) for p in [*volumes.parts, volumes.listing]))
 
 
 @cli.command("verify")

@@ -219,3 +219,39 @@ def test_delta_is_reproducible(pair: tuple[Path, Path], delta: Path, tmp_path: P
     proc = _cli("delta", str(old), str(new), "--output", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / delta.name).read_bytes() == delta.read_bytes()
+
+
+def test_build_with_base_and_split_size_writes_the_delta_and_volumes(
+        pair: tuple[Path, Path], delta: Path, wheel_cache: Path, tmp_path: Path) -> None:
+    """The release engineer's one command: the new bundle, its delta and its volumes."""
+    import os
+
+    old, new = pair
+    repos = [HubRepo("pyannote/segmentation-3.0", {"pytorch_model.bin": SEG}),
+             HubRepo("pyannote/wespeaker-voxceleb-resnet34-LM",
+                     {"pytorch_model.bin": EMB + b"retrained"})]
+    out = tmp_path / "out"
+    with LoopbackHub(repos) as hub:
+        proc = _cli("-q", "build", "--lockfile", str(TINY_LOCK), "--output", str(out),
+                    "--cache-dir", str(wheel_cache), "--base", str(old), "--split-size",
+                    "500K", env={**os.environ, "HF_ENDPOINT": hub.url})
+    assert proc.returncode == 0, proc.stderr
+    built = out / new.name
+    assert built.read_bytes() == new.read_bytes()  # reproducible: the same bundle
+    assert (out / delta.name).read_bytes() == delta.read_bytes()  # and the same delta
+    parts = sorted(out.glob(new.name + ".part-*"))
+    assert len(parts) >= 2 and b"".join(p.read_bytes() for p in parts) == new.read_bytes()
+    assert (out / (new.name + ".parts.sha256")).is_file()
+    # bad input fails before anything is built
+    proc = _cli("build", "--output", str(tmp_path / "x"), "--split-size", "lots")
+    assert proc.returncode == 2 and not (tmp_path / "x").exists()
+    proc = _cli("build", "--output", str(tmp_path / "x"), "--base", str(old),
+                "--compression", "zstd")
+    assert proc.returncode == 2 and "uncompressed" in proc.stderr
+
+
+def test_new_verbs_teach_with_an_example() -> None:
+    for verb in ("delta", "apply", "split"):
+        text = _cli(verb, "--help").stdout
+        assert "Example" in text and f"pyannote-bundle {verb}" in text, verb
+    assert "pyannote-bundle inspect" in _cli("inspect", "--help").stdout
