@@ -10,11 +10,15 @@ A delta holds ``delta.json`` and the members of the new bundle whose bytes the b
 (``payload/<sha256>``). ``delta.json`` records, for each member of the new bundle in order,
 the tar bytes before its data (header, and the padding of the member before) and where its
 data comes from: the base (an offset in it) or the payload. This program writes those bytes
-in order to a temporary name beside the output, hashing as it goes, while a second thread
-hashes the base. Only when the base is the one the delta was made from (its sha256) and the
-result is the new bundle (its sha256, recorded in the delta) is it renamed to its final name
-and its ``.sha256`` sidecar written beside it, in ``sha256sum -c`` form. On any failure
-nothing is left in the output folder.
+in order to a temporary name beside the output, hashing them on a second thread as it goes.
+Only when the result is the new bundle (its sha256, recorded in the delta) is it renamed to
+its final name and its ``.sha256`` sidecar written beside it, in ``sha256sum -c`` form.
+
+The base is checked for what the result needs from it: its size and, when its sidecar is
+beside it, the digest there, before anything is written; then every byte taken from it,
+through the result's sha256. When that does not match, the base is hashed whole to say
+which side is wrong: a base that is not the one the delta names (exit 10), or a damaged
+delta. On any failure nothing is left in the output folder.
 
 Exit codes (pyannote-bundle's): 0 rebuilt, 2 bad usage, 5 cannot write the output (disk
 full, permissions), 10 damaged delta, or a base that is not the one the delta needs.
@@ -27,6 +31,7 @@ import base64
 import hashlib
 import json
 import os
+import queue
 import sys
 import tarfile
 import threading
@@ -149,35 +154,14 @@ def _check_meta(name: str, meta: Dict[str, Any]) -> None:
                            "pyannote-bundle that made it")
 
 
-class _Hasher:
-    """sha256 of a file, on its own thread (hashlib releases the GIL on large reads)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.digest, self.error = path, "", ""
-        self._thread = threading.Thread(target=self._run, name="sha256-base", daemon=True)
-        self._stop = False
-        self._thread.start()
-
-    def _run(self) -> None:
-        h = hashlib.sha256()
-        try:
-            with open(self.path, "rb") as f:
-                while not self._stop:
-                    chunk = f.read(BUFSIZE)
-                    if not chunk:
-                        break
-                    h.update(chunk)
-        except OSError as exc:
-            self.error = str(exc)
-        self.digest = h.hexdigest()
-
-    def result(self) -> str:
-        self._thread.join()
-        return self.digest
-
-    def cancel(self) -> None:
-        self._stop = True
-        self._thread.join()
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(BUFSIZE)
+            if not chunk:
+                return h.hexdigest()
+            h.update(chunk)
 
 
 def _sidecar_digest(path: Path) -> Optional[str]:
@@ -245,20 +229,19 @@ def _apply(delta: Delta, base: Path, output_dir: Path,
     tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
     tmp_sidecar = sidecar.with_name(f".{sidecar.name}.partial-{os.getpid()}")
     made_dir = not output_dir.exists()
-    hasher: Optional[_Hasher] = None
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         with open(tmp, "xb") as out, open(base, "rb") as src:
-            hasher = _Hasher(base)
             digest = _write(out, src, delta, meta, progress)
             out.flush()
             os.fsync(out.fileno())
-        base_digest = hasher.result()
-        if hasher.error:
-            raise UsageError(f"--base {base}: cannot read: {hasher.error}")
-        if base_digest != want_base["sha256"]:
-            raise WrongBase(f"--base {base.name} has sha256 {base_digest}: {need}")
         if digest != target["sha256"]:
+            # Every byte taken from the delta was checked on the way (its list against its
+            # SHA256SUMS, each payload file against its sha256): the base is the suspect,
+            # and only now, on this failure path, is it worth reading whole to say so.
+            base_digest = _file_sha256(base)
+            if base_digest != want_base["sha256"]:
+                raise WrongBase(f"--base {base.name} has sha256 {base_digest}: {need}")
             raise DeltaDamaged(f"the rebuilt {final.name} has sha256 {digest}, not "
                                f"{target['sha256']}: the delta is damaged; copy it again")
         with open(tmp_sidecar, "w") as f:
@@ -266,11 +249,11 @@ def _apply(delta: Delta, base: Path, output_dir: Path,
         os.replace(tmp, final)
         os.replace(tmp_sidecar, sidecar)
     except OSError as exc:
-        _cleanup(hasher, [tmp, tmp_sidecar], output_dir if made_dir else None)
+        _cleanup([tmp, tmp_sidecar], output_dir if made_dir else None)
         raise CannotWrite(f"cannot write {final}: {exc.strerror or exc}; nothing was "
                           "left in the output folder") from None
     except BaseException:
-        _cleanup(hasher, [tmp, tmp_sidecar], output_dir if made_dir else None)
+        _cleanup([tmp, tmp_sidecar], output_dir if made_dir else None)
         raise
     return {"path": str(final), "sidecar": str(sidecar), "sha256": digest,
             "size": target["size"], "base": want_base["sha256"],
@@ -278,9 +261,7 @@ def _apply(delta: Delta, base: Path, output_dir: Path,
             "from_delta": sum(m["size"] for m in meta["members"] if m.get("from") == "delta")}
 
 
-def _cleanup(hasher: Optional[_Hasher], paths: List[Path], made: Optional[Path]) -> None:
-    if hasher is not None:
-        hasher.cancel()
+def _cleanup(paths: List[Path], made: Optional[Path]) -> None:
     for p in paths:
         try:
             p.unlink()
@@ -293,16 +274,52 @@ def _cleanup(hasher: Optional[_Hasher], paths: List[Path], made: Optional[Path])
             pass
 
 
+class _StreamHasher:
+    """sha256 of the bytes handed to ``update``, computed on another thread so that hashing
+    the new bundle runs beside writing it (bounded: at most 16 chunks in flight)."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self._queue: "queue.Queue[Optional[bytes]]" = queue.Queue(maxsize=16)
+        self._thread = threading.Thread(target=self._run, name="sha256-new", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            chunk = self._queue.get()
+            if chunk is None:
+                return
+            self._hash.update(chunk)
+
+    def update(self, chunk: bytes) -> None:
+        self._queue.put(chunk)
+
+    def hexdigest(self) -> str:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        return self._hash.hexdigest()
+
+
 def _write(out: IO[bytes], src: IO[bytes], delta: Delta, meta: Dict[str, Any],
            progress: Callable[[int], None]) -> str:
     """Write the new bundle; return its sha256."""
-    h = hashlib.sha256()
+    h = _StreamHasher()
 
     def emit(b: bytes) -> None:
         h.update(b)
         out.write(b)
         progress(len(b))
 
+    try:
+        _copy(emit, src, delta, meta)
+    finally:
+        digest = h.hexdigest()  # also stops the thread on errors
+    return digest
+
+
+def _copy(emit: Callable[[bytes], None], src: IO[bytes], delta: Delta,
+          meta: Dict[str, Any]) -> None:
     try:
         for m in meta["members"]:
             emit(base64.b64decode(m["lead"], validate=True))
@@ -334,7 +351,6 @@ def _write(out: IO[bytes], src: IO[bytes], delta: Delta, meta: Dict[str, Any],
     except (KeyError, TypeError, ValueError, tarfile.TarError, EOFError) as exc:
         raise DeltaDamaged(f"{delta.path.name}: unreadable ({type(exc).__name__}: {exc}); "
                            "copy the delta again") from None
-    return h.hexdigest()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
