@@ -18,7 +18,8 @@ with the tool so both see the same page cache):
 * ``delta_share_*``: the delta's size as a share of the new bundle, for a one-parameter
   change (config.yaml) and a model change (one model file's bytes); ``delta_vs_pack``: making
   the delta against packing the new bundle; ``apply_vs_copy``: rebuilding the new bundle from
-  the old one and the delta against ``cp`` of the new bundle; ``verify_parts_vs_verify``:
+  the old one and the delta against ``cp`` of the new bundle (``apply_vs_copy_fsync``: against
+  ``cp`` then ``sync FILE``, as durable as apply); ``verify_parts_vs_verify``:
   the integrity check read across four volumes against the same check of the joined file.
 * smoke diarization time, real-time factor and peak memory (with ``--bundle``), and the
   bundle's size by part.
@@ -182,21 +183,30 @@ def bench_delta(entries: list[Entry], work: Path, runs: int, seconds: dict[str, 
     """Deltas for a one-parameter change and a model change, and volumes, on ``entries``."""
     root = work / "delta"
     config = "pipeline:\n  params:\n    clustering:\n      threshold: {}\n"
-    entries = [e for e in entries if e.path != layout.CONFIG]  # a real bundle's is replaced
+    # a real bundle's config is replaced; the manifest is rewritten for each variant
+    entries = [e for e in entries if e.path not in (layout.CONFIG, layout.MANIFEST)]
+
+    def with_manifest(files: list[Entry]) -> list[Entry]:
+        listed = {e.path: {"sha256": e.sha256, "size": e.size} for e in files}
+        return [*files, Entry.from_bytes(layout.MANIFEST, manifest_json({"files": listed}))]
+
     old_entries = [*entries, Entry.from_bytes(layout.CONFIG, config.format(0.7045).encode())]
-    old = pack(old_entries, top="bench", output_dir=root / "old", compression="none",
-               mtime=0).path
-    param = [*entries, Entry.from_bytes(layout.CONFIG, config.format(0.75).encode())]
+    param = with_manifest([*entries, Entry.from_bytes(layout.CONFIG,
+                                                      config.format(0.75).encode())])
     model = max((e for e in old_entries if e.path.startswith(layout.MODELS_DIR + "/")
                  and e.source is not None), key=lambda e: e.size)
     assert model.source is not None
     weights = bytearray(model.source.read_bytes())
     weights[len(weights) // 2] ^= 0xFF
+    root.mkdir(parents=True, exist_ok=True)
     retrained = root / "retrained.bin"
     retrained.write_bytes(bytes(weights))
     del weights
-    swapped = [Entry(e.path, hashlib.sha256(retrained.read_bytes()).hexdigest(), e.size,
-                     source=retrained) if e is model else e for e in old_entries]
+    swapped = with_manifest([Entry(e.path, hashlib.sha256(retrained.read_bytes()).hexdigest(),
+                                   e.size, source=retrained) if e is model else e
+                             for e in old_entries])
+    old = pack(with_manifest(old_entries), top="bench", output_dir=root / "old",
+               compression="none", mtime=0).path
     for label, new_entries in (("param", param), ("model", swapped)):
         _bench_update(label, old, new_entries, root, runs, seconds, ratios, sizes)
 
@@ -239,6 +249,15 @@ def _bench_update(label: str, old: Path, new_entries: list[Entry], root: Path, r
         lambda: (shutil.rmtree(root / "a", ignore_errors=True),
                  (root / "x.tar").unlink(missing_ok=True)))
     ratios[f"apply_vs_copy_{label}"] = seconds[f"apply_{label}"] / seconds[f"cp_{label}"]
+    # apply fsyncs the new bundle before naming it (as pack does); cp leaves it in the page
+    # cache. The same durability on both sides: cp, then `sync FILE` (fsync of that file).
+    _, seconds[f"cp_sync_{label}"] = median_pair(
+        runs, lambda: None,
+        lambda: subprocess.run(f"cp '{new}' '{root}/x.tar' && sync '{root}/x.tar'",
+                               shell=True, check=True),
+        lambda: (root / "x.tar").unlink(missing_ok=True))
+    ratios[f"apply_vs_copy_fsync_{label}"] = (seconds[f"apply_{label}"]
+                                              / seconds[f"cp_sync_{label}"])
     clean()
     shutil.rmtree(root / label, ignore_errors=True)
 

@@ -115,7 +115,7 @@ def check_and_extract(tarball: Path, work: Path, limits: Limits = Limits(),
     against SHA256SUMS through it; without a sidecar (or with ``hash_members``) each
     member is hashed as well and compared with its SHA256SUMS line.
     """
-    from bundler.parts import bundle_size, open_bundle, whole
+    from bundler.parts import bundle_size, name_bad_part, open_bundle, whole
 
     expected_outer = read_sidecar(whole(tarball))  # a part's or the parts' list: the bundle's
     each = hash_members or expected_outer is None
@@ -131,6 +131,7 @@ def check_and_extract(tarball: Path, work: Path, limits: Limits = Limits(),
         finally:
             outer = reader.hash.hexdigest()  # also stops the hashing thread on errors
     if expected_outer is not None and outer != expected_outer:
+        name_bad_part(tarball)  # a split bundle: which part is damaged or out of place
         raise IntegrityError(tarball.name, f"sha256 {outer} does not match the sidecar "
                              f"{tarball.name}{layout.SIDECAR_SUFFIX} ({expected_outer}): "
                              "damaged or tampered")

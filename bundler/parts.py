@@ -6,9 +6,11 @@ beside them, so ``cat BUNDLE.part-* > BUNDLE && sha256sum -c BUNDLE.sha256`` wor
 coreutils alone.
 
 ``open_bundle`` gives verify and inspect one stream over the parts, without joining them on
-disk. Each part is hashed as it is read (on another core) and checked against its line when
-it ends; when reading fails part-way (a swapped part is garbage to tar), the parts not yet
-checked are hashed to name the one at fault. A missing part is named before any reading.
+disk. A missing part is named before any reading. With the bundle's sidecar beside the
+parts, its digest covers every byte, so the parts are not hashed again on the way; only
+when the check fails (the digest differs, or a swapped part is garbage to tar) are they
+hashed, to name the one at fault. Without it, each part is hashed as it is read (on another
+core) and checked against its line when it ends.
 """
 
 from __future__ import annotations
@@ -188,6 +190,9 @@ class PartsReader(io.RawIOBase):
         super().__init__()
         self.bundle = whole(path)
         self.parts = find_parts(path)
+        # The sidecar's digest covers every byte: hash the parts only to name a bad one.
+        self.hash_parts = not self.bundle.with_name(self.bundle.name
+                                                    + layout.SIDECAR_SUFFIX).is_file()
         self.size = sum(p.stat().st_size for p, _ in self.parts)
         self._index = 0
         self._file: IO[bytes] | None = None
@@ -206,18 +211,21 @@ class PartsReader(io.RawIOBase):
             self._file = open(path, "rb")
         except OSError as exc:
             raise IntegrityError(path.name, f"cannot open: {exc.strerror}") from None
-        self._hash = BackgroundSha256()
+        self._hash = BackgroundSha256() if self.hash_parts else None
 
     def _end_part(self) -> None:
         """The current part is read whole: check it, move to the next."""
-        assert self._file is not None and self._hash is not None
+        assert self._file is not None
         self._file.close()
-        digest, (path, want) = self._hash.hexdigest(), self.parts[self._index]
-        self._file = self._hash = None
-        if want is not None and digest != want:
-            raise IntegrityError(path.name, f"sha256 {digest} does not match {self.listing} "
-                                 f"({want}): damaged, or parts swapped; copy it again")
-        self._checked.add(self._index)
+        self._file = None
+        if self._hash is not None:
+            digest, (path, want) = self._hash.hexdigest(), self.parts[self._index]
+            self._hash = None
+            if want is not None and digest != want:
+                raise IntegrityError(path.name, f"sha256 {digest} does not match "
+                                     f"{self.listing} ({want}): damaged, or parts swapped; "
+                                     "copy it again")
+            self._checked.add(self._index)
         if self._index + 1 < len(self.parts):
             self._open(self._index + 1)
 
@@ -228,8 +236,8 @@ class PartsReader(io.RawIOBase):
         while self._file is not None:
             n = self._file.readinto(b)  # type: ignore[attr-defined]
             if n:
-                assert self._hash is not None
-                self._hash.update(memoryview(b)[:n])
+                if self._hash is not None:
+                    self._hash.update(memoryview(b)[:n])
                 return int(n)
             self._end_part()
         return 0
@@ -281,6 +289,17 @@ class PartsReader(io.RawIOBase):
             found = self.diagnose()
             if found is not None:
                 raise found from None
+
+
+def name_bad_part(path: Path) -> None:
+    """For a split bundle whose digest did not match: raise naming the first part that does
+    not match its line in the parts' list (nothing for a whole tarball)."""
+    if is_parts(path):
+        reader = PartsReader(path)
+        reader.close()
+        found = reader.diagnose()
+        if found is not None:
+            raise found
 
 
 def open_bundle(path: Path) -> IO[bytes]:

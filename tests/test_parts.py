@@ -123,6 +123,15 @@ def test_damaged_last_part_is_named(parts: list[Path]) -> None:
     _refused(parts[0], parts[-1].name, "damaged")
 
 
+def test_damaged_part_is_named_without_the_sidecar(bundle: Path, parts: list[Path]) -> None:
+    """Without the bundle's digest, each part is hashed as it is read, against its line."""
+    (parts[0].parent / (bundle.name + ".sha256")).unlink()
+    data = bytearray(parts[1].read_bytes())
+    data[len(data) // 2] ^= 1
+    parts[1].write_bytes(bytes(data))
+    _refused(parts[0], parts[1].name, "damaged")
+
+
 def test_split_refuses_a_damaged_bundle_and_writes_nothing(bundle: Path, tmp_path: Path) -> None:
     copy = tmp_path / bundle.name
     data = bytearray(bundle.read_bytes())
