@@ -15,6 +15,12 @@ with the tool so both see the same page cache):
   (on a large bundle writing the files, not hashing, is the floor).
 * ``install_vs_pip`` (with ``--bundle``): the offline install the bundle performs vs a plain
   ``python -m venv`` + ``pip install --no-index --require-hashes`` of the same wheels.
+* ``delta_share_*``: the delta's size as a share of the new bundle, for a one-parameter
+  change (config.yaml) and a model change (one model file's bytes); ``delta_vs_pack``: making
+  the delta against packing the new bundle; ``apply_vs_copy``: rebuilding the new bundle from
+  the old one and the delta against ``cp`` of the new bundle (``apply_vs_copy_fsync``: against
+  ``cp`` then ``sync FILE``, as durable as apply); ``verify_parts_vs_verify``:
+  the integrity check read across four volumes against the same check of the joined file.
 * smoke diarization time, real-time factor and peak memory (with ``--bundle``), and the
   bundle's size by part.
 * ``diarize_vs_pyannote`` (with ``--bundle``): ``bin/diarize`` on a folder of 20 recordings
@@ -46,9 +52,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bundler import layout  # noqa: E402
+from bundler.delta import apply as apply_delta  # noqa: E402
+from bundler.delta import make_delta  # noqa: E402
 from bundler.install import run_installer  # noqa: E402
 from bundler.integrity import check_and_extract  # noqa: E402
 from bundler.pack import Entry, pack  # noqa: E402
+from bundler.parts import split  # noqa: E402
 from bundler.render import manifest_json  # noqa: E402
 from bundler.runtime import install as installer  # noqa: E402
 from bundler.wheels import sha256_file  # noqa: E402
@@ -169,6 +178,90 @@ def entries_for(files: list[Path], base: Path) -> list[Entry]:
     return [*out, Entry.from_bytes(layout.MANIFEST, manifest_json(manifest))]
 
 
+def bench_delta(entries: list[Entry], work: Path, runs: int, seconds: dict[str, float],
+                ratios: dict[str, float], sizes: dict[str, int]) -> None:
+    """Deltas for a one-parameter change and a model change, and volumes, on ``entries``."""
+    root = work / "delta"
+    config = "pipeline:\n  params:\n    clustering:\n      threshold: {}\n"
+    # a real bundle's config is replaced; the manifest is rewritten for each variant
+    entries = [e for e in entries if e.path not in (layout.CONFIG, layout.MANIFEST)]
+
+    def with_manifest(files: list[Entry]) -> list[Entry]:
+        listed = {e.path: {"sha256": e.sha256, "size": e.size} for e in files}
+        return [*files, Entry.from_bytes(layout.MANIFEST, manifest_json({"files": listed}))]
+
+    old_entries = [*entries, Entry.from_bytes(layout.CONFIG, config.format(0.7045).encode())]
+    param = with_manifest([*entries, Entry.from_bytes(layout.CONFIG,
+                                                      config.format(0.75).encode())])
+    model = max((e for e in old_entries if e.path.startswith(layout.MODELS_DIR + "/")
+                 and e.source is not None), key=lambda e: e.size)
+    assert model.source is not None
+    weights = bytearray(model.source.read_bytes())
+    weights[len(weights) // 2] ^= 0xFF
+    root.mkdir(parents=True, exist_ok=True)
+    retrained = root / "retrained.bin"
+    retrained.write_bytes(bytes(weights))
+    del weights
+    swapped = with_manifest([Entry(e.path, hashlib.sha256(retrained.read_bytes()).hexdigest(),
+                                   e.size, source=retrained) if e is model else e
+                             for e in old_entries])
+    old = pack(with_manifest(old_entries), top="bench", output_dir=root / "old",
+               compression="none", mtime=0).path
+    for label, new_entries in (("param", param), ("model", swapped)):
+        _bench_update(label, old, new_entries, root, runs, seconds, ratios, sizes)
+
+    volumes = split(old, -(-old.stat().st_size // 4), root / "usb")
+    extract = root / "extract"
+    seconds["verify_parts"], seconds["verify_joined"] = median_pair(
+        runs, lambda: check_and_extract(volumes.parts[0], extract),
+        lambda: check_and_extract(old, extract),
+        lambda: shutil.rmtree(extract, ignore_errors=True))
+    ratios["verify_parts_vs_verify"] = seconds["verify_parts"] / seconds["verify_joined"]
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _bench_update(label: str, old: Path, new_entries: list[Entry], root: Path, runs: int,
+                  seconds: dict[str, float], ratios: dict[str, float],
+                  sizes: dict[str, int]) -> None:
+    """One update OLD -> NEW: the delta's share, delta_vs_pack and apply_vs_copy."""
+    def pack_new(out: Path) -> Path:
+        return pack(new_entries, top="bench", output_dir=out, compression="none",
+                    mtime=0).path
+
+    def make() -> Path:
+        return make_delta(old, new, root / f"d-{label}").path
+
+    def clean() -> None:
+        for p in (root / "p", root / "a", root / f"d-{label}"):
+            shutil.rmtree(p, ignore_errors=True)
+        (root / "x.tar").unlink(missing_ok=True)
+
+    new = pack_new(root / label)
+    seconds[f"delta_{label}"], seconds[f"pack_{label}"] = median_pair(
+        runs, make, lambda: pack_new(root / "p"), clean)
+    ratios[f"delta_vs_pack_{label}"] = seconds[f"delta_{label}"] / seconds[f"pack_{label}"]
+    delta = make()
+    sizes[f"delta_{label}"] = delta.stat().st_size
+    ratios[f"delta_share_{label}_percent"] = 100 * delta.stat().st_size / new.stat().st_size
+    seconds[f"apply_{label}"], seconds[f"cp_{label}"] = median_pair(
+        runs, lambda: apply_delta(delta, old, root / "a"),
+        lambda: subprocess.run(["cp", str(new), str(root / "x.tar")], check=True),
+        lambda: (shutil.rmtree(root / "a", ignore_errors=True),
+                 (root / "x.tar").unlink(missing_ok=True)))
+    ratios[f"apply_vs_copy_{label}"] = seconds[f"apply_{label}"] / seconds[f"cp_{label}"]
+    # apply fsyncs the new bundle before naming it (as pack does); cp leaves it in the page
+    # cache. The same durability on both sides: cp, then `sync FILE` (fsync of that file).
+    _, seconds[f"cp_sync_{label}"] = median_pair(
+        runs, lambda: None,
+        lambda: subprocess.run(f"cp '{new}' '{root}/x.tar' && sync '{root}/x.tar'",
+                               shell=True, check=True),
+        lambda: (root / "x.tar").unlink(missing_ok=True))
+    ratios[f"apply_vs_copy_fsync_{label}"] = (seconds[f"apply_{label}"]
+                                              / seconds[f"cp_sync_{label}"])
+    clean()
+    shutil.rmtree(root / label, ignore_errors=True)
+
+
 def median_pair(runs: int, tool: Callable[[], Any], base: Callable[[], Any],
                 cleanup: Callable[[], Any] = lambda: None) -> tuple[float, float]:
     """Median seconds of ``tool`` and ``base``, run alternately; ``cleanup`` runs untimed
@@ -194,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bundle", type=Path, help="a built bundle tarball: real payload, and "
                     "the install and smoke stages")
     ap.add_argument("--install-runs", type=int, default=1)
+    ap.add_argument("--no-delta", action="store_true",
+                    help="skip the delta and volume stages")
     args = ap.parse_args(argv)
 
     seconds: dict[str, float] = {}
@@ -263,6 +358,12 @@ def main(argv: list[str] | None = None) -> int:
         _, seconds["tar_xf"] = median_pair(args.runs, lambda: None, tar_xf, clean_extract)
         ratios["verify_vs_tar_xf"] = seconds["verify_integrity"] / seconds["tar_xf"]
         (work / "seed.tar.gz").unlink(missing_ok=True)
+        shutil.rmtree(extract, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+
+        # --- deltas and volumes -------------------------------------------------------
+        if not args.no_delta:
+            bench_delta(entries, work, args.runs, seconds, ratios, sizes)
 
         # --- install and smoke (real bundle only) -------------------------------------
         smoke: dict[str, Any] | None = None

@@ -117,10 +117,17 @@ def recipes_cmd() -> None:
 @click.option("--sign-key", type=click.Path(path_type=Path, dir_okay=False),
               help="Sign the sidecar with this SSH private key (ssh-keygen -Y sign): "
                    "<tarball>.sha256.sig, checked by verify --allowed-signers.")
+@click.option("--base", "base", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="The bundle the isolated host has: also write the delta from it to this "
+                   "bundle beside it (see `pyannote-bundle delta`).")
+@click.option("--split-size", metavar="SIZE",
+              help="Also cut the bundle into volumes of at most SIZE beside it (see "
+                   "`pyannote-bundle split`).")
 def build_cmd(recipe: str, spec_file: Path | None, output: Path, target_slug: str | None,
               sign_key: Path | None, lockfile: Path | None,
               index_url: str, extra_index_url: tuple[str, ...], find_links: tuple[str, ...],
-              cache_dir: Path, compression: str, self_test: bool, python: str | None) -> None:
+              cache_dir: Path, compression: str, self_test: bool, python: str | None,
+              base: Path | None = None, split_size: str | None = None) -> None:
     """Build one checksummed, reproducible bundle.
 
     \b
@@ -128,8 +135,19 @@ def build_cmd(recipe: str, spec_file: Path | None, output: Path, target_slug: st
       HF_TOKEN=hf_... pyannote-bundle build --recipe speaker-diarization-3.1 --output out/
 
     HF_ENDPOINT selects another Hub; SOURCE_DATE_EPOCH sets the recorded time.
+
+    \b
+    An update for a host that has OLD.tar, and volumes for removable media:
+      pyannote-bundle build --spec new.toml --output out/ --base OLD.tar --split-size 4095M
     """
     from bundler.build import BuildOptions, build
+    from bundler.errors import InputError
+    from bundler.parts import parse_size
+
+    size = parse_size(split_size) if split_size else None  # bad input fails before the build
+    if base is not None and compression != "none":
+        raise InputError("--base needs an uncompressed bundle: deltas are rebuilt byte for "
+                         "byte by python3 alone (drop --compression)")
     from bundler.spec import IndexOptions, Target, load_recipe, load_spec
 
     target = Target.from_slug(target_slug) if target_slug else None
@@ -141,6 +159,16 @@ def build_cmd(recipe: str, spec_file: Path | None, output: Path, target_slug: st
                         sign_key=sign_key, python=python)
     result = build(spec, opts)
     click.echo(f"{result.packed.path}\n{result.packed.sidecar}")
+    if base is not None:
+        from bundler.delta import make_delta
+
+        made = make_delta(base, result.packed.path, output, sign_key)
+        click.echo(f"{made.path}\n{made.sidecar}")
+    if size is not None:
+        from bundler.parts import split
+
+        volumes = split(result.packed.path, size, output)
+        click.echo("\n".join(str(p) for p in [*volumes.parts, volumes.listing]))
 
 
 @cli.command("verify")
@@ -170,6 +198,9 @@ def verify_cmd(bundle: Path, prefix: Path | None, keep: bool, as_json: bool,
                no_smoke: bool, max_bytes: int, max_members: int, hash_members: bool,
                allowed_signers: Path | None, python: str | None, use_pip: bool) -> None:
     """Prove a bundle is intact, installs offline, and diarizes with the network disabled.
+
+    BUNDLE may be the first part of a split bundle (BUNDLE.part-000) or its
+    BUNDLE.parts.sha256: the parts are read as they are, each checked against its line.
 
     \b
     Example:
@@ -272,13 +303,104 @@ def inspect_cmd(bundle: Path, as_json: bool) -> None:
     \b
     Example:
       pyannote-bundle inspect out/speaker-diarization-3.1-3.4.0-py311-linux-x86_64.tar --json
+
+    On a delta, it shows the base the delta needs (name, size, sha256), the bundle it
+    makes, and the members it carries:
+      pyannote-bundle inspect updates/NEW.from-0123456789ab.delta.tar
     """
     import json as _json
 
+    from bundler.delta import inspect_delta, is_delta, render_delta
     from bundler.inspection import inspect_bundle, render_text
 
+    if is_delta(bundle):
+        dinfo = inspect_delta(bundle)
+        click.echo(_json.dumps(dinfo) if as_json else render_delta(dinfo))
+        return
     info = inspect_bundle(bundle)
     click.echo(_json.dumps(info) if as_json else render_text(info))
+
+
+@cli.command("delta")
+@click.argument("old", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.argument("new", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--output", "-o", "output", type=click.Path(path_type=Path), required=True,
+              help="Folder for the delta tarball and its .sha256 sidecar.")
+@click.option("--sign-key", type=click.Path(path_type=Path, dir_okay=False),
+              help="Sign the delta's sidecar with this SSH private key (as build does).")
+def delta_cmd(old: Path, new: Path, output: Path, sign_key: Path | None) -> None:
+    """Write the update from bundle OLD to bundle NEW: only what OLD lacks.
+
+    The delta, <NEW stem>.from-<12 hex of OLD's sha256>.delta.tar, holds the members of NEW
+    whose bytes are in no member of OLD, a delta.json (both digests, where each member of
+    NEW comes from) and apply.py, which rebuilds NEW byte for byte with python3 alone. Both
+    bundles must be uncompressed (build's default) and match their sidecars if present.
+
+    \b
+    Example:
+      pyannote-bundle delta out/OLD.tar out/NEW.tar --output updates/
+    """
+    from bundler.delta import make_delta
+
+    res = make_delta(old, new, output, sign_key)
+    click.echo(f"{res.path}\n{res.sidecar}" + (f"\n{res.signature}" if res.signature else ""))
+
+
+@cli.command("apply")
+@click.argument("delta", type=click.Path(path_type=Path, exists=True))
+@click.option("--base", required=True, type=click.Path(path_type=Path, exists=True,
+                                                       dir_okay=False),
+              help="The bundle the delta was made from (its sha256 is checked).")
+@click.option("--output", "-o", "output", type=click.Path(path_type=Path), required=True,
+              help="Folder for the rebuilt bundle and its .sha256 sidecar.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def apply_cmd(delta: Path, base: Path, output: Path, as_json: bool) -> None:
+    """Rebuild the new bundle from OLD (--base) and a delta, byte for byte, offline.
+
+    Runs the delta's own apply.py code: the result is checked against the new bundle's
+    sha256 recorded in the delta before it gets its name, and its sidecar is written
+    beside it, so sha256sum -c, verify and install.sh work on it as on the original.
+    A wrong base or a damaged delta: exit 10; cannot write: exit 5; nothing is left in
+    --output. Without this tool: tar -xf DELTA && python3 <folder>/apply.py --base OLD
+    --output DIR.
+
+    \b
+    Example:
+      pyannote-bundle apply updates/NEW.from-0123456789ab.delta.tar --base OLD.tar --output out/
+    """
+    import json as _json
+
+    from bundler.delta import apply
+
+    res = apply(delta, base, output)
+    click.echo(_json.dumps(res) if as_json else f"{res['path']}\n{res['sidecar']}")
+
+
+@cli.command("split")
+@click.argument("bundle", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--size", "size", required=True, metavar="SIZE",
+              help="Largest part: K, M, G are powers of 1024, KB, MB, GB of 1000 (650M, 1G, "
+                   "4GB). FAT32 holds at most 4 GiB - 1 byte per file: 4095M or 4GB fit, 4G "
+                   "does not.")
+@click.option("--output", "-o", "output", type=click.Path(path_type=Path), required=True,
+              help="Folder for the parts, their checksum list and the bundle's sidecar.")
+def split_cmd(bundle: Path, size: str, output: Path) -> None:
+    """Cut a bundle into volumes for removable media or a per-file size limit.
+
+    Writes BUNDLE.part-000, -001, ... (each at most SIZE), BUNDLE.parts.sha256 (the
+    parts' checksums, for sha256sum -c) and BUNDLE.sha256 (the bundle's own sidecar).
+    `cat BUNDLE.part-* > BUNDLE` gives the bundle back; verify and inspect read the parts
+    as they are when given the first part or BUNDLE.parts.sha256.
+
+    \b
+    Example:
+      pyannote-bundle split out/BUNDLE.tar --size 4095M --output usb/
+      pyannote-bundle verify usb/BUNDLE.tar.part-000
+    """
+    from bundler.parts import parse_size, split
+
+    res = split(bundle, parse_size(size), output)
+    click.echo("\n".join(str(p) for p in [*res.parts, res.listing, res.sidecar]))
 
 
 @cli.command("lock")

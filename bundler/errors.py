@@ -340,3 +340,10 @@ def _escape_char(c: str) -> str:
     if code < 0x100:
         return f"\\x{code:02x}"
     return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+class DeltaError(BundlerError):
+    """A delta cannot rebuild its bundle: the delta is damaged, or the base given is not the
+    bundle it was made from. Nothing was written."""
+
+    exit_code = EXIT_INTEGRITY

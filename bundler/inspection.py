@@ -16,6 +16,7 @@ from typing import Any
 from bundler import layout
 from bundler.errors import IntegrityError, shown
 from bundler.integrity import Limits, open_bundle
+from bundler.parts import total_size, whole
 from bundler.render import parse_checksums
 
 MAX_SMALL = 64 << 20  # manifest, checksums and expected result are far smaller than this
@@ -66,9 +67,9 @@ def inspect_bundle(tarball: Path) -> dict[str, Any]:
     summary = _summary(manifest, expected)
     return {"bundle": summary.pop("bundle"),
             "tarball": str(tarball),
-            "size": tarball.stat().st_size,
+            "size": total_size(tarball),
             "compression": kind,
-            "sidecar": tarball.with_name(tarball.name + layout.SIDECAR_SUFFIX).is_file(),
+            "sidecar": layout.sidecar_path(whole(tarball)).is_file(),
             **summary,
             "manifest_matches_sha256sums": consistent,
             "bytes_read": bytes_read}

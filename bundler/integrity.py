@@ -34,6 +34,7 @@ from typing import IO, Any, Self
 from bundler import layout
 from bundler.errors import IntegrityError, OutputError
 from bundler.hashing import BackgroundSha256
+from bundler.parts import name_bad_part, open_raw, total_size, whole
 from bundler.progress import task
 from bundler.render import parse_checksums
 
@@ -205,7 +206,7 @@ class BundleStream:
 
 def read_sidecar(tarball: Path) -> str | None:
     """The expected sha256 from ``<tarball>.sha256``, or None when there is none."""
-    sidecar = tarball.with_name(tarball.name + layout.SIDECAR_SUFFIX)
+    sidecar = layout.sidecar_path(tarball)
     try:
         text = sidecar.read_text()
     except FileNotFoundError:
@@ -254,7 +255,7 @@ def open_bundle(tarball: Path, advance: Callable[[int], None] = lambda n: None,
     ``bufsize``: the read-ahead (small for a reader that stops early, like inspect).
     """
     try:
-        raw = open(tarball, "rb")
+        raw = open_raw(tarball)  # the file, or one stream across its parts
         kind = detect_compression(raw)
     except OSError as exc:
         raise IntegrityError(tarball.name, f"cannot read: {exc.strerror or exc}") from None
@@ -314,10 +315,10 @@ def check_and_extract(tarball: Path, work: Path, limits: Limits = Limits(),
     against SHA256SUMS through it; without a sidecar (or with ``hash_members``) each
     member is hashed as well and compared with its SHA256SUMS line.
     """
-    expected_outer = read_sidecar(tarball)
+    expected_outer = read_sidecar(whole(tarball))  # a part's or the parts' list: the bundle's
     each = hash_members or expected_outer is None
     try:
-        size = tarball.stat().st_size
+        size = total_size(tarball)  # of the parts together, for a split bundle
     except OSError as exc:
         raise IntegrityError(tarball.name, f"cannot open: {exc.strerror}") from None
     with task(f"integrity: {tarball.name}", size) as advance, \
@@ -326,6 +327,7 @@ def check_and_extract(tarball: Path, work: Path, limits: Limits = Limits(),
         bundle.read_to_end()
         outer = bundle.reader.hash.hexdigest()
     if expected_outer is not None and outer != expected_outer:
+        name_bad_part(tarball)  # a split bundle: which part is damaged or out of place
         raise IntegrityError(tarball.name, f"sha256 {outer} does not match the sidecar "
                              f"{tarball.name}{layout.SIDECAR_SUFFIX} ({expected_outer}): "
                              "damaged or tampered")

@@ -5,6 +5,8 @@ The builder and the verifier import these names, so the two sides cannot drift.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from bundler.runtime import install as _installer
 from bundler.runtime.diarize import OFFLINE_ENV as _DIARIZE_OFFLINE_ENV
 
@@ -38,6 +40,12 @@ EXECUTABLES = frozenset({INSTALL_SH})
 # --- beside the tarball --------------------------------------------------------
 SIDECAR_SUFFIX = ".sha256"
 
+
+def sidecar_path(tarball: Path) -> Path:
+    """``<tarball>.sha256``: the digest of every byte of the tarball, beside it."""
+    return tarball.with_name(tarball.name + SIDECAR_SUFFIX)
+
+
 # --- inside an install prefix (named by the installer, which runs without this package) --
 PREFIX_VENV = "venv"  # each of these is a link through current/ to the live release
 PREFIX_CONFIG = "config.yaml"  # absolute paths, rendered for the release
@@ -50,3 +58,7 @@ PREFIX_CURRENT = _installer.CURRENT
 # The offline variables: a bundled environment never reaches for the network. One list, in
 # the program that runs on the isolated host (configure.py reads it from there too).
 OFFLINE_ENV: dict[str, str] = dict(_DIARIZE_OFFLINE_ENV)
+
+# --- volumes for removable media (bundler/parts.py) ----------------------------
+PART_INFIX = ".part-"  # BUNDLE.part-000, -001, ...: `cat BUNDLE.part-* > BUNDLE` joins them
+PARTS_LIST_SUFFIX = ".parts.sha256"  # the parts' sha256, in `sha256sum -c` form

@@ -113,7 +113,7 @@ def pack(entries: Sequence[Entry], *, top: str, output_dir: Path, compression: s
     members = sorted([*entries, sums], key=lambda e: PurePosixPath(e.path).parts)
 
     final = output_dir / bundle_filename(top, compression)
-    sidecar = final.with_name(final.name + layout.SIDECAR_SUFFIX)
+    sidecar = layout.sidecar_path(final)
     tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
     tmp_sidecar = sidecar.with_name(f".{sidecar.name}.partial-{os.getpid()}")
     try:

@@ -22,6 +22,7 @@ from bundler import layout, traps
 from bundler.errors import BundlerError
 from bundler.install import check_host, find_python, run_installer
 from bundler.integrity import Limits, check_and_extract
+from bundler.parts import whole
 from bundler.signing import verify_signature
 from bundler.wheels import sha256_file
 
@@ -46,7 +47,7 @@ def verify(tarball: Path, opts: VerifyOptions) -> dict[str, Any]:
     try:
         if opts.allowed_signers is not None:
             report["signature"] = {"ok": True, "signer": verify_signature(
-                tarball.with_name(tarball.name + layout.SIDECAR_SUFFIX), opts.allowed_signers)}
+                layout.sidecar_path(whole(tarball)), opts.allowed_signers)}
         integrity = check_and_extract(tarball, work / "bundle", opts.limits, opts.hash_members)
         report["integrity"] = integrity.as_dict()
         want = str(integrity.manifest.get("target", {}).get("python"))

@@ -1,0 +1,311 @@
+"""Deltas: ship an update as the few members the old bundle lacks, rebuilt byte for byte.
+
+``make_delta(OLD, NEW)`` writes ``<NEW stem>.from-<12 hex of OLD's sha256>.delta.tar`` (a
+bundle-like tarball written by ``pack``, with SHA256SUMS inside and a sidecar beside it)
+holding ``delta.json``, the stdlib-only ``apply.py`` and ``payload/<sha256>`` for each member
+of NEW whose bytes are in no member of OLD (matched by sha256, whatever the name).
+
+``apply`` runs ``bundler/runtime/apply.py``, the very file shipped inside the delta: the
+tool and ``python3 apply.py`` on the isolated host cannot disagree.
+
+Both bundles must be uncompressed tarballs (the default): a compressed bundle cannot be
+rebuilt byte for byte by the standard library alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import shutil
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bundler import layout
+from bundler.errors import DeltaError, InputError, IntegrityError, OutputError
+from bundler.hashing import BackgroundSha256
+from bundler.integrity import detect_compression, read_sidecar
+from bundler.pack import Entry, pack
+from bundler.progress import task
+from bundler.render import parse_checksums
+from bundler.runtime import apply as _apply
+
+log = logging.getLogger("bundler")
+
+BUFSIZE = 1 << 20
+APPLY_SOURCE = Path(_apply.__file__)
+
+
+@dataclass(frozen=True)
+class DeltaResult:
+    path: Path
+    sidecar: Path
+    sha256: str
+    size: int
+    new_size: int
+    payload_files: int
+    payload_bytes: int
+    signature: Path | None = None
+
+
+@dataclass(frozen=True)
+class _Member:
+    name: str  # full name in the tar
+    offset: int  # of its header (a PAX header first, when there is one)
+    offset_data: int
+    size: int
+    is_file: bool
+
+
+def _scan(path: Path) -> tuple[list[_Member], dict[str, str], int]:
+    """The members of an uncompressed bundle, its SHA256SUMS (path -> sha256), its size."""
+    try:
+        with open(path, "rb") as f:
+            kind = detect_compression(f)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror}") from None
+    if kind != "none":
+        raise InputError(f"{path.name} is {kind}-compressed: deltas need uncompressed bundles "
+                         "(build --compression none, the default)")
+    members: list[_Member] = []
+    sums: dict[str, str] = {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for info in tar:
+                members.append(_Member(info.name, info.offset, info.offset_data, info.size,
+                                       info.isfile()))
+                top, _, rel = info.name.partition("/")
+                if rel == layout.CHECKSUMS and info.isfile():
+                    listing = tar.extractfile(info)
+                    assert listing is not None
+                    sums = parse_checksums(listing.read())
+    except (tarfile.TarError, EOFError, UnicodeDecodeError, ValueError) as exc:
+        raise IntegrityError(path.name, f"not a readable bundle ({exc})") from None
+    if not members or not sums:
+        raise IntegrityError(path.name, f"no {layout.CHECKSUMS}: not a pyannote bundle")
+    return members, sums, path.stat().st_size
+
+
+def _rel(name: str) -> str:
+    return name.partition("/")[2]
+
+
+def _hash_file(path: Path, out: dict[str, str]) -> None:
+    h = BackgroundSha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(BUFSIZE):
+                h.update(chunk)
+    finally:
+        out[str(path)] = h.hexdigest()
+
+
+def _digests(*paths: Path) -> dict[str, str]:
+    """Whole-file sha256s, read side by side (one reader thread each, hashing on others)."""
+    import threading
+
+    out: dict[str, str] = {}
+    threads = [threading.Thread(target=_hash_file, args=(p, out)) for p in paths]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for p in paths:
+        if str(p) not in out:
+            raise InputError(f"{p}: cannot read")
+        published = read_sidecar(p)
+        if published is not None and published != out[str(p)]:
+            raise IntegrityError(p.name, f"sha256 {out[str(p)]} does not match its sidecar "
+                                 f"({published}): damaged; copy it again")
+    return out
+
+
+def delta_name(new: Path, old_sha256: str) -> str:
+    """``<NEW stem>.from-<12 hex of OLD's sha256>.delta`` (the tarball adds ``.tar``)."""
+    stem = new.name[:-len(".tar")] if new.name.endswith(".tar") else new.name
+    return f"{stem}.from-{old_sha256[:12]}.delta"
+
+
+def make_delta(old: Path, new: Path, output_dir: Path,
+               sign_key: Path | None = None) -> DeltaResult:
+    """Write the delta that rebuilds ``new`` from ``old``; nothing under its name on failure."""
+    old_members, old_sums, old_size = _scan(old)
+    new_members, new_sums, new_size = _scan(new)
+    digests = _digests(old, new)
+    old_sha, new_sha = digests[str(old)], digests[str(new)]
+
+    in_old: dict[str, int] = {}  # sha256 -> data offset in OLD
+    for m in old_members:
+        sha = old_sums.get(_rel(m.name))
+        if m.is_file and sha is not None:
+            in_old.setdefault(sha, m.offset_data)
+
+    top = delta_name(new, old_sha)
+    work = output_dir / f".{top}.work-{os.getpid()}"
+    records: list[dict[str, Any]] = []
+    payload: dict[str, Entry] = {}
+    try:
+        with open(new, "rb") as src:
+            pos = 0
+            for m in new_members:
+                src.seek(pos)
+                lead = src.read(m.offset_data - pos)
+                record: dict[str, Any] = {"name": m.name, "size": m.size,
+                                          "lead": base64.b64encode(lead).decode()}
+                pos = m.offset_data + m.size
+                if m.is_file and m.size:
+                    sha = new_sums.get(_rel(m.name))
+                    if sha is not None and sha in in_old:
+                        record.update({"from": "base", "sha256": sha,
+                                       "offset": in_old[sha]})
+                    else:
+                        entry = _extract(src, m, work, sha)
+                        payload.setdefault(entry.sha256, entry)
+                        record.update({"from": "delta", "sha256": entry.sha256})
+                records.append(record)
+            src.seek(pos)
+            tail = src.read()
+        if len(tail) > 1 << 20:
+            raise IntegrityError(new.name, f"{len(tail)} bytes after the last member: not "
+                                 "a bundle written by pyannote-bundle")
+        meta = {
+            "format": _apply.FORMAT,
+            "base": {"name": old.name, "sha256": old_sha, "size": old_size},
+            "target": {"name": new.name, "sha256": new_sha, "size": new_size},
+            "members": records,
+            "tail": base64.b64encode(tail).decode(),
+        }
+        entries = [Entry.from_bytes(_apply.DELTA_JSON,
+                                    json.dumps(meta, indent=1, sort_keys=True).encode()),
+                   Entry.from_bytes("apply.py", APPLY_SOURCE.read_bytes()),
+                   *payload.values()]
+        with tarfile.open(new, "r:") as tar:  # the delta takes NEW's recorded time
+            first = tar.next()
+            mtime = int(first.mtime) if first is not None else 0
+        packed = pack(entries, top=top, output_dir=output_dir, compression="none",
+                      mtime=mtime)
+    except OSError as exc:
+        raise OutputError(f"cannot write the delta in {output_dir}: {exc.strerror or exc}; "
+                          "nothing was left under its name") from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    signature = None
+    if sign_key is not None:
+        from bundler.signing import sign
+
+        signature = sign(packed.sidecar, sign_key)
+    payload_bytes = sum(e.size for e in payload.values())
+    log.info("delta: %s (%d bytes: %d new members, %d bytes of them; %.3f %% of %s)",
+             packed.path.name, packed.size, len(payload), payload_bytes,
+             100 * packed.size / max(new_size, 1), new.name)
+    return DeltaResult(packed.path, packed.sidecar, packed.sha256, packed.size, new_size,
+                       len(payload), payload_bytes, signature)
+
+
+def _extract(src: Any, m: _Member, work: Path, sha: str | None) -> Entry:
+    """Copy one member of NEW out to the work folder, hashed; the payload is packed from it."""
+    import hashlib
+
+    payload_dir = work / _apply.PAYLOAD
+    payload_dir.mkdir(parents=True, exist_ok=True)
+    tmp = payload_dir / f"member-{m.offset}"
+    h = hashlib.sha256()
+    src.seek(m.offset_data)
+    left = m.size
+    with open(tmp, "wb") as out:
+        while left:
+            chunk = src.read(min(BUFSIZE, left))
+            if not chunk:
+                raise IntegrityError(m.name, "truncated: the bundle ends inside it")
+            h.update(chunk)
+            out.write(chunk)
+            left -= len(chunk)
+    digest = h.hexdigest()
+    if sha is not None and sha != digest:
+        raise IntegrityError(m.name, f"sha256 {digest} does not match its {layout.CHECKSUMS} "
+                             f"line ({sha}): the bundle is damaged")
+    final = payload_dir / digest
+    os.replace(tmp, final)
+    return Entry(f"{_apply.PAYLOAD}/{digest}", digest, m.size, source=final)
+
+
+def apply(delta: Path, base: Path, output_dir: Path) -> dict[str, Any]:
+    """Rebuild the new bundle with the apply.py code a delta ships; map its failures."""
+    size: int | None = None
+    try:
+        d = _apply.Delta(delta)
+        try:
+            size = int(d.load()["target"]["size"])  # for the progress bar only
+        finally:
+            d.close()
+    except _apply.ApplyError:
+        pass  # apply_delta says what is wrong, in its own words
+    try:
+        with task(f"apply: {delta.name}", size or base.stat().st_size) as advance:
+            return _apply.apply_delta(delta, base, output_dir, advance)
+    except _apply.CannotWrite as exc:
+        raise OutputError(str(exc)) from None
+    except _apply.UsageError as exc:
+        raise InputError(str(exc)) from None
+    except _apply.ApplyError as exc:
+        raise DeltaError(str(exc)) from None
+
+
+def is_delta(path: Path) -> bool:
+    """True when ``path`` is a delta tarball (its second member is ``<top>/delta.json``)."""
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for _, info in zip(range(8), tar, strict=False):
+                if _rel(info.name) == _apply.DELTA_JSON:
+                    return True
+    except (OSError, tarfile.TarError, EOFError):
+        return False
+    return False
+
+
+def inspect_delta(path: Path) -> dict[str, Any]:
+    """What a delta needs (its base) and what it makes, from its delta.json."""
+    d = _apply.Delta(path)
+    try:
+        meta = d.load()
+    except _apply.ApplyError as exc:
+        raise DeltaError(str(exc)) from None
+    finally:
+        d.close()
+    members = meta["members"]
+    return {
+        "kind": "delta",
+        "delta": path.name,
+        "size": path.stat().st_size,
+        "sidecar": layout.sidecar_path(path).is_file(),
+        "needs": meta["base"],
+        "makes": meta["target"],
+        "members": len(members),
+        "from_base": {"files": sum(m.get("from") == "base" for m in members),
+                      "bytes": sum(m["size"] for m in members if m.get("from") == "base")},
+        "from_delta": {"files": sum(m.get("from") == "delta" for m in members),
+                       "bytes": sum(m["size"] for m in members if m.get("from") == "delta"),
+                       "names": [_rel(m["name"]) for m in members if m.get("from") == "delta"]},
+    }
+
+
+def render_delta(info: dict[str, Any]) -> str:
+    """inspect's text for a delta."""
+    need, make = info["needs"], info["makes"]
+    lines = [
+        f"delta:   {info['delta']} ({info['size']} bytes, sidecar "
+        f"{'present' if info['sidecar'] else 'absent'})",
+        f"needs:   {need['name']} ({need['size']} bytes)",
+        f"         sha256 {need['sha256']}",
+        f"makes:   {make['name']} ({make['size']} bytes)",
+        f"         sha256 {make['sha256']}",
+        f"reuses:  {info['from_base']['files']} files, {info['from_base']['bytes']} bytes "
+        "from the base",
+        f"carries: {info['from_delta']['files']} files, {info['from_delta']['bytes']} bytes:",
+        *(f"         {n}" for n in info["from_delta"]["names"]),
+        f"apply:   pyannote-bundle apply {info['delta']} --base {need['name']} --output DIR",
+    ]
+    return "\n".join(lines)

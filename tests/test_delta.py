@@ -1,0 +1,293 @@
+"""Deltas on small real bundles: the new bundle rebuilt byte for byte, with the tool and with
+python3 alone; a wrong base, a truncated or damaged delta refused with nothing written."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from conftest import EMB, SEG, TINY_LOCK
+
+from bundler.build import BuildOptions, build
+from bundler.hub import HubRepo, LoopbackHub
+from bundler.spec import load_recipe
+
+CLI = [sys.executable, "-m", "bundler"]
+OFFLINE = ("unshare", "-n") if shutil.which("unshare") and subprocess.run(
+    ["unshare", "-n", "true"], capture_output=True).returncode == 0 else ()
+
+
+def _build(out: Path, cache: Path, emb: bytes) -> Path:
+    spec = load_recipe("speaker-diarization-3.1")
+    repos = [HubRepo("pyannote/segmentation-3.0", {"pytorch_model.bin": SEG}),
+             HubRepo("pyannote/wespeaker-voxceleb-resnet34-LM", {"pytorch_model.bin": emb})]
+    with LoopbackHub(repos) as hub:
+        opts = BuildOptions(output_dir=out, cache_dir=cache, endpoint=hub.url,
+                            lockfile=TINY_LOCK, compression="none")
+        return build(spec, opts).packed.path
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory, wheel_cache: Path) -> tuple[Path, Path]:
+    """OLD and NEW: the same recipe, one model file differs (as a new model commit)."""
+    root = tmp_path_factory.mktemp("pair")
+    old = _build(root / "old", wheel_cache, EMB)
+    new = _build(root / "new", wheel_cache, EMB + b"retrained")
+    assert old.name == new.name and old.read_bytes() != new.read_bytes()
+    return old, new
+
+
+@pytest.fixture(scope="module")
+def delta(pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    old, new = pair
+    out = tmp_path_factory.mktemp("delta")
+    proc = _cli("delta", str(old), str(new), "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    path = Path(proc.stdout.splitlines()[0])
+    assert path.parent == out and path.is_file()
+    return path
+
+
+def _cli(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, **kw)  # type: ignore[call-overload]
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_delta_is_small_and_named_after_both(pair: tuple[Path, Path], delta: Path) -> None:
+    old, new = pair
+    stem = new.name[:-len(".tar")]
+    assert delta.name == f"{stem}.from-{_sha(old)[:12]}.delta.tar"
+    side = delta.with_name(delta.name + ".sha256")
+    assert side.read_text() == f"{_sha(delta)}  {delta.name}\n"
+    with tarfile.open(delta) as tar:
+        names = [m.name.partition("/")[2] for m in tar.getmembers() if m.isfile()]
+        meta = json.loads(tar.extractfile(f"{delta.name[:-4]}/delta.json").read())  # type: ignore[union-attr]
+    # The wheels are untouched: none of them crosses again.
+    carried = [m["name"] for m in meta["members"] if m.get("from") == "delta"]
+    assert carried and not any("/wheels/" in n for n in carried)
+    assert any(n.endswith("pyannote_model_wespeaker-voxceleb-resnet34-LM.bin") or "wespeaker"
+               in n for n in carried), carried
+    assert "apply.py" in names and "delta.json" in names
+    assert meta["base"]["sha256"] == _sha(old) and meta["target"]["sha256"] == _sha(new)
+    assert delta.stat().st_size < new.stat().st_size / 4
+
+
+def test_apply_with_the_tool_rebuilds_new_byte_for_byte(pair: tuple[Path, Path], delta: Path,
+                                                         tmp_path: Path) -> None:
+    old, new = pair
+    proc = _cli("apply", str(delta), "--base", str(old), "--output", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    rebuilt = tmp_path / "out" / new.name
+    assert rebuilt.read_bytes() == new.read_bytes()
+    assert (tmp_path / "out" / (new.name + ".sha256")).read_text() == \
+        new.with_name(new.name + ".sha256").read_text()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [new.name,
+                                                                  new.name + ".sha256"]
+    check = subprocess.run(["sha256sum", "-c", new.name + ".sha256"], cwd=tmp_path / "out",
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout
+
+
+def test_apply_py_alone_offline_in_a_clean_environment(pair: tuple[Path, Path], delta: Path,
+                                                       tmp_path: Path) -> None:
+    """What the sysadmin runs: tar -xf, then python3 apply.py, no tool, no network, no env."""
+    old, new = pair
+    subprocess.run(["tar", "-xf", str(delta), "-C", str(tmp_path)], check=True)
+    folder = tmp_path / delta.name[:-len(".tar")]
+    proc = subprocess.run([*OFFLINE, "env", "-i", "PATH=/usr/bin:/bin", "python3",
+                           str(folder / "apply.py"), "--base", str(old), "--output",
+                           str(tmp_path / "out")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert subprocess.run(["cmp", str(tmp_path / "out" / new.name), str(new)]).returncode == 0
+    assert (tmp_path / "out" / (new.name + ".sha256")).read_text() == \
+        new.with_name(new.name + ".sha256").read_text()
+
+
+def test_apply_py_is_the_shipped_runtime_file(delta: Path) -> None:
+    """One implementation: the delta carries bundler/runtime/apply.py verbatim."""
+    from bundler.runtime import apply as runtime_apply
+
+    with tarfile.open(delta) as tar:
+        shipped = tar.extractfile(f"{delta.name[:-4]}/apply.py").read()  # type: ignore[union-attr]
+    assert shipped == Path(runtime_apply.__file__).read_bytes()
+
+
+def _refused(proc: subprocess.CompletedProcess[str], out: Path, code: int, words: str) -> None:
+    assert proc.returncode == code, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert words in lines[-1], lines
+    assert "Traceback" not in proc.stderr
+    assert not out.exists() or not any(out.iterdir()), list(out.iterdir())
+
+
+def test_wrong_base_is_refused(pair: tuple[Path, Path], delta: Path, tmp_path: Path) -> None:
+    old, new = pair
+    # NEW as its own base: its sidecar says it is not the base, before anything is written.
+    out = tmp_path / "a"
+    _refused(_cli("apply", str(delta), "--base", str(new), "--output", str(out)), out, 10,
+             _sha(old))
+    # The same size, one byte off in a wheel the delta takes from it, and no sidecar:
+    # the result's sha256 does not match, and the base's own says why.
+    with tarfile.open(old) as tar:
+        wheel = next(m for m in tar.getmembers() if "/wheels/" in m.name)
+    bad = tmp_path / "bad" / old.name
+    bad.parent.mkdir()
+    data = bytearray(old.read_bytes())
+    data[wheel.offset_data + wheel.size // 2] ^= 1
+    bad.write_bytes(bytes(data))
+    out = tmp_path / "b"
+    _refused(_cli("apply", str(delta), "--base", str(bad), "--output", str(out)), out, 10,
+             "has sha256")
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")  # an output folder that exists is left as it was
+    proc = _cli("apply", str(delta), "--base", str(bad), "--output", str(out))
+    assert proc.returncode == 10 and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_base_damaged_only_where_the_update_replaces_it_still_gives_new(
+        pair: tuple[Path, Path], delta: Path, tmp_path: Path) -> None:
+    """What the base must be is what the result needs from it: the result is checked
+    against the new bundle's sha256 either way."""
+    old, new = pair
+    with tarfile.open(old) as tar:
+        replaced = next(m for m in tar.getmembers() if "wespeaker" in m.name and m.isfile())
+    data = bytearray(old.read_bytes())
+    data[replaced.offset_data + 10] ^= 1
+    base = tmp_path / old.name
+    base.write_bytes(bytes(data))
+    proc = _cli("apply", str(delta), "--base", str(base), "--output", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out" / new.name).read_bytes() == new.read_bytes()
+
+
+@pytest.mark.parametrize("sidecar", [True, False])
+def test_truncated_delta_is_refused(delta: Path, pair: tuple[Path, Path], tmp_path: Path,
+                                    sidecar: bool) -> None:
+    old, _ = pair
+    cut = tmp_path / delta.name
+    cut.write_bytes(delta.read_bytes()[: delta.stat().st_size // 2])
+    if sidecar:
+        shutil.copy(delta.with_name(delta.name + ".sha256"), tmp_path)
+    out = tmp_path / "out"
+    _refused(_cli("apply", str(cut), "--base", str(old), "--output", str(out)), out, 10,
+             delta.name)
+
+
+@pytest.mark.parametrize("where", ["delta.json", "payload"])
+@pytest.mark.parametrize("sidecar", [True, False])
+def test_flipped_byte_in_the_delta_is_refused(delta: Path, pair: tuple[Path, Path],
+                                              tmp_path: Path, where: str, sidecar: bool) -> None:
+    old, _ = pair
+    with tarfile.open(delta) as tar:
+        member = next(m for m in tar.getmembers()
+                      if (m.name.endswith("/delta.json") if where == "delta.json"
+                          else "/payload/" in m.name and m.size > 1000))
+    data = bytearray(delta.read_bytes())
+    data[member.offset_data + member.size // 2] ^= 0x20
+    bad = tmp_path / delta.name
+    bad.write_bytes(bytes(data))
+    if sidecar:
+        shutil.copy(delta.with_name(delta.name + ".sha256"), tmp_path)
+    out = tmp_path / "out"
+    _refused(_cli("apply", str(bad), "--base", str(old), "--output", str(out)), out, 10,
+             "damaged")
+    # and apply.py alone, from the unpacked damaged delta
+    subprocess.run(["tar", "-xf", str(bad), "-C", str(tmp_path)], check=True)
+    proc = subprocess.run(["env", "-i", "PATH=/usr/bin:/bin", "python3",
+                           str(tmp_path / delta.name[:-4] / "apply.py"), "--base", str(old),
+                           "--output", str(out)], capture_output=True, text=True)
+    _refused(proc, out, 10, "damaged")
+
+
+def test_compressed_bundles_are_refused_with_a_reason(pair: tuple[Path, Path],
+                                                      tmp_path: Path) -> None:
+    import zstandard
+
+    old, new = pair
+    zst = tmp_path / (new.name + ".zst")
+    zst.write_bytes(zstandard.ZstdCompressor().compress(new.read_bytes()))
+    proc = _cli("delta", str(old), str(zst), "--output", str(tmp_path / "out"))
+    _refused(proc, tmp_path / "out", 2, "uncompressed")
+
+
+def test_inspect_shows_what_a_delta_needs_and_makes(pair: tuple[Path, Path],
+                                                    delta: Path) -> None:
+    old, new = pair
+    proc = _cli("inspect", str(delta), "--json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["kind"] == "delta"
+    assert info["needs"] == {"name": old.name, "sha256": _sha(old), "size": old.stat().st_size}
+    assert info["makes"] == {"name": new.name, "sha256": _sha(new), "size": new.stat().st_size}
+    assert info["from_base"]["bytes"] > info["from_delta"]["bytes"] > 0
+    text = _cli("inspect", str(delta)).stdout
+    assert _sha(old) in text and f"--base {old.name}" in text
+
+
+def test_delta_is_reproducible(pair: tuple[Path, Path], delta: Path, tmp_path: Path) -> None:
+    old, new = pair
+    proc = _cli("delta", str(old), str(new), "--output", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / delta.name).read_bytes() == delta.read_bytes()
+
+
+def test_build_with_base_and_split_size_writes_the_delta_and_volumes(
+        pair: tuple[Path, Path], delta: Path, wheel_cache: Path, tmp_path: Path) -> None:
+    """The release engineer's one command: the new bundle, its delta and its volumes."""
+    import os
+
+    old, new = pair
+    repos = [HubRepo("pyannote/segmentation-3.0", {"pytorch_model.bin": SEG}),
+             HubRepo("pyannote/wespeaker-voxceleb-resnet34-LM",
+                     {"pytorch_model.bin": EMB + b"retrained"})]
+    out = tmp_path / "out"
+    with LoopbackHub(repos) as hub:
+        proc = _cli("-q", "build", "--lockfile", str(TINY_LOCK), "--output", str(out),
+                    "--cache-dir", str(wheel_cache), "--base", str(old), "--split-size",
+                    "500K", env={**os.environ, "HF_ENDPOINT": hub.url})
+    assert proc.returncode == 0, proc.stderr
+    built = out / new.name
+    assert built.read_bytes() == new.read_bytes()  # reproducible: the same bundle
+    assert (out / delta.name).read_bytes() == delta.read_bytes()  # and the same delta
+    parts = sorted(out.glob(new.name + ".part-*"))
+    assert len(parts) >= 2 and b"".join(p.read_bytes() for p in parts) == new.read_bytes()
+    assert (out / (new.name + ".parts.sha256")).is_file()
+    # bad input fails before anything is built
+    proc = _cli("build", "--output", str(tmp_path / "x"), "--split-size", "lots")
+    assert proc.returncode == 2 and not (tmp_path / "x").exists()
+    proc = _cli("build", "--output", str(tmp_path / "x"), "--base", str(old),
+                "--compression", "zstd")
+    assert proc.returncode == 2 and "uncompressed" in proc.stderr
+
+
+def test_new_verbs_teach_with_an_example() -> None:
+    for verb in ("delta", "apply", "split"):
+        text = _cli(verb, "--help").stdout
+        assert "Example" in text and f"pyannote-bundle {verb}" in text, verb
+    assert "pyannote-bundle inspect" in _cli("inspect", "--help").stdout
+
+
+def test_apply_py_runs_on_the_oldest_python_it_promises(pair: tuple[Path, Path], delta: Path,
+                                                        tmp_path: Path) -> None:
+    """An isolated host may have only Python 3.9: apply.py is standard library, 3.9 syntax."""
+    from e2e import pyenv_python
+
+    py39 = pyenv_python(9)
+    if py39 is None:
+        pytest.skip("no CPython 3.9 from pyenv on this host")
+    old, new = pair
+    subprocess.run(["tar", "-xf", str(delta), "-C", str(tmp_path)], check=True)
+    proc = subprocess.run(["env", "-i", str(py39), "-I",
+                           str(tmp_path / delta.name[:-4] / "apply.py"), "--base", str(old),
+                           "--output", str(tmp_path / "out")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out" / new.name).read_bytes() == new.read_bytes()
