@@ -38,8 +38,8 @@ EXIT_CODES: dict[int, str] = {
                  "(no wheel for the target, hash mismatch)",
     EXIT_OUTPUT: "cannot write the bundle, a cache, the lockfile, the work folder or the "
                  "install prefix (disk full, permissions)",
-    EXIT_INTEGRITY: "bundle integrity check failed "
-                    "(checksum, unsafe member, missing or extra file)",
+    EXIT_INTEGRITY: "bundle integrity check failed (checksum, unsafe member, missing or "
+                    "extra file), a damaged delta or volume, or not the delta's base",
     EXIT_HOST: "this host does not match the bundle's target (Python, platform, glibc, "
                "or a shared library the wheels need)",
     EXIT_INSTALL: "offline install failed",
