@@ -372,7 +372,8 @@ def test_an_unreachable_index_is_said_so(tmp_path: Path) -> None:
 
 def test_every_verb_teaches_with_an_example_and_completes() -> None:
     top = subprocess.run(["pyannote-bundle", "--help"], capture_output=True, text=True).stdout
-    for verb in ("build", "verify", "inspect", "lock", "demo", "recipes"):
+    for verb in ("build", "verify", "inspect", "lock", "demo", "recipes", "rebuild", "delta",
+                 "apply", "split"):
         assert f"  {verb} " in top
         text = subprocess.run(["pyannote-bundle", verb, "--help"], capture_output=True,
                               text=True).stdout
