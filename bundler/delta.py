@@ -261,7 +261,9 @@ def is_delta(path: Path) -> bool:
             for _, info in zip(range(8), tar, strict=False):
                 if _rel(info.name) == _apply.DELTA_JSON:
                     return True
-    except (OSError, tarfile.TarError, EOFError):
+    except (OSError, tarfile.TarError, EOFError, ValueError):
+        # Not a tar tarfile can walk (ValueError: a hostile header's negative offset): not a
+        # delta; inspect's strict reader says what it is instead.
         return False
     return False
 

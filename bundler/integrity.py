@@ -277,7 +277,10 @@ def open_bundle(tarball: Path, advance: Callable[[int], None] = lambda n: None,
         except _ReadFailed as exc:
             raise IntegrityError(tarball.name, f"cannot read: {exc}") from None
         except refused as exc:
-            raise _refusal(tarball.name, kind, reader, exc, expected_sha256) from None
+            error = _refusal(tarball.name, kind, reader, exc, expected_sha256)
+            if error.problem.startswith("sha256 does not match"):
+                name_bad_part(tarball)  # a split bundle: which part is damaged or misplaced
+            raise error from None
         finally:
             reader.hash.close()  # stops the hashing thread on every path
 
