@@ -16,22 +16,19 @@ record, an index URL whose credentials the manifest left out.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import shutil
-import tarfile
 import tempfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import Any
 
 from bundler import __version__, layout
 from bundler.build import BuildOptions, build
 from bundler.data import data_dir
 from bundler.errors import CannotRebuild, IntegrityError
-from bundler.integrity import BUFSIZE, detect_compression
+from bundler.integrity import BUFSIZE, detect_compression, open_bundle
 from bundler.spec import IndexOptions, Spec, Target, load_recipe, load_spec, recipe_names
 from bundler.wheels import load_build_lock
 
@@ -117,77 +114,40 @@ class RebuildReport:
 
 def read_tarball(path: Path) -> Tarball:
     """Every member of a bundle tarball (plain, gzip or zstd) with the sha256 of its bytes,
-    in one streaming pass that also hashes the whole file."""
-    digest = hashlib.sha256()
+    in one streaming pass that also hashes the whole file: read the one way verify and
+    inspect read a bundle (integrity.open_bundle: strict headers, nothing after the end)."""
     members: dict[str, Member] = {}
     manifest: bytes | None = None
     top = ""
-    try:
-        raw = open(path, "rb")
-    except OSError as exc:
-        raise IntegrityError(str(path), f"cannot open: {exc.strerror}") from None
-    with raw:
-        kind = detect_compression(raw)
-        hashed = _Hashing(raw, digest)
-        stream: Any = io.BufferedReader(hashed, BUFSIZE)
-        if kind == "gzip":
-            import gzip
-
-            stream = gzip.GzipFile(fileobj=stream, mode="rb")
-        elif kind == "zstd":
-            import zstandard
-
-            stream = zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True)
-        try:
-            with tarfile.open(fileobj=stream, mode="r|") as tar:
-                for info in tar:
-                    parts = PurePosixPath(info.name).parts
-                    if not parts:
-                        continue
-                    top = top or parts[0]
-                    rel = "/".join(parts[1:]) if parts[0] == top else "../" + info.name
-                    sha = None
-                    if info.isfile():
-                        f = tar.extractfile(info)
-                        assert f is not None
-                        h = hashlib.sha256()
-                        data = bytearray()
-                        while chunk := f.read(BUFSIZE):
-                            h.update(chunk)
-                            if rel == layout.MANIFEST and len(data) < MAX_MANIFEST:
-                                data += chunk
-                        sha = h.hexdigest()
-                        if rel == layout.MANIFEST:
-                            manifest = bytes(data)
-                    kind_name = ("file" if info.isfile() else "dir" if info.isdir()
-                                 else info.type.decode("latin-1"))
-                    members[rel] = Member(rel, kind_name, info.size, sha,
-                                          (oct(info.mode), info.mtime, info.uid, info.gid,
-                                           info.uname, info.gname, info.linkname))
-        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-            raise IntegrityError(path.name, "not a readable bundle tarball: "
-                                 f"{' '.join(str(exc).split()) or type(exc).__name__}") from None
-        except Exception as exc:
-            if not isinstance(exc, zlib.error) and type(exc).__name__ != "ZstdError":
-                raise
-            raise IntegrityError(path.name, f"corrupt {kind} stream: {exc}") from None
-        while hashed.readinto(bytearray(BUFSIZE)):
-            pass  # the digest covers whatever follows the tar's end blocks too
-    return Tarball(path, digest.hexdigest(), top, members, manifest)
-
-
-class _Hashing(io.RawIOBase):
-    def __init__(self, raw: IO[bytes], digest: Any) -> None:
-        self.raw, self.digest = raw, digest
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        n = self.raw.readinto(b)  # type: ignore[attr-defined]
-        if n:
-            self.digest.update(memoryview(b)[:n])
-        return n or 0
+    with open_bundle(path) as bundle:
+        for info in bundle.members():
+            parts = PurePosixPath(info.name).parts
+            if not parts:
+                continue
+            top = top or parts[0]
+            rel = "/".join(parts[1:]) if parts[0] == top else "../" + info.name
+            sha = None
+            if info.isfile():
+                f = bundle.tar.extractfile(info)
+                if f is None:
+                    raise IntegrityError(path.name, f"cannot read the member {info.name}")
+                h = hashlib.sha256()
+                data = bytearray()
+                while chunk := f.read(BUFSIZE):
+                    h.update(chunk)
+                    if rel == layout.MANIFEST and len(data) < MAX_MANIFEST:
+                        data += chunk
+                sha = h.hexdigest()
+                if rel == layout.MANIFEST:
+                    manifest = bytes(data)
+            kind_name = ("file" if info.isfile() else "dir" if info.isdir()
+                         else info.type.decode("latin-1"))
+            members[rel] = Member(rel, kind_name, info.size, sha,
+                                  (oct(info.mode), info.mtime, info.uid, info.gid,
+                                   info.uname, info.gname, info.linkname))
+        bundle.read_to_end()  # the digest covers whatever follows the tar's end blocks too
+        digest = bundle.reader.hash.hexdigest()
+    return Tarball(path, digest, top, members, manifest)
 
 
 def compare(bundle: Tarball, rebuilt: Tarball) -> Comparison:
