@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bundler.runtime import install as _installer
 from bundler.runtime.diarize import OFFLINE_ENV as _DIARIZE_OFFLINE_ENV
 
 # --- inside the bundle (relative to its single top-level folder) ---------------
@@ -46,14 +45,11 @@ def sidecar_path(tarball: Path) -> Path:
     return tarball.with_name(tarball.name + SIDECAR_SUFFIX)
 
 
-# --- inside an install prefix (named by the installer, which runs without this package) --
+# --- inside an install prefix (the installer, runtime/install.py, names its own) -----
 PREFIX_VENV = "venv"  # each of these is a link through current/ to the live release
 PREFIX_CONFIG = "config.yaml"  # absolute paths, rendered for the release
 PREFIX_ENV = "pyannote.env"  # the offline variables, to be sourced
 PREFIX_DIARIZE = "bin/diarize"  # written by configure.py: runtime/diarize.py with the venv
-PREFIX_RECEIPT = _installer.RECEIPT  # what the installer made here: the prefix is ours
-PREFIX_RELEASES = _installer.RELEASES  # one folder per install; current/ -> the live one
-PREFIX_CURRENT = _installer.CURRENT
 
 # The offline variables: a bundled environment never reaches for the network. One list, in
 # the program that runs on the isolated host (configure.py reads it from there too).
