@@ -2,8 +2,10 @@
 format-true checkpoints served by the loopback Hub, a real offline install and a real
 diarization with the network disabled.
 
-One `pyannote-bundle demo` run per module builds and verifies the bundle (minutes, GBs);
-every test here then checks that one bundle from another side, and it is removed after.
+One `pyannote-bundle demo` run per module builds and verifies the bundle (minutes, GBs),
+run by the tool as the README's first command installs it, with the distribution's own
+python3 where that is a 3.11 (Debian 12's 3.11.2); every test here then checks that one
+bundle from another side, and it is removed after.
 The wheel cache is ``$PYANNOTE_BUNDLE_CACHE`` (default ``~/.cache/pyannote-bundle``), so a
 second session downloads nothing.
 """
@@ -41,10 +43,33 @@ def _run(*argv: str, **kw: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(argv), capture_output=True, text=True, **kw)
 
 
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+
+
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def tool(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The pyannote-bundle the README's first command makes, ``python3 -m venv .venv &&
+    .venv/bin/pip install .``, with the distribution's own python3 where it is a 3.11 (Debian
+    12: CPython 3.11.2, whose tarfile has no PEP 706 extraction filter); elsewhere the one
+    beside this pytest."""
+    if not SYSTEM_PYTHON.exists() or _run(
+            str(SYSTEM_PYTHON), "-c", "import sys; print(sys.version_info[:2])"
+    ).stdout.strip() != "(3, 11)":
+        return Path(shutil.which("pyannote-bundle") or "pyannote-bundle")
+    venv = tmp_path_factory.mktemp("system-tool") / ".venv"
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PIP_CONFIG_FILE": os.devnull, "PIP_FIND_LINKS": ""}
+    subprocess.run([str(SYSTEM_PYTHON), "-m", "venv", str(venv)], check=True)
+    proc = _run(str(venv / "bin/pip"), "install", "--quiet", "--index-url",
+                "https://pypi.org/simple", str(repo), env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return venv / "bin/pyannote-bundle"
+
+
+@pytest.fixture(scope="module")
+def demo(tool: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     out = tmp_path_factory.mktemp("demo")
-    proc = _run("pyannote-bundle", "demo", "--output", str(out), "--json")
+    proc = _run(str(tool), "demo", "--output", str(out), "--json")
     assert proc.returncode == 0, proc.stderr[-4000:]
     report: dict[str, Any] = json.loads(proc.stdout)
     report["stderr"] = proc.stderr
@@ -66,9 +91,13 @@ def extracted(tarball: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     shutil.rmtree(work, ignore_errors=True)
 
 
-def test_demo_builds_and_verifies_offline(demo: dict[str, Any]) -> None:
+def test_demo_builds_and_verifies_offline(demo: dict[str, Any], tool: Path) -> None:
     assert demo["ok"] is True
     v = demo["verify"]
+    # The README's first command, run as a newcomer on Debian 12 runs it: the tool's own
+    # interpreter (the distribution's python3 there) verified and installed the bundle.
+    assert v["host"]["python"] == "3.11"
+    assert Path(v["host"]["interpreter"]).resolve() == (tool.parent / "python").resolve()
     assert v["integrity"]["sidecar"] == "match"
     assert v["install"]["packages"] > 100
     smoke = v["smoke"]
@@ -145,15 +174,8 @@ def test_install_sh_works_offline_with_a_clean_environment(installed: Installed,
     assert "PYANNOTE_METRICS_ENABLED" in (site / "pyannote_bundle_offline.pth").read_text()
     assert list((site / "pyannote/audio/__pycache__").glob("*.pyc")), "bytecode compiled"
     assert not (first / ".uv-install").exists()
-    # Re-runnable: a second run installs a new release beside the live one, proves it, and
-    # only then switches to it and removes the first.
-    again = _run("unshare", "-n", "env", "-i", "PATH=/usr/bin:/bin", "HOME=/root",
-                 "sh", "./install.sh", str(prefix), cwd=extracted)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert f"the install in {first} stays live" in again.stderr
-    second = (prefix / "current").resolve()
-    assert second != first and not first.exists()
-    assert json.loads((prefix / "smoke-result.json").read_text())["ok"] is True
+    # A second run (an upgrade that switches in one rename) is proven on small real bundles
+    # in tests/test_prefix.py; the failed upgrade below, on this one.
 
 
 def test_diarize_turns_real_recordings_into_rttm_offline_as_nobody(
@@ -248,34 +270,3 @@ def test_changed_model_byte_is_named_without_the_sidecar(tarball: Path, tmp_path
     assert report["ok"] is False and member in report["error"]
     assert "Traceback" not in proc.stderr
     assert not prefix.exists()
-
-
-
-SYSTEM_PYTHON = Path("/usr/bin/python3")
-
-
-@pytest.fixture(scope="module")
-def system_tool(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """pyannote-bundle installed as the README says, with the distribution's own python3
-    (Debian 12: CPython 3.11.2, which has no PEP 706 tarfile filter)."""
-    if not SYSTEM_PYTHON.exists():
-        pytest.skip("this host has no /usr/bin/python3")
-    minor = _run(str(SYSTEM_PYTHON), "-c", "import sys; print(sys.version_info[1])").stdout
-    if minor.strip() != "11":
-        pytest.skip("the distribution's python3 is not 3.11, the bundle's target")
-    venv = tmp_path_factory.mktemp("system-tool") / ".venv"
-    repo = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PIP_CONFIG_FILE": os.devnull, "PIP_FIND_LINKS": ""}
-    subprocess.run([str(SYSTEM_PYTHON), "-m", "venv", str(venv)], check=True)
-    proc = _run(str(venv / "bin/pip"), "install", "--quiet", "--index-url",
-                "https://pypi.org/simple", str(repo), env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return venv / "bin/pyannote-bundle"
-
-
-def test_verify_with_the_distributions_python3(tarball: Path, system_tool: Path) -> None:
-    proc = _run(str(system_tool), "-q", "verify", str(tarball), "--json")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout)
-    assert report["ok"] is True and report["integrity"]["sidecar"] == "match"
-    assert report["host"]["python"] == "3.11" and report["smoke"]["expected"] == "match"
