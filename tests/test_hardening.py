@@ -550,6 +550,25 @@ def test_a_signed_sidecar_proves_who_built_the_bundle(tmp_path: Path, wheel_cach
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["signature"] == {"ok": True, "signer": "release@example.org"}
 
+    # Split for removable media: the signature travels beside the volumes and is checked
+    # from them, as they are.
+    usb = tmp_path / "usb"
+    split = subprocess.run(["pyannote-bundle", "split", str(tarball), "--size",
+                            f"{tarball.stat().st_size // 3 // 1024 + 1}K", "--output", str(usb)],
+                           capture_output=True, text=True)
+    assert split.returncode == 0, split.stderr
+    assert (usb / sidecar.name).with_name(sidecar.name + ".sig").is_file()
+    first = usb / f"{tarball.name}.part-000"
+    parts = subprocess.run(["pyannote-bundle", "-q", "verify", str(first), "--no-smoke",
+                            "--json", "--allowed-signers", str(allowed)],
+                           capture_output=True, text=True)
+    assert parts.returncode == 0, parts.stderr
+    assert json.loads(parts.stdout)["signature"] == {"ok": True, "signer": "release@example.org"}
+    allowed_other = tmp_path / "allowed_other"
+    allowed_other.write_text(f"other@example.org {other_pub}\n")
+    proc, prefix = _verify(first, tmp_path, "--allowed-signers", str(allowed_other))
+    _assert_refused(proc, prefix, 10, "not signed by any key in")
+
     # Someone rewrites the tarball and its sidecar consistently: checksums alone pass, the
     # signature does not.
     data = bytearray(tarball.read_bytes())
