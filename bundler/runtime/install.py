@@ -629,6 +629,11 @@ def main(argv: list[str] | None = None) -> int:
                             help="for a staged bundle on the build host (no SHA256SUMS yet)")
         args = parser.parse_args(argv)
         as_json = args.json
+        # The release is readable by every user, whatever the caller's umask (077 on a
+        # hardened host), as dpkg and rpm install files: a service user must run it. Who may
+        # use the install is the prefix folder's own mode, which we never change on a folder
+        # we did not make.
+        os.umask(0o022)
         bundle = Path(__file__).resolve().parent.parent
         prefix = Path(os.path.abspath(args.prefix))
         report = install(bundle, prefix, do_smoke=not args.no_smoke, use_pip=args.pip,
