@@ -244,20 +244,6 @@ class NetworkAttempted(BundlerError):
 
     exit_code = EXIT_NETWORK
 
-    def __init__(self, attempts: int, first: str) -> None:
-        self.attempts, self.first = attempts, first
-        super().__init__(f"the smoke diarization made {attempts} connection attempt(s) with "
-                         f"the network disabled (first: {first[:200]}); an isolated host "
-                         "must see none")
-
-    @classmethod
-    def from_message(cls, message: str) -> NetworkAttempted:
-        """The installer's own line, as it said it."""
-        exc = cls.__new__(cls)
-        exc.attempts, exc.first = -1, ""
-        BundlerError.__init__(exc, message)
-        return exc
-
 
 class PrefixNotOurs(BundlerError):
     """The install prefix is not new, not empty and holds no receipt of ours: nothing in it

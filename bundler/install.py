@@ -38,7 +38,7 @@ TIMEOUT_S = 3 * 3600  # the installer bounds each of its own children; this boun
 _ERRORS: dict[int, type[BundlerError]] = {
     runtime.EXIT_OUTPUT: OutputError, runtime.EXIT_HOST: HostMismatch,
     runtime.EXIT_INSTALL: InstallError, runtime.EXIT_SMOKE: SmokeError,
-    runtime.EXIT_PREFIX: PrefixNotOurs,
+    runtime.EXIT_PREFIX: PrefixNotOurs, runtime.EXIT_NETWORK: NetworkAttempted,
 }
 
 
@@ -140,8 +140,6 @@ def run_installer(bundle: Path, prefix: Path, python: str, *, smoke: bool = True
     message = str(report.get("error") or f"the installer exited {code}")
     if code == runtime.EXIT_INTEGRITY:
         raise IntegrityError(bundle.name, message)
-    if code == runtime.EXIT_NETWORK:
-        raise NetworkAttempted.from_message(message)
     raise _ERRORS.get(code, InstallError)(message)
 
 

@@ -1,6 +1,7 @@
-"""A self-consistent forgery of a bundle: one byte of one member changed, and every sum that
-covers it made again (manifest.json, the SBOM, SHA256SUMS, the sidecar) with the tool's own
-packer, so that every integrity check passes and only a rebuild can tell."""
+"""A self-consistent forgery of a bundle: one member changed (by default its middle byte
+flipped), and every sum that covers it made again (manifest.json, the SBOM, SHA256SUMS, the
+sidecar) with the tool's own packer, so that every integrity check passes and only a rebuild
+can tell."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import shutil
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from bundler import layout, render
@@ -27,8 +29,15 @@ def extract(bundle: Path, dest: Path) -> None:
             tar.extractall(dest)
 
 
-def forge(bundle: Path, member: str, output_dir: Path) -> Path:
-    """``bundle`` with the middle byte of ``member`` flipped and re-summed, written to
+def _flip_middle(data: bytes) -> bytes:
+    changed = bytearray(data)
+    changed[len(changed) // 2] ^= 0xFF
+    return bytes(changed)
+
+
+def forge(bundle: Path, member: str, output_dir: Path,
+          change: Callable[[bytes], bytes] = _flip_middle) -> Path:
+    """``bundle`` with ``member``'s bytes changed by ``change`` and re-summed, written to
     ``output_dir`` under the same name; returns its path."""
     work = Path(tempfile.mkdtemp(prefix="forge-", dir=output_dir.parent))
     try:
@@ -41,9 +50,8 @@ def forge(bundle: Path, member: str, output_dir: Path) -> Path:
         assert sbom_json(before) == (root / layout.SBOM).read_bytes(), "SBOM recipe changed"
 
         target = root / member
-        data = bytearray(target.read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        target.write_bytes(bytes(data))
+        data = change(target.read_bytes())
+        target.write_bytes(data)
         sha = hashlib.sha256(data).hexdigest()
         for model in manifest["models"]:
             for f in model["files"]:
@@ -52,7 +60,11 @@ def forge(bundle: Path, member: str, output_dir: Path) -> Path:
         for w in manifest["wheels"]:
             if f"{layout.WHEELS_DIR}/{w['filename']}" == member:
                 w["sha256"] = sha
-        manifest["files"][member]["sha256"] = sha
+        for program in manifest.get("programs", []):
+            if program["path"] == member:
+                program["sha256"], program["size"] = sha, len(data)
+        manifest["files"][member] = {**manifest["files"][member], "sha256": sha,
+                                     "size": len(data)}
         sbom = sbom_json({k: v for k, v in manifest.items() if k not in ("files", "self_test")})
         (root / layout.SBOM).write_bytes(sbom)
         manifest["files"][layout.SBOM] = {"sha256": hashlib.sha256(sbom).hexdigest(),

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from conftest import EMB, SEG, TINY_LOCK, TinyBundle
+from forge import forge
 from hubfaults import FaultyHub
 
 from bundler import errors
@@ -217,6 +218,19 @@ def test_host_mismatch_names_both_before_installing(tmp_path: Path,
     proc, prefix = _verify(tarball, tmp_path, "--no-smoke")
     here = f"{sys.version_info[0]}.{sys.version_info[1]}"
     _assert_refused(proc, prefix, 11, f"CPython {other}", f"Python {here}")
+
+
+def test_a_smoke_that_tries_the_network_is_exit_15_in_the_installers_words(
+        tmp_path: Path, tiny_bundle: TinyBundle) -> None:
+    # A self-consistent bundle whose smoke reports connection attempts, as a pipeline that
+    # phones home would: the installer refuses it, and the tool keeps its words and code.
+    report = {"ok": True, "segments": [], "speakers": 0, "network_attempts": 2,
+              "network_attempt_details": ["connect 192.0.2.1:443"]}
+    forged = forge(tiny_bundle(), "smoke/smoke.py", tmp_path / "forged",
+                   change=lambda _: f"print({json.dumps(json.dumps(report))})\n".encode())
+    proc, prefix = _verify(forged, tmp_path)
+    _assert_refused(proc, prefix, errors.EXIT_NETWORK, "2 connection attempt(s)",
+                    "192.0.2.1:443", "an isolated host must see none")
 
 
 def test_interrupted_install_is_detected_and_a_rerun_succeeds(tmp_path: Path,
@@ -535,6 +549,25 @@ def test_a_signed_sidecar_proves_who_built_the_bundle(tmp_path: Path, wheel_cach
                          "--allowed-signers", str(allowed)], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["signature"] == {"ok": True, "signer": "release@example.org"}
+
+    # Split for removable media: the signature travels beside the volumes and is checked
+    # from them, as they are.
+    usb = tmp_path / "usb"
+    split = subprocess.run(["pyannote-bundle", "split", str(tarball), "--size",
+                            f"{tarball.stat().st_size // 3 // 1024 + 1}K", "--output", str(usb)],
+                           capture_output=True, text=True)
+    assert split.returncode == 0, split.stderr
+    assert (usb / sidecar.name).with_name(sidecar.name + ".sig").is_file()
+    first = usb / f"{tarball.name}.part-000"
+    parts = subprocess.run(["pyannote-bundle", "-q", "verify", str(first), "--no-smoke",
+                            "--json", "--allowed-signers", str(allowed)],
+                           capture_output=True, text=True)
+    assert parts.returncode == 0, parts.stderr
+    assert json.loads(parts.stdout)["signature"] == {"ok": True, "signer": "release@example.org"}
+    allowed_other = tmp_path / "allowed_other"
+    allowed_other.write_text(f"other@example.org {other_pub}\n")
+    proc, prefix = _verify(first, tmp_path, "--allowed-signers", str(allowed_other))
+    _assert_refused(proc, prefix, 10, "not signed by any key in")
 
     # Someone rewrites the tarball and its sidecar consistently: checksums alone pass, the
     # signature does not.

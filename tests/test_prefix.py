@@ -140,6 +140,31 @@ def test_a_failed_upgrade_keeps_the_live_install_and_the_users_files(
     assert check.returncode == 0, check.stderr
 
 
+def test_an_install_under_a_strict_umask_is_usable_by_a_service_user(
+        tmp_path: Path, tiny_bundle: TinyBundle) -> None:
+    root = _extracted(tiny_bundle(), tmp_path / "x")
+    for path in [tmp_path, *tmp_path.rglob("*")]:  # the bundle itself, readable by all
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    prefix = tmp_path / "opt" / "diarization"
+    (tmp_path / "opt").mkdir(mode=0o755)
+    proc = subprocess.run(["sh", "-c", 'umask 077 && exec "$@"', "sh", "env", "-i",
+                           "PATH=/usr/bin:/bin", f"PYTHON={sys.executable}", "sh",
+                           "./install.sh", str(prefix), "--no-smoke"], cwd=root,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    for path in [prefix, *prefix.rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = stat.S_IMODE(path.stat().st_mode)
+        need = 0o055 if path.is_dir() else 0o044
+        assert mode & need == need, f"{path}: {oct(mode)}"
+    # As nobody: the venv's interpreter starts and imports the installed wheel.
+    check = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                            str(prefix / "venv/bin/python"), "-c", "import six"],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+
+
 def test_a_second_install_at_the_same_time_is_refused(tmp_path: Path,
                                                       tiny_bundle: TinyBundle) -> None:
     root = _extracted(tiny_bundle(), tmp_path / "x")

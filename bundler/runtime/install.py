@@ -155,15 +155,15 @@ def check_integrity(bundle: Path) -> dict[str, Any]:
     if missing:
         raise Failure(EXIT_INTEGRITY, f"{shown(missing[0])} is listed in {CHECKSUMS} but "
                                       "missing: the bundle is incomplete; nothing was installed")
-    names = sorted(listed, key=lambda n: -(bundle / n).stat().st_size)  # big files first
+    sizes = {n: (bundle / n).stat().st_size for n in listed}
+    names = sorted(listed, key=lambda n: -sizes[n])  # big files first
     with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
         digests = dict(zip(names, pool.map(lambda n: sha256_of(bundle / n), names)))
     bad = sorted(n for n in names if digests[n] != listed[n])
     if bad:
         raise Failure(EXIT_INTEGRITY, f"{shown(bad[0])} does not match {CHECKSUMS}: the "
                                       "bundle is damaged or tampered; nothing was installed")
-    return {"ok": True, "files": len(names),
-            "bytes": sum((bundle / n).stat().st_size for n in names),
+    return {"ok": True, "files": len(names), "bytes": sum(sizes.values()),
             "seconds": round(time.monotonic() - started, 2)}
 
 
@@ -629,6 +629,11 @@ def main(argv: list[str] | None = None) -> int:
                             help="for a staged bundle on the build host (no SHA256SUMS yet)")
         args = parser.parse_args(argv)
         as_json = args.json
+        # The release is readable by every user, whatever the caller's umask (077 on a
+        # hardened host), as dpkg and rpm install files: a service user must run it. Who may
+        # use the install is the prefix folder's own mode, which we never change on a folder
+        # we did not make.
+        os.umask(0o022)
         bundle = Path(__file__).resolve().parent.parent
         prefix = Path(os.path.abspath(args.prefix))
         report = install(bundle, prefix, do_smoke=not args.no_smoke, use_pip=args.pip,
