@@ -136,7 +136,8 @@ def checkpoints(cache_dir: Path, index: IndexOptions, seconds: dict[str, float] 
             for w in wheels:
                 os.symlink(w.path.resolve(), links / w.filename)
             (links / "requirements.lock").write_text(lock)
-            make_venv(sys.executable, helper, links, links / "requirements.lock")
+            make_venv(sys.executable, helper, links, links / "requirements.lock",
+                      compile_bytecode=False)  # removed once the checkpoints are written
             seconds["helper_venv"] = round(time.monotonic() - t, 1)
             t = time.monotonic()
             log.info("demo: 3/5 random-weight checkpoints (seed %d)", SEED)

@@ -93,10 +93,12 @@ def check_host(manifest: dict[str, Any], python: str = sys.executable) -> dict[s
 
 
 def run_installer(bundle: Path, prefix: Path, python: str, *, smoke: bool = True,
-                  use_pip: bool = False, skip_integrity: bool = False) -> dict[str, Any]:
+                  use_pip: bool = False, skip_integrity: bool = False,
+                  compile_bytecode: bool = True) -> dict[str, Any]:
     """Run ``bundle/runtime/install.py PREFIX --json`` with ``python`` (as install.sh runs
     it) and return its report; raise the error its exit status stands for. Its progress
-    lines are passed on as they come."""
+    lines are passed on as they come. ``compile_bytecode=False`` for an install that is
+    removed once it has been proven."""
     argv = [python, "-I", str(bundle / layout.INSTALLER), str(prefix), "--json"]
     if not smoke:
         argv.append("--no-smoke")
@@ -104,6 +106,8 @@ def run_installer(bundle: Path, prefix: Path, python: str, *, smoke: bool = True
         argv.append("--pip")
     if skip_integrity:
         argv.append("--skip-integrity")
+    if not compile_bytecode:
+        argv.append("--no-compile")
     log.debug("run: %s", " ".join(argv))
     try:
         proc = subprocess.Popen(argv, env=clean_env(), stdin=subprocess.DEVNULL,
@@ -143,10 +147,11 @@ def run_installer(bundle: Path, prefix: Path, python: str, *, smoke: bool = True
     raise _ERRORS.get(code, InstallError)(message)
 
 
-def make_venv(python: str, venv: Path, wheels: Path, lock: Path) -> str:
+def make_venv(python: str, venv: Path, wheels: Path, lock: Path,
+              compile_bytecode: bool = True) -> str:
     """A venv with ``lock`` installed from ``wheels`` alone, made the way the installer
     makes the one it installs (it is the installer's function); returns the method."""
     try:
-        return runtime.make_venv(python, venv, wheels, lock)
+        return runtime.make_venv(python, venv, wheels, lock, compile_bytecode=compile_bytecode)
     except runtime.Failure as exc:
         raise InstallError(str(exc)) from None

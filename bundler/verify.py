@@ -53,8 +53,12 @@ def verify(tarball: Path, opts: VerifyOptions) -> dict[str, Any]:
         want = str(integrity.manifest.get("target", {}).get("python"))
         python = find_python(want, opts.python) or sys.executable
         check_host(integrity.manifest, python)  # the tool's advice (--python) comes first
+        # An install in the work folder is removed once proven: compiling every module of
+        # torch for it would cost more than the smoke test imports. One that stays
+        # (--prefix, --keep) is compiled, as install.sh does.
+        temporary = opts.prefix is None and not opts.keep
         installed = run_installer(integrity.root, prefix, python, smoke=opts.smoke,
-                                  use_pip=opts.use_pip)
+                                  use_pip=opts.use_pip, compile_bytecode=not temporary)
         report["host"] = installed["host"]
         report["install"] = {**installed["install"], "integrity": installed["integrity"]}
         # The config names the release's own paths (absolute, valid across upgrades).

@@ -97,6 +97,14 @@ def test_verify_installs_offline_and_writes_an_absolute_config(tmp_path: Path,
         prefix / "config.yaml").read_text()
     receipt = json.loads((prefix / ".pyannote-bundle-receipt.json").read_text())
     assert receipt["current"] == release.name and receipt["prefix_created"] is True
+    # An install that stays is compiled as install.sh compiles it; verify's own temporary
+    # one, removed once proven, is not (it would cost more than the smoke test imports).
+    assert report["install"]["bytecode_compiled"] is True
+    assert list((prefix / "venv/lib/python3.11/site-packages/__pycache__").glob("six.*.pyc"))
+    temporary = subprocess.run(["pyannote-bundle", "-q", "verify", str(tarball), "--no-smoke",
+                                "--json"], capture_output=True, text=True)
+    assert temporary.returncode == 0, temporary.stderr
+    assert json.loads(temporary.stdout)["install"]["bytecode_compiled"] is False
 
 
 def test_verify_refuses_a_flipped_byte_and_installs_nothing(tmp_path: Path,
@@ -298,7 +306,9 @@ def test_a_uv_that_cannot_run_falls_back_to_pip(tmp_path: Path, wheel_cache: Pat
     assert (tmp_path / "venv/lib/python3.11/site-packages/six.py").is_file()
 
 
-@pytest.mark.parametrize("args, method", [((), "uv"), (("--pip",), "pip")])
+@pytest.mark.parametrize("args, method", [((), "uv"), (("--pip",), "pip"),
+                                          (("--no-compile",), "uv"),
+                                          (("--pip", "--no-compile"), "pip")])
 def test_install_sh_installs_with_uv_or_with_the_bundled_pip(
         tmp_path: Path, tiny_bundle: TinyBundle, args: tuple[str, ...], method: str) -> None:
     tarball = tiny_bundle(lockfile=TINY_UV_LOCK)
@@ -312,8 +322,13 @@ def test_install_sh_installs_with_uv_or_with_the_bundled_pip(
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert f"wheels installed offline with venv --without-pip + bundled {method}" in proc.stderr
-    assert (prefix / "venv/lib/python3.11/site-packages/six.py").is_file()
+    site = prefix / "venv/lib/python3.11/site-packages"
+    assert (site / "six.py").is_file()
     assert (prefix / "bin/diarize").is_file() and (prefix / "config.yaml").is_file()
+    # Bytecode is compiled, so a service user who cannot write the venv starts fast; not
+    # with --no-compile (for an install removed right after its smoke test).
+    compiled = list((site / "__pycache__").glob("six.cpython-*.pyc"))
+    assert bool(compiled) is ("--no-compile" not in args), compiled
 
 
 def _wheel(folder: Path, name: str, version: str) -> Path:

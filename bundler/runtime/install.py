@@ -324,11 +324,14 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def make_venv(python: str, venv: Path, wheels: Path, lock: Path, use_pip: bool = False) -> str:
+def make_venv(python: str, venv: Path, wheels: Path, lock: Path, use_pip: bool = False,
+              compile_bytecode: bool = True) -> str:
     """The venv, made without pip (hosts without python3-venv/ensurepip work too), and the
     wheels installed offline with hashes: the bundled uv (fast: it links files from a cache
-    beside the venv, dropped afterwards; it compiles bytecode as pip does, so a service user
-    who cannot write the venv starts fast), else the bundled pip."""
+    beside the venv, dropped afterwards), else the bundled pip. Both compile bytecode, so a
+    service user who cannot write the venv starts fast, unless ``compile_bytecode`` is
+    False: for a venv removed right after its use (verify's, the self-test's), where
+    compiling every module of torch would cost more than the smoke test imports."""
     res = run([python, "-m", "venv", "--without-pip", str(venv)], "python -m venv", "venv",
               child_env())
     if res.returncode != 0:
@@ -336,7 +339,8 @@ def make_venv(python: str, venv: Path, wheels: Path, lock: Path, use_pip: bool =
     vpython = venv / "bin" / "python"
     uvs = sorted(wheels.glob("uv-*.whl"))
     if uvs and not use_pip:
-        error = uv_install(uvs[-1], vpython, venv.parent / ".uv-install", wheels, lock)
+        error = uv_install(uvs[-1], vpython, venv.parent / ".uv-install", wheels, lock,
+                           compile_bytecode)
         if error is None:
             return "venv --without-pip + bundled uv"
         say(f"uv could not install the wheels ({error}); using pip")
@@ -347,14 +351,17 @@ def make_venv(python: str, venv: Path, wheels: Path, lock: Path, use_pip: bool =
     say("installing the wheels offline with the bundled pip")
     res = run([str(vpython), str(pips[-1] / "pip"), "install", "--quiet", "--no-index",
                "--no-cache-dir", "--disable-pip-version-check", "--find-links", str(wheels),
-               "--require-hashes", "-r", str(lock)], "pip install", "pip", child_env())
+               "--require-hashes", "-r", str(lock),
+               *([] if compile_bytecode else ["--no-compile"])], "pip install", "pip",
+              child_env())
     if res.returncode != 0:
         raise Failure(EXIT_INSTALL, "pip could not install the bundled wheels offline: "
                                     f"{tail(res.stderr or res.stdout)}")
     return "venv --without-pip + bundled pip"
 
 
-def uv_install(wheel: Path, vpython: Path, work: Path, wheels: Path, lock: Path) -> str | None:
+def uv_install(wheel: Path, vpython: Path, work: Path, wheels: Path, lock: Path,
+               compile_bytecode: bool = True) -> str | None:
     """Install with the uv binary inside ``wheel``; None on success, else why not."""
     shutil.rmtree(work, ignore_errors=True)
     try:
@@ -372,7 +379,8 @@ def uv_install(wheel: Path, vpython: Path, work: Path, wheels: Path, lock: Path)
                          "UV_PYTHON_DOWNLOADS": "never", "UV_NO_PROGRESS": "1"})
         res = run([str(binary), "pip", "install", "--offline", "--no-index", "--find-links",
                    str(wheels), "--require-hashes", "-r", str(lock), "--python", str(vpython),
-                   "--link-mode", "hardlink", "--compile-bytecode", "--quiet"], "uv", "uv", env)
+                   "--link-mode", "hardlink", "--quiet",
+                   *(["--compile-bytecode"] if compile_bytecode else [])], "uv", "uv", env)
         if res.returncode != 0:
             return tail(res.stderr or res.stdout, 1) or f"exit {res.returncode}"
         return None
@@ -384,9 +392,9 @@ def uv_install(wheel: Path, vpython: Path, work: Path, wheels: Path, lock: Path)
         shutil.rmtree(work, ignore_errors=True)
 
 
-def populate(bundle: Path, release: Path, use_pip: bool) -> str:
+def populate(bundle: Path, release: Path, use_pip: bool, compile_bytecode: bool) -> str:
     method = make_venv(sys.executable, release / "venv", bundle / WHEELS, bundle / LOCK,
-                       use_pip)
+                       use_pip, compile_bytecode)
     for name in COPIED:
         if (bundle / name).is_dir():
             shutil.copytree(bundle / name, release / name)
@@ -490,7 +498,7 @@ def _compare(what: str, result: dict[str, Any], expected: dict[str, Any]) -> Non
 
 # --- the whole install -------------------------------------------------------------------
 def install(bundle: Path, prefix: Path, *, do_smoke: bool = True, use_pip: bool = False,
-            skip_integrity: bool = False) -> dict[str, Any]:
+            skip_integrity: bool = False, compile_bytecode: bool = True) -> dict[str, Any]:
     report: dict[str, Any] = {"ok": False, "prefix": str(prefix)}
     if skip_integrity:
         report["integrity"] = {"ok": None, "skipped": True}
@@ -521,7 +529,7 @@ def install(bundle: Path, prefix: Path, *, do_smoke: bool = True, use_pip: bool 
                 say(f"removing {RELEASES}/{stale}, left by an install that did not finish")
                 remove_ours(prefix, receipt, stale)
             report["install"] = _install_release(bundle, prefix, receipt, manifest, do_smoke,
-                                                 use_pip, report)
+                                                 use_pip, compile_bytecode, report)
         except BaseException:
             abandon(prefix, receipt)
             raise
@@ -533,7 +541,7 @@ def install(bundle: Path, prefix: Path, *, do_smoke: bool = True, use_pip: bool 
 
 def _install_release(bundle: Path, prefix: Path, receipt: dict[str, Any],
                      manifest: dict[str, Any], do_smoke: bool, use_pip: bool,
-                     report: dict[str, Any]) -> dict[str, Any]:
+                     compile_bytecode: bool, report: dict[str, Any]) -> dict[str, Any]:
     started = time.monotonic()
     serial = int(receipt.get("serial", 0)) + 1
     digest = hashlib.sha256((bundle / CHECKSUMS).read_bytes()).hexdigest() \
@@ -552,7 +560,7 @@ def _install_release(bundle: Path, prefix: Path, receipt: dict[str, Any],
             f"{sys.version_info[1]} ({sys.executable})"
             + (f"; the install in {prefix / RELEASES / previous} stays live until this one "
                "has passed its smoke test" if previous else ""))
-        method = populate(bundle, release, use_pip)
+        method = populate(bundle, release, use_pip, compile_bytecode)
         say(f"wheels installed offline with {method}")
         if do_smoke:
             result = smoke(release)
@@ -588,6 +596,7 @@ def _install_release(bundle: Path, prefix: Path, receipt: dict[str, Any],
     if previous and previous != name:
         remove_ours(prefix, receipt, previous)
     return {"ok": True, "prefix": str(prefix), "release": str(release), "method": method,
+            "bytecode_compiled": compile_bytecode,
             "packages": sum(1 for ln in (bundle / LOCK).read_text().splitlines()
                             if ln and not ln.startswith(("#", " "))),
             "seconds": round(time.monotonic() - started, 1),
@@ -625,6 +634,9 @@ def main(argv: list[str] | None = None) -> int:
                             help="install without the smoke test (the switch is not proven)")
         parser.add_argument("--pip", action="store_true",
                             help="install the wheels with the bundled pip instead of uv")
+        parser.add_argument("--no-compile", action="store_true",
+                            help="do not compile bytecode: for an install removed right after "
+                                 "its smoke test (verify's, the build's self-test)")
         parser.add_argument("--skip-integrity", action="store_true",
                             help="for a staged bundle on the build host (no SHA256SUMS yet)")
         args = parser.parse_args(argv)
@@ -637,7 +649,8 @@ def main(argv: list[str] | None = None) -> int:
         bundle = Path(__file__).resolve().parent.parent
         prefix = Path(os.path.abspath(args.prefix))
         report = install(bundle, prefix, do_smoke=not args.no_smoke, use_pip=args.pip,
-                         skip_integrity=args.skip_integrity)
+                         skip_integrity=args.skip_integrity,
+                         compile_bytecode=not args.no_compile)
     except Failure as exc:
         say(str(exc))
         if as_json:
