@@ -22,6 +22,8 @@ from typing import Any
 
 import media
 
+from bundler.cli import default_cache
+
 OFFLINE = ("unshare", "-n")
 NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
 CLEAN_ENV = ("env", "-i", "PATH=/usr/bin:/bin")  # no HOME: a service user has none
@@ -57,6 +59,11 @@ def installed_by_install_sh(extracted: Path, path: str = "/usr/bin:/bin") -> Ite
         nobody = pwd.getpwnam("nobody").pw_uid
         shutil.rmtree(Path(tempfile.gettempdir()) / f"pyannote-bundle-{nobody}",
                       ignore_errors=True)
+
+
+def tool_cache() -> Path:
+    """The wheel cache the tool uses when run here: $PYANNOTE_BUNDLE_CACHE, else its default."""
+    return Path(os.environ.get("PYANNOTE_BUNDLE_CACHE") or default_cache())
 
 
 def pyenv_python(minor: int) -> Path | None:

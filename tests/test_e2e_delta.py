@@ -11,7 +11,6 @@ Every 4 GB file is removed as soon as the module is done with it.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e import OFFLINE
+from e2e import OFFLINE, tool_cache
 
 from bundler.build import BuildOptions, build, find_lockfile
 from bundler.demo import REPOS, checkpoints
@@ -34,8 +33,7 @@ pytestmark = pytest.mark.slow
 RECIPE = "speaker-diarization-3.1"
 RECIPE_TOML = Path(__file__).parent.parent / "bundler" / "recipes" / f"{RECIPE}.toml"
 CLI = [sys.executable, "-m", "bundler", "-q"]
-CACHE = Path(os.environ.get("PYANNOTE_BUNDLE_CACHE",
-                            Path.home() / ".cache" / "pyannote-bundle"))
+CACHE = tool_cache()
 EMBEDDING = "pyannote/wespeaker-voxceleb-resnet34-LM"
 FIGURES: dict[str, Any] = {}
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from e2e import pyenv_python
+from e2e import pyenv_python, tool_cache
 from forge import forge
 
 from bundler.demo import COMPLETE, checkpoints, serve
@@ -41,12 +41,6 @@ SEG_MEMBER = "models/pyannote_model_segmentation-3.0.bin"
 ROOT = Path(__file__).resolve().parent.parent
 # TLS settings a build host behind a corporate CA keeps; nothing else of this machine's.
 TLS = {k: v for k, v in os.environ.items() if k in ("PIP_CERT", "SSL_CERT_FILE")}
-
-
-def _cache() -> Path:
-    return Path(os.environ.get("PYANNOTE_BUNDLE_CACHE")
-                or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-                / "pyannote-bundle")
 
 
 @dataclass(frozen=True)
@@ -69,8 +63,9 @@ def hub() -> Iterator[tuple[LoopbackHub, str]]:
     # Any complete set of the demo's random-weight checkpoints serves (they are keyed by the
     # helper venv's lock); make one only when the cache has none.
     depth = len(Path(COMPLETE).parts) - 1
-    made = sorted(p.parents[depth] for p in (_cache() / "demo").glob(f"checkpoints-*/{COMPLETE}"))
-    ckpt = made[0] if made else checkpoints(_cache(), IndexOptions())
+    made = sorted(p.parents[depth]
+                  for p in (tool_cache() / "demo").glob(f"checkpoints-*/{COMPLETE}"))
+    ckpt = made[0] if made else checkpoints(tool_cache(), IndexOptions())
     served, token = serve(RECIPE, ckpt)
     with served as h:
         yield h, token
@@ -88,7 +83,7 @@ def host_a(hub: tuple[LoopbackHub, str], work: Path) -> Host:
     h, token = hub
     tool = Path(shutil.which("pyannote-bundle") or "pyannote-bundle")
     env = {**os.environ, "PIP_CONFIG_FILE": os.devnull, "PIP_FIND_LINKS": "",
-           "PYANNOTE_BUNDLE_CACHE": str(_cache()), "SOURCE_DATE_EPOCH": EPOCH,
+           "PYANNOTE_BUNDLE_CACHE": str(tool_cache()), "SOURCE_DATE_EPOCH": EPOCH,
            "HF_ENDPOINT": h.url, "HF_TOKEN": token}
     return Host(tool, env, "022", work)
 
@@ -113,8 +108,8 @@ def host_b(hub: tuple[LoopbackHub, str], work: Path) -> Host:
     cache = base / "cache"
     (cache / "wheels").mkdir(parents=True)
     # The downloaded files only: hard links, not a second 4 GB download.
-    subprocess.run(["cp", "-al", str(_cache() / "wheels" / "wheels"), str(cache / "wheels")],
-                   check=True)
+    subprocess.run(["cp", "-al", str(tool_cache() / "wheels" / "wheels"),
+                    str(cache / "wheels")], check=True)
     env = {**clean, "TZ": "Asia/Tokyo", "LANG": "C", "PYANNOTE_BUNDLE_CACHE": str(cache),
            "SOURCE_DATE_EPOCH": EPOCH, "HF_ENDPOINT": h.url, "HF_TOKEN": token}
     return Host(venv / "bin/pyannote-bundle", env, "077", base / "cwd")

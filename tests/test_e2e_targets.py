@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e import installed_by_install_sh, pyenv_python, run
+from e2e import installed_by_install_sh, pyenv_python, run, tool_cache
 
 from bundler.demo import RECIPE, checkpoints, serve
 from bundler.spec import IndexOptions
@@ -58,14 +58,9 @@ def figures() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def hub() -> Iterator[dict[str, str]]:
     """The demo's random-weight checkpoints on a gated loopback Hub: HF_ENDPOINT, HF_TOKEN."""
-    served, token = serve(RECIPE, checkpoints(_cache(), IndexOptions()))
+    served, token = serve(RECIPE, checkpoints(tool_cache(), IndexOptions()))
     with served as h:
         yield {"HF_ENDPOINT": h.url, "HF_TOKEN": token}
-
-
-def _cache() -> Path:
-    return Path(os.environ.get("PYANNOTE_BUNDLE_CACHE")
-                or Path.home() / ".cache" / "pyannote-bundle")
 
 
 def _by_demo(python: Path, minor: int, slug: str, out: Path) -> Path:
@@ -101,14 +96,12 @@ def _by_build(slug: str, out: Path, hub: dict[str, str], python: Path | None) ->
     return Path(proc.stdout.split()[0])
 
 
-def _install_sh(root: Path, minor: int, work: Path) -> None:
+def _install_sh(root: Path, python: Path, minor: int, work: Path) -> None:
     """The bundle's install.sh, offline with a clean environment, on a PATH whose python3
     is the distribution's 3.11 and which also has python3.X: it must look further. A bundle
     that ships the self-test's result (smoke/expected.json) must match it, or exit 13."""
     host_bin = work.parent / f"{work.name}-bin"
     host_bin.mkdir()
-    python = pyenv_python(minor)
-    assert python is not None
     (host_bin / f"python3.{minor}").symlink_to(python)
     try:
         t = time.monotonic()
@@ -146,7 +139,7 @@ def test_the_3_1_recipe_installs_and_diarizes_with_the_targets_python(
         (root,) = work.iterdir()
         # A self-tested build ships its result, which install.sh must match (else exit 13).
         assert (root / "smoke/expected.json").is_file() is (road != "build")
-        _install_sh(root, minor, work)
+        _install_sh(root, python, minor, work)
     finally:
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)

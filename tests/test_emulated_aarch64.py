@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from e2e import tool_cache
 
 from bundler.build import BuildOptions, build
 from bundler.demo import checkpoints, serve
@@ -74,9 +75,7 @@ def arm64_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 def test_the_aarch64_bundle_names_libgomp1_then_installs_and_diarizes_with_it(
         arm64_root: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
-    cache = Path(os.environ.get("PYANNOTE_BUNDLE_CACHE")
-                 or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-                 / "pyannote-bundle")
+    cache = tool_cache()
     spec = load_recipe("speaker-diarization-3.1", Target.from_slug("py311-linux-aarch64"))
     ckpt = checkpoints(cache, IndexOptions())
     served, token = serve(spec.name, ckpt)
