@@ -181,6 +181,10 @@ def build_cmd(recipe: str, spec_file: Path | None, output: Path, target_slug: st
 @click.option("--keep", is_flag=True, help="Keep the work folder and the install.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--no-smoke", is_flag=True, help="Check and install, but do not diarize.")
+@click.option("--no-install", is_flag=True,
+              help="Only check that the bundle is intact and safe to unpack (and signed, "
+                   "with --allowed-signers), on any host: a staging host, or a copy on "
+                   "removable media. Installs nothing.")
 @click.option("--pip", "use_pip", is_flag=True,
               help="Install the wheels with the bundled pip instead of uv (install.sh --pip).")
 @click.option("--max-bytes", type=click.IntRange(min=1), default=Limits.max_bytes,
@@ -195,8 +199,9 @@ def build_cmd(recipe: str, spec_file: Path | None, output: Path, target_slug: st
                    "allowed_signers file before anything else.")
 @python_option
 def verify_cmd(bundle: Path, prefix: Path | None, keep: bool, as_json: bool,
-               no_smoke: bool, max_bytes: int, max_members: int, hash_members: bool,
-               allowed_signers: Path | None, python: str | None, use_pip: bool) -> None:
+               no_smoke: bool, no_install: bool, max_bytes: int, max_members: int,
+               hash_members: bool, allowed_signers: Path | None, python: str | None,
+               use_pip: bool) -> None:
     """Prove a bundle is intact, installs offline, and diarizes with the network disabled.
 
     BUNDLE may be the first part of a split bundle (BUNDLE.part-000) or its
@@ -205,18 +210,28 @@ def verify_cmd(bundle: Path, prefix: Path | None, keep: bool, as_json: bool,
     \b
     Example:
       pyannote-bundle verify out/speaker-diarization-3.1-3.4.0-py311-linux-x86_64.tar --json
+
+    \b
+    Only the copy on a USB disk, on a staging host of any Python or architecture:
+      pyannote-bundle verify /media/usb/BUNDLE.tar.part-000 --no-install
     """
     import json as _json
 
     from bundler.verify import VerifyOptions, verify
 
+    if no_install:
+        given = [name for name, value in (("--prefix", prefix), ("--python", python),
+                                          ("--pip", use_pip)) if value]
+        if given:
+            raise click.UsageError(f"--no-install installs nothing: drop {', '.join(given)}")
     try:
         limits = Limits(max_bytes=max_bytes, max_members=max_members,
                         max_member_bytes=min(max_bytes, Limits.max_member_bytes))
         report = verify(bundle, VerifyOptions(prefix=prefix, keep=keep, smoke=not no_smoke,
                                               limits=limits, hash_members=hash_members,
                                               allowed_signers=allowed_signers,
-                                              python=python, use_pip=use_pip))
+                                              python=python, use_pip=use_pip,
+                                              install=not no_install))
     except BundlerError as exc:
         if as_json:
             click.echo(_json.dumps(getattr(exc, "report", {"ok": False, "error": str(exc)})))
@@ -229,6 +244,11 @@ def verify_cmd(bundle: Path, prefix: Path | None, keep: bool, as_json: bool,
     if "signature" in report:
         click.echo(f"signature: ok (signed by {report['signature']['signer']})")
     click.echo(f"integrity: ok ({integ['files']} files, sidecar {integ['sidecar']})")
+    if no_install:
+        target = report.get("target") or {}
+        click.echo(f"install:   skipped (--no-install); the bundle is for "
+                   f"{target.get('slug') or target}")
+        return
     click.echo(f"install:   ok ({report['install']['packages']} packages, "
                f"{report['install']['seconds']} s)")
     smoke = report["smoke"]

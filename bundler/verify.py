@@ -1,6 +1,7 @@
 """The orchestrator of the offline side: tarball integrity and safe unpacking, then the
 bundle's own installer (``runtime/install.py``, what install.sh runs: integrity both ways,
-host, install, config, smoke in a network namespace), then the config lint.
+host, install, config, smoke in a network namespace), then the config lint. Without the
+install (``--no-install``), only the first step, on any host.
 
 Returns a report (the CLI renders it as text or JSON). On failure the partial report is
 attached to the raised error and the work folder is removed; the installer removes what it
@@ -38,6 +39,7 @@ class VerifyOptions:
     allowed_signers: Path | None = None  # check <tarball>.sha256.sig with ssh-keygen first
     python: str | None = None  # install with it (default: this one, or python3.X on PATH)
     use_pip: bool = False  # the bundled pip instead of uv, as install.sh --pip
+    install: bool = True  # False: intact and safe to unpack, on any host
 
 
 def verify(tarball: Path, opts: VerifyOptions) -> dict[str, Any]:
@@ -50,6 +52,12 @@ def verify(tarball: Path, opts: VerifyOptions) -> dict[str, Any]:
                 layout.sidecar_path(whole(tarball)), opts.allowed_signers)}
         integrity = check_and_extract(tarball, work / "bundle", opts.limits, opts.hash_members)
         report["integrity"] = integrity.as_dict()
+        if not opts.install:  # a staging host, a copy on removable media: any host will do
+            report["target"] = integrity.manifest.get("target")
+            report["install"] = {"skipped": True}
+            report["smoke"] = {"ok": None, "skipped": True}
+            report["ok"] = True
+            return report
         want = str(integrity.manifest.get("target", {}).get("python"))
         python = find_python(want, opts.python) or sys.executable
         check_host(integrity.manifest, python)  # the tool's advice (--python) comes first
@@ -75,7 +83,7 @@ def verify(tarball: Path, opts: VerifyOptions) -> dict[str, Any]:
     finally:
         if not (opts.keep and report["ok"]):
             shutil.rmtree(work, ignore_errors=True)
-        if report["ok"] and opts.prefix is None and not opts.keep:
+        if report["ok"] and opts.install and opts.prefix is None and not opts.keep:
             report["install"]["prefix_removed"] = True
 
 

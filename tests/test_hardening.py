@@ -220,6 +220,47 @@ def test_host_mismatch_names_both_before_installing(tmp_path: Path,
     _assert_refused(proc, prefix, 11, f"CPython {other}", f"Python {here}")
 
 
+def test_no_install_checks_a_bundle_for_another_host_and_installs_nothing(
+        tmp_path: Path, tiny_bundle: TinyBundle) -> None:
+    # A staging host checks the copy it is about to carry across: its Python does not matter.
+    other = "3.12" if sys.version_info[:2] != (3, 12) else "3.11"
+    tarball = tiny_bundle(target=Target(python=other))
+    tmp = tmp_path / "tmpdir"
+    tmp.mkdir()
+
+    def verify(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["pyannote-bundle", "-q", "verify", str(tarball), "--no-install",
+                               *extra], capture_output=True, text=True,
+                              env={**os.environ, "TMPDIR": str(tmp)})
+
+    proc = verify("--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["ok"] is True and report["integrity"]["sidecar"] == "match"
+    assert report["integrity"]["files"] > 10
+    assert report["target"]["python"] == other and "host" not in report
+    assert report["install"] == {"skipped": True} and report["smoke"]["skipped"] is True
+    text = verify()
+    assert text.returncode == 0, text.stderr
+    assert "install:   skipped (--no-install)" in text.stdout
+    assert f"py{other.replace('.', '')}-linux-" in text.stdout
+    assert not any(tmp.iterdir()), "the work folder must be removed"
+    # An option that installs is a usage error, before anything is read.
+    prefix = tmp_path / "prefix"
+    bad = verify("--prefix", str(prefix), "--pip")
+    assert bad.returncode == 2 and "--no-install installs nothing: drop --prefix, --pip" \
+        in bad.stderr and not prefix.exists()
+    # A damaged copy is refused all the same.
+    with tarball.open("r+b") as f:
+        f.seek(tarball.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 1]))
+    damaged = verify()
+    assert damaged.returncode == 10 and "does not match the sidecar" in damaged.stderr
+    assert "Traceback" not in damaged.stderr and not any(tmp.iterdir())
+
+
 def test_a_smoke_that_tries_the_network_is_exit_15_in_the_installers_words(
         tmp_path: Path, tiny_bundle: TinyBundle) -> None:
     # A self-consistent bundle whose smoke reports connection attempts, as a pipeline that
