@@ -1,8 +1,9 @@
 """Reproducible on any build host, checkable by a second engineer: the 3.1 recipe (real torch
 and pyannote.audio wheels, docopt built from its sdist, format-true checkpoints from the
 loopback Hub) built for py311-linux-x86_64 on one build host and rebuilt identical by
-`pyannote-bundle rebuild` on a second, differently configured one; and a self-consistent
-forgery named.
+`pyannote-bundle rebuild` on a second, differently configured one. That a self-consistent
+forgery is named (exit 17) is proven on the small bundle (tests/test_rebuild.py): the
+comparison is the same code at any size.
 
 Host A: the tool under this CPython (3.11), this umask, time zone, locale and the shared
 cache ($PYANNOTE_BUNDLE_CACHE or ~/.cache/pyannote-bundle). Host B: the tool installed under
@@ -10,7 +11,7 @@ CPython 3.12, umask 077, TZ=Asia/Tokyo, LANG=C, another HOME, working folder and
 cache is seeded with hard links to A's downloaded files only (the download is not what is
 tested; the cache location is): B builds docopt's wheel itself.
 
-About 10 minutes and 12 GB of disk (three builds of a 4 GB bundle).
+About 4 minutes and 8 GB of disk (two builds of a 4 GB bundle).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from pathlib import Path
 
 import pytest
 from e2e import pyenv_python, tool_cache
-from forge import forge
 
 from bundler.demo import COMPLETE, checkpoints, serve
 from bundler.hub import LoopbackHub
@@ -37,7 +37,6 @@ pytestmark = pytest.mark.slow
 RECIPE = "speaker-diarization-3.1"
 TARGET = "py311-linux-x86_64"
 EPOCH = "1700000000"  # set explicitly: the digest must not depend on a default
-SEG_MEMBER = "models/pyannote_model_segmentation-3.0.bin"
 ROOT = Path(__file__).resolve().parent.parent
 # TLS settings a build host behind a corporate CA keeps; nothing else of this machine's.
 TLS = {k: v for k, v in os.environ.items() if k in ("PIP_CERT", "SSL_CERT_FILE")}
@@ -162,23 +161,3 @@ def test_a_second_engineer_on_another_build_host_rebuilds_the_release_identical(
     assert hashlib.sha256(built.read_bytes()).hexdigest() == docopt["sha256"]
     assert manifest["build_backend"]["requires"] == ["setuptools==84.2.1"]
     assert manifest["build"]["source_date_epoch"] == int(EPOCH)
-
-
-def test_a_forged_model_byte_is_named_by_the_rebuild(bundle_a: Path, host_a: Host,
-                                                     work: Path) -> None:
-    forged = forge(bundle_a, SEG_MEMBER, work / "forged")
-    try:
-        assert _digest(forged) != _digest(bundle_a)
-        proc = host_a.run("rebuild", str(forged), "--json")
-        assert proc.returncode == 17, proc.stderr[-4000:]
-        report = json.loads(proc.stdout)
-        assert report["identical"] is False
-        assert report["rebuilt_sha256"] == _digest(bundle_a)  # the genuine release again
-        named = {m["path"]: m for m in report["members"]}
-        assert set(named) == {SEG_MEMBER, "manifest.json", "sbom.cdx.json", "SHA256SUMS"}
-        seg = named[SEG_MEMBER]
-        assert seg["bundle"]["size"] == seg["rebuilt"]["size"]
-        assert seg["bundle"]["sha256"] != seg["rebuilt"]["sha256"]
-        assert SEG_MEMBER in proc.stderr.strip().splitlines()[-1]
-    finally:
-        shutil.rmtree(work / "forged", ignore_errors=True)
