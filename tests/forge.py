@@ -29,6 +29,16 @@ def extract(bundle: Path, dest: Path) -> None:
             tar.extractall(dest)
 
 
+def flip_byte(path: Path, offset: int) -> None:
+    """A damaged copy: one bit of the byte at ``offset`` changed in place (flipping it again
+    restores the file)."""
+    with path.open("r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 1]))
+
+
 def _flip_middle(data: bytes) -> bytes:
     changed = bytearray(data)
     changed[len(changed) // 2] ^= 0xFF

@@ -31,6 +31,7 @@ from e2e import (
     check_next_steps_work_verbatim,
     installed_by_install_sh,
 )
+from forge import flip_byte
 
 from bundler.spec import load_recipe
 
@@ -227,22 +228,14 @@ def test_a_failed_upgrade_leaves_the_previous_install_working(installed: Install
     mine.unlink()
 
 
-def _flip(path: Path, offset: int) -> None:
-    with path.open("r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 1]))
-
-
 def test_flipped_byte_is_refused_with_nothing_installed(tarball: Path, tmp_path: Path) -> None:
     offset = tarball.stat().st_size // 2
-    _flip(tarball, offset)
+    flip_byte(tarball, offset)
     try:
         prefix = tmp_path / "prefix"
         proc = _run("pyannote-bundle", "-q", "verify", str(tarball), "--prefix", str(prefix))
     finally:
-        _flip(tarball, offset)
+        flip_byte(tarball, offset)
     assert proc.returncode == 10
     assert "does not match the sidecar" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -257,13 +250,13 @@ def test_changed_model_byte_is_named_without_the_sidecar(tarball: Path, tmp_path
     sidecar = tarball.with_name(tarball.name + ".sha256")
     moved = tmp_path / sidecar.name
     shutil.move(sidecar, moved)
-    _flip(tarball, offset)
+    flip_byte(tarball, offset)
     try:
         prefix = tmp_path / "prefix"
         proc = _run("pyannote-bundle", "-q", "verify",
                     str(tarball), "--prefix", str(prefix), "--json")
     finally:
-        _flip(tarball, offset)
+        flip_byte(tarball, offset)
         shutil.move(moved, sidecar)
     assert proc.returncode == 10
     report = json.loads(proc.stdout)

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from conftest import EMB, SEG, TINY_LOCK, TinyBundle
-from forge import forge
+from forge import flip_byte, forge
 from hubfaults import FaultyHub
 
 from bundler import errors
@@ -251,11 +251,7 @@ def test_no_install_checks_a_bundle_for_another_host_and_installs_nothing(
     assert bad.returncode == 2 and "--no-install installs nothing: drop --prefix, --pip" \
         in bad.stderr and not prefix.exists()
     # A damaged copy is refused all the same.
-    with tarball.open("r+b") as f:
-        f.seek(tarball.stat().st_size // 2)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 1]))
+    flip_byte(tarball, tarball.stat().st_size // 2)
     damaged = verify()
     assert damaged.returncode == 10 and "does not match the sidecar" in damaged.stderr
     assert "Traceback" not in damaged.stderr and not any(tmp.iterdir())
