@@ -245,9 +245,9 @@ def verify_cmd(bundle: Path, prefix: Path | None, keep: bool, as_json: bool,
         click.echo(f"signature: ok (signed by {report['signature']['signer']})")
     click.echo(f"integrity: ok ({integ['files']} files, sidecar {integ['sidecar']})")
     if no_install:
-        target = report.get("target") or {}
-        click.echo(f"install:   skipped (--no-install); the bundle is for "
-                   f"{target.get('slug') or target}")
+        slug = (report.get("target") or {}).get("slug")
+        click.echo("install:   skipped (--no-install)"
+                   + (f"; the bundle is for {slug}" if slug else ""))
         return
     click.echo(f"install:   ok ({report['install']['packages']} packages, "
                f"{report['install']['seconds']} s)")
