@@ -128,19 +128,14 @@ def build(spec: Spec, opts: BuildOptions) -> BuildResult:
                          render.install_sh(bundle_name, spec).encode()),
         Entry.from_bytes(layout.README,
                          render.readme_txt(bundle_name, spec, __version__).encode()),
-        Entry.from_bytes(layout.CONFIGURE, render.runtime_bytes("configure.py")),
-        Entry.from_bytes(layout.DIARIZE_SCRIPT, render.runtime_bytes("diarize.py")),
-        Entry.from_bytes(layout.HOSTLIBS_SCRIPT, render.runtime_bytes("hostlibs.py")),
-        Entry.from_bytes(layout.INSTALLER, render.runtime_bytes("install.py")),
-        Entry.from_bytes(layout.SMOKE_SCRIPT, render.runtime_bytes("smoke.py")),
+        *(Entry.from_bytes(path, render.runtime_bytes(name))
+          for path, name in layout.PROGRAMS.items()),
         *(Entry.from_bytes(path, render.sample_bytes(fmt))
           for fmt, path in layout.SAMPLES.items()),
         Entry.from_bytes(layout.LOCK, bundle_lock(wheels).encode()),
     ]
     # The programs that run on the isolated host, named in the manifest and the SBOM too.
-    programs = [e for e in entries if e.path in (layout.DIARIZE_SCRIPT, layout.CONFIGURE,
-                                                 layout.SMOKE_SCRIPT, layout.INSTALL_SH,
-                                                 layout.HOSTLIBS_SCRIPT, layout.INSTALLER)]
+    programs = [e for e in entries if e.path in layout.PROGRAMS or e.path == layout.INSTALL_SH]
     manifest: dict[str, Any] = {
         "format": 1,
         "bundle": bundle_name,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bundler.runtime.diarize import OFFLINE_ENV as _DIARIZE_OFFLINE_ENV
+from bundler.runtime.recordings import OFFLINE_ENV as _RUNTIME_OFFLINE_ENV
 
 # --- inside the bundle (relative to its single top-level folder) ---------------
 CHECKSUMS = "SHA256SUMS"
@@ -29,10 +29,27 @@ SAMPLES = {"wav": SAMPLE_AUDIO, "mp3": f"{SMOKE_DIR}/sample.mp3",
 EXPECTED = f"{SMOKE_DIR}/expected.json"
 RUNTIME_DIR = "runtime"  # code that runs on the isolated host, shipped verbatim
 DIARIZE_SCRIPT = f"{RUNTIME_DIR}/diarize.py"
+# Speaker-labelled transcripts (bin/transcribe, installed when the bundle has an ASR model),
+# and the word-to-speaker logic and file formats it uses.
+TRANSCRIBE_SCRIPT = f"{RUNTIME_DIR}/transcribe.py"
+TRANSCRIPT_MODULE = f"{RUNTIME_DIR}/transcript.py"
+# What every program that reads recordings shares (inputs, shards, decoding, exit codes).
+RECORDINGS_MODULE = f"{RUNTIME_DIR}/recordings.py"
 # Checks the host has the shared libraries the wheels need (manifest host_requirements).
 HOSTLIBS_SCRIPT = f"{RUNTIME_DIR}/hostlibs.py"
 # The one installer: install.sh runs it on the isolated host, verify runs it too.
 INSTALLER = f"{RUNTIME_DIR}/install.py"
+# Every program shipped verbatim from bundler/runtime/: its path in the bundle -> its file
+# there. With install.sh (rendered), these are the code the bundle runs on the host: the
+# manifest and the SBOM name each one with its sha256.
+PROGRAMS = {
+    CONFIGURE: "configure.py",
+    DIARIZE_SCRIPT: "diarize.py",
+    RECORDINGS_MODULE: "recordings.py",
+    HOSTLIBS_SCRIPT: "hostlibs.py",
+    INSTALLER: "install.py",
+    SMOKE_SCRIPT: "smoke.py",
+}
 
 EXECUTABLES = frozenset({INSTALL_SH})
 
@@ -53,7 +70,7 @@ PREFIX_DIARIZE = "bin/diarize"  # written by configure.py: runtime/diarize.py wi
 
 # The offline variables: a bundled environment never reaches for the network. One list, in
 # the program that runs on the isolated host (configure.py reads it from there too).
-OFFLINE_ENV: dict[str, str] = dict(_DIARIZE_OFFLINE_ENV)
+OFFLINE_ENV: dict[str, str] = dict(_RUNTIME_OFFLINE_ENV)
 
 # --- volumes for removable media (bundler/parts.py) ----------------------------
 PART_INFIX = ".part-"  # BUNDLE.part-000, -001, ...: `cat BUNDLE.part-* > BUNDLE` joins them

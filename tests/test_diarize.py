@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from bundler.runtime import diarize as d
+from bundler.runtime import recordings as r
 
 SCRIPT = Path(d.__file__)
 
@@ -42,11 +43,11 @@ def test_outputs_mirror_the_tree_and_keep_the_extension(tmp_path: Path) -> None:
                    ".cache/x.wav", "deep/er/b c.webm"])
     single = tmp_path / "elsewhere" / "call.MP3"
     _tree(single.parent, [single.name])
-    jobs = d.find_jobs([str(corpus), str(single)])
+    jobs = r.find_jobs([str(corpus), str(single)])
     assert [j.rel for j in jobs] == ["a.mp3", "a.wav", "deep/er/b c.webm", "meetings/a.m4a",
                                      "call.MP3"]
     out = tmp_path / "out"
-    names = {j.rel: d.outputs_for(j, out, ["rttm", "json"]) for j in jobs}
+    names = {j.rel: r.outputs_for(j, out, ["rttm", "json"]) for j in jobs}
     assert names["meetings/a.m4a"]["rttm"] == out / "meetings/a.m4a.rttm"
     assert names["a.wav"]["json"] == out / "a.wav.json"
     assert names["a.wav"]["rttm"] != names["a.mp3"]["rttm"]
@@ -55,38 +56,38 @@ def test_outputs_mirror_the_tree_and_keep_the_extension(tmp_path: Path) -> None:
 
 def test_two_inputs_that_would_write_the_same_output_are_refused(tmp_path: Path) -> None:
     _tree(tmp_path, ["x/a.wav", "y/a.wav"])
-    with pytest.raises(d.DiarizeError, match="would both be written as a.wav.rttm") as exc:
-        d.find_jobs([str(tmp_path / "x/a.wav"), str(tmp_path / "y/a.wav")])
-    assert exc.value.code == d.EXIT_USAGE
+    with pytest.raises(r.RunError, match="would both be written as a.wav.rttm") as exc:
+        r.find_jobs([str(tmp_path / "x/a.wav"), str(tmp_path / "y/a.wav")])
+    assert exc.value.code == r.EXIT_USAGE
 
 
 def test_rttm_lines_are_standard() -> None:
-    text = d.rttm("meetings/a_b.m4a", [{"start": 0.5, "end": 2.25, "speaker": "SPEAKER 00"}])
+    text = r.rttm("meetings/a_b.m4a", [{"start": 0.5, "end": 2.25, "speaker": "SPEAKER 00"}])
     assert text == "SPEAKER meetings/a_b.m4a 1 0.500 1.750 <NA> <NA> SPEAKER_00 <NA> <NA>\n"
     assert len(text.split()) == 10
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 7])
 def test_shards_cover_every_file_exactly_once(count: int) -> None:
-    jobs = [d.Job(Path(f"/c/{i}.wav"), f"{i:02}.wav", 0) for i in range(20)]
-    shares = [d.Shard(i, count, "--shard").take(jobs) for i in range(count)]
+    jobs = [r.Job(Path(f"/c/{i}.wav"), f"{i:02}.wav", 0) for i in range(20)]
+    shares = [r.Shard(i, count, "--shard").take(jobs) for i in range(count)]
     flat = [j.rel for share in shares for j in share]
     assert sorted(flat) == [j.rel for j in jobs] and len(flat) == len(set(flat))
     assert max(map(len, shares)) - min(map(len, shares)) <= 1
 
 
 def test_shard_comes_from_the_option_slurm_or_an_indexed_job() -> None:
-    assert d.resolve_shard("3/8", None, {}) == d.Shard(3, 8, "--shard")
+    assert r.resolve_shard("3/8", None, {}) == r.Shard(3, 8, "--shard")
     slurm = {"SLURM_ARRAY_TASK_ID": "12", "SLURM_ARRAY_TASK_MIN": "10",
              "SLURM_ARRAY_TASK_COUNT": "4"}
-    assert d.resolve_shard(None, None, slurm) == d.Shard(2, 4, "SLURM_ARRAY_TASK_ID")
+    assert r.resolve_shard(None, None, slurm) == r.Shard(2, 4, "SLURM_ARRAY_TASK_ID")
     stepped = {"SLURM_ARRAY_TASK_ID": "6", "SLURM_ARRAY_TASK_MIN": "0",
                "SLURM_ARRAY_TASK_STEP": "2", "SLURM_ARRAY_TASK_COUNT": "5"}
-    assert d.resolve_shard(None, None, stepped) == d.Shard(3, 5, "SLURM_ARRAY_TASK_ID")
-    assert d.resolve_shard("0/2", None, slurm).source == "--shard"  # the option wins
+    assert r.resolve_shard(None, None, stepped) == r.Shard(3, 5, "SLURM_ARRAY_TASK_ID")
+    assert r.resolve_shard("0/2", None, slurm).source == "--shard"  # the option wins
     k8s = {"JOB_COMPLETION_INDEX": "5"}
-    assert d.resolve_shard(None, 6, k8s) == d.Shard(5, 6, "JOB_COMPLETION_INDEX")
-    assert d.resolve_shard(None, None, {}) == d.Shard(0, 1, "none")
+    assert r.resolve_shard(None, 6, k8s) == r.Shard(5, 6, "JOB_COMPLETION_INDEX")
+    assert r.resolve_shard(None, None, {}) == r.Shard(0, 1, "none")
 
 
 @pytest.mark.parametrize("option,count,env,message", [
@@ -99,9 +100,9 @@ def test_shard_comes_from_the_option_slurm_or_an_indexed_job() -> None:
 ])
 def test_bad_shards_are_usage_errors(option: str | None, count: int | None,
                                      env: dict[str, str], message: str) -> None:
-    with pytest.raises(d.DiarizeError, match=message) as exc:
-        d.resolve_shard(option, count, env)
-    assert exc.value.code == d.EXIT_USAGE
+    with pytest.raises(r.RunError, match=message) as exc:
+        r.resolve_shard(option, count, env)
+    assert exc.value.code == r.EXIT_USAGE
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -117,7 +118,7 @@ def test_argument_errors_exit_2_with_one_line(tmp_path: Path, argv: list[str],
                                               message: str) -> None:
     _tree(tmp_path, ["a.wav"])
     proc = _diarize(str(tmp_path / "a.wav"), *argv, "-o", str(tmp_path / "out"))
-    assert proc.returncode == d.EXIT_USAGE
+    assert proc.returncode == r.EXIT_USAGE
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stdout == ""
 
@@ -134,7 +135,7 @@ def test_a_missing_config_means_nothing_can_run(tmp_path: Path) -> None:
     _tree(tmp_path, ["a.wav"])
     proc = _diarize(str(tmp_path / "a.wav"), "--config", str(tmp_path / "none.yaml"),
                     "-o", str(tmp_path / "out"))
-    assert proc.returncode == d.EXIT_CANNOT_RUN
+    assert proc.returncode == r.EXIT_CANNOT_RUN
     assert "config not found" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -167,7 +168,7 @@ def test_an_unwritable_output_folder_exits_5(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
     proc = _diarize(str(tmp_path / "a.wav"), "-o", str(blocker / "out"))
-    assert proc.returncode == d.EXIT_OUTPUT and "cannot write to" in proc.stderr
+    assert proc.returncode == r.EXIT_OUTPUT and "cannot write to" in proc.stderr
 
 
 def test_help_lists_the_exit_codes_on_stdout() -> None:
@@ -179,14 +180,14 @@ def test_help_lists_the_exit_codes_on_stdout() -> None:
 def test_atomic_write_leaves_no_partial_file(tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     target = tmp_path / "sub" / "a.wav.rttm"
-    d.write_atomic(target, "one\n")
+    r.write_atomic(target, "one\n")
 
     def boom(*_: Any) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError):
-        d.write_atomic(target, "two\n")
+        r.write_atomic(target, "two\n")
     assert target.read_text() == "one\n"
     assert sorted(p.name for p in target.parent.iterdir()) == ["a.wav.rttm"]
 
@@ -196,7 +197,7 @@ def test_offline_environment_and_caches_for_a_user_without_a_home(tmp_path: Path
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     env: dict[str, str] = {"HOME": "/nonexistent/home", "TORCH_HOME": "/mine",
                            "PYANNOTE_METRICS_ENABLED": "true"}
-    root = d.go_offline(env)
+    root = r.go_offline(env)
     assert root == tmp_path / f"pyannote-bundle-{os.getuid()}" and root.is_dir()
     assert env["PYANNOTE_METRICS_ENABLED"] == "false" and env["HF_HUB_OFFLINE"] == "1"
     assert env["OTEL_SDK_DISABLED"] == "true"
@@ -206,7 +207,7 @@ def test_offline_environment_and_caches_for_a_user_without_a_home(tmp_path: Path
 
 
 def test_network_attempts_are_counted_and_can_be_blocked() -> None:
-    audit = d.NetworkAudit()
+    audit = r.NetworkAudit()
     s = socket.socket()
     audit("socket.connect", (s, ("192.0.2.1", 443)))
     audit("socket.getaddrinfo", ("otel.example", 443, 0, 0, 0))
@@ -214,7 +215,7 @@ def test_network_attempts_are_counted_and_can_be_blocked() -> None:
     audit("socket.connect", (unix, "/run/x.sock"))
     audit("open", ("/etc/hosts", "r", 0))
     assert len(audit.attempts) == 2 and "192.0.2.1" in audit.attempts[0]
-    blocking = d.NetworkAudit(block=True)
+    blocking = r.NetworkAudit(block=True)
     with pytest.raises(ConnectionRefusedError):
         blocking("socket.getaddrinfo", ("example.org", 80, 0, 0, 0))
     assert blocking.attempts == ["getaddrinfo 'example.org'"]
@@ -230,7 +231,7 @@ def test_network_attempts_are_counted_and_can_be_blocked() -> None:
 ])
 def test_driver_preflight(driver: tuple[int, int] | None, built: str | None,
                           old: bool) -> None:
-    assert d.driver_too_old(driver, built) is old
+    assert r.driver_too_old(driver, built) is old
 
 
 def test_auto_device_falls_back_to_cpu_with_one_line_for_an_old_driver(
@@ -245,14 +246,14 @@ def test_auto_device_falls_back_to_cpu_with_one_line_for_an_old_driver(
         cuda = FakeCuda
 
     said: list[str] = []
-    monkeypatch.setattr(d, "cuda_driver_version", lambda: (11, 4))
-    assert d.choose_device("auto", FakeTorch, said.append) == "cpu"
+    monkeypatch.setattr(r, "cuda_driver_version", lambda: (11, 4))
+    assert r.choose_device("auto", FakeTorch, said.append) == "cpu"
     assert len(said) == 1 and "CUDA 11.4" in said[0] and "12.8" in said[0]
-    with pytest.raises(d.DiarizeError, match="update the driver") as exc:
-        d.choose_device("cuda", FakeTorch, said.append)
-    assert exc.value.code == d.EXIT_CANNOT_RUN
-    monkeypatch.setattr(d, "cuda_driver_version", lambda: (12, 9))
-    assert d.choose_device("auto", FakeTorch, said.append) == "cuda"
+    with pytest.raises(r.RunError, match="update the driver") as exc:
+        r.choose_device("cuda", FakeTorch, said.append)
+    assert exc.value.code == r.EXIT_CANNOT_RUN
+    monkeypatch.setattr(r, "cuda_driver_version", lambda: (12, 9))
+    assert r.choose_device("auto", FakeTorch, said.append) == "cuda"
 
 
 def test_recordings_people_have_decode_to_16k_mono(tmp_path: Path) -> None:
@@ -263,10 +264,10 @@ def test_recordings_people_have_decode_to_16k_mono(tmp_path: Path) -> None:
     files = media.corpus(tmp_path)
     for label, path in files.items():
         if label == "corrupt":
-            with pytest.raises(d.FileFailed, match="cannot decode"):
-                d.decode(path)
+            with pytest.raises(r.FileFailed, match="cannot decode"):
+                r.decode(path)
             continue
-        wave = d.decode(path)
+        wave = r.decode(path)
         assert wave.dtype.name == "float32" and wave.ndim == 1, label
         assert abs(len(wave) / 16000 - 10.0) < 0.1, label
         assert 0.05 < float(abs(wave).max()) <= 1.0, label
@@ -280,11 +281,11 @@ def test_committed_smoke_samples_are_the_bundle_sample(tmp_path: Path) -> None:
 
     wav_path = tmp_path / "s.wav"
     wav_path.write_bytes(sample_bytes("wav"))
-    ref = d.decode(wav_path)
+    ref = r.decode(wav_path)
     for fmt in ("mp3", "m4a"):
         path = tmp_path / f"s.{fmt}"
         path.write_bytes(sample_bytes(fmt))
-        got = d.decode(path)
+        got = r.decode(path)
         n = min(len(ref), len(got))
         # Lossy codecs shift and shape the signal; the envelope (who speaks when) is kept.
         n -= n % 1600

@@ -47,11 +47,11 @@ def absolute_config(text: str, prefix: Path) -> str:
 
 
 def offline_env(prefix: Path) -> dict[str, str]:
-    """The offline variables: bin/diarize's own list, read from ``PREFIX/runtime/diarize.py``
-    (copied into the prefix before this runs), so that the variables exist in one place.
-    Importing it runs only the standard library."""
-    path = prefix / "runtime" / "diarize.py"
-    spec = importlib.util.spec_from_file_location("pyannote_bundle_diarize", path)
+    """The offline variables: the runtime programs' own list, read from
+    ``PREFIX/runtime/recordings.py`` (copied into the prefix before this runs), so that the
+    variables exist in one place. Importing it runs only the standard library."""
+    path = prefix / "runtime" / "recordings.py"
+    spec = importlib.util.spec_from_file_location("pyannote_bundle_recordings", path)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot load {path}")
     module = importlib.util.module_from_spec(spec)
