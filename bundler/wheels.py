@@ -248,7 +248,7 @@ def fetch_wheels(lockfile: Path, target: Target, index: IndexOptions, cache_dir:
         missing = [r for r in reqs if cache.lookup(r, tags) is None and cache.sdist(r) is None]
         if missing:
             with task(f"wheels: downloading {len(missing)} of {len(reqs)} for {target.slug}"):
-                _download(missing, target, index, cache)
+                download_locked(missing, target, index, cache)
         else:
             log.info("wheels: all %d in the cache for %s", len(reqs), target.slug)
         out = []
@@ -266,8 +266,11 @@ def fetch_wheels(lockfile: Path, target: Target, index: IndexOptions, cache_dir:
     return out
 
 
-def _download(reqs: Iterable[LockedRequirement], target: Target, index: IndexOptions,
-              cache: WheelCache) -> None:
+def download_locked(reqs: Iterable[LockedRequirement], target: Target, index: IndexOptions,
+                    cache: WheelCache) -> None:
+    """Download ``reqs`` for ``target`` into ``cache`` (``wheels/<sha256>/<file>``); pip
+    refuses a file whose sha256 none of its requirement's hashes allow (WheelHashMismatch),
+    so nothing unchecked enters the cache."""
     cache.root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=cache.root) as tmp:
         req_file = Path(tmp) / "requirements.txt"
@@ -344,7 +347,7 @@ def _build_wheel(req: LockedRequirement, sdist: Path, sdist_sha: str, target: Ta
     missing = [r for r in backend.requirements if cache.lookup(r, host_tags) is None]
     if missing:
         with task(f"wheels: downloading the build backend ({', '.join(backend.pins)})"):
-            _download(missing, host, index, cache)
+            download_locked(missing, host, index, cache)
     backend_wheels = []
     for r in backend.requirements:
         found = cache.lookup(r, host_tags)

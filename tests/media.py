@@ -47,10 +47,13 @@ def sample(rate: int = 16000, channels: int = 1) -> np.ndarray:
 
 
 def encode(path: Path, codec: str, rate: int = 16000, channels: int = 1,
-           video: bool = False, bit_rate: int | None = None) -> Path:
+           video: bool = False, bit_rate: int | None = None,
+           frames: np.ndarray | None = None) -> Path:
     """Write ``path`` (the container from its extension) with one audio stream in ``codec``
-    and, with ``video``, a small video track before it."""
-    frames = sample(rate, channels)
+    and, with ``video``, a small video track before it. ``frames``: float32, frames x
+    ``channels`` at ``rate`` (default: the bundle's sample)."""
+    if frames is None:
+        frames = sample(rate, channels)
     layout = "mono" if channels == 1 else "stereo"
     with av.open(str(path), "w", options=BITEXACT) as out:
         vstream = None
