@@ -99,7 +99,9 @@ def lock(paths: LockPaths, target: Target, index: IndexOptions,
                     paths.source.name]
             if upgrade:
                 argv.append("--upgrade")
-            env = clean_env({"UV_NATIVE_TLS": "1", "UV_CUSTOM_COMPILE_COMMAND":
+            # UV_PYTHON_DOWNLOADS=never: without a local python3.X, uv would try to fetch one.
+            env = clean_env({"UV_NATIVE_TLS": "1", "UV_PYTHON_DOWNLOADS": "never",
+                             "UV_CUSTOM_COMPILE_COMMAND":
                              f"pyannote-bundle lock --target {target.slug} "
                              f"({paths.source.name})"})
         log.info("lock: %s %s for %s", tool, paths.source.name, target.slug)

@@ -84,3 +84,24 @@ def test_a_package_without_a_wheel_for_the_target_is_named(tmp_path: Path) -> No
 def test_a_bad_target_is_refused_with_the_form(slug: str) -> None:
     proc = _bundle("lock", "--check", "--target", slug)
     assert proc.returncode == 2 and "is not like py311-linux-x86_64" in proc.stderr
+
+
+def test_uv_never_downloads_a_python_for_another_target(tmp_path: Path, monkeypatch) -> None:
+    from bundler import lock
+    from bundler.errors import LockError
+    from bundler.spec import IndexOptions, Target
+    from bundler.subproc import Completed
+
+    seen: dict[str, str] = {}
+
+    def fake_run(argv, *, env, cwd):
+        seen.update(env)
+        return Completed(tuple(argv), 1, "", "error: no")
+
+    monkeypatch.setattr(lock, "run", fake_run)
+    source = tmp_path / "tiny.in"
+    source.write_text("six==1.16.0\n")
+    paths = lock.LockPaths(source, tmp_path / "tiny-py312-linux-aarch64.txt")
+    with pytest.raises(LockError):
+        lock.lock(paths, Target.from_slug("py312-linux-aarch64"), IndexOptions())
+    assert seen["UV_PYTHON_DOWNLOADS"] == "never"
