@@ -91,6 +91,9 @@ def lock(paths: LockPaths, target: Target, index: IndexOptions,
                 argv.insert(argv.index("--generate-hashes"), "--upgrade")
             env = clean_env({"CUSTOM_COMPILE_COMMAND":
                              f"pyannote-bundle lock ({paths.source.name})"})
+            # Nor anything on the caller's PYTHONPATH: a source tree's build.py shadows the
+            # `build` package pip-tools imports (PYTHONPATH=. python -m bundler lock).
+            env.pop("PYTHONPATH", None)
         else:
             tool = "uv pip compile"
             argv = [_uv(), "pip", "compile", "--quiet", "--generate-hashes", "--no-config",
