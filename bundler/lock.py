@@ -91,6 +91,9 @@ def lock(paths: LockPaths, target: Target, index: IndexOptions,
                 argv.insert(argv.index("--generate-hashes"), "--upgrade")
             env = clean_env({"CUSTOM_COMPILE_COMMAND":
                              f"pyannote-bundle lock ({paths.source.name})"})
+            # Nor anything on the caller's PYTHONPATH: a source tree's build.py shadows the
+            # `build` package pip-tools imports (PYTHONPATH=. python -m bundler lock).
+            env.pop("PYTHONPATH", None)
         else:
             tool = "uv pip compile"
             argv = [_uv(), "pip", "compile", "--quiet", "--generate-hashes", "--no-config",
@@ -99,7 +102,9 @@ def lock(paths: LockPaths, target: Target, index: IndexOptions,
                     paths.source.name]
             if upgrade:
                 argv.append("--upgrade")
-            env = clean_env({"UV_NATIVE_TLS": "1", "UV_CUSTOM_COMPILE_COMMAND":
+            # UV_PYTHON_DOWNLOADS=never: without a local python3.X, uv would try to fetch one.
+            env = clean_env({"UV_NATIVE_TLS": "1", "UV_PYTHON_DOWNLOADS": "never",
+                             "UV_CUSTOM_COMPILE_COMMAND":
                              f"pyannote-bundle lock --target {target.slug} "
                              f"({paths.source.name})"})
         log.info("lock: %s %s for %s", tool, paths.source.name, target.slug)

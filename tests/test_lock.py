@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,3 +86,37 @@ def test_a_package_without_a_wheel_for_the_target_is_named(tmp_path: Path) -> No
 def test_a_bad_target_is_refused_with_the_form(slug: str) -> None:
     proc = _bundle("lock", "--check", "--target", slug)
     assert proc.returncode == 2 and "is not like py311-linux-x86_64" in proc.stderr
+
+
+def test_uv_never_downloads_a_python_for_another_target(tmp_path: Path, monkeypatch) -> None:
+    from bundler import lock
+    from bundler.errors import LockError
+    from bundler.spec import IndexOptions, Target
+    from bundler.subproc import Completed
+
+    seen: dict[str, str] = {}
+
+    def fake_run(argv, *, env, cwd):
+        seen.update(env)
+        return Completed(tuple(argv), 1, "", "error: no")
+
+    monkeypatch.setattr(lock, "run", fake_run)
+    source = tmp_path / "tiny.in"
+    source.write_text("six==1.16.0\n")
+    paths = lock.LockPaths(source, tmp_path / "tiny-py312-linux-aarch64.txt")
+    with pytest.raises(LockError):
+        lock.lock(paths, Target.from_slug("py312-linux-aarch64"), IndexOptions())
+    assert seen["UV_PYTHON_DOWNLOADS"] == "never"
+
+
+def test_pip_compile_does_not_see_the_callers_pythonpath(tmp_path: Path) -> None:
+    (tmp_path / "build.py").write_text("raise SystemExit('the build package was shadowed')\n")
+    source = tmp_path / "tiny.in"
+    source.write_text("six==1.16.0\n")
+    out = tmp_path / "tiny-py311-linux-x86_64.txt"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "bundler", "lock", "--input", str(source),
+                           "--output", str(out)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "six==1.16.0" in out.read_text()
