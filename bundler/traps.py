@@ -40,6 +40,19 @@ TRAPS = frozenset({
     # pyannote 4.x reads files only through torchcodec and the host's FFmpeg, 3.x not
     # m4a/mp4/webm: bin/diarize decodes with soundfile and PyAV, which the lock must hold
     "decoders",
+    # a faster-whisper model folder without model.bin, config.json or a vocabulary (or with
+    # one of them damaged): ctranslate2 cannot load it (bundler.asr)
+    "asr-files",
+    # a model.bin that is another CTranslate2 model than a WhisperSpec: faster-whisper cannot
+    # load it
+    "asr-not-whisper",
+    # no tokenizer.json beside the model: faster-whisper fetches openai/whisper-* from the
+    # Hub at run time (offline: 18 DNS attempts, then failure)
+    "asr-tokenizer",
+    # a model that is not 80-mel (large-v3, large-v3-turbo, distil-large-v3: 128) without a
+    # preprocessor_config.json saying so: faster-whisper computes 80 mel bins and fails
+    # ('Invalid input features shape: expected (1, 128, 3000)')
+    "asr-mel-bins",
 })
 
 MODEL_KEYS = ("segmentation", "embedding", "plda")

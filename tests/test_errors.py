@@ -270,8 +270,8 @@ def test_unknown_trap_id_is_refused_under_python_O_too() -> None:
 def test_every_trap_listed_is_raised_somewhere_and_only_those() -> None:
     import re
 
-    from bundler import traps
-    source = Path(traps.__file__).read_text()
+    from bundler import asr, traps
+    source = Path(traps.__file__).read_text() + Path(asr.__file__).read_text()
     raised = set(re.findall(r'_fail\(\s*"([a-z0-9.-]+)"', source))
     raised |= set(re.findall(r'"(missing-plda)" if', source))
     assert raised == set(traps.TRAPS)
