@@ -27,6 +27,10 @@ with the tool so both see the same page cache):
   in 7 containers vs a bare loop in the same venv (pipeline loaded once, the same files
   decoded the same way); decode seconds per audio hour for each container, model-load time
   and peak RSS.
+* ``transcribe_vs_bare`` (with ``--bundle`` built with ``--asr-model``): ``bin/transcribe``
+  on 4 copies of the bundled dialogue vs a bare loop in the same venv (faster-whisper and
+  the pipeline loaded once, the same decoding and word-to-speaker step); RTF, model-load
+  time and peak RSS.
 
 The pack/verify payload is the wheels and models of ``--bundle`` when given (a real
 wheelhouse), else generated incompressible files shaped like one (stated in the output).
@@ -86,7 +90,7 @@ BARE_LOOP = """
 import json, sys, time
 t0 = time.perf_counter()
 sys.path.insert(0, sys.argv[1] + "/runtime")
-import diarize as d  # the same decoding, so that only diarize's own machinery differs
+import recordings as d  # the same decoding, so that only diarize's own machinery differs
 d.go_offline()
 import torch
 from pyannote.audio import Pipeline
@@ -97,6 +101,69 @@ for path in sys.argv[2:]:
     pipeline({"waveform": torch.from_numpy(wave).unsqueeze(0), "sample_rate": 16000})
 print(json.dumps({"seconds": time.perf_counter() - t0}))
 """
+
+
+BARE_TRANSCRIBE = """
+import json, sys, time
+t0 = time.perf_counter()
+sys.path.insert(0, sys.argv[1] + "/runtime")
+import recordings as d  # the same decoding and the same word-to-speaker step
+import transcript
+d.go_offline()
+import torch
+from faster_whisper import WhisperModel
+from pyannote.audio import Pipeline
+manifest = json.load(open(sys.argv[1] + "/manifest.json"))
+model = WhisperModel(sys.argv[1] + "/" + manifest["asr"]["path"], device="cpu",
+                     compute_type="int8", cpu_threads=len(d.os.sched_getaffinity(0)),
+                     local_files_only=True)
+pipeline = Pipeline.from_pretrained(sys.argv[1] + "/config.yaml")
+pipeline.embedding_batch_size = pipeline.segmentation_batch_size = 1
+for path in sys.argv[2:]:
+    wave = d.decode(d.Path(path))
+    pieces, info = model.transcribe(wave, beam_size=5, vad_filter=True, word_timestamps=True)
+    asr = [{"start": s.start, "end": s.end, "text": s.text,
+            "words": [{"start": w.start, "end": w.end, "word": w.word,
+                       "probability": w.probability} for w in s.words]} for s in pieces]
+    out = pipeline({"waveform": torch.from_numpy(wave).unsqueeze(0), "sample_rate": 16000})
+    out = getattr(out, "exclusive_speaker_diarization", None) or getattr(
+        out, "speaker_diarization", out)
+    turns = [{"start": t.start, "end": t.end, "speaker": s}
+             for t, _, s in out.itertracks(yield_label=True)]
+    transcript.speaker_segments(asr, turns)
+print(json.dumps({"seconds": time.perf_counter() - t0}))
+"""
+
+
+def bench_transcribe(prefix: Path, work: Path, runs: int) -> dict[str, Any]:
+    """``bin/transcribe`` on 4 copies of the bundled dialogue (real speech) against a bare
+    loop in the install's venv: faster-whisper and the pipeline loaded once, the same files
+    decoded the same way, the same word-to-speaker step, nothing written. Whole processes."""
+    corpus = work / "corpus"
+    corpus.mkdir(parents=True)
+    for n in range(4):
+        shutil.copy(prefix / layout.DIALOGUE, corpus / f"dialogue{n}.flac")
+    files = sorted(str(p) for p in corpus.iterdir())
+    report: dict[str, Any] = {}
+
+    def tool() -> None:
+        proc = subprocess.run([str(prefix / "bin/transcribe"), str(corpus), "--output-dir",
+                               str(work / "out"), "--overwrite", "--json", "-q",
+                               "--embedding-batch-size", "1", "--segmentation-batch-size", "1"],
+                              check=True, capture_output=True, text=True)
+        report.update(json.loads(proc.stdout))
+
+    def bare() -> None:
+        subprocess.run([str(prefix / "venv/bin/python"), "-c", BARE_TRANSCRIBE, str(prefix),
+                        *files], check=True, capture_output=True)
+
+    tool_s, bare_s = median_pair(runs, tool, bare, lambda: None)
+    shutil.rmtree(work, ignore_errors=True)
+    return {"ratio": tool_s / bare_s, "seconds": (tool_s, bare_s),
+            "audio_seconds": report["audio_seconds"], "rtf": report["rtf"],
+            "load_seconds": report["load_seconds"], "peak_rss_mb": report["peak_rss_mb"],
+            "asr_model": report["asr_model"], "compute_type": report["compute_type"],
+            "network_attempts": report["network_attempts"]}
 
 
 def bench_diarize(prefix: Path, work: Path, runs: int) -> dict[str, Any]:
@@ -368,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         # --- install and smoke (real bundle only) -------------------------------------
         smoke: dict[str, Any] | None = None
         diarize: dict[str, Any] | None = None
+        transcribe: dict[str, Any] | None = None
         if args.bundle:
             root = base
             for part, folder in (("wheels", layout.WHEELS_DIR), ("models", layout.MODELS_DIR)):
@@ -412,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
                                                 "speakers", "embedding_batch_size",
                                                 "network_isolation")}
             diarize = bench_diarize(prefix, work / "diarize", args.runs)
+            if (prefix / "bin/transcribe").exists():
+                transcribe = bench_transcribe(prefix, work / "transcribe", args.runs)
         else:
             notes.append("install_vs_pip and smoke need a real bundle: pass --bundle TARBALL "
                          "(e.g. the one `pyannote-bundle demo` writes)")
@@ -421,12 +491,16 @@ def main(argv: list[str] | None = None) -> int:
     if diarize:
         ratios["diarize_vs_pyannote"] = diarize.pop("ratio")
         seconds["diarize"], seconds["bare_loop"] = diarize.pop("seconds")
+    if transcribe:
+        ratios["transcribe_vs_bare"] = transcribe.pop("ratio")
+        seconds["transcribe"], seconds["bare_transcribe_loop"] = transcribe.pop("seconds")
     report = {
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "bytes": sizes,
         "smoke": smoke,
         "diarize": diarize,
+        "transcribe": transcribe,
         "payload": payload,
         "runs": args.runs,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),

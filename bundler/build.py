@@ -19,16 +19,17 @@ from pathlib import Path
 from typing import Any
 
 from bundler import __version__, layout, render
+from bundler.asr import inspect_whisper
 from bundler.data import data_dir
 from bundler.errors import HostMismatch, InputError
 from bundler.install import check_host, find_python, run_installer
-from bundler.models import fetch_models
+from bundler.models import FetchedModel, fetch_models
 from bundler.native import host_requirements
 from bundler.pack import Entry, Packed, pack
 from bundler.runtime.install import TOLERANCE_S
 from bundler.sbom import sbom_json
 from bundler.signing import sign
-from bundler.spec import IndexOptions, Spec
+from bundler.spec import ASR_ROLE, IndexOptions, Spec
 from bundler.traps import check_pins, check_pipeline
 from bundler.wheels import bundle_lock, fetch_wheels, load_build_lock, wheel_license
 
@@ -90,7 +91,7 @@ def build(spec: Spec, opts: BuildOptions) -> BuildResult:
     index = spec.index(opts.index)
     wheels = fetch_wheels(lockfile, spec.target, index, opts.cache_dir / "wheels", epoch)
     pins = {w.name: w.version for w in wheels}
-    check_pins(pins)
+    check_pins(pins, asr=spec.asr is not None)
     host = host_requirements(wheels, opts.cache_dir / "wheels")
     if "pyannote-audio" in pins:
         check_pipeline(spec.pipeline, pins["pyannote-audio"])
@@ -100,6 +101,7 @@ def build(spec: Spec, opts: BuildOptions) -> BuildResult:
                                 for m in spec.models),
                           endpoint=opts.endpoint, token=opts.token,
                           cache_dir=opts.cache_dir / "hub")
+    asr = _asr_entry(spec, models)
     version = pins.get("pyannote-audio", "0")
     bundle_name = f"{spec.name}-{version}-{spec.target.slug}"
 
@@ -132,6 +134,8 @@ def build(spec: Spec, opts: BuildOptions) -> BuildResult:
           for path, name in layout.PROGRAMS.items()),
         *(Entry.from_bytes(path, render.sample_bytes(fmt))
           for fmt, path in layout.SAMPLES.items()),
+        *([Entry.from_bytes(layout.DIALOGUE, render.asset_bytes("dialogue.flac"))]
+          if asr else []),
         Entry.from_bytes(layout.LOCK, bundle_lock(wheels).encode()),
     ]
     # The programs that run on the isolated host, named in the manifest and the SBOM too.
@@ -141,7 +145,9 @@ def build(spec: Spec, opts: BuildOptions) -> BuildResult:
         "bundle": bundle_name,
         # What `rebuild` needs to make the same bundle again: a shipped recipe by name, a
         # spec file by its own text.
-        "recipe": {"name": spec.name, "pipeline": spec.pipeline, **_spec_source(spec)},
+        "recipe": {"name": spec.name, "pipeline": spec.pipeline, **_spec_source(spec),
+                   # --asr-model, which rebuild passes again
+                   **({"asr_model": spec.asr_override} if spec.asr_override else {})},
         "target": spec.target.as_dict(),
         "tool": {"name": "pyannote-bundle", "version": __version__},
         "build": {"source_date_epoch": epoch,
@@ -169,6 +175,8 @@ def build(spec: Spec, opts: BuildOptions) -> BuildResult:
                                "sha256": f.sha256, "size": f.size} for f in m.files]}
                    for m in models],
     }
+    if asr:
+        manifest["asr"] = asr
     entries.append(Entry.from_bytes(layout.SBOM, sbom_json(manifest)))
     if opts.self_test:
         expected, manifest["self_test"] = self_test(entries, manifest, spec, opts.python)
@@ -187,6 +195,26 @@ def build(spec: Spec, opts: BuildOptions) -> BuildResult:
             packed.sidecar.unlink(missing_ok=True)
             raise
     return BuildResult(bundle_name, packed, manifest)
+
+
+def _asr_entry(spec: Spec, models: list[FetchedModel]) -> dict[str, Any] | None:
+    """The manifest's ``asr``: where the ASR model lies, what it is (read from its own files:
+    bundler.asr refuses the traps), and how bin/transcribe runs it."""
+    fetched = next((m for m in models if m.role == ASR_ROLE), None)
+    if fetched is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="pyannote-bundle-asr-") as tmp:
+        # The model as faster-whisper will see it: one folder, the repo's file names.
+        for f in fetched.files:
+            os.symlink(f.local, Path(tmp) / f.path)
+        info = inspect_whisper(Path(tmp))
+    folder = posixpath.dirname(fetched.files[0].bundle_path)
+    return {"repo": fetched.repo_id, "commit": fetched.commit,
+            "path": f"{layout.MODELS_DIR}/{folder}",
+            "compute_type": spec.asr_compute_type,
+            "multilingual": info.multilingual, "n_mels": info.n_mels,
+            "vocab_size": info.vocab_size,
+            "files": sorted(f.path for f in fetched.files)}
 
 
 def _spec_source(spec: Spec) -> dict[str, Any]:
@@ -251,6 +279,10 @@ def self_test(entries: list[Entry], manifest: dict[str, Any], spec: Spec,
                             for fmt, f in result.get("formats", {}).items()},
                 "tolerance_s": TOLERANCE_S, "pyannote_audio": result.get("pyannote_audio"),
                 "torch": result.get("torch")}
+    if result.get("transcript"):
+        heard = result["transcript"]
+        expected["transcript"] = {k: heard.get(k) for k in ("text", "words", "speakers",
+                                                             "language")}
     log.info("self-test: %d segments, %d speakers", len(result["segments"]), result["speakers"])
     return (json.dumps(expected, indent=2, sort_keys=True).encode() + b"\n",
             # Not the isolation the build host offered: the manifest must not depend on the

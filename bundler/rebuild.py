@@ -29,7 +29,15 @@ from bundler.build import BuildOptions, build
 from bundler.data import data_dir
 from bundler.errors import CannotRebuild, IntegrityError
 from bundler.integrity import BUFSIZE, detect_compression, open_bundle
-from bundler.spec import IndexOptions, Spec, Target, load_recipe, load_spec, recipe_names
+from bundler.spec import (
+    IndexOptions,
+    Spec,
+    Target,
+    load_recipe,
+    load_spec,
+    recipe_names,
+    with_asr_model,
+)
 from bundler.wheels import load_build_lock
 
 log = logging.getLogger("bundler")
@@ -242,6 +250,8 @@ def plan(manifest: dict[str, Any], compression: str, work: Path,
             raise CannotRebuild(f"recipe '{recipe.get('name')}' is not shipped with "
                                 f"pyannote-bundle {__version__}")
         spec = load_recipe(recipe["name"], target)
+    if recipe.get("asr_model"):  # the build's --asr-model, asked for again
+        spec = with_asr_model(spec, str(recipe["asr_model"]))
     if (spec.name, spec.pipeline) != (recipe.get("name"), recipe.get("pipeline")):
         raise CannotRebuild(f"the recipe now reads {spec.name}/{spec.pipeline}, the bundle "
                             f"records {recipe.get('name')}/{recipe.get('pipeline')}")

@@ -50,7 +50,12 @@ def sample_bytes(fmt: str) -> bytes:
     version decides a bundle's bytes."""
     if fmt == "wav":
         return sample_wav()
-    return resources.files("bundler.assets").joinpath(f"sample.{fmt}").read_bytes()
+    return asset_bytes(f"sample.{fmt}")
+
+
+def asset_bytes(name: str) -> bytes:
+    """A committed file of ``bundler/assets/`` (the transcription smoke sample)."""
+    return resources.files("bundler.assets").joinpath(name).read_bytes()
 
 
 def config_yaml(spec: Spec, model_paths: Mapping[str, str]) -> str:

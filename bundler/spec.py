@@ -11,7 +11,7 @@ import re
 import sys
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,14 @@ NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
 PIPELINES = ("pyannote-3.1", "community-1")
 ROLES = ("segmentation", "embedding", "pipeline")
+ASR_ROLE = "asr"  # a faster-whisper (CTranslate2) model beside the pipeline: bin/transcribe
+# The files taken from an ASR repo. Which are required is decided once they are listed, by
+# bundler.asr (a missing tokenizer.json or a 128-mel model without its preprocessor config
+# is a trap with its own message), so each is fetched when the repo has it.
+ASR_FILES = ("model.bin", "config.json", "tokenizer.json", "vocabulary.txt",
+             "vocabulary.json", "preprocessor_config.json")
+COMPUTE_TYPES = ("default", "auto", "int8", "int8_float32", "int8_float16", "int8_bfloat16",
+                 "int16", "float16", "bfloat16", "float32")
 ARCHES = ("x86_64", "aarch64")
 
 
@@ -145,6 +153,7 @@ class ModelFile:
     path: str  # in the repo
     bundle_path: str  # relative to models/
     sha256: str | None = None  # pinned; otherwise the Hub's LFS sha256 is the reference
+    optional: bool = False  # taken when the repo has it (an ASR repo's optional files)
 
 
 @dataclass(frozen=True)
@@ -184,6 +193,16 @@ class Spec:
     # index for a CPU-only torch); added to --extra-index-url / --find-links.
     extra_index_urls: tuple[str, ...] = ()
     find_links: tuple[str, ...] = ()
+    # The ASR model's CTranslate2 compute type on the host (None: int8 on CPU, float16 on
+    # GPU), and the --asr-model REPO[@REV] that added or replaced the spec's own, if any
+    # (recorded so that rebuild asks for the same).
+    asr_compute_type: str | None = None
+    asr_override: str | None = None
+
+    @property
+    def asr(self) -> ModelRef | None:
+        """The speech-recognition model, when the bundle carries one."""
+        return next((m for m in self.models if m.role == ASR_ROLE), None)
 
     def index(self, cli: IndexOptions) -> IndexOptions:
         """The command line's index options plus the spec's own."""
@@ -219,7 +238,8 @@ def load_spec(path: Path, target: Target | None = None) -> Spec:
     return parse_spec(text, str(path), target)
 
 
-_TOP_KEYS = {"name", "pipeline", "lockfile", "description", "models", "config", "index"}
+_TOP_KEYS = {"name", "pipeline", "lockfile", "description", "models", "config", "index", "asr"}
+_ASR_KEYS = {"repo", "revision", "license", "compute_type", "files"}
 _INDEX_KEYS = {"extra_index_urls", "find_links"}
 _MODEL_KEYS = {"repo", "revision", "role", "license", "files"}
 _FILE_KEYS = {"path", "name", "sha256"}
@@ -293,6 +313,18 @@ def parse_spec(text: str, source: str, target: Target | None = None) -> Spec:
         files = _parse_files(raw.get("files"), repo, pipeline, source, where)
         models.append(ModelRef(repo, revision, role, files, str(license_)))
 
+    asr = data.get("asr")
+    compute_type = None
+    if asr is not None:
+        if not isinstance(asr, dict):
+            raise SpecError(source, "asr", "must be a table")
+        no_unknown(asr, _ASR_KEYS, "asr.")
+        compute_type = asr.get("compute_type")
+        if compute_type is not None and compute_type not in COMPUTE_TYPES:
+            raise SpecError(source, "asr.compute_type",
+                            f"'{compute_type}' is not one of {', '.join(COMPUTE_TYPES)}")
+        models.append(_asr_model(need(asr, "repo", "asr.", str), asr.get("revision", "main"),
+                                 str(asr.get("license", "unknown")), asr.get("files"), source))
     roles = [m.role for m in models]
     wanted = ("segmentation", "embedding") if pipeline == "pyannote-3.1" else ("pipeline",)
     for role in wanted:
@@ -308,7 +340,39 @@ def parse_spec(text: str, source: str, target: Target | None = None) -> Spec:
     return Spec(name=name, pipeline=pipeline, lockfile=lockfile, models=tuple(models),
                 config=config, description=str(data.get("description", "")),
                 target=target or Target.host(), source=source,
-                extra_index_urls=urls["extra_index_urls"], find_links=urls["find_links"])
+                extra_index_urls=urls["extra_index_urls"], find_links=urls["find_links"],
+                asr_compute_type=compute_type)
+
+
+def _asr_model(repo: str, revision: Any, license_: str, files: Any, source: str,
+               where: str = "asr.") -> ModelRef:
+    """A faster-whisper repo: its files land in ``models/<repo name>/``."""
+    if not REPO_ID.match(repo):
+        raise SpecError(source, f"{where}repo", f"'{repo}' is not a Hub repo id 'org/name'")
+    if not isinstance(revision, str) or not revision or any(c in revision for c in " \n@"):
+        raise SpecError(source, f"{where}revision", "must be a branch, tag or 40-hex commit")
+    folder = repo.split("/", 1)[1]
+    if files is None:
+        taken = tuple(ModelFile(f, f"{folder}/{f}", optional=True) for f in ASR_FILES)
+    else:
+        if not isinstance(files, list) or not files or not all(
+                isinstance(f, str) and _safe_relpath(f) for f in files):
+            raise SpecError(source, f"{where}files", "must be a list of file names in the repo")
+        taken = tuple(ModelFile(f, f"{folder}/{f}") for f in files)
+    return ModelRef(repo, revision, ASR_ROLE, taken, license_)
+
+
+def with_asr_model(spec: Spec, model: str) -> Spec:
+    """``spec`` with its ASR model added or replaced by ``REPO[@REVISION]`` (the command
+    line's ``--asr-model``); the compute type the spec names is kept."""
+    repo, _, revision = model.partition("@")
+    asr = _asr_model(repo, revision or "main", "unknown", None, "--asr-model", where="")
+    others = tuple(m for m in spec.models if m.role != ASR_ROLE)
+    taken = {f.bundle_path for m in others for f in m.files}
+    if any(f.bundle_path in taken for f in asr.files):
+        raise SpecError("--asr-model", "repo", f"models/{repo.split('/', 1)[1]}/ is taken by "
+                        "another model of the recipe")
+    return replace(spec, models=(*others, asr), asr_override=model)
 
 
 def _parse_files(raw: Any, repo: str, pipeline: str, source: str,

@@ -53,6 +53,9 @@ TRAPS = frozenset({
     # preprocessor_config.json saying so: faster-whisper computes 80 mel bins and fails
     # ('Invalid input features shape: expected (1, 128, 3000)')
     "asr-mel-bins",
+    # a bundle with a speech-recognition model whose lock has no faster-whisper: bin/transcribe
+    # would fail on the isolated host at its first file
+    "asr-runtime",
 })
 
 MODEL_KEYS = ("segmentation", "embedding", "plda")
@@ -141,8 +144,9 @@ def _check_folder(key: str, value: Mapping[str, Any], sha256: Mapping[str, str],
     return key
 
 
-def check_pins(pins: Mapping[str, str]) -> None:
-    """Lint a lock's pins (name -> version) for the version traps of pyannote 3.x / 4.x."""
+def check_pins(pins: Mapping[str, str], asr: bool = False) -> None:
+    """Lint a lock's pins (name -> version) for the version traps of pyannote 3.x / 4.x;
+    ``asr``: the bundle carries a speech-recognition model, so the lock needs faster-whisper."""
     from packaging.version import Version
 
     pa = pins.get("pyannote-audio")
@@ -167,6 +171,10 @@ def check_pins(pins: Mapping[str, str]) -> None:
     if major == 4 and Version(pa) < Version("4.0.3"):
         raise _fail("weights-only", f"pyannote.audio {pa}: 4.0.0-4.0.2 fail to load "
                     "checkpoints with torch >= 2.6; use >= 4.0.3")
+    if asr and "faster-whisper" not in pins:
+        raise _fail("asr-runtime", "the bundle carries a speech-recognition model, but the "
+                    "lock has no faster-whisper: bin/transcribe could not run it; add "
+                    "faster-whisper (and ctranslate2) to the .in and lock again")
     missing = [name for name in ("soundfile", "av") if name not in pins]
     if missing:
         # bin/diarize decodes files itself: pyannote 4 reads files only through torchcodec

@@ -14,9 +14,11 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -191,3 +193,97 @@ def check_next_steps_work_verbatim(inst: Installed) -> None:
         assert "Traceback" not in proc.stderr
         assert connection_attempts(trace) == [], command
     assert (work / "diarization/sample.mp3.rttm").read_text().startswith("SPEAKER sample.mp3 1 ")
+    if (inst.prefix / "bin/transcribe").exists():
+        assert any("bin/transcribe" in c for c in commands)
+        assert (work / "transcripts/dialogue.flac.srt").read_text().startswith("1\n")
+
+
+def transcribe_as_nobody(inst: Installed, *args: str,
+                         trace: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``PREFIX/bin/transcribe ARGS`` as nobody, offline, no HOME; ``trace`` as above."""
+    strace = ("strace", "-f", "-qq", "--seccomp-bpf", "-e", "trace=connect", "-o",
+              str(trace)) if trace else ()
+    return run(*OFFLINE, *strace, *NOBODY, *CLEAN_ENV, str(inst.prefix / "bin/transcribe"),
+               *args, cwd=inst.base)
+
+
+def check_transcribe_on_real_speech(inst: Installed) -> None:
+    """What bin/transcribe promises, with the real tiny.en weights: espeak-ng dialogues as
+    wav, m4a and flac become speaker-labelled JSON/SRT/WebVTT/TXT/RTTM as nobody, offline,
+    from a read-only prefix, in a run longer than onnxruntime's telemetry delay; the
+    transcripts are scored against the text that was spoken; the corrupt file is named; a
+    re-run rewrites nothing; shards split the files exactly."""
+    import speech
+
+    assert_host_has_no_ffmpeg()
+    corpus = inst.base / "speech"
+    (corpus / "meetings").mkdir(parents=True)
+    long_turns = speech.dialogue(corpus / "dialogue.wav")
+    # The bundle's own dialogue as it ships (flac), and its lines again as AAC in m4a.
+    said = json.loads(resources.files("bundler.assets").joinpath("dialogue.json").read_text())
+    shutil.copy(inst.prefix / "smoke" / "dialogue.flac", corpus / "short.flac")
+    speech.dialogue(corpus / "meetings" / "short.m4a",
+                    [(t["speaker"], t["text"]) for t in said["turns"]])
+    (corpus / "broken.m4a").write_bytes(b"\0\0\0\x18ftypM4A " + b"\x5a" * 4000)
+    for path in corpus.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    spoken = " ".join(t.text for t in long_turns)
+    out = output_dir(inst, "transcripts")
+    trace = inst.base / "transcribe.trace"
+    started = time.monotonic()
+    proc = transcribe_as_nobody(inst, str(corpus), "--output-dir", str(out), "--format",
+                                "json,srt,vtt,txt,rttm", "--json", "--embedding-batch-size",
+                                "1", "--segmentation-batch-size", "1", trace=trace)
+    took = time.monotonic() - started
+    assert proc.returncode == 4, proc.stderr[-3000:]  # the corrupt file; the rest done
+    assert "Traceback" not in proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["done"] == 3 and report["failed"] == 1
+    assert report["failures"][0]["file"] == "broken.m4a"
+    assert report["network_attempts"] == 0
+    # onnxruntime's telemetry (if it were on) starts about 10 s after the VAD session opens:
+    # this run outlives it, and strace sees every connect() from outside the process.
+    assert took > 30, took
+    assert connection_attempts(trace) == [], "connect() seen from outside the process"
+    for rel, reference, limit in (("dialogue.wav", spoken, 0.10),
+                                  ("meetings/short.m4a", said["text"], 0.10),
+                                  ("short.flac", said["text"], 0.05)):
+        data = json.loads((out / f"{rel}.json").read_text())
+        text = " ".join(s["text"] for s in data["segments"])
+        assert speech.wer(reference, text) <= limit, (rel, text)
+        assert data["language"] == "en"
+        words = [w for s in data["segments"] for w in s["words"]]
+        diarized = {ln.split()[7] for ln in (out / f"{rel}.rttm").read_text().splitlines()}
+        # Every word has a speaker, one the diarization found; words and segments agree.
+        assert words and all(w["speaker"] in diarized for w in words), rel
+        assert all(w["speaker"] == s["speaker"] for s in data["segments"] for w in s["words"])
+        if rel == "dialogue.wav":
+            # The words fall where they were spoken (the turns synthesized).
+            inside = sum(any(t.start - 0.15 <= (w["start"] + w["end"]) / 2 <= t.end + 0.15
+                             for t in long_turns) for w in words)
+            assert inside >= 0.95 * len(words), (inside, len(words))
+        vtt = (out / f"{rel}.vtt").read_text()
+        assert vtt.startswith("WEBVTT\n\n") and "<v SPEAKER_" in vtt
+        srt = (out / f"{rel}.srt").read_text()
+        assert srt.startswith("1\n00:00:") and " --> " in srt
+        txt = (out / f"{rel}.txt").read_text().splitlines()
+        assert txt and all(re.match(r"SPEAKER_\d+: \S", line) for line in txt)
+    assert not list(out.rglob("broken*")) and not list(out.rglob(".*.tmp"))
+
+    # A re-run rewrites nothing and loads nothing: only the corrupt file is tried again.
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    again = transcribe_as_nobody(inst, str(corpus), "--output-dir", str(out), "--format",
+                                 "json,srt,vtt,txt,rttm", "--json")
+    assert again.returncode == 4, again.stderr[-2000:]
+    rerun = json.loads(again.stdout)
+    assert rerun["skipped"] == 3 and rerun["done"] == 0 and rerun["failed"] == 1
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps
+    # Two shards of the same sorted list share out every file exactly once.
+    counts = []
+    for index in (0, 1):
+        part = transcribe_as_nobody(inst, str(corpus), "--output-dir", str(out), "--format",
+                                    "json,srt,vtt,txt,rttm", "--shard", f"{index}/2", "--json")
+        data = json.loads(part.stdout)
+        assert data["shard"] == {"index": index, "count": 2, "from": "--shard"}
+        counts.append((data["files"], data["skipped"], data["failed"]))
+    assert sum(c[0] for c in counts) == 4 and sum(c[1] + c[2] for c in counts) == 4

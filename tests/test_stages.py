@@ -63,7 +63,8 @@ def test_committed_lock_is_pinned_hashed_and_trap_free() -> None:
         "speaker-diarization-3.1-py311-linux-x86_64.txt").read_text()
     pins = {r.name: r.version for r in parse_lockfile(text)}
     assert pins["pyannote-audio"].startswith("3.") and "pip" in pins and "torch" in pins
-    check_pins(pins)
+    check_pins(pins, asr=True)  # every recipe's lock can carry a speech-recognition model
+    assert {"faster-whisper", "ctranslate2", "onnxruntime"} <= set(pins)
 
 
 @pytest.mark.parametrize("pins,trap", [
@@ -75,6 +76,14 @@ def test_committed_lock_is_pinned_hashed_and_trap_free() -> None:
 def test_version_traps_are_refused(pins: dict[str, str], trap: str) -> None:
     with pytest.raises(errors.TrapError, match=trap):
         check_pins(pins)
+
+
+def test_a_speech_recognition_model_needs_faster_whisper_in_the_lock() -> None:
+    pins = {"pyannote-audio": "4.0.7", "soundfile": "0.13.1", "av": "18.1.0"}
+    check_pins(pins)
+    with pytest.raises(errors.TrapError, match="asr-runtime"):
+        check_pins(pins, asr=True)
+    check_pins({**pins, "faster-whisper": "1.2.1"}, asr=True)
 
 
 def test_config_traps(tmp_path: Path) -> None:

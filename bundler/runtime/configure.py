@@ -17,7 +17,9 @@ verify`` both run) with the host's python3 (stdlib only), in a new release folde
   (pyannote.audio 4 sends telemetry unless told not to: trap 9); a variable the user set
   wins;
 - ``PREFIX/bin/diarize``: runs ``runtime/diarize.py`` with the venv, isolated from the
-  caller's ``PYTHONPATH``.
+  caller's ``PYTHONPATH``;
+- ``PREFIX/bin/transcribe``: the same for ``runtime/transcribe.py``, when the bundle carries
+  a speech-recognition model (``manifest.json``'s ``asr``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pathlib import Path
 VALUE = re.compile(r'^(\s*[A-Za-z_][\w.-]*:\s*)("models/[^"]*"|models/\S*)\s*$')
 OFFLINE_PTH = "pyannote_bundle_offline.pth"
 DIARIZE = "bin/diarize"
+TRANSCRIBE = "bin/transcribe"
 
 
 def absolute_config(text: str, prefix: Path) -> str:
@@ -74,12 +77,22 @@ def offline_pth(env: dict[str, str]) -> str:
             "  # pyannote-bundle: offline by default\n")
 
 
-def diarize_wrapper(prefix: Path) -> str:
+def wrapper(prefix: Path, program: str) -> str:
+    """``bin/<program>``: ``runtime/<program>.py`` run by the venv's python, isolated (-I)."""
     python = shell_quote(str(prefix / "venv" / "bin" / "python"))
-    script = shell_quote(str(prefix / "runtime" / "diarize.py"))
+    script = shell_quote(str(prefix / "runtime" / f"{program}.py"))
     return ("#!/bin/sh\n"
-            f"# diarize with the pyannote bundle installed in {prefix}; --help for usage.\n"
+            f"# {program} with the pyannote bundle installed in {prefix}; --help for usage.\n"
             f'exec {python} -I {script} "$@"\n')
+
+
+def has_asr(prefix: Path) -> bool:
+    """Whether the release's manifest names a speech-recognition model."""
+    try:
+        manifest = json.loads((prefix / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and isinstance(manifest.get("asr"), dict)
 
 
 def site_packages(prefix: Path) -> Path:
@@ -114,7 +127,9 @@ def main(argv: list[str]) -> int:
               file=sys.stderr)
         return 1
     write(site / OFFLINE_PTH, offline_pth(env))
-    write(prefix / DIARIZE, diarize_wrapper(prefix), 0o755)
+    write(prefix / DIARIZE, wrapper(prefix, "diarize"), 0o755)
+    if has_asr(prefix):
+        write(prefix / TRANSCRIBE, wrapper(prefix, "transcribe"), 0o755)
     return 0
 
 

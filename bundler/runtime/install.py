@@ -40,6 +40,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import subprocess
@@ -68,10 +69,14 @@ RELEASES = "releases"
 CURRENT = "current"
 # The paths users know, each a link through ``current`` (made once, valid across upgrades).
 STABLE = ("venv", "models", "smoke", "runtime", "config.yaml", "pyannote.env",
-          "manifest.json", "smoke-result.json", "bin/diarize")
+          "manifest.json", "smoke-result.json", "bin/diarize", "bin/transcribe")
+# Stable paths only some releases have (bin/transcribe: a bundle with an ASR model): linked
+# when the release has it, and our link removed when an upgrade drops it.
+OPTIONAL = frozenset({"bin/transcribe"})
 SMOKE_RESULT = "smoke-result.json"
 
 TOLERANCE_S = 0.5  # a smoke segment boundary may move this much against expected.json
+TRANSCRIPT_TOLERANCE = 0.2  # the share of the smoke transcript's words that may differ
 BUFSIZE = 1 << 20
 TIMEOUTS = {"venv": 300, "uv": 3600, "pip": 3600, "configure": 300, "smoke": 1800,
             "check": 120}
@@ -295,6 +300,15 @@ def link(prefix: Path, name: str, receipt: dict[str, Any]) -> None:
         receipt["created"].append(name)
 
 
+def unlink_ours(prefix: Path, name: str, receipt: dict[str, Any]) -> None:
+    """Remove ``PREFIX/name`` when it is our link (the receipt says so); else leave it."""
+    path = prefix / name
+    if name in receipt["created"] and path.is_symlink():
+        path.unlink()
+    if name in receipt["created"]:
+        receipt["created"].remove(name)
+
+
 # --- 4. the release ----------------------------------------------------------------------
 def run(argv: list[str], what: str, timeout_key: str, env: dict[str, str] | None = None,
         cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -449,7 +463,10 @@ def smoke(release: Path) -> dict[str, Any]:
         argv.append("--guard-sockets")
     home = tempfile.mkdtemp(prefix="pyannote-bundle-smoke-home-")
     env = {"PATH": "/usr/bin:/bin", "HOME": home, "LANG": "C.UTF-8"}
-    say(f"smoke test: bin/diarize on the sample as wav, mp3 and m4a, network disabled by {name}")
+    also = (", bin/transcribe on the dialogue" if (release / "bin" / "transcribe").exists()
+            else "")
+    say(f"smoke test: bin/diarize on the sample as wav, mp3 and m4a{also}, network disabled "
+        f"by {name}")
     try:
         proc = run(argv, "the smoke test", "smoke", env)
     finally:
@@ -478,10 +495,41 @@ def smoke(release: Path) -> dict[str, Any]:
 
 def compare(result: dict[str, Any], expected: dict[str, Any]) -> None:
     """Fail when the result differs from the one recorded on the build host: the wav's
-    segments, and each container's where the expected result has them."""
+    segments, and each container's where the expected result has them; the transcript's
+    words where the bundle transcribes."""
     _compare("sample", result, expected)
     for fmt, want in sorted((expected.get("formats") or {}).items()):
         _compare(f"sample.{fmt}", (result.get("formats") or {}).get(fmt) or {}, want)
+    want = expected.get("transcript")
+    if want is not None:
+        got = result.get("transcript") or {}
+        # CTranslate2 picks kernels by CPU (AVX2, AVX-512, NEON): a word may differ between
+        # hosts, a different transcript may not.
+        changed = word_changes(str(want.get("text", "")), str(got.get("text", "")))
+        total = max(1, len(words(str(want.get("text", "")))))
+        if changed / total > TRANSCRIPT_TOLERANCE:
+            raise Failure(EXIT_SMOKE, f"smoke transcript differs from the build host's in "
+                                      f"{changed} of {total} words: got '{got.get('text')}', "
+                                      f"expected '{want.get('text')}'")
+
+
+def words(text: str) -> list[str]:
+    """Words, lowercased, punctuation stripped ("don't" -> "dont", "well-known" -> "well
+    known", "4,000." -> "4000")."""
+    text = text.lower().replace("-", " ")
+    return re.sub(r"[^\w\s]", "", text).split()
+
+
+def word_changes(reference: str, hypothesis: str) -> int:
+    """Word-level edit distance (substitutions, insertions, deletions) after ``words``: the
+    numerator of a word error rate."""
+    ref, hyp = words(reference), words(hypothesis)
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return row[-1]
 
 
 def _compare(what: str, result: dict[str, Any], expected: dict[str, Any]) -> None:
@@ -591,6 +639,9 @@ def _install_release(bundle: Path, prefix: Path, receipt: dict[str, Any],
     receipt["bundle"] = manifest.get("bundle")
     receipt["sha256sums"] = digest
     for stable in STABLE:
+        if stable in OPTIONAL and not (release / stable).exists():
+            unlink_ours(prefix, stable, receipt)
+            continue
         link(prefix, stable, receipt)
     write_json(prefix / RECEIPT, receipt)
     if previous and previous != name:
@@ -620,6 +671,13 @@ def next_steps(prefix: Path) -> str:
         f'  "{p}/bin/diarize" "{p}/smoke/sample.mp3"',
         "From Python, with the venv (offline by default), on audio decoded in memory:",
         f"  \"{p}/venv/bin/python\" -c '{api}'",
+        *([] if not (prefix / "bin" / "transcribe").exists() else [
+            "Who said what: a speaker-labelled transcript (JSON, SRT, WebVTT; --format adds "
+            "txt, rttm):",
+            f'  "{p}/bin/transcribe" FILE_OR_FOLDER --output-dir DIR',
+            "Try it on the bundled dialogue (writes ./transcripts/dialogue.flac.srt, ...):",
+            f'  "{p}/bin/transcribe" "{p}/smoke/dialogue.flac"',
+        ]),
     ])
 
 

@@ -5,9 +5,12 @@
 Runs ``PREFIX/bin/diarize`` (exactly what a user runs) on the bundled sample in three
 containers (``smoke/sample.wav``, ``.mp3``, ``.m4a``) and checks that every one became
 speech segments, with no connection attempt from the diarizing process (it counts its own
-attempts: ``network_attempts``). Before that it tries a TCP connect to each ``--probe``
-address (the caller passes a loopback listener of its own: inside a fresh network namespace
-even loopback is down, so a probe that gets through means the isolation failed).
+attempts: ``network_attempts``). Where the install has ``bin/transcribe`` (a bundle with a
+speech-recognition model), it also transcribes ``smoke/dialogue.flac`` (real speech) in
+every output format, and reports the transcript (``transcript``). Before that it tries a
+TCP connect to each ``--probe`` address (the caller passes a loopback listener of its own:
+inside a fresh network namespace even loopback is down, so a probe that gets through means
+the isolation failed).
 ``--guard-sockets`` (hosts with no network namespace) makes this process's connects fail and
 runs diarize with ``--block-network``.
 
@@ -115,6 +118,8 @@ def smoke(prefix: Path, block_network: bool) -> dict[str, Any]:
                             "audio_seconds": data["audio_seconds"]}
     finally:
         shutil.rmtree(out, ignore_errors=True)
+    transcribed = transcribe(prefix, block_network) \
+        if (prefix / "bin" / "transcribe").is_file() else None
     wav = formats["wav"]
     result: dict[str, Any] = {
         "ok": proc.returncode == 0 and all(f["ok"] for f in formats.values()),
@@ -135,19 +140,78 @@ def smoke(prefix: Path, block_network: bool) -> dict[str, Any]:
         "embedding_batch_size": 1,
         "segmentation_batch_size": 1,
     }
+    if transcribed is not None:
+        result["transcript"] = transcribed
+        result["network_attempts"] = (summary.get("network_attempts") or 0) + (
+            transcribed.get("network_attempts") or 0)
+        result["network_attempt_details"] = (summary.get("network_attempt_details") or []) + (
+            transcribed.get("network_attempt_details") or [])
     bad = {fmt: f.get("error", "no speech segments") for fmt, f in formats.items()
            if not f["ok"]}
+    if transcribed is not None and not transcribed["ok"]:
+        bad["dialogue.flac"] = f"bin/transcribe: {transcribed.get('error')}"
     if bad:
         result["error"] = "; ".join(f"sample.{fmt}: {why}" for fmt, why in bad.items())
         result["ok"] = False
     elif proc.returncode != 0:
         result["error"] = f"diarize exit {proc.returncode}: {last_line(proc.stderr)}"
-    elif summary.get("network_attempts"):
+    elif result["network_attempts"]:
         result["ok"] = False
-        result["error"] = (f"diarize made {summary['network_attempts']} connection attempt(s) "
-                           f"(first: {summary['network_attempt_details'][0]}); an isolated "
-                           "host must see none")
+        result["error"] = (f"the programs made {result['network_attempts']} connection "
+                           f"attempt(s) (first: {result['network_attempt_details'][0]}); an "
+                           "isolated host must see none")
     return result
+
+
+TRANSCRIBE_FORMATS = ("json", "srt", "vtt", "txt", "rttm")
+
+
+def transcribe(prefix: Path, block_network: bool) -> dict[str, Any]:
+    """``PREFIX/bin/transcribe`` on ``smoke/dialogue.flac``, every format: what it heard."""
+    sample = prefix / "smoke" / "dialogue.flac"
+    if not sample.is_file():
+        return {"ok": False, "error": f"sample not found: {sample}"}
+    out = Path(tempfile.mkdtemp(prefix="pyannote-bundle-smoke-asr-"))
+    try:
+        argv = [str(prefix / "bin" / "transcribe"), "--json", "--quiet", "--overwrite",
+                "--format", ",".join(TRANSCRIBE_FORMATS), "--output-dir", str(out),
+                "--embedding-batch-size", "1", "--segmentation-batch-size", "1", str(sample)]
+        if block_network:
+            argv.append("--block-network")
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, errors="replace",
+                                  timeout=TIMEOUT_S, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            return {"ok": False, "error": f"transcribe did not finish in {TIMEOUT_S} s"}
+        sys.stderr.write(proc.stderr)
+        try:
+            summary: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            return {"ok": False, "error": f"transcribe printed no summary (exit "
+                                          f"{proc.returncode}): {last_line(proc.stderr)}"}
+        outputs = {fmt: out / f"{sample.name}.{fmt}" for fmt in TRANSCRIBE_FORMATS}
+        missing = [fmt for fmt, path in outputs.items() if not path.is_file()]
+        if proc.returncode != 0 or missing:
+            failure = next((f["error"] for f in summary.get("failures", [])), None)
+            return {"ok": False, "error": failure or f"exit {proc.returncode}, no "
+                                                     f"{', '.join(missing)} written",
+                    "network_attempts": summary.get("network_attempts")}
+        data = json.loads(outputs["json"].read_text())
+        segments = data.get("segments") or []
+        text = " ".join(s["text"].strip() for s in segments).strip()
+        words = [w for s in segments for w in s.get("words") or []]
+        return {"ok": bool(text) and all(w.get("speaker") for w in words),
+                "error": None if text else "no words recognised in real speech",
+                "text": text, "words": len(words),
+                "speakers": len({s["speaker"] for s in segments}),
+                "language": data.get("language"), "segments": len(segments),
+                "formats": sorted(fmt for fmt, p in outputs.items() if p.stat().st_size),
+                "seconds": summary.get("wall_seconds"),
+                "load_seconds": summary.get("load_seconds"),
+                "network_attempts": summary.get("network_attempts"),
+                "network_attempt_details": summary.get("network_attempt_details", [])}
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,254 @@
+"""transcribe: who said what, for the recordings people have, on an isolated host.
+
+    PREFIX/bin/transcribe [OPTIONS] INPUT...
+
+Shipped verbatim in every bundle (``runtime/transcribe.py``, listed in SHA256SUMS) and
+installed as ``PREFIX/bin/transcribe`` when the bundle carries a speech-recognition model
+(a faster-whisper / CTranslate2 folder under ``models/``, named in ``manifest.json``'s
+``asr``). Each recording is decoded once (no FFmpeg: ``runtime/recordings.py``) and the
+same waveform feeds both models: faster-whisper gives words with timestamps, the bundle's
+pyannote pipeline gives speaker turns, and each word gets the speaker whose turn overlaps it
+most (``runtime/transcript.py``). For every file it writes
+``OUTPUT_DIR/<path relative to its INPUT>.<format>`` for ``--format`` from json, srt,
+vtt, txt and rttm.
+
+Everything users rely on in ``bin/diarize`` is the same here, from the same code: files
+and folders, resumable runs, shards (``--shard``, Slurm arrays, Kubernetes Indexed Jobs),
+``--json``, progress, the exit codes, and no connection attempt (onnxruntime's telemetry,
+which faster-whisper's VAD would start, is off with the other offline variables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if __package__:  # imported by the tool and its tests
+    from bundler.runtime import diarize, transcript
+    from bundler.runtime import recordings as core
+else:  # run as a program (python -I runtime/transcribe.py): siblings, from its own folder
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import diarize  # type: ignore[no-redef]
+    import recordings as core  # type: ignore[no-redef]
+    import transcript  # type: ignore[no-redef]
+
+FORMATS = ("json", "srt", "vtt", "txt", "rttm")
+TASKS = ("transcribe", "translate")
+COMPUTE_TYPES = ("default", "auto", "int8", "int8_float32", "int8_float16", "int8_bfloat16",
+                 "int16", "float16", "bfloat16", "float32")
+# What faster-whisper needs in a model folder to run with no network (without
+# tokenizer.json it fetches openai/whisper-* from the Hub).
+MODEL_FILES = ("model.bin", "config.json", "tokenizer.json")
+
+
+@dataclass(frozen=True)
+class AsrModel:
+    """The bundle's ASR model, as the manifest describes it."""
+
+    path: Path
+    repo: str = "?"
+    commit: str = "?"
+    multilingual: bool = True
+    compute_type: str | None = None
+
+
+def prefix_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def bundled_model(root: Path | None = None) -> AsrModel | None:
+    """The ASR model ``PREFIX/manifest.json`` names, or None (a bundle without one)."""
+    root = prefix_root() if root is None else root
+    try:
+        manifest = json.loads((root / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    asr = manifest.get("asr") if isinstance(manifest, dict) else None
+    if not isinstance(asr, dict) or not isinstance(asr.get("path"), str):
+        return None
+    return AsrModel(root / asr["path"], str(asr.get("repo", "?")), str(asr.get("commit", "?")),
+                    bool(asr.get("multilingual", True)), asr.get("compute_type"))
+
+
+@dataclass
+class Loaded:
+    pipeline: diarize.Loaded
+    whisper: Any
+    model: AsrModel
+    device: str
+    compute_type: str
+    faster_whisper: str
+    seconds: float
+
+
+def cpu_threads() -> int:
+    """The cores this process may use (a cgroup's cpuset or taskset), not the host's."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+class Transcribe(core.Program):
+    name = "transcribe"
+    done = "transcribed"
+    formats = FORMATS
+    default_formats = "json,srt,vtt"
+    marker = "json"
+    description = ("Who said what: a speaker-labelled transcript of each recording, offline, "
+                   "with this bundle's\nspeech-recognition model and diarization pipeline. "
+                   "Reads wav, flac, ogg, mp3, m4a/AAC,\nmp4, mov, mkv, webm/opus and more, "
+                   "with no FFmpeg on the host.")
+    examples = ("  transcribe call.mp3                 -> transcripts/call.mp3.json, .srt, "
+                ".vtt\n"
+                "  transcribe /srv/meetings -o /srv/out --format json,txt,rttm\n"
+                "  transcribe interview.m4a --language de --task translate   # multilingual "
+                "models\n"
+                "  transcribe /srv/corpus --shard 3/16   # the 4th of 16 shares (or from "
+                "Slurm)\n")
+
+    def __init__(self, model: AsrModel | None = None) -> None:
+        self.model = model
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        default = self.model.path if self.model else None
+        p.add_argument("--model", type=Path, default=default, metavar="DIR",
+                       help="the faster-whisper (CTranslate2) model folder (default: the "
+                            f"bundle's, {default})")
+        p.add_argument("--language", metavar="CODE",
+                       help="the spoken language, e.g. en, de (default: detected, on "
+                            "multilingual models; English-only models take only en)")
+        p.add_argument("--task", choices=TASKS, default="transcribe",
+                       help="transcribe, or translate into English (multilingual models)")
+        p.add_argument("--vad", action=argparse.BooleanOptionalAction, default=True,
+                       help="skip silence with the Silero VAD before recognition "
+                            "(default: on)")
+        p.add_argument("--beam-size", type=int, default=5, metavar="N",
+                       help="beam search width (default: 5; 1 is greedy and fastest)")
+        p.add_argument("--compute-type", choices=COMPUTE_TYPES, metavar="TYPE",
+                       help="CTranslate2 compute type (default: int8 on CPU, float16 on GPU)")
+        p.add_argument("--initial-prompt", metavar="TEXT",
+                       help="text that sets the style or spelling of the first window")
+        p.add_argument("--hotwords", metavar="TEXT",
+                       help="words or phrases to favour (names, terms)")
+        p.add_argument("--asr-threads", type=int, metavar="N",
+                       help=f"CPU threads for recognition (default: the cores this process "
+                            f"may use, {cpu_threads()})")
+        diarize.add_pipeline_arguments(p)
+
+    def check(self, args: argparse.Namespace) -> None:
+        diarize.check_pipeline_arguments(args)
+        for name in ("beam_size", "asr_threads"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                raise core.RunError(f"--{name.replace('_', '-')} must be at least 1",
+                                    core.EXIT_USAGE)
+        if args.model is None:
+            raise core.RunError("this bundle carries no speech-recognition model: pass "
+                                "--model DIR, or build the bundle with --asr-model",
+                                core.EXIT_USAGE)
+        model = self.model
+        if model is None or args.model != model.path or model.multilingual:
+            return
+        if args.language not in (None, "en"):
+            raise core.RunError(f"--language {args.language}: {model.repo} is an English-only "
+                                "model", core.EXIT_USAGE)
+        if args.task == "translate":
+            raise core.RunError(f"--task translate: {model.repo} is an English-only model (it "
+                                "transcribes English only)", core.EXIT_USAGE)
+
+    def load(self, args: argparse.Namespace, say: Callable[[str], None]) -> Loaded:
+        folder: Path = args.model
+        missing = [n for n in MODEL_FILES if not (folder / n).is_file()]
+        if missing:
+            raise core.RunError(f"speech-recognition model incomplete: {folder} has no "
+                                f"{', '.join(missing)} (pass --model, or re-run install.sh)",
+                                core.EXIT_CANNOT_RUN)
+        pipeline = diarize.load_from_args(args, say)
+        t0 = time.perf_counter()
+        try:
+            import faster_whisper
+            from faster_whisper import WhisperModel
+        except ImportError as exc:
+            raise core.RunError("cannot import faster_whisper from this venv: "
+                                f"{core.one_line(exc)}", core.EXIT_CANNOT_RUN) from None
+        device, index = "cpu", 0
+        if pipeline.device.startswith("cuda"):
+            device, index = "cuda", int(pipeline.device.partition(":")[2] or 0)
+        model = self.model if self.model and folder == self.model.path else AsrModel(folder)
+        compute = args.compute_type or model.compute_type or (
+            "float16" if device == "cuda" else "int8")
+        try:
+            whisper = WhisperModel(str(folder), device=device, device_index=index,
+                                   compute_type=compute,
+                                   cpu_threads=args.asr_threads or cpu_threads(),
+                                   local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - any load failure means nothing can run
+            raise core.RunError(f"cannot load the speech-recognition model from {folder}: "
+                                f"{core.one_line(exc)}", core.EXIT_CANNOT_RUN) from None
+        seconds = time.perf_counter() - t0
+        say(f"speech-recognition model loaded in {seconds:.1f} s on {device} ({compute}, "
+            f"faster-whisper {faster_whisper.__version__})")
+        return Loaded(pipeline, whisper, model, pipeline.device, compute,
+                      str(faster_whisper.__version__), pipeline.seconds + seconds)
+
+    def process(self, loaded: Loaded, job: core.Job, waveform: Any, args: argparse.Namespace
+                ) -> tuple[dict[str, str], dict[str, Any], str]:
+        kwargs = {k: v for k, v in {"language": args.language,
+                                    "initial_prompt": args.initial_prompt,
+                                    "hotwords": args.hotwords}.items() if v is not None}
+        pieces, info = loaded.whisper.transcribe(
+            waveform, task=args.task, beam_size=args.beam_size, vad_filter=args.vad,
+            word_timestamps=True, **kwargs)
+        asr = [{"start": s.start, "end": s.end, "text": s.text,
+                "words": [{"start": w.start, "end": w.end, "word": w.word,
+                           "probability": w.probability} for w in (s.words or [])]}
+               for s in pieces]  # a generator: recognition runs here
+        result = diarize.diarize_one(loaded.pipeline, waveform, job.uri, core.speakers(args))
+        # Non-overlapping turns where the pipeline gives them (pyannote 4): a word goes to one
+        # speaker, and overlapped speech would otherwise split a word between two.
+        turns = result.get("exclusive_segments") or result["segments"]
+        segments = transcript.speaker_segments(asr, turns)
+        labels = sorted({s["speaker"] for s in result["segments"]})
+        words = sum(len(s["words"]) for s in segments)
+        extra = {"file": job.rel, "uri": job.uri, "source": str(job.source),
+                 "audio_seconds": round(len(waveform) / core.SAMPLE_RATE, 3),
+                 "language": info.language,
+                 "language_probability": round(float(info.language_probability), 4),
+                 "task": args.task, "speakers": labels,
+                 "models": {"asr": {"repo": loaded.model.repo, "commit": loaded.model.commit,
+                                    "path": str(args.model),
+                                    "compute_type": loaded.compute_type,
+                                    "faster_whisper": loaded.faster_whisper},
+                            "diarization": {"config": str(args.config),
+                                            "pyannote_audio": loaded.pipeline.pyannote_audio}},
+                 "diarization": result["segments"]}
+        texts = {"json": transcript.to_json(segments, extra),
+                 "srt": transcript.to_srt(segments), "vtt": transcript.to_vtt(segments),
+                 "txt": transcript.to_txt(segments),
+                 "rttm": core.rttm(job.uri, result["segments"])}
+        fields = {"segments": len(segments), "words": words, "speakers": len(labels),
+                  "language": info.language}
+        return texts, fields, f"{words} words, {len(labels)} speaker(s), {info.language}"
+
+    def report(self, loaded: Loaded | None) -> dict[str, Any]:
+        return {"pyannote_audio": loaded.pipeline.pyannote_audio if loaded else None,
+                "torch": str(loaded.pipeline.torch.__version__) if loaded else None,
+                "faster_whisper": loaded.faster_whisper if loaded else None,
+                "asr_model": (self.model.repo if self.model else None),
+                "compute_type": loaded.compute_type if loaded else None}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return core.main(Transcribe(bundled_model()), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

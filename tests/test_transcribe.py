@@ -1,0 +1,238 @@
+"""Who said what, fast: a speech-recognition model in a spec and on the command line, the
+build that fetches it, checks it (bundler.asr's traps) and records it, the install step that
+writes bin/transcribe, and bin/transcribe's own decisions before any model is loaded.
+
+Small real bundles (tests/data/tiny.lock) with a format-true CTranslate2 Whisper model
+(tests/ct2.py) served by the loopback Hub; the real models run in the slow end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from conftest import EMB, SEG, TINY_LOCK
+from ct2 import whisper_folder
+
+from bundler import errors
+from bundler.build import BuildOptions, build
+from bundler.hub import HubRepo, LoopbackHub
+from bundler.render import runtime_bytes
+from bundler.runtime import transcribe as t
+from bundler.spec import load_recipe, parse_spec, recipe_names, with_asr_model
+
+ASR = "Systran/faster-whisper-tiny.en"
+
+
+def _build(tmp_path: Path, cache: Path, folder: Path, repo: str = ASR) -> Path:
+    spec = with_asr_model(load_recipe("speaker-diarization-3.1"), repo)
+    repos = [HubRepo("pyannote/segmentation-3.0", {"pytorch_model.bin": SEG}),
+             HubRepo("pyannote/wespeaker-voxceleb-resnet34-LM", {"pytorch_model.bin": EMB}),
+             HubRepo.from_dir(repo, folder)]
+    with LoopbackHub(repos) as hub:
+        opts = BuildOptions(output_dir=tmp_path / "out", cache_dir=cache, endpoint=hub.url,
+                            lockfile=TINY_LOCK)
+        return build(spec, opts).packed.path
+
+
+def test_a_bundle_carries_the_asr_model_checked_hashed_and_described(
+        tmp_path: Path, wheel_cache: Path) -> None:
+    folder = whisper_folder(tmp_path / "tiny.en")
+    tarball = _build(tmp_path, wheel_cache, folder)
+    with tarfile.open(tarball) as tar:
+        names = {m.name.split("/", 1)[1] for m in tar.getmembers() if m.isfile()}
+        top = tar.getmembers()[0].name.split("/")[0]
+        manifest = json.load(tar.extractfile(f"{top}/manifest.json"))  # type: ignore[arg-type]
+        sums = tar.extractfile(f"{top}/SHA256SUMS").read().decode()  # type: ignore[union-attr]
+        sbom = json.load(tar.extractfile(f"{top}/sbom.cdx.json"))  # type: ignore[arg-type]
+    asr = manifest["asr"]
+    assert asr["repo"] == ASR and len(asr["commit"]) == 40
+    assert asr["path"] == "models/faster-whisper-tiny.en"
+    assert asr["multilingual"] is False and asr["n_mels"] == 80
+    assert asr["files"] == ["config.json", "model.bin", "tokenizer.json", "vocabulary.txt"]
+    assert manifest["recipe"]["asr_model"] == ASR  # rebuild asks for it again
+    model = next(m for m in manifest["models"] if m["role"] == "asr")
+    for f in model["files"]:
+        assert f["bundle_path"] in names and f"{f['sha256']}  {f['bundle_path']}\n" in sums
+        assert any(c["hashes"][0]["content"] == f["sha256"] for c in sbom["components"])
+    # The real speech bin/transcribe reads in the smoke test, and the programs themselves.
+    assert "smoke/dialogue.flac" in names
+    assert {"runtime/transcribe.py", "runtime/transcript.py", "runtime/recordings.py"} <= {
+        p["path"] for p in manifest["programs"]}
+
+
+@pytest.mark.parametrize("kind,trap", [
+    ({"tokenizer": False}, "asr-tokenizer"),
+    ({"n_mels": 128, "multilingual": True}, "asr-mel-bins"),
+    ({"n_mels": 128, "multilingual": True, "feature_size": 80}, "asr-mel-bins"),
+])
+def test_a_model_that_would_fail_offline_is_refused_at_build(
+        tmp_path: Path, wheel_cache: Path, kind: dict[str, object], trap: str) -> None:
+    folder = whisper_folder(tmp_path / "model", **kind)  # type: ignore[arg-type]
+    with pytest.raises(errors.TrapError, match=trap) as exc:
+        _build(tmp_path, wheel_cache, folder, "Systran/faster-whisper-large-v3")
+    assert exc.value.exit_code == errors.EXIT_TRAP
+    out = tmp_path / "out"
+    assert not out.exists() or not any(out.iterdir()), "nothing half-written"
+
+
+def test_a_128_mel_model_with_its_preprocessor_config_is_taken(
+        tmp_path: Path, wheel_cache: Path) -> None:
+    folder = whisper_folder(tmp_path / "large", n_mels=128, multilingual=True,
+                            feature_size=128)
+    tarball = _build(tmp_path, wheel_cache, folder, "Systran/faster-whisper-large-v3")
+    with tarfile.open(tarball) as tar:
+        top = tar.getmembers()[0].name.split("/")[0]
+        manifest = json.load(tar.extractfile(f"{top}/manifest.json"))  # type: ignore[arg-type]
+    assert manifest["asr"]["n_mels"] == 128 and manifest["asr"]["multilingual"] is True
+    assert "preprocessor_config.json" in manifest["asr"]["files"]
+
+
+def test_the_asr_table_of_a_spec_and_the_command_line_option() -> None:
+    base = '''name = "x"\npipeline = "community-1"\n[[models]]\nrepo = "o/p"\nrole = "pipeline"
+files = [{path = "config.yaml"}]\n'''
+    spec = parse_spec(base + '[asr]\nrepo = "Systran/faster-whisper-small"\n'
+                      'compute_type = "int8_float32"\n', "spec.toml")
+    assert spec.asr is not None and spec.asr.repo_id == "Systran/faster-whisper-small"
+    assert spec.asr_compute_type == "int8_float32"
+    assert {f.bundle_path for f in spec.asr.files} >= {"faster-whisper-small/model.bin",
+                                                       "faster-whisper-small/tokenizer.json"}
+    replaced = with_asr_model(spec, "Systran/faster-whisper-medium@0123456789abcdef0123456789"
+                                    "abcdef01234567")
+    assert replaced.asr is not None and replaced.asr.repo_id.endswith("medium")
+    assert replaced.asr.revision == "0123456789abcdef0123456789abcdef01234567"
+    assert [m.role for m in replaced.models].count("asr") == 1
+    assert replaced.asr_compute_type == "int8_float32"  # the spec's own, kept
+    for bad, field in ((base + '[asr]\nrepo = "nope"\n', "asr.repo"),
+                       (base + '[asr]\nrepo = "a/b"\ncompute_type = "int3"\n',
+                        "asr.compute_type"),
+                       (base + '[asr]\nrepo = "a/b"\nmodel = "x"\n', "asr.model"),
+                       ('asr = "a/b"\n' + base, "asr")):
+        with pytest.raises(errors.SpecError) as exc:
+            parse_spec(bad, "spec.toml")
+        assert exc.value.field == field
+    with pytest.raises(errors.SpecError):
+        with_asr_model(spec, "not a repo")
+    # The shipped recipe that transcribes out of the box.
+    assert "transcription-community-1" in recipe_names()
+    shipped = load_recipe("transcription-community-1")
+    assert shipped.asr is not None and shipped.pipeline == "community-1"
+
+
+def test_build_help_teaches_asr_model_and_a_bad_one_is_exit_2() -> None:
+    proc = subprocess.run(["pyannote-bundle", "build", "--help"], capture_output=True,
+                          text=True)
+    assert "--asr-model" in proc.stdout and "bin/transcribe" in proc.stdout
+    proc = subprocess.run(["pyannote-bundle", "build", "--output", "/nonexistent/x",
+                           "--asr-model", "bad id"], capture_output=True, text=True)
+    assert proc.returncode == errors.SpecError.exit_code == errors.EXIT_USAGE
+    assert "--asr-model" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def _configure(tmp_path: Path, manifest: dict[str, object]) -> Path:
+    prefix = tmp_path / "prefix"
+    (prefix / "runtime").mkdir(parents=True)
+    (prefix / "runtime/recordings.py").write_bytes(runtime_bytes("recordings.py"))
+    (prefix / "models").mkdir()
+    (prefix / "models/config.yaml").write_text("pipeline:\n  params: {}\n")
+    (prefix / "manifest.json").write_text(json.dumps(manifest))
+    site = prefix / f"venv/lib/python{sys.version_info[0]}.{sys.version_info[1]}/site-packages"
+    site.mkdir(parents=True)
+    script = tmp_path / "configure.py"
+    script.write_bytes(runtime_bytes("configure.py"))
+    subprocess.run([sys.executable, str(script), str(prefix)], check=True)
+    return prefix
+
+
+def test_configure_writes_bin_transcribe_only_for_a_bundle_with_a_model(
+        tmp_path: Path) -> None:
+    plain = _configure(tmp_path / "a", {"bundle": "x"})
+    assert (plain / "bin/diarize").is_file() and not (plain / "bin/transcribe").exists()
+    with_model = _configure(tmp_path / "b", {"asr": {"path": "models/tiny", "repo": ASR}})
+    wrapper = (with_model / "bin/transcribe").read_text()
+    assert (with_model / "bin/transcribe").stat().st_mode & 0o111
+    assert "runtime/transcribe.py" in wrapper and " -I " in wrapper
+    assert "ORT_DISABLE_TELEMETRY=1" in (with_model / "pyannote.env").read_text()
+
+
+def _transcribe(*argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, t.__file__, *argv], capture_output=True,
+                          text=True, cwd=cwd)
+
+
+def test_bundled_model_is_read_from_the_install_manifest(tmp_path: Path) -> None:
+    (tmp_path / "manifest.json").write_text(json.dumps({"asr": {
+        "path": "models/faster-whisper-tiny.en", "repo": ASR, "commit": "c" * 40,
+        "multilingual": False, "compute_type": None}}))
+    model = t.bundled_model(tmp_path)
+    assert model is not None and model.path == tmp_path / "models/faster-whisper-tiny.en"
+    assert model.multilingual is False and model.repo == ASR
+    (tmp_path / "manifest.json").write_text(json.dumps({"bundle": "no asr"}))
+    assert t.bundled_model(tmp_path) is None
+    (tmp_path / "manifest.json").write_text("{broken")
+    assert t.bundled_model(tmp_path) is None
+
+
+def test_english_only_models_refuse_other_languages_and_translation() -> None:
+    program = t.Transcribe(t.AsrModel(Path("/m"), ASR, multilingual=False))
+    from bundler.runtime import recordings as core
+
+    p = core.parser(program)
+    for argv, message in ((["--language", "de"], "English-only"),
+                          (["--task", "translate"], "English-only"),
+                          (["--beam-size", "0"], "--beam-size must be at least 1")):
+        args = p.parse_args(["a.wav", *argv])
+        with pytest.raises(core.RunError, match=message) as exc:
+            program.check(args)
+        assert exc.value.code == core.EXIT_USAGE
+    program.check(p.parse_args(["a.wav", "--language", "en"]))
+    multi = t.Transcribe(t.AsrModel(Path("/m"), "Systran/faster-whisper-small"))
+    multi.check(core.parser(multi).parse_args(["a.wav", "--language", "de", "--task",
+                                               "translate"]))
+
+
+def test_transcribe_without_a_model_is_a_usage_error_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "a.wav").write_bytes(b"RIFF")
+    proc = _transcribe(str(tmp_path / "a.wav"), "-o", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "carries no speech-recognition model" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    proc = _transcribe(str(tmp_path / "a.wav"), "--model", str(tmp_path), "--format",
+                       "json,docx")
+    assert proc.returncode == 2 and "--format 'json,docx'" in proc.stderr
+
+
+def test_done_files_are_skipped_without_loading_any_model(tmp_path: Path) -> None:
+    (tmp_path / "in/sub").mkdir(parents=True)
+    for name in ("a.wav", "sub/b.m4a"):
+        (tmp_path / "in" / name).write_bytes(b"RIFF")
+    out = tmp_path / "out"
+    for name in ("a.wav", "sub/b.m4a"):
+        for fmt in ("json", "srt", "vtt"):
+            (out / f"{name}.{fmt}").parent.mkdir(parents=True, exist_ok=True)
+            (out / f"{name}.{fmt}").write_text("done")
+    # The model folder does not exist: had anything been loaded, this would exit 3.
+    proc = _transcribe(str(tmp_path / "in"), "-o", str(out), "--json", "--model",
+                       str(tmp_path / "absent"))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["skipped"] == 2 and report["done"] == 0 and report["network_attempts"] == 0
+    assert report["formats"] == ["srt", "vtt", "json"]  # the marker, json, written last
+    # One format more (txt) is not done yet: now the missing model is named, exit 3.
+    proc = _transcribe(str(tmp_path / "in"), "-o", str(out), "--format", "json,txt",
+                       "--model", str(tmp_path / "absent"))
+    assert proc.returncode == 3 and "speech-recognition model incomplete" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_names_the_formats_and_the_exit_codes() -> None:
+    proc = _transcribe("--help")
+    assert proc.returncode == 0
+    flat = " ".join(proc.stdout.split())  # argparse wraps to the terminal's width
+    for text in ("json, srt, vtt, txt, rttm", "--language", "--no-vad", "--hotwords",
+                 "--shard I/N", "some files failed", "every file transcribed"):
+        assert text in flat, text
