@@ -114,9 +114,12 @@ def _summary(manifest: dict[str, Any], expected: Any) -> dict[str, Any]:
         "host_requirements": host if isinstance(host, dict) else None,
         "files": len(manifest["files"]) + 2,  # + manifest.json, SHA256SUMS
         "self_test": manifest.get("self_test"),
+        # The speech-recognition model bin/transcribe runs (None: the bundle only diarizes).
+        "asr": _dict(manifest.get("asr")) or None,
         "expected": None if expected is None else {
             "segments": len(_list(exp.get("segments"))), "speakers": exp.get("speakers"),
-            "tolerance_s": exp.get("tolerance_s")},
+            "tolerance_s": exp.get("tolerance_s"),
+            "transcript": _dict(exp.get("transcript")).get("text")},
     }
 
 
@@ -149,10 +152,18 @@ def render_text(info: dict[str, Any]) -> str:
         lines.append(f"  {m['repo']} @ {m['commit']}  ({m.get('license') or 'licence unknown'})")
         for f in m["files"]:
             lines.append(f"    {f['path']}  {f['size']} bytes  sha256 {f['sha256']}")
+    asr = info.get("asr")
+    if asr:
+        lines.append(f"asr:      {asr.get('repo')} in {asr.get('path')} for bin/transcribe ("
+                     f"{'multilingual' if asr.get('multilingual') else 'English only'}, "
+                     f"{asr.get('n_mels')} mel bins, compute type "
+                     f"{asr.get('compute_type') or 'int8 on CPU, float16 on GPU'})")
     exp = info.get("expected")
     lines.append("expected: " + ("none (built without --self-test)" if exp is None else
                                  f"{exp['segments']} segments, {exp['speakers']} speakers "
                                  f"(tolerance {exp['tolerance_s']} s)"))
+    if exp is not None and exp.get("transcript"):
+        lines.append(f"          transcript \"{exp['transcript']}\"")
     if info["manifest_matches_sha256sums"] is False:
         lines.append("WARNING:  manifest.json does not match its SHA256SUMS line")
     lines.append("Not verified: run `pyannote-bundle verify` to check every byte.")

@@ -236,3 +236,35 @@ def test_help_names_the_formats_and_the_exit_codes() -> None:
     for text in ("json, srt, vtt, txt, rttm", "--language", "--no-vad", "--hotwords",
                  "--shard I/N", "some files failed", "every file transcribed"):
         assert text in flat, text
+
+
+def test_a_bundle_built_with_asr_model_rebuilds_identical_and_inspect_shows_it(
+        tmp_path: Path, wheel_cache: Path) -> None:
+    """build --asr-model through the CLI, then rebuild: the manifest's recipe.asr_model
+    makes the rebuild ask for the same model, and the bytes agree."""
+    import os
+
+    folder = whisper_folder(tmp_path / "tiny.en")
+    repos = [HubRepo("pyannote/segmentation-3.0", {"pytorch_model.bin": SEG}),
+             HubRepo("pyannote/wespeaker-voxceleb-resnet34-LM", {"pytorch_model.bin": EMB}),
+             HubRepo.from_dir(ASR, folder)]
+    with LoopbackHub(repos) as hub:
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "PYANNOTE_BUNDLE_CACHE": str(wheel_cache)}
+        env.pop("SOURCE_DATE_EPOCH", None)
+        built = subprocess.run(["pyannote-bundle", "build", "--output", str(tmp_path / "out"),
+                                "--lockfile", str(TINY_LOCK), "--asr-model", ASR],
+                               capture_output=True, text=True, env=env)
+        assert built.returncode == 0, built.stderr[-3000:]
+        tarball = Path(built.stdout.splitlines()[0])
+        again = subprocess.run(["pyannote-bundle", "rebuild", str(tarball), "--lockfile",
+                                str(TINY_LOCK), "--json"], capture_output=True, text=True,
+                               env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout)["identical"] is True
+    info = subprocess.run(["pyannote-bundle", "inspect", str(tarball), "--json"],
+                          capture_output=True, text=True, check=True)
+    asr = json.loads(info.stdout)["asr"]
+    assert asr["repo"] == ASR and asr["path"] == "models/faster-whisper-tiny.en"
+    text = subprocess.run(["pyannote-bundle", "inspect", str(tarball)], capture_output=True,
+                          text=True, check=True).stdout
+    assert f"asr:      {ASR} in models/faster-whisper-tiny.en for bin/transcribe" in text
