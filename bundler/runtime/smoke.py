@@ -76,6 +76,29 @@ def last_line(text: str) -> str:
     return lines[-1][:500] if lines else ""
 
 
+def run_program(argv: list[str], block_network: bool
+                ) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """An installed program (``bin/diarize``, ``bin/transcribe``) on the samples, as a user
+    runs it, with the smallest batches: its process and the summary it printed (--json)."""
+    name = Path(argv[0]).name
+    argv = [argv[0], "--json", "--quiet", "--overwrite", "--embedding-batch-size", "1",
+            "--segmentation-batch-size", "1", *argv[1:]]
+    if block_network:
+        argv.append("--block-network")
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, errors="replace",
+                              timeout=TIMEOUT_S, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise SmokeError(f"{name} did not finish in {TIMEOUT_S} s") from None
+    sys.stderr.write(proc.stderr)
+    try:
+        summary: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise SmokeError(f"{name} printed no summary (exit {proc.returncode}): "
+                         f"{last_line(proc.stderr)}") from None
+    return proc, summary
+
+
 def smoke(prefix: Path, block_network: bool) -> dict[str, Any]:
     diarize = prefix / "bin" / "diarize"
     if not diarize.is_file():
@@ -86,22 +109,9 @@ def smoke(prefix: Path, block_network: bool) -> dict[str, Any]:
             raise SmokeError(f"sample not found: {path}")
     out = Path(tempfile.mkdtemp(prefix="pyannote-bundle-smoke-"))
     try:
-        argv = [str(diarize), "--json", "--quiet", "--format", "rttm,json", "--overwrite",
-                "--output-dir", str(out), "--embedding-batch-size", "1",
-                "--segmentation-batch-size", "1", *map(str, samples.values())]
-        if block_network:
-            argv.append("--block-network")
-        try:
-            proc = subprocess.run(argv, capture_output=True, text=True, errors="replace",
-                                  timeout=TIMEOUT_S, stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            raise SmokeError(f"diarize did not finish in {TIMEOUT_S} s") from None
-        sys.stderr.write(proc.stderr)
-        try:
-            summary: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            raise SmokeError(f"diarize printed no summary (exit {proc.returncode}): "
-                             f"{last_line(proc.stderr)}") from None
+        proc, summary = run_program(
+            [str(diarize), "--format", "rttm,json", "--output-dir", str(out),
+             *map(str, samples.values())], block_network)
         formats: dict[str, Any] = {}
         for fmt, path in samples.items():
             record = out / f"{path.name}.json"
@@ -173,22 +183,12 @@ def transcribe(prefix: Path, block_network: bool) -> dict[str, Any]:
         return {"ok": False, "error": f"sample not found: {sample}"}
     out = Path(tempfile.mkdtemp(prefix="pyannote-bundle-smoke-asr-"))
     try:
-        argv = [str(prefix / "bin" / "transcribe"), "--json", "--quiet", "--overwrite",
-                "--format", ",".join(TRANSCRIBE_FORMATS), "--output-dir", str(out),
-                "--embedding-batch-size", "1", "--segmentation-batch-size", "1", str(sample)]
-        if block_network:
-            argv.append("--block-network")
         try:
-            proc = subprocess.run(argv, capture_output=True, text=True, errors="replace",
-                                  timeout=TIMEOUT_S, stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            return {"ok": False, "error": f"transcribe did not finish in {TIMEOUT_S} s"}
-        sys.stderr.write(proc.stderr)
-        try:
-            summary: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            return {"ok": False, "error": f"transcribe printed no summary (exit "
-                                          f"{proc.returncode}): {last_line(proc.stderr)}"}
+            proc, summary = run_program(
+                [str(prefix / "bin" / "transcribe"), "--format", ",".join(TRANSCRIBE_FORMATS),
+                 "--output-dir", str(out), str(sample)], block_network)
+        except SmokeError as exc:
+            return {"ok": False, "error": str(exc)}
         outputs = {fmt: out / f"{sample.name}.{fmt}" for fmt in TRANSCRIBE_FORMATS}
         missing = [fmt for fmt, path in outputs.items() if not path.is_file()]
         if proc.returncode != 0 or missing:
