@@ -58,13 +58,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bundler import layout  # noqa: E402
 from bundler.delta import apply as apply_delta  # noqa: E402
 from bundler.delta import make_delta  # noqa: E402
+from bundler.hashing import sha256_file  # noqa: E402
 from bundler.install import run_installer  # noqa: E402
 from bundler.integrity import check_and_extract  # noqa: E402
 from bundler.pack import Entry, pack  # noqa: E402
 from bundler.parts import split  # noqa: E402
 from bundler.render import manifest_json  # noqa: E402
 from bundler.runtime import install as installer  # noqa: E402
-from bundler.wheels import sha256_file  # noqa: E402
 
 BUF = 1 << 20
 
@@ -147,7 +147,7 @@ def bench_transcribe(prefix: Path, work: Path, runs: int) -> dict[str, Any]:
     report: dict[str, Any] = {}
 
     def tool() -> None:
-        proc = subprocess.run([str(prefix / "bin/transcribe"), str(corpus), "--output-dir",
+        proc = subprocess.run([str(prefix / layout.PREFIX_TRANSCRIBE), str(corpus), "--output-dir",
                                str(work / "out"), "--overwrite", "--json", "-q",
                                "--embedding-batch-size", "1", "--segmentation-batch-size", "1"],
                               check=True, capture_output=True, text=True)
@@ -480,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 "speakers", "embedding_batch_size",
                                                 "network_isolation")}
             diarize = bench_diarize(prefix, work / "diarize", args.runs)
-            if (prefix / "bin/transcribe").exists():
+            if (prefix / layout.PREFIX_TRANSCRIBE).exists():
                 transcribe = bench_transcribe(prefix, work / "transcribe", args.runs)
         else:
             notes.append("install_vs_pip and smoke need a real bundle: pass --bundle TARBALL "

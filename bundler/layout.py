@@ -68,10 +68,9 @@ def sidecar_path(tarball: Path) -> Path:
 
 
 # --- inside an install prefix (the installer, runtime/install.py, names its own) -----
-PREFIX_VENV = "venv"  # each of these is a link through current/ to the live release
 PREFIX_CONFIG = "config.yaml"  # absolute paths, rendered for the release
-PREFIX_ENV = "pyannote.env"  # the offline variables, to be sourced
 PREFIX_DIARIZE = "bin/diarize"  # written by configure.py: runtime/diarize.py with the venv
+PREFIX_TRANSCRIBE = "bin/transcribe"  # the same for runtime/transcribe.py, with an ASR model
 
 # The offline variables: a bundled environment never reaches for the network. One list, in
 # the program that runs on the isolated host (configure.py reads it from there too).

@@ -309,13 +309,6 @@ def open_raw(path: Path) -> IO[bytes]:
     return open(path, "rb")
 
 
-def bundle_size(f: IO[bytes]) -> int:
-    """The size of what ``open_raw`` returned (all the parts together)."""
-    if isinstance(f, PartsReader):
-        return f.size
-    return os.fstat(f.fileno()).st_size
-
-
 def total_size(path: Path) -> int:
     """The joined bundle's size, from its parts when ``path`` names one."""
     if is_parts(path):

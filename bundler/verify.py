@@ -21,11 +21,11 @@ import yaml
 
 from bundler import layout, traps
 from bundler.errors import BundlerError
+from bundler.hashing import sha256_file
 from bundler.install import check_host, find_python, run_installer
 from bundler.integrity import Limits, check_and_extract
 from bundler.parts import whole
 from bundler.signing import verify_signature
-from bundler.wheels import sha256_file
 
 
 @dataclass
