@@ -292,3 +292,103 @@ def test_committed_smoke_samples_are_the_bundle_sample(tmp_path: Path) -> None:
         env_ref = np.abs(ref[:n]).reshape(-1, 1600).mean(axis=1)
         env_got = np.abs(got[:n]).reshape(-1, 1600).mean(axis=1)
         assert np.corrcoef(env_ref, env_got)[0, 1] > 0.9, fmt
+
+
+# --- awkward and hostile input: no hang, no batch lost to one file -----------------------
+def _fake_program_run(tmp_path: Path, *inputs: str, extra: tuple[str, ...] = ()
+                      ) -> subprocess.CompletedProcess[str]:
+    """The shared loop (recordings.run) with a program that needs no model: what it makes
+    of a file is its name, so only the machinery before and after the models is tried."""
+    code = (
+        "import sys; from bundler.runtime import recordings as r\n"
+        "class Echo(r.Program):\n"
+        "    name = 'echo'; formats = ('txt',); default_formats = 'txt'; marker = 'txt'\n"
+        "    def load(self, args, say):\n"
+        "        return type('L', (), {'seconds': 0.0, 'device': 'cpu'})()\n"
+        "    def process(self, loaded, job, waveform, args):\n"
+        "        return {'txt': job.rel + '\\n'}, {}, 'ok'\n"
+        "sys.exit(r.main(Echo()))\n")
+    return subprocess.run([sys.executable, "-c", code, *inputs, "-o", str(tmp_path / "out"),
+                           "--json", *extra], capture_output=True, text=True, timeout=120)
+
+
+def _wav(path: Path) -> Path:
+    from bundler.render import sample_bytes
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(sample_bytes("wav"))
+    return path
+
+
+def test_a_fifo_in_a_folder_or_on_the_command_line_is_named_and_skipped(
+        tmp_path: Path) -> None:
+    corpus = tmp_path / "in"
+    _wav(corpus / "a.wav")
+    os.mkfifo(corpus / "stuck.wav")  # opening it would wait for a writer forever
+    os.mkfifo(tmp_path / "named.mp3")
+    proc = _fake_program_run(tmp_path, str(corpus), str(tmp_path / "named.mp3"))
+    assert proc.returncode == r.EXIT_SOME_FAILED, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["done"] == 1 and report["failed"] == 2
+    assert {f["file"]: f["error"] for f in report["failures"]} == {
+        "stuck.wav": "a FIFO, not a recording: skipped",
+        "named.mp3": "a FIFO, not a recording: skipped"}
+
+
+def test_a_decoder_that_never_returns_is_cut_by_the_file_timeout(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    def forever(_path: Path) -> Any:
+        while True:
+            time.sleep(0.05)
+
+    monkeypatch.setattr(r, "decode", forever)
+    with pytest.raises(r.FileTimeout, match="took longer than 1 s"):
+        with r.deadline(1, "decoding"):
+            r.decode(tmp_path / "x.mp3")
+    # The alarm is gone afterwards: nothing fires later.
+    with r.deadline(0.2, "x"):
+        pass
+    time.sleep(0.4)
+
+
+def test_names_the_file_system_cannot_hold_fail_alone_and_the_batch_goes_on(
+        tmp_path: Path) -> None:
+    corpus = tmp_path / "in"
+    _wav(corpus / "a.wav")
+    _wav(corpus / ("b" * 250 + ".wav"))  # + ".txt": 258 bytes, over NAME_MAX (255)
+    _wav(corpus / "c.wav")
+    bad = os.fsencode(str(corpus)) + b"/d-\xff\xfe.wav"  # not UTF-8
+    Path(os.fsdecode(bad)).write_bytes((corpus / "a.wav").read_bytes())
+    proc = _fake_program_run(tmp_path, str(corpus))
+    assert proc.returncode == r.EXIT_SOME_FAILED, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["done"] == 3 and report["failed"] == 1
+    assert "File name too long" in report["failures"][0]["error"]
+    out = tmp_path / "out"
+    assert (out / "a.wav.txt").is_file() and (out / "c.wav.txt").is_file()
+    undecodable = Path(os.fsdecode(os.fsencode(str(out)) + b"/d-\xff\xfe.wav.txt"))
+    assert undecodable.read_text() == "d-\\udcff\\udcfe.wav\n"  # its name, escaped
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert "[4/4] d-\\udcff\\udcfe.wav: " in proc.stderr  # progress: escaped, never raw
+
+
+def test_control_characters_in_names_are_escaped_in_progress_lines(tmp_path: Path) -> None:
+    corpus = tmp_path / "in"
+    _wav(corpus / "evil\x1b[31m\nname.wav")
+    proc = _fake_program_run(tmp_path, str(corpus))
+    assert proc.returncode == 0, proc.stderr
+    assert "\x1b" not in proc.stderr and "evil\\x1b[31m\\nname.wav" in proc.stderr
+
+
+def test_a_name_starting_with_a_dash_gets_a_hint(tmp_path: Path) -> None:
+    proc = _diarize("-call.wav", cwd=tmp_path)
+    assert proc.returncode == 2 and "goes after --: -- -call.wav" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_file_timeout_must_not_be_negative(tmp_path: Path) -> None:
+    _tree(tmp_path, ["a.wav"])
+    proc = _diarize(str(tmp_path / "a.wav"), "--file-timeout", "-1")
+    assert proc.returncode == 2 and "--file-timeout must be 0" in proc.stderr

@@ -16,15 +16,19 @@ settled before anything heavy is imported.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import re
+import signal
 import socket
+import stat
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -193,10 +197,10 @@ def find_jobs(inputs: Sequence[str], suffix: str = "rttm") -> list[Job]:
                         continue
                     source = Path(folder) / name
                     jobs.append(Job(source, source.relative_to(path).as_posix(), n))
-        elif path.is_file():
-            jobs.append(Job(path, path.name, n))
         elif path.exists():
-            raise RunError(f"{raw}: not a file or a folder", EXIT_USAGE)
+            # A FIFO, socket or device named here is a job too: named and skipped (exit 4)
+            # by the loop, like one found in a folder, never opened.
+            jobs.append(Job(path, path.name, n))
         else:
             raise RunError(f"{raw}: no such file or folder", EXIT_USAGE)
     if not jobs:
@@ -279,11 +283,16 @@ def outputs_for(job: Job, out_dir: Path, formats: Sequence[str]) -> dict[str, Pa
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write beside the target and rename: a reader never sees half a file."""
+    """Write beside the target and rename: a reader never sees half a file.
+
+    The temporary file is made exclusively (mkstemp: O_EXCL, never through a planted link)
+    with a name of bounded length, so that an output whose own name just fits the file
+    system's limit is not refused for its temporary name. Text that cannot be UTF-8 (a file
+    name with undecodable bytes, carried as surrogates) is written escaped."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:32]}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as f:
             f.write(text)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
@@ -439,19 +448,26 @@ class Progress:
             width = 30
             filled = width * n // max(self.total, 1)
             self.stream.write(f"\r\x1b[K[{'#' * filled}{'.' * (width - filled)}] "
-                              f"{n}/{self.total} {rel}: {line}")
+                              f"{n}/{self.total} {shown(rel)}: {line}")
             if n == self.total:
                 self.stream.write("\n")
             self.stream.flush()
         else:
-            self.say(f"[{n}/{self.total}] {rel}: {line}")
+            self.say(f"[{n}/{self.total}] {shown(rel)}: {line}")
 
     def fail(self, rel: str, reason: str) -> None:
         # Always shown, --quiet included: a failed file must be named.
         if self.tty:
             self.stream.write("\r\x1b[K")
-        self.stream.write(f"{self.program}: {rel}: {reason}\n")
+        self.stream.write(f"{self.program}: {shown(rel)}: {reason}\n")
         self.stream.flush()
+
+
+def shown(name: str, limit: int = 300) -> str:
+    """A file name as it may appear on a terminal or in a log: control characters and
+    undecodable bytes escaped (no forged line, no terminal escape), its length bounded."""
+    text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in name)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def one_line(exc: BaseException | str, limit: int = 400) -> str:
@@ -492,6 +508,9 @@ class Summary:
 # --- the command every program shares -----------------------------------------------------
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
+        if "required: INPUT" in message or "unrecognized arguments: -" in message:
+            # `diarize -call.wav` takes the name for an option.
+            message += "; a file whose name starts with '-' goes after --: -- -call.wav"
         raise RunError(f"{message} (see {self.prog} --help)", EXIT_USAGE)
 
 
@@ -563,6 +582,10 @@ def parser(program: Program) -> argparse.ArgumentParser:
     p.add_argument("--shard-count", type=int, metavar="N",
                    help="the number of shares when JOB_COMPLETION_INDEX (a Kubernetes "
                         "Indexed Job) gives the index")
+    p.add_argument("--file-timeout", type=float, metavar="SECONDS",
+                   help=f"give up on a file after this long, name it, and go on (default: "
+                        f"{DECODE_TIMEOUT_S} s to decode, then {WORK_TIMEOUT_FACTOR}x its "
+                        f"duration, at least {MIN_WORK_S} s; 0: no limit)")
     program.add_arguments(p)
     p.add_argument("--json", action="store_true",
                    help="print the summary as one JSON object on stdout")
@@ -586,6 +609,8 @@ def check_args(args: argparse.Namespace, program: Program) -> list[str]:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise RunError(f"--{name.replace('_', '-')} must be at least 1", EXIT_USAGE)
+    if args.file_timeout is not None and not args.file_timeout >= 0:
+        raise RunError("--file-timeout must be 0 (no limit) or more seconds", EXIT_USAGE)
     if args.num_speakers is not None and (args.min_speakers or args.max_speakers):
         raise RunError("--num-speakers excludes --min-speakers and --max-speakers",
                        EXIT_USAGE)
@@ -610,6 +635,91 @@ def speakers(args: argparse.Namespace) -> dict[str, int | None]:
             "max_speakers": args.max_speakers}
 
 
+DECODE_TIMEOUT_S = 600  # decoding one file; a decoder that never returns is cut here
+# Whatever the program does with one file: this many times its duration, and at least
+# MIN_WORK_S (model warm-up on a slow host), unless --file-timeout says otherwise.
+WORK_TIMEOUT_FACTOR = 20
+MIN_WORK_S = 600
+# Output names this file system cannot hold are the file's failure, not the batch's.
+NAME_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.EILSEQ, errno.EINVAL})
+
+
+class FileTimeout(FileFailed):
+    """One file took longer than its deadline; the run goes on with the next."""
+
+
+def work_timeout(seconds: float) -> float:
+    return max(MIN_WORK_S, WORK_TIMEOUT_FACTOR * seconds)
+
+
+def limit(option: float | None, default: float) -> float:
+    """--file-timeout's value: the default when not given, 0 for no limit."""
+    return default if option is None else option
+
+
+@contextmanager
+def deadline(seconds: float, what: str) -> Iterator[None]:
+    """Raise FileTimeout in this (the main) thread when ``seconds`` pass: a read that
+    blocks (a FIFO that slipped in) or a decoder that never returns ends the file, not the
+    batch. SIGALRM interrupts a blocked system call; Python code resumes to raise."""
+    if seconds <= 0 or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expired(_signum: int, _frame: Any) -> None:
+        raise FileTimeout(f"{what} took longer than {seconds:.0f} s (--file-timeout)")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def regular_file(path: Path) -> None:
+    """FileFailed unless ``path`` is a regular file: a FIFO would block the first read
+    forever, a device would be read without end."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise FileFailed(f"cannot read: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "not a regular file")
+        raise FileFailed(f"{kind}, not a recording: skipped")
+
+
+def is_file(path: Path) -> bool:
+    """Path.is_file, and False for a name the file system cannot even look up (too long):
+    that file is not done, and fails alone when its outputs are written."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
+def write_outputs(outs: dict[str, Path], texts: dict[str, str]) -> None:
+    """Each output, atomically, the marker last. A name this file system cannot hold (too
+    long, bytes it refuses) fails this file alone, and its outputs written so far are
+    removed; a full disk or a permission fails the run (EXIT_OUTPUT)."""
+    written: list[Path] = []
+    try:
+        for fmt, path in outs.items():
+            write_atomic(path, texts[fmt])
+            written.append(path)
+    except OSError as exc:
+        for path in written:
+            path.unlink(missing_ok=True)
+        if exc.errno in NAME_ERRNOS:
+            raise FileFailed(f"cannot write its output {shown(path.name)}: "
+                             f"{exc.strerror or exc}") from None
+        raise RunError(f"cannot write {shown(str(path))}: {exc.strerror or exc}",
+                       EXIT_OUTPUT) from None
+
+
 def run(program: Program, args: argparse.Namespace, audit: NetworkAudit,
         started: float) -> tuple[int, dict[str, Any]]:
     """The shared run: find, shard, skip what is done, load once, then each file in turn
@@ -631,7 +741,7 @@ def run(program: Program, args: argparse.Namespace, audit: NetworkAudit,
     todo = []
     for job in jobs:
         outs = outputs_for(job, out_dir, formats)
-        if not args.overwrite and all(p.is_file() for p in outs.values()):
+        if not args.overwrite and all(is_file(p) for p in outs.values()):
             summary.skipped += 1
         else:
             todo.append((job, outs))
@@ -648,13 +758,17 @@ def run(program: Program, args: argparse.Namespace, audit: NetworkAudit,
     for n, (job, outs) in enumerate(todo, summary.skipped + 1):
         t0 = time.perf_counter()
         try:
-            waveform = decode(job.source)
+            regular_file(job.source)
+            with deadline(limit(args.file_timeout, DECODE_TIMEOUT_S), "decoding"):
+                waveform = decode(job.source)
             seconds = len(waveform) / SAMPLE_RATE
             if seconds == 0:
                 raise FileFailed("no audio samples")
             t1 = time.perf_counter()
-            texts, fields, line = program.process(loaded, job, waveform, args)
+            with deadline(limit(args.file_timeout, work_timeout(seconds)), program.name):
+                texts, fields, line = program.process(loaded, job, waveform, args)
             t2 = time.perf_counter()
+            write_outputs(outs, texts)
         except FileFailed as exc:
             summary.failures.append({"file": job.rel, "error": str(exc)})
             progress.fail(job.rel, str(exc))
@@ -668,12 +782,6 @@ def run(program: Program, args: argparse.Namespace, audit: NetworkAudit,
             summary.failures.append({"file": job.rel, "error": reason})
             progress.fail(job.rel, reason)
             continue
-        try:
-            for fmt, path in outs.items():  # in order: the marker last
-                write_atomic(path, texts[fmt])
-        except OSError as exc:
-            raise RunError(f"cannot write {outs[formats[0]]}: {exc.strerror or exc}",
-                           EXIT_OUTPUT) from None
         summary.done += 1
         summary.audio_seconds += seconds
         summary.work_seconds += t2 - t0
@@ -704,7 +812,7 @@ def render(program: Program, report: dict[str, Any]) -> str:
              f"{report['audio_hours']:.3f} h of audio in {report['wall_seconds']:.1f} s; "
              f"outputs in {report['output_dir']}"]
     for f in report["failures"]:
-        lines.append(f"failed: {f['file']}: {f['error']}")
+        lines.append(f"failed: {shown(f['file'])}: {f['error']}")
     if report["network_attempts"]:
         lines.append(f"network: {report['network_attempts']} connection attempt(s), first: "
                      f"{report['network_attempt_details'][0]}")
