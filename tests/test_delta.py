@@ -291,3 +291,44 @@ def test_apply_py_runs_on_the_oldest_python_it_promises(pair: tuple[Path, Path],
                            "--output", str(tmp_path / "out")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out" / new.name).read_bytes() == new.read_bytes()
+
+
+def test_apply_never_follows_a_link_planted_at_its_temporary_names(
+        pair: tuple[Path, Path], delta: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another user who can write the output folder plants links at the names apply will
+    use (they end in the pid: guessable); root running apply must not write through them,
+    and must not remove what it did not make."""
+    import os
+
+    from bundler.runtime import apply as runtime_apply
+
+    old, new = pair
+    out = tmp_path / "shared-out"
+    out.mkdir()
+    victim = tmp_path / "victim.conf"
+    victim.write_text("keep me\n")
+    monkeypatch.setattr(os, "getpid", lambda: 4242)
+    planted = [out / f".{new.name}.sha256.partial-4242", out / f".{new.name}.partial-4242"]
+    for name in planted:
+        name.symlink_to(victim)
+        with pytest.raises(runtime_apply.CannotWrite, match="File exists"):
+            runtime_apply.apply_delta(delta, old, out)
+        assert victim.read_text() == "keep me\n"
+        assert name.is_symlink()  # not ours: left as it was
+        assert not (out / new.name).exists() and not (out / f"{new.name}.sha256").exists()
+        name.unlink()
+    assert sorted(p.name for p in out.iterdir()) == []
+
+
+def test_apply_refuses_to_write_over_its_own_base(pair: tuple[Path, Path], delta: Path,
+                                                 tmp_path: Path) -> None:
+    old, new = pair
+    here = tmp_path / "bundles"
+    here.mkdir()
+    base = here / new.name  # the old bundle, under the new one's name
+    shutil.copy(old, base)
+    proc = _cli("apply", str(delta), "--base", str(base), "--output", str(here))
+    assert proc.returncode == 2, proc.stderr
+    assert "would replace the base" in proc.stderr and "Traceback" not in proc.stderr
+    assert base.read_bytes() == old.read_bytes()

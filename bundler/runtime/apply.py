@@ -228,10 +228,17 @@ def _apply(delta: Delta, base: Path, output_dir: Path,
     sidecar = final.with_name(final.name + SIDECAR_SUFFIX)
     tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
     tmp_sidecar = sidecar.with_name(f".{sidecar.name}.partial-{os.getpid()}")
+    if final.exists() and os.path.samefile(final, base):
+        raise UsageError(f"the delta makes {final.name}, which is --base itself: writing it "
+                         "would replace the base; choose another --output")
     made_dir = not output_dir.exists()
+    created: List[Path] = []  # removed on failure: only what this run made, never a file
+    # (or a link) someone else put at one of these names
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "xb") as out, open(base, "rb") as src:
+        out = open(tmp, "xb")  # exclusive: a link planted at this name is never followed
+        created.append(tmp)
+        with out, open(base, "rb") as src:
             digest = _write(out, src, delta, meta, progress)
             out.flush()
             os.fsync(out.fileno())
@@ -244,16 +251,18 @@ def _apply(delta: Delta, base: Path, output_dir: Path,
                 raise WrongBase(f"--base {base.name} has sha256 {base_digest}: {need}")
             raise DeltaDamaged(f"the rebuilt {final.name} has sha256 {digest}, not "
                                f"{target['sha256']}: the delta is damaged; copy it again")
-        with open(tmp_sidecar, "w") as f:
-            f.write(f"{digest}  {final.name}\n")
+        side = open(tmp_sidecar, "x")  # exclusive, as above: root may be running this
+        created.append(tmp_sidecar)
+        with side:
+            side.write(f"{digest}  {final.name}\n")
         os.replace(tmp, final)
         os.replace(tmp_sidecar, sidecar)
     except OSError as exc:
-        _cleanup([tmp, tmp_sidecar], output_dir if made_dir else None)
+        _cleanup(created, output_dir if made_dir else None)
         raise CannotWrite(f"cannot write {final}: {exc.strerror or exc}; nothing was "
                           "left in the output folder") from None
     except BaseException:
-        _cleanup([tmp, tmp_sidecar], output_dir if made_dir else None)
+        _cleanup(created, output_dir if made_dir else None)
         raise
     return {"path": str(final), "sidecar": str(sidecar), "sha256": digest,
             "size": target["size"], "base": want_base["sha256"],
