@@ -270,7 +270,8 @@ def self_test(entries: list[Entry], manifest: dict[str, Any], spec: Spec,
         # No SHA256SUMS yet (the stage links the cached wheels): the entries were hashed as
         # they were made, so the installer skips only its integrity step here.
         report = run_installer(root, stage / "prefix", chosen, skip_integrity=True,
-                               compile_bytecode=False)  # the stage is removed right after
+                               compile_bytecode=False,  # the stage is removed right after
+                               throwaway=True)
         result = report["smoke"]
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -94,11 +94,12 @@ def check_host(manifest: dict[str, Any], python: str = sys.executable) -> dict[s
 
 def run_installer(bundle: Path, prefix: Path, python: str, *, smoke: bool = True,
                   use_pip: bool = False, skip_integrity: bool = False,
-                  compile_bytecode: bool = True) -> dict[str, Any]:
+                  compile_bytecode: bool = True, throwaway: bool = False) -> dict[str, Any]:
     """Run ``bundle/runtime/install.py PREFIX --json`` with ``python`` (as install.sh runs
     it) and return its report; raise the error its exit status stands for. Its progress
     lines are passed on as they come. ``compile_bytecode=False`` for an install that is
-    removed once it has been proven."""
+    removed once it has been proven; ``throwaway`` too: no service user will run it, so
+    whether one could is not asked."""
     argv = [python, "-I", str(bundle / layout.INSTALLER), str(prefix), "--json"]
     if not smoke:
         argv.append("--no-smoke")
@@ -108,6 +109,8 @@ def run_installer(bundle: Path, prefix: Path, python: str, *, smoke: bool = True
         argv.append("--skip-integrity")
     if not compile_bytecode:
         argv.append("--no-compile")
+    if throwaway:
+        argv.append("--no-user-check")
     log.debug("run: %s", " ".join(argv))
     try:
         proc = subprocess.Popen(argv, env=clean_env(), stdin=subprocess.DEVNULL,

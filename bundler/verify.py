@@ -66,7 +66,8 @@ def verify(tarball: Path, opts: VerifyOptions) -> dict[str, Any]:
         # (--prefix, --keep) is compiled, as install.sh does.
         temporary = opts.prefix is None and not opts.keep
         installed = run_installer(integrity.root, prefix, python, smoke=opts.smoke,
-                                  use_pip=opts.use_pip, compile_bytecode=not temporary)
+                                  use_pip=opts.use_pip, compile_bytecode=not temporary,
+                                  throwaway=temporary)
         report["host"] = installed["host"]
         report["install"] = {**installed["install"], "integrity": installed["integrity"]}
         # The config names the release's own paths (absolute, valid across upgrades).

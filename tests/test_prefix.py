@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -163,6 +164,75 @@ def test_an_install_under_a_strict_umask_is_usable_by_a_service_user(
                             str(prefix / "venv/bin/python"), "-c", "import six"],
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
+
+
+@pytest.fixture
+def request_cleanup() -> Iterator[list[Callable[[], object]]]:
+    done: list[Callable[[], object]] = []
+    yield done
+    for step in done:
+        step()
+
+
+def test_a_bundle_unpacked_under_umask_077_installs_usable_by_a_service_user(
+        tiny_bundle: TinyBundle, request_cleanup: list[Callable[[], object]]) -> None:
+    """tar -xf as a user with umask 077 (or cp -r of such a copy): every file of the bundle
+    is 0600, every folder 0700. The release is written with modes of its own."""
+    import shutil
+    import tempfile
+
+    # A folder others can reach (pytest's own tmp_path lies in a 0700 folder).
+    base = Path(tempfile.mkdtemp(prefix="pyannote-bundle-umask-", dir="/tmp"))
+    request_cleanup.append(lambda: shutil.rmtree(base, ignore_errors=True))
+    base.chmod(0o755)
+    tarball = tiny_bundle()
+    # --no-same-permissions: what tar does for a user who is not root (root keeps the modes
+    # recorded in the archive unless told otherwise).
+    subprocess.run(["sh", "-c", 'umask 077 && tar --no-same-permissions -xf "$1" -C "$2"',
+                    "sh", str(tarball), str(base)], check=True)
+    (root,) = base.iterdir()
+    assert stat.S_IMODE((root / "runtime/diarize.py").stat().st_mode) == 0o600
+    root.chmod(0o755)  # the top folder only, so that nobody could reach it at all
+    prefix = base / "diarization"
+    # The distribution's python3, which every user can run (this test's own interpreter may
+    # live under /root: the next test shows what the installer says then).
+    system = Path("/usr/bin/python3")
+    version = subprocess.run([str(system), "-c", "import sys; print(sys.version_info[:2])"],
+                             capture_output=True, text=True).stdout.strip()
+    if version != str(sys.version_info[:2]):
+        pytest.skip(f"{system} is not this test's Python {sys.version_info[:2]}")
+    proc = subprocess.run(["env", "-i", "PATH=/usr/bin:/bin", f"PYTHON={system}", "sh",
+                           "./install.sh", str(prefix), "--no-smoke"], cwd=root,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "only root can use this install" not in proc.stderr
+    release = (prefix / "current").resolve()
+    for path in [release / "runtime", *(release / "runtime").rglob("*"),
+                 *(release / "smoke").rglob("*"), release / "manifest.json"]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o755 if path.is_dir() else 0o644), f"{path}: {oct(mode)}"
+    check = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                            str(prefix / "bin/diarize"), "--help"], capture_output=True,
+                           text=True)
+    assert check.returncode == 0, check.stderr
+
+
+def test_an_install_others_cannot_reach_is_said_not_silent(tmp_path: Path,
+                                                           tiny_bundle: TinyBundle) -> None:
+    """A prefix inside a folder only root can enter: root's install works, a service user's
+    bin/diarize cannot; the installer says so, and why, and reports it."""
+    root = _extracted(tiny_bundle(), tmp_path / "x")
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    proc = subprocess.run(["env", "-i", "PATH=/usr/bin:/bin", f"PYTHON={sys.executable}", "sh",
+                           "./install.sh", str(private / "diarization"), "--no-smoke",
+                           "--json"], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    warning = [ln for ln in proc.stderr.splitlines() if "only root can use" in ln]
+    assert len(warning) == 1 and f"{private} is not searchable by other users" in warning[0]
+    assert "Traceback" not in proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["service_users"]["ok"] is False
 
 
 def test_a_second_install_at_the_same_time_is_refused(tmp_path: Path,

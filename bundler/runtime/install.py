@@ -406,13 +406,64 @@ def uv_install(wheel: Path, vpython: Path, work: Path, wheels: Path, lock: Path,
         shutil.rmtree(work, ignore_errors=True)
 
 
+def normalise_modes(root: Path) -> None:
+    """Folders 0755, files 0644, whatever the source's modes were."""
+    os.chmod(root, 0o755)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(folder, name), 0o755)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o644)
+
+
+def closed_to_others(release: Path) -> list[str]:
+    """Why a service user could not run this release, when root installs it: the release's
+    ``bin/diarize --help`` is run as ``nobody`` (setpriv), which needs the venv's real
+    interpreter (a pyenv under /root: the venv links there), the runtime and the folders
+    on the way to them. Empty when it runs, or when there is no way to try (not root, no
+    setpriv, no nobody)."""
+    setpriv = shutil.which("setpriv") or ("/usr/bin/setpriv"
+                                          if os.access("/usr/bin/setpriv", os.X_OK) else None)
+    if os.geteuid() != 0 or setpriv is None:
+        return []
+    try:
+        import pwd
+
+        nobody = pwd.getpwnam("nobody")
+    except (ImportError, KeyError):
+        return []
+    try:
+        res = run([setpriv, f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}",
+                   "--clear-groups", str(release / "bin" / "diarize"), "--help"],
+                  "bin/diarize as nobody", "check", {"PATH": "/usr/bin:/bin",
+                                                      "LANG": "C.UTF-8"})
+    except Failure:  # setpriv itself could not run: nothing learnt
+        return []
+    if res.returncode == 0:
+        return []
+    problems = [f"bin/diarize --help as nobody exits {res.returncode}: "
+                f"{tail(res.stderr or res.stdout, 1)}"]
+    python = Path(os.path.realpath(release / "venv" / "bin" / "python"))
+    for target in (release, python):
+        closed = next((f for f in target.parents if f.is_dir()
+                       and not f.stat().st_mode & 0o001), None)
+        if closed is not None:
+            problems.append(f"{closed} is not searchable by other users ({target} is in it)")
+    return problems
+
+
 def populate(bundle: Path, release: Path, use_pip: bool, compile_bytecode: bool) -> str:
     method = make_venv(sys.executable, release / "venv", bundle / WHEELS, bundle / LOCK,
                        use_pip, compile_bytecode)
     for name in COPIED:
         if (bundle / name).is_dir():
-            shutil.copytree(bundle / name, release / name)
-    shutil.copy2(bundle / MANIFEST, release / MANIFEST)
+            # Modes of our own, not the source's: a bundle unpacked or copied under umask
+            # 077 (tar -xf as a user, cp -r) has 0600/0700 files, which a service user
+            # could not read. Nothing copied here is executed directly.
+            shutil.copytree(bundle / name, release / name, copy_function=shutil.copyfile)
+            normalise_modes(release / name)
+    shutil.copyfile(bundle / MANIFEST, release / MANIFEST)
+    os.chmod(release / MANIFEST, 0o644)
     res = run([sys.executable, "-I", str(bundle / CONFIGURE), str(release)], "configure.py",
               "configure", child_env())
     if res.returncode != 0:
@@ -546,7 +597,8 @@ def _compare(what: str, result: dict[str, Any], expected: dict[str, Any]) -> Non
 
 # --- the whole install -------------------------------------------------------------------
 def install(bundle: Path, prefix: Path, *, do_smoke: bool = True, use_pip: bool = False,
-            skip_integrity: bool = False, compile_bytecode: bool = True) -> dict[str, Any]:
+            skip_integrity: bool = False, compile_bytecode: bool = True,
+            user_check: bool = True) -> dict[str, Any]:
     report: dict[str, Any] = {"ok": False, "prefix": str(prefix)}
     if skip_integrity:
         report["integrity"] = {"ok": None, "skipped": True}
@@ -577,7 +629,8 @@ def install(bundle: Path, prefix: Path, *, do_smoke: bool = True, use_pip: bool 
                 say(f"removing {RELEASES}/{stale}, left by an install that did not finish")
                 remove_ours(prefix, receipt, stale)
             report["install"] = _install_release(bundle, prefix, receipt, manifest, do_smoke,
-                                                 use_pip, compile_bytecode, report)
+                                                 use_pip, compile_bytecode, report,
+                                                 user_check)
         except BaseException:
             abandon(prefix, receipt)
             raise
@@ -589,7 +642,8 @@ def install(bundle: Path, prefix: Path, *, do_smoke: bool = True, use_pip: bool 
 
 def _install_release(bundle: Path, prefix: Path, receipt: dict[str, Any],
                      manifest: dict[str, Any], do_smoke: bool, use_pip: bool,
-                     compile_bytecode: bool, report: dict[str, Any]) -> dict[str, Any]:
+                     compile_bytecode: bool, report: dict[str, Any],
+                     user_check: bool = True) -> dict[str, Any]:
     started = time.monotonic()
     serial = int(receipt.get("serial", 0)) + 1
     digest = hashlib.sha256((bundle / CHECKSUMS).read_bytes()).hexdigest() \
@@ -610,6 +664,15 @@ def _install_release(bundle: Path, prefix: Path, receipt: dict[str, Any],
                "has passed its smoke test" if previous else ""))
         method = populate(bundle, release, use_pip, compile_bytecode)
         say(f"wheels installed offline with {method}")
+        closed = closed_to_others(release) if user_check else []
+        if closed:
+            # Said, never silent: root can run this install, a service user cannot (a
+            # private interpreter, or a prefix inside a private folder).
+            say(f"warning: only root can use this install: {'; '.join(closed)}; use a "
+                "python3 and a prefix other users can reach (PYTHON=/usr/bin/python3.X "
+                "./install.sh PREFIX)")
+        report["service_users"] = {"ok": not closed, "problems": closed} if user_check \
+            else {"ok": None, "skipped": True}
         if do_smoke:
             result = smoke(release)
             if (bundle / EXPECTED).is_file():
@@ -695,6 +758,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--no-compile", action="store_true",
                             help="do not compile bytecode: for an install removed right after "
                                  "its smoke test (verify's, the build's self-test)")
+        parser.add_argument("--no-user-check", action="store_true",
+                            help="do not ask whether a service user could run the install "
+                                 "(for one removed right after its smoke test)")
         parser.add_argument("--skip-integrity", action="store_true",
                             help="for a staged bundle on the build host (no SHA256SUMS yet)")
         args = parser.parse_args(argv)
@@ -708,7 +774,8 @@ def main(argv: list[str] | None = None) -> int:
         prefix = Path(os.path.abspath(args.prefix))
         report = install(bundle, prefix, do_smoke=not args.no_smoke, use_pip=args.pip,
                          skip_integrity=args.skip_integrity,
-                         compile_bytecode=not args.no_compile)
+                         compile_bytecode=not args.no_compile,
+                         user_check=not args.no_user_check)
     except Failure as exc:
         say(str(exc))
         if as_json:
