@@ -392,3 +392,19 @@ def test_file_timeout_must_not_be_negative(tmp_path: Path) -> None:
     _tree(tmp_path, ["a.wav"])
     proc = _diarize(str(tmp_path / "a.wav"), "--file-timeout", "-1")
     assert proc.returncode == 2 and "--file-timeout must be 0" in proc.stderr
+
+
+def test_an_output_folder_that_cannot_be_written_ends_the_run_with_exit_5(
+        tmp_path: Path) -> None:
+    """Unlike a name the file system cannot hold, a folder nobody can write ends the run:
+    every next file would fail the same way."""
+    corpus = tmp_path / "in"
+    _wav(corpus / "a.wav")
+    _wav(corpus / "sub" / "b.wav")
+    out = tmp_path / "out"
+    out.mkdir()
+    # A file where an output folder must go: no one, root included, can write there.
+    (out / "sub").write_text("a file, not a folder")
+    run = _fake_program_run(tmp_path, str(corpus))
+    assert run.returncode == r.EXIT_OUTPUT, run.stderr
+    assert "cannot write" in run.stderr and "Traceback" not in run.stderr

@@ -773,8 +773,8 @@ def run(program: Program, args: argparse.Namespace, audit: NetworkAudit,
             summary.failures.append({"file": job.rel, "error": str(exc)})
             progress.fail(job.rel, str(exc))
             continue
-        except (KeyboardInterrupt, SystemExit):
-            raise
+        except (KeyboardInterrupt, SystemExit, RunError):
+            raise  # the run's end (RunError: an output folder that cannot be written)
         except Exception as exc:  # noqa: BLE001 - one file's failure must not stop the rest
             if args.debug:
                 traceback.print_exc()
