@@ -236,14 +236,13 @@ def apply(delta: Path, base: Path, output_dir: Path) -> dict[str, Any]:
     """Rebuild the new bundle with the apply.py code a delta ships; map its failures."""
     size: int | None = None
     try:
+        if delta.is_file():
+            _apply._check_delta_sidecar(delta)
         d = _apply.Delta(delta)
         try:
             size = int(d.load()["target"]["size"])  # for the progress bar only
         finally:
             d.close()
-    except _apply.ApplyError:
-        pass  # apply_delta says what is wrong, in its own words
-    try:
         with task(f"apply: {delta.name}", size or base.stat().st_size) as advance:
             return _apply.apply_delta(delta, base, output_dir, advance)
     except _apply.CannotWrite as exc:

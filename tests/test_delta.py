@@ -9,13 +9,16 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import EMB, SEG, TINY_LOCK
 
 from bundler.build import BuildOptions, build
 from bundler.hub import HubRepo, LoopbackHub
+from bundler.pack import Entry, pack
 from bundler.spec import load_recipe
 
 CLI = [sys.executable, "-m", "bundler"]
@@ -332,3 +335,145 @@ def test_apply_refuses_to_write_over_its_own_base(pair: tuple[Path, Path], delta
     assert proc.returncode == 2, proc.stderr
     assert "would replace the base" in proc.stderr and "Traceback" not in proc.stderr
     assert base.read_bytes() == old.read_bytes()
+
+
+# --- hostile deltas ------------------------------------------------------------------------
+def _forged(delta: Path, out_dir: Path, change: Callable[[Any], Any]) -> Path:
+    """A copy of ``delta`` whose delta.json is ``change(meta)`` (an object, or raw bytes),
+    re-summed with the tool's own packer (SHA256SUMS and the sidecar made again): every
+    checksum passes, and only the data check can tell."""
+    entries = []
+    with tarfile.open(delta) as tar:
+        for m in tar.getmembers():
+            rel = m.name.partition("/")[2]
+            if not m.isfile() or rel == "SHA256SUMS":
+                continue
+            data = tar.extractfile(m).read()  # type: ignore[union-attr]
+            if rel == "delta.json":
+                meta = change(json.loads(data))
+                data = meta if isinstance(meta, bytes) else json.dumps(meta).encode()
+            entries.append(Entry.from_bytes(rel, data))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return pack(entries, top=delta.name[:-len(".tar")], output_dir=out_dir,
+                compression="none", mtime=0).path
+
+
+def _set(path: str, value: Any) -> Callable[[Any], Any]:
+    """``meta`` with the field at ``path`` (dots; ``members.base``: the first member taken
+    from the base, ``members.delta``: the first from the payload) set to ``value``."""
+
+    def change(meta: Any) -> Any:
+        obj = meta
+        *parents, last = path.split(".")
+        for key in parents:
+            obj = next(m for m in obj if m.get("from") == key) if isinstance(obj, list) \
+                else obj[key]
+        obj[last] = value
+        return meta
+
+    return change
+
+
+def _drop(key: str) -> Callable[[Any], Any]:
+    def change(meta: Any) -> Any:
+        del meta[key]
+        return meta
+
+    return change
+
+
+def _whole_base_many_times(meta: Any) -> Any:
+    """The 90 KB list that would write until the disk is full: hundreds of members, each the
+    whole base, with honest names, digests and target size."""
+    some = next(m for m in meta["members"] if m.get("from") == "base")
+    meta["members"] += [{**some, "lead": "", "offset": 0, "size": meta["base"]["size"]}
+                        for _ in range(600)]
+    return meta
+
+
+def _no_offset(meta: Any) -> Any:
+    del next(m for m in meta["members"] if m.get("from") == "base")["offset"]
+    return meta
+
+
+def _no_source(meta: Any) -> Any:
+    for m in meta["members"]:
+        if m.get("from") == "base":
+            del m["from"]
+            return meta
+    raise AssertionError("no member from the base")
+
+
+HOSTILE_LISTS: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "not JSON": (lambda meta: b'{"format": ', "is not JSON"),
+    "nested too deep": (lambda meta: b"[" * 200_000 + b"]" * 200_000, "is not JSON"),
+    "a list": (lambda meta: [meta], "delta.json is list, not an object"),
+    "no members": (_drop("members"), "members is missing"),
+    "no target": (_drop("target"), "target is missing"),
+    "no tail": (_drop("tail"), "delta.tail is missing"),
+    "members not a list": (_set("members", {"a": 1}), "members is missing or not a list"),
+    "a member not an object": (lambda m: {**m, "members": [*m["members"], 7]}, "is not an object"),
+    "size a string": (_set("members.base.size", "1024"), "size is str, not int"),
+    "size a float": (_set("members.base.size", 1024.0), "size is float, not int"),
+    "size a bool": (_set("members.base.size", True), "size is bool, not int"),
+    "negative size": (_set("members.delta.size", -1), "below 0"),
+    "negative offset": (_set("members.base.offset", -512), "offset is -512, below 0"),
+    "offset past the base": (_set("members.base.offset", 1 << 40), "of a base of"),
+    "no offset": (_no_offset, "offset is missing"),
+    "base size negative": (_set("base.size", -1), "base.size is -1, below 0"),
+    "payload not in the delta": (_set("members.delta.sha256", "ab" * 32), "the delta has none"),
+    "payload size differs": (_set("members.delta.size", 3), "bytes; the delta has"),
+    "unknown source": (_set("members.base.from", "elsewhere"), "not base or delta"),
+    "data without a source": (_no_source, "and no source"),
+    "lead not base64": (_set("members.base.lead", "**not base64**"), "lead is not base64"),
+    "sha256 not hex": (_set("target.sha256", "Z" * 64), "target.sha256 is not 64"),
+    "target in a folder": (_set("target.name", "../evil.tar"), "not a plain file name"),
+    "target dot-dot": (_set("target.name", ".."), "not a plain file name"),
+    "target empty": (_set("target.name", ""), "not a plain file name"),
+    "target with NUL": (_set("target.name", "a\x00b.tar"), "not a plain file name"),
+    "target with a newline": (_set("target.name", "a.tar\nffff  b.tar"),
+                              "not a plain file name"),
+    "target size off by one": (lambda m: _set("target.size", m["target"]["size"] + 1)(m),
+                               "not the target's"),
+    "whole base 600 times": (_whole_base_many_times, "make more than"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_LISTS)
+def test_a_malformed_delta_list_is_refused_before_anything_is_written(
+        pair: tuple[Path, Path], delta: Path, tmp_path: Path, case: str) -> None:
+    """delta.json is data: checked field by field before one byte is written, exit 10 in one
+    line (no traceback, no exit 5, no disk filled), by the tool and by apply.py alone."""
+    old, _ = pair
+    change, words = HOSTILE_LISTS[case]
+    bad = _forged(delta, tmp_path / "forged", change)
+    out = tmp_path / "out"
+    proc = _cli("apply", str(bad), "--base", str(old), "--output", str(out))
+    _refused(proc, out, 10, words)
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    subprocess.run(["tar", "-xf", str(bad), "-C", str(tmp_path)], check=True)
+    alone = subprocess.run(["env", "-i", "PATH=/usr/bin:/bin", "python3", "-I",
+                            str(tmp_path / delta.name[:-4] / "apply.py"), "--base", str(old),
+                            "--output", str(out)], capture_output=True, text=True)
+    _refused(alone, out, 10, words)
+    assert len(alone.stderr.strip().splitlines()) == 1, alone.stderr
+    shown = _cli("inspect", str(bad))
+    assert shown.returncode == 10 and "Traceback" not in shown.stderr, shown.stderr
+
+
+def test_a_forged_list_that_is_well_formed_still_rebuilds_only_the_recorded_bundle(
+        pair: tuple[Path, Path], delta: Path, tmp_path: Path) -> None:
+    """The data check is no second opinion on the result: a well-formed list that makes
+    other bytes of the right size is refused by the target's sha256, as before."""
+    old, _ = pair
+
+    def swap(meta: Any) -> Any:
+        base_members = [m for m in meta["members"] if m.get("from") == "base"]
+        a = next(m for m in base_members if m["size"] > 100)
+        a["offset"] += 1  # one byte later in the base, still inside it
+        return meta
+
+    bad = _forged(delta, tmp_path / "forged", swap)
+    out = tmp_path / "out"
+    _refused(_cli("apply", str(bad), "--base", str(old), "--output", str(out)), out, 10,
+             "damaged")
