@@ -477,3 +477,125 @@ def test_a_forged_list_that_is_well_formed_still_rebuilds_only_the_recorded_bund
     out = tmp_path / "out"
     _refused(_cli("apply", str(bad), "--base", str(old), "--output", str(out)), out, 10,
              "damaged")
+
+
+# --- signed deltas --------------------------------------------------------------------------
+def _keypair(folder: Path, name: str) -> tuple[Path, str]:
+    key = folder / name
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(key)],
+                   check=True)
+    return key, key.with_suffix(".pub").read_text().strip()
+
+
+@pytest.fixture(scope="module")
+def signed(pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+           ) -> dict[str, Path]:
+    """A delta signed by the release key, and allowed_signers files for it and another."""
+    if shutil.which("ssh-keygen") is None:
+        pytest.skip("no ssh-keygen on this host")
+    old, new = pair
+    root = tmp_path_factory.mktemp("signed")
+    key, pub = _keypair(root, "release")
+    other_key, other_pub = _keypair(root, "someone-else")
+    (root / "allowed_signers").write_text(f"release@example.org {pub}\n")
+    (root / "allowed_other").write_text(f"other@example.org {other_pub}\n")
+    proc = _cli("delta", str(old), str(new), "--output", str(root / "out"), "--sign-key",
+                str(key))
+    assert proc.returncode == 0, proc.stderr
+    path, sidecar, signature = (Path(line) for line in proc.stdout.splitlines())
+    assert signature == sidecar.with_name(sidecar.name + ".sig") and signature.is_file()
+    return {"delta": path, "allowed": root / "allowed_signers",
+            "allowed_other": root / "allowed_other", "key": key, "other_key": other_key}
+
+
+def _copy_delta(delta: Path, dest: Path, *suffixes: str) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    for suffix in ("", *suffixes):
+        shutil.copy(delta.with_name(delta.name + suffix), dest)
+    return dest / delta.name
+
+
+def test_apply_allowed_signers_checks_the_delta_before_reading_it(
+        pair: tuple[Path, Path], signed: dict[str, Path], tmp_path: Path) -> None:
+    old, new = pair
+    d, allowed = signed["delta"], signed["allowed"]
+    out = tmp_path / "ok"
+    proc = _cli("apply", str(d), "--base", str(old), "--output", str(out), "--json",
+                "--allowed-signers", str(allowed))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["signature"] == {"ok": True, "signer": "release@example.org"}
+    assert (out / new.name).read_bytes() == new.read_bytes()
+
+    def refused(delta_path: Path, signers: Path, code: int, *words: str) -> None:
+        out = tmp_path / f"out-{len(list(tmp_path.iterdir()))}"
+        proc = _cli("apply", str(delta_path), "--base", str(old), "--output", str(out),
+                    "--allowed-signers", str(signers))
+        for w in words:
+            _refused(proc, out, code, w)
+        assert not out.exists()
+
+    # Signed by a key that is not allowed: verify's words and exit code.
+    refused(d, signed["allowed_other"], 10, "not signed by any key in")
+    # No signature beside it.
+    refused(_copy_delta(d, tmp_path / "nosig", ".sha256"), allowed, 10,
+            ".sha256.sig: missing: --allowed-signers needs")
+    # A forged delta whose sidecar was made again to match: the signature catches it, and
+    # before the delta is read (its list is not even JSON: that would be another message).
+    forged = _forged(d, tmp_path / "forged", lambda meta: b"not json")
+    shutil.copy(d.with_name(d.name + ".sha256.sig"), forged.parent)
+    refused(forged, allowed, 10, "does not verify for release@example.org")
+    # The signed sidecar kept, the tarball changed: the sidecar's digest catches it.
+    changed = _copy_delta(d, tmp_path / "changed", ".sha256", ".sha256.sig")
+    data = bytearray(changed.read_bytes())
+    data[len(data) // 2] ^= 1
+    changed.write_bytes(bytes(data))
+    refused(changed, allowed, 10, "does not match its sidecar")
+    # An unpacked folder has no signed sidecar: bad usage.
+    subprocess.run(["tar", "-xf", str(d), "-C", str(tmp_path)], check=True)
+    refused(tmp_path / d.name[:-4], allowed, 2, "not an unpacked folder")
+
+
+def _readme_command(prefix: str) -> str:
+    """The command line of the README's "Apply an update" that starts with ``prefix``."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Apply an update", 1)[1].split("\n## ", 1)[0]
+    (line,) = [ln.strip() for ln in section.splitlines() if ln.strip().startswith(prefix)]
+    return line
+
+
+def test_the_readmes_python3_only_check_passes_a_signed_delta_and_refuses_a_forged_one(
+        signed: dict[str, Path], tmp_path: Path) -> None:
+    """Exactly the README's ssh-keygen line (its example name replaced by the real one),
+    with sh, in the folder that holds the delta and allowed_signers."""
+    verify_line = _readme_command("ssh-keygen -Y verify")
+    sums_line = _readme_command("sha256sum -c")
+    example = "NEW.from-0123456789ab.delta.tar"
+    assert example in verify_line and "-n pyannote-bundle" in verify_line
+
+    def run(folder: Path, line: str) -> subprocess.CompletedProcess[str]:
+        shutil.copy(signed["allowed"], folder / "allowed_signers")
+        return subprocess.run(["sh", "-c", line.replace(example, signed["delta"].name)],
+                              cwd=folder, capture_output=True, text=True,
+                              env={"PATH": "/usr/bin:/bin"})
+
+    good = _copy_delta(signed["delta"], tmp_path / "good", ".sha256", ".sha256.sig").parent
+    proc = run(good, verify_line)
+    assert proc.returncode == 0, proc.stderr
+    assert "release@example.org" in proc.stdout + proc.stderr
+    assert run(good, sums_line).returncode == 0
+
+    # Rewritten with a matching sidecar, the genuine signature beside it: refused.
+    forged = _forged(signed["delta"], tmp_path / "forged",
+                     _set("target.sha256", "0" * 64)).parent
+    shutil.copy(signed["delta"].with_name(signed["delta"].name + ".sha256.sig"), forged)
+    assert run(forged, sums_line).returncode == 0  # the checksums alone pass
+    proc = run(forged, verify_line)
+    assert proc.returncode != 0, proc.stdout
+
+    # Signed by a key allowed_signers does not hold: refused.
+    other = _copy_delta(signed["delta"], tmp_path / "other", ".sha256").parent
+    sidecar = other / (signed["delta"].name + ".sha256")
+    subprocess.run(["ssh-keygen", "-Y", "sign", "-q", "-n", "pyannote-bundle", "-f",
+                    str(signed["other_key"]), str(sidecar)], check=True)
+    proc = run(other, verify_line)
+    assert proc.returncode != 0, proc.stdout

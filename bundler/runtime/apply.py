@@ -19,6 +19,11 @@ range taken from the base inside the base's recorded size, every payload file pr
 size, the new bundle's name a plain file name, and the bytes it makes adding up to the new
 bundle's recorded size. A malformed list is a damaged delta (exit 10), said in one line.
 
+This file comes from the delta: authenticate the delta before running it. Check its signed
+sidecar (``ssh-keygen -Y verify ... -s DELTA.tar.sha256.sig < DELTA.tar.sha256``, then
+``sha256sum -c DELTA.tar.sha256``, as the README shows), or let an installed pyannote-bundle
+do both (``apply --allowed-signers FILE``) with its own copy of this code.
+
 The base is checked for what the result needs from it: its size and, when its sidecar is
 beside it, the digest there, before anything is written; then every byte taken from it,
 through the result's sha256. When that does not match, the base is hashed whole to say
@@ -286,10 +291,14 @@ def _sidecar_digest(path: Path) -> Optional[str]:
     return sha if len(sha) == 64 else None
 
 
-def _check_delta_sidecar(path: Path) -> None:
-    """A delta tarball with its sidecar beside it is checked whole first (it is small)."""
+def check_delta_sidecar(path: Path, required: bool = False) -> None:
+    """A delta tarball with its sidecar beside it is checked whole first (it is small).
+    ``required``: the sidecar is what a signature covers, so it must be there and readable."""
     published = _sidecar_digest(path)
     if published is None:
+        if required:
+            raise DeltaDamaged(f"{path.name}{SIDECAR_SUFFIX} is missing or not "
+                               "'<sha256>  <file name>': the delta cannot be checked")
         return
     h = hashlib.sha256()
     try:
@@ -307,13 +316,16 @@ def _check_delta_sidecar(path: Path) -> None:
 
 
 def apply_delta(delta_path: Path, base: Path, output_dir: Path,
-                progress: Callable[[int], None] = lambda n: None) -> Dict[str, Any]:
+                progress: Callable[[int], None] = lambda n: None,
+                sidecar_checked: bool = False) -> Dict[str, Any]:
     """Write ``output_dir/<new bundle>`` and its sidecar; return what was made.
 
+    ``sidecar_checked``: the caller has run check_delta_sidecar (the tool, after the
+    signature), so the delta is not hashed twice.
     Raises ApplyError (with its exit code); nothing is left in ``output_dir`` then.
     """
-    if delta_path.is_file():
-        _check_delta_sidecar(delta_path)
+    if delta_path.is_file() and not sidecar_checked:
+        check_delta_sidecar(delta_path)
     delta = Delta(delta_path)
     try:
         return _apply(delta, base, output_dir, progress)
