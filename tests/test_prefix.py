@@ -215,3 +215,53 @@ def test_the_installer_runs_on_every_targets_python(tmp_path: Path, tiny_bundle:
         assert proc.returncode == 0, proc.stderr
     assert (prefix / f"venv/lib/python3.{minor}/site-packages/six.py").is_file()
     assert len(list((prefix / "releases").iterdir())) == 1
+
+
+# --- hostile prefix names, links ------------------------------------------------------------
+@pytest.mark.parametrize("entry", ["install.sh", "verify"])
+@pytest.mark.parametrize("char", ["\n", "\t", "\x1b"])
+def test_a_prefix_with_a_control_character_is_refused_before_anything(
+        tmp_path: Path, tiny_bundle: TinyBundle, entry: str, char: str) -> None:
+    """The prefix is written into bin/diarize's comment line: after a newline, the rest of
+    the name would be a command. Refused, exit 2, one line, nothing made or touched."""
+    tarball = tiny_bundle()
+    new = tmp_path / f"opt{char}touch pwned"
+    given = tmp_path / f"given{char}touch pwned"  # an empty folder of the user's
+    given.mkdir()
+    for prefix in (new, given):
+        if entry == "install.sh":
+            proc = _install_sh(_extracted(tarball, tmp_path / f"x{len(list(tmp_path.iterdir()))}"),
+                               prefix, "--no-smoke")
+            assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        else:
+            proc = _verify(tarball, prefix, "--no-smoke")
+        assert proc.returncode == 2, proc.stderr
+        last = proc.stderr.strip().splitlines()[-1]
+        assert "holds a control character" in last and "nothing was changed" in last, last
+        assert ascii(char)[1:-1] in last and char not in last
+        assert "Traceback" not in proc.stderr
+    assert not new.exists() and list(given.iterdir()) == []
+    assert not list(tmp_path.rglob("pwned*"))
+
+
+def test_the_wrapper_comment_cannot_run_a_prefixs_tail(tmp_path: Path) -> None:
+    """configure.py on its own (the installer refuses such a prefix first): the comment line
+    of bin/diarize escapes what is not printable, so the name cannot end it early (the
+    exec line has it in single quotes, where a newline is only a character)."""
+    from bundler.runtime import configure
+
+    prefix = tmp_path / "p\ntouch pwned\r\x1b[2J"
+    text = configure.wrapper(prefix, "diarize")
+    lines = text.split("\n")
+    assert lines[0] == "#!/bin/sh", lines
+    assert lines[1].startswith("# diarize with the pyannote bundle installed in ")
+    assert lines[1].isprintable() and "p\\ntouch pwned\\r\\x1b[2J" in lines[1]
+    assert lines[2].startswith("exec '")
+    script = tmp_path / "diarize"
+    script.write_text(text)
+    subprocess.run(["sh", str(script)], cwd=tmp_path, capture_output=True)
+    assert not list(tmp_path.glob("pwned*"))
+    # An ordinary prefix's comment is as it was, non-ASCII names included.
+    plain = configure.wrapper(Path("/opt/diarisation-é"), "diarize").splitlines()[1]
+    assert plain == "# diarize with the pyannote bundle installed in /opt/diarisation-é; " \
+                    "--help for usage."

@@ -12,7 +12,8 @@ with the host's interpreter). In order:
 2. the host: the target's Python and architecture, and the shared libraries the wheels
    need (``runtime/hostlibs.py``);
 3. the prefix: new, empty, or holding our receipt (``.pyannote-bundle-receipt.json``, which
-   lists every path this program created there). Anything else is refused, untouched;
+   lists every path this program created there). Anything else is refused, untouched. A
+   name with a control character (a newline) is refused before anything else;
 4. a new release in ``PREFIX/releases/<id>/``: a venv made ``--without-pip``, the wheels
    installed offline with hashes by the bundled uv (or the bundled pip), models, samples,
    ``configure.py`` (absolute-path config, offline env file, ``bin/diarize``);
@@ -25,7 +26,8 @@ with the host's interpreter). In order:
    is removed after the switch. A failure at any step removes the new release and nothing
    else: an upgrade that fails leaves the previous install as it was.
 
-Exit codes (install.sh's, and pyannote-bundle's): 0 installed, 2 bad usage, 5 cannot write
+Exit codes (install.sh's, and pyannote-bundle's): 0 installed, 2 bad usage (a prefix with
+a control character), 5 cannot write
 the prefix (disk full, permissions), 10 damaged bundle, 11 wrong host, 12 install failed,
 13 smoke failed or differs from the expected result, 15 the smoke run tried the network,
 16 the prefix holds files that are not ours. ``--json`` prints one report on stdout.
@@ -232,6 +234,17 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def check_prefix_name(prefix: Path) -> None:
+    """A prefix is written into ``bin/diarize``'s comment line and the installer's messages:
+    a newline (or any control character) in it would end that line, and sh would run the
+    rest as a command. Refused before anything is touched."""
+    bad = [c for c in str(prefix) if ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0]
+    if bad:
+        raise Failure(EXIT_USAGE, f"the prefix {shown(str(prefix))} holds a control "
+                                  f"character ({shown(bad[0])}): choose a name without one; "
+                                  "nothing was changed")
 
 
 def claim(prefix: Path) -> dict[str, Any]:
@@ -547,6 +560,7 @@ def _compare(what: str, result: dict[str, Any], expected: dict[str, Any]) -> Non
 # --- the whole install -------------------------------------------------------------------
 def install(bundle: Path, prefix: Path, *, do_smoke: bool = True, use_pip: bool = False,
             skip_integrity: bool = False, compile_bytecode: bool = True) -> dict[str, Any]:
+    check_prefix_name(prefix)
     report: dict[str, Any] = {"ok": False, "prefix": str(prefix)}
     if skip_integrity:
         report["integrity"] = {"ok": None, "skipped": True}
