@@ -265,3 +265,52 @@ def test_the_wrapper_comment_cannot_run_a_prefixs_tail(tmp_path: Path) -> None:
     plain = configure.wrapper(Path("/opt/diarisation-é"), "diarize").splitlines()[1]
     assert plain == "# diarize with the pyannote bundle installed in /opt/diarisation-é; " \
                     "--help for usage."
+
+
+def test_a_prefix_that_links_to_an_empty_folder_installs_there(
+        tmp_path: Path, tiny_bundle: TinyBundle) -> None:
+    root = _extracted(tiny_bundle(), tmp_path / "x")
+    real = tmp_path / "data" / "diarization"
+    real.mkdir(parents=True)
+    link = tmp_path / "opt-diarization"
+    link.symlink_to(real)
+    proc = _install_sh(root, link, "--no-smoke")
+    assert proc.returncode == 0, proc.stderr
+    said = [ln for ln in proc.stderr.splitlines() if "is a link to" in ln]
+    assert said == [f"install: {link} is a link to {real}: installing there"], proc.stderr
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert (real / RECEIPT).is_file() and (real / "current").is_symlink()
+    assert str(real / "releases") in (real / "bin" / "diarize").read_text()
+    assert str(real) in proc.stdout
+    check = subprocess.run([str(link / "venv/bin/python"), "-c", "import six"],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    # and again, through the link: an upgrade of what is there
+    again = _install_sh(root, link, "--no-smoke")
+    assert again.returncode == 0, again.stderr
+
+
+@pytest.mark.parametrize("to", ["not ours", "a file", "nothing"])
+def test_a_prefix_that_links_elsewhere_is_still_refused(
+        tmp_path: Path, tiny_bundle: TinyBundle, to: str) -> None:
+    root = _extracted(tiny_bundle(), tmp_path / "x")
+    target = tmp_path / "users"
+    if to == "not ours":
+        _users_prefix(target)
+    elif to == "a file":
+        target.write_text("mine\n")
+    link = tmp_path / "prefix"
+    link.symlink_to(target)
+    before = _snapshot(tmp_path / "users") if target.is_dir() else None
+    proc = _install_sh(root, link, "--no-smoke")
+    assert proc.returncode == 16, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "nothing was changed" in last and "Traceback" not in proc.stderr
+    if to == "not ours":
+        assert "is not empty and holds no pyannote-bundle install" in last
+        assert _snapshot(target) == before
+    else:
+        assert "exists and is not a folder" in last
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert (target.read_text() == "mine\n") if to == "a file" else True
+    assert to != "nothing" or not target.exists()

@@ -13,7 +13,8 @@ with the host's interpreter). In order:
    need (``runtime/hostlibs.py``);
 3. the prefix: new, empty, or holding our receipt (``.pyannote-bundle-receipt.json``, which
    lists every path this program created there). Anything else is refused, untouched. A
-   name with a control character (a newline) is refused before anything else;
+   prefix that is a link to a folder is that folder; a name with a control character
+   (a newline) is refused before anything else;
 4. a new release in ``PREFIX/releases/<id>/``: a venv made ``--without-pip``, the wheels
    installed offline with hashes by the bundled uv (or the bundled pip), models, samples,
    ``configure.py`` (absolute-path config, offline env file, ``bin/diarize``);
@@ -245,6 +246,22 @@ def check_prefix_name(prefix: Path) -> None:
         raise Failure(EXIT_USAGE, f"the prefix {shown(str(prefix))} holds a control "
                                   f"character ({shown(bad[0])}): choose a name without one; "
                                   "nothing was changed")
+
+
+def resolve_prefix(prefix: Path) -> Path:
+    """A prefix that is a link to a folder is that folder (said in one line); the folder is
+    then claimed as any other: empty or ours, else refused. A link to anything else is left
+    for ``claim`` to refuse."""
+    if not prefix.is_symlink():
+        return prefix
+    try:
+        target = prefix.resolve(strict=True)
+    except (OSError, RuntimeError):  # dangling, or a loop (RuntimeError before 3.13)
+        return prefix
+    if not target.is_dir():
+        return prefix
+    say(f"{shown(str(prefix))} is a link to {shown(str(target))}: installing there")
+    return target
 
 
 def claim(prefix: Path) -> dict[str, Any]:
@@ -561,6 +578,8 @@ def _compare(what: str, result: dict[str, Any], expected: dict[str, Any]) -> Non
 def install(bundle: Path, prefix: Path, *, do_smoke: bool = True, use_pip: bool = False,
             skip_integrity: bool = False, compile_bytecode: bool = True) -> dict[str, Any]:
     check_prefix_name(prefix)
+    prefix = resolve_prefix(prefix)
+    check_prefix_name(prefix)
     report: dict[str, Any] = {"ok": False, "prefix": str(prefix)}
     if skip_integrity:
         report["integrity"] = {"ok": None, "skipped": True}
@@ -752,7 +771,7 @@ def main(argv: list[str] | None = None) -> int:
                                        smoke_result.get("network_attempts") or 0))
     else:
         print("install: ok - installed without the smoke test (--no-smoke)")
-    print(next_steps(prefix), flush=True)
+    print(next_steps(Path(report["prefix"])), flush=True)  # a link's folder, resolved
     return 0
 
 
