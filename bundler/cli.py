@@ -392,25 +392,36 @@ def delta_cmd(old: Path, new: Path, output: Path, sign_key: Path | None) -> None
 @click.option("--output", "-o", "output", type=click.Path(path_type=Path), required=True,
               help="Folder for the rebuilt bundle and its .sha256 sidecar.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def apply_cmd(delta: Path, base: Path, output: Path, as_json: bool) -> None:
+@click.option("--allowed-signers", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Require DELTA.sha256.sig (delta --sign-key) to verify against this "
+                   "ssh-keygen allowed_signers file, and the sidecar to match DELTA, before "
+                   "anything in the delta is read.")
+def apply_cmd(delta: Path, base: Path, output: Path, as_json: bool,
+              allowed_signers: Path | None) -> None:
     """Rebuild the new bundle from OLD (--base) and a delta, byte for byte, offline.
 
-    Runs the delta's own apply.py code: the result is checked against the new bundle's
+    Runs this tool's copy of the code the delta ships as apply.py (nothing from the delta
+    runs): the result is checked against the new bundle's
     sha256 recorded in the delta before it gets its name, and its sidecar is written
     beside it, so sha256sum -c, verify and install.sh work on it as on the original.
-    A wrong base or a damaged delta: exit 10; cannot write: exit 5; nothing is left in
-    --output. Without this tool: tar -xf DELTA && python3 <folder>/apply.py --base OLD
-    --output DIR.
+    A wrong base, a damaged delta or one whose signature does not verify: exit 10; cannot
+    write: exit 5; nothing is left in --output. Without this tool: check the signature
+    with ssh-keygen -Y verify (see the README), then tar -xf DELTA && python3
+    <folder>/apply.py --base OLD --output DIR.
 
     \b
     Example:
       pyannote-bundle apply updates/NEW.from-0123456789ab.delta.tar --base OLD.tar --output out/
+
+    \b
+    Signed by the release engineer (delta --sign-key), checked before anything is read:
+      pyannote-bundle apply DELTA --base OLD.tar --output out/ --allowed-signers allowed_signers
     """
     import json as _json
 
     from bundler.delta import apply
 
-    res = apply(delta, base, output)
+    res = apply(delta, base, output, allowed_signers)
     click.echo(_json.dumps(res) if as_json else f"{res['path']}\n{res['sidecar']}")
 
 

@@ -232,26 +232,41 @@ def _extract(src: Any, m: _Member, work: Path, sha: str | None) -> Entry:
     return Entry(f"{_apply.PAYLOAD}/{digest}", digest, m.size, source=final)
 
 
-def apply(delta: Path, base: Path, output_dir: Path) -> dict[str, Any]:
-    """Rebuild the new bundle with the apply.py code a delta ships; map its failures."""
+def apply(delta: Path, base: Path, output_dir: Path,
+          allowed_signers: Path | None = None) -> dict[str, Any]:
+    """Rebuild the new bundle with the apply.py code a delta ships; map its failures.
+
+    With ``allowed_signers``, the delta is authenticated before any of it is read: the
+    signature over its sidecar (``ssh-keygen -Y``, as verify checks a bundle's), then the
+    sidecar's sha256 over every byte of the tarball.
+    """
+    signature: dict[str, Any] | None = None
+    if allowed_signers is not None:
+        if delta.is_dir():
+            raise InputError(f"{delta}: --allowed-signers checks the signed sidecar of the "
+                             "delta tarball; give the .delta.tar, not an unpacked folder")
+        from bundler.signing import verify_signature
+
+        signature = {"ok": True, "signer": verify_signature(layout.sidecar_path(delta),
+                                                            allowed_signers)}
     size: int | None = None
     try:
+        if delta.is_file():
+            _apply.check_delta_sidecar(delta, required=signature is not None)
         d = _apply.Delta(delta)
         try:
             size = int(d.load()["target"]["size"])  # for the progress bar only
         finally:
             d.close()
-    except _apply.ApplyError:
-        pass  # apply_delta says what is wrong, in its own words
-    try:
         with task(f"apply: {delta.name}", size or base.stat().st_size) as advance:
-            return _apply.apply_delta(delta, base, output_dir, advance)
+            res = _apply.apply_delta(delta, base, output_dir, advance, sidecar_checked=True)
     except _apply.CannotWrite as exc:
         raise OutputError(str(exc)) from None
     except _apply.UsageError as exc:
         raise InputError(str(exc)) from None
     except _apply.ApplyError as exc:
         raise DeltaError(str(exc)) from None
+    return res if signature is None else {**res, "signature": signature}
 
 
 def is_delta(path: Path) -> bool:

@@ -21,6 +21,7 @@ from bundler import layout
 from bundler.errors import (
     BundlerError,
     HostMismatch,
+    InputError,
     InstallError,
     IntegrityError,
     NetworkAttempted,
@@ -36,7 +37,8 @@ log = logging.getLogger("bundler")
 TIMEOUT_S = 3 * 3600  # the installer bounds each of its own children; this bounds it
 
 _ERRORS: dict[int, type[BundlerError]] = {
-    runtime.EXIT_OUTPUT: OutputError, runtime.EXIT_HOST: HostMismatch,
+    runtime.EXIT_USAGE: InputError, runtime.EXIT_OUTPUT: OutputError,
+    runtime.EXIT_HOST: HostMismatch,
     runtime.EXIT_INSTALL: InstallError, runtime.EXIT_SMOKE: SmokeError,
     runtime.EXIT_PREFIX: PrefixNotOurs, runtime.EXIT_NETWORK: NetworkAttempted,
 }

@@ -9,13 +9,16 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import EMB, SEG, TINY_LOCK
 
 from bundler.build import BuildOptions, build
 from bundler.hub import HubRepo, LoopbackHub
+from bundler.pack import Entry, pack
 from bundler.spec import load_recipe
 
 CLI = [sys.executable, "-m", "bundler"]
@@ -332,3 +335,267 @@ def test_apply_refuses_to_write_over_its_own_base(pair: tuple[Path, Path], delta
     assert proc.returncode == 2, proc.stderr
     assert "would replace the base" in proc.stderr and "Traceback" not in proc.stderr
     assert base.read_bytes() == old.read_bytes()
+
+
+# --- hostile deltas ------------------------------------------------------------------------
+def _forged(delta: Path, out_dir: Path, change: Callable[[Any], Any]) -> Path:
+    """A copy of ``delta`` whose delta.json is ``change(meta)`` (an object, or raw bytes),
+    re-summed with the tool's own packer (SHA256SUMS and the sidecar made again): every
+    checksum passes, and only the data check can tell."""
+    entries = []
+    with tarfile.open(delta) as tar:
+        for m in tar.getmembers():
+            rel = m.name.partition("/")[2]
+            if not m.isfile() or rel == "SHA256SUMS":
+                continue
+            data = tar.extractfile(m).read()  # type: ignore[union-attr]
+            if rel == "delta.json":
+                meta = change(json.loads(data))
+                data = meta if isinstance(meta, bytes) else json.dumps(meta).encode()
+            entries.append(Entry.from_bytes(rel, data))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return pack(entries, top=delta.name[:-len(".tar")], output_dir=out_dir,
+                compression="none", mtime=0).path
+
+
+def _set(path: str, value: Any) -> Callable[[Any], Any]:
+    """``meta`` with the field at ``path`` (dots; ``members.base``: the first member taken
+    from the base, ``members.delta``: the first from the payload) set to ``value``."""
+
+    def change(meta: Any) -> Any:
+        obj = meta
+        *parents, last = path.split(".")
+        for key in parents:
+            obj = next(m for m in obj if m.get("from") == key) if isinstance(obj, list) \
+                else obj[key]
+        obj[last] = value
+        return meta
+
+    return change
+
+
+def _drop(key: str) -> Callable[[Any], Any]:
+    def change(meta: Any) -> Any:
+        del meta[key]
+        return meta
+
+    return change
+
+
+def _whole_base_many_times(meta: Any) -> Any:
+    """The 90 KB list that would write until the disk is full: hundreds of members, each the
+    whole base, with honest names, digests and target size."""
+    some = next(m for m in meta["members"] if m.get("from") == "base")
+    meta["members"] += [{**some, "lead": "", "offset": 0, "size": meta["base"]["size"]}
+                        for _ in range(600)]
+    return meta
+
+
+def _no_offset(meta: Any) -> Any:
+    del next(m for m in meta["members"] if m.get("from") == "base")["offset"]
+    return meta
+
+
+def _no_source(meta: Any) -> Any:
+    for m in meta["members"]:
+        if m.get("from") == "base":
+            del m["from"]
+            return meta
+    raise AssertionError("no member from the base")
+
+
+HOSTILE_LISTS: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "not JSON": (lambda meta: b'{"format": ', "is not JSON"),
+    "nested too deep": (lambda meta: b"[" * 200_000 + b"]" * 200_000, "is not JSON"),
+    "a list": (lambda meta: [meta], "delta.json is list, not an object"),
+    "no members": (_drop("members"), "members is missing"),
+    "no target": (_drop("target"), "target is missing"),
+    "no tail": (_drop("tail"), "delta.tail is missing"),
+    "members not a list": (_set("members", {"a": 1}), "members is missing or not a list"),
+    "a member not an object": (lambda m: {**m, "members": [*m["members"], 7]}, "is not an object"),
+    "size a string": (_set("members.base.size", "1024"), "size is str, not int"),
+    "size a float": (_set("members.base.size", 1024.0), "size is float, not int"),
+    "size a bool": (_set("members.base.size", True), "size is bool, not int"),
+    "negative size": (_set("members.delta.size", -1), "below 0"),
+    "negative offset": (_set("members.base.offset", -512), "offset is -512, below 0"),
+    "offset past the base": (_set("members.base.offset", 1 << 40), "of a base of"),
+    "no offset": (_no_offset, "offset is missing"),
+    "base size negative": (_set("base.size", -1), "base.size is -1, below 0"),
+    "payload not in the delta": (_set("members.delta.sha256", "ab" * 32), "the delta has none"),
+    "payload size differs": (_set("members.delta.size", 3), "bytes; the delta has"),
+    "unknown source": (_set("members.base.from", "elsewhere"), "not base or delta"),
+    "data without a source": (_no_source, "and no source"),
+    "lead not base64": (_set("members.base.lead", "**not base64**"), "lead is not base64"),
+    "sha256 not hex": (_set("target.sha256", "Z" * 64), "target.sha256 is not 64"),
+    "target in a folder": (_set("target.name", "../evil.tar"), "not a plain file name"),
+    "target dot-dot": (_set("target.name", ".."), "not a plain file name"),
+    "target empty": (_set("target.name", ""), "not a plain file name"),
+    "target with NUL": (_set("target.name", "a\x00b.tar"), "not a plain file name"),
+    "target with a newline": (_set("target.name", "a.tar\nffff  b.tar"),
+                              "not a plain file name"),
+    "target size off by one": (lambda m: _set("target.size", m["target"]["size"] + 1)(m),
+                               "not the target's"),
+    "whole base 600 times": (_whole_base_many_times, "make more than"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_LISTS)
+def test_a_malformed_delta_list_is_refused_before_anything_is_written(
+        pair: tuple[Path, Path], delta: Path, tmp_path: Path, case: str) -> None:
+    """delta.json is data: checked field by field before one byte is written, exit 10 in one
+    line (no traceback, no exit 5, no disk filled), by the tool and by apply.py alone."""
+    old, _ = pair
+    change, words = HOSTILE_LISTS[case]
+    bad = _forged(delta, tmp_path / "forged", change)
+    out = tmp_path / "out"
+    proc = _cli("apply", str(bad), "--base", str(old), "--output", str(out))
+    _refused(proc, out, 10, words)
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    subprocess.run(["tar", "-xf", str(bad), "-C", str(tmp_path)], check=True)
+    alone = subprocess.run(["env", "-i", "PATH=/usr/bin:/bin", "python3", "-I",
+                            str(tmp_path / delta.name[:-4] / "apply.py"), "--base", str(old),
+                            "--output", str(out)], capture_output=True, text=True)
+    _refused(alone, out, 10, words)
+    assert len(alone.stderr.strip().splitlines()) == 1, alone.stderr
+    shown = _cli("inspect", str(bad))
+    assert shown.returncode == 10 and "Traceback" not in shown.stderr, shown.stderr
+
+
+def test_a_forged_list_that_is_well_formed_still_rebuilds_only_the_recorded_bundle(
+        pair: tuple[Path, Path], delta: Path, tmp_path: Path) -> None:
+    """The data check is no second opinion on the result: a well-formed list that makes
+    other bytes of the right size is refused by the target's sha256, as before."""
+    old, _ = pair
+
+    def swap(meta: Any) -> Any:
+        base_members = [m for m in meta["members"] if m.get("from") == "base"]
+        a = next(m for m in base_members if m["size"] > 100)
+        a["offset"] += 1  # one byte later in the base, still inside it
+        return meta
+
+    bad = _forged(delta, tmp_path / "forged", swap)
+    out = tmp_path / "out"
+    _refused(_cli("apply", str(bad), "--base", str(old), "--output", str(out)), out, 10,
+             "damaged")
+
+
+# --- signed deltas --------------------------------------------------------------------------
+def _keypair(folder: Path, name: str) -> tuple[Path, str]:
+    key = folder / name
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(key)],
+                   check=True)
+    return key, key.with_suffix(".pub").read_text().strip()
+
+
+@pytest.fixture(scope="module")
+def signed(pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+           ) -> dict[str, Path]:
+    """A delta signed by the release key, and allowed_signers files for it and another."""
+    if shutil.which("ssh-keygen") is None:
+        pytest.skip("no ssh-keygen on this host")
+    old, new = pair
+    root = tmp_path_factory.mktemp("signed")
+    key, pub = _keypair(root, "release")
+    other_key, other_pub = _keypair(root, "someone-else")
+    (root / "allowed_signers").write_text(f"release@example.org {pub}\n")
+    (root / "allowed_other").write_text(f"other@example.org {other_pub}\n")
+    proc = _cli("delta", str(old), str(new), "--output", str(root / "out"), "--sign-key",
+                str(key))
+    assert proc.returncode == 0, proc.stderr
+    path, sidecar, signature = (Path(line) for line in proc.stdout.splitlines())
+    assert signature == sidecar.with_name(sidecar.name + ".sig") and signature.is_file()
+    return {"delta": path, "allowed": root / "allowed_signers",
+            "allowed_other": root / "allowed_other", "key": key, "other_key": other_key}
+
+
+def _copy_delta(delta: Path, dest: Path, *suffixes: str) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    for suffix in ("", *suffixes):
+        shutil.copy(delta.with_name(delta.name + suffix), dest)
+    return dest / delta.name
+
+
+def test_apply_allowed_signers_checks_the_delta_before_reading_it(
+        pair: tuple[Path, Path], signed: dict[str, Path], tmp_path: Path) -> None:
+    old, new = pair
+    d, allowed = signed["delta"], signed["allowed"]
+    out = tmp_path / "ok"
+    proc = _cli("apply", str(d), "--base", str(old), "--output", str(out), "--json",
+                "--allowed-signers", str(allowed))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["signature"] == {"ok": True, "signer": "release@example.org"}
+    assert (out / new.name).read_bytes() == new.read_bytes()
+
+    def refused(delta_path: Path, signers: Path, code: int, *words: str) -> None:
+        out = tmp_path / f"out-{len(list(tmp_path.iterdir()))}"
+        proc = _cli("apply", str(delta_path), "--base", str(old), "--output", str(out),
+                    "--allowed-signers", str(signers))
+        for w in words:
+            _refused(proc, out, code, w)
+        assert not out.exists()
+
+    # Signed by a key that is not allowed: verify's words and exit code.
+    refused(d, signed["allowed_other"], 10, "not signed by any key in")
+    # No signature beside it.
+    refused(_copy_delta(d, tmp_path / "nosig", ".sha256"), allowed, 10,
+            ".sha256.sig: missing: --allowed-signers needs")
+    # A forged delta whose sidecar was made again to match: the signature catches it, and
+    # before the delta is read (its list is not even JSON: that would be another message).
+    forged = _forged(d, tmp_path / "forged", lambda meta: b"not json")
+    shutil.copy(d.with_name(d.name + ".sha256.sig"), forged.parent)
+    refused(forged, allowed, 10, "does not verify for release@example.org")
+    # The signed sidecar kept, the tarball changed: the sidecar's digest catches it.
+    changed = _copy_delta(d, tmp_path / "changed", ".sha256", ".sha256.sig")
+    data = bytearray(changed.read_bytes())
+    data[len(data) // 2] ^= 1
+    changed.write_bytes(bytes(data))
+    refused(changed, allowed, 10, "does not match its sidecar")
+    # An unpacked folder has no signed sidecar: bad usage.
+    subprocess.run(["tar", "-xf", str(d), "-C", str(tmp_path)], check=True)
+    refused(tmp_path / d.name[:-4], allowed, 2, "not an unpacked folder")
+
+
+def _readme_command(prefix: str) -> str:
+    """The command line of the README's "Apply an update" that starts with ``prefix``."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Apply an update", 1)[1].split("\n## ", 1)[0]
+    (line,) = [ln.strip() for ln in section.splitlines() if ln.strip().startswith(prefix)]
+    return line
+
+
+def test_the_readmes_python3_only_check_passes_a_signed_delta_and_refuses_a_forged_one(
+        signed: dict[str, Path], tmp_path: Path) -> None:
+    """Exactly the README's ssh-keygen line (its example name replaced by the real one),
+    with sh, in the folder that holds the delta and allowed_signers."""
+    verify_line = _readme_command("ssh-keygen -Y verify")
+    sums_line = _readme_command("sha256sum -c")
+    example = "NEW.from-0123456789ab.delta.tar"
+    assert example in verify_line and "-n pyannote-bundle" in verify_line
+
+    def run(folder: Path, line: str) -> subprocess.CompletedProcess[str]:
+        shutil.copy(signed["allowed"], folder / "allowed_signers")
+        return subprocess.run(["sh", "-c", line.replace(example, signed["delta"].name)],
+                              cwd=folder, capture_output=True, text=True,
+                              env={"PATH": "/usr/bin:/bin"})
+
+    good = _copy_delta(signed["delta"], tmp_path / "good", ".sha256", ".sha256.sig").parent
+    proc = run(good, verify_line)
+    assert proc.returncode == 0, proc.stderr
+    assert "release@example.org" in proc.stdout + proc.stderr
+    assert run(good, sums_line).returncode == 0
+
+    # Rewritten with a matching sidecar, the genuine signature beside it: refused.
+    forged = _forged(signed["delta"], tmp_path / "forged",
+                     _set("target.sha256", "0" * 64)).parent
+    shutil.copy(signed["delta"].with_name(signed["delta"].name + ".sha256.sig"), forged)
+    assert run(forged, sums_line).returncode == 0  # the checksums alone pass
+    proc = run(forged, verify_line)
+    assert proc.returncode != 0, proc.stdout
+
+    # Signed by a key allowed_signers does not hold: refused.
+    other = _copy_delta(signed["delta"], tmp_path / "other", ".sha256").parent
+    sidecar = other / (signed["delta"].name + ".sha256")
+    subprocess.run(["ssh-keygen", "-Y", "sign", "-q", "-n", "pyannote-bundle", "-f",
+                    str(signed["other_key"]), str(sidecar)], check=True)
+    proc = run(other, verify_line)
+    assert proc.returncode != 0, proc.stdout

@@ -285,3 +285,102 @@ def test_the_installer_runs_on_every_targets_python(tmp_path: Path, tiny_bundle:
         assert proc.returncode == 0, proc.stderr
     assert (prefix / f"venv/lib/python3.{minor}/site-packages/six.py").is_file()
     assert len(list((prefix / "releases").iterdir())) == 1
+
+
+# --- hostile prefix names, links ------------------------------------------------------------
+@pytest.mark.parametrize("entry", ["install.sh", "verify"])
+@pytest.mark.parametrize("char", ["\n", "\t", "\x1b"])
+def test_a_prefix_with_a_control_character_is_refused_before_anything(
+        tmp_path: Path, tiny_bundle: TinyBundle, entry: str, char: str) -> None:
+    """The prefix is written into bin/diarize's comment line: after a newline, the rest of
+    the name would be a command. Refused, exit 2, one line, nothing made or touched."""
+    tarball = tiny_bundle()
+    new = tmp_path / f"opt{char}touch pwned"
+    given = tmp_path / f"given{char}touch pwned"  # an empty folder of the user's
+    given.mkdir()
+    for prefix in (new, given):
+        if entry == "install.sh":
+            proc = _install_sh(_extracted(tarball, tmp_path / f"x{len(list(tmp_path.iterdir()))}"),
+                               prefix, "--no-smoke")
+            assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        else:
+            proc = _verify(tarball, prefix, "--no-smoke")
+        assert proc.returncode == 2, proc.stderr
+        last = proc.stderr.strip().splitlines()[-1]
+        assert "holds a control character" in last and "nothing was changed" in last, last
+        assert ascii(char)[1:-1] in last and char not in last
+        assert "Traceback" not in proc.stderr
+    assert not new.exists() and list(given.iterdir()) == []
+    assert not list(tmp_path.rglob("pwned*"))
+
+
+def test_the_wrapper_comment_cannot_run_a_prefixs_tail(tmp_path: Path) -> None:
+    """configure.py on its own (the installer refuses such a prefix first): the comment line
+    of bin/diarize escapes what is not printable, so the name cannot end it early (the
+    exec line has it in single quotes, where a newline is only a character)."""
+    from bundler.runtime import configure
+
+    prefix = tmp_path / "p\ntouch pwned\r\x1b[2J"
+    text = configure.wrapper(prefix, "diarize")
+    lines = text.split("\n")
+    assert lines[0] == "#!/bin/sh", lines
+    assert lines[1].startswith("# diarize with the pyannote bundle installed in ")
+    assert lines[1].isprintable() and "p\\ntouch pwned\\r\\x1b[2J" in lines[1]
+    assert lines[2].startswith("exec '")
+    script = tmp_path / "diarize"
+    script.write_text(text)
+    subprocess.run(["sh", str(script)], cwd=tmp_path, capture_output=True)
+    assert not list(tmp_path.glob("pwned*"))
+    # An ordinary prefix's comment is as it was, non-ASCII names included.
+    plain = configure.wrapper(Path("/opt/diarisation-é"), "diarize").splitlines()[1]
+    assert plain == "# diarize with the pyannote bundle installed in /opt/diarisation-é; " \
+                    "--help for usage."
+
+
+def test_a_prefix_that_links_to_an_empty_folder_installs_there(
+        tmp_path: Path, tiny_bundle: TinyBundle) -> None:
+    root = _extracted(tiny_bundle(), tmp_path / "x")
+    real = tmp_path / "data" / "diarization"
+    real.mkdir(parents=True)
+    link = tmp_path / "opt-diarization"
+    link.symlink_to(real)
+    proc = _install_sh(root, link, "--no-smoke")
+    assert proc.returncode == 0, proc.stderr
+    said = [ln for ln in proc.stderr.splitlines() if "is a link to" in ln]
+    assert said == [f"install: {link} is a link to {real}: installing there"], proc.stderr
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert (real / RECEIPT).is_file() and (real / "current").is_symlink()
+    assert str(real / "releases") in (real / "bin" / "diarize").read_text()
+    assert str(real) in proc.stdout
+    check = subprocess.run([str(link / "venv/bin/python"), "-c", "import six"],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    # and again, through the link: an upgrade of what is there
+    again = _install_sh(root, link, "--no-smoke")
+    assert again.returncode == 0, again.stderr
+
+
+@pytest.mark.parametrize("to", ["not ours", "a file", "nothing"])
+def test_a_prefix_that_links_elsewhere_is_still_refused(
+        tmp_path: Path, tiny_bundle: TinyBundle, to: str) -> None:
+    root = _extracted(tiny_bundle(), tmp_path / "x")
+    target = tmp_path / "users"
+    if to == "not ours":
+        _users_prefix(target)
+    elif to == "a file":
+        target.write_text("mine\n")
+    link = tmp_path / "prefix"
+    link.symlink_to(target)
+    before = _snapshot(tmp_path / "users") if target.is_dir() else None
+    proc = _install_sh(root, link, "--no-smoke")
+    assert proc.returncode == 16, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "nothing was changed" in last and "Traceback" not in proc.stderr
+    if to == "not ours":
+        assert "is not empty and holds no pyannote-bundle install" in last
+        assert _snapshot(target) == before
+    else:
+        assert "exists and is not a folder" in last
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert (target.read_text() == "mine\n") if to == "a file" else True
+    assert to != "nothing" or not target.exists()

@@ -14,6 +14,16 @@ in order to a temporary name beside the output, hashing them on a second thread 
 Only when the result is the new bundle (its sha256, recorded in the delta) is it renamed to
 its final name and its ``.sha256`` sidecar written beside it, in ``sha256sum -c`` form.
 
+``delta.json`` is checked as data before anything is written: its types and keys, every
+range taken from the base inside the base's recorded size, every payload file present at its
+size, the new bundle's name a plain file name, and the bytes it makes adding up to the new
+bundle's recorded size. A malformed list is a damaged delta (exit 10), said in one line.
+
+This file comes from the delta: authenticate the delta before running it. Check its signed
+sidecar (``ssh-keygen -Y verify ... -s DELTA.tar.sha256.sig < DELTA.tar.sha256``, then
+``sha256sum -c DELTA.tar.sha256``, as the README shows), or let an installed pyannote-bundle
+do both (``apply --allowed-signers FILE``) with its own copy of this code.
+
 The base is checked for what the result needs from it: its size and, when its sidecar is
 beside it, the digest there, before anything is written; then every byte taken from it,
 through the result's sha256. When that does not match, the base is hashed whole to say
@@ -32,6 +42,7 @@ import hashlib
 import json
 import os
 import queue
+import stat
 import sys
 import tarfile
 import threading
@@ -128,30 +139,137 @@ class Delta:
         if hashlib.sha256(raw).hexdigest() != sums.get(DELTA_JSON):
             raise DeltaDamaged(f"{self.path.name}: {DELTA_JSON} does not match its "
                                f"{CHECKSUMS}: damaged; copy the delta again")
-        meta = json.loads(raw)
+        try:
+            meta = json.loads(raw)
+        except (ValueError, RecursionError) as exc:  # RecursionError: hostile nesting
+            raise DeltaDamaged(f"{self.path.name}: {DELTA_JSON} is not JSON "
+                               f"({_shown(str(exc), 200)}): damaged; copy the delta "
+                               "again") from None
+        if not isinstance(meta, dict):
+            raise DeltaDamaged(f"{self.path.name}: {DELTA_JSON} is {type(meta).__name__}, "
+                               "not an object: damaged; copy the delta again")
         if meta.get("format") != FORMAT:
-            raise DeltaDamaged(f"{self.path.name}: format {meta.get('format')!r} is not "
-                               f"{FORMAT}; use the pyannote-bundle that made it")
-        _check_meta(self.path.name, meta)
+            raise DeltaDamaged(f"{self.path.name}: format {_shown(repr(meta.get('format')), 80)}"
+                               f" is not {FORMAT}; use the pyannote-bundle that made it")
+        try:
+            check_meta(meta, self.payload_size)
+        except _Malformed as exc:
+            raise DeltaDamaged(f"{self.path.name}: {DELTA_JSON} is malformed ({exc}): "
+                               "damaged or forged; copy the delta again") from None
         return meta
 
+    def payload_size(self, sha256: str) -> Optional[int]:
+        """The size of ``payload/<sha256>`` in the delta, None when it is not there."""
+        rel = f"{PAYLOAD}/{sha256}"
+        if self._root is not None:
+            try:
+                st = os.stat(self._root / rel)
+            except OSError:
+                return None
+            return st.st_size if stat.S_ISREG(st.st_mode) else None
+        info = self._members.get(rel)
+        return info.size if info is not None else None
 
-def _check_meta(name: str, meta: Dict[str, Any]) -> None:
-    """Names that become paths must stay plain names: a damaged list cannot write elsewhere."""
-    hexdigits = set("0123456789abcdef")
+
+class _Malformed(Exception):
+    """Where delta.json is not what make_delta writes (the message names the field)."""
+
+
+def _shown(text: str, limit: int = 200) -> str:
+    """Text from the delta as it may appear in a message: escaped, and cut short."""
+    text = ascii(text)[1:-1]
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _field(obj: Dict[str, Any], key: str, kind: type, where: str) -> Any:
+    if key not in obj:
+        raise _Malformed(f"{where}.{key} is missing")
+    value = obj[key]
+    # bool is an int to Python, never a size or an offset
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise _Malformed(f"{where}.{key} is {type(value).__name__}, not {kind.__name__}")
+    return value
+
+
+def _count(obj: Dict[str, Any], key: str, where: str) -> int:
+    """A size or an offset: an int, not below 0."""
+    value: int = _field(obj, key, int, where)
+    if value < 0:
+        raise _Malformed(f"{where}.{key} is {value}, below 0")
+    return value
+
+
+def _sha_field(obj: Dict[str, Any], where: str) -> str:
+    sha = _field(obj, "sha256", str, where)
+    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise _Malformed(f"{where}.sha256 is not 64 lowercase hex digits")
+    return sha
+
+
+def _b64_size(obj: Dict[str, Any], key: str, where: str) -> int:
     try:
-        ok = all(len(d["sha256"]) == 64 and set(d["sha256"]) <= hexdigits
-                 for d in (meta["base"], meta["target"]))
-        target = meta["target"]["name"]
-        ok = ok and "/" not in target and not target.startswith(".") and bool(target)
-        for m in meta["members"]:
-            if m.get("from") == "delta":
-                ok = ok and len(m["sha256"]) == 64 and set(m["sha256"]) <= hexdigits
-    except (KeyError, TypeError):
-        ok = False
-    if not ok:
-        raise DeltaDamaged(f"{name}: {DELTA_JSON} is not a delta's list; use the "
-                           "pyannote-bundle that made it")
+        return len(base64.b64decode(_field(obj, key, str, where), validate=True))
+    except ValueError:  # binascii.Error
+        raise _Malformed(f"{where}.{key} is not base64") from None
+
+
+def _plain_name(name: str) -> bool:
+    """A file name the output folder can hold and a sidecar line can name: no folder, no
+    hidden or dot name, no NUL or other control character (a newline would forge a line
+    of the sidecar that sha256sum -c reads)."""
+    return bool(name) and "/" not in name and not name.startswith(".") and \
+        all(" " <= c != "\x7f" for c in name)
+
+
+def check_meta(meta: Dict[str, Any], payload_size: Callable[[str], Optional[int]]) -> None:
+    """delta.json as data, before one byte is written: every type and required key, every
+    base range inside the base's recorded size, every payload present in the delta at its
+    size, the target a plain file name, and the bytes the members make adding up to the
+    target's recorded size (a list whose members all point at the whole base would
+    otherwise write until the disk is full). Raises _Malformed naming the field."""
+    for side in ("base", "target"):
+        if not isinstance(meta.get(side), dict):
+            raise _Malformed(f"{side} is missing or not an object")
+        _field(meta[side], "name", str, side)
+        _sha_field(meta[side], side)
+        _count(meta[side], "size", side)
+    base_size, target_size = meta["base"]["size"], meta["target"]["size"]
+    if not _plain_name(meta["target"]["name"]):
+        raise _Malformed(f"target.name '{_shown(meta['target']['name'], 80)}' is not a "
+                         "plain file name")
+    members = meta.get("members")
+    if not isinstance(members, list):
+        raise _Malformed("members is missing or not a list")
+    total = _b64_size(meta, "tail", "delta")
+    for i, m in enumerate(members):
+        where = f"members[{i}]"
+        if not isinstance(m, dict):
+            raise _Malformed(f"{where} is not an object")
+        _field(m, "name", str, where)
+        size = _count(m, "size", where)
+        total += _b64_size(m, "lead", where) + size
+        source = m.get("from")
+        if source == "base":
+            _sha_field(m, where)
+            offset = _count(m, "offset", where)
+            if offset + size > base_size:
+                raise _Malformed(f"{where} takes bytes {offset}..{offset + size} of a base of "
+                                 f"{base_size} bytes")
+        elif source == "delta":
+            sha = _sha_field(m, where)
+            have = payload_size(sha)
+            if have != size:
+                raise _Malformed(f"{where} needs {PAYLOAD}/{sha[:12]}... of {size} bytes; the "
+                                 "delta has " + ("none" if have is None else f"{have} bytes"))
+        elif source is not None:
+            raise _Malformed(f"{where}.from is {_shown(repr(source), 40)}, not base or delta")
+        elif size:
+            raise _Malformed(f"{where} has {size} bytes of data and no source")
+        if total > target_size:  # stop early: a hostile list may be long
+            break
+    if total != target_size:
+        raise _Malformed(f"its members make {'more than ' if total > target_size else ''}"
+                         f"{total} bytes, not the target's {target_size}")
 
 
 def _file_sha256(path: Path) -> str:
@@ -173,10 +291,14 @@ def _sidecar_digest(path: Path) -> Optional[str]:
     return sha if len(sha) == 64 else None
 
 
-def _check_delta_sidecar(path: Path) -> None:
-    """A delta tarball with its sidecar beside it is checked whole first (it is small)."""
+def check_delta_sidecar(path: Path, required: bool = False) -> None:
+    """A delta tarball with its sidecar beside it is checked whole first (it is small).
+    ``required``: the sidecar is what a signature covers, so it must be there and readable."""
     published = _sidecar_digest(path)
     if published is None:
+        if required:
+            raise DeltaDamaged(f"{path.name}{SIDECAR_SUFFIX} is missing or not "
+                               "'<sha256>  <file name>': the delta cannot be checked")
         return
     h = hashlib.sha256()
     try:
@@ -194,13 +316,16 @@ def _check_delta_sidecar(path: Path) -> None:
 
 
 def apply_delta(delta_path: Path, base: Path, output_dir: Path,
-                progress: Callable[[int], None] = lambda n: None) -> Dict[str, Any]:
+                progress: Callable[[int], None] = lambda n: None,
+                sidecar_checked: bool = False) -> Dict[str, Any]:
     """Write ``output_dir/<new bundle>`` and its sidecar; return what was made.
 
+    ``sidecar_checked``: the caller has run check_delta_sidecar (the tool, after the
+    signature), so the delta is not hashed twice.
     Raises ApplyError (with its exit code); nothing is left in ``output_dir`` then.
     """
-    if delta_path.is_file():
-        _check_delta_sidecar(delta_path)
+    if delta_path.is_file() and not sidecar_checked:
+        check_delta_sidecar(delta_path)
     delta = Delta(delta_path)
     try:
         return _apply(delta, base, output_dir, progress)
@@ -212,7 +337,7 @@ def _apply(delta: Delta, base: Path, output_dir: Path,
            progress: Callable[[int], None]) -> Dict[str, Any]:
     meta = delta.load()
     want_base, target = meta["base"], meta["target"]
-    need = f"the delta needs {want_base['name']} with sha256 {want_base['sha256']}"
+    need = f"the delta needs {_shown(want_base['name'])} with sha256 {want_base['sha256']}"
     try:
         base_size = base.stat().st_size
     except OSError as exc:
@@ -355,7 +480,8 @@ def _copy(emit: Callable[[bytes], None], src: IO[bytes], delta: Delta,
                         left -= len(chunk)
                 if left or mh.hexdigest() != m["sha256"]:
                     raise DeltaDamaged(f"{delta.path.name}: {PAYLOAD}/{m['sha256']} "
-                                       f"(for {m['name']}) is damaged; copy the delta again")
+                                       f"(for {_shown(m['name'])}) is damaged; copy the delta "
+                                       "again")
         emit(base64.b64decode(meta["tail"], validate=True))
     except (KeyError, TypeError, ValueError, tarfile.TarError, EOFError) as exc:
         raise DeltaDamaged(f"{delta.path.name}: unreadable ({type(exc).__name__}: {exc}); "

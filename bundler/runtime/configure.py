@@ -77,12 +77,20 @@ def offline_pth(env: dict[str, str]) -> str:
             "  # pyannote-bundle: offline by default\n")
 
 
+def comment_safe(text: str) -> str:
+    """``text`` for a comment line: every non-printable character escaped as Python writes
+    it, so a newline in a prefix cannot end the comment and become a command. (The
+    installer refuses such a prefix; this holds whoever runs configure.py.)"""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 def wrapper(prefix: Path, program: str) -> str:
     """``bin/<program>``: ``runtime/<program>.py`` run by the venv's python, isolated (-I)."""
     python = shell_quote(str(prefix / "venv" / "bin" / "python"))
     script = shell_quote(str(prefix / "runtime" / f"{program}.py"))
     return ("#!/bin/sh\n"
-            f"# {program} with the pyannote bundle installed in {prefix}; --help for usage.\n"
+            f"# {program} with the pyannote bundle installed in {comment_safe(str(prefix))}; "
+            "--help for usage.\n"
             f'exec {python} -I {script} "$@"\n')
 
 

@@ -12,7 +12,9 @@ with the host's interpreter). In order:
 2. the host: the target's Python and architecture, and the shared libraries the wheels
    need (``runtime/hostlibs.py``);
 3. the prefix: new, empty, or holding our receipt (``.pyannote-bundle-receipt.json``, which
-   lists every path this program created there). Anything else is refused, untouched;
+   lists every path this program created there). Anything else is refused, untouched. A
+   prefix that is a link to a folder is that folder; a name with a control character
+   (a newline) is refused before anything else;
 4. a new release in ``PREFIX/releases/<id>/``: a venv made ``--without-pip``, the wheels
    installed offline with hashes by the bundled uv (or the bundled pip), models, samples,
    ``configure.py`` (absolute-path config, offline env file, ``bin/diarize``);
@@ -25,7 +27,8 @@ with the host's interpreter). In order:
    is removed after the switch. A failure at any step removes the new release and nothing
    else: an upgrade that fails leaves the previous install as it was.
 
-Exit codes (install.sh's, and pyannote-bundle's): 0 installed, 2 bad usage, 5 cannot write
+Exit codes (install.sh's, and pyannote-bundle's): 0 installed, 2 bad usage (a prefix with
+a control character), 5 cannot write
 the prefix (disk full, permissions), 10 damaged bundle, 11 wrong host, 12 install failed,
 13 smoke failed or differs from the expected result, 15 the smoke run tried the network,
 16 the prefix holds files that are not ours. ``--json`` prints one report on stdout.
@@ -232,6 +235,33 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def check_prefix_name(prefix: Path) -> None:
+    """A prefix is written into ``bin/diarize``'s comment line and the installer's messages:
+    a newline (or any control character) in it would end that line, and sh would run the
+    rest as a command. Refused before anything is touched."""
+    bad = [c for c in str(prefix) if ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0]
+    if bad:
+        raise Failure(EXIT_USAGE, f"the prefix {shown(str(prefix))} holds a control "
+                                  f"character ({shown(bad[0])}): choose a name without one; "
+                                  "nothing was changed")
+
+
+def resolve_prefix(prefix: Path) -> Path:
+    """A prefix that is a link to a folder is that folder (said in one line); the folder is
+    then claimed as any other: empty or ours, else refused. A link to anything else is left
+    for ``claim`` to refuse."""
+    if not prefix.is_symlink():
+        return prefix
+    try:
+        target = prefix.resolve(strict=True)
+    except (OSError, RuntimeError):  # dangling, or a loop (RuntimeError before 3.13)
+        return prefix
+    if not target.is_dir():
+        return prefix
+    say(f"{shown(str(prefix))} is a link to {shown(str(target))}: installing there")
+    return target
 
 
 def claim(prefix: Path) -> dict[str, Any]:
@@ -599,6 +629,9 @@ def _compare(what: str, result: dict[str, Any], expected: dict[str, Any]) -> Non
 def install(bundle: Path, prefix: Path, *, do_smoke: bool = True, use_pip: bool = False,
             skip_integrity: bool = False, compile_bytecode: bool = True,
             user_check: bool = True) -> dict[str, Any]:
+    check_prefix_name(prefix)
+    prefix = resolve_prefix(prefix)
+    check_prefix_name(prefix)
     report: dict[str, Any] = {"ok": False, "prefix": str(prefix)}
     if skip_integrity:
         report["integrity"] = {"ok": None, "skipped": True}
@@ -805,7 +838,7 @@ def main(argv: list[str] | None = None) -> int:
                                        smoke_result.get("network_attempts") or 0))
     else:
         print("install: ok - installed without the smoke test (--no-smoke)")
-    print(next_steps(prefix), flush=True)
+    print(next_steps(Path(report["prefix"])), flush=True)  # a link's folder, resolved
     return 0
 
 
