@@ -44,12 +44,15 @@ class Installed:
 
 
 @contextmanager
-def installed_by_install_sh(extracted: Path, path: str = "/usr/bin:/bin") -> Iterator[Installed]:
+def installed_by_install_sh(extracted: Path, path: str = "/usr/bin:/bin",
+                            others: bool = True) -> Iterator[Installed]:
     """``install.sh PREFIX`` as root, with no network and a clean environment (``path`` as
     its PATH), into a prefix with a space in its path that an unprivileged user can read
-    but not write."""
+    but not write (``others=False``: a prefix only root can reach, for an interpreter only
+    root can run, such as a pyenv under /root, which the installer refuses for a prefix
+    others can reach)."""
     base = Path(tempfile.mkdtemp(prefix="pyannote-bundle-e2e-", dir="/tmp"))
-    base.chmod(0o755)
+    base.chmod(0o755 if others else 0o700)
     prefix = base / "opt dir" / "diarization"
     try:
         proc = run(*OFFLINE, "env", "-i", f"PATH={path}", "HOME=/root", "sh", "./install.sh",

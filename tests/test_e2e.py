@@ -89,7 +89,11 @@ def tarball(demo: dict[str, Any]) -> Path:
 @pytest.fixture(scope="module")
 def extracted(tarball: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     work = tmp_path_factory.mktemp("extracted")
-    subprocess.run(["tar", "-xf", str(tarball), "-C", str(work)], check=True)
+    # As a sysadmin's own account unpacks it on a hardened host: umask 077, and tar applying
+    # it (what tar does for a user who is not root): every file 0600, every folder 0700.
+    # The install made from it must still serve the service user (nobody, below).
+    subprocess.run(["sh", "-c", 'umask 077 && tar --no-same-permissions -xf "$1" -C "$2"',
+                    "sh", str(tarball), str(work)], check=True)
     (root,) = work.iterdir()
     yield root
     shutil.rmtree(work, ignore_errors=True)

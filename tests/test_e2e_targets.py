@@ -105,10 +105,14 @@ def _install_sh(root: Path, python: Path, minor: int, work: Path) -> None:
     (host_bin / f"python3.{minor}").symlink_to(python)
     try:
         t = time.monotonic()
-        with installed_by_install_sh(root, path=f"{host_bin}:/usr/bin:/bin") as inst:
+        # pyenv's interpreters live under /root, which only root can enter: the install is
+        # root's alone, in a prefix only root can reach (else the installer refuses it).
+        with installed_by_install_sh(root, path=f"{host_bin}:/usr/bin:/bin",
+                                     others=False) as inst:
             FIGURES.setdefault(f"py3{minor}-linux-x86_64", {})["install.sh_seconds"] = round(
                 time.monotonic() - t, 1)
             assert f"using python3.{minor}" in inst.stderr
+            assert "warning: only root can use this install" in inst.stderr
             result = json.loads((inst.prefix / "smoke-result.json").read_text())
             assert result["ok"] is True and result["network_attempts"] == 0
             assert set(result["formats"]) == {"wav", "mp3", "m4a"}

@@ -235,6 +235,32 @@ def test_an_install_others_cannot_reach_is_said_not_silent(tmp_path: Path,
     assert report["service_users"]["ok"] is False
 
 
+def test_an_open_prefix_with_an_interpreter_others_cannot_run_is_refused(
+        tiny_bundle: TinyBundle, request_cleanup: list[Callable[[], object]]) -> None:
+    """A prefix others can reach, installed with a python3 only root can reach (a pyenv
+    under /root: the venv links to it): every service user would get exit 126. Refused
+    before the switch, with the reason; nothing is left."""
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="pyannote-bundle-open-", dir="/tmp"))
+    request_cleanup.append(lambda: shutil.rmtree(base, ignore_errors=True))
+    base.chmod(0o755)
+    private = base / "root-only"
+    private.mkdir(mode=0o700)
+    (private / "python3").symlink_to(sys.executable)
+    root = _extracted(tiny_bundle(), base / "x")
+    prefix = base / "diarization"
+    proc = subprocess.run(["env", "-i", "PATH=/usr/bin:/bin", f"PYTHON={private}/python3", "sh",
+                           "./install.sh", str(prefix), "--no-smoke"], cwd=root,
+                          capture_output=True, text=True)
+    assert proc.returncode == 13, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "other users cannot run this install" in last and "Traceback" not in proc.stderr
+    assert "PYTHON=/usr/bin/python3" in last
+    assert not prefix.exists()  # a first install that fails leaves nothing
+
+
 def test_a_second_install_at_the_same_time_is_refused(tmp_path: Path,
                                                       tiny_bundle: TinyBundle) -> None:
     root = _extracted(tiny_bundle(), tmp_path / "x")

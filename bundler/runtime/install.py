@@ -482,6 +482,11 @@ def closed_to_others(release: Path) -> list[str]:
     return problems
 
 
+def reachable_by_others(path: Path) -> bool:
+    """Whether every folder on the way to ``path`` (and it) lets other users through."""
+    return all(p.stat().st_mode & 0o001 for p in (path, *path.parents))
+
+
 def populate(bundle: Path, release: Path, use_pip: bool, compile_bytecode: bool) -> str:
     method = make_venv(sys.executable, release / "venv", bundle / WHEELS, bundle / LOCK,
                        use_pip, compile_bytecode)
@@ -698,12 +703,17 @@ def _install_release(bundle: Path, prefix: Path, receipt: dict[str, Any],
         method = populate(bundle, release, use_pip, compile_bytecode)
         say(f"wheels installed offline with {method}")
         closed = closed_to_others(release) if user_check else []
+        fix = ("use a python3 and a prefix other users can reach (PYTHON=/usr/bin/python3.X "
+               "./install.sh PREFIX)")
+        if closed and reachable_by_others(release):
+            # The prefix is open to others, so it is meant for them; what they cannot run
+            # (an interpreter under /root, which the venv links to) must not go live.
+            raise Failure(EXIT_SMOKE, f"other users cannot run this install: "
+                                      f"{'; '.join(closed)}; {fix}")
         if closed:
-            # Said, never silent: root can run this install, a service user cannot (a
-            # private interpreter, or a prefix inside a private folder).
-            say(f"warning: only root can use this install: {'; '.join(closed)}; use a "
-                "python3 and a prefix other users can reach (PYTHON=/usr/bin/python3.X "
-                "./install.sh PREFIX)")
+            # A prefix inside a private folder: root may mean to be its only user. Said,
+            # never silent.
+            say(f"warning: only root can use this install: {'; '.join(closed)}; {fix}")
         report["service_users"] = {"ok": not closed, "problems": closed} if user_check \
             else {"ok": None, "skipped": True}
         if do_smoke:
