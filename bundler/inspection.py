@@ -25,13 +25,18 @@ READ_AHEAD = 1 << 16  # the stream stops at the first wheel: read little past it
 
 
 def inspect_bundle(tarball: Path) -> dict[str, Any]:
-    """What ``tarball`` says it holds, from the members before its wheels; IntegrityError
-    when those cannot be read or a member there is one no bundle holds."""
+    """What ``tarball`` says it holds, from the members before its models and wheels;
+    IntegrityError when those cannot be read or a member there is one no bundle holds."""
     found: dict[str, bytes] = {}
+    past_smoke = False
     with open_bundle(tarball, bufsize=READ_AHEAD) as bundle:
         for member in bundle.members():
             rel = "/".join(PurePosixPath(member.name).parts[1:])
-            if rel.startswith(layout.WHEELS_DIR + "/"):
+            past_smoke = past_smoke or rel.startswith(layout.SMOKE_DIR + "/")
+            # The models come after the small files (bundler.pack.member_order); a bundle
+            # from before that order has smoke/ after models/, and is read on to it.
+            if rel.startswith(layout.WHEELS_DIR + "/") or (
+                    past_smoke and rel.startswith(layout.MODELS_DIR + "/")):
                 break
             if member.size > Limits.max_member_bytes:
                 # Passing over a member reads its bytes: a hostile size must not keep

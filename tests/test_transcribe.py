@@ -268,3 +268,26 @@ def test_a_bundle_built_with_asr_model_rebuilds_identical_and_inspect_shows_it(
     text = subprocess.run(["pyannote-bundle", "inspect", str(tarball)], capture_output=True,
                           text=True, check=True).stdout
     assert f"asr:      {ASR} in models/faster-whisper-tiny.en for bin/transcribe" in text
+
+
+def test_inspect_reads_the_small_files_only_whatever_the_models_weigh(
+        tmp_path: Path, wheel_cache: Path) -> None:
+    """The models follow the small files in the tarball (a 3 GB speech-recognition model
+    must not make inspect read 3 GB): 8 MB of model, a few hundred KB read."""
+    folder = whisper_folder(tmp_path / "tiny.en")
+    big = bytes(range(256)) * (8 << 12)  # 8 MB
+    spec = with_asr_model(load_recipe("speaker-diarization-3.1"), ASR)
+    repos = [HubRepo("pyannote/segmentation-3.0", {"pytorch_model.bin": big}),
+             HubRepo("pyannote/wespeaker-voxceleb-resnet34-LM", {"pytorch_model.bin": EMB}),
+             HubRepo.from_dir(ASR, folder)]
+    with LoopbackHub(repos) as hub:
+        tarball = build(spec, BuildOptions(output_dir=tmp_path / "out", cache_dir=wheel_cache,
+                                           endpoint=hub.url, lockfile=TINY_LOCK)).packed.path
+    with tarfile.open(tarball) as tar:
+        order = ["/".join(m.name.split("/")[1:2]) for m in tar.getmembers()][1:]
+    first_model = order.index("models")
+    assert set(order[first_model:]) == {"models", "wheels"} and order[-1] == "wheels"
+    assert "smoke" in order[:first_model] and "manifest.json" in order[:first_model]
+    info = json.loads(subprocess.run(["pyannote-bundle", "inspect", str(tarball), "--json"],
+                                     capture_output=True, text=True, check=True).stdout)
+    assert info["bytes_read"] < 1 << 20 and len(info["models"]) == 3
