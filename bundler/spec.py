@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bundler.errors import SpecError
+from bundler.runtime.transcribe import COMPUTE_TYPES  # bin/transcribe's own list
 
 SHA40 = re.compile(r"^[0-9a-f]{40}$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -31,8 +32,7 @@ ASR_ROLE = "asr"  # a faster-whisper (CTranslate2) model beside the pipeline: bi
 # is a trap with its own message), so each is fetched when the repo has it.
 ASR_FILES = ("model.bin", "config.json", "tokenizer.json", "vocabulary.txt",
              "vocabulary.json", "preprocessor_config.json")
-COMPUTE_TYPES = ("default", "auto", "int8", "int8_float32", "int8_float16", "int8_bfloat16",
-                 "int16", "float16", "bfloat16", "float32")
+
 ARCHES = ("x86_64", "aarch64")
 
 

@@ -291,3 +291,24 @@ def test_inspect_reads_the_small_files_only_whatever_the_models_weigh(
     info = json.loads(subprocess.run(["pyannote-bundle", "inspect", str(tarball), "--json"],
                                      capture_output=True, text=True, check=True).stdout)
     assert info["bytes_read"] < 1 << 20 and len(info["models"]) == 3
+
+
+def test_verify_compares_the_transcript_with_the_build_hosts() -> None:
+    """A word may differ between CPUs (CTranslate2 picks kernels by instruction set); a
+    different transcript, or another speaker count, fails the smoke test (exit 13)."""
+    from bundler.runtime import install as installer
+
+    said = "The train leaves in an hour, so we should go soon."
+    base = {"segments": [], "speakers": 1}
+    want = {**base, "transcript": {"text": said, "speakers": 2}}
+    installer.compare({**base, "transcript": {"text": said.lower().replace(",", ""),
+                                              "speakers": 2}}, want)
+    installer.compare({**base, "transcript": {"text": said.replace("hour", "our"),
+                                              "speakers": 2}}, want)  # 1 word of 11
+    for got, message in (({"text": "The rain leaves at noon, so we go.", "speakers": 2},
+                          "differs from the build host's in"),
+                         ({"text": said, "speakers": 1}, "has 1 speakers")):
+        with pytest.raises(installer.Failure, match=message) as exc:
+            installer.compare({**base, "transcript": got}, want)
+        assert exc.value.code == installer.EXIT_SMOKE
+    assert installer.word_changes(said, "the train leaves in an hour so we should go soon") == 0

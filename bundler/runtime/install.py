@@ -591,6 +591,10 @@ def compare(result: dict[str, Any], expected: dict[str, Any]) -> None:
         got = result.get("transcript") or {}
         # CTranslate2 picks kernels by CPU (AVX2, AVX-512, NEON): a word may differ between
         # hosts, a different transcript may not.
+        if got.get("speakers") != want.get("speakers"):
+            raise Failure(EXIT_SMOKE, f"smoke transcript of the dialogue has "
+                                      f"{got.get('speakers')} speakers, the build host's had "
+                                      f"{want.get('speakers')}")
         changed = word_changes(str(want.get("text", "")), str(got.get("text", "")))
         total = max(1, len(words(str(want.get("text", "")))))
         if changed / total > TRANSCRIPT_TOLERANCE:
