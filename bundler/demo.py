@@ -213,7 +213,7 @@ def summary(res: DemoResult) -> str:
     if heard:
         lines += [
             f"  transcribe bin/transcribe heard the bundled dialogue ({heard['words']} words, "
-            f"{heard['speakers']} speakers, {heard['seconds']} s):",
+            f"{heard['speakers']} speaker(s), {heard['seconds']} s):",
             f"             \"{heard['text']}\"",
         ]
     real = [m["repo"] for m in b["models"] if m.get("weights") == "real"]
