@@ -27,6 +27,10 @@ with the tool so both see the same page cache):
   in 7 containers vs a bare loop in the same venv (pipeline loaded once, the same files
   decoded the same way); decode seconds per audio hour for each container, model-load time
   and peak RSS.
+* ``transcribe_vs_whisperx`` (with ``--whisperx INDEX_URL`` and a community-1 bundle with
+  an ASR model): ``bin/transcribe`` against whisperx 3.8.6's own pipeline on the same files
+  and local models, alignment off, installed from INDEX_URL into the throwaway install;
+  the word error rate of each.
 * ``transcribe_vs_bare`` (with ``--bundle`` built with ``--asr-model``): ``bin/transcribe``
   on 4 copies of the bundled dialogue vs a bare loop in the same venv (faster-whisper and
   the pipeline loaded once, the same decoding and word-to-speaker step); RTF, model-load
@@ -164,6 +168,83 @@ def bench_transcribe(prefix: Path, work: Path, runs: int) -> dict[str, Any]:
             "load_seconds": report["load_seconds"], "peak_rss_mb": report["peak_rss_mb"],
             "asr_model": report["asr_model"], "compute_type": report["compute_type"],
             "network_attempts": report["network_attempts"]}
+
+
+WHISPERX_LOOP = """
+import json, sys, time
+t0 = time.perf_counter()
+sys.path.insert(0, sys.argv[1] + "/runtime")
+import recordings as d  # the same decoding: whisperx's own load_audio needs the ffmpeg CLI
+d.go_offline()
+import whisperx
+from whisperx.diarize import DiarizationPipeline
+manifest = json.load(open(sys.argv[1] + "/manifest.json"))
+model = whisperx.load_model(sys.argv[1] + "/" + manifest["asr"]["path"], "cpu",
+                            compute_type="int8", language="en", local_files_only=True,
+                            threads=len(d.os.sched_getaffinity(0)))
+diarization = DiarizationPipeline(model_name=sys.argv[1] + "/config.yaml", device="cpu")
+texts = {}
+for path in sys.argv[2:]:
+    audio = d.decode(d.Path(path))
+    result = model.transcribe(audio, batch_size=8)
+    result = whisperx.assign_word_speakers(diarization(audio), result)
+    texts[path] = " ".join(s["text"].strip() for s in result["segments"])
+print(json.dumps({"seconds": time.perf_counter() - t0, "texts": texts}))
+"""
+# What the whisperx CLI needs beside the community-1 pins (pip resolves the rest from the
+# bundle's own wheels already installed). Installed into the benchmark's throwaway install.
+WHISPERX = ("whisperx==3.8.6", "omegaconf", "nltk", "pandas", "transformers<5",
+            "torchvision==0.23.0")
+
+
+def bench_whisperx(bundle: Path, prefix: Path, work: Path, runs: int,
+                   index: str) -> dict[str, Any]:
+    """``bin/transcribe`` against whisperx's own pipeline (faster-whisper batched, its
+    pyannote VAD, the same community-1 diarization, alignment off: no wav2vec2 model offline)
+    on 4 copies of the bundled dialogue, both on the same local models, whole processes; the
+    word error rate of each against the dialogue's text. whisperx is installed from
+    ``index`` into this throwaway install's venv (huggingface-hub moves to < 1.0 there,
+    which whisperx requires; both sides run in that same venv)."""
+    pip = next((bundle / layout.WHEELS_DIR).glob("pip-*.whl")) / "pip"
+    subprocess.run([str(prefix / "venv/bin/python"), str(pip), "install", "-q",
+                    "--index-url", index, *WHISPERX], check=True,
+                   env={**os.environ, "PIP_CONFIG_FILE": os.devnull, "PIP_FIND_LINKS": ""})
+    corpus = work / "corpus"
+    corpus.mkdir(parents=True)
+    for n in range(4):
+        shutil.copy(prefix / layout.DIALOGUE, corpus / f"dialogue{n}.flac")
+    files = sorted(str(p) for p in corpus.iterdir())
+    said = json.loads((prefix / "smoke/dialogue.json").read_text())["text"] if (
+        prefix / "smoke/dialogue.json").is_file() else None
+    texts: dict[str, list[str]] = {}
+
+    def tool() -> None:
+        proc = subprocess.run([str(prefix / layout.PREFIX_TRANSCRIBE), str(corpus),
+                               "--output-dir", str(work / "out"), "--overwrite", "--json",
+                               "-q"], check=True, capture_output=True, text=True)
+        texts["transcribe"] = [" ".join(s["text"] for s in json.loads(
+            Path(o["json"]).read_text())["segments"]) for o in json.loads(proc.stdout)["outputs"]]
+
+    def base() -> None:
+        proc = subprocess.run([str(prefix / "venv/bin/python"), "-c", WHISPERX_LOOP,
+                               str(prefix), *files], check=True, capture_output=True,
+                              text=True)
+        texts["whisperx"] = list(json.loads(proc.stdout.splitlines()[-1])["texts"].values())
+
+    tool_s, base_s = median_pair(runs, tool, base, lambda: None)
+    shutil.rmtree(work, ignore_errors=True)
+    from bundler.runtime.install import word_changes, words
+
+    reference = said or json.loads((Path(__file__).resolve().parent.parent / "bundler" /
+                                    "assets" / "dialogue.json").read_text())["text"]
+    wer = {k: round(max(word_changes(reference, t) for t in v) / len(words(reference)), 3)
+           for k, v in texts.items()}
+    return {"ratio": tool_s / base_s, "seconds": (tool_s, base_s), "wer": wer}
+
+
+def integrity_pyannote(root: Path) -> str | None:
+    """The pyannote.audio version an unpacked bundle's manifest records."""
+    return json.loads((root / layout.MANIFEST).read_text()).get("pyannote_audio")
 
 
 def bench_diarize(prefix: Path, work: Path, runs: int) -> dict[str, Any]:
@@ -354,6 +435,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bundle", type=Path, help="a built bundle tarball: real payload, and "
                     "the install and smoke stages")
     ap.add_argument("--install-runs", type=int, default=1)
+    ap.add_argument("--whisperx", metavar="INDEX_URL",
+                    help="also time whisperx on a community-1 --bundle, installed from this "
+                         "index (e.g. https://pypi.org/simple) into the throwaway install")
     ap.add_argument("--no-delta", action="store_true",
                     help="skip the delta and volume stages")
     args = ap.parse_args(argv)
@@ -482,6 +566,12 @@ def main(argv: list[str] | None = None) -> int:
             diarize = bench_diarize(prefix, work / "diarize", args.runs)
             if (prefix / layout.PREFIX_TRANSCRIBE).exists():
                 transcribe = bench_transcribe(prefix, work / "transcribe", args.runs)
+                if args.whisperx and str(integrity_pyannote(root)).startswith("4."):
+                    transcribe["whisperx"] = bench_whisperx(root, prefix, work / "whisperx",
+                                                            args.runs, args.whisperx)
+                elif args.whisperx:
+                    notes.append("transcribe_vs_whisperx needs a community-1 bundle "
+                                 "(pyannote.audio 4): whisperx runs on it")
         else:
             notes.append("install_vs_pip and smoke need a real bundle: pass --bundle TARBALL "
                          "(e.g. the one `pyannote-bundle demo` writes)")
@@ -494,6 +584,11 @@ def main(argv: list[str] | None = None) -> int:
     if transcribe:
         ratios["transcribe_vs_bare"] = transcribe.pop("ratio")
         seconds["transcribe"], seconds["bare_transcribe_loop"] = transcribe.pop("seconds")
+        if "whisperx" in transcribe:
+            wx = transcribe.pop("whisperx")
+            ratios["transcribe_vs_whisperx"] = wx["ratio"]
+            seconds["transcribe_4_dialogues"], seconds["whisperx"] = wx["seconds"]
+            transcribe["wer"] = wx["wer"]
     report = {
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
