@@ -1,19 +1,29 @@
-"""A self-consistent forgery of a bundle: one member changed (by default its middle byte
+"""Helpers the tests share.
+
+A self-consistent forgery of a bundle: one member changed (by default its middle byte
 flipped), and every sum that covers it made again (manifest.json, the SBOM, SHA256SUMS, the
 sidecar) with the tool's own packer, so that every integrity check passes and only a rebuild
-can tell."""
+can tell. And what the refusal tests run: `verify` with its own TMPDIR and the check that it
+refused cleanly, the loopback Hub with a gated repo, and a build's command line."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
 import tarfile
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from conftest import EMB, SEG, TINY_LOCK
+from hubfaults import FaultyHub
 
 from bundler import layout, render
+from bundler.hub import HubRepo
 from bundler.pack import Entry, pack
 from bundler.sbom import sbom_json
 from bundler.wheels import sha256_file
@@ -92,3 +102,41 @@ def forge(bundle: Path, member: str, output_dir: Path,
         return packed.path
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+TOKEN = "hf_canary_SECRET_7f3a9c"
+
+
+def _verify(tarball: Path, tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess[str],
+                                                                 Path]:
+    """Run `pyannote-bundle verify` with its own TMPDIR; return the process and the prefix."""
+    tmp = tmp_path / "tmpdir"
+    tmp.mkdir(exist_ok=True)
+    prefix = tmp_path / "prefix"
+    proc = subprocess.run(["pyannote-bundle", "-q", "verify", str(tarball), "--prefix", str(prefix),
+                           *extra], capture_output=True, text=True,
+                          env={**os.environ, "TMPDIR": str(tmp)})
+    return proc, prefix
+
+
+def _assert_refused(proc: subprocess.CompletedProcess[str], prefix: Path, code: int,
+                    *words: str) -> None:
+    assert proc.returncode == code, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert not prefix.exists(), "nothing may be installed"
+    assert not any((prefix.parent / "tmpdir").iterdir()), "the work folder must be removed"
+
+
+def _hub(**kw: Any) -> FaultyHub:
+    return FaultyHub([HubRepo("pyannote/segmentation-3.0", {"pytorch_model.bin": SEG},
+                                gated=True),
+                        HubRepo("pyannote/wespeaker-voxceleb-resnet34-LM",
+                                {"pytorch_model.bin": EMB})], tokens=[TOKEN], **kw)
+
+
+def _build_argv(out: Path, cache: Path) -> list[str]:
+    return ["pyannote-bundle", "-q", "build", "--output", str(out), "--lockfile", str(TINY_LOCK),
+            "--cache-dir", str(cache)]
