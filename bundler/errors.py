@@ -43,8 +43,10 @@ EXIT_CODES: dict[int, str] = {
     EXIT_HOST: "this host does not match the bundle's target (Python, platform, glibc, "
                "or a shared library the wheels need)",
     EXIT_INSTALL: "offline install failed",
-    EXIT_SMOKE: "smoke diarization failed or differs from the expected result",
-    EXIT_TRAP: "the pipeline config hits a known pyannote trap",
+    EXIT_SMOKE: "smoke diarization or transcription failed or differs from the expected "
+                "result, or others cannot run an install in a prefix open to them",
+    EXIT_TRAP: "the config or a model hits a known trap (pyannote's, a speech-recognition "
+               "model's)",
     EXIT_NETWORK: "the smoke diarization tried to reach the network (a connection attempt "
                   "or name lookup)",
     EXIT_PREFIX: "the install prefix holds files that no install of ours made (nothing was "
