@@ -36,6 +36,8 @@ DIARIZE_SCRIPT = f"{RUNTIME_DIR}/diarize.py"
 # and the word-to-speaker logic and file formats it uses.
 TRANSCRIBE_SCRIPT = f"{RUNTIME_DIR}/transcribe.py"
 TRANSCRIPT_MODULE = f"{RUNTIME_DIR}/transcript.py"
+# What computes the pipeline's models (--engine), and the installer's ONNX export.
+ENGINES_MODULE = f"{RUNTIME_DIR}/engines.py"
 # What every program that reads recordings shares (inputs, shards, decoding, exit codes).
 RECORDINGS_MODULE = f"{RUNTIME_DIR}/recordings.py"
 # Checks the host has the shared libraries the wheels need (manifest host_requirements).
@@ -49,6 +51,7 @@ PROGRAMS = {
     CONFIGURE: "configure.py",
     DIARIZE_SCRIPT: "diarize.py",
     RECORDINGS_MODULE: "recordings.py",
+    ENGINES_MODULE: "engines.py",
     TRANSCRIBE_SCRIPT: "transcribe.py",
     TRANSCRIPT_MODULE: "transcript.py",
     HOSTLIBS_SCRIPT: "hostlibs.py",

@@ -36,9 +36,11 @@ from pathlib import Path
 from typing import Any
 
 if __package__:  # imported by the tool and its tests
+    from bundler.runtime import engines
     from bundler.runtime import recordings as core
-else:  # run as a program (python -I runtime/diarize.py): its sibling, from its own folder
+else:  # run as a program (python -I runtime/diarize.py): its siblings, from its own folder
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import engines  # type: ignore[no-redef]
     import recordings as core  # type: ignore[no-redef]
 
 FORMATS = ("rttm", "json")
@@ -77,10 +79,12 @@ class Loaded:
     device: str
     pyannote_audio: str
     seconds: float
+    engine: engines.Engine | None = None
 
 
 def load_pipeline(config: Path, device: str, batch: dict[str, int | None],
-                  warn: Callable[[str], None]) -> Loaded:
+                  warn: Callable[[str], None], engine: str = "pyannote",
+                  threads: int | None = None) -> Loaded:
     check_config(config)
     t0 = time.perf_counter()
     import warnings
@@ -109,7 +113,19 @@ def load_pipeline(config: Path, device: str, batch: dict[str, int | None],
             setattr(pipeline, attr, value)
     if chosen != "cpu":
         pipeline.to(torch.device(chosen))
-    return Loaded(pipeline, torch, chosen, str(version), time.perf_counter() - t0)
+    try:
+        ran = engines.apply(pipeline, engine, chosen, threads, engine_receipt())
+    except engines.EngineUnavailable as exc:
+        raise core.RunError(f"--engine {engine}: {exc}", core.EXIT_CANNOT_RUN) from None
+    if ran.note and engine != "auto":
+        warn(f"--engine {engine}: {ran.note}; running {ran.name}")
+    return Loaded(pipeline, torch, chosen, str(version), time.perf_counter() - t0, ran)
+
+
+def engine_receipt() -> Path:
+    """What the installer exported and checked for the onnx engine: ``PREFIX/engines.json``
+    of the release this program belongs to."""
+    return Path(__file__).resolve().parent.parent / engines.RECEIPT
 
 
 def diarize_one(loaded: Loaded, waveform: Any, uri: str,
@@ -148,10 +164,18 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
                    help="lower it to use less memory (default: the config's)")
     p.add_argument("--segmentation-batch-size", type=int, metavar="N",
                    help="lower it to use less memory (default: the config's)")
+    p.add_argument("--engine", choices=engines.ENGINES, default="auto",
+                   help="what computes the models: auto (default: onnx on a CPU where the "
+                        "install proved it, else pytorch), pytorch (the exact fast path), "
+                        "onnx (onnxruntime, CPU), pyannote (pyannote's own code, untouched); "
+                        "every engine gives pyannote's RTTM")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for the models (default: the cores this process may "
+                        "use, from its affinity and cgroup quota; not with --engine pyannote)")
 
 
 def check_pipeline_arguments(args: argparse.Namespace) -> None:
-    for name in ("embedding_batch_size", "segmentation_batch_size"):
+    for name in ("embedding_batch_size", "segmentation_batch_size", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise core.RunError(f"--{name.replace('_', '-')} must be at least 1",
@@ -161,9 +185,11 @@ def check_pipeline_arguments(args: argparse.Namespace) -> None:
 def load_from_args(args: argparse.Namespace, say: Callable[[str], None]) -> Loaded:
     loaded = load_pipeline(args.config, args.device,
                            {"embedding_batch_size": args.embedding_batch_size,
-                            "segmentation_batch_size": args.segmentation_batch_size}, say)
+                            "segmentation_batch_size": args.segmentation_batch_size}, say,
+                           args.engine, args.threads)
+    engine = loaded.engine.name if loaded.engine else "pyannote"
     say(f"pipeline loaded in {loaded.seconds:.1f} s on {loaded.device} "
-        f"(pyannote.audio {loaded.pyannote_audio})")
+        f"(pyannote.audio {loaded.pyannote_audio}, engine {engine})")
     return loaded
 
 
@@ -199,6 +225,7 @@ class Diarize(core.Program):
                   "audio_seconds": round(len(waveform) / core.SAMPLE_RATE, 3),
                   "sample_rate": core.SAMPLE_RATE,
                   "speakers": labels, **result, "pyannote_audio": loaded.pyannote_audio,
+                  "engine": loaded.engine.name if loaded.engine else "pyannote",
                   "config": str(args.config)}
         texts = {"json": json.dumps(record, indent=1) + "\n",
                  "rttm": core.rttm(job.uri, segments)}
@@ -207,7 +234,16 @@ class Diarize(core.Program):
 
     def report(self, loaded: Loaded | None) -> dict[str, Any]:
         return {"pyannote_audio": loaded.pyannote_audio if loaded else None,
-                "torch": str(loaded.torch.__version__) if loaded else None}
+                "torch": str(loaded.torch.__version__) if loaded else None,
+                **engine_report(loaded)}
+
+
+def engine_report(loaded: Loaded | None) -> dict[str, Any]:
+    """``engine`` (what ran), ``engine_requested``, ``threads`` and, when the request fell
+    back, ``engine_note`` (why)."""
+    if loaded is None or loaded.engine is None:
+        return {"engine": None}
+    return loaded.engine.report()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -147,6 +147,8 @@ def smoke(prefix: Path, block_network: bool) -> dict[str, Any]:
         "pyannote_audio": summary.get("pyannote_audio"),
         "torch": summary.get("torch"),
         "device": summary.get("device"),
+        "engine": summary.get("engine"),
+        "engine_note": summary.get("engine_note"),
         "embedding_batch_size": 1,
         "segmentation_batch_size": 1,
     }

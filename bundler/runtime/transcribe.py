@@ -228,6 +228,9 @@ class Transcribe(core.Program):
                                     "compute_type": loaded.compute_type,
                                     "faster_whisper": loaded.faster_whisper},
                             "diarization": {"config": str(args.config),
+                                            "engine": (loaded.pipeline.engine.name
+                                                       if loaded.pipeline.engine
+                                                       else "pyannote"),
                                             "pyannote_audio": loaded.pipeline.pyannote_audio}},
                  "diarization": result["segments"]}
         texts = {"json": transcript.to_json(segments, extra),
@@ -241,6 +244,7 @@ class Transcribe(core.Program):
     def report(self, loaded: Loaded | None) -> dict[str, Any]:
         return {"pyannote_audio": loaded.pipeline.pyannote_audio if loaded else None,
                 "torch": str(loaded.pipeline.torch.__version__) if loaded else None,
+                **diarize.engine_report(loaded.pipeline if loaded else None),
                 "faster_whisper": loaded.faster_whisper if loaded else None,
                 "asr_model": (self.model.repo if self.model else None),
                 "compute_type": loaded.compute_type if loaded else None}

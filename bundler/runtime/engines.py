@@ -1,0 +1,687 @@
+"""How the pyannote pipeline computes: the engines behind ``--engine``.
+
+``bin/diarize`` and ``bin/transcribe`` load pyannote's own pipeline; this module decides
+what computes its two models, without changing what they compute:
+
+* ``pyannote``: pyannote's own code, untouched (the reference).
+* ``pytorch``: the exact fast path. pyannote runs the WeSpeaker ResNet (fbank and the whole
+  convolutional trunk) once for every (chunk, local speaker) pair, on the same audio each
+  time: only the statistics-pooling weights differ between the speakers of a chunk, and the
+  model already pools several speakers at once. Here the trunk runs once per chunk and the
+  frames are pooled per speaker with each speaker's mask, through the model's own
+  ``forward_frames`` and ``forward_embedding``; chunks where no speaker is active skip the
+  trunk (their embeddings are the model's embedding of an all-zero mask, computed by the
+  model). Batching (``embedding_batch_size`` chunks per trunk pass, pyannote's memory),
+  ``embedding_exclude_overlap`` and the masks are pyannote's, line for line.
+* ``onnx``: the same, with the ResNet trunk (after fbank) and the segmentation model run
+  by onnxruntime from ONNX files that ``install.py`` exported from this install's
+  checkpoints and checked against PyTorch on the smoke sample (``runtime/engines.json`` in
+  the prefix: what was exported, its sha256, and the check). CPU only.
+* ``auto``: ``onnx`` on a CPU when the install proved it, else ``pytorch``; on a GPU,
+  ``pytorch`` (CUDA).
+
+Anything not recognised (a pipeline class, a ``get_embeddings`` that is not one of the
+pyannote.audio releases this was checked against, an embedding model that is not a
+WeSpeaker ResNet) runs pyannote's own path and says why (``engine_note``).
+
+Shipped verbatim in every bundle (``runtime/engines.py``). Run as a program by the
+installer (``python -I runtime/engines.py export ...``) to make and check the ONNX files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import inspect
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENGINES = ("auto", "pyannote", "pytorch", "onnx")
+# Written by the installer beside runtime/: what was exported and how it compared.
+RECEIPT = "engines.json"
+ONNX_DIR = "onnx"
+SEGMENTATION_ONNX = "segmentation.onnx"
+EMBEDDING_ONNX = "embedding-trunk.onnx"
+# The ONNX outputs must match PyTorch's this closely (L2-normalised embeddings and
+# segmentation scores) on the sample, or the engine is not used.
+TOLERANCE = 1e-4
+OPSET = 17
+
+# The sha256 of the source of pyannote.audio's SpeakerDiarization.get_embeddings in the
+# releases the fast path reproduces -> whether that release crops each chunk with
+# ``duration=``. Another source (another release) runs pyannote's own path, until checked.
+KNOWN_GET_EMBEDDINGS = {
+    "010e2ef1528304cf1b2209d2e8185c36ae8eee75878c550ccdd1f9337fdd139d": True,  # 3.4.0
+    "2c8c00b8b036488db70c9eb9cb55d1067f998339deefb659cf96680fc6ebe5f4": False,  # 4.0.7
+}
+CHECKED_RELEASES = "pyannote.audio 3.4.0 and 4.0.7"
+
+
+class EngineUnavailable(Exception):
+    """This engine cannot run this pipeline; the message says why (one line)."""
+
+
+@dataclass
+class Engine:
+    """What ``apply`` made of ``--engine``: the engine that runs, and why not another."""
+
+    requested: str
+    name: str
+    note: str | None = None
+    threads: int | None = None
+    onnx: dict[str, Any] = field(default_factory=dict)
+
+    def report(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"engine": self.name, "engine_requested": self.requested,
+                               "threads": self.threads}
+        if self.note:
+            out["engine_note"] = self.note
+        return out
+
+
+# --- the cores this process may use --------------------------------------------------------
+def usable_cores(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """The cores this process may use: its CPU affinity (taskset, a cpuset), capped by a
+    cgroup CPU quota (a container's ``--cpus``, a Kubernetes limit), at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    quota = cgroup_quota(cgroup_root)
+    if quota is not None:
+        cores = min(cores, max(1, math.ceil(quota)))
+    return max(1, cores)
+
+
+def cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The CPU quota in cores (cgroup v2 ``cpu.max``, else v1 ``cfs_quota_us`` /
+    ``cfs_period_us``), or None when there is none."""
+    try:
+        fields = (root / "cpu.max").read_text().split()
+        if fields and fields[0] != "max":
+            return int(fields[0]) / int(fields[1])
+        return None
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+# --- recognising what the fast path reproduces ------------------------------------------------
+def source_digest(function: Any) -> str | None:
+    try:
+        return hashlib.sha256(inspect.getsource(function).encode()).hexdigest()
+    except (OSError, TypeError):
+        return None
+
+
+def recognise(pipeline: Any) -> bool:
+    """Whether this pipeline's embedding step is one the fast path reproduces; returns
+    whether its chunks are cropped with ``duration=`` (3.x). EngineUnavailable if not."""
+    from pyannote.audio import __version__ as version
+    from pyannote.audio.models.embedding.wespeaker import BaseWeSpeakerResNet
+    from pyannote.audio.models.embedding.wespeaker.resnet import TSTP, ResNet
+    from pyannote.audio.pipelines import SpeakerDiarization
+    from pyannote.audio.pipelines.speaker_verification import (
+        PyannoteAudioPretrainedSpeakerEmbedding,
+    )
+
+    if type(pipeline) is not SpeakerDiarization:
+        raise EngineUnavailable(f"the pipeline is {type(pipeline).__name__}, not "
+                                "pyannote.audio's SpeakerDiarization")
+    digest = source_digest(SpeakerDiarization.get_embeddings)
+    crop_duration = KNOWN_GET_EMBEDDINGS.get(digest or "")
+    if crop_duration is None:
+        raise EngineUnavailable(f"pyannote.audio {version}'s SpeakerDiarization."
+                                "get_embeddings is not one this engine reproduces (checked: "
+                                f"{CHECKED_RELEASES})")
+    embedding: Any = getattr(pipeline, "_embedding", None)
+    if type(embedding) is not PyannoteAudioPretrainedSpeakerEmbedding:
+        raise EngineUnavailable(f"the embedding is {type(embedding).__name__}, not a "
+                                "pyannote.audio model")
+    model = embedding.model_
+    resnet: Any = getattr(model, "resnet", None)
+    if (not isinstance(model, BaseWeSpeakerResNet) or model.fbank_only
+            or type(model).forward is not BaseWeSpeakerResNet.forward
+            or type(resnet) is not ResNet or type(resnet.pool) is not TSTP):
+        raise EngineUnavailable(f"the embedding model is {type(model).__name__}, not a "
+                                "WeSpeaker ResNet this engine reproduces")
+    return crop_duration
+
+
+# --- the exact fast path: the trunk once per chunk ----------------------------------------
+class Trunk:
+    """The WeSpeaker ResNet's convolutional trunk on fbank features (PyTorch)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def __call__(self, fbank: Any) -> Any:
+        return self.model.resnet.forward_frames(fbank)
+
+
+def fast_get_embeddings(self: Any, file: Any, binary_segmentations: Any,
+                        exclude_overlap: bool = False, hook: Callable[..., Any] | None = None
+                        ) -> Any:
+    """SpeakerDiarization.get_embeddings, with the trunk once per chunk: the same
+    (num_chunks, num_speakers, dimension) embeddings. The masks, the overlap rule and the
+    minimum number of frames are pyannote's own, line for line."""
+    import numpy as np
+    import torch
+    from pyannote.core import SlidingWindowFeature
+
+    if self.training:  # hyper-parameter tuning caches embeddings: pyannote's own path
+        base: Any = type(self).__mro__[1]
+        return base.get_embeddings(self, file, binary_segmentations,
+                                   exclude_overlap=exclude_overlap, hook=hook)
+    duration = binary_segmentations.sliding_window.duration
+    num_chunks, num_frames, num_speakers = binary_segmentations.data.shape
+    if exclude_overlap:
+        min_num_samples = self._embedding.min_num_samples
+        num_samples = duration * self._embedding.sample_rate
+        min_num_frames = math.ceil(num_frames * min_num_samples / num_samples)
+        clean_frames = 1.0 * (np.sum(binary_segmentations.data, axis=2, keepdims=True) < 2)
+        clean_segmentations = SlidingWindowFeature(
+            binary_segmentations.data * clean_frames, binary_segmentations.sliding_window)
+    else:
+        min_num_frames = -1
+        clean_segmentations = SlidingWindowFeature(
+            binary_segmentations.data, binary_segmentations.sliding_window)
+    crop_kwargs = {"duration": duration} if self._fast_crop_duration else {}
+    embedding = self._embedding
+    model = embedding.model_
+    device = embedding.device
+    trunk = self._fast_trunk
+
+    def chunks() -> Iterator[tuple[Any, Any]]:
+        for (chunk, masks), (_, clean_masks) in zip(binary_segmentations,
+                                                   clean_segmentations):
+            masks = np.nan_to_num(masks, nan=0.0).astype(np.float32)
+            clean_masks = np.nan_to_num(clean_masks, nan=0.0).astype(np.float32)
+            used = [clean if np.sum(clean) > min_num_frames else mask
+                    for mask, clean in zip(masks.T, clean_masks.T)]
+            weights = torch.from_numpy(np.stack(used))  # (num_speakers, num_frames)
+            if not weights.any():
+                yield None, weights  # no active speaker: no audio needed
+                continue
+            waveform, _ = self._audio.crop(file, chunk, mode="pad", **crop_kwargs)
+            yield waveform[None], weights
+
+    batch_size = max(1, int(self.embedding_batch_size))
+    batch_count = math.ceil(num_chunks / batch_size)
+    if hook is not None:
+        hook("embeddings", None, total=batch_count, completed=0)
+    out = np.empty((num_chunks, num_speakers, embedding.dimension), dtype=np.float32)
+    zero: Any = None
+    done = 0
+    iterator = chunks()
+    with torch.inference_mode(), warnings.catch_warnings():
+        # 3.x warns on every call that the mask and the frames differ in length (pyannote
+        # silences it the same way).
+        warnings.simplefilter("ignore")
+        for i in range(1, batch_count + 1):
+            batch = [next(iterator) for _ in range(min(batch_size, num_chunks - done))]
+            active = [n for n, (w, _) in enumerate(batch) if w is not None]
+            if active:
+                waveforms = torch.vstack([batch[n][0] for n in active]).to(device)
+                weights = torch.stack([batch[n][1] for n in active]).to(device)
+                frames = trunk(model.compute_fbank(waveforms))
+                emb = model.resnet.forward_embedding(frames, weights=weights)[1]
+                out[[done + n for n in active]] = emb.cpu().numpy()
+            for n, (w, _weights) in enumerate(batch):
+                if w is None:
+                    if zero is None:
+                        zero = _zero_mask_embedding(model, device, num_speakers, num_frames)
+                    out[done + n] = zero
+            done += len(batch)
+            if hook is not None:
+                hook("embeddings", out[done - len(batch):done], total=batch_count,
+                     completed=i)
+    return out
+
+
+def _zero_mask_embedding(model: Any, device: Any, num_speakers: int, num_frames: int) -> Any:
+    """The model's embedding for all-zero masks. Its statistics pooling weighs every frame
+    by 0: the mean and standard deviation are exactly 0 whatever the (finite) frames are, so
+    any frames of the trunk's shape give pyannote's value."""
+    import torch
+
+    waveform = torch.zeros(1, 1, model.hparams.sample_rate * 10, device=device)
+    frames = model.resnet.forward_frames(model.compute_fbank(waveform))
+    weights = torch.zeros(1, num_speakers, num_frames, device=device)
+    return model.resnet.forward_embedding(torch.zeros_like(frames),
+                                          weights=weights)[1][0].cpu().numpy()
+
+
+def use_fast_embeddings(pipeline: Any, trunk: Callable[[Any], Any] | None = None) -> None:
+    """Make ``pipeline`` compute embeddings with the trunk once per chunk: its class becomes
+    a subclass of pyannote's own whose get_embeddings is ``fast_get_embeddings``.
+    EngineUnavailable for a pipeline it does not recognise (nothing is changed)."""
+    crop_duration = recognise(pipeline)
+    base = type(pipeline)
+    fast = type(f"Fast{base.__name__}", (base,), {"get_embeddings": fast_get_embeddings,
+                                                  "__module__": __name__})
+    object.__setattr__(pipeline, "_fast_crop_duration", crop_duration)
+    object.__setattr__(pipeline, "_fast_trunk", trunk or Trunk(pipeline._embedding.model_))
+    pipeline.__class__ = fast
+
+
+def apply(pipeline: Any, requested: str, device: str, threads: int | None,
+          receipt: Path | None) -> Engine:
+    """Set ``pipeline`` up for ``requested`` (one of ENGINES) on ``device``; what runs."""
+    import torch
+
+    engine = Engine(requested, "pyannote")
+    if requested == "pyannote":
+        return engine
+    engine.threads = threads or usable_cores()
+    if device == "cpu":
+        torch.set_num_threads(engine.threads)
+    notes = []
+    if requested in ("auto", "onnx"):
+        if device != "cpu":
+            if requested == "onnx":
+                raise EngineUnavailable(f"--engine onnx runs on the CPU, not {device}")
+        else:
+            try:
+                engine.onnx = use_onnx(pipeline, receipt, engine.threads)
+                engine.name = "onnx"
+                return engine
+            except EngineUnavailable as exc:
+                if requested == "onnx":
+                    raise
+                notes.append(f"onnx: {exc}")
+    try:
+        use_fast_embeddings(pipeline)
+        engine.name = "pytorch"
+    except EngineUnavailable as exc:
+        notes.append(f"pytorch: {exc}")
+        engine.name = "pyannote"
+    engine.note = "; ".join(notes) or None
+    return engine
+
+
+# --- onnx ---------------------------------------------------------------------------------
+def ort_session(path: Path, threads: int) -> Any:
+    """An onnxruntime CPU session, exact fp32, telemetry off."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    import onnxruntime as ort
+
+    try:
+        ort.disable_telemetry_events()
+    except AttributeError:
+        pass
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=options,
+                                providers=["CPUExecutionProvider"])
+
+
+class OnnxTrunk:
+    """The trunk in onnxruntime: fbank (PyTorch) in, frames (PyTorch) out."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+
+    def __call__(self, fbank: Any) -> Any:
+        import torch
+
+        (frames,) = self.session.run(None, {"fbank": fbank.contiguous().numpy()})
+        return torch.from_numpy(frames)
+
+
+class OnnxSegmentation:
+    """The segmentation model's forward pass in onnxruntime, for pyannote's Inference."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+
+    def __call__(self, chunks: Any) -> Any:
+        import torch
+
+        (scores,) = self.session.run(None, {"chunks": chunks.contiguous().numpy()})
+        return torch.from_numpy(scores)
+
+
+def read_receipt(receipt: Path | None) -> dict[str, Any]:
+    if receipt is None or not receipt.is_file():
+        raise EngineUnavailable("no ONNX export in this install (install.py makes it)")
+    try:
+        data = json.loads(receipt.read_text())
+    except (OSError, ValueError) as exc:
+        raise EngineUnavailable(f"cannot read {receipt}: {exc}") from None
+    onnx = data.get("onnx") if isinstance(data, dict) else None
+    if not isinstance(onnx, dict) or onnx.get("ok") is not True:
+        why = onnx.get("error") if isinstance(onnx, dict) else None
+        raise EngineUnavailable(f"the install's ONNX check did not pass{': ' + why if why else ''}")
+    return onnx
+
+
+def use_onnx(pipeline: Any, receipt: Path | None, threads: int) -> dict[str, Any]:
+    """Run the trunk and the segmentation model in onnxruntime, from the files the
+    installer exported and checked, each matched against its sha256 first."""
+    onnx = read_receipt(receipt)
+    assert receipt is not None
+    files = {}
+    for role in ("segmentation", "embedding"):
+        entry = onnx.get(role) or {}
+        path = receipt.parent / str(entry.get("path", ""))
+        if not path.is_file() or sha256_file(path) != entry.get("sha256"):
+            raise EngineUnavailable(f"{path} is missing or differs from what the install "
+                                    "checked")
+        files[role] = path
+    for role, key in (("segmentation", "segmentation_checkpoint"),
+                      ("embedding", "embedding_checkpoint")):
+        source = onnx.get(key) or {}
+        src = Path(str(source.get("path", "")))
+        if not src.is_file() or sha256_file(src) != source.get("sha256"):
+            raise EngineUnavailable(f"the {role} checkpoint is not the one the ONNX file "
+                                    "was exported from")
+    seg_model = pipeline._segmentation.model
+    check_segmentation_model(seg_model)
+    use_fast_embeddings(pipeline, OnnxTrunk(ort_session(files["embedding"], threads)))
+    pipeline._segmentation.model = _SegmentationProxy(
+        seg_model, OnnxSegmentation(ort_session(files["segmentation"], threads)))
+    return {"segmentation": onnx["segmentation"], "embedding": onnx["embedding"]}
+
+
+def check_segmentation_model(model: Any) -> None:
+    from pyannote.audio.models.segmentation import PyanNet
+
+    if type(model) is not PyanNet:
+        raise EngineUnavailable(f"the segmentation model is {type(model).__name__}, not "
+                                "PyanNet")
+
+
+class _SegmentationProxy:
+    """pyannote's segmentation model, with its forward pass in onnxruntime; everything else
+    (specifications, receptive field, example output, device) is the model's own."""
+
+    def __init__(self, model: Any, forward: Callable[[Any], Any]) -> None:
+        object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "_forward", forward)
+
+    def __call__(self, chunks: Any) -> Any:
+        return self._forward(chunks)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._model, name, value)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --- the installer's export: ONNX files made from this install's checkpoints, then checked --
+def model_files(config: Path) -> dict[str, Path]:
+    """The segmentation and embedding checkpoints ``config`` names (a file, or a folder
+    holding ``pytorch_model.bin``; ``$model`` is the config's folder)."""
+    import yaml
+
+    data = yaml.safe_load(config.read_text()) or {}
+    params = data.get("pipeline", {}).get("params", {})
+    found = {}
+    for role in ("segmentation", "embedding"):
+        value = params.get(role)
+        if isinstance(value, dict):
+            value = str(Path(str(value.get("checkpoint", ""))) / str(value.get("subfolder", "")))
+        if not isinstance(value, str):
+            raise EngineUnavailable(f"{config} names no {role} checkpoint")
+        path = Path(value.replace("$model", str(config.parent)))
+        if not path.is_absolute():
+            path = config.parent / path
+        if path.is_dir():
+            path = path / "pytorch_model.bin"
+        if not path.is_file():
+            raise EngineUnavailable(f"the {role} checkpoint {path} is not a file")
+        found[role] = path
+    return found
+
+
+class _TrunkModule:
+    """Built lazily (torch is imported late): the trunk as an nn.Module for the exporter."""
+
+    @staticmethod
+    def make(resnet: Any) -> Any:
+        import torch
+
+        class TrunkModule(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.resnet = resnet
+
+            def forward(self, fbank: Any) -> Any:
+                # forward_frames unsqueezes its input in place: never the caller's tensor.
+                return self.resnet.forward_frames(fbank + 0)
+
+        return TrunkModule().eval()
+
+
+def to_onnx(module: Any, example: Any, path: Path, input_name: str, output_name: str,
+            dynamic: dict[str, dict[int, str]]) -> dict[str, Any]:
+    """``module`` exported with torch's TorchScript exporter (``dynamo=False``: dynamo
+    fails on the models' ``hamming_window`` and ``asteroid_filterbanks``' clamp) to ``path``,
+    atomically; its sha256 and size."""
+    import io
+
+    import torch
+
+    module.eval()
+    buffer = io.BytesIO()
+    with _without_onnxscript_functions(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (example,), buffer, input_names=[input_name],
+                          output_names=[output_name], dynamic_axes=dynamic,
+                          opset_version=OPSET, do_constant_folding=True, dynamo=False)
+    module.eval()  # the exporter restores the wrapper's mode: keep every layer in eval
+    data = buffer.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+
+
+class _without_onnxscript_functions:
+    """torch 2.8's TorchScript exporter ends by inserting custom onnxscript functions into
+    the model, and imports the ``onnx`` package to do it even when there are none. These
+    models have none, and the bundles do not carry ``onnx``: without it, that step is
+    skipped (the bytes are the exporter's own). What comes out is checked against PyTorch
+    before it is used."""
+
+    def __enter__(self) -> None:
+        from torch.onnx._internal import onnx_proto_utils
+
+        self.module = onnx_proto_utils
+        self.original = getattr(onnx_proto_utils, "_add_onnxscript_fn", None)
+        try:
+            import onnx  # noqa: F401
+        except ImportError:
+            if self.original is not None:
+                onnx_proto_utils._add_onnxscript_fn = lambda proto, custom_opsets: proto
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.original is not None:
+            self.module._add_onnxscript_fn = self.original
+
+
+def export(release: Path, threads: int | None = None) -> dict[str, Any]:
+    """Export the segmentation model and the embedding trunk of ``release``'s pipeline to
+    ONNX, then check them against PyTorch on the smoke sample: segmentation scores and
+    L2-normalised embeddings within TOLERANCE, and the same RTTM. The receipt's ``onnx``
+    entry; ``ok`` is true only when everything matched."""
+    import numpy as np
+    import soundfile
+    import torch
+    from pyannote.audio import Pipeline
+    from pyannote.audio import __version__ as pyannote_version
+
+    started = time.perf_counter()
+    threads = threads or usable_cores()
+    torch.set_num_threads(threads)
+    config = release / "config.yaml"
+    checkpoints = model_files(config)
+    reference = Pipeline.from_pretrained(str(config))
+    candidate = Pipeline.from_pretrained(str(config))
+    recognise(reference)
+    check_segmentation_model(reference._segmentation.model)
+    seg_model = reference._segmentation.model.eval()
+    emb_model = reference._embedding.model_.eval()
+    sample_rate = emb_model.hparams.sample_rate
+    chunk = int(round(seg_model.specifications.duration * seg_model.hparams.sample_rate))
+    out_dir = release / ONNX_DIR
+    with torch.inference_mode(False), torch.no_grad():
+        seg_entry = to_onnx(seg_model, torch.zeros(2, 1, chunk), out_dir / SEGMENTATION_ONNX,
+                            "chunks", "scores", {"chunks": {0: "batch"},
+                                                 "scores": {0: "batch"}})
+        fbank = emb_model.compute_fbank(torch.zeros(2, 1, sample_rate * 10))
+        emb_entry = to_onnx(_TrunkModule.make(emb_model.resnet), fbank,
+                            out_dir / EMBEDDING_ONNX, "fbank", "frames",
+                            {"fbank": {0: "batch", 1: "frames"}, "frames": {0: "batch"}})
+    seg_entry["path"] = f"{ONNX_DIR}/{SEGMENTATION_ONNX}"
+    emb_entry["path"] = f"{ONNX_DIR}/{EMBEDDING_ONNX}"
+    receipt: dict[str, Any] = {
+        "ok": False, "segmentation": seg_entry, "embedding": emb_entry,
+        "segmentation_checkpoint": {"path": str(checkpoints["segmentation"]),
+                                    "sha256": sha256_file(checkpoints["segmentation"])},
+        "embedding_checkpoint": {"path": str(checkpoints["embedding"]),
+                                 "sha256": sha256_file(checkpoints["embedding"])},
+        "exporter": "torch.onnx TorchScript (dynamo=False)", "opset": OPSET,
+        "torch": str(torch.__version__), "pyannote_audio": str(pyannote_version),
+        "tolerance": TOLERANCE,
+    }
+    import onnxruntime
+
+    receipt["onnxruntime"] = str(onnxruntime.__version__)
+    audio, rate = soundfile.read(str(release / "smoke" / "sample.wav"), dtype="float32",
+                                 always_2d=True)
+    waveform = torch.from_numpy(np.ascontiguousarray(audio.mean(axis=1)))[None]
+    # Segmentation scores on the sample's chunks, and the trunk's embeddings, side by side.
+    seg_session = ort_session(out_dir / SEGMENTATION_ONNX, threads)
+    trunk_session = ort_session(out_dir / EMBEDDING_ONNX, threads)
+    step = chunk // 10
+    starts = range(0, max(1, waveform.shape[1] - chunk + 1), step)
+    chunks = torch.stack([torch.nn.functional.pad(waveform[:, s:s + chunk],
+                                                  (0, max(0, chunk - waveform[:, s:s + chunk]
+                                                          .shape[1]))) for s in starts])
+    with torch.inference_mode():
+        seg_ref = seg_model(chunks).numpy()
+        fb = emb_model.compute_fbank(chunks)
+        frames = emb_model.resnet.forward_frames(fb + 0)
+        weights = torch.from_numpy(np.exp(seg_ref[:, :, :3]).transpose(0, 2, 1).copy())
+        emb_ref = emb_model.resnet.forward_embedding(frames, weights=weights)[1]
+        onnx_frames = OnnxTrunk(trunk_session)(fb)
+        emb_got = emb_model.resnet.forward_embedding(onnx_frames, weights=weights)[1]
+    seg_got = OnnxSegmentation(seg_session)(chunks).numpy()
+
+    def unit(e: Any) -> Any:
+        return e / e.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    # Powerset models give log-probabilities: compared as probabilities (what the argmax
+    # and the masks see), where a score of -30 and -30.0001 are the same.
+    powerset = bool(getattr(seg_model.specifications, "powerset", False))
+    seg_diff = float(np.abs(np.exp(seg_ref) - np.exp(seg_got)).max() if powerset
+                     else np.abs(seg_ref - seg_got).max())
+    emb_diff = float((unit(emb_ref) - unit(emb_got)).abs().max())
+    receipt["check"] = {"sample": "smoke/sample.wav", "chunks": len(starts),
+                        "segmentation_max_abs_diff": seg_diff,
+                        "embedding_max_abs_diff": emb_diff}
+    # The whole pipeline: pytorch (pyannote's embeddings, exactly) against onnx.
+    use_fast_embeddings(reference)
+    file = {"waveform": waveform, "sample_rate": rate, "uri": "sample"}
+    want = _turns(reference(dict(file)))
+    receipt_path = release / RECEIPT
+    staged = dict(receipt, ok=True)
+    _write_json(receipt_path, {"onnx": staged})
+    try:
+        use_onnx(candidate, receipt_path, threads)
+        got = _turns(candidate(dict(file)))
+    finally:
+        receipt_path.unlink(missing_ok=True)
+    receipt["check"]["rttm"] = "identical" if got == want else "differs"
+    receipt["check"]["segments"] = len(want)
+    receipt["seconds"] = round(time.perf_counter() - started, 1)
+    problems = []
+    if seg_diff > TOLERANCE:
+        problems.append(f"segmentation scores differ by {seg_diff:.2e}")
+    if emb_diff > TOLERANCE:
+        problems.append(f"embeddings differ by {emb_diff:.2e}")
+    if got != want:
+        problems.append("the sample's RTTM differs from PyTorch's")
+    receipt["ok"] = not problems
+    if problems:
+        receipt["error"] = "; ".join(problems) + f" (tolerance {TOLERANCE})"
+    return receipt
+
+
+def _turns(output: Any) -> list[tuple[float, float, str]]:
+    annotation = getattr(output, "speaker_diarization", output)
+    return [(round(float(t.start), 3), round(float(t.end), 3), str(label))
+            for t, _, label in annotation.itertracks(yield_label=True)]
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``engines.py export RELEASE``: export and check, write ``RELEASE/engines.json``,
+    print it; exit 0 when the onnx engine may be used, 1 when not (the receipt says why)."""
+    if __package__:
+        from bundler.runtime.recordings import go_offline
+    else:  # run as a program: its sibling, from its own folder
+        from recordings import go_offline  # type: ignore[no-redef]
+
+    go_offline()
+    parser = argparse.ArgumentParser(prog="engines.py")
+    parser.add_argument("command", choices=["export"])
+    parser.add_argument("release", type=Path)
+    parser.add_argument("--threads", type=int)
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    try:
+        onnx = export(args.release.resolve(), args.threads)
+    except Exception as exc:  # noqa: BLE001 - any failure: the install goes on with pytorch
+        first = (str(exc).splitlines() or [""])[0]
+        onnx = {"ok": False, "error": f"{type(exc).__name__}: {first}"[:500]}
+    _write_json(args.release / RECEIPT, {"onnx": onnx})
+    print(json.dumps({"onnx": onnx}), flush=True)
+    return 0 if onnx.get("ok") else 1
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    sys.exit(main())
