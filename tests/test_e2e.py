@@ -29,6 +29,7 @@ import yaml
 from e2e import (
     Installed,
     check_diarize_on_real_recordings,
+    check_engines_match_pyannote,
     check_next_steps_work_verbatim,
     check_transcribe_on_real_speech,
     installed_by_install_sh,
@@ -181,6 +182,14 @@ def test_install_sh_works_offline_with_a_clean_environment(installed: Installed,
     assert set(result["formats"]) == {"wav", "mp3", "m4a"}
     assert all(f["ok"] and f["segments"] for f in result["formats"].values())
     assert result["network_attempts"] == 0
+    # The onnx engine was exported on this host, checked against PyTorch, recorded by
+    # sha256 in the install's receipt, and the smoke test ran it (auto, on a CPU).
+    onnx = json.loads((prefix / ".pyannote-bundle-receipt.json").read_text())["engines"]["onnx"]
+    assert onnx["ok"] is True and onnx["check"]["rttm"] == "identical", onnx
+    for role in ("segmentation", "embedding"):
+        exported = prefix / "current" / onnx[role]["path"]
+        assert hashlib.sha256(exported.read_bytes()).hexdigest() == onnx[role]["sha256"]
+    assert result["engine"] == "onnx" and not result.get("engine_note"), result
     assert os.access(prefix / "bin/diarize", os.X_OK)
     first = (prefix / "current").resolve()
     assert first.parent == prefix / "releases"
@@ -284,3 +293,11 @@ def test_changed_model_byte_is_named_without_the_sidecar(tarball: Path, tmp_path
     assert report["ok"] is False and member in report["error"]
     assert "Traceback" not in proc.stderr
     assert not prefix.exists()
+
+
+def test_every_engine_gives_pyannotes_rttm_and_embeddings(installed: Installed) -> None:
+    """--engine pytorch (the trunk once per chunk) and onnx (exported and checked by the
+    installed runtime/engines.py) against pyannote's own pipeline, real segmentation
+    weights, six kinds of recording; an unknown embedding model falls back, saying so."""
+    result = check_engines_match_pyannote(installed)
+    print(json.dumps({"seconds": result["seconds"]}))

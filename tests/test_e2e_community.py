@@ -14,6 +14,7 @@ import pytest
 from e2e import (
     Installed,
     check_diarize_on_real_recordings,
+    check_engines_match_pyannote,
     check_next_steps_work_verbatim,
     check_transcribe_on_real_speech,
     installed_by_install_sh,
@@ -88,3 +89,11 @@ def test_transcribe_turns_real_speech_into_speaker_labelled_text_offline_as_nobo
 
 def test_next_steps_printed_by_install_sh_work_verbatim(installed: Installed) -> None:
     check_next_steps_work_verbatim(installed)
+
+
+def test_every_engine_gives_pyannotes_rttm_and_embeddings(installed: Installed) -> None:
+    """--engine pytorch (the trunk once per chunk) and onnx (exported and checked by the
+    installed runtime/engines.py) against pyannote's own pipeline, real segmentation
+    weights, six kinds of recording; an unknown embedding model falls back, saying so."""
+    result = check_engines_match_pyannote(installed)
+    print(json.dumps({"seconds": result["seconds"]}))

@@ -131,6 +131,7 @@ def recognise(pipeline: Any) -> bool:
     """Whether this pipeline's embedding step is one the fast path reproduces; returns
     whether its chunks are cropped with ``duration=`` (3.x). EngineUnavailable if not."""
     from pyannote.audio import __version__ as version
+    from pyannote.audio.models.embedding import wespeaker
     from pyannote.audio.models.embedding.wespeaker import BaseWeSpeakerResNet
     from pyannote.audio.models.embedding.wespeaker.resnet import TSTP, ResNet
     from pyannote.audio.pipelines import SpeakerDiarization
@@ -153,7 +154,10 @@ def recognise(pipeline: Any) -> bool:
                                 "pyannote.audio model")
     model = embedding.model_
     resnet: Any = getattr(model, "resnet", None)
-    if (not isinstance(model, BaseWeSpeakerResNet) or model.fbank_only
+    family = {cls for cls in vars(wespeaker).values()
+              if isinstance(cls, type) and issubclass(cls, BaseWeSpeakerResNet)
+              and cls is not BaseWeSpeakerResNet}
+    if (type(model) not in family or model.fbank_only
             or type(model).forward is not BaseWeSpeakerResNet.forward
             or type(resnet) is not ResNet or type(resnet.pool) is not TSTP):
         raise EngineUnavailable(f"the embedding model is {type(model).__name__}, not a "

@@ -82,7 +82,10 @@ TOLERANCE_S = 0.5  # a smoke segment boundary may move this much against expecte
 TRANSCRIPT_TOLERANCE = 0.2  # the share of the smoke transcript's words that may differ
 BUFSIZE = 1 << 20
 TIMEOUTS = {"venv": 300, "uv": 3600, "pip": 3600, "configure": 300, "smoke": 1800,
-            "check": 120}
+            "check": 120, "export": 1800}
+# The onnx engine's export and check (bin/diarize --engine onnx, chosen by auto on a CPU).
+ENGINES = "runtime/engines.py"
+ENGINES_RECEIPT = "engines.json"
 
 EXIT_USAGE, EXIT_OUTPUT, EXIT_INTEGRITY, EXIT_HOST = 2, 5, 10, 11
 EXIT_INSTALL, EXIT_SMOKE, EXIT_NETWORK, EXIT_PREFIX = 12, 13, 15, 16
@@ -527,6 +530,43 @@ def isolation() -> tuple[str, list[str], bool]:
     return "in-process socket guard (no network namespace available)", [], True
 
 
+def export_engines(release: Path) -> dict[str, Any]:
+    """The onnx engine, made on this host from this release's own checkpoints:
+    ``runtime/engines.py export`` writes ``onnx/*.onnx`` and ``engines.json`` (their
+    sha256, and how they compared with PyTorch on the sample: scores and embeddings within
+    1e-4, the same RTTM). Network disabled, like the smoke test. A failure is said and
+    recorded, never fatal: bin/diarize then runs the pytorch engine, which needs nothing
+    exported. Made here rather than at build: no bundle bytes, and the proof is on the host
+    that will run it."""
+    if not (release / ENGINES).is_file():
+        return {"ok": None, "skipped": "this bundle has no runtime/engines.py"}
+    name, wrap, _guard = isolation()
+    home = tempfile.mkdtemp(prefix="pyannote-bundle-export-home-")
+    env = {"PATH": "/usr/bin:/bin", "HOME": home, "LANG": "C.UTF-8"}
+    say(f"onnx engine: exporting the segmentation model and the embedding trunk, checked "
+        f"against PyTorch on the sample (network disabled by {name})")
+    try:
+        proc = run([*wrap, str(release / "venv" / "bin" / "python"), "-I",
+                    str(release / ENGINES), "export", str(release)], "the ONNX export",
+                   "export", env)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    try:
+        onnx: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])["onnx"]
+    except (ValueError, IndexError, KeyError, TypeError):
+        onnx = {"ok": False, "error": f"exit {proc.returncode}: {tail(proc.stderr)}"}
+        write_json(release / ENGINES_RECEIPT, {"onnx": onnx})
+    if onnx.get("ok"):
+        check = onnx.get("check") or {}
+        say(f"onnx engine: ready (embeddings within {check.get('embedding_max_abs_diff', 0):.1e}, "
+            f"segmentation within {check.get('segmentation_max_abs_diff', 0):.1e}, RTTM "
+            f"{check.get('rttm')})")
+    else:
+        say(f"warning: onnx engine not used on this host: {onnx.get('error')}; bin/diarize "
+            "runs the pytorch engine")
+    return onnx
+
+
 def smoke(release: Path) -> dict[str, Any]:
     """``smoke/smoke.py`` (bin/diarize on the samples) in the new release, network disabled.
 
@@ -721,6 +761,7 @@ def _install_release(bundle: Path, prefix: Path, receipt: dict[str, Any],
         report["service_users"] = {"ok": not closed, "problems": closed} if user_check \
             else {"ok": None, "skipped": True}
         if do_smoke:
+            report["engines"] = {"onnx": export_engines(release)}
             result = smoke(release)
             if (bundle / EXPECTED).is_file():
                 compare(result, json.loads((bundle / EXPECTED).read_text()))
@@ -748,6 +789,9 @@ def _install_release(bundle: Path, prefix: Path, receipt: dict[str, Any],
     receipt["current"] = name
     receipt["bundle"] = manifest.get("bundle")
     receipt["sha256sums"] = digest
+    if report.get("engines"):
+        # What was exported on this host, and its proof: the files by sha256.
+        receipt["engines"] = report["engines"]
     for stable in STABLE:
         if stable in OPTIONAL and not (release / stable).exists():
             unlink_ours(prefix, stable, receipt)
