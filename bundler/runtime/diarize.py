@@ -114,7 +114,7 @@ def load_pipeline(config: Path, device: str, batch: dict[str, int | None],
     if chosen != "cpu":
         pipeline.to(torch.device(chosen))
     try:
-        ran = engines.apply(pipeline, engine, chosen, threads, engine_receipt())
+        ran = engines.apply(pipeline, engine, chosen, threads, engine_receipt(config))
     except engines.EngineUnavailable as exc:
         raise core.RunError(f"--engine {engine}: {exc}", core.EXIT_CANNOT_RUN) from None
     if ran.note and engine != "auto":
@@ -122,10 +122,10 @@ def load_pipeline(config: Path, device: str, batch: dict[str, int | None],
     return Loaded(pipeline, torch, chosen, str(version), time.perf_counter() - t0, ran)
 
 
-def engine_receipt() -> Path:
-    """What the installer exported and checked for the onnx engine: ``PREFIX/engines.json``
-    of the release this program belongs to."""
-    return Path(__file__).resolve().parent.parent / engines.RECEIPT
+def engine_receipt(config: Path) -> Path:
+    """What was exported and checked for the onnx engine, beside the config it was made
+    from: ``engines.json`` in the install's release (``PREFIX/config.yaml`` links there)."""
+    return config.resolve().parent / engines.RECEIPT
 
 
 def diarize_one(loaded: Loaded, waveform: Any, uri: str,
@@ -133,14 +133,39 @@ def diarize_one(loaded: Loaded, waveform: Any, uri: str,
     """Run the pipeline on one waveform; the segments (and 4.x's exclusive ones)."""
     tensor = loaded.torch.from_numpy(waveform).unsqueeze(0)
     kwargs = {k: v for k, v in speakers.items() if v is not None}
+    stages = StageClock()
     output = loaded.pipeline({"waveform": tensor, "sample_rate": core.SAMPLE_RATE, "uri": uri},
-                             **kwargs)
+                             hook=stages, **kwargs)
     annotation = getattr(output, "speaker_diarization", output)  # 4.x DiarizeOutput / 3.x
-    result: dict[str, Any] = {"segments": _segments(annotation)}
+    result: dict[str, Any] = {"segments": _segments(annotation),
+                              "stage_seconds": stages.seconds()}
     exclusive = getattr(output, "exclusive_speaker_diarization", None)
     if exclusive is not None:
         result["exclusive_segments"] = _segments(exclusive)
     return result
+
+
+class StageClock:
+    """A pipeline hook: the seconds of each stage, from the steps pyannote reports
+    (segmentation, speaker counting, embeddings batch by batch, then clustering and
+    reconstruction until the discrete diarization)."""
+
+    def __init__(self) -> None:
+        self.started = self.last = time.perf_counter()
+        self.totals: dict[str, float] = {}
+
+    def __call__(self, step: str, artifact: Any = None, **_kwargs: Any) -> None:
+        now = time.perf_counter()
+        name = {"discrete_diarization": "clustering"}.get(step, step)
+        if name in ("segmentation", "embeddings", "clustering"):
+            self.totals[name] = self.totals.get(name, 0.0) + now - self.last
+        self.last = now
+
+    def seconds(self) -> dict[str, float]:
+        total = time.perf_counter() - self.started
+        out = {k: round(v, 3) for k, v in self.totals.items()}
+        out["other"] = round(max(0.0, total - sum(self.totals.values())), 3)
+        return out
 
 
 def _segments(annotation: Any) -> list[dict[str, Any]]:
@@ -229,7 +254,8 @@ class Diarize(core.Program):
                   "config": str(args.config)}
         texts = {"json": json.dumps(record, indent=1) + "\n",
                  "rttm": core.rttm(job.uri, segments)}
-        return (texts, {"segments": len(segments), "speakers": len(labels)},
+        return (texts, {"segments": len(segments), "speakers": len(labels),
+                        "stage_seconds": result["stage_seconds"]},
                 f"{len(labels)} speaker(s)")
 
     def report(self, loaded: Loaded | None) -> dict[str, Any]:
