@@ -18,6 +18,10 @@ telemetry off the network are set before either is imported, caches go to a writ
 per-user folder (never the prefix), and every connection attempt the process makes is
 counted (``network_attempts`` in ``--json``); ``--block-network`` refuses them too.
 
+``--engine`` chooses what computes the models (``runtime/engines.py``): pyannote's own
+code, or the exact fast paths (the embedding trunk once per chunk, in PyTorch or
+onnxruntime), all giving pyannote's RTTM.
+
 What every program that reads recordings shares (inputs, shards, outputs, decoding, the
 network audit, progress, exit codes) is in ``runtime/recordings.py``; this file holds the
 pyannote pipeline, which ``bin/transcribe`` uses too, and what diarize makes of a file.

@@ -18,7 +18,11 @@ with the host's interpreter). In order:
 4. a new release in ``PREFIX/releases/<id>/``: a venv made ``--without-pip``, the wheels
    installed offline with hashes by the bundled uv (or the bundled pip), models, samples,
    ``configure.py`` (absolute-path config, offline env file, ``bin/diarize``);
-5. the smoke test in that release, in a fresh network namespace where the host allows one:
+5. the onnx engine (``runtime/engines.py export``): the segmentation model and the embedding
+   trunk exported to ONNX from the release's checkpoints and checked against PyTorch on the
+   sample, network disabled; recorded by sha256 in ``engines.json`` and the receipt (a
+   failure is a warning: ``bin/diarize`` then runs the pytorch engine);
+   then the smoke test in that release, in a fresh network namespace where the host allows one:
    ``bin/diarize`` on the bundled sample as wav, mp3 and m4a, compared with
    ``smoke/expected.json`` when the bundle carries it;
 6. only then the switch, in one rename: ``PREFIX/current`` points at the new release, and
