@@ -397,9 +397,16 @@ def use_onnx(pipeline: Any, receipt: Path | None, threads: int) -> dict[str, Any
                                     "was exported from")
     seg_model = pipeline._segmentation.model
     check_segmentation_model(seg_model)
-    use_fast_embeddings(pipeline, OnnxTrunk(ort_session(files["embedding"], threads)))
-    pipeline._segmentation.model = _SegmentationProxy(
-        seg_model, OnnxSegmentation(ort_session(files["segmentation"], threads)))
+    recognise(pipeline)
+    # Both sessions open before the pipeline is touched: a failure leaves it as it was.
+    try:
+        trunk = OnnxTrunk(ort_session(files["embedding"], threads))
+        segmentation = OnnxSegmentation(ort_session(files["segmentation"], threads))
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
+        raise EngineUnavailable(f"onnxruntime cannot load the exported files: "
+                                f"{str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+    use_fast_embeddings(pipeline, trunk)
+    pipeline._segmentation.model = _SegmentationProxy(seg_model, segmentation)
     return {"segmentation": onnx["segmentation"], "embedding": onnx["embedding"]}
 
 
