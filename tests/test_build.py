@@ -247,7 +247,8 @@ def test_sbom_lists_every_wheel_and_model_file_with_its_hash(tmp_path: Path,
             assert c["licenses"][0]["license"]["id"] == m["license"]
     # bin/diarize's code and the installer are components too, hashed like the rest.
     programs = {p["path"]: p["sha256"] for p in manifest["programs"]}
-    assert set(programs) == {"runtime/diarize.py", "runtime/hostlibs.py", "runtime/install.py",
+    assert set(programs) == {"runtime/diarize.py", "runtime/engines.py", "runtime/hostlibs.py",
+                             "runtime/install.py",
                              "runtime/recordings.py", "runtime/transcribe.py",
                              "runtime/transcript.py", "configure.py",
                              "smoke/smoke.py", "install.sh"}
