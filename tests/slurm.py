@@ -33,11 +33,13 @@ def missing_programs() -> list[str]:
     return [p for p in PROGRAMS if shutil.which(p, path="/usr/sbin:/usr/bin:/sbin:/bin") is None]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct loopback ports free now (all held open until all are chosen)."""
+    with ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 @dataclass(frozen=True)
@@ -173,8 +175,9 @@ def single_node_slurm(root: Path, start_timeout: float = 60) -> Iterator[Cluster
                    capture_output=True)
     (root / "plugstack.conf").write_text("")
     conf = root / "slurm.conf"
+    ctld_port, slurmd_port = free_ports(2)
     conf.write_text(SLURM_CONF.format(node=node, node_line=line, root=root,
-                                      ctld_port=free_port(), slurmd_port=free_port()))
+                                      ctld_port=ctld_port, slurmd_port=slurmd_port))
     conf.chmod(0o644)
     env = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "SLURM_CONF": str(conf)}
     cluster = Cluster(root, env, node)
