@@ -5,8 +5,6 @@ The builder and the verifier import these names, so the two sides cannot drift.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from bundler.runtime.recordings import OFFLINE_ENV as _RUNTIME_OFFLINE_ENV
 
 # --- inside the bundle (relative to its single top-level folder) ---------------
@@ -58,15 +56,6 @@ PROGRAMS = {
 
 EXECUTABLES = frozenset({INSTALL_SH})
 
-# --- beside the tarball --------------------------------------------------------
-SIDECAR_SUFFIX = ".sha256"
-
-
-def sidecar_path(tarball: Path) -> Path:
-    """``<tarball>.sha256``: the digest of every byte of the tarball, beside it."""
-    return tarball.with_name(tarball.name + SIDECAR_SUFFIX)
-
-
 # --- inside an install prefix (the installer, runtime/install.py, names its own) -----
 PREFIX_CONFIG = "config.yaml"  # absolute paths, rendered for the release
 PREFIX_DIARIZE = "bin/diarize"  # written by configure.py: runtime/diarize.py with the venv
@@ -75,7 +64,3 @@ PREFIX_TRANSCRIBE = "bin/transcribe"  # the same for runtime/transcribe.py, with
 # The offline variables: a bundled environment never reaches for the network. One list, in
 # the program that runs on the isolated host (configure.py reads it from there too).
 OFFLINE_ENV: dict[str, str] = dict(_RUNTIME_OFFLINE_ENV)
-
-# --- volumes for removable media (bundler/parts.py) ----------------------------
-PART_INFIX = ".part-"  # BUNDLE.part-000, -001, ...: `cat BUNDLE.part-* > BUNDLE` joins them
-PARTS_LIST_SUFFIX = ".parts.sha256"  # the parts' sha256, in `sha256sum -c` form

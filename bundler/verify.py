@@ -20,11 +20,11 @@ from typing import Any
 import yaml
 
 from bundler import layout, traps
+from bundler.bundlefile import sidecar_path, whole
 from bundler.errors import BundlerError
 from bundler.hashing import sha256_file
 from bundler.install import check_host, find_python, run_installer
 from bundler.integrity import Limits, check_and_extract
-from bundler.parts import whole
 from bundler.signing import verify_signature
 
 
@@ -49,7 +49,7 @@ def verify(tarball: Path, opts: VerifyOptions) -> dict[str, Any]:
     try:
         if opts.allowed_signers is not None:
             report["signature"] = {"ok": True, "signer": verify_signature(
-                layout.sidecar_path(whole(tarball)), opts.allowed_signers)}
+                sidecar_path(whole(tarball)), opts.allowed_signers)}
         integrity = check_and_extract(tarball, work / "bundle", opts.limits, opts.hash_members)
         report["integrity"] = integrity.as_dict()
         if not opts.install:  # a staging host, a copy on removable media: any host will do
