@@ -36,6 +36,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from bundler.checksums import checksum_line
 from bundler.errors import BundlerError, InputError, IntegrityError, OutputError
 from bundler.hashing import BackgroundSha256
 from bundler.progress import task
@@ -55,11 +56,6 @@ def sidecar_path(tarball: Path) -> Path:
 def signature_path(sidecar: Path) -> Path:
     """``<tarball>.sha256.sig``: the signature over the sidecar, beside it."""
     return sidecar.with_name(sidecar.name + SIGNATURE_SUFFIX)
-
-
-def sidecar_line(sha256: str, name: str) -> str:
-    """One line of ``sha256sum -c`` input: a sidecar's whole text, a line of the parts' list."""
-    return f"{sha256}  {name}\n"
 
 
 def read_sidecar(tarball: Path) -> str | None:
@@ -98,7 +94,7 @@ class Publication:
     def sidecar(self, tarball: Path, sha256: str) -> Path:
         """Write the sidecar of the tarball that will be published as ``tarball``."""
         final = sidecar_path(tarball)
-        self.write_text(final, sidecar_line(sha256, tarball.name))
+        self.write_text(final, checksum_line(sha256, tarball.name))
         return final
 
     def _commit(self) -> None:
@@ -201,7 +197,7 @@ def split(bundle: Path, size: int, output_dir: Path) -> Split:
                             advance(len(chunk))
                         out.flush()
                         os.fsync(out.fileno())
-                    lines.append(sidecar_line(part_hash.hexdigest(), final.name))
+                    lines.append(checksum_line(part_hash.hexdigest(), final.name))
             digest = whole_hash.hexdigest()
             if published is not None and digest != published:
                 raise IntegrityError(bundle.name, f"sha256 {digest} does not match its sidecar "

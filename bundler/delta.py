@@ -28,11 +28,11 @@ from typing import Any
 
 from bundler import layout
 from bundler.bundlefile import read_sidecar, sidecar_path
+from bundler.checksums import parse_checksums
 from bundler.errors import DeltaError, InputError, IntegrityError, OutputError
 from bundler.integrity import detect_compression, open_bundle
 from bundler.pack import Entry, pack
 from bundler.progress import task
-from bundler.render import parse_checksums
 from bundler.runtime import apply as _apply
 
 log = logging.getLogger("bundler")

@@ -15,9 +15,9 @@ from typing import Any
 
 from bundler import layout
 from bundler.bundlefile import sidecar_path, total_size, whole
+from bundler.checksums import parse_checksums
 from bundler.errors import IntegrityError, shown
 from bundler.integrity import Limits, open_bundle
-from bundler.render import parse_checksums
 
 MAX_SMALL = 64 << 20  # manifest, checksums and expected result are far smaller than this
 WANTED = (layout.MANIFEST, layout.CHECKSUMS, layout.EXPECTED)

@@ -40,10 +40,10 @@ from bundler.bundlefile import (
     total_size,
     whole,
 )
+from bundler.checksums import parse_checksums
 from bundler.errors import IntegrityError, OutputError
 from bundler.hashing import BackgroundSha256
 from bundler.progress import task
-from bundler.render import parse_checksums
 
 BUFSIZE = 1 << 20
 MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd"}

@@ -1,30 +1,36 @@
 """Every path inside a bundle and an install prefix, named once.
 
-The builder and the verifier import these names, so the two sides cannot drift.
+The builder and the verifier import these names, so the two sides cannot drift. The names
+the bundle's installer reads on the isolated host (``runtime/install.py``, which cannot
+import the tool) are taken from it, and the offline variables from the runtime's shared
+module; tests/test_contract.py checks the copies a program must keep for itself.
+The files beside a tarball (sidecar, signature, volumes) are bundler.bundlefile's.
 """
 
 from __future__ import annotations
 
+from bundler.runtime import install as _installer
 from bundler.runtime.recordings import OFFLINE_ENV as _RUNTIME_OFFLINE_ENV
 
 # --- inside the bundle (relative to its single top-level folder) ---------------
-CHECKSUMS = "SHA256SUMS"
-MANIFEST = "manifest.json"
+CHECKSUMS: str = _installer.CHECKSUMS
+MANIFEST: str = _installer.MANIFEST
 SBOM = "sbom.cdx.json"  # CycloneDX 1.6: every wheel and model file with its sha256
 INSTALL_SH = "install.sh"
 README = "README.txt"
-CONFIGURE = "configure.py"  # writes the absolute config, env file and bin/diarize for a prefix
-LOCK = "requirements.lock"  # hashes of the exact wheels shipped in wheels/
-WHEELS_DIR = "wheels"
+# writes the absolute config, env file and bin/diarize for a prefix
+CONFIGURE: str = _installer.CONFIGURE
+LOCK: str = _installer.LOCK  # hashes of the exact wheels shipped in wheels/
+WHEELS_DIR: str = _installer.WHEELS
 MODELS_DIR = "models"
 CONFIG = f"{MODELS_DIR}/config.yaml"
 SMOKE_DIR = "smoke"
-SMOKE_SCRIPT = f"{SMOKE_DIR}/smoke.py"
+SMOKE_SCRIPT: str = _installer.SMOKE
 SAMPLE_AUDIO = f"{SMOKE_DIR}/sample.wav"
 # The smoke test diarizes the sample in each of these containers, through bin/diarize.
 SAMPLES = {"wav": SAMPLE_AUDIO, "mp3": f"{SMOKE_DIR}/sample.mp3",
            "m4a": f"{SMOKE_DIR}/sample.m4a"}
-EXPECTED = f"{SMOKE_DIR}/expected.json"
+EXPECTED: str = _installer.EXPECTED
 # Real speech (two synthetic voices, known text) that bin/transcribe reads in the smoke test;
 # shipped only in bundles that carry an ASR model.
 DIALOGUE = f"{SMOKE_DIR}/dialogue.flac"
@@ -37,7 +43,7 @@ TRANSCRIPT_MODULE = f"{RUNTIME_DIR}/transcript.py"
 # What every program that reads recordings shares (inputs, shards, decoding, exit codes).
 RECORDINGS_MODULE = f"{RUNTIME_DIR}/recordings.py"
 # Checks the host has the shared libraries the wheels need (manifest host_requirements).
-HOSTLIBS_SCRIPT = f"{RUNTIME_DIR}/hostlibs.py"
+HOSTLIBS_SCRIPT: str = _installer.HOSTLIBS
 # The one installer: install.sh runs it on the isolated host, verify runs it too.
 INSTALLER = f"{RUNTIME_DIR}/install.py"
 # Every program shipped verbatim from bundler/runtime/: its path in the bundle -> its file

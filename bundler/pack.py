@@ -25,10 +25,10 @@ from typing import IO, Any, cast
 
 from bundler import layout
 from bundler.bundlefile import publishing
+from bundler.checksums import format_checksums
 from bundler.errors import OutputError
 from bundler.hashing import BackgroundSha256
 from bundler.progress import task
-from bundler.render import checksums
 
 log = logging.getLogger("bundler")
 
@@ -124,7 +124,8 @@ def pack(entries: Sequence[Entry], *, top: str, output_dir: Path, compression: s
     names = [e.path for e in entries]
     if len(set(names)) != len(names) or layout.CHECKSUMS in names:
         raise OutputError("internal: duplicate bundle paths")
-    sums = Entry.from_bytes(layout.CHECKSUMS, checksums([(e.path, e.sha256) for e in entries]))
+    sums = Entry.from_bytes(layout.CHECKSUMS,
+                            format_checksums([(e.path, e.sha256) for e in entries]))
     members = sorted([*entries, sums], key=member_order)
 
     final = output_dir / bundle_filename(top, compression)
