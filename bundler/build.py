@@ -22,9 +22,9 @@ from bundler import __version__, layout, render
 from bundler.asr import inspect_whisper
 from bundler.data import data_dir
 from bundler.errors import HostMismatch, InputError
-from bundler.install import check_host, find_python, run_installer
 from bundler.models import FetchedModel, fetch_models
 from bundler.native import host_requirements
+from bundler.offline_install import check_interpreter, find_python, run_installer
 from bundler.pack import Entry, Packed, pack
 from bundler.runtime.install import TOLERANCE_S
 from bundler.sbom import sbom_json
@@ -248,7 +248,7 @@ def self_test(entries: list[Entry], manifest: dict[str, Any], spec: Spec,
     try:
         if chosen is None:
             raise HostMismatch(f"no python{spec.target.python} on this host (pass --python)")
-        check_host({"target": spec.target.as_dict()}, chosen)
+        check_interpreter({"target": spec.target.as_dict()}, chosen)
     except HostMismatch as exc:
         if python is not None:
             raise  # asked for explicitly: a wrong interpreter is an error, not a skip

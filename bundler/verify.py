@@ -23,8 +23,8 @@ from bundler import layout, traps
 from bundler.bundlefile import sidecar_path, whole
 from bundler.errors import BundlerError
 from bundler.hashing import sha256_file
-from bundler.install import check_host, find_python, run_installer
 from bundler.integrity import Limits, check_and_extract
+from bundler.offline_install import check_interpreter, find_python, run_installer
 from bundler.signing import verify_signature
 
 
@@ -60,7 +60,7 @@ def verify(tarball: Path, opts: VerifyOptions) -> dict[str, Any]:
             return report
         want = str(integrity.manifest.get("target", {}).get("python"))
         python = find_python(want, opts.python) or sys.executable
-        check_host(integrity.manifest, python)  # the tool's advice (--python) comes first
+        check_interpreter(integrity.manifest, python)  # the tool's advice (--python) comes first
         # An install in the work folder is removed once proven: compiling every module of
         # torch for it would cost more than the smoke test imports. One that stays
         # (--prefix, --keep) is compiled, as install.sh does.

@@ -3,7 +3,7 @@ the sidecar, the way a name is shown in a message.
 
 The programs under ``bundler/runtime/`` run on the isolated host without the tool, so they
 cannot import it; the tool imports them instead (``layout`` takes the installer's file names
-and the offline variables from the shipped programs, ``bundler.install`` the installer's
+and the offline variables from the shipped programs, ``bundler.offline_install`` the installer's
 exit codes). Where a program must keep its own copy (``apply.py`` travels alone inside a
 delta; ``install.py`` runs before any venv exists), the copy is proved equal here. The
 offline variables: tests/test_stages.py (configure.py reads them from the shipped module).

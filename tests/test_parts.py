@@ -15,7 +15,7 @@ from conftest import EMB, SEG, TINY_LOCK
 from bundler.build import BuildOptions, build
 from bundler.bundlefile import parse_size
 from bundler.errors import InputError
-from bundler.hub import HubRepo, LoopbackHub
+from bundler.loopback_hub import HubRepo, LoopbackHub
 from bundler.spec import load_recipe
 
 CLI = [sys.executable, "-m", "bundler"]
