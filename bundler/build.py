@@ -22,6 +22,7 @@ from bundler import __version__, layout, render
 from bundler.asr import inspect_whisper
 from bundler.data import data_dir
 from bundler.errors import HostMismatch, InputError
+from bundler.lockfile import load_build_lock
 from bundler.models import FetchedModel, fetch_models
 from bundler.native import host_requirements
 from bundler.offline_install import check_interpreter, find_python, run_installer
@@ -31,7 +32,7 @@ from bundler.sbom import sbom_json
 from bundler.signing import sign
 from bundler.spec import ASR_ROLE, IndexOptions, Spec
 from bundler.traps import check_pins, check_pipeline
-from bundler.wheels import bundle_lock, fetch_wheels, load_build_lock, wheel_license
+from bundler.wheels import bundle_lock, fetch_wheels, wheel_license
 
 log = logging.getLogger("bundler")
 

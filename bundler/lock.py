@@ -33,9 +33,9 @@ from packaging.utils import canonicalize_name
 
 from bundler.data import data_dir
 from bundler.errors import CannotWrite, InputError, LockError
+from bundler.lockfile import parse_built_records, parse_lockfile
 from bundler.spec import IndexOptions, Spec, Target
 from bundler.subproc import clean_env, last_lines, pip_problem, run
-from bundler.wheels import parse_built_records, parse_lockfile
 
 log = logging.getLogger("bundler")
 

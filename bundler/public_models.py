@@ -29,9 +29,10 @@ from pathlib import Path
 
 from bundler.errors import CannotWrite, InputError, PublicCopyMismatch
 from bundler.hashing import BUFSIZE, sha256_file
+from bundler.lockfile import LockedRequirement
 from bundler.progress import task
 from bundler.spec import IndexOptions, Target
-from bundler.wheels import LockedRequirement, WheelCache, download_locked
+from bundler.wheelcache import WheelCache, download_locked
 
 log = logging.getLogger("bundler")
 

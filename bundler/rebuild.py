@@ -30,6 +30,7 @@ from bundler.bundlefile import open_raw
 from bundler.data import data_dir
 from bundler.errors import CannotRebuild, IntegrityError
 from bundler.integrity import BUFSIZE, detect_compression, open_bundle
+from bundler.lockfile import load_build_lock
 from bundler.spec import (
     IndexOptions,
     Spec,
@@ -39,7 +40,6 @@ from bundler.spec import (
     recipe_names,
     with_asr_model,
 )
-from bundler.wheels import load_build_lock
 
 log = logging.getLogger("bundler")
 

@@ -253,9 +253,9 @@ def test_a_bad_timeout_setting_is_refused(monkeypatch: pytest.MonkeyPatch, value
 def test_git_blob_id_is_gits_and_shared_by_the_hub_and_the_fetcher(tmp_path: Path) -> None:
     # `printf 'hello\n' | git hash-object --stdin`
     assert hashing.git_blob_sha1(b"hello\n") == "ce013625030ba8dba906f756967f9e9ca394464a"
-    from bundler import loopback_hub, wheels
+    from bundler import loopback_hub, wheelcache
     assert models.git_blob_sha1 is loopback_hub.git_blob_sha1 is hashing.git_blob_sha1
-    assert models.sha256_file is wheels.sha256_file is hashing.sha256_file
+    assert models.sha256_file is wheelcache.sha256_file is hashing.sha256_file
 
 
 # --- what nothing uses is gone; what ships is what runs -------------------------------------
