@@ -47,8 +47,7 @@ HOSTLIBS_SCRIPT: str = _installer.HOSTLIBS
 # The one installer: install.sh runs it on the isolated host, verify runs it too.
 INSTALLER = f"{RUNTIME_DIR}/install.py"
 # Every program shipped verbatim from bundler/runtime/: its path in the bundle -> its file
-# there. With install.sh (rendered), these are the code the bundle runs on the host: the
-# manifest and the SBOM name each one with its sha256.
+# there.
 PROGRAMS = {
     CONFIGURE: "configure.py",
     DIARIZE_SCRIPT: "diarize.py",
@@ -59,6 +58,9 @@ PROGRAMS = {
     INSTALLER: "install.py",
     SMOKE_SCRIPT: "smoke.py",
 }
+# The code the bundle runs on the isolated host: the programs above and install.sh. The
+# manifest's ``programs`` and the SBOM name each one with its sha256.
+HOST_PROGRAMS = frozenset({*PROGRAMS, INSTALL_SH})
 
 EXECUTABLES = frozenset({INSTALL_SH})
 
