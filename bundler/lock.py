@@ -11,7 +11,7 @@ the resolver's own line naming the package and the platform.
 
 The lockfile records the sha256 of the ``.in`` it was made from. A relock that changes no
 pin keeps the ``# pyannote-bundle: built ...`` lines of the lockfile it replaces (in
-``build-backend.txt``: the wheels that backend must make from sdists, see bundler.wheels);
+``build-backend.txt``: the wheels that backend must make from sdists, see bundler.sdist);
 a changed backend drops them, and the next build prints the lines to record.
 
 ``--check`` is offline and fast: the lockfile is stale when the ``.in`` changed since, or

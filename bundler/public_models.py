@@ -9,7 +9,7 @@ loopback Hub exactly as it serves random ones.
 
 Cache layout, under ``CACHE/public/``:
 
-- ``wheels/<sha256>/<file>``: the wheel, as ``bundler.wheels`` caches a locked one;
+- ``wheels/<sha256>/<file>``: the wheel, as ``bundler.wheelcache`` caches a locked one;
 - ``<org>--<name>-<key>/``: the files, named as in the repo and nothing else (the loopback
   Hub serves every file in the folder). ``key`` is a digest of the pinned names and sha256s:
   another pin is another folder.
