@@ -81,6 +81,7 @@ class Publication:
     """Files being written under temporary names beside their final ones (``publishing``)."""
 
     written: list[tuple[Path, Path]] = field(default_factory=list)  # (temporary, final)
+    published: list[Path] = field(default_factory=list)  # finals renamed so far
 
     def temporary(self, final: Path) -> Path:
         """The name to write ``final``'s bytes under, removed if anything fails."""
@@ -100,10 +101,13 @@ class Publication:
     def _commit(self) -> None:
         for tmp, final in self.written:
             os.replace(tmp, final)
+            self.published.append(final)
 
     def _discard(self) -> None:
-        for tmp, _ in self.written:
-            tmp.unlink(missing_ok=True)
+        # A rename that failed half-way (the sidecar's name taken by a folder) must not
+        # leave a tarball without its sidecar under the final names either.
+        for path in [*(tmp for tmp, _ in self.written), *self.published]:
+            path.unlink(missing_ok=True)
 
 
 @contextmanager
