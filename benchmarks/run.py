@@ -68,13 +68,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bundler import layout  # noqa: E402
+from bundler.bundlefile import split  # noqa: E402
 from bundler.delta import apply as apply_delta  # noqa: E402
 from bundler.delta import make_delta  # noqa: E402
 from bundler.hashing import sha256_file  # noqa: E402
-from bundler.install import run_installer  # noqa: E402
 from bundler.integrity import check_and_extract  # noqa: E402
+from bundler.offline_install import run_installer  # noqa: E402
 from bundler.pack import Entry, pack  # noqa: E402
-from bundler.parts import split  # noqa: E402
 from bundler.render import manifest_json  # noqa: E402
 from bundler.runtime import install as installer  # noqa: E402
 

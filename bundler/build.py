@@ -1,11 +1,11 @@
 """The orchestrator of the build side: spec -> wheels -> models -> render -> pack.
 
-No stage calls another; this module chains them and assembles the manifest.
+No stage calls another; this module chains them (the manifest is assembled by
+bundler.manifest from what they return).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -14,24 +14,24 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from bundler import __version__, layout, render
-from bundler.asr import inspect_whisper
 from bundler.data import data_dir
 from bundler.errors import HostMismatch, InputError
-from bundler.install import check_host, find_python, run_installer
+from bundler.manifest import BundleInfo, asr_entry, assemble
 from bundler.models import FetchedModel, fetch_models
 from bundler.native import host_requirements
+from bundler.offline_install import check_interpreter, find_python, run_installer
 from bundler.pack import Entry, Packed, pack
 from bundler.runtime.install import TOLERANCE_S
 from bundler.sbom import sbom_json
 from bundler.signing import sign
-from bundler.spec import ASR_ROLE, IndexOptions, Spec
+from bundler.spec import IndexOptions, Spec
 from bundler.traps import check_pins, check_pipeline
-from bundler.wheels import bundle_lock, fetch_wheels, load_build_lock, wheel_license
+from bundler.wheelcache import WheelFile
+from bundler.wheels import bundle_lock, fetch_wheels
 
 log = logging.getLogger("bundler")
 
@@ -89,94 +89,20 @@ def build(spec: Spec, opts: BuildOptions) -> BuildResult:
     epoch = source_date_epoch(opts.source_date_epoch)
     lockfile = opts.lockfile or find_lockfile(spec)
     index = spec.index(opts.index)
-    wheels = fetch_wheels(lockfile, spec.target, index, opts.cache_dir / "wheels", epoch)
-    pins = {w.name: w.version for w in wheels}
-    check_pins(pins, asr=spec.asr is not None)
-    host = host_requirements(wheels, opts.cache_dir / "wheels")
-    if "pyannote-audio" in pins:
-        check_pipeline(spec.pipeline, pins["pyannote-audio"])
-    asked = {m.repo_id: m.revision for m in spec.models}
+    wheels, host = _wheels(spec, lockfile, index, opts, epoch)
     models = fetch_models(tuple(replace(m, revision=opts.model_commits.get(m.repo_id,
                                                                            m.revision))
                                 for m in spec.models),
                           endpoint=opts.endpoint, token=opts.token,
                           cache_dir=opts.cache_dir / "hub")
-    asr = _asr_entry(spec, models)
-    version = pins.get("pyannote-audio", "0")
+    asr = asr_entry(spec, models)
+    version = {w.name: w.version for w in wheels}.get("pyannote-audio", "0")
     bundle_name = f"{spec.name}-{version}-{spec.target.slug}"
-
-    entries: list[Entry] = []
-    for w in wheels:
-        entries.append(Entry(f"{layout.WHEELS_DIR}/{w.filename}", w.sha256, w.size, source=w.path))
-    model_paths: dict[str, str] = {}
-    repo_config: tuple[str, str] | None = None  # (text, folder) of a pipeline repo's config
-    for m in models:
-        for f in m.files:
-            path = f"{layout.MODELS_DIR}/{f.bundle_path}"
-            entries.append(Entry(path, f.sha256, f.size, source=f.local))
-            if m.role in ("segmentation", "embedding"):
-                model_paths[m.role] = path
-            if m.role == "pipeline" and f.path == "config.yaml":
-                repo_config = (f.local.read_text(), posixpath.dirname(path))
-    if spec.pipeline == "pyannote-3.1":
-        config = render.config_yaml(spec, model_paths)
-    elif repo_config is not None:
-        config = render.config_yaml_from_repo(spec, *repo_config)
-    else:
-        raise InputError(f"recipe {spec.name}: its pipeline model must list config.yaml")
-    entries += [
-        Entry.from_bytes(layout.CONFIG, config.encode()),
-        Entry.from_bytes(layout.INSTALL_SH,
-                         render.install_sh(bundle_name, spec).encode()),
-        Entry.from_bytes(layout.README,
-                         render.readme_txt(bundle_name, spec, __version__).encode()),
-        *(Entry.from_bytes(path, render.runtime_bytes(name))
-          for path, name in layout.PROGRAMS.items()),
-        *(Entry.from_bytes(path, render.sample_bytes(fmt))
-          for fmt, path in layout.SAMPLES.items()),
-        *([Entry.from_bytes(layout.DIALOGUE, render.asset_bytes("dialogue.flac"))]
-          if asr else []),
-        Entry.from_bytes(layout.LOCK, bundle_lock(wheels).encode()),
-    ]
-    # The programs that run on the isolated host, named in the manifest and the SBOM too.
-    programs = [e for e in entries if e.path in layout.PROGRAMS or e.path == layout.INSTALL_SH]
-    manifest: dict[str, Any] = {
-        "format": 1,
-        "bundle": bundle_name,
-        # What `rebuild` needs to make the same bundle again: a shipped recipe by name, a
-        # spec file by its own text.
-        "recipe": {"name": spec.name, "pipeline": spec.pipeline, **_spec_source(spec),
-                   # --asr-model, which rebuild passes again
-                   **({"asr_model": spec.asr_override} if spec.asr_override else {})},
-        "target": spec.target.as_dict(),
-        "tool": {"name": "pyannote-bundle", "version": __version__},
-        "build": {"source_date_epoch": epoch,
-                  "time": datetime.fromtimestamp(epoch, UTC).isoformat(),
-                  "compression": opts.compression},
-        "index": index.redacted(),
-        "lockfile": lockfile.name,
-        "lockfile_sha256": hashlib.sha256(lockfile.read_bytes()).hexdigest(),
-        # The backend that built the wheels made here from sdists (none: null).
-        "build_backend": _build_backend(wheels),
-        "pyannote_audio": version,
-        # What the wheels need from the host; runtime/hostlibs.py checks it before install.
-        "host_requirements": host,
-        "wheels": [{"name": w.name, "version": w.version, "filename": w.filename,
-                    "sha256": w.sha256, "size": w.size, "built_from_sdist": w.built_from,
-                    "license": wheel_license(w.path)}
-                   for w in wheels],
-        "programs": [{"path": e.path, "sha256": e.sha256, "size": e.size}
-                     for e in sorted(programs, key=lambda e: e.path)],
-        "models": [{"repo": m.repo_id, "revision": asked.get(m.repo_id, m.revision),
-                    "commit": m.commit,
-                    "role": m.role, "license": m.license,
-                    "files": [{"path": f.path,
-                               "bundle_path": f"{layout.MODELS_DIR}/{f.bundle_path}",
-                               "sha256": f.sha256, "size": f.size} for f in m.files]}
-                   for m in models],
-    }
-    if asr:
-        manifest["asr"] = asr
+    entries = [*_fetched(wheels, models),
+               *_rendered(spec, bundle_name, models, wheels, with_dialogue=asr is not None)]
+    info = BundleInfo(bundle_name, spec, epoch, opts.compression, index, lockfile, version,
+                      host, asr)
+    manifest = assemble(info, wheels, models, entries)
     entries.append(Entry.from_bytes(layout.SBOM, sbom_json(manifest)))
     if opts.self_test:
         expected, manifest["self_test"] = self_test(entries, manifest, spec, opts.python)
@@ -197,44 +123,66 @@ def build(spec: Spec, opts: BuildOptions) -> BuildResult:
     return BuildResult(bundle_name, packed, manifest)
 
 
-def _asr_entry(spec: Spec, models: list[FetchedModel]) -> dict[str, Any] | None:
-    """The manifest's ``asr``: where the ASR model lies, what it is (read from its own files:
-    bundler.asr refuses the traps), and how bin/transcribe runs it."""
-    fetched = next((m for m in models if m.role == ASR_ROLE), None)
-    if fetched is None:
-        return None
-    with tempfile.TemporaryDirectory(prefix="pyannote-bundle-asr-") as tmp:
-        # The model as faster-whisper will see it: one folder, the repo's file names.
-        for f in fetched.files:
-            os.symlink(f.local, Path(tmp) / f.path)
-        info = inspect_whisper(Path(tmp))
-    folder = posixpath.dirname(fetched.files[0].bundle_path)
-    return {"repo": fetched.repo_id, "commit": fetched.commit,
-            "path": f"{layout.MODELS_DIR}/{folder}",
-            "compute_type": spec.asr_compute_type,
-            "multilingual": info.multilingual, "n_mels": info.n_mels,
-            "vocab_size": info.vocab_size,
-            "files": sorted(f.path for f in fetched.files)}
+def _wheels(spec: Spec, lockfile: Path, index: IndexOptions, opts: BuildOptions,
+            epoch: int) -> tuple[list[WheelFile], dict[str, Any]]:
+    """The locked wheels, checked against pyannote's traps, and what they need of the host."""
+    wheels = fetch_wheels(lockfile, spec.target, index, opts.cache_dir / "wheels", epoch)
+    pins = {w.name: w.version for w in wheels}
+    check_pins(pins, asr=spec.asr is not None)
+    host = host_requirements(wheels, opts.cache_dir / "wheels")
+    if "pyannote-audio" in pins:
+        check_pipeline(spec.pipeline, pins["pyannote-audio"])
+    return wheels, host
 
 
-def _spec_source(spec: Spec) -> dict[str, Any]:
-    """A shipped recipe by name; a spec file by its text (None when it cannot be read)."""
-    if spec.source == f"recipe {spec.name}":
-        return {"source": "recipe", "spec": None}
-    try:
-        text: str | None = Path(spec.source).read_text()
-    except (OSError, UnicodeDecodeError):
-        text = None
-    return {"source": "spec", "spec": text}
+def _fetched(wheels: list[WheelFile], models: list[FetchedModel]) -> list[Entry]:
+    """The bulk: every wheel and model file, packed from the caches."""
+    entries = [Entry(f"{layout.WHEELS_DIR}/{w.filename}", w.sha256, w.size, source=w.path)
+               for w in wheels]
+    for m in models:
+        for f in m.files:
+            entries.append(Entry(f"{layout.MODELS_DIR}/{f.bundle_path}", f.sha256, f.size,
+                                 source=f.local))
+    return entries
 
 
-def _build_backend(wheels: list[Any]) -> dict[str, Any] | None:
-    if not any(w.built_from for w in wheels):
-        return None
-    backend = load_build_lock()
-    return {"lockfile": backend.path.name,
-            "sha256": hashlib.sha256(backend.path.read_bytes()).hexdigest(),
-            "requires": backend.pins}
+def _config(spec: Spec, models: list[FetchedModel]) -> str:
+    """models/config.yaml: the recipe's config with the model paths set (3.1), or the
+    pipeline repo's own config spelled out (community-1)."""
+    model_paths: dict[str, str] = {}
+    repo_config: tuple[str, str] | None = None  # (text, folder) of a pipeline repo's config
+    for m in models:
+        for f in m.files:
+            path = f"{layout.MODELS_DIR}/{f.bundle_path}"
+            if m.role in ("segmentation", "embedding"):
+                model_paths[m.role] = path
+            if m.role == "pipeline" and f.path == "config.yaml":
+                repo_config = (f.local.read_text(), posixpath.dirname(path))
+    if spec.pipeline == "pyannote-3.1":
+        return render.config_yaml(spec, model_paths)
+    if repo_config is not None:
+        return render.config_yaml_from_repo(spec, *repo_config)
+    raise InputError(f"recipe {spec.name}: its pipeline model must list config.yaml")
+
+
+def _rendered(spec: Spec, bundle_name: str, models: list[FetchedModel],
+              wheels: list[WheelFile], with_dialogue: bool) -> list[Entry]:
+    """The small files: config, install.sh, README, the programs, the smoke samples, the
+    bundle's own lock."""
+    return [
+        Entry.from_bytes(layout.CONFIG, _config(spec, models).encode()),
+        Entry.from_bytes(layout.INSTALL_SH,
+                         render.install_sh(bundle_name, spec).encode()),
+        Entry.from_bytes(layout.README,
+                         render.readme_txt(bundle_name, spec, __version__).encode()),
+        *(Entry.from_bytes(path, render.runtime_bytes(name))
+          for path, name in layout.PROGRAMS.items()),
+        *(Entry.from_bytes(path, render.sample_bytes(fmt))
+          for fmt, path in layout.SAMPLES.items()),
+        *([Entry.from_bytes(layout.DIALOGUE, render.asset_bytes("dialogue.flac"))]
+          if with_dialogue else []),
+        Entry.from_bytes(layout.LOCK, bundle_lock(wheels).encode()),
+    ]
 
 
 def self_test(entries: list[Entry], manifest: dict[str, Any], spec: Spec,
@@ -248,7 +196,7 @@ def self_test(entries: list[Entry], manifest: dict[str, Any], spec: Spec,
     try:
         if chosen is None:
             raise HostMismatch(f"no python{spec.target.python} on this host (pass --python)")
-        check_host({"target": spec.target.as_dict()}, chosen)
+        check_interpreter({"target": spec.target.as_dict()}, chosen)
     except HostMismatch as exc:
         if python is not None:
             raise  # asked for explicitly: a wrong interpreter is an error, not a skip

@@ -157,8 +157,8 @@ def build_cmd(recipe: str, spec_file: Path | None, output: Path, target_slug: st
       pyannote-bundle build --spec new.toml --output out/ --base OLD.tar --split-size 4095M
     """
     from bundler.build import BuildOptions, build
+    from bundler.bundlefile import parse_size
     from bundler.errors import InputError
-    from bundler.parts import parse_size
 
     size = parse_size(split_size) if split_size else None  # bad input fails before the build
     if base is not None and compression != "none":
@@ -183,7 +183,7 @@ def build_cmd(recipe: str, spec_file: Path | None, output: Path, target_slug: st
         made = make_delta(base, result.packed.path, output, sign_key)
         click.echo(f"{made.path}\n{made.sidecar}")
     if size is not None:
-        from bundler.parts import split
+        from bundler.bundlefile import split
 
         volumes = split(result.packed.path, size, output)
         click.echo("\n".join(str(p) for p in [*volumes.parts, volumes.listing]))
@@ -446,7 +446,7 @@ def split_cmd(bundle: Path, size: str, output: Path) -> None:
       pyannote-bundle split out/BUNDLE.tar --size 4095M --output usb/
       pyannote-bundle verify usb/BUNDLE.tar.part-000
     """
-    from bundler.parts import parse_size, split
+    from bundler.bundlefile import parse_size, split
 
     res = split(bundle, parse_size(size), output)
     click.echo("\n".join(str(p) for p in [*res.parts, res.listing, res.sidecar]))

@@ -15,22 +15,24 @@ rebuilt byte for byte by the standard library alone.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import os
 import shutil
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bundler import layout
+from bundler.bundlefile import read_sidecar, sidecar_path
+from bundler.checksums import parse_checksums
 from bundler.errors import DeltaError, InputError, IntegrityError, OutputError
-from bundler.hashing import BackgroundSha256
-from bundler.integrity import detect_compression, read_sidecar
+from bundler.integrity import detect_compression, open_bundle
 from bundler.pack import Entry, pack
 from bundler.progress import task
-from bundler.render import parse_checksums
 from bundler.runtime import apply as _apply
 
 log = logging.getLogger("bundler")
@@ -58,10 +60,22 @@ class _Member:
     offset_data: int
     size: int
     is_file: bool
+    mtime: int
 
 
-def _scan(path: Path) -> tuple[list[_Member], dict[str, str], int]:
-    """The members of an uncompressed bundle, its SHA256SUMS (path -> sha256), its size."""
+@dataclass(frozen=True)
+class _Scan:
+    """An uncompressed bundle as the delta needs it, read once by integrity's reader."""
+
+    members: list[_Member]
+    sums: dict[str, str]  # its SHA256SUMS: path -> sha256
+    size: int
+    sha256: str  # of every byte, checked against its sidecar when it has one
+    mtime: int  # its first member's: the time the bundle was built with
+
+
+def _scan(path: Path) -> _Scan:
+    """The members of an uncompressed bundle, its SHA256SUMS, its size and its digest."""
     try:
         with open(path, "rb") as f:
             kind = detect_compression(f)
@@ -70,57 +84,40 @@ def _scan(path: Path) -> tuple[list[_Member], dict[str, str], int]:
     if kind != "none":
         raise InputError(f"{path.name} is {kind}-compressed: deltas need uncompressed bundles "
                          "(build --compression none, the default)")
+    published = read_sidecar(path)
     members: list[_Member] = []
     sums: dict[str, str] = {}
-    try:
-        with tarfile.open(path, "r:") as tar:
-            for info in tar:
-                members.append(_Member(info.name, info.offset, info.offset_data, info.size,
-                                       info.isfile()))
-                top, _, rel = info.name.partition("/")
-                if rel == layout.CHECKSUMS and info.isfile():
-                    listing = tar.extractfile(info)
-                    assert listing is not None
+    with open_bundle(path, expected_sha256=published) as bundle:
+        for info in bundle.members():
+            members.append(_Member(info.name, info.offset, info.offset_data, info.size,
+                                   info.isfile(), int(info.mtime)))
+            if _rel(info.name) == layout.CHECKSUMS and info.isfile():
+                listing = bundle.tar.extractfile(info)
+                assert listing is not None
+                try:
                     sums = parse_checksums(listing.read())
-    except (tarfile.TarError, EOFError, UnicodeDecodeError, ValueError) as exc:
-        raise IntegrityError(path.name, f"not a readable bundle ({exc})") from None
+                except (UnicodeDecodeError, ValueError) as exc:
+                    raise IntegrityError(path.name, f"not a readable bundle ({exc})") from None
+        bundle.read_to_end()
+        digest = bundle.reader.hash.hexdigest()
     if not members or not sums:
         raise IntegrityError(path.name, f"no {layout.CHECKSUMS}: not a pyannote bundle")
-    return members, sums, path.stat().st_size
+    if published is not None and published != digest:
+        raise IntegrityError(path.name, f"sha256 {digest} does not match its sidecar "
+                             f"({published}): damaged; copy it again")
+    first = members[0]
+    return _Scan(members, sums, path.stat().st_size, digest, first.mtime)
 
 
 def _rel(name: str) -> str:
     return name.partition("/")[2]
 
 
-def _hash_file(path: Path, out: dict[str, str]) -> None:
-    h = BackgroundSha256()
-    try:
-        with open(path, "rb") as f:
-            while chunk := f.read(BUFSIZE):
-                h.update(chunk)
-    finally:
-        out[str(path)] = h.hexdigest()
-
-
-def _digests(*paths: Path) -> dict[str, str]:
-    """Whole-file sha256s, read side by side (one reader thread each, hashing on others)."""
-    import threading
-
-    out: dict[str, str] = {}
-    threads = [threading.Thread(target=_hash_file, args=(p, out)) for p in paths]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for p in paths:
-        if str(p) not in out:
-            raise InputError(f"{p}: cannot read")
-        published = read_sidecar(p)
-        if published is not None and published != out[str(p)]:
-            raise IntegrityError(p.name, f"sha256 {out[str(p)]} does not match its sidecar "
-                                 f"({published}): damaged; copy it again")
-    return out
+def _scan_both(old: Path, new: Path) -> tuple[_Scan, _Scan]:
+    """Both bundles read side by side (each hashed on a core of its own)."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        scans = [pool.submit(_scan, old), pool.submit(_scan, new)]
+        return scans[0].result(), scans[1].result()
 
 
 def delta_name(new: Path, old_sha256: str) -> str:
@@ -132,10 +129,10 @@ def delta_name(new: Path, old_sha256: str) -> str:
 def make_delta(old: Path, new: Path, output_dir: Path,
                sign_key: Path | None = None) -> DeltaResult:
     """Write the delta that rebuilds ``new`` from ``old``; nothing under its name on failure."""
-    old_members, old_sums, old_size = _scan(old)
-    new_members, new_sums, new_size = _scan(new)
-    digests = _digests(old, new)
-    old_sha, new_sha = digests[str(old)], digests[str(new)]
+    old_scan, new_scan = _scan_both(old, new)
+    old_members, old_sums, old_size = old_scan.members, old_scan.sums, old_scan.size
+    new_members, new_sums, new_size = new_scan.members, new_scan.sums, new_scan.size
+    old_sha, new_sha = old_scan.sha256, new_scan.sha256
 
     in_old: dict[str, int] = {}  # sha256 -> data offset in OLD
     for m in old_members:
@@ -182,11 +179,9 @@ def make_delta(old: Path, new: Path, output_dir: Path,
                                     json.dumps(meta, indent=1, sort_keys=True).encode()),
                    Entry.from_bytes("apply.py", APPLY_SOURCE.read_bytes()),
                    *payload.values()]
-        with tarfile.open(new, "r:") as tar:  # the delta takes NEW's recorded time
-            first = tar.next()
-            mtime = int(first.mtime) if first is not None else 0
+        # the delta takes NEW's recorded time
         packed = pack(entries, top=top, output_dir=output_dir, compression="none",
-                      mtime=mtime)
+                      mtime=new_scan.mtime)
     except OSError as exc:
         raise OutputError(f"cannot write the delta in {output_dir}: {exc.strerror or exc}; "
                           "nothing was left under its name") from None
@@ -207,8 +202,6 @@ def make_delta(old: Path, new: Path, output_dir: Path,
 
 def _extract(src: Any, m: _Member, work: Path, sha: str | None) -> Entry:
     """Copy one member of NEW out to the work folder, hashed; the payload is packed from it."""
-    import hashlib
-
     payload_dir = work / _apply.PAYLOAD
     payload_dir.mkdir(parents=True, exist_ok=True)
     tmp = payload_dir / f"member-{m.offset}"
@@ -247,7 +240,7 @@ def apply(delta: Path, base: Path, output_dir: Path,
                              "delta tarball; give the .delta.tar, not an unpacked folder")
         from bundler.signing import verify_signature
 
-        signature = {"ok": True, "signer": verify_signature(layout.sidecar_path(delta),
+        signature = {"ok": True, "signer": verify_signature(sidecar_path(delta),
                                                             allowed_signers)}
     size: int | None = None
     try:
@@ -271,6 +264,8 @@ def apply(delta: Path, base: Path, output_dir: Path,
 
 def is_delta(path: Path) -> bool:
     """True when ``path`` is a delta tarball (its second member is ``<top>/delta.json``)."""
+    # A sniff, not a reading: tarfile seeks past members (a hostile size costs nothing here),
+    # and what is not a delta is read by inspect's strict reader, which says what it is.
     try:
         with tarfile.open(path, "r:") as tar:
             for _, info in zip(range(8), tar, strict=False):
@@ -297,7 +292,7 @@ def inspect_delta(path: Path) -> dict[str, Any]:
         "kind": "delta",
         "delta": path.name,
         "size": path.stat().st_size,
-        "sidecar": layout.sidecar_path(path).is_file(),
+        "sidecar": sidecar_path(path).is_file(),
         "needs": meta["base"],
         "makes": meta["target"],
         "members": len(members),

@@ -30,8 +30,8 @@ from typing import Any
 import bundler
 from bundler.build import BuildOptions, build, find_lockfile, source_date_epoch
 from bundler.errors import HostMismatch, InputError, InstallError, SmokeError
-from bundler.hub import HubRepo, LoopbackHub
-from bundler.install import check_host, find_python, make_venv
+from bundler.loopback_hub import HubRepo, LoopbackHub
+from bundler.offline_install import check_interpreter, find_python, make_venv
 from bundler.public_models import PUBLIC_COPIES, fetch_public_copy
 from bundler.spec import ASR_ROLE, IndexOptions, Target, load_recipe, with_asr_model
 from bundler.subproc import clean_env, last_lines, run
@@ -87,7 +87,7 @@ def demo(output_dir: Path, cache_dir: Path, index: IndexOptions,
         raise HostMismatch(f"the demo installs and diarizes the bundle on this host: it "
                            f"needs a python{spec.target.python} (pass --python "
                            f"/path/to/python{spec.target.python})")
-    check_host({"target": spec.target.as_dict()}, chosen)
+    check_interpreter({"target": spec.target.as_dict()}, chosen)
     seconds: dict[str, float] = {}
     lockfile = find_lockfile(spec)
 

@@ -14,10 +14,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from bundler import layout
+from bundler.bundlefile import sidecar_path, total_size, whole
+from bundler.checksums import parse_checksums
 from bundler.errors import IntegrityError, shown
 from bundler.integrity import Limits, open_bundle
-from bundler.parts import total_size, whole
-from bundler.render import parse_checksums
 
 MAX_SMALL = 64 << 20  # manifest, checksums and expected result are far smaller than this
 WANTED = (layout.MANIFEST, layout.CHECKSUMS, layout.EXPECTED)
@@ -74,7 +74,7 @@ def inspect_bundle(tarball: Path) -> dict[str, Any]:
             "tarball": str(tarball),
             "size": total_size(tarball),
             "compression": kind,
-            "sidecar": layout.sidecar_path(whole(tarball)).is_file(),
+            "sidecar": sidecar_path(whole(tarball)).is_file(),
             **summary,
             "manifest_matches_sha256sums": consistent,
             "bytes_read": bytes_read}

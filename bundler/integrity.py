@@ -32,11 +32,18 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any, Self
 
 from bundler import layout
+from bundler.bundlefile import (
+    SIDECAR_SUFFIX,
+    name_bad_part,
+    open_raw,
+    read_sidecar,
+    total_size,
+    whole,
+)
+from bundler.checksums import parse_checksums
 from bundler.errors import IntegrityError, OutputError
 from bundler.hashing import BackgroundSha256
-from bundler.parts import name_bad_part, open_raw, total_size, whole
 from bundler.progress import task
-from bundler.render import parse_checksums
 
 BUFSIZE = 1 << 20
 MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd"}
@@ -204,23 +211,6 @@ class BundleStream:
         self.reader.drain()
 
 
-def read_sidecar(tarball: Path) -> str | None:
-    """The expected sha256 from ``<tarball>.sha256``, or None when there is none."""
-    sidecar = layout.sidecar_path(tarball)
-    try:
-        text = sidecar.read_text()
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise IntegrityError(sidecar.name, f"cannot read the sidecar: {exc}") from None
-    sha, _, name = text.strip().partition("  ")
-    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-        raise IntegrityError(sidecar.name, "is not '<sha256>  <file name>'")
-    if name.lstrip("*") != tarball.name:
-        raise IntegrityError(sidecar.name, f"names '{name[:200]}', not {tarball.name}")
-    return sha
-
-
 def detect_compression(f: IO[bytes]) -> str:
     head = f.read(4)
     f.seek(0)
@@ -297,7 +287,7 @@ def _refusal(name: str, kind: str, reader: HashingReader, exc: BaseException,
             pass
         if reader.hash.hexdigest() != expected_sha256:
             return IntegrityError(name, "sha256 does not match the sidecar "
-                                  f"{name}{layout.SIDECAR_SUFFIX} ({_TAMPERED}): {problem}")
+                                  f"{name}{SIDECAR_SUFFIX} ({_TAMPERED}): {problem}")
     if (isinstance(exc, EOFError) or getattr(exc, "truncated", False)
             or "end of data" in problem):
         return IntegrityError(name, "truncated: the tarball ends early (an incomplete copy "
@@ -332,7 +322,7 @@ def check_and_extract(tarball: Path, work: Path, limits: Limits = Limits(),
     if expected_outer is not None and outer != expected_outer:
         name_bad_part(tarball)  # a split bundle: which part is damaged or out of place
         raise IntegrityError(tarball.name, f"sha256 {outer} does not match the sidecar "
-                             f"{tarball.name}{layout.SIDECAR_SUFFIX} ({expected_outer}): "
+                             f"{tarball.name}{SIDECAR_SUFFIX} ({expected_outer}): "
                              "damaged or tampered")
     root = work / top
     manifest = _check_lists(root, hashes)

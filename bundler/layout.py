@@ -1,32 +1,36 @@
 """Every path inside a bundle and an install prefix, named once.
 
-The builder and the verifier import these names, so the two sides cannot drift.
+The builder and the verifier import these names, so the two sides cannot drift. The names
+the bundle's installer reads on the isolated host (``runtime/install.py``, which cannot
+import the tool) are taken from it, and the offline variables from the runtime's shared
+module; tests/test_contract.py checks the copies a program must keep for itself.
+The files beside a tarball (sidecar, signature, volumes) are bundler.bundlefile's.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from bundler.runtime import install as _installer
 from bundler.runtime.recordings import OFFLINE_ENV as _RUNTIME_OFFLINE_ENV
 
 # --- inside the bundle (relative to its single top-level folder) ---------------
-CHECKSUMS = "SHA256SUMS"
-MANIFEST = "manifest.json"
+CHECKSUMS: str = _installer.CHECKSUMS
+MANIFEST: str = _installer.MANIFEST
 SBOM = "sbom.cdx.json"  # CycloneDX 1.6: every wheel and model file with its sha256
 INSTALL_SH = "install.sh"
 README = "README.txt"
-CONFIGURE = "configure.py"  # writes the absolute config, env file and bin/diarize for a prefix
-LOCK = "requirements.lock"  # hashes of the exact wheels shipped in wheels/
-WHEELS_DIR = "wheels"
+# writes the absolute config, env file and bin/diarize for a prefix
+CONFIGURE: str = _installer.CONFIGURE
+LOCK: str = _installer.LOCK  # hashes of the exact wheels shipped in wheels/
+WHEELS_DIR: str = _installer.WHEELS
 MODELS_DIR = "models"
 CONFIG = f"{MODELS_DIR}/config.yaml"
 SMOKE_DIR = "smoke"
-SMOKE_SCRIPT = f"{SMOKE_DIR}/smoke.py"
+SMOKE_SCRIPT: str = _installer.SMOKE
 SAMPLE_AUDIO = f"{SMOKE_DIR}/sample.wav"
 # The smoke test diarizes the sample in each of these containers, through bin/diarize.
 SAMPLES = {"wav": SAMPLE_AUDIO, "mp3": f"{SMOKE_DIR}/sample.mp3",
            "m4a": f"{SMOKE_DIR}/sample.m4a"}
-EXPECTED = f"{SMOKE_DIR}/expected.json"
+EXPECTED: str = _installer.EXPECTED
 # Real speech (two synthetic voices, known text) that bin/transcribe reads in the smoke test;
 # shipped only in bundles that carry an ASR model.
 DIALOGUE = f"{SMOKE_DIR}/dialogue.flac"
@@ -41,12 +45,11 @@ ENGINES_MODULE = f"{RUNTIME_DIR}/engines.py"
 # What every program that reads recordings shares (inputs, shards, decoding, exit codes).
 RECORDINGS_MODULE = f"{RUNTIME_DIR}/recordings.py"
 # Checks the host has the shared libraries the wheels need (manifest host_requirements).
-HOSTLIBS_SCRIPT = f"{RUNTIME_DIR}/hostlibs.py"
+HOSTLIBS_SCRIPT: str = _installer.HOSTLIBS
 # The one installer: install.sh runs it on the isolated host, verify runs it too.
 INSTALLER = f"{RUNTIME_DIR}/install.py"
 # Every program shipped verbatim from bundler/runtime/: its path in the bundle -> its file
-# there. With install.sh (rendered), these are the code the bundle runs on the host: the
-# manifest and the SBOM name each one with its sha256.
+# there.
 PROGRAMS = {
     CONFIGURE: "configure.py",
     DIARIZE_SCRIPT: "diarize.py",
@@ -58,17 +61,11 @@ PROGRAMS = {
     INSTALLER: "install.py",
     SMOKE_SCRIPT: "smoke.py",
 }
+# The code the bundle runs on the isolated host: the programs above and install.sh. The
+# manifest's ``programs`` and the SBOM name each one with its sha256.
+HOST_PROGRAMS = frozenset({*PROGRAMS, INSTALL_SH})
 
 EXECUTABLES = frozenset({INSTALL_SH})
-
-# --- beside the tarball --------------------------------------------------------
-SIDECAR_SUFFIX = ".sha256"
-
-
-def sidecar_path(tarball: Path) -> Path:
-    """``<tarball>.sha256``: the digest of every byte of the tarball, beside it."""
-    return tarball.with_name(tarball.name + SIDECAR_SUFFIX)
-
 
 # --- inside an install prefix (the installer, runtime/install.py, names its own) -----
 PREFIX_CONFIG = "config.yaml"  # absolute paths, rendered for the release
@@ -78,7 +75,3 @@ PREFIX_TRANSCRIBE = "bin/transcribe"  # the same for runtime/transcribe.py, with
 # The offline variables: a bundled environment never reaches for the network. One list, in
 # the program that runs on the isolated host (configure.py reads it from there too).
 OFFLINE_ENV: dict[str, str] = dict(_RUNTIME_OFFLINE_ENV)
-
-# --- volumes for removable media (bundler/parts.py) ----------------------------
-PART_INFIX = ".part-"  # BUNDLE.part-000, -001, ...: `cat BUNDLE.part-* > BUNDLE` joins them
-PARTS_LIST_SUFFIX = ".parts.sha256"  # the parts' sha256, in `sha256sum -c` form

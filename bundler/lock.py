@@ -11,7 +11,7 @@ the resolver's own line naming the package and the platform.
 
 The lockfile records the sha256 of the ``.in`` it was made from. A relock that changes no
 pin keeps the ``# pyannote-bundle: built ...`` lines of the lockfile it replaces (in
-``build-backend.txt``: the wheels that backend must make from sdists, see bundler.wheels);
+``build-backend.txt``: the wheels that backend must make from sdists, see bundler.sdist);
 a changed backend drops them, and the next build prints the lines to record.
 
 ``--check`` is offline and fast: the lockfile is stale when the ``.in`` changed since, or
@@ -33,9 +33,9 @@ from packaging.utils import canonicalize_name
 
 from bundler.data import data_dir
 from bundler.errors import CannotWrite, InputError, LockError
+from bundler.lockfile import parse_built_records, parse_lockfile
 from bundler.spec import IndexOptions, Spec, Target
 from bundler.subproc import clean_env, last_lines, pip_problem, run
-from bundler.wheels import parse_built_records, parse_lockfile
 
 log = logging.getLogger("bundler")
 

@@ -36,7 +36,7 @@ from elftools.elf.elffile import ELFFile
 
 from bundler.errors import WheelError
 from bundler.progress import task
-from bundler.wheels import WheelFile
+from bundler.wheelcache import WheelFile
 
 log = logging.getLogger("bundler")
 

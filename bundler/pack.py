@@ -24,10 +24,11 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any, cast
 
 from bundler import layout
+from bundler.bundlefile import publishing
+from bundler.checksums import format_checksums
 from bundler.errors import OutputError
 from bundler.hashing import BackgroundSha256
 from bundler.progress import task
-from bundler.render import checksums
 
 log = logging.getLogger("bundler")
 
@@ -123,17 +124,15 @@ def pack(entries: Sequence[Entry], *, top: str, output_dir: Path, compression: s
     names = [e.path for e in entries]
     if len(set(names)) != len(names) or layout.CHECKSUMS in names:
         raise OutputError("internal: duplicate bundle paths")
-    sums = Entry.from_bytes(layout.CHECKSUMS, checksums([(e.path, e.sha256) for e in entries]))
+    sums = Entry.from_bytes(layout.CHECKSUMS,
+                            format_checksums([(e.path, e.sha256) for e in entries]))
     members = sorted([*entries, sums], key=member_order)
 
     final = output_dir / bundle_filename(top, compression)
-    sidecar = layout.sidecar_path(final)
-    tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
-    tmp_sidecar = sidecar.with_name(f".{sidecar.name}.partial-{os.getpid()}")
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    with publishing(output_dir, str(final), "the bundle's name") as pub:
         total = sum(e.size for e in members)
-        with open(tmp, "wb") as raw, task(f"pack: {final.name}", total) as advance:
+        with open(pub.temporary(final), "wb") as raw, \
+                task(f"pack: {final.name}", total) as advance:
             out = _HashingWriter(raw, advance)
             try:
                 _write_tar(out, members, top, compression, mtime)
@@ -142,26 +141,9 @@ def pack(entries: Sequence[Entry], *, top: str, output_dir: Path, compression: s
             raw.flush()
             os.fsync(raw.fileno())
         digest = out.hash.hexdigest()
-        tmp_sidecar.write_text(f"{digest}  {final.name}\n")
-        os.replace(tmp, final)
-        os.replace(tmp_sidecar, sidecar)
-    except OSError as exc:
-        _unlink(tmp, tmp_sidecar)
-        raise OutputError(f"cannot write {final}: {exc.strerror or exc}; nothing was left "
-                          "under the bundle's name") from None
-    except BaseException:
-        _unlink(tmp, tmp_sidecar)
-        raise
+        sidecar = pub.sidecar(final, digest)
     log.info("pack: %s (%d bytes, %d files)", final.name, out.count, len(members))
     return Packed(final, sidecar, digest, out.count, len(members))
-
-
-def _unlink(*paths: Path) -> None:
-    for p in paths:
-        try:
-            p.unlink()
-        except FileNotFoundError:
-            pass
 
 
 def _write_tar(out: _HashingWriter, members: Sequence[Entry], top: str, compression: str,

@@ -9,7 +9,7 @@ loopback Hub exactly as it serves random ones.
 
 Cache layout, under ``CACHE/public/``:
 
-- ``wheels/<sha256>/<file>``: the wheel, as ``bundler.wheels`` caches a locked one;
+- ``wheels/<sha256>/<file>``: the wheel, as ``bundler.wheelcache`` caches a locked one;
 - ``<org>--<name>-<key>/``: the files, named as in the repo and nothing else (the loopback
   Hub serves every file in the folder). ``key`` is a digest of the pinned names and sha256s:
   another pin is another folder.
@@ -29,9 +29,10 @@ from pathlib import Path
 
 from bundler.errors import CannotWrite, InputError, PublicCopyMismatch
 from bundler.hashing import BUFSIZE, sha256_file
+from bundler.lockfile import LockedRequirement
 from bundler.progress import task
 from bundler.spec import IndexOptions, Target
-from bundler.wheels import LockedRequirement, WheelCache, download_locked
+from bundler.wheelcache import WheelCache, download_locked
 
 log = logging.getLogger("bundler")
 

@@ -26,9 +26,11 @@ from typing import Any
 
 from bundler import __version__, layout
 from bundler.build import BuildOptions, build
+from bundler.bundlefile import open_raw
 from bundler.data import data_dir
 from bundler.errors import CannotRebuild, IntegrityError
 from bundler.integrity import BUFSIZE, detect_compression, open_bundle
+from bundler.lockfile import load_build_lock
 from bundler.spec import (
     IndexOptions,
     Spec,
@@ -38,7 +40,6 @@ from bundler.spec import (
     recipe_names,
     with_asr_model,
 )
-from bundler.wheels import load_build_lock
 
 log = logging.getLogger("bundler")
 
@@ -309,7 +310,7 @@ def _lockfile(name: str, sha256: str | None, given: Path | None) -> Path:
 
 def rebuild(bundle: Path, opts: RebuildOptions) -> RebuildReport:
     """Rebuild ``bundle`` from the inputs its manifest records and compare byte for byte."""
-    with open(bundle, "rb") as f:
+    with open_raw(bundle) as f:  # the file, or the stream across its volumes
         compression = detect_compression(f)
     log.info("rebuild: reading %s", bundle.name)
     original = read_tarball(bundle)

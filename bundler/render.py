@@ -11,7 +11,7 @@ import math
 import random
 import struct
 import wave
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from importlib import resources
 from io import BytesIO
 from typing import Any
@@ -19,7 +19,6 @@ from typing import Any
 import jinja2
 import yaml
 
-from bundler import layout
 from bundler.data import data_dir
 from bundler.errors import InputError
 from bundler.spec import Spec
@@ -119,24 +118,6 @@ def readme_txt(bundle_name: str, spec: Spec, tool_version: str) -> str:
 def manifest_json(manifest: Mapping[str, Any]) -> bytes:
     """Canonical JSON: sorted keys, fixed indentation, trailing newline."""
     return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
-
-
-def checksums(entries: Sequence[tuple[str, str]]) -> bytes:
-    """SHA256SUMS in sha256sum's format: ``<hex>  <path>``, sorted by path."""
-    return "".join(f"{sha}  {path}\n" for path, sha in sorted(entries)).encode()
-
-
-def parse_checksums(data: bytes, source: str = layout.CHECKSUMS) -> dict[str, str]:
-    """Parse SHA256SUMS strictly; ValueError names the bad line."""
-    out: dict[str, str] = {}
-    for n, line in enumerate(data.decode("utf-8", "strict").splitlines(), 1):
-        sha, sep, path = line.partition("  ")
-        if not sep or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha) or not path:
-            raise ValueError(f"{source}: line {n} is not '<sha256>  <path>'")
-        if path in out:
-            raise ValueError(f"{source}: line {n} lists {path} twice")
-        out[path] = sha
-    return out
 
 
 def sample_wav(seconds: float = 10.0, rate: int = 16000) -> bytes:

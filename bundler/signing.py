@@ -11,11 +11,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from bundler.bundlefile import signature_path
 from bundler.errors import InputError, IntegrityError
 from bundler.subproc import last_lines, run
 
 NAMESPACE = "pyannote-bundle"
-SUFFIX = ".sig"  # beside the sidecar: <tarball>.sha256.sig
 
 
 def _ssh_keygen() -> str:
@@ -30,7 +30,7 @@ def sign(sidecar: Path, key: Path) -> Path:
     """Write ``<sidecar>.sig`` with the SSH private ``key`` (no passphrase prompt)."""
     if not key.is_file():
         raise InputError(f"--sign-key {key}: no such file")
-    signature = sidecar.with_name(sidecar.name + SUFFIX)
+    signature = signature_path(sidecar)
     signature.unlink(missing_ok=True)
     res = run([_ssh_keygen(), "-Y", "sign", "-q", "-n", NAMESPACE, "-f", str(key),
                str(sidecar)], env={"PATH": "/usr/bin:/bin", "SSH_ASKPASS_REQUIRE": "never"})
@@ -43,7 +43,7 @@ def sign(sidecar: Path, key: Path) -> Path:
 
 def verify_signature(sidecar: Path, allowed_signers: Path) -> str:
     """Check ``<sidecar>.sig`` against ``allowed_signers``; return the signer's identity."""
-    signature = sidecar.with_name(sidecar.name + SUFFIX)
+    signature = signature_path(sidecar)
     if not sidecar.is_file():
         raise IntegrityError(sidecar.name, "missing: a signed bundle needs its sidecar")
     if not signature.is_file():

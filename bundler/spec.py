@@ -251,26 +251,12 @@ def parse_spec(text: str, source: str, target: Target | None = None) -> Spec:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(source, "-", f"not valid TOML: {exc}") from None
-
-    def need(obj: Mapping[str, Any], key: str, where: str, kind: type) -> Any:
-        if key not in obj:
-            raise SpecError(source, f"{where}{key}", "missing")
-        value = obj[key]
-        if not isinstance(value, kind):
-            raise SpecError(source, f"{where}{key}", f"must be a {kind.__name__}")
-        return value
-
-    def no_unknown(obj: Mapping[str, Any], allowed: set[str], where: str) -> None:
-        for key in obj:
-            if key not in allowed:
-                raise SpecError(source, f"{where}{key}",
-                                f"unknown key (known: {', '.join(sorted(allowed))})")
-
-    no_unknown(data, _TOP_KEYS, "")
-    name = need(data, "name", "", str)
+    fields = _Fields(source)
+    fields.no_unknown(data, _TOP_KEYS, "")
+    name = fields.need(data, "name", "", str)
     if not NAME.match(name):
         raise SpecError(source, "name", "use lowercase letters, digits, '.', '_' and '-'")
-    pipeline = need(data, "pipeline", "", str)
+    pipeline = fields.need(data, "pipeline", "", str)
     if pipeline not in PIPELINES:
         raise SpecError(source, "pipeline", f"'{pipeline}' is not one of {', '.join(PIPELINES)}")
     lockfile = data.get("lockfile", name)
@@ -280,51 +266,96 @@ def parse_spec(text: str, source: str, target: Target | None = None) -> Spec:
     config = data.get("config", {})
     if not isinstance(config, dict):
         raise SpecError(source, "config", "must be a table")
-    index = data.get("index", {})
+    urls = _parse_index(data.get("index", {}), fields)
+    raw_models = fields.need(data, "models", "", list)
+    if not raw_models:
+        raise SpecError(source, "models", "at least one model is needed")
+    models = [_parse_model(raw, i, pipeline, fields) for i, raw in enumerate(raw_models)]
+    asr, compute_type = _parse_asr(data.get("asr"), fields)
+    if asr is not None:
+        models.append(asr)
+    _check_models(models, pipeline, source)
+    return Spec(name=name, pipeline=pipeline, lockfile=lockfile, models=tuple(models),
+                config=config, description=str(data.get("description", "")),
+                target=target or Target.host(), source=source,
+                extra_index_urls=urls["extra_index_urls"], find_links=urls["find_links"],
+                asr_compute_type=compute_type)
+
+
+class _Fields:
+    """The checks every table of a spec gets, naming the file and the field."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def need(self, obj: Mapping[str, Any], key: str, where: str, kind: type) -> Any:
+        if key not in obj:
+            raise SpecError(self.source, f"{where}{key}", "missing")
+        value = obj[key]
+        if not isinstance(value, kind):
+            raise SpecError(self.source, f"{where}{key}", f"must be a {kind.__name__}")
+        return value
+
+    def no_unknown(self, obj: Mapping[str, Any], allowed: set[str], where: str) -> None:
+        for key in obj:
+            if key not in allowed:
+                raise SpecError(self.source, f"{where}{key}",
+                                f"unknown key (known: {', '.join(sorted(allowed))})")
+
+
+def _parse_index(index: Any, fields: _Fields) -> dict[str, tuple[str, ...]]:
+    """``[index]``: extra index URLs and find-links, each a list of URLs or paths."""
     if not isinstance(index, dict):
-        raise SpecError(source, "index", "must be a table")
-    no_unknown(index, _INDEX_KEYS, "index.")
+        raise SpecError(fields.source, "index", "must be a table")
+    fields.no_unknown(index, _INDEX_KEYS, "index.")
     urls: dict[str, tuple[str, ...]] = {}
     for key in _INDEX_KEYS:
         value = index.get(key, [])
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            raise SpecError(source, f"index.{key}", "must be a list of URLs or paths")
+            raise SpecError(fields.source, f"index.{key}", "must be a list of URLs or paths")
         urls[key] = tuple(value)
+    return urls
 
-    raw_models = need(data, "models", "", list)
-    if not raw_models:
-        raise SpecError(source, "models", "at least one model is needed")
-    models: list[ModelRef] = []
-    for i, raw in enumerate(raw_models):
-        where = f"models[{i}]."
-        if not isinstance(raw, dict):
-            raise SpecError(source, f"models[{i}]", "must be a table")
-        no_unknown(raw, _MODEL_KEYS, where)
-        repo = need(raw, "repo", where, str)
-        if not REPO_ID.match(repo):
-            raise SpecError(source, f"{where}repo", f"'{repo}' is not a Hub repo id 'org/name'")
-        revision = raw.get("revision", "main")
-        if not isinstance(revision, str) or not revision or any(c in revision for c in " \n"):
-            raise SpecError(source, f"{where}revision", "must be a branch, tag or 40-hex commit")
-        role = need(raw, "role", where, str)
-        if role not in ROLES:
-            raise SpecError(source, f"{where}role", f"'{role}' is not one of {', '.join(ROLES)}")
-        license_ = raw.get("license", "unknown")
-        files = _parse_files(raw.get("files"), repo, pipeline, source, where)
-        models.append(ModelRef(repo, revision, role, files, str(license_)))
 
-    asr = data.get("asr")
-    compute_type = None
-    if asr is not None:
-        if not isinstance(asr, dict):
-            raise SpecError(source, "asr", "must be a table")
-        no_unknown(asr, _ASR_KEYS, "asr.")
-        compute_type = asr.get("compute_type")
-        if compute_type is not None and compute_type not in COMPUTE_TYPES:
-            raise SpecError(source, "asr.compute_type",
-                            f"'{compute_type}' is not one of {', '.join(COMPUTE_TYPES)}")
-        models.append(_asr_model(need(asr, "repo", "asr.", str), asr.get("revision", "main"),
-                                 str(asr.get("license", "unknown")), asr.get("files"), source))
+def _parse_model(raw: Any, i: int, pipeline: str, fields: _Fields) -> ModelRef:
+    """One ``[[models]]`` table."""
+    source, where = fields.source, f"models[{i}]."
+    if not isinstance(raw, dict):
+        raise SpecError(source, f"models[{i}]", "must be a table")
+    fields.no_unknown(raw, _MODEL_KEYS, where)
+    repo = fields.need(raw, "repo", where, str)
+    if not REPO_ID.match(repo):
+        raise SpecError(source, f"{where}repo", f"'{repo}' is not a Hub repo id 'org/name'")
+    revision = raw.get("revision", "main")
+    if not isinstance(revision, str) or not revision or any(c in revision for c in " \n"):
+        raise SpecError(source, f"{where}revision", "must be a branch, tag or 40-hex commit")
+    role = fields.need(raw, "role", where, str)
+    if role not in ROLES:
+        raise SpecError(source, f"{where}role", f"'{role}' is not one of {', '.join(ROLES)}")
+    license_ = raw.get("license", "unknown")
+    files = _parse_files(raw.get("files"), repo, pipeline, source, where)
+    return ModelRef(repo, revision, role, files, str(license_))
+
+
+def _parse_asr(asr: Any, fields: _Fields) -> tuple[ModelRef | None, str | None]:
+    """``[asr]``: the speech-recognition model and its compute type, when there is one."""
+    if asr is None:
+        return None, None
+    source = fields.source
+    if not isinstance(asr, dict):
+        raise SpecError(source, "asr", "must be a table")
+    fields.no_unknown(asr, _ASR_KEYS, "asr.")
+    compute_type = asr.get("compute_type")
+    if compute_type is not None and compute_type not in COMPUTE_TYPES:
+        raise SpecError(source, "asr.compute_type",
+                        f"'{compute_type}' is not one of {', '.join(COMPUTE_TYPES)}")
+    model = _asr_model(fields.need(asr, "repo", "asr.", str), asr.get("revision", "main"),
+                       str(asr.get("license", "unknown")), asr.get("files"), source)
+    return model, compute_type
+
+
+def _check_models(models: list[ModelRef], pipeline: str, source: str) -> None:
+    """The roles the pipeline needs, each once; no two files at one path in the bundle."""
     roles = [m.role for m in models]
     wanted = ("segmentation", "embedding") if pipeline == "pyannote-3.1" else ("pipeline",)
     for role in wanted:
@@ -337,11 +368,6 @@ def parse_spec(text: str, source: str, target: Target | None = None) -> Spec:
             if f.bundle_path in seen:
                 raise SpecError(source, "models", f"two files land at models/{f.bundle_path}")
             seen.add(f.bundle_path)
-    return Spec(name=name, pipeline=pipeline, lockfile=lockfile, models=tuple(models),
-                config=config, description=str(data.get("description", "")),
-                target=target or Target.host(), source=source,
-                extra_index_urls=urls["extra_index_urls"], find_links=urls["find_links"],
-                asr_compute_type=compute_type)
 
 
 def _asr_model(repo: str, revision: Any, license_: str, files: Any, source: str,

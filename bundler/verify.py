@@ -20,11 +20,11 @@ from typing import Any
 import yaml
 
 from bundler import layout, traps
+from bundler.bundlefile import sidecar_path, whole
 from bundler.errors import BundlerError
 from bundler.hashing import sha256_file
-from bundler.install import check_host, find_python, run_installer
 from bundler.integrity import Limits, check_and_extract
-from bundler.parts import whole
+from bundler.offline_install import check_interpreter, find_python, run_installer
 from bundler.signing import verify_signature
 
 
@@ -49,7 +49,7 @@ def verify(tarball: Path, opts: VerifyOptions) -> dict[str, Any]:
     try:
         if opts.allowed_signers is not None:
             report["signature"] = {"ok": True, "signer": verify_signature(
-                layout.sidecar_path(whole(tarball)), opts.allowed_signers)}
+                sidecar_path(whole(tarball)), opts.allowed_signers)}
         integrity = check_and_extract(tarball, work / "bundle", opts.limits, opts.hash_members)
         report["integrity"] = integrity.as_dict()
         if not opts.install:  # a staging host, a copy on removable media: any host will do
@@ -60,7 +60,7 @@ def verify(tarball: Path, opts: VerifyOptions) -> dict[str, Any]:
             return report
         want = str(integrity.manifest.get("target", {}).get("python"))
         python = find_python(want, opts.python) or sys.executable
-        check_host(integrity.manifest, python)  # the tool's advice (--python) comes first
+        check_interpreter(integrity.manifest, python)  # the tool's advice (--python) comes first
         # An install in the work folder is removed once proven: compiling every module of
         # torch for it would cost more than the smoke test imports. One that stays
         # (--prefix, --keep) is compiled, as install.sh does.

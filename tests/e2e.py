@@ -117,6 +117,20 @@ def connection_attempts(trace: Path) -> list[str]:
             and "AF_UNIX" not in ln and "AF_NETLINK" not in ln]
 
 
+def assert_diarized(out: Path, rel: str) -> dict[str, Any]:
+    """``rel``'s RTTM and JSON in ``out`` describe the 10 s sample: SPEAKER lines for the
+    file's id, with turns; returns the JSON record."""
+    rttm = (out / f"{rel}.rttm").read_text().splitlines()
+    assert rttm, rel
+    for line in rttm:
+        fields = line.split()
+        assert len(fields) == 10 and fields[0] == "SPEAKER" and fields[2] == "1", line
+        assert fields[1] == rel.replace(" ", "_") and float(fields[4]) > 0, line
+    record: dict[str, Any] = json.loads((out / f"{rel}.json").read_text())
+    assert abs(record["audio_seconds"] - 10.0) < 0.1 and record["segments"], rel
+    return record
+
+
 def check_diarize_on_real_recordings(inst: Installed, expect_exclusive: bool,
                                      rerun_and_shards: bool = True) -> None:
     """What bin/diarize promises, on one installed bundle: every container the README names,
@@ -141,15 +155,8 @@ def check_diarize_on_real_recordings(inst: Installed, expect_exclusive: bool,
     assert "broken.m4a: cannot decode" in proc.stderr
     assert report["network_attempts"] == 0
     assert connection_attempts(trace) == [], "connect() seen from outside the process"
-    for label, rel in good.items():
-        rttm = (out / f"{rel}.rttm").read_text().splitlines()
-        assert rttm, label
-        for line in rttm:
-            fields = line.split()
-            assert len(fields) == 10 and fields[0] == "SPEAKER" and fields[2] == "1", line
-            assert fields[1] == rel.replace(" ", "_") and float(fields[4]) > 0, line
-        record = json.loads((out / f"{rel}.json").read_text())
-        assert abs(record["audio_seconds"] - 10.0) < 0.1 and record["segments"], label
+    for rel in good.values():
+        record = assert_diarized(out, rel)
         assert ("exclusive_segments" in record) is expect_exclusive
     assert not list(out.rglob("broken*")) and not list(out.rglob(".*.tmp"))
     assert (out / "call.wav.rttm").is_file() and (out / "meetings/call.wav.rttm").is_file()
@@ -176,6 +183,121 @@ def check_diarize_on_real_recordings(inst: Installed, expect_exclusive: bool,
         assert data["shard"] == {"index": index, "count": 2, "from": "--shard"}
         seen += [o["file"] for o in data["outputs"]] + [f["file"] for f in data["failures"]]
     assert sorted(seen) == sorted([*good.values(), "broken.m4a"])
+
+
+SLURM_TASKS = 3  # the array size put in the docs' script: 6 files, 2 in each share
+
+
+def check_slurm_job_array_from_the_docs(inst: Installed) -> None:
+    """docs/diarize.md's ``diarize.sbatch``, as printed there with this site's values put in
+    (the prefix, corpus and output paths, the array size, one CPU per task so that two tasks
+    share this 2-CPU node at once), submitted as nobody with the commands the docs show, on
+    a real single-node Slurm: every file is diarized by exactly one task, the task that
+    exits 4 names the corrupt file in its log, and a second submission redoes only what is
+    missing."""
+    import slurm
+
+    doc = slurm.job_array_from_docs()
+    assert doc.script.startswith("#!/bin/sh\n") and "sbatch diarize.sbatch" in doc.commands
+    corpus = inst.base / "slurm-corpus"
+    files = media.corpus(corpus)
+    for label in ("flac", "mp4", "webm"):  # each container is proven above: fewer files
+        files.pop(label).unlink()
+    for path in corpus.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    listed = sorted(p.relative_to(corpus).as_posix() for p in files.values())
+    broken = files["corrupt"].relative_to(corpus).as_posix()
+    good = [rel for rel in listed if rel != broken]
+    out = output_dir(inst, "slurm-rttm")
+    jobs = output_dir(inst, "slurm-jobs")  # the submit folder: logs/ and summaries go here
+    (jobs / "diarize.sbatch").write_text(slurm.docs_script_for_site(
+        inst.prefix, corpus, out, tasks=SLURM_TASKS, cpus=1))
+
+    def submit(cluster: slurm.Cluster,
+               command: str = doc.commands) -> tuple[int, list[slurm.Task]]:
+        proc = cluster.client("sh", "-ec", command, cwd=jobs, user=NOBODY)
+        found = re.search(r"Submitted batch job (\d+)", proc.stdout)
+        assert proc.returncode == 0 and found, proc.stdout + proc.stderr
+        job = int(found.group(1))
+        tasks = cluster.wait(job, SLURM_TASKS, timeout=900)
+        logs = [jobs / f"logs/diarize-{job}_{t.task_id}.log" for t in tasks]
+        # Slurm opens a task's --output itself: where it cannot, the task fails, and only
+        # slurmd's own log says why.
+        assert all(log.is_file() for log in logs), f"{tasks}\n{cluster.logs()}"
+        return job, tasks
+
+    def summaries(job: int, tasks: list[slurm.Task], first: int = 0,
+                  step: int = 1) -> list[dict[str, Any]]:
+        """Each task's --json summary, its share (task_id - first) / step as the docs say;
+        the task that met the corrupt file exited 4 and named it in its log, others 0."""
+        found = []
+        for task in tasks:
+            log = (jobs / f"logs/diarize-{job}_{task.task_id}.log").read_text()
+            assert "Traceback" not in log, log[-3000:]
+            data = json.loads((jobs / f"logs/summary-{task.task_id}.json").read_text())
+            assert data["shard"] == {"index": (task.task_id - first) // step,
+                                     "count": SLURM_TASKS, "from": "SLURM_ARRAY_TASK_ID"}
+            assert data["network_attempts"] == 0
+            if [f["file"] for f in data["failures"]] == [broken]:
+                assert (task.state, task.exit_code) == ("FAILED", 4), task
+                assert f"{broken}: cannot decode" in log, log[-3000:]
+            else:
+                assert data["failures"] == [], data["failures"]
+                assert (task.state, task.exit_code) == ("COMPLETED", 0), (task, log[-3000:])
+            found.append(data)
+        return found
+
+    with slurm.single_node_slurm(inst.base / "slurm") as cluster:
+        job, tasks = submit(cluster)
+        assert [t.task_id for t in tasks] == list(range(SLURM_TASKS))
+        first = summaries(job, tasks)
+        # The sorted list dealt out: task I took every N-th file from the I-th, so every
+        # file was taken once, by one task, and written once into the shared tree.
+        for index, data in enumerate(first):
+            taken = [o["file"] for o in data["outputs"]] + [f["file"] for f in data["failures"]]
+            assert sorted(taken) == listed[index::SLURM_TASKS], (index, taken)
+            assert data["files"] == len(taken)
+            assert data["done"] == len(data["outputs"]) and data["skipped"] == 0
+        assert sorted(o["file"] for d in first for o in d["outputs"]) == good
+        written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+        assert written == sorted(f"{rel}.{fmt}" for rel in good for fmt in ("json", "rttm"))
+        for rel in good:
+            assert_diarized(out, rel)
+
+        # A file lost from each of two tasks' shares (one output, or both); the same
+        # submission again.
+        shares = [listed[index::SLURM_TASKS] for index in range(SLURM_TASKS)]
+        lost = [next(rel for rel in share if rel != broken) for share in shares[:2]]
+        for rel in lost:
+            (out / f"{rel}.rttm").unlink()
+        (out / f"{lost[1]}.json").unlink()
+        kept = [out / f"{rel}.{fmt}" for rel in good if rel not in lost
+                for fmt in ("json", "rttm")]
+        stamps = {p: p.stat().st_mtime_ns for p in kept}
+        job2, tasks2 = submit(cluster)
+        assert job2 != job
+        second = summaries(job2, tasks2)
+        redone = sorted(o["file"] for d in second for o in d["outputs"])
+        assert redone == sorted(lost)
+        assert sum(d["skipped"] for d in second) == len(good) - len(lost)
+        # A task with nothing missing loaded no pipeline at all.
+        idle = [d for d in second if d["files"] == d["skipped"]]
+        assert idle and all(d["device"] is None and d["load_seconds"] == 0 for d in idle)
+        assert {p: p.stat().st_mtime_ns for p in kept} == stamps  # nothing else rewritten
+        for rel in good:
+            assert_diarized(out, rel)
+
+        # Another geometry from sbatch's command line (which overrides the file's): tasks
+        # 1, 3, 5 are shares 0, 1, 2, and with nothing left to do none loads a pipeline.
+        files["corrupt"].unlink()
+        job3, tasks3 = submit(cluster, "sbatch --array=1-5:2 diarize.sbatch")
+        assert [t.task_id for t in tasks3] == [1, 3, 5]
+        third = summaries(job3, tasks3, first=1, step=2)
+        assert [d["skipped"] for d in third] == [len(good[i::SLURM_TASKS])
+                                                 for i in range(SLURM_TASKS)]
+        assert all(d["device"] is None and d["done"] == 0 for d in third)
+        assert {p: p.stat().st_mtime_ns for p in kept} == stamps
+    assert not list(out.rglob(".*.tmp")) and not list(out.rglob("broken*"))
 
 
 def check_next_steps_work_verbatim(inst: Installed) -> None:

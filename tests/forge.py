@@ -23,10 +23,10 @@ from conftest import EMB, SEG, TINY_LOCK
 from hubfaults import FaultyHub
 
 from bundler import layout, render
-from bundler.hub import HubRepo
+from bundler.hashing import sha256_file
+from bundler.loopback_hub import HubRepo
 from bundler.pack import Entry, pack
 from bundler.sbom import sbom_json
-from bundler.wheels import sha256_file
 
 
 def extract(bundle: Path, dest: Path) -> None:

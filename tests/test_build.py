@@ -19,11 +19,12 @@ from conftest import EMB, SEG, TINY_LOCK, TINY_UV_LOCK, TinyBundle
 from cyclonedx.schema import SchemaVersion
 from cyclonedx.validation.json import JsonStrictValidator
 
+from bundler import layout
 from bundler.build import BuildOptions, build
 from bundler.errors import WheelError
-from bundler.hub import HubRepo, LoopbackHub
-from bundler.install import make_venv
 from bundler.integrity import check_and_extract
+from bundler.loopback_hub import HubRepo, LoopbackHub
+from bundler.offline_install import make_venv
 from bundler.spec import IndexOptions, load_recipe
 from bundler.wheels import fetch_wheels
 
@@ -247,11 +248,7 @@ def test_sbom_lists_every_wheel_and_model_file_with_its_hash(tmp_path: Path,
             assert c["licenses"][0]["license"]["id"] == m["license"]
     # bin/diarize's code and the installer are components too, hashed like the rest.
     programs = {p["path"]: p["sha256"] for p in manifest["programs"]}
-    assert set(programs) == {"runtime/diarize.py", "runtime/engines.py", "runtime/hostlibs.py",
-                             "runtime/install.py",
-                             "runtime/recordings.py", "runtime/transcribe.py",
-                             "runtime/transcript.py", "configure.py",
-                             "smoke/smoke.py", "install.sh"}
+    assert set(programs) == layout.HOST_PROGRAMS
     for path, sha in programs.items():
         assert by_ref[f"file:{path}"]["hashes"][0]["content"] == sha
         assert f"{sha}  {path}\n" in sums

@@ -9,7 +9,7 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from bundler.wheels import parse_lockfile
+from bundler.lockfile import parse_lockfile
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / ".ci" / "requirements-test.txt"
@@ -43,3 +43,14 @@ def test_ci_makes_fresh_venvs_and_installs_the_tools_by_hash_the_project_as_user
     assert "'.[test]'" not in script and "--upgrade pip" not in script
     assert re.search(r"pip install --quiet --index-url https://pypi.org/simple \.$", script,
                      re.M), "the project itself, with its dependencies resolved by pip"
+
+
+def test_ci_installs_the_system_packages_the_slow_tests_run_and_starts_none() -> None:
+    """The Slurm job array test (tests/slurm.py) fails, never skips, where Slurm is missing:
+    CI installs it, with one index update for every package, and its services stay off
+    (the test starts and stops its own daemons)."""
+    script = (ROOT / ".ci" / "run").read_text()
+    assert len(re.findall(r"apt-get update", script)) == 1
+    assert re.search(r"^\s*apt_install --no-install-recommends slurm-wlm munge$", script, re.M)
+    assert "exit 101" in script and "trap 'rm -f /usr/sbin/policy-rc.d' EXIT" in script
+    assert not re.search(r"\b(systemctl|service|invoke-rc\.d) ", script)

@@ -12,7 +12,7 @@ from conftest import EMB, SEG, TINY_LOCK
 
 from bundler import errors
 from bundler.build import BuildOptions, build
-from bundler.hub import HubRepo, LoopbackHub
+from bundler.loopback_hub import HubRepo, LoopbackHub
 from bundler.spec import load_recipe
 from bundler.traps import check_config, check_pipeline
 

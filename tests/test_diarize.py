@@ -90,6 +90,27 @@ def test_shard_comes_from_the_option_slurm_or_an_indexed_job() -> None:
     assert r.resolve_shard(None, None, {}) == r.Shard(0, 1, "none")
 
 
+def test_the_docs_slurm_array_takes_a_sites_paths_and_sizes() -> None:
+    """docs/diarize.md's diarize.sbatch with a site's values in (tests/slurm.py; the slow
+    end-to-end test runs it on a real Slurm): the docs still print their own values where a
+    site puts its own, the script stays valid sh and a path with a space stays one argument;
+    logs/ is made before sbatch (Slurm fails a task whose --output folder is missing)."""
+    import shlex
+
+    import slurm
+
+    script = slurm.docs_script_for_site(Path("/opt/a b/prefix"), Path("/data/my corpus"),
+                                        Path("/data/rttm"), tasks=3, cpus=1)
+    assert "\n#SBATCH --array=0-2\n" in script and "\n#SBATCH --cpus-per-task=1\n" in script
+    assert subprocess.run(["sh", "-n"], input=script, text=True).returncode == 0
+    command = script.split("\nexec ", 1)[1].replace("\\\n", " ")
+    argv = shlex.split(command.split(">", 1)[0])
+    assert argv[:4] == ["/opt/a b/prefix/bin/diarize", "/data/my corpus", "--output-dir",
+                        "/data/rttm"] and "--json" in argv
+    commands = slurm.job_array_from_docs().commands
+    assert "mkdir -p logs" in commands.split("sbatch diarize.sbatch", 1)[0], commands
+
+
 @pytest.mark.parametrize("option,count,env,message", [
     ("2/2", None, {}, "I must be 0 to N-1"),
     ("1-4", None, {}, "expected I/N"),

@@ -31,6 +31,7 @@ from e2e import (
     check_diarize_on_real_recordings,
     check_engines_match_pyannote,
     check_next_steps_work_verbatim,
+    check_slurm_job_array_from_the_docs,
     check_transcribe_on_real_speech,
     installed_by_install_sh,
 )
@@ -207,6 +208,11 @@ def test_install_sh_works_offline_with_a_clean_environment(installed: Installed,
 def test_diarize_turns_real_recordings_into_rttm_offline_as_nobody(
         installed: Installed) -> None:
     check_diarize_on_real_recordings(installed, expect_exclusive=False)
+
+
+def test_slurm_job_array_from_the_docs_diarizes_every_file_once(installed: Installed) -> None:
+    # Sharding is bin/diarize's own code, the same in every bundle: this recipe proves it.
+    check_slurm_job_array_from_the_docs(installed)
 
 
 def test_transcribe_turns_real_speech_into_speaker_labelled_text_offline_as_nobody(

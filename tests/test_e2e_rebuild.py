@@ -29,7 +29,7 @@ import pytest
 from e2e import pyenv_python, tool_cache
 
 from bundler.demo import COMPLETE, checkpoints, serve
-from bundler.hub import LoopbackHub
+from bundler.loopback_hub import LoopbackHub
 from bundler.spec import IndexOptions
 
 pytestmark = pytest.mark.slow

@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from bundler import layout
+from bundler import bundlefile, layout
 from bundler.cli import main
 from bundler.pack import Entry, pack
 from bundler.render import manifest_json
@@ -61,7 +61,7 @@ def _plain(name: str) -> bytes:
 
 def _with_sidecar(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
-    path.with_name(path.name + layout.SIDECAR_SUFFIX).write_text(
+    path.with_name(path.name + bundlefile.SIDECAR_SUFFIX).write_text(
         f"{hashlib.sha256(data).hexdigest()}  {path.name}\n")
     return path
 

@@ -157,18 +157,18 @@ def test_install_sh_blames_an_interpreter_that_does_not_run_not_the_bundle(
 
 def test_the_tool_installs_with_the_targets_python_or_says_which_it_needs(
         tmp_path: Path) -> None:
-    from bundler.install import check_host, find_python
+    from bundler.offline_install import check_interpreter, find_python
 
     py312 = str(_interpreter(12))
     manifest = {"target": {"python": "3.12", "arch": os.uname().machine}}
-    assert check_host(manifest, py312)["interpreter"] == py312
+    assert check_interpreter(manifest, py312)["interpreter"] == py312
     assert find_python("3.12", py312) == py312
     assert find_python(f"{sys.version_info[0]}.{sys.version_info[1]}") == sys.executable
     if sys.version_info[:2] != (3, 12):
         with pytest.raises(errors.HostMismatch, match="pass --python /path/to/python3.12"):
-            check_host(manifest, sys.executable)
+            check_interpreter(manifest, sys.executable)
     broken = tmp_path / "python3.12"
     broken.write_text("#!/bin/sh\nexit 127\n")
     broken.chmod(0o755)
     with pytest.raises(errors.HostMismatch, match="does not run"):
-        check_host(manifest, str(broken))
+        check_interpreter(manifest, str(broken))

@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 
 from bundler import layout, native
+from bundler.hashing import sha256_file
 from bundler.runtime import install as installer
-from bundler.wheels import WheelFile, sha256_file
+from bundler.wheelcache import WheelFile
 
 REAL_SO = Path(_ctypes.__file__)
 HOSTLIBS = Path(native.__file__).parent / "runtime" / "hostlibs.py"

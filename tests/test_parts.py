@@ -13,9 +13,9 @@ import pytest
 from conftest import EMB, SEG, TINY_LOCK
 
 from bundler.build import BuildOptions, build
+from bundler.bundlefile import parse_size
 from bundler.errors import InputError
-from bundler.hub import HubRepo, LoopbackHub
-from bundler.parts import parse_size
+from bundler.loopback_hub import HubRepo, LoopbackHub
 from bundler.spec import load_recipe
 
 CLI = [sys.executable, "-m", "bundler"]

@@ -18,7 +18,7 @@ from forge import flip_byte
 
 from bundler import errors
 from bundler.hashing import sha256_file
-from bundler.hub import HubRepo, LoopbackHub
+from bundler.loopback_hub import HubRepo, LoopbackHub
 from bundler.models import fetch_models
 from bundler.public_models import (
     PUBLIC_COPIES,

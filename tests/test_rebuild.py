@@ -21,7 +21,7 @@ from forge import extract, forge
 from bundler import layout, render
 from bundler.build import BuildOptions, build
 from bundler.errors import CannotRebuild
-from bundler.hub import HubRepo, LoopbackHub
+from bundler.loopback_hub import HubRepo, LoopbackHub
 from bundler.pack import Entry, pack
 from bundler.rebuild import (
     RebuildOptions,

@@ -19,17 +19,17 @@ import pytest
 from e2e import pyenv_python
 
 from bundler.errors import BuiltWheelMismatch
-from bundler.spec import IndexOptions, Target
-from bundler.wheels import (
+from bundler.lockfile import (
     BuiltRecord,
     LockedRequirement,
-    WheelCache,
     build_lock_path,
-    fetch_wheels,
     load_build_lock,
-    normalize_wheel,
     parse_built_records,
 )
+from bundler.sdist import normalize_wheel
+from bundler.spec import IndexOptions, Target
+from bundler.wheelcache import WheelCache
+from bundler.wheels import fetch_wheels
 
 EPOCH = 1700000000
 DOCOPT_SDIST = "49b3a825280bd66b3aa83585ef59c4a8c82f2c8a522dbe754a8bc8d08c85c491"
@@ -96,10 +96,10 @@ def test_normalisation_gives_the_same_bytes_under_another_python(tmp_path: Path)
     # normalize_wheel uses only the standard library: run its source under 3.12.
     import inspect
 
-    from bundler import wheels
+    from bundler import sdist
 
     code = ("import os, time, zipfile\nfrom pathlib import Path\nZIP_EPOCH = 315532800\n"
-            + inspect.getsource(wheels.normalize_wheel)
+            + inspect.getsource(sdist.normalize_wheel)
             + f"\nnormalize_wheel(Path({str(b)!r}), {EPOCH})\n")
     proc = subprocess.run([str(py312), "-I", "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -14,12 +14,12 @@ from hubfaults import FaultyHub
 
 from bundler import errors
 from bundler.data import data_dir
-from bundler.hub import HubRepo
+from bundler.lockfile import parse_lockfile
+from bundler.loopback_hub import HubRepo
 from bundler.models import fetch_models
 from bundler.render import config_yaml, sample_wav
 from bundler.spec import SpecError, load_recipe, parse_spec
 from bundler.traps import check_config, check_pins
-from bundler.wheels import parse_lockfile
 
 SEG = b"segmentation weights" * 5000
 EMB = b"embedding weights" * 9000

@@ -1,11 +1,21 @@
-"""Volumes for removable media: a bundle split into parts, read across them as they are.
+"""The bundle on disk: one tarball or its volumes, with its sidecar and signature beside it.
 
-``split`` writes ``BUNDLE.part-000``, ``-001``, ... (each at most the size asked), the parts'
-checksums in ``sha256sum -c`` form (``BUNDLE.parts.sha256``) and the bundle's own sidecar
-beside them, so ``cat BUNDLE.part-* > BUNDLE && sha256sum -c BUNDLE.sha256`` works with
-coreutils alone.
+Every verb that reads or writes a bundle file goes through here (pack, split, verify,
+inspect, rebuild, delta); nothing here knows what is inside the tarball (that is
+``layout``'s and ``integrity``'s).
 
-``open_bundle`` gives verify and inspect one stream over the parts, without joining them on
+Beside a tarball ``BUNDLE``: ``BUNDLE.sha256`` (the sidecar: the digest of every byte, one
+line in ``sha256sum -c`` form) and, when signed, ``BUNDLE.sha256.sig`` (``ssh-keygen -Y``
+over the sidecar, bundler.signing). ``publishing`` is the one way such files are written:
+under temporary names beside the final ones, renamed only when all are written, and none
+left under a final name on failure.
+
+Volumes for removable media: ``split`` writes ``BUNDLE.part-000``, ``-001``, ... (each at
+most the size asked), the parts' checksums in ``sha256sum -c`` form
+(``BUNDLE.parts.sha256``) and the bundle's own sidecar beside them, so
+``cat BUNDLE.part-* > BUNDLE && sha256sum -c BUNDLE.sha256`` works with coreutils alone.
+
+``open_raw`` gives integrity's reader one stream over the parts, without joining them on
 disk. A missing part is named before any reading. With the bundle's sidecar beside the
 parts, its digest covers every byte, so the parts are not hashed again on the way; only
 when the check fails (the digest differs, or a swapped part is garbage to tar) are they
@@ -19,19 +29,111 @@ import io
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from bundler import layout
+from bundler.checksums import checksum_line
 from bundler.errors import BundlerError, InputError, IntegrityError, OutputError
 from bundler.hashing import BackgroundSha256
 from bundler.progress import task
 
+# --- beside the tarball ------------------------------------------------------------------
+SIDECAR_SUFFIX = ".sha256"
+SIGNATURE_SUFFIX = ".sig"  # beside the sidecar: <tarball>.sha256.sig
+PART_INFIX = ".part-"  # BUNDLE.part-000, -001, ...: `cat BUNDLE.part-* > BUNDLE` joins them
+PARTS_LIST_SUFFIX = ".parts.sha256"  # the parts' sha256, in `sha256sum -c` form
+
+
+def sidecar_path(tarball: Path) -> Path:
+    """``<tarball>.sha256``: the digest of every byte of the tarball, beside it."""
+    return tarball.with_name(tarball.name + SIDECAR_SUFFIX)
+
+
+def signature_path(sidecar: Path) -> Path:
+    """``<tarball>.sha256.sig``: the signature over the sidecar, beside it."""
+    return sidecar.with_name(sidecar.name + SIGNATURE_SUFFIX)
+
+
+def read_sidecar(tarball: Path) -> str | None:
+    """The expected sha256 from ``<tarball>.sha256``, or None when there is none."""
+    sidecar = sidecar_path(tarball)
+    try:
+        text = sidecar.read_text()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise IntegrityError(sidecar.name, f"cannot read the sidecar: {exc}") from None
+    sha, _, name = text.strip().partition("  ")
+    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise IntegrityError(sidecar.name, "is not '<sha256>  <file name>'")
+    if name.lstrip("*") != tarball.name:
+        raise IntegrityError(sidecar.name, f"names '{name[:200]}', not {tarball.name}")
+    return sha
+
+
+# --- writing: nothing under a final name until everything is written -----------------------
+@dataclass
+class Publication:
+    """Files being written under temporary names beside their final ones (``publishing``)."""
+
+    written: list[tuple[Path, Path]] = field(default_factory=list)  # (temporary, final)
+    published: list[Path] = field(default_factory=list)  # finals renamed so far
+
+    def temporary(self, final: Path) -> Path:
+        """The name to write ``final``'s bytes under, removed if anything fails."""
+        tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
+        self.written.append((tmp, final))
+        return tmp
+
+    def write_text(self, final: Path, text: str) -> None:
+        self.temporary(final).write_text(text)
+
+    def sidecar(self, tarball: Path, sha256: str) -> Path:
+        """Write the sidecar of the tarball that will be published as ``tarball``."""
+        final = sidecar_path(tarball)
+        self.write_text(final, checksum_line(sha256, tarball.name))
+        return final
+
+    def _commit(self) -> None:
+        for tmp, final in self.written:
+            os.replace(tmp, final)
+            self.published.append(final)
+
+    def _discard(self) -> None:
+        # A rename that failed half-way (the sidecar's name taken by a folder) must not
+        # leave a tarball without its sidecar under the final names either.
+        for path in [*(tmp for tmp, _ in self.written), *self.published]:
+            path.unlink(missing_ok=True)
+
+
+@contextmanager
+def publishing(output_dir: Path, what: str, names: str) -> Iterator[Publication]:
+    """Write files beside their final names in ``output_dir``, then rename them all, in the
+    order they were begun (a tarball before its sidecar). On any failure every temporary
+    file is removed; an OSError becomes one OutputError line: ``cannot write <what>: ...;
+    nothing was left under <names>``."""
+    pub = Publication()
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        yield pub
+        pub._commit()
+    except OSError as exc:
+        pub._discard()
+        raise OutputError(f"cannot write {what}: {exc.strerror or exc}; nothing was left "
+                          f"under {names}") from None
+    except BaseException:
+        pub._discard()
+        raise
+
+
+# --- volumes -------------------------------------------------------------------------------
 BUFSIZE = 1 << 20
 MAX_PARTS = 1000  # three digits: the names sort as they must be joined
-_PART = re.compile(r"^(?P<bundle>.+)" + re.escape(layout.PART_INFIX) + r"(?P<n>\d{3})$")
+_PART = re.compile(r"^(?P<bundle>.+)" + re.escape(PART_INFIX) + r"(?P<n>\d{3})$")
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4,
           "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4}
 
@@ -47,13 +149,13 @@ def parse_size(text: str) -> int:
 
 
 def part_name(bundle_name: str, n: int) -> str:
-    return f"{bundle_name}{layout.PART_INFIX}{n:03d}"
+    return f"{bundle_name}{PART_INFIX}{n:03d}"
 
 
 def whole(path: Path) -> Path:
     """The joined bundle's path for a part or the parts' list; ``path`` itself otherwise."""
-    if path.name.endswith(layout.PARTS_LIST_SUFFIX):
-        return path.with_name(path.name[:-len(layout.PARTS_LIST_SUFFIX)])
+    if path.name.endswith(PARTS_LIST_SUFFIX):
+        return path.with_name(path.name[:-len(PARTS_LIST_SUFFIX)])
     m = _PART.match(path.name)
     return path.with_name(m.group("bundle")) if m else path
 
@@ -74,72 +176,44 @@ def split(bundle: Path, size: int, output_dir: Path) -> Split:
     """Write the parts, their list and the bundle's sidecar; nothing under their names on
     failure. A bundle whose sidecar is beside it must match it: a damaged bundle is not cut
     into damaged parts."""
-    from bundler.integrity import read_sidecar
-
     total = bundle.stat().st_size
     count = max(1, -(-total // size))
     if count > MAX_PARTS:
         raise InputError(f"--size {size} would cut {bundle.name} into {count} parts; at most "
                          f"{MAX_PARTS}: give a larger size")
     published = read_sidecar(bundle)
-    names = [part_name(bundle.name, i) for i in range(count)]
-    finals = [output_dir / n for n in names]
-    listing = output_dir / (bundle.name + layout.PARTS_LIST_SUFFIX)
-    sidecar = layout.sidecar_path(output_dir / bundle.name)
-    written: list[tuple[Path, Path]] = []  # (temporary, final)
-
-    def tmp(final: Path) -> Path:
-        return final.with_name(f".{final.name}.partial-{os.getpid()}")
-
+    finals = [output_dir / part_name(bundle.name, i) for i in range(count)]
+    listing = output_dir / (bundle.name + PARTS_LIST_SUFFIX)
     whole_hash = BackgroundSha256()
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        lines = []
-        with open(bundle, "rb") as src, task(f"split: {bundle.name}", total) as advance:
-            for final in finals:
-                part_hash = BackgroundSha256()
-                t = tmp(final)
-                written.append((t, final))
-                left = size
-                with open(t, "xb") as out:
-                    while left and (chunk := src.read(min(BUFSIZE, left))):
-                        out.write(chunk)
-                        part_hash.update(chunk)
-                        whole_hash.update(chunk)
-                        left -= len(chunk)
-                        advance(len(chunk))
-                    out.flush()
-                    os.fsync(out.fileno())
-                lines.append(f"{part_hash.hexdigest()}  {final.name}\n")
-        digest = whole_hash.hexdigest()
-        if published is not None and digest != published:
-            raise IntegrityError(bundle.name, f"sha256 {digest} does not match its sidecar "
-                                 f"({published}): damaged; nothing was split")
-        for text, final in (("".join(lines), listing),
-                            (f"{digest}  {bundle.name}\n", sidecar)):
-            written.append((tmp(final), final))
-            tmp(final).write_text(text)
-        signature = layout.sidecar_path(bundle).with_name(layout.sidecar_path(bundle).name + ".sig")
-        if signature.is_file() and published is not None:
-            final = sidecar.with_name(sidecar.name + ".sig")
-            written.append((tmp(final), final))
-            shutil.copyfile(signature, tmp(final))
-        for t, final in written:
-            os.replace(t, final)
-    except OSError as exc:
-        _discard(written, whole_hash)
-        raise OutputError(f"cannot write the parts in {output_dir}: {exc.strerror or exc}; "
-                          "nothing was left under their names") from None
-    except BaseException:
-        _discard(written, whole_hash)
-        raise
+        with publishing(output_dir, f"the parts in {output_dir}", "their names") as pub:
+            lines = []
+            with open(bundle, "rb") as src, task(f"split: {bundle.name}", total) as advance:
+                for final in finals:
+                    part_hash = BackgroundSha256()
+                    left = size
+                    with open(pub.temporary(final), "xb") as out:
+                        while left and (chunk := src.read(min(BUFSIZE, left))):
+                            out.write(chunk)
+                            part_hash.update(chunk)
+                            whole_hash.update(chunk)
+                            left -= len(chunk)
+                            advance(len(chunk))
+                        out.flush()
+                        os.fsync(out.fileno())
+                    lines.append(checksum_line(part_hash.hexdigest(), final.name))
+            digest = whole_hash.hexdigest()
+            if published is not None and digest != published:
+                raise IntegrityError(bundle.name, f"sha256 {digest} does not match its sidecar "
+                                     f"({published}): damaged; nothing was split")
+            pub.write_text(listing, "".join(lines))
+            sidecar = pub.sidecar(output_dir / bundle.name, digest)
+            signature = signature_path(sidecar_path(bundle))
+            if signature.is_file() and published is not None:
+                shutil.copyfile(signature, pub.temporary(signature_path(sidecar)))
+    finally:
+        whole_hash.close()
     return Split(finals, listing, sidecar, digest)
-
-
-def _discard(written: list[tuple[Path, Path]], h: BackgroundSha256) -> None:
-    h.close()
-    for t, _ in written:
-        t.unlink(missing_ok=True)
 
 
 def _read_listing(listing: Path, bundle_name: str) -> list[tuple[str, str]]:
@@ -163,7 +237,7 @@ def _read_listing(listing: Path, bundle_name: str) -> list[tuple[str, str]]:
 def find_parts(path: Path) -> list[tuple[Path, str | None]]:
     """The parts in order, each with its sha256 from the list (None without a list)."""
     bundle = whole(path)
-    listing = bundle.with_name(bundle.name + layout.PARTS_LIST_SUFFIX)
+    listing = bundle.with_name(bundle.name + PARTS_LIST_SUFFIX)
     if listing.is_file():
         parts: list[tuple[Path, str | None]] = [(bundle.with_name(name), sha) for sha, name in
                  _read_listing(listing, bundle.name)]
@@ -172,7 +246,7 @@ def find_parts(path: Path) -> list[tuple[Path, str | None]]:
                 raise IntegrityError(p.name, f"missing: {listing.name} lists it; copy every "
                                      "part into one folder")
         return parts
-    found = sorted(p for p in bundle.parent.glob(bundle.name + layout.PART_INFIX + "*")
+    found = sorted(p for p in bundle.parent.glob(bundle.name + PART_INFIX + "*")
                    if _PART.match(p.name))
     for i, p in enumerate(found):
         if p.name != part_name(bundle.name, i):
@@ -191,7 +265,7 @@ class PartsReader(io.RawIOBase):
         self.bundle = whole(path)
         self.parts = find_parts(path)
         # The sidecar's digest covers every byte: hash the parts only to name a bad one.
-        self.hash_parts = not layout.sidecar_path(self.bundle).is_file()
+        self.hash_parts = not sidecar_path(self.bundle).is_file()
         self.size = sum(p.stat().st_size for p, _ in self.parts)
         self._index = 0
         self._file: IO[bytes] | None = None
@@ -201,7 +275,7 @@ class PartsReader(io.RawIOBase):
 
     @property
     def listing(self) -> str:
-        return self.bundle.name + layout.PARTS_LIST_SUFFIX
+        return self.bundle.name + PARTS_LIST_SUFFIX
 
     def _open(self, i: int) -> None:
         self._index = i
@@ -284,7 +358,7 @@ class PartsReader(io.RawIOBase):
         self.close()
         if isinstance(exc, BundlerError) and not (isinstance(exc, IntegrityError) and
                                                   exc.member.startswith(self.bundle.name +
-                                                                        layout.PART_INFIX)):
+                                                                        PART_INFIX)):
             found = self.diagnose()
             if found is not None:
                 raise found from None

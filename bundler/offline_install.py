@@ -1,5 +1,7 @@
 """Offline stage: install an unpacked bundle into a prefix, by running the bundle's own
 installer (``runtime/install.py``, the program ``install.sh`` runs on the isolated host).
+Named apart from it: this is the tool's side, which runs that program (``verify``, the
+build's self-test, ``demo``), never a second installer.
 
 This module only chooses the interpreter, runs that program and turns its exit status into
 the tool's errors: there is one installer, and what ``verify`` proves is what the sysadmin
@@ -78,7 +80,7 @@ def find_python(version: str, explicit: str | None = None) -> str | None:
         return None
 
 
-def check_host(manifest: dict[str, Any], python: str = sys.executable) -> dict[str, Any]:
+def check_interpreter(manifest: dict[str, Any], python: str = sys.executable) -> dict[str, Any]:
     """Refuse before installing when ``python`` or this platform is not the target's, with
     the tool's own advice (``--python``); the installer checks again, with the libraries."""
     target = manifest.get("target", {})

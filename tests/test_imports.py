@@ -1,0 +1,83 @@
+"""The shape of the package, read from its source: who imports whom inside ``bundler/``.
+
+No circle (imports inside functions count: a circle hidden in a function is still one), and
+``bundler/runtime/`` imports nothing of the tool: it is shipped into bundles and runs where
+the tool is not installed. The tool may import the runtime (one source for both sides).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import bundler
+
+PACKAGE = Path(bundler.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Each module of ``bundler`` -> the modules of ``bundler`` it imports, anywhere in it."""
+    paths = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+    graph: dict[str, set[str]] = {}
+    for name, path in paths.items():
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                for alias in node.names:  # `from bundler import layout` names a module
+                    full = f"{node.module}.{alias.name}"
+                    deps.add(full if full in paths else node.module)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names)
+        graph[name] = {d for d in deps if d in paths and d not in (name, "bundler")}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One circle of imports, as the list of its modules, or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                return [*path[path.index(dep):], dep]
+            if dep not in state and (found := visit(dep)) is not None:
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)) is not None:
+            return found
+    return None
+
+
+def test_the_graph_is_read_from_the_source() -> None:
+    graph = import_graph()
+    # Known edges, so that a parser that saw nothing could not pass the tests below.
+    assert "bundler.bundlefile" in graph["bundler.integrity"]
+    assert "bundler.runtime.apply" in graph["bundler.delta"]
+    assert "bundler.runtime.recordings" in graph["bundler.runtime.diarize"]
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_module_imports_itself_through_others() -> None:
+    assert _cycle(import_graph()) is None
+
+
+def test_the_runtime_imports_nothing_of_the_tool() -> None:
+    outside = {(name, dep) for name, deps in import_graph().items()
+               if name.startswith("bundler.runtime") for dep in deps
+               if not dep.startswith("bundler.runtime")}
+    assert outside == set()
