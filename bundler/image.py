@@ -444,7 +444,7 @@ def apply_layer(layer: Path, root: Path) -> None:
                     continue
                 head, _, base = rel.rstrip("/").rpartition("/")
                 if base == ".wh..wh..opq":
-                    folder = _inside(root, head)
+                    folder = _inside(root, head, follow_last=True)
                     if folder.is_dir():
                         for child in list(folder.iterdir()):
                             _remove(child)
@@ -452,7 +452,7 @@ def apply_layer(layer: Path, root: Path) -> None:
                 if base.startswith(".wh."):
                     _remove(_inside(root, f"{head}/{base[4:]}"))
                     continue
-                parent = _inside(root, head)
+                parent = _inside(root, head, follow_last=True)
                 parent.mkdir(parents=True, exist_ok=True)
                 target = parent / base
                 if m.isdir():
@@ -1057,9 +1057,6 @@ def self_test(archive: Path, runtime: str = "podman") -> dict[str, Any]:
             if len(f) >= 8 and f[0] == "SPEAKER":
                 segments.append({"start": float(f[3]), "end": float(f[3]) + float(f[4]),
                                  "speaker": f[7]})
-        expected = subprocess.run([*base, "--entrypoint", "cat", ref,
-                                   f"/{PREFIX}/smoke/expected.json"], capture_output=True,
-                                  text=True, timeout=300, stdin=subprocess.DEVNULL)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     if not segments:
@@ -1069,11 +1066,12 @@ def self_test(archive: Path, runtime: str = "podman") -> dict[str, Any]:
                      for s in segments],
               "speakers": len({s["speaker"] for s in segments})}
     matched = None
-    if expected.returncode == 0:
+    expected = read_from_image(archive, f"{PREFIX}/smoke/expected.json")
+    if expected is not None:
         from bundler.runtime.install import Failure
 
         try:
-            compare(result, {k: v for k, v in json.loads(expected.stdout).items()
+            compare(result, {k: v for k, v in json.loads(expected).items()
                              if k in ("segments", "speakers")})
             matched = True
         except Failure as exc:
@@ -1082,6 +1080,26 @@ def self_test(archive: Path, runtime: str = "podman") -> dict[str, Any]:
     return {"ok": True, "image": info["digest"], "runtime": runtime,
             "segments": len(segments), "speakers": result["speakers"],
             "expected": "match" if matched else "absent"}
+
+
+def read_from_image(archive: Path, name: str) -> bytes | None:
+    """A small file of the image, from the last layer that has it (whiteouts aside)."""
+    info = inspect_image(archive)
+    digests = [str(x["digest"]).split(":")[-1] for x in info["layers"]]
+    found: bytes | None = None
+    with tarfile.open(archive, "r:") as tar:
+        for hexd in digests:
+            f = tar.extractfile(f"blobs/sha256/{hexd}")
+            assert f is not None
+            with tarfile.open(fileobj=f, mode="r:*") as layer:
+                try:
+                    m = layer.getmember(name)
+                except KeyError:
+                    continue
+                data = layer.extractfile(m)
+                if data is not None:
+                    found = data.read()
+    return found
 
 
 def iter_layer_names(archive: Path, digest: str) -> Iterable[str]:
