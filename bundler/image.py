@@ -728,7 +728,13 @@ def capture(root: Path, release: str) -> dict[str, list[Entry]]:
     for anc in PurePosixPath(PREFIX).parents:
         if str(anc) != ".":
             add(root / str(anc))
+    venv = root / PREFIX / "releases" / release / "venv"
     for folder, dirs, files in os.walk(root / PREFIX):
+        if Path(folder) != venv and not Path(folder).is_relative_to(venv):
+            # Bytecode configure.py left by importing runtime/recordings.py: it records
+            # the staged file's mtime, so it differs per build, and the image's fixed
+            # mtimes would make Python ignore it anyway. (The venv's is hash-checked.)
+            dirs[:] = [d for d in dirs if d != "__pycache__"]
         add(Path(folder))
         for name in dirs + files:
             p = Path(folder, name)
