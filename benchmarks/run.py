@@ -31,6 +31,10 @@ with the tool so both see the same page cache):
   an ASR model): ``bin/transcribe`` against whisperx 3.8.6's own pipeline on the same files
   and local models, alignment off, installed from INDEX_URL into the throwaway install;
   the word error rate of each.
+* ``image_vs_install`` (with ``--bundle`` and ``--image``): ``pyannote-bundle image`` (the
+  bundle checked, installed in a Debian base by chroot, four deterministic layers hashed and
+  written into one oci-archive; the base already cached) vs ``tar -xf`` of the bundle,
+  ``install.sh PREFIX --no-smoke`` and ``tar -cf`` of the prefix; the image's size by layer.
 * ``transcribe_vs_bare`` (with ``--bundle`` built with ``--asr-model``): ``bin/transcribe``
   on 4 copies of the bundled dialogue vs a bare loop in the same venv (faster-whisper and
   the pipeline loaded once, the same decoding and word-to-speaker step); RTF, model-load
@@ -241,6 +245,38 @@ def bench_whisperx(bundle: Path, prefix: Path, work: Path, runs: int,
     return {"ratio": tool_s / base_s, "seconds": (tool_s, base_s), "wer": wer}
 
 
+def bench_image(bundle: Path, work: Path) -> dict[str, Any]:
+    """The image build against install.sh into a folder plus tar -cf of it, once each (both
+    take minutes). Run it a second time for a warm base cache: the first builds the base."""
+    from bundler.cli import default_cache
+    from bundler.image import ImageOptions, build_image
+
+    cache = Path(os.environ.get("PYANNOTE_BUNDLE_CACHE", default_cache()))
+    work.mkdir(parents=True)
+    cached = (cache / "image-bases").is_dir() and any((cache / "image-bases").iterdir())
+    started = time.monotonic()
+    res = build_image(bundle, ImageOptions(output_dir=work / "out", cache_dir=cache))
+    image_s = time.monotonic() - started
+    layers = {str(x["role"]): int(x["size"]) for x in res.layers}
+    res.path.unlink()
+
+    def install_tar() -> None:
+        src, prefix = work / "src", work / "prefix"
+        src.mkdir()
+        subprocess.run(["tar", "-xf", str(bundle), "-C", str(src)], check=True)
+        (top,) = src.iterdir()
+        subprocess.run(["sh", str(top / "install.sh"), str(prefix), "--no-smoke"], check=True,
+                       capture_output=True)
+        subprocess.run(["tar", "-cf", str(work / "prefix.tar"), "-C", str(prefix), "."],
+                       check=True)
+        shutil.rmtree(src)
+        shutil.rmtree(prefix)
+        (work / "prefix.tar").unlink()
+
+    baseline_s = timed(install_tar)
+    return {"seconds": (image_s, baseline_s), "layers": layers, "base_cached": cached}
+
+
 def bundle_pyannote(root: Path) -> str | None:
     """The pyannote.audio version an unpacked bundle's manifest records."""
     return json.loads((root / layout.MANIFEST).read_text()).get("pyannote_audio")
@@ -437,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--whisperx", metavar="INDEX_URL",
                     help="also time whisperx on a community-1 --bundle, installed from this "
                          "index (e.g. https://pypi.org/simple) into the throwaway install")
+    ap.add_argument("--image", action="store_true",
+                    help="also time pyannote-bundle image on --bundle (root; mmdebstrap)")
     ap.add_argument("--no-delta", action="store_true",
                     help="skip the delta and volume stages")
     args = ap.parse_args(argv)
@@ -571,7 +609,14 @@ def main(argv: list[str] | None = None) -> int:
                 elif args.whisperx:
                     notes.append("transcribe_vs_whisperx needs a community-1 bundle "
                                  "(pyannote.audio 4): whisperx runs on it")
-        else:
+        if args.bundle and args.image:
+            image = bench_image(args.bundle, work / "image")
+            seconds["image"], seconds["install_sh_tar"] = image.pop("seconds")
+            ratios["image_vs_install"] = seconds["image"] / seconds["install_sh_tar"]
+            sizes.update({f"image_{k}": v for k, v in image["layers"].items()})
+            if not image["base_cached"]:
+                notes.append("image: the Debian base was built in this run (about 90 s)")
+        if not args.bundle:
             notes.append("install_vs_pip and smoke need a real bundle: pass --bundle TARBALL "
                          "(e.g. the one `pyannote-bundle demo` writes)")
     finally:

@@ -34,8 +34,9 @@ contents. ``skopeo copy --preserve-digests`` pushes the layers as they are.
 
 The archive (``<bundle>.oci.tar``) is an OCI image layout in a tar (podman's, skopeo's and
 buildah's ``oci-archive`` transport), itself deterministic. Layers are streamed twice from
-the staged files (once to hash them, once into the archive, hashed again and compared), so
-the disk holds the staged root and the archive, never a copy of each layer.
+the staged files (once to hash them, once into the archive, hashed again and compared), and
+a layer's staged files are removed once it is in the archive: at the peak the disk holds
+about one copy of the installed image beside the base, not two.
 """
 
 from __future__ import annotations
@@ -129,6 +130,9 @@ class Blob:
     size: int
     media_type: str
     write: Callable[[IO[bytes]], None] = field(repr=False, compare=False)
+    # Called once the blob is in the archive: a layer's staged files are removed then, so
+    # the disk holds about one copy of the image, not the staged root and the archive both.
+    written: Callable[[], None] | None = field(default=None, repr=False, compare=False)
     diff_id: str = ""  # sha256 of the uncompressed tar (layers)
     role: str = ""  # base, venv, models, config
     holds: str = ""
@@ -233,7 +237,13 @@ def layer_blob(entries: list[Entry], role: str, holds: str) -> Blob:
             raise IntegrityError(f"{role} layer", "a staged file changed while the image "
                                  "was written; build again")
 
-    return Blob(digest, size, MT_LAYER, write, diff_id=digest, role=role, holds=holds)
+    def written() -> None:
+        for entry in entries:
+            if entry.kind == "file" and entry.source is not None:
+                entry.source.unlink(missing_ok=True)
+
+    return Blob(digest, size, MT_LAYER, write, written, diff_id=digest, role=role,
+                holds=holds)
 
 
 def bytes_blob(data: bytes, media_type: str) -> Blob:
@@ -289,6 +299,8 @@ def write_archive(path: Path, blobs: list[Blob], index: bytes) -> int:
                     raise IntegrityError(f"blob {digest}", "its size changed while the image "
                                          "was written; build again")
                 out.write(b"\0" * (-blob.size % BLOCK))
+                if blob.written is not None:
+                    blob.written()
             for name, data in (("index.json", index), ("oci-layout", layout)):
                 out.write(_header(name, len(data)))
                 out.write(data)
@@ -677,7 +689,10 @@ def install_in_root(root: Path, bundle_dir: str, python: str, release: str | Non
     chroot = shutil.which("chroot") or "/usr/sbin/chroot"
     if unshare is None:
         raise ImageError("unshare (util-linux) is needed to install into the image")
-    flags = ["--mount", "--net", "--pid", "--fork", f"--mount-proc={root / 'proc'}"]
+    # --kill-child: if this tool is stopped, the installer and everything it started (a
+    # namespace of their own) go with it, and the staged root can be removed.
+    flags = ["--mount", "--net", "--pid", "--fork", "--kill-child",
+             f"--mount-proc={root / 'proc'}"]
     if os.geteuid() != 0:
         flags.insert(0, "--map-root-user")
     (root / "proc").mkdir(exist_ok=True)
@@ -828,6 +843,15 @@ def build_image(bundle: Path, opts: ImageOptions) -> ImageResult:
         if CannotWrite.matches(exc):
             raise CannotWrite("the image", opts.output_dir, exc, "--output") from None
         raise
+    import signal
+    import threading
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # as Ctrl-C: the installer is killed, the work removed
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, stop)
     try:
         return _build(bundle, opts, work)
     except OSError as exc:
@@ -835,6 +859,8 @@ def build_image(bundle: Path, opts: ImageOptions) -> ImageResult:
             raise CannotWrite("the image", opts.output_dir, exc, "--output") from None
         raise
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         shutil.rmtree(work, ignore_errors=True)
         if work.exists():  # files the chroot made as another owner: one more try
             subprocess.run(["rm", "-rf", str(work)], check=False)
