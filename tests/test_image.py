@@ -35,6 +35,7 @@ from typing import Any
 
 import pytest
 from conftest import EMB, SEG, TINY_LOCK, TinyBundle
+from e2e import podman_env
 from forge import flip_byte
 
 from bundler import image
@@ -240,28 +241,11 @@ needs_tools = pytest.mark.skipif(
     not _have("mmdebstrap", "podman", "skopeo", "docker-registry", "unshare"),
     reason="needs root, mmdebstrap, podman, skopeo and docker-registry (.ci/run installs them)")
 
-CONTAINERS_CONF = """\
-[containers]
-default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]
-[engine]
-runtime = "runc"
-cgroup_manager = "cgroupfs"
-"""
-
-
 @pytest.fixture(scope="module")
-def podman_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """podman with this sandbox's settings, and storage of its own (removed after)."""
-    d = tmp_path_factory.mktemp("podman")
-    (d / "containers.conf").write_text(CONTAINERS_CONF)
-    (d / "storage.conf").write_text(
-        f'[storage]\ndriver = "overlay"\ngraphroot = "{d}/graph"\nrunroot = "{d}/run"\n')
-    env = {**os.environ, "CONTAINERS_CONF": str(d / "containers.conf"),
-           "CONTAINERS_STORAGE_CONF": str(d / "storage.conf"), "TMPDIR": str(d)}
-    yield env
-    subprocess.run(["podman", "rmi", "-a", "-f"], env=env, capture_output=True)
-    subprocess.run(["podman", "system", "reset", "-f"], env=env, capture_output=True)
-    shutil.rmtree(d, ignore_errors=True)
+def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """podman with this sandbox's settings and a storage of its own (removed after)."""
+    with podman_env(tmp_path_factory.mktemp("podman")) as env:
+        yield env
 
 
 @pytest.fixture(scope="module")
@@ -377,17 +361,17 @@ def _free_port() -> int:
 @pytest.mark.slow
 @needs_tools
 def test_podman_runs_the_image_offline_read_only_as_any_user_and_a_registry_carries_it(
-        tiny_images: dict[str, Any], podman_env: dict[str, str], tmp_path: Path) -> None:
+        tiny_images: dict[str, Any], podman: dict[str, str], tmp_path: Path) -> None:
     archive = tiny_images["first"]["path"]
     for user in ("65534:65534", "12345:54321"):
         run = subprocess.run(["podman", "run", "--rm", "--network", "none", "--read-only",
                               "--user", user, f"oci-archive:{archive}", "--help"],
-                             env=podman_env, capture_output=True, text=True, timeout=600)
+                             env=podman, capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-2000:]
         assert "usage:" in run.stdout.lower() and "--output-dir" in run.stdout
     # The offline variables are in the image's own config: no sourcing needed.
     env = subprocess.run(["podman", "run", "--rm", "--network", "none", "--read-only",
-                          "--entrypoint", "env", f"oci-archive:{archive}"], env=podman_env,
+                          "--entrypoint", "env", f"oci-archive:{archive}"], env=podman,
                          capture_output=True, text=True, timeout=600)
     assert "HF_HUB_OFFLINE=1" in env.stdout and "PYANNOTE_METRICS_ENABLED=false" in env.stdout
     # A real registry on loopback: skopeo pushes the archive as it is, podman pulls it back.
@@ -406,19 +390,19 @@ def test_podman_runs_the_image_offline_read_only_as_any_user_and_a_registry_carr
                 time.sleep(0.1)
         ref = f"127.0.0.1:{port}/pyannote-bundle:tiny"
         push = subprocess.run(["skopeo", "copy", "--preserve-digests", "--dest-tls-verify=false",
-                               f"oci-archive:{archive}", f"docker://{ref}"], env=podman_env,
+                               f"oci-archive:{archive}", f"docker://{ref}"], env=podman,
                               capture_output=True, text=True, timeout=600)
         assert push.returncode == 0, push.stderr[-2000:]
         raw = subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false",
-                              f"docker://{ref}"], env=podman_env, capture_output=True,
+                              f"docker://{ref}"], env=podman, capture_output=True,
                              timeout=120).stdout
         # The registry holds the very manifest the archive has: same digest, same layers.
         assert f"sha256:{hashlib.sha256(raw).hexdigest()}" == tiny_images["first"]["digest"]
-        pull = subprocess.run(["podman", "pull", "--tls-verify=false", ref], env=podman_env,
+        pull = subprocess.run(["podman", "pull", "--tls-verify=false", ref], env=podman,
                               capture_output=True, text=True, timeout=600)
         assert pull.returncode == 0, pull.stderr[-2000:]
         run = subprocess.run(["podman", "run", "--rm", "--network", "none", "--read-only",
-                              "--user", "65534", ref, "--help"], env=podman_env,
+                              "--user", "65534", ref, "--help"], env=podman,
                              capture_output=True, text=True, timeout=600)
         assert run.returncode == 0 and "--output-dir" in run.stdout, run.stderr[-2000:]
     finally:
