@@ -30,7 +30,8 @@ bundle's time is the image's ``created``.
 Why uncompressed: gzip's bytes depend on the zlib build (zlib and zlib-ng give different
 streams at the same level), so a compressed layer would not have the same digest on every
 build host; and gzip is slow (``gzip -6`` of the 210 MB Debian base layer took 43 s here,
-``-1`` 14 s: minutes for a venv of GBs). ``skopeo copy --preserve-digests`` pushes the layers as they are.
+``-1`` 14 s: minutes for a venv of GBs). ``skopeo copy --preserve-digests`` pushes the
+layers as they are.
 
 The archive (``<bundle>.oci.tar``) is an OCI image layout in a tar (podman's, skopeo's and
 buildah's ``oci-archive`` transport), itself deterministic. Layers are streamed twice from

@@ -409,3 +409,24 @@ def test_podman_runs_the_image_offline_read_only_as_any_user_and_a_registry_carr
         registry.terminate()
         registry.wait(timeout=30)
 
+
+
+@pytest.mark.slow
+@needs_tools
+def test_self_test_fails_clearly_when_the_image_cannot_diarize_and_inspect_reads_it(
+        tiny_images: dict[str, Any], podman: dict[str, str]) -> None:
+    """The tiny bundle carries no pyannote: its image's bin/diarize cannot diarize the
+    sample, and the self-test must say so (exit 13), not pass."""
+    archive = tiny_images["first"]["path"]
+    proc = subprocess.run(["pyannote-bundle", "-q", "image", archive, "--self-test"],
+                          env=podman, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 13, proc.stderr[-2000:]
+    assert "bin/diarize failed on its sample" in proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr
+    shown = subprocess.run(["pyannote-bundle", "inspect", archive], capture_output=True,
+                           text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert tiny_images["first"]["digest"] in shown.stdout
+    assert "speaker-diarization-3.1-0-py311" in shown.stdout
+    for role in ("base", "venv", "models", "config"):
+        assert f"  {role} " in shown.stdout
