@@ -365,8 +365,7 @@ def inspect_cmd(bundle: Path, as_json: bool) -> None:
 
 
 @cli.command("image")
-@click.argument("bundle", type=click.Path(path_type=Path, exists=True, dir_okay=False),
-                required=False)
+@click.argument("bundle", type=click.Path(path_type=Path, exists=True), required=False)
 @click.option("--output", "-o", "output", type=click.Path(path_type=Path),
               help="Folder for <bundle name>.oci.tar.")
 @click.option("--base", metavar="oci-archive:FILE|DIR",
@@ -408,7 +407,7 @@ def image_cmd(bundle: Path | None, output: Path | None, base: str | None, tag: s
         oci-archive:img/BUNDLE.oci.tar /work --output-dir /work/rttm
       skopeo copy --preserve-digests oci-archive:img/BUNDLE.oci.tar \\
         docker://registry.internal/pyannote-bundle:3.1
-      pyannote-bundle image img/BUNDLE.oci.tar --self-test
+      pyannote-bundle image img/BUNDLE.oci.tar --self-test     # or its unpacked folder
 
     A base without the bundle's Python or for another architecture: exit 11; a damaged
     bundle: 10; cannot write --output: 5; the default base cannot be built or the
@@ -430,6 +429,9 @@ def image_cmd(bundle: Path | None, output: Path | None, base: str | None, tag: s
 
     if bundle is None:
         raise InputError("image needs a BUNDLE (or an IMAGE.oci.tar with --self-test)")
+    if bundle.is_dir() and not is_image(bundle):
+        raise InputError(f"{bundle} is a folder: give a bundle tarball (or an image's OCI "
+                         "layout folder with --self-test)")
     if is_image(bundle):
         if not self_test:
             raise InputError(f"{bundle.name} is an image already: use --self-test to run it, "

@@ -54,7 +54,7 @@ import stat
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -985,7 +985,10 @@ def render_result(res: ImageResult) -> str:
 
 # --- inspect and the self-test -------------------------------------------------------------
 def is_image(path: Path) -> bool:
-    """Whether ``path`` is an oci-archive (its first members are the layout's)."""
+    """Whether ``path`` is an oci-archive (its first members are the layout's) or an OCI
+    layout folder (the archive unpacked, or ``skopeo copy ... oci:DIR``)."""
+    if path.is_dir():
+        return (path / "oci-layout").is_file() and (path / "index.json").is_file()
     try:
         with tarfile.open(path, "r:") as tar:
             first = tar.next()
@@ -995,22 +998,35 @@ def is_image(path: Path) -> bool:
         return False
 
 
-def _members(path: Path) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
+def image_ref(path: Path) -> str:
+    """The containers-image reference of an archive or a layout folder."""
+    return f"{'oci' if path.is_dir() else 'oci-archive'}:{path.resolve()}"
+
+
+def _layout_files(path: Path) -> Iterator[tuple[str, int, Callable[[], IO[bytes]]]]:
+    """(name in the layout, size, opener) of every file of an archive or a layout folder."""
+    if path.is_dir():
+        for p in sorted(path.rglob("*")):
+            if p.is_file() and not p.is_symlink():
+                yield (p.relative_to(path).as_posix(), p.stat().st_size,
+                       lambda p=p: open(p, "rb"))  # type: ignore[misc]
+        return
     with tarfile.open(path, "r:") as tar:
         for m in tar:
-            yield m, tar
+            if m.isfile():
+                yield m.name, m.size, lambda m=m: tar.extractfile(m)  # type: ignore[misc]
 
 
 def inspect_image(path: Path) -> dict[str, Any]:
-    """An image archive's bundle, layers and digest, read from its small blobs only."""
+    """An image archive's (or layout folder's) bundle, layers and digest, read from its
+    small blobs only."""
     small: dict[str, bytes] = {}
     sizes: dict[str, int] = {}
-    for m, tar in _members(path):
-        if m.isfile() and m.size <= 4 << 20:
-            f = tar.extractfile(m)
-            assert f is not None
-            small[m.name] = f.read()
-        sizes[m.name] = m.size
+    for name, size, opener in _layout_files(path):
+        if size <= 4 << 20:
+            with opener() as f:
+                small[name] = f.read()
+        sizes[name] = size
     try:
         index = json.loads(small["index.json"])
         desc = index["manifests"][0]
@@ -1040,7 +1056,8 @@ def inspect_image(path: Path) -> dict[str, Any]:
             "user": (config.get("config") or {}).get("User"),
             "entrypoint": (config.get("config") or {}).get("Entrypoint"),
             "transcribe": labels.get(f"{LABEL}.transcribe") or None,
-            "layers": layers, "size": path.stat().st_size}
+            "layers": layers,
+            "size": sum(sizes.values()) if path.is_dir() else path.stat().st_size}
 
 
 def render_inspect(info: dict[str, Any]) -> str:
@@ -1071,7 +1088,7 @@ def self_test(archive: Path, runtime: str = "podman") -> dict[str, Any]:
         raise SmokeError(f"--self-test runs the image with {runtime}, which is not installed "
                          "(Debian/Ubuntu: apt-get install podman)")
     info = inspect_image(archive)
-    ref = f"oci-archive:{archive.resolve()}"
+    ref = image_ref(archive)
     base = [exe, "run", "--rm", "--network", "none", "--read-only", "--user", USER]
     out = tempfile.mkdtemp(prefix="pyannote-bundle-image-test-")
     try:
@@ -1118,32 +1135,16 @@ def self_test(archive: Path, runtime: str = "podman") -> dict[str, Any]:
 def read_from_image(archive: Path, name: str) -> bytes | None:
     """A small file of the image, from the last layer that has it (whiteouts aside)."""
     info = inspect_image(archive)
-    digests = [str(x["digest"]).split(":")[-1] for x in info["layers"]]
-    found: bytes | None = None
-    with tarfile.open(archive, "r:") as tar:
-        for hexd in digests:
-            f = tar.extractfile(f"blobs/sha256/{hexd}")
-            assert f is not None
-            with tarfile.open(fileobj=f, mode="r:*") as layer:
-                try:
-                    m = layer.getmember(name)
-                except KeyError:
-                    continue
-                data = layer.extractfile(m)
-                if data is not None:
-                    found = data.read()
-    return found
-
-
-def iter_layer_names(archive: Path, digest: str) -> Iterable[str]:
-    """The member names of one layer of an image archive (for tests and inspection)."""
-    hexd = digest.split(":")[-1]
-    for m, tar in _members(archive):
-        if m.name == f"blobs/sha256/{hexd}":
-            f = tar.extractfile(m)
-            assert f is not None
-            with tarfile.open(fileobj=f, mode="r|*") as layer:
-                for x in layer:
-                    yield x.name
-            return
-
+    wanted = {f"blobs/sha256/{str(x['digest']).split(':')[-1]}": i
+              for i, x in enumerate(info["layers"])}
+    found: dict[int, bytes] = {}
+    for member, _, opener in _layout_files(archive):
+        if member not in wanted:
+            continue
+        with opener() as f, tarfile.open(fileobj=f, mode="r|*") as layer:
+            for m in layer:
+                if m.name == name and m.isfile():
+                    data = layer.extractfile(m)
+                    if data is not None:
+                        found[wanted[member]] = data.read()
+    return found[max(found)] if found else None
