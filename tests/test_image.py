@@ -20,6 +20,7 @@ the product.
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import hashlib
 import io
 import json
@@ -270,10 +271,10 @@ def tiny_variant(folder: Path, cache: Path, threshold: float | None = None) -> P
 
 
 def build_cli(bundle: Path, out: Path, cache: Path, env: dict[str, str] | None = None,
-              umask: str = "022") -> dict[str, Any]:
+              umask: str = "022", *extra: str) -> dict[str, Any]:
     proc = subprocess.run(["sh", "-c", f'umask {umask} && exec "$@"', "sh", "pyannote-bundle",
                            "image", str(bundle), "--output", str(out), "--cache-dir",
-                           str(cache), "--json"], capture_output=True, text=True,
+                           str(cache), "--json", *extra], capture_output=True, text=True,
                           env=env or os.environ.copy(), timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result: dict[str, Any] = json.loads(proc.stdout)
@@ -430,3 +431,48 @@ def test_self_test_fails_clearly_when_the_image_cannot_diarize_and_inspect_reads
     assert "speaker-diarization-3.1-0-py311" in shown.stdout
     for role in ("base", "venv", "models", "config"):
         assert f"  {role} " in shown.stdout
+
+
+@pytest.mark.slow
+@needs_tools
+def test_a_site_base_with_gzip_layers_is_used_as_it_is(
+        tiny_images: dict[str, Any], base_cache: Path, podman: dict[str, str],
+        tmp_path: Path) -> None:
+    """--base DIR: an OCI layout whose one layer is the Debian root gzipped (as registries
+    serve them): its blob goes into the image unchanged, the install runs on its python."""
+    (raw,) = base_cache.glob("image-bases/*/layer.tar")
+    data = raw.read_bytes()
+    gz = io.BytesIO()
+    with gzip.GzipFile(fileobj=gz, mode="wb", mtime=0, compresslevel=1) as f:
+        f.write(data)
+    layer = gz.getvalue()
+    ld, diff = hashlib.sha256(layer).hexdigest(), hashlib.sha256(data).hexdigest()
+    base = tmp_path / "site-base"
+    config = image.canonical({"architecture": ARCH, "os": "linux", "config": {
+        "Env": ["PATH=/usr/local/bin:/usr/bin:/bin", "SITE=1"]},
+        "rootfs": {"type": "layers", "diff_ids": [f"sha256:{diff}"]}})
+    cd = hashlib.sha256(config).hexdigest()
+    manifest = image.canonical({"schemaVersion": 2, "mediaType": image.MT_MANIFEST,
+                                "config": {"mediaType": image.MT_CONFIG,
+                                           "digest": f"sha256:{cd}", "size": len(config)},
+                                "layers": [{"mediaType": image.MT_LAYER_GZIP,
+                                            "digest": f"sha256:{ld}", "size": len(layer)}]})
+    md = hashlib.sha256(manifest).hexdigest()
+    (base / "blobs" / "sha256").mkdir(parents=True)
+    for d, b in ((ld, layer), (cd, config), (md, manifest)):
+        (base / "blobs" / "sha256" / d).write_bytes(b)
+    (base / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    (base / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": image.MT_MANIFEST, "digest": f"sha256:{md}", "size": len(manifest)}]}))
+    res = build_cli(tiny_images["bundle"], tmp_path / "img", base_cache, None, "022",
+                    "--base", str(base))
+    assert res["layers"][0]["digest"] == f"sha256:{ld}" and res["base"]["digest"] == \
+        f"sha256:{md}"
+    # The layers the install made are the same whatever base carried the same root.
+    assert [x["digest"] for x in res["layers"][1:3]] == \
+        [x["digest"] for x in tiny_images["first"]["layers"][1:3]]
+    run = subprocess.run(["podman", "run", "--rm", "--network", "none", "--read-only",
+                          "--entrypoint", "env", f"oci-archive:{res['path']}"], env=podman,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "SITE=1" in run.stdout and "HF_HUB_OFFLINE=1" in run.stdout
