@@ -39,6 +39,10 @@ with the tool so both see the same page cache):
   an ASR model): ``bin/transcribe`` against whisperx 3.8.6's own pipeline on the same files
   and local models, alignment off, installed from INDEX_URL into the throwaway install;
   the word error rate of each.
+* ``image_vs_install`` (with ``--bundle`` and ``--image``): ``pyannote-bundle image`` (the
+  bundle checked, installed in a Debian base by chroot, four deterministic layers hashed and
+  written into one oci-archive; the base already cached) vs ``tar -xf`` of the bundle,
+  ``install.sh PREFIX --no-smoke`` and ``tar -cf`` of the prefix; the image's size by layer.
 * ``transcribe_vs_bare`` (with ``--bundle`` built with ``--asr-model``): ``bin/transcribe``
   on 4 copies of the bundled dialogue vs a bare loop in the same venv (faster-whisper and
   the pipeline loaded once, the same decoding and word-to-speaker step); RTF, model-load
@@ -247,6 +251,43 @@ def bench_whisperx(bundle: Path, prefix: Path, work: Path, runs: int,
     wer = {k: round(max(word_changes(reference, t) for t in v) / len(words(reference)), 3)
            for k, v in texts.items()}
     return {"ratio": tool_s / base_s, "seconds": (tool_s, base_s), "wer": wer}
+
+
+def bench_image(bundle: Path, work: Path) -> dict[str, Any]:
+    """The image build against install.sh into a folder plus tar -cf of it, once each (both
+    take minutes). Run it a second time for a warm base cache: the first builds the base."""
+    from bundler.cli import default_cache
+    from bundler.image import ImageOptions, build_image
+
+    cache = Path(os.environ.get("PYANNOTE_BUNDLE_CACHE", default_cache()))
+    work.mkdir(parents=True)
+    cached = (cache / "image-bases").is_dir() and any((cache / "image-bases").iterdir())
+    started = time.monotonic()
+    res = build_image(bundle, ImageOptions(output_dir=work / "out", cache_dir=cache))
+    image_s = time.monotonic() - started
+    layers = {str(x["role"]): int(x["size"]) for x in res.layers}
+    res.path.unlink()
+    print(f"image: {image_s:.1f} s", file=sys.stderr)
+
+    def install_tar() -> None:
+        src, prefix = work / "src", work / "prefix"
+        src.mkdir()
+        subprocess.run(["tar", "-xf", str(bundle), "-C", str(src)], check=True)
+        (top,) = src.iterdir()
+        # The host's own python3, as in the image (not a pyenv under /root), and no
+        # service-user probe: the image build runs none either.
+        env = {**os.environ, "PYTHON": "/usr/bin/python3"} \
+            if os.access("/usr/bin/python3", os.X_OK) else None
+        subprocess.run(["sh", str(top / "install.sh"), str(prefix), "--no-smoke",
+                        "--no-user-check"], check=True, capture_output=True, env=env)
+        subprocess.run(["tar", "-cf", str(work / "prefix.tar"), "-C", str(prefix), "."],
+                       check=True)
+        shutil.rmtree(src)
+        shutil.rmtree(prefix)
+        (work / "prefix.tar").unlink()
+
+    baseline_s = timed(install_tar)
+    return {"seconds": (image_s, baseline_s), "layers": layers, "base_cached": cached}
 
 
 def bundle_pyannote(root: Path) -> str | None:
@@ -568,6 +609,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="diarize_cpu_vs_pyannote: minutes of audio per file (default 5)")
     ap.add_argument("--only-cpu", action="store_true",
                     help="with --bundle: install it and run diarize_cpu_vs_pyannote alone")
+    ap.add_argument("--image", action="store_true",
+                    help="also time pyannote-bundle image on --bundle (root; mmdebstrap)")
     ap.add_argument("--no-delta", action="store_true",
                     help="skip the delta and volume stages")
     args = ap.parse_args(argv)
@@ -724,7 +767,14 @@ def main(argv: list[str] | None = None) -> int:
                 elif args.whisperx:
                     notes.append("transcribe_vs_whisperx needs a community-1 bundle "
                                  "(pyannote.audio 4): whisperx runs on it")
-        else:
+        if args.bundle and args.image:
+            image = bench_image(args.bundle, work / "image")
+            seconds["image"], seconds["install_sh_tar"] = image.pop("seconds")
+            ratios["image_vs_install"] = seconds["image"] / seconds["install_sh_tar"]
+            sizes.update({f"image_{k}": v for k, v in image["layers"].items()})
+            if not image["base_cached"]:
+                notes.append("image: the Debian base was built in this run (about 90 s)")
+        if not args.bundle:
             notes.append("install_vs_pip and smoke need a real bundle: pass --bundle TARBALL "
                          "(e.g. the one `pyannote-bundle demo` writes)")
     finally:

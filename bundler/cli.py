@@ -349,14 +349,110 @@ def inspect_cmd(bundle: Path, as_json: bool) -> None:
     import json as _json
 
     from bundler.delta import inspect_delta, is_delta, render_delta
+    from bundler.image import inspect_image, is_image, render_inspect
     from bundler.inspection import inspect_bundle, render_text
 
+    if is_image(bundle):
+        iinfo = inspect_image(bundle)
+        click.echo(_json.dumps(iinfo) if as_json else render_inspect(iinfo))
+        return
     if is_delta(bundle):
         dinfo = inspect_delta(bundle)
         click.echo(_json.dumps(dinfo) if as_json else render_delta(dinfo))
         return
     info = inspect_bundle(bundle)
     click.echo(_json.dumps(info) if as_json else render_text(info))
+
+
+@cli.command("image")
+@click.argument("bundle", type=click.Path(path_type=Path, exists=True), required=False)
+@click.option("--output", "-o", "output", type=click.Path(path_type=Path),
+              help="Folder for <bundle name>.oci.tar.")
+@click.option("--base", metavar="oci-archive:FILE|DIR",
+              help="The site's base image: an oci-archive file or an OCI layout folder; it "
+                   "must have the bundle's python3.X for its architecture. [default: Debian "
+                   "with the target's python3, built by mmdebstrap and cached]")
+@click.option("--tag", metavar="TAG", help="The name the archive gives the image "
+              "(index.json's ref.name) [default: the bundle's name]")
+@click.option("--debian-mirror", default="http://deb.debian.org/debian", show_default=True,
+              metavar="URL", help="Where mmdebstrap gets the default base's packages (a "
+              "snapshot.debian.org URL pins them).")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=default_cache,
+              envvar="PYANNOTE_BUNDLE_CACHE",
+              show_default="$PYANNOTE_BUNDLE_CACHE or ~/.cache/pyannote-bundle",
+              help="Where the default base is kept between builds.")
+@click.option("--self-test", "self_test", is_flag=True,
+              help="Then run the image with podman (no network, read-only root, user "
+                   "65534) on its bundled sample and compare with smoke/expected.json. "
+                   "With an IMAGE.oci.tar instead of a bundle: only that.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def image_cmd(bundle: Path | None, output: Path | None, base: str | None, tag: str | None,
+              debian_mirror: str, cache_dir: Path, self_test: bool, as_json: bool) -> None:
+    """Make an OCI image archive of a bundle installed in /opt/diarization, with no daemon.
+
+    Writes DIR/<bundle name>.oci.tar (an OCI image layout in a tar: podman, skopeo,
+    buildah and containerd read it as oci-archive:FILE) and prints its manifest digest.
+    The bundle is checked and installed by its own runtime/install.py inside the base
+    (chroot, no network: root, or user namespaces). Layers: base, the venv, the model
+    weights, the rest (configs, runtime): a parameter or model update changes only the
+    last ones. The entrypoint is bin/diarize; bin/transcribe with --entrypoint when the
+    bundle has a speech-recognition model. It runs as 65534 and with any UID, with a
+    read-only root and no network. The same bundle and base give the same digest.
+
+    \b
+    Examples:
+      pyannote-bundle image out/speaker-diarization-3.1-3.4.0-py311-linux-x86_64.tar -o img/
+      pyannote-bundle image BUNDLE.tar -o img/ --base oci-archive:site-python311.tar
+      podman run --rm --read-only --network none -v ./calls:/work \\
+        oci-archive:img/BUNDLE.oci.tar /work --output-dir /work/rttm
+      skopeo copy --preserve-digests oci-archive:img/BUNDLE.oci.tar \\
+        docker://registry.internal/pyannote-bundle:3.1
+      pyannote-bundle image img/BUNDLE.oci.tar --self-test     # or its unpacked folder
+
+    A base without the bundle's Python or for another architecture: exit 11; a damaged
+    bundle: 10; cannot write --output: 5; the default base cannot be built or the
+    installer fails inside the base: 12; the self-test fails: 13. Nothing is left in
+    --output on failure.
+    """
+    import json as _json
+
+    from bundler.errors import InputError
+    from bundler.image import (
+        ImageOptions,
+        build_image,
+        is_image,
+        render_result,
+    )
+    from bundler.image import (
+        self_test as run_self_test,
+    )
+
+    if bundle is None:
+        raise InputError("image needs a BUNDLE (or an IMAGE.oci.tar with --self-test)")
+    if bundle.is_dir() and not is_image(bundle):
+        raise InputError(f"{bundle} is a folder: give a bundle tarball (or an image's OCI "
+                         "layout folder with --self-test)")
+    if is_image(bundle):
+        if not self_test:
+            raise InputError(f"{bundle.name} is an image already: use --self-test to run it, "
+                             "or `pyannote-bundle inspect` to read it")
+        alone = run_self_test(bundle)
+        click.echo(_json.dumps({"self_test": alone}) if as_json else
+                   f"self-test: ok - {alone['segments']} segments, {alone['speakers']} "
+                   f"speakers, expected result: {alone['expected']}")
+        return
+    if output is None:
+        raise InputError("image needs --output DIR")
+    res = build_image(bundle, ImageOptions(output_dir=output, cache_dir=cache_dir, base=base,
+                                           tag=tag, mirror=debian_mirror))
+    tested = run_self_test(res.path) if self_test else None
+    if as_json:
+        click.echo(_json.dumps({**res.as_dict(), "self_test": tested}))
+    else:
+        click.echo(render_result(res))
+        if tested:
+            click.echo(f"self-test: ok - {tested['segments']} segments, "
+                       f"{tested['speakers']} speakers, expected result: {tested['expected']}")
 
 
 @cli.command("delta")

@@ -500,3 +500,78 @@ def check_engines_match_pyannote(inst: Installed) -> dict[str, Any]:
     assert fallback["engine"] == "pyannote" and fallback["engine_requested"] == "pytorch"
     assert "OtherEmbedding" in fallback["engine_note"], fallback
     return result
+
+
+# --- the bundle as an OCI image (pyannote-bundle image), run by podman -------------------
+# podman on this project's machines needs runc, cgroupfs and small rlimits: this sandbox's
+# quirks, set in a containers.conf of the tests' own, never in the product.
+CONTAINERS_CONF = """\
+[containers]
+default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+"""
+
+
+@contextmanager
+def podman_env(folder: Path) -> Iterator[dict[str, str]]:
+    """An environment in which podman uses this sandbox's settings and a storage of its own
+    under ``folder`` (reset and removed afterwards)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "containers.conf").write_text(CONTAINERS_CONF)
+    (folder / "storage.conf").write_text(
+        f'[storage]\ndriver = "overlay"\ngraphroot = "{folder}/graph"\n'
+        f'runroot = "{folder}/run"\n')
+    env = {**os.environ, "CONTAINERS_CONF": str(folder / "containers.conf"),
+           "CONTAINERS_STORAGE_CONF": str(folder / "storage.conf"), "TMPDIR": str(folder)}
+    try:
+        yield env
+    finally:
+        subprocess.run(["podman", "system", "reset", "-f"], env=env, capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def check_image_of_real_bundle(tarball: Path, work: Path) -> dict[str, Any]:
+    """``pyannote-bundle image BUNDLE --self-test``, then podman runs the image on a mounted
+    folder of recordings with no network, a read-only root and user 65534: an RTTM per
+    file. Returns the image's report (with the seconds it took)."""
+    out, corpus, rttm = work / "image", work / "corpus", work / "rttm"
+    with tempfile.TemporaryDirectory() as unpacked:
+        names = [f"{tarball.name[:-4]}/smoke/sample.{x}" for x in ("wav", "mp3", "m4a")]
+        subprocess.run(["tar", "-xf", str(tarball), "-C", unpacked, *names], check=True)
+        corpus.mkdir(parents=True)
+        for name in names:
+            shutil.copy(Path(unpacked, name), corpus / f"call-{Path(name).suffix[1:]}"
+                        f"{Path(name).suffix}")
+    rttm.mkdir()
+    os.chmod(rttm, 0o777)  # the container's user 65534 writes here
+    with podman_env(work / "podman") as env:
+        started = time.monotonic()
+        proc = run("pyannote-bundle", "image", str(tarball), "--output", str(out), "--json",
+                   env=env, timeout=3600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        report: dict[str, Any] = json.loads(proc.stdout)
+        report["seconds"] = round(time.monotonic() - started, 1)
+        # podman copies an oci-archive to a temporary folder before storing it (a third
+        # copy of 8 GB): the self-test reads the unpacked layout folder instead.
+        layout = out / "layout"
+        layout.mkdir()
+        subprocess.run(["tar", "-xf", report["path"], "-C", str(layout)], check=True)
+        Path(report["path"]).unlink()
+        proc = run("pyannote-bundle", "image", str(layout), "--self-test", "--json", env=env,
+                   timeout=3600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        report["self_test"] = json.loads(proc.stdout)["self_test"]
+        assert report["self_test"]["ok"] and report["self_test"]["expected"] == "match"
+        image_id = report["config_digest"].split(":")[1]  # podman's image id: in storage now
+        ran = run("podman", "run", "--rm", "--network", "none", "--read-only", "--user",
+                  "65534:65534", "-v", f"{corpus}:/work:ro", "-v", f"{rttm}:/out", image_id,
+                  "/work", "--output-dir", "/out", env=env, timeout=1800)
+        assert ran.returncode == 0, ran.stderr[-3000:]
+        made = sorted(p.name for p in rttm.iterdir())
+        assert made == sorted(f"{p.name}.rttm" for p in corpus.iterdir()), made
+        for p in rttm.iterdir():
+            assert p.read_text().startswith("SPEAKER "), p.read_text()[:200]
+    shutil.rmtree(out)
+    return report

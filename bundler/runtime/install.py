@@ -679,9 +679,21 @@ def _compare(what: str, result: dict[str, Any], expected: dict[str, Any]) -> Non
 
 
 # --- the whole install -------------------------------------------------------------------
+RELEASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_release_name(name: str | None) -> None:
+    """A release name given with ``--release``: one plain path component."""
+    if name is not None and not RELEASE_NAME.fullmatch(name):
+        raise Failure(EXIT_USAGE, f"--release {shown(name)}: a release name is 1-64 letters, "
+                                  "digits, '.', '_' or '-', starting with a letter or digit; "
+                                  "nothing was changed")
+
+
 def install(bundle: Path, prefix: Path, *, do_smoke: bool = True, use_pip: bool = False,
             skip_integrity: bool = False, compile_bytecode: bool = True,
-            user_check: bool = True) -> dict[str, Any]:
+            user_check: bool = True, release_name: str | None = None) -> dict[str, Any]:
+    check_release_name(release_name)
     check_prefix_name(prefix)
     prefix = resolve_prefix(prefix)
     check_prefix_name(prefix)
@@ -716,7 +728,7 @@ def install(bundle: Path, prefix: Path, *, do_smoke: bool = True, use_pip: bool 
                 remove_ours(prefix, receipt, stale)
             report["install"] = _install_release(bundle, prefix, receipt, manifest, do_smoke,
                                                  use_pip, compile_bytecode, report,
-                                                 user_check)
+                                                 user_check, release_name)
         except BaseException:
             abandon(prefix, receipt)
             raise
@@ -729,12 +741,20 @@ def install(bundle: Path, prefix: Path, *, do_smoke: bool = True, use_pip: bool 
 def _install_release(bundle: Path, prefix: Path, receipt: dict[str, Any],
                      manifest: dict[str, Any], do_smoke: bool, use_pip: bool,
                      compile_bytecode: bool, report: dict[str, Any],
-                     user_check: bool = True) -> dict[str, Any]:
+                     user_check: bool = True,
+                     release_name: str | None = None) -> dict[str, Any]:
     started = time.monotonic()
     serial = int(receipt.get("serial", 0)) + 1
     digest = hashlib.sha256((bundle / CHECKSUMS).read_bytes()).hexdigest() \
         if (bundle / CHECKSUMS).is_file() else "0" * 64
-    name = f"r{serial}-{digest[:12]}"
+    # A name of the caller's (``pyannote-bundle image``: the same path in every image, so
+    # that the venv's absolute paths, and so its image layer, do not change with a model or
+    # a parameter); by default the serial and the bundle's digest.
+    name = release_name or f"r{serial}-{digest[:12]}"
+    if name in receipt["releases"] or (prefix / RELEASES / name).exists() \
+            or os.path.lexists(prefix / RELEASES / name):
+        raise Failure(EXIT_PREFIX, f"{prefix / RELEASES / name} exists already: choose "
+                                   "another --release; nothing was changed")
     receipt["serial"] = serial
     receipt["releases"].append(name)
     if RELEASES not in receipt["created"] and not (prefix / RELEASES).exists():
@@ -858,6 +878,9 @@ def main(argv: list[str] | None = None) -> int:
                                  "(for one removed right after its smoke test)")
         parser.add_argument("--skip-integrity", action="store_true",
                             help="for a staged bundle on the build host (no SHA256SUMS yet)")
+        parser.add_argument("--release", metavar="NAME",
+                            help="name the new release NAME instead of r<serial>-<digest> "
+                                 "(pyannote-bundle image: the same path in every image)")
         args = parser.parse_args(argv)
         as_json = args.json
         # The release is readable by every user, whatever the caller's umask (077 on a
@@ -870,7 +893,8 @@ def main(argv: list[str] | None = None) -> int:
         report = install(bundle, prefix, do_smoke=not args.no_smoke, use_pip=args.pip,
                          skip_integrity=args.skip_integrity,
                          compile_bytecode=not args.no_compile,
-                         user_check=not args.no_user_check)
+                         user_check=not args.no_user_check,
+                         release_name=args.release)
     except Failure as exc:
         say(str(exc))
         if as_json:
