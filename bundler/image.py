@@ -70,6 +70,7 @@ from bundler.errors import (
     IntegrityError,
     SmokeError,
 )
+from bundler.hashing import sha256_file
 from bundler.integrity import Limits, check_and_extract
 from bundler.subproc import last_lines
 
@@ -616,7 +617,7 @@ def default_base(target_python: str, arch: str, cache_dir: Path, mirror: str,
             with open(tmp, "wb") as out:
                 packages_found = normalise_base(raw, out)
             raw.unlink()
-            digest, size = _sha256(tmp)
+            digest, size = sha256_file(tmp)
             os.replace(tmp, layer)
             tmp_meta = folder / "base.json.tmp"
             tmp_meta.write_text(json.dumps({"inputs": inputs, "digest": digest, "size": size,
@@ -662,15 +663,6 @@ def normalise_base(raw: Path, out: IO[bytes]) -> list[dict[str, str]]:
             else:
                 dst.addfile(m)
     return dpkg_packages(status)
-
-
-def _sha256(path: Path) -> tuple[str, int]:
-    h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
 
 
 # --- install inside the base -------------------------------------------------------------
