@@ -503,6 +503,18 @@ def check_engines_match_pyannote(inst: Installed) -> dict[str, Any]:
 
 
 # --- the bundle as an OCI image (pyannote-bundle image), run by podman -------------------
+IMAGE_TOOLS = ("mmdebstrap", "podman", "skopeo", "runc", "docker-registry", "unshare")
+
+
+def require_image_tools() -> None:
+    """Fail, not skip, where the image tests cannot run: CI installs what they need."""
+    missing = [t for t in IMAGE_TOOLS if not shutil.which(t)]
+    assert not missing and os.geteuid() == 0, (
+        f"the image tests need root and {' '.join(IMAGE_TOOLS)} (missing: {' '.join(missing)}):"
+        " apt-get install mmdebstrap podman skopeo runc docker-registry uidmap (.ci/run"
+        " installs them)")
+
+
 # podman on this project's machines needs runc, cgroupfs and small rlimits: this sandbox's
 # quirks, set in a containers.conf of the tests' own, never in the product.
 CONTAINERS_CONF = """\

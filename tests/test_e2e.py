@@ -35,6 +35,7 @@ from e2e import (
     check_slurm_job_array_from_the_docs,
     check_transcribe_on_real_speech,
     installed_by_install_sh,
+    require_image_tools,
 )
 from forge import flip_byte
 
@@ -308,15 +309,13 @@ def test_every_engine_gives_pyannotes_rttm_and_embeddings(installed: Installed) 
     weights, six kinds of recording; an unknown embedding model falls back, saying so."""
     result = check_engines_match_pyannote(installed)
     print(json.dumps({"seconds": result["seconds"]}))
-@pytest.mark.skipif(not all(shutil.which(t) for t in ("mmdebstrap", "podman", "unshare"))
-                    or os.geteuid() != 0,
-                    reason="needs root, mmdebstrap and podman (.ci/run installs them)")
 def test_image_of_the_bundle_diarizes_in_podman_offline_read_only_as_nobody(
         tarball: Path, tmp_path: Path) -> None:
     """`pyannote-bundle image` of this bundle: its self-test (podman, no network, read-only
     root, user 65534, the sample against smoke/expected.json), then podman on a mounted
     folder of recordings writes an RTTM per file. tests/test_image.py proves that a
     parameter update changes only the config layer; here, that layer's share of the image."""
+    require_image_tools()
     report = check_image_of_real_bundle(tarball, tmp_path)
     sizes = {x["role"]: x["size"] for x in report["layers"]}
     print(f"image of {tarball.name}: {report['seconds']} s with its self-test; layers "

@@ -25,7 +25,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import socket
 import subprocess
 import tarfile
@@ -36,7 +35,7 @@ from typing import Any
 
 import pytest
 from conftest import EMB, SEG, TINY_LOCK, TinyBundle
-from e2e import podman_env
+from e2e import podman_env, require_image_tools
 from forge import flip_byte
 
 from bundler import image
@@ -234,13 +233,12 @@ def test_help_names_the_exit_codes_and_an_example(capsys: pytest.CaptureFixture[
 
 
 # --- slow: real images --------------------------------------------------------------------
-def _have(*tools: str) -> bool:
-    return all(shutil.which(t) for t in tools) and os.geteuid() == 0
+@pytest.fixture
+def image_tools() -> None:
+    require_image_tools()
 
 
-needs_tools = pytest.mark.skipif(
-    not _have("mmdebstrap", "podman", "skopeo", "docker-registry", "unshare"),
-    reason="needs root, mmdebstrap, podman, skopeo and docker-registry (.ci/run installs them)")
+needs_tools = pytest.mark.usefixtures("image_tools")
 
 @pytest.fixture(scope="module")
 def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
