@@ -344,6 +344,9 @@ def check_transcribe_on_real_speech(inst: Installed) -> None:
     corpus = inst.base / "speech"
     (corpus / "meetings").mkdir(parents=True)
     long_turns = speech.dialogue(corpus / "dialogue.wav")
+    # Enough speech that the run outlives onnxruntime's telemetry delay on a fast host too
+    # (the onnx engine diarizes several times faster than pyannote's own path).
+    speech.dialogue(corpus / "meetings" / "long.wav", list(speech.DEFAULT_LINES) * 4)
     # The bundle's own dialogue as it ships (flac), and its lines again as AAC in m4a.
     said = json.loads(resources.files("bundler.assets").joinpath("dialogue.json").read_text())
     shutil.copy(inst.prefix / "smoke" / "dialogue.flac", corpus / "short.flac")
@@ -363,7 +366,7 @@ def check_transcribe_on_real_speech(inst: Installed) -> None:
     assert proc.returncode == 4, proc.stderr[-3000:]  # the corrupt file; the rest done
     assert "Traceback" not in proc.stderr
     report = json.loads(proc.stdout)
-    assert report["done"] == 3 and report["failed"] == 1
+    assert report["done"] == 4 and report["failed"] == 1
     assert report["failures"][0]["file"] == "broken.m4a"
     assert report["network_attempts"] == 0
     # onnxruntime's telemetry (if it were on) starts about 10 s after the VAD session opens:
@@ -371,6 +374,7 @@ def check_transcribe_on_real_speech(inst: Installed) -> None:
     assert took > 30, took
     assert connection_attempts(trace) == [], "connect() seen from outside the process"
     for rel, reference, limit in (("dialogue.wav", spoken, 0.10),
+                                  ("meetings/long.wav", " ".join([spoken] * 4), 0.10),
                                   ("meetings/short.m4a", said["text"], 0.10),
                                   ("short.flac", said["text"], 0.05)):
         data = json.loads((out / f"{rel}.json").read_text())
@@ -401,7 +405,7 @@ def check_transcribe_on_real_speech(inst: Installed) -> None:
                                  "json,srt,vtt,txt,rttm", "--json")
     assert again.returncode == 4, again.stderr[-2000:]
     rerun = json.loads(again.stdout)
-    assert rerun["skipped"] == 3 and rerun["done"] == 0 and rerun["failed"] == 1
+    assert rerun["skipped"] == 4 and rerun["done"] == 0 and rerun["failed"] == 1
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps
     # Two shards of the same sorted list share out every file exactly once.
     counts = []
@@ -411,7 +415,7 @@ def check_transcribe_on_real_speech(inst: Installed) -> None:
         data = json.loads(part.stdout)
         assert data["shard"] == {"index": index, "count": 2, "from": "--shard"}
         counts.append((data["files"], data["skipped"], data["failed"]))
-    assert sum(c[0] for c in counts) == 4 and sum(c[1] + c[2] for c in counts) == 4
+    assert sum(c[0] for c in counts) == 5 and sum(c[1] + c[2] for c in counts) == 5
 
 
 def engine_recordings(folder: Path) -> list[Path]:
