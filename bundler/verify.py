@@ -72,6 +72,8 @@ def verify(tarball: Path, opts: VerifyOptions) -> dict[str, Any]:
         report["install"] = {**installed["install"], "integrity": installed["integrity"]}
         # The config names the release's own paths (absolute, valid across upgrades).
         report["config"] = _lint(Path(installed["install"]["release"]), integrity.manifest)
+        if installed.get("engines"):  # the onnx engine, exported and checked on this host
+            report["engines"] = installed["engines"]
         smoke = installed.get("smoke") or {}
         report["network_isolation"] = smoke.get("network_isolation")
         report["smoke"] = smoke if opts.smoke else {"ok": None, "skipped": True}

@@ -116,6 +116,11 @@ def test_demo_builds_and_verifies_offline(demo: dict[str, Any], tool: Path) -> N
     assert smoke["ok"] is True and smoke["segments"] and smoke["speakers"] >= 1
     assert all(s["end"] > s["start"] for s in smoke["segments"])
     assert smoke["expected"] == "match"
+    # verify's self-test ran the engine auto picks on a CPU: onnx, exported and checked on
+    # this host by the install it made.
+    assert smoke["engine"] == "onnx" and not smoke.get("engine_note"), smoke
+    assert v["engines"]["onnx"]["ok"] is True
+    assert v["engines"]["onnx"]["check"]["rttm"] == "identical", v["engines"]
     assert "unshare" in v["network_isolation"]
     # A socket connect from inside the smoke process was tried and failed.
     assert smoke["network_probes"] and set(smoke["network_probes"].values()) == {"blocked"}

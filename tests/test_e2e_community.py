@@ -56,6 +56,7 @@ def test_community_1_builds_with_its_plda_and_verifies_offline(demo: dict[str, A
     assert v["config"]["checked"] == ["segmentation", "embedding", "plda"]
     assert v["smoke"]["ok"] is True and v["smoke"]["segments"]
     assert v["smoke"]["pyannote_audio"].startswith("4.") and v["smoke"]["expected"] == "match"
+    assert v["smoke"]["engine"] == "onnx" and not v["smoke"].get("engine_note"), v["smoke"]
     assert "unshare" in v["network_isolation"]
     assert set(v["smoke"]["network_probes"].values()) == {"blocked"}
     # pyannote.audio 4 reads files only through torchcodec and FFmpeg; bin/diarize read
