@@ -96,6 +96,9 @@ def load_pipeline(config: Path, device: str, batch: dict[str, int | None],
     # pyannote 4 warns at import that torchcodec cannot load FFmpeg: diarize never asks
     # torchcodec for anything (it decodes itself), so that warning would only mislead.
     warnings.filterwarnings("ignore", message=r"(?s).*torchcodec")
+    # pyannote finds the embedding model's shortest input by running it on ever shorter
+    # ones, and torch warns about each too-short one: a search, not a fault in the run.
+    warnings.filterwarnings("ignore", message=r"std\(\): degrees of freedom is <= 0")
     try:
         import torch
         from pyannote.audio import Pipeline
