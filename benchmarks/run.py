@@ -34,6 +34,9 @@ with the tool so both see the same page cache):
   segmentation-3.0) and the bundle's embedding model, the onnx engine exported and checked
   for that config as the installer does; the RTTM must be identical. Per-stage seconds
   (segmentation, embeddings, clustering), RTF and peak RSS of each; the goal is <= 0.25.
+  ``diarize_cpu_vs_pyannote_small_batches``: the same against pyannote's own path with
+  segmentation and embedding batch sizes 8 and 2 (the fast engines' chunks per pass), the
+  best plain pyannote.audio does on a CPU by changing two parameters.
   ``diarize_vs_pyannote`` runs ``--engine pyannote``: it measures the machinery alone.
 * ``transcribe_vs_whisperx`` (with ``--whisperx INDEX_URL`` and a community-1 bundle with
   an ASR model): ``bin/transcribe`` against whisperx 3.8.6's own pipeline on the same files
@@ -335,7 +338,7 @@ def bench_diarize(prefix: Path, work: Path, runs: int) -> dict[str, Any]:
 
 
 BARE_PYANNOTE = """
-import json, resource, sys, time
+import json, os, resource, sys, time
 t0 = time.perf_counter()
 sys.path.insert(0, sys.argv[1] + "/runtime")
 import recordings as d  # the same decoding: only the engine differs
@@ -343,6 +346,9 @@ d.go_offline()
 import torch
 from pyannote.audio import Pipeline
 pipeline = Pipeline.from_pretrained(sys.argv[2])
+if os.environ.get("BENCH_BATCH_SIZES"):  # "SEGMENTATION,EMBEDDING": pyannote's own knobs
+    seg, emb = map(int, os.environ["BENCH_BATCH_SIZES"].split(","))
+    pipeline.segmentation_batch_size, pipeline.embedding_batch_size = seg, emb
 files, stages, audio = {}, {}, 0.0
 for path in sys.argv[3:]:
     wave = d.decode(d.Path(path))
@@ -363,6 +369,10 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "rttm": files, "audio_sec
                   "stage_seconds": stages, "torch_threads": torch.get_num_threads(),
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
+
+
+# segmentation,embedding batch sizes for the second baseline (engines.CPU_PASSES' sizes)
+CPU_PASSES_FOR_BASELINE = "8,2"
 
 
 def long_dialogues(folder: Path, count: int, minutes: float) -> list[Path]:
@@ -422,14 +432,22 @@ def bench_diarize_cpu(prefix: Path, work: Path, count: int, minutes: float) -> d
                           check=True, capture_output=True, text=True)
     tool_s = time.perf_counter() - t
     tool = json.loads(proc.stdout)
-    t = time.perf_counter()
-    bare_proc = subprocess.run([venv_python, "-c", BARE_PYANNOTE, str(prefix),
-                                str(engine_dir / "config.yaml"), *map(str, files)],
-                               check=True, capture_output=True, text=True)
-    bare_s = time.perf_counter() - t
-    bare = json.loads(bare_proc.stdout)
+
+    def bare_loop(batch_sizes: str = "") -> tuple[float, dict[str, Any]]:
+        t = time.perf_counter()
+        proc = subprocess.run([venv_python, "-c", BARE_PYANNOTE, str(prefix),
+                               str(engine_dir / "config.yaml"), *map(str, files)],
+                              check=True, capture_output=True, text=True,
+                              env={**os.environ, "BENCH_BATCH_SIZES": batch_sizes})
+        return time.perf_counter() - t, json.loads(proc.stdout)
+
+    bare_s, bare = bare_loop()
+    # pyannote's own path with the batch sizes the fast engines' passes use: how much of the
+    # gain a user of plain pyannote.audio could have by lowering two parameters.
+    small = CPU_PASSES_FOR_BASELINE
+    small_s, small_bare = bare_loop(small)
     identical = all((out / f"{p.name}.rttm").read_text() == bare["rttm"][p.name]
-                    for p in files)
+                    == small_bare["rttm"][p.name] for p in files)
     stages: dict[str, float] = {}
     for o in tool["outputs"]:
         for k, v in o.get("stage_seconds", {}).items():
@@ -437,6 +455,13 @@ def bench_diarize_cpu(prefix: Path, work: Path, count: int, minutes: float) -> d
     audio = tool["audio_seconds"]
     shutil.rmtree(work, ignore_errors=True)
     return {"ratio": tool_s / bare_s, "seconds": (tool_s, bare_s),
+            "small_batches": {"ratio": round(tool_s / small_s, 3),
+                              "pyannote_seconds": round(small_s, 1),
+                              "batch_sizes": dict(zip(("segmentation", "embedding"),
+                                                      map(int, small.split(",")), strict=True)),
+                              "stage_seconds": {k: round(v, 1) for k, v in
+                                                small_bare["stage_seconds"].items()},
+                              "peak_rss_mb": round(small_bare["peak_rss_mb"], 1)},
             "rttm_identical": identical, "files": len(files),
             "audio_seconds": round(audio, 1), "engine": tool.get("engine"),
             "engine_note": tool.get("engine_note"), "threads": tool.get("threads"),
@@ -632,7 +657,9 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
         ratio = cpu.pop("ratio")
         tool_s, bare_s = cpu.pop("seconds")
-        print(json.dumps({"ratios": {"diarize_cpu_vs_pyannote": round(ratio, 3)},
+        print(json.dumps({"ratios": {"diarize_cpu_vs_pyannote": round(ratio, 3),
+                                     "diarize_cpu_vs_pyannote_small_batches":
+                                         cpu["small_batches"]["ratio"]},
                           "seconds": {"diarize_auto": round(tool_s, 1),
                                       "pyannote_loop": round(bare_s, 1)},
                           "diarize_cpu": cpu,
@@ -785,6 +812,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds["diarize"], seconds["bare_loop"] = diarize.pop("seconds")
     if diarize_cpu:
         ratios["diarize_cpu_vs_pyannote"] = diarize_cpu.pop("ratio")
+        ratios["diarize_cpu_vs_pyannote_small_batches"] = diarize_cpu["small_batches"]["ratio"]
         seconds["diarize_auto"], seconds["pyannote_loop"] = diarize_cpu.pop("seconds")
     if transcribe:
         ratios["transcribe_vs_bare"] = transcribe.pop("ratio")

@@ -421,7 +421,8 @@ def check_transcribe_on_real_speech(inst: Installed) -> None:
 def engine_recordings(folder: Path) -> list[Path]:
     """Short recordings that exercise the engines differently: a two-voice dialogue, pure
     silence, one voice with a long silence inside (chunks with no active speaker), two
-    voices over each other, one voice, and three voices."""
+    voices over each other, one voice, three voices, and three voices taking turns for
+    long enough that each model runs several passes on a CPU (engines.CPU_PASSES)."""
     import numpy as np
     import speech
 
@@ -439,6 +440,7 @@ def engine_recordings(folder: Path) -> list[Path]:
                                        b[n - n // 2:]]),
         "one.wav": np.concatenate([a, gap, a]),
         "three.wav": np.concatenate([a, gap, b, gap, c]),
+        "turns.wav": np.concatenate([a, gap, b, gap, c, gap, b, gap, a, gap, c]),
     }
     paths = []
     for name, audio in made.items():
@@ -500,6 +502,13 @@ def check_engines_match_pyannote(inst: Installed) -> dict[str, Any]:
     # The fast path computes what pyannote computes, the same float operations (measured:
     # bit-identical); a CPU's kernels may still order a sum differently by batch size.
     assert all(e["pytorch"]["embedding_max_abs_diff"] <= 1e-6 for e in files.values()), files
+    # On a CPU both fast engines run the models a few chunks at a time (bit-identical,
+    # several times faster than pyannote's passes of 32): turns.wav needs several passes.
+    for name in ("pytorch", "onnx"):
+        assert result["reports"][name]["chunks_per_pass"] == {"segmentation": 8,
+                                                              "embedding": 2}, result["reports"]
+    assert "chunks_per_pass" not in result["reports"]["pyannote"]
+    assert files["turns.wav"]["chunks"] > 8, files["turns.wav"]
     fallback = result["fallback"]
     assert fallback["engine"] == "pyannote" and fallback["engine_requested"] == "pytorch"
     assert "OtherEmbedding" in fallback["engine_note"], fallback

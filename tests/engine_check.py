@@ -36,10 +36,13 @@ from pyannote.audio import Pipeline  # noqa: E402
 def run(pipeline: Any, path: Path) -> dict[str, Any]:
     waveform = recordings.decode(path)
     batches: list[np.ndarray] = []
+    chunks = 0
 
     def hook(name: str, artifact: Any, file: Any = None, total: Any = None,
              completed: Any = None) -> None:
+        nonlocal chunks
         if name == "embeddings" and artifact is not None:
+            chunks += len(artifact)
             batches.append(np.asarray(artifact).reshape(-1, np.asarray(artifact).shape[-1]))
 
     started = time.perf_counter()
@@ -50,7 +53,7 @@ def run(pipeline: Any, path: Path) -> dict[str, Any]:
     return {"rttm": recordings.rttm(path.stem, [
                 {"start": round(float(t.start), 3), "end": round(float(t.end), 3),
                  "speaker": label} for t, _, label in annotation.itertracks(yield_label=True)]),
-            "embeddings": embeddings, "seconds": time.perf_counter() - started}
+            "embeddings": embeddings, "chunks": chunks, "seconds": time.perf_counter() - started}
 
 
 def unit(e: np.ndarray) -> np.ndarray:
@@ -74,6 +77,8 @@ def main() -> None:
     model.__class__ = type("OtherEmbedding", (type(model),), {})
     fallback = engines.apply(unknown, "pytorch", "cpu", None, None)
     results: dict[str, Any] = {"onnx_receipt": onnx, "fallback": fallback.report(),
+                               "reports": {name: p.engine.report()
+                                           for name, p in pipelines.items()},
                                "files": {}}
     for wav in sys.argv[3:]:
         path = Path(wav)
@@ -82,7 +87,7 @@ def main() -> None:
         entry: dict[str, Any] = {"segments": len(ref["rttm"].splitlines()),
                                  "speakers": len({ln.split()[7]
                                                   for ln in ref["rttm"].splitlines()}),
-                                 "pairs": len(ref["embeddings"])}
+                                 "pairs": len(ref["embeddings"]), "chunks": ref["chunks"]}
         for name in ("pytorch", "onnx"):
             got = ran[name]
             same_shape = got["embeddings"].shape == ref["embeddings"].shape

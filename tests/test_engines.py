@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bundler import layout
@@ -67,3 +68,25 @@ def test_an_exported_file_that_changed_is_not_used(tmp_path: Path) -> None:
 def test_the_engines_module_ships_in_every_bundle() -> None:
     assert layout.PROGRAMS[layout.ENGINES_MODULE] == "engines.py"
     assert set(e.ENGINES) == {"auto", "pyannote", "pytorch", "onnx"}
+
+
+def test_a_batch_runs_in_passes_of_at_most_the_cpu_size_in_order() -> None:
+    seen: list[int] = []
+
+    def forward(batch: np.ndarray) -> np.ndarray:
+        seen.append(len(batch))
+        return batch * 10
+
+    passes = e.InPasses(forward, 8, join=np.concatenate)
+    batch = np.arange(19)
+    assert (passes(batch) == batch * 10).all()
+    assert seen == [8, 8, 3]
+    seen.clear()
+    small = np.arange(8)
+    assert (passes(small) == small * 10).all() and seen == [8]
+
+
+def test_the_report_says_how_many_chunks_each_model_takes_a_pass() -> None:
+    ran = e.Engine("auto", "onnx", threads=2, passes=dict(e.CPU_PASSES))
+    assert ran.report()["chunks_per_pass"] == {"segmentation": 8, "embedding": 2}
+    assert "chunks_per_pass" not in e.Engine("pyannote", "pyannote").report()
