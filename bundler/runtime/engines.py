@@ -309,16 +309,18 @@ def use_fast_embeddings(pipeline: Any, trunk: Callable[[Any], Any] | None = None
     pipeline it does not recognise (nothing is changed)."""
     crop_duration = recognise(pipeline)
     seg_model = pipeline._segmentation.model
-    if segmentation is not None:
-        check_segmentation_model(seg_model)
+    try:
+        check_segmentation_model(seg_model)  # a model proven to compute chunks alone
+        pyannet = True
+    except EngineUnavailable:
+        if segmentation is not None:
+            raise
+        pyannet = False
     trunk = trunk or Trunk(pipeline._embedding.model_)
     if passes:
         trunk = InPasses(trunk, passes["embedding"])
-        try:
-            check_segmentation_model(seg_model)  # a model proven to compute chunks alone
+        if pyannet:
             segmentation = InPasses(segmentation or seg_model, passes["segmentation"])
-        except EngineUnavailable:
-            pass
     base = type(pipeline)
     fast = type(f"Fast{base.__name__}", (base,), {"get_embeddings": fast_get_embeddings,
                                                   "__module__": __name__})
