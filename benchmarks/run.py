@@ -84,6 +84,7 @@ from bundler.offline_install import run_installer  # noqa: E402
 from bundler.pack import Entry, pack  # noqa: E402
 from bundler.render import manifest_json  # noqa: E402
 from bundler.runtime import install as installer  # noqa: E402
+from bundler.runtime.engines import CPU_PASSES  # noqa: E402
 
 BUF = 1 << 20
 
@@ -371,10 +372,6 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "rttm": files, "audio_sec
 """
 
 
-# segmentation,embedding batch sizes for the second baseline (engines.CPU_PASSES' sizes)
-CPU_PASSES_FOR_BASELINE = "8,2"
-
-
 def long_dialogues(folder: Path, count: int, minutes: float) -> list[Path]:
     """``count`` two-voice espeak-ng dialogues of at least ``minutes`` each (the test
     dialogue's lines, rotated so that no two files are the same)."""
@@ -444,8 +441,7 @@ def bench_diarize_cpu(prefix: Path, work: Path, count: int, minutes: float) -> d
     bare_s, bare = bare_loop()
     # pyannote's own path with the batch sizes the fast engines' passes use: how much of the
     # gain a user of plain pyannote.audio could have by lowering two parameters.
-    small = CPU_PASSES_FOR_BASELINE
-    small_s, small_bare = bare_loop(small)
+    small_s, small_bare = bare_loop(f"{CPU_PASSES['segmentation']},{CPU_PASSES['embedding']}")
     identical = all((out / f"{p.name}.rttm").read_text() == bare["rttm"][p.name]
                     == small_bare["rttm"][p.name] for p in files)
     stages: dict[str, float] = {}
@@ -457,8 +453,7 @@ def bench_diarize_cpu(prefix: Path, work: Path, count: int, minutes: float) -> d
     return {"ratio": tool_s / bare_s, "seconds": (tool_s, bare_s),
             "small_batches": {"ratio": round(tool_s / small_s, 3),
                               "pyannote_seconds": round(small_s, 1),
-                              "batch_sizes": dict(zip(("segmentation", "embedding"),
-                                                      map(int, small.split(",")), strict=True)),
+                              "batch_sizes": dict(CPU_PASSES),
                               "stage_seconds": {k: round(v, 1) for k, v in
                                                 small_bare["stage_seconds"].items()},
                               "peak_rss_mb": round(small_bare["peak_rss_mb"], 1)},
