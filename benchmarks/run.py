@@ -576,11 +576,13 @@ def _bench_update(label: str, old: Path, new_entries: list[Entry], root: Path, r
     delta = make()
     sizes[f"delta_{label}"] = delta.stat().st_size
     ratios[f"delta_share_{label}_percent"] = 100 * delta.stat().st_size / new.stat().st_size
+    def clean_apply() -> None:
+        shutil.rmtree(root / "a", ignore_errors=True)
+        (root / "x.tar").unlink(missing_ok=True)
+
     seconds[f"apply_{label}"], seconds[f"cp_{label}"] = median_pair(
         runs, lambda: apply_delta(delta, old, root / "a"),
-        lambda: subprocess.run(["cp", str(new), str(root / "x.tar")], check=True),
-        lambda: (shutil.rmtree(root / "a", ignore_errors=True),
-                 (root / "x.tar").unlink(missing_ok=True)))
+        lambda: subprocess.run(["cp", str(new), str(root / "x.tar")], check=True), clean_apply)
     ratios[f"apply_vs_copy_{label}"] = seconds[f"apply_{label}"] / seconds[f"cp_{label}"]
     # apply fsyncs the new bundle before naming it (as pack does); cp leaves it in the page
     # cache. The same durability on both sides: cp, then `sync FILE` (fsync of that file).
@@ -599,7 +601,8 @@ def median_pair(runs: int, tool: Callable[[], Any], base: Callable[[], Any],
                 cleanup: Callable[[], Any] = lambda: None) -> tuple[float, float]:
     """Median seconds of ``tool`` and ``base``, run alternately; ``cleanup`` runs untimed
     after each (removing what the run wrote, so deleting GBs is never part of a figure)."""
-    tool_t, base_t = [], []
+    tool_t: list[float] = []
+    base_t: list[float] = []
     for i in range(runs):
         order = (tool, base) if i % 2 == 0 else (base, tool)
         for fn in order:
