@@ -19,8 +19,9 @@ per-user folder (never the prefix), and every connection attempt the process mak
 counted (``network_attempts`` in ``--json``); ``--block-network`` refuses them too.
 
 ``--engine`` chooses what computes the models (``runtime/engines.py``): pyannote's own
-code, or the exact fast paths (the embedding trunk once per chunk, in PyTorch or
-onnxruntime), all giving pyannote's RTTM.
+code, or the fast paths (the embedding trunk once per chunk, in PyTorch or onnxruntime).
+What is checked: at install, onnx against pytorch on the smoke sample (``ENGINE_CHECK``);
+against pyannote's own RTTM, only in the project's end-to-end tests.
 
 What every program that reads recordings shares (inputs, shards, outputs, decoding, the
 network audit, progress, exit codes) is in ``runtime/recordings.py``; this file holds the
@@ -48,6 +49,11 @@ else:  # run as a program (python -I runtime/diarize.py): its siblings, from its
     import recordings as core  # type: ignore[no-redef]
 
 FORMATS = ("rttm", "json")
+# What --help says the engines' check proves: exactly what engines.export compares.
+ENGINE_CHECK = (f"the install checks onnx against pytorch on the smoke sample "
+                f"(segmentation scores and embeddings within {engines.TOLERANCE_TEXT}, "
+                f"the same RTTM); pytorch and onnx against pyannote's own RTTM are checked "
+                f"only in the project's end-to-end tests, on their recordings")
 
 
 # --- the pipeline ------------------------------------------------------------------------
@@ -198,9 +204,10 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
                    help="lower it to use less memory (default: the config's)")
     p.add_argument("--engine", choices=engines.ENGINES, default="auto",
                    help="what computes the models: auto (default: onnx on a CPU where the "
-                        "install proved it, else pytorch), pytorch (the exact fast path), "
-                        "onnx (onnxruntime, CPU), pyannote (pyannote's own code, untouched); "
-                        "every engine gives pyannote's RTTM")
+                        "install's check passed, else pytorch), pytorch (the fast path, in "
+                        "PyTorch), onnx (onnxruntime, CPU), pyannote (pyannote's own code, "
+                        "untouched); "
+                        + ENGINE_CHECK)
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for the models (default: the cores this process may "
                         "use, from its affinity and cgroup quota; not with --engine pyannote)")

@@ -4,21 +4,28 @@
 what computes its two models, without changing what they compute:
 
 * ``pyannote``: pyannote's own code, untouched (the reference).
-* ``pytorch``: the exact fast path. pyannote runs the WeSpeaker ResNet (fbank and the whole
-  convolutional trunk) once for every (chunk, local speaker) pair, on the same audio each
-  time: only the statistics-pooling weights differ between the speakers of a chunk, and the
-  model already pools several speakers at once. Here the trunk runs once per chunk and the
-  frames are pooled per speaker with each speaker's mask, through the model's own
-  ``forward_frames`` and ``forward_embedding``; chunks where no speaker is active skip the
-  trunk (their embeddings are the model's embedding of an all-zero mask, computed by the
-  model). Batching (``embedding_batch_size`` chunks per trunk pass, pyannote's memory),
-  ``embedding_exclude_overlap`` and the masks are pyannote's, line for line.
+* ``pytorch``: the fast path, pyannote's computation reorganised. pyannote runs the
+  WeSpeaker ResNet (fbank and the whole convolutional trunk) once for every (chunk, local
+  speaker) pair, on the same audio each time: only the statistics-pooling weights differ
+  between the speakers of a chunk, and the model already pools several speakers at once.
+  Here the trunk runs once per chunk and the frames are pooled per speaker with each
+  speaker's mask, through the model's own ``forward_frames`` and ``forward_embedding``;
+  chunks where no speaker is active skip the trunk (their embeddings are the model's
+  embedding of an all-zero mask, computed by the model). Batching (``embedding_batch_size``
+  chunks per trunk pass, pyannote's memory), ``embedding_exclude_overlap`` and the masks are
+  pyannote's, line for line.
 * ``onnx``: the same, with the ResNet trunk (after fbank) and the segmentation model run
   by onnxruntime from ONNX files that ``install.py`` exported from this install's
-  checkpoints and checked against PyTorch on the smoke sample (``runtime/engines.json`` in
-  the prefix: what was exported, its sha256, and the check). CPU only.
-* ``auto``: ``onnx`` on a CPU when the install proved it, else ``pytorch``; on a GPU,
+  checkpoints and checked against the ``pytorch`` engine on the smoke sample: segmentation
+  scores and L2-normalised embeddings within TOLERANCE, the sample's RTTM identical
+  (``engines.json`` in the release: what was exported, its sha256, and the check). CPU only.
+* ``auto``: ``onnx`` on a CPU when the install's check passed, else ``pytorch``; on a GPU,
   ``pytorch`` (CUDA).
+
+What is checked where: the install checks ``onnx`` against ``pytorch`` on the smoke sample,
+nothing more; ``pytorch`` and ``onnx`` against ``pyannote`` (the same RTTM; embeddings
+within 1e-6 for ``pytorch``, TOLERANCE for ``onnx``) only in the project's slow end-to-end
+tests, on their recordings (``tests/e2e.py``, ``check_engines_match_pyannote``).
 
 Anything not recognised (a pipeline class, a ``get_embeddings`` that is not one of the
 pyannote.audio releases this was checked against, an embedding model that is not a
@@ -60,6 +67,7 @@ CPU_PASSES = {"segmentation": 8, "embedding": 2}
 # The ONNX outputs must match PyTorch's this closely (L2-normalised embeddings and
 # segmentation scores) on the sample, or the engine is not used.
 TOLERANCE = 1e-4
+TOLERANCE_TEXT = f"{TOLERANCE:.0e}".replace("e-0", "e-")  # "1e-4", as the help and docs say
 OPSET = 17
 
 # The sha256 of the source of pyannote.audio's SpeakerDiarization.get_embeddings in the
