@@ -62,7 +62,7 @@ EMBEDDING_ONNX = "embedding-trunk.onnx"
 # layer: 32 at once spill every cache. Measured on 2 cores (AMD EPYC, 2 MB L2), seconds per
 # chunk: trunk 0.90 in one pass of 32 against 0.28 in passes of 2 (PyTorch), 0.32 against
 # 0.21 (onnxruntime); segmentation 0.087 against 0.027 in passes of 8 (PyTorch). Each chunk
-# is computed alone either way: the outputs are bit-identical. On a GPU, one pass a batch.
+# is computed alone either way (measured: bit-identical outputs). On a GPU, one pass a batch.
 CPU_PASSES = {"segmentation": 8, "embedding": 2}
 # The ONNX outputs must match PyTorch's this closely (L2-normalised embeddings and
 # segmentation scores) on the sample, or the engine is not used.
