@@ -40,6 +40,7 @@ from bundler.checksums import checksum_line
 from bundler.errors import BundlerError, InputError, IntegrityError, OutputError
 from bundler.hashing import BackgroundSha256
 from bundler.progress import task
+from bundler.runtime import apply as _apply
 
 # --- beside the tarball ------------------------------------------------------------------
 SIDECAR_SUFFIX = ".sha256"
@@ -58,21 +59,36 @@ def signature_path(sidecar: Path) -> Path:
     return sidecar.with_name(sidecar.name + SIGNATURE_SUFFIX)
 
 
-def read_sidecar(tarball: Path) -> str | None:
-    """The expected sha256 from ``<tarball>.sha256``, or None when there is none."""
+@dataclass(frozen=True)
+class Sidecar:
+    """A sidecar read once: its bytes (what a signature covers) and the digest they give."""
+
+    path: Path
+    raw: bytes
+    sha256: str
+
+
+def load_sidecar(tarball: Path) -> Sidecar | None:
+    """``<tarball>.sha256``, read once and parsed by apply.py's reader (the one a delta
+    ships), or None when there is none. It must name ``tarball`` itself: a sidecar, and the
+    signature over it, vouch for one file name."""
     sidecar = sidecar_path(tarball)
     try:
-        text = sidecar.read_text()
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as exc:
+        raw = _apply.read_sidecar(tarball)
+    except OSError as exc:
         raise IntegrityError(sidecar.name, f"cannot read the sidecar: {exc}") from None
-    sha, _, name = text.strip().partition("  ")
-    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-        raise IntegrityError(sidecar.name, "is not '<sha256>  <file name>'")
-    if name.lstrip("*") != tarball.name:
-        raise IntegrityError(sidecar.name, f"names '{name[:200]}', not {tarball.name}")
-    return sha
+    if raw is None:
+        return None
+    try:
+        return Sidecar(sidecar, raw, _apply.sidecar_digest(raw, tarball.name))
+    except ValueError as exc:
+        raise IntegrityError(sidecar.name, str(exc)) from None
+
+
+def read_sidecar(tarball: Path) -> str | None:
+    """The expected sha256 from ``<tarball>.sha256``, or None when there is none."""
+    found = load_sidecar(tarball)
+    return None if found is None else found.sha256
 
 
 # --- writing: nothing under a final name until everything is written -----------------------

@@ -229,30 +229,31 @@ def apply(delta: Path, base: Path, output_dir: Path,
           allowed_signers: Path | None = None) -> dict[str, Any]:
     """Rebuild the new bundle with the apply.py code a delta ships; map its failures.
 
-    With ``allowed_signers``, the delta is authenticated before any of it is read: the
-    signature over its sidecar (``ssh-keygen -Y``, as verify checks a bundle's), then the
-    sidecar's sha256 over every byte of the tarball.
+    With ``allowed_signers``, the delta is authenticated before any of it is used: the
+    signature over its sidecar (``ssh-keygen -Y``, as verify checks a bundle's; the sidecar
+    read once and naming this very delta), then that sidecar's sha256 over every byte of
+    the tarball, in the one pass that opens it; what is applied is read from that open file.
     """
     signature: dict[str, Any] | None = None
-    if allowed_signers is not None:
-        if delta.is_dir():
-            raise InputError(f"{delta}: --allowed-signers checks the signed sidecar of the "
-                             "delta tarball; give the .delta.tar, not an unpacked folder")
-        from bundler.signing import verify_signature
-
-        signature = {"ok": True, "signer": verify_signature(sidecar_path(delta),
-                                                            allowed_signers)}
-    size: int | None = None
     try:
-        if delta.is_file():
-            _apply.check_delta_sidecar(delta, required=signature is not None)
-        d = _apply.Delta(delta)
+        if allowed_signers is not None:
+            if delta.is_dir():
+                raise InputError(f"{delta}: --allowed-signers checks the signed sidecar of "
+                                 "the delta tarball; give the .delta.tar, not an unpacked "
+                                 "folder")
+            from bundler.signing import verify_signature
+
+            sidecar, signer = verify_signature(delta, allowed_signers)
+            signature = {"ok": True, "signer": signer}
+            d = _apply.Delta(delta, sidecar.sha256)
+        else:
+            d = _apply.open_delta(delta)
         try:
             size = int(d.load()["target"]["size"])  # for the progress bar only
+            with task(f"apply: {delta.name}", size) as advance:
+                res = _apply.rebuild(d, base, output_dir, advance)
         finally:
             d.close()
-        with task(f"apply: {delta.name}", size or base.stat().st_size) as advance:
-            res = _apply.apply_delta(delta, base, output_dir, advance, sidecar_checked=True)
     except _apply.CannotWrite as exc:
         raise OutputError(str(exc)) from None
     except _apply.UsageError as exc:

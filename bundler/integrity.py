@@ -34,6 +34,7 @@ from typing import IO, Any, Self
 from bundler import layout
 from bundler.bundlefile import (
     SIDECAR_SUFFIX,
+    Sidecar,
     name_bad_part,
     open_raw,
     read_sidecar,
@@ -300,15 +301,19 @@ def _refusal(name: str, kind: str, reader: HashingReader, exc: BaseException,
 
 
 def check_and_extract(tarball: Path, work: Path, limits: Limits = Limits(),
-                      hash_members: bool = False) -> Integrity:
+                      hash_members: bool = False, sidecar: Sidecar | None = None) -> Integrity:
     """Stream ``tarball`` once into ``work``; raise IntegrityError on the first problem.
 
     The archive's digest is computed on a second core while members are unpacked. With a
     sidecar, that one digest covers every byte of every member, so members are checked
     against SHA256SUMS through it; without a sidecar (or with ``hash_members``) each
-    member is hashed as well and compared with its SHA256SUMS line.
+    member is hashed as well and compared with its SHA256SUMS line. ``sidecar``: the one
+    already read (and its signature checked over its bytes); else it is read here.
     """
-    expected_outer = read_sidecar(whole(tarball))  # a part's or the parts' list: the bundle's
+    if sidecar is None:
+        expected_outer = read_sidecar(whole(tarball))  # a part's or the list: the bundle's
+    else:
+        expected_outer = sidecar.sha256
     each = hash_members or expected_outer is None
     try:
         size = total_size(tarball)  # of the parts together, for a split bundle

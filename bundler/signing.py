@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from bundler.bundlefile import signature_path
+from bundler.bundlefile import Sidecar, load_sidecar, sidecar_path, signature_path
 from bundler.errors import InputError, IntegrityError
 from bundler.subproc import last_lines, run
 
@@ -41,11 +41,20 @@ def sign(sidecar: Path, key: Path) -> Path:
     return signature
 
 
-def verify_signature(sidecar: Path, allowed_signers: Path) -> str:
-    """Check ``<sidecar>.sig`` against ``allowed_signers``; return the signer's identity."""
-    signature = signature_path(sidecar)
-    if not sidecar.is_file():
-        raise IntegrityError(sidecar.name, "missing: a signed bundle needs its sidecar")
+def verify_signature(tarball: Path, allowed_signers: Path) -> tuple[Sidecar, str]:
+    """Check ``<tarball>.sha256.sig`` against ``allowed_signers``; return the sidecar and
+    the signer's identity.
+
+    The sidecar is read once: ``ssh-keygen`` checks the signature over those very bytes,
+    and the caller takes the tarball's expected digest from the returned ``Sidecar`` (never
+    from the file again, which could have been swapped in between). The sidecar must name
+    ``tarball``: a genuine signed sidecar of another file is refused.
+    """
+    sidecar = load_sidecar(tarball)
+    signature = signature_path(sidecar_path(tarball))
+    if sidecar is None:
+        raise IntegrityError(sidecar_path(tarball).name, "missing: a signed bundle needs its "
+                             "sidecar")
     if not signature.is_file():
         raise IntegrityError(signature.name, "missing: --allowed-signers needs the sidecar's "
                              "signature beside it")
@@ -59,8 +68,8 @@ def verify_signature(sidecar: Path, allowed_signers: Path) -> str:
         raise IntegrityError(signature.name, f"not signed by any key in {allowed_signers}: "
                              "the bundle's origin cannot be trusted")
     proc = run([keygen, "-Y", "verify", "-f", str(allowed_signers), "-I", principal, "-n",
-                NAMESPACE, "-s", str(signature)], env=env, stdin=sidecar)
+                NAMESPACE, "-s", str(signature)], env=env, stdin=sidecar.raw)
     if proc.returncode != 0:
         raise IntegrityError(signature.name, f"does not verify for {principal}: "
                              f"{last_lines(proc.stderr, 1)}")
-    return principal
+    return sidecar, principal

@@ -13,9 +13,11 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from bundler.errors import EXIT_INSTALL, EXIT_INTERNAL, EXIT_WHEELS, ChildTimeout, InputError
 
@@ -101,17 +103,18 @@ def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 def run(args: Sequence[str], *, env: Mapping[str, str] | None = None,
         cwd: str | None = None, timeout: float | None = None,
-        stdin: Path | None = None) -> Completed:
+        stdin: Path | bytes | None = None) -> Completed:
     """Run a command, capturing its output; never raises on a non-zero status.
 
     ``timeout``: seconds, else the default for the command's kind (``kind_of``); past it
     the child is killed and ChildTimeout raised. Output is decoded as UTF-8, an invalid
     byte replaced (pip relays whatever a build or a server prints).
-    ``stdin``: a file fed to the command's standard input (else nothing: no prompts)."""
+    ``stdin``: a file, or bytes, fed to the command's standard input (else nothing: no
+    prompts). Bytes go through an unnamed temporary file: no other process can change them."""
     kind = kind_of(args)
     limit = timeout if timeout is not None else default_timeout(kind)
     log.debug("run: %s (%s, at most %.0f s)", " ".join(args), kind.name, limit)
-    with open(stdin, "rb") if stdin is not None else open(os.devnull, "rb") as feed:
+    with _feed(stdin) as feed:
         try:
             proc = subprocess.run(list(args), env=dict(env) if env is not None else clean_env(),
                                   cwd=cwd, capture_output=True, encoding="utf-8",
@@ -121,6 +124,18 @@ def run(args: Sequence[str], *, env: Mapping[str, str] | None = None,
                                f"{kind.advice}, or set {TIMEOUT_ENV}=SECONDS to allow longer"
                                ) from None
     return Completed(tuple(args), proc.returncode, proc.stdout, proc.stderr)
+
+
+def _feed(stdin: Path | bytes | None) -> IO[bytes]:
+    """The file a child reads as its standard input (see ``run``)."""
+    if stdin is None:
+        return open(os.devnull, "rb")
+    if isinstance(stdin, bytes):
+        f = tempfile.TemporaryFile()
+        f.write(stdin)
+        f.seek(0)
+        return f
+    return open(stdin, "rb")
 
 
 _UNREACHABLE = re.compile(r"(Failed to establish a new connection: [^')]*|Name or service not "

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from bundler import layout, traps
-from bundler.bundlefile import sidecar_path, whole
+from bundler.bundlefile import whole
 from bundler.errors import BundlerError
 from bundler.hashing import sha256_file
 from bundler.integrity import Limits, check_and_extract
@@ -47,10 +47,13 @@ def verify(tarball: Path, opts: VerifyOptions) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="pyannote-bundle-verify-", dir=opts.workdir))
     prefix = opts.prefix.resolve() if opts.prefix else work / "prefix"
     try:
+        sidecar = None
         if opts.allowed_signers is not None:
-            report["signature"] = {"ok": True, "signer": verify_signature(
-                sidecar_path(whole(tarball)), opts.allowed_signers)}
-        integrity = check_and_extract(tarball, work / "bundle", opts.limits, opts.hash_members)
+            # the digest the tarball must match comes from the bytes the signature covers
+            sidecar, signer = verify_signature(whole(tarball), opts.allowed_signers)
+            report["signature"] = {"ok": True, "signer": signer}
+        integrity = check_and_extract(tarball, work / "bundle", opts.limits, opts.hash_members,
+                                      sidecar=sidecar)
         report["integrity"] = integrity.as_dict()
         if not opts.install:  # a staging host, a copy on removable media: any host will do
             report["target"] = integrity.manifest.get("target")

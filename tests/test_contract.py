@@ -90,7 +90,9 @@ def test_one_sidecar_form_for_the_tool_and_apply_py(tmp_path: Path) -> None:
     with bundlefile.publishing(tmp_path, str(tarball), "its name") as pub:
         pub.write_text(tarball, "bundle")
         pub.sidecar(tarball, sha)
-    assert apply._sidecar_digest(tarball) == sha == bundlefile.read_sidecar(tarball)
+    raw = apply.read_sidecar(tarball)
+    assert raw is not None and apply.sidecar_digest(raw, tarball.name) == sha == \
+        bundlefile.read_sidecar(tarball)
     other = tmp_path / "c.tar"
     other.with_name(other.name + apply.SIDECAR_SUFFIX).write_text(f"{sha}  {other.name}\n")
     assert bundlefile.read_sidecar(other) == sha

@@ -599,3 +599,142 @@ def test_the_readmes_python3_only_check_passes_a_signed_delta_and_refuses_a_forg
                     str(signed["other_key"]), str(sidecar)], check=True)
     proc = run(other, verify_line)
     assert proc.returncode != 0, proc.stdout
+
+
+# --- what was authenticated is what is applied (issue 31) ----------------------------------
+APPLY_PY = Path(__file__).parent.parent / "bundler" / "runtime" / "apply.py"
+
+
+def test_a_replayed_older_signed_delta_is_refused(pair: tuple[Path, Path],
+                                                  signed: dict[str, Path],
+                                                  tmp_path: Path) -> None:
+    """An older delta, genuinely signed by the release key (its own sidecar and signature
+    intact), renamed to the name of the delta the user means to apply: the sidecar names
+    the file it covers, so the signature vouches for the older name only. Refused by the
+    tool and by apply.py alone, exit 10, one line, nothing written."""
+    old, _ = pair
+    other = tmp_path / "older" / "pyannote-older.tar"  # another bundle the same base rebuilds
+    other.parent.mkdir()
+    shutil.copy(old, other)
+    made = _cli("delta", str(old), str(other), "--output", str(tmp_path / "older-delta"),
+                "--sign-key", str(signed["key"]))
+    assert made.returncode == 0, made.stderr
+    older = Path(made.stdout.splitlines()[0])
+    assert older.name != signed["delta"].name
+    replay = tmp_path / "replay" / signed["delta"].name
+    replay.parent.mkdir()
+    for suffix in ("", ".sha256", ".sha256.sig"):
+        shutil.copy(older.with_name(older.name + suffix), replay.with_name(replay.name + suffix))
+    out = tmp_path / "out"
+    proc = _cli("apply", str(replay), "--base", str(old), "--output", str(out),
+                "--allowed-signers", str(signed["allowed"]))
+    _refused(proc, out, 10, f"names '{older.name}', not {replay.name}")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    alone = subprocess.run(["env", "-i", "PATH=/usr/bin:/bin", "python3", "-I",
+                            str(APPLY_PY), "--delta", str(replay), "--base", str(old),
+                            "--output", str(out)], capture_output=True, text=True)
+    _refused(alone, out, 10, f"names '{older.name}', not {replay.name}")
+
+
+@pytest.mark.parametrize("verb", ["apply", "verify"])
+def test_a_sidecar_swapped_after_the_signature_check_cannot_pass(
+        pair: tuple[Path, Path], signed: dict[str, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, verb: str) -> None:
+    """The genuine signed sidecar is in place while ssh-keygen checks the signature; then
+    it is swapped for the sidecar of another file (a forged delta; for verify, another
+    bundle) that lies at the tarball's name. The sidecar is read once: the digest checked is
+    the signed one, and the other file is refused, exit 10, nothing written."""
+    from bundler.delta import apply
+    from bundler.errors import BundlerError
+    from bundler.signing import sign
+    from bundler.verify import VerifyOptions, verify
+
+    old, new = pair
+    if verb == "apply":
+        genuine = signed["delta"]
+        other = _forged(genuine, tmp_path / "forged", _set("target.name", "forged.tar"))
+    else:  # OLD's sidecar signed; NEW (same file name, its own sidecar) at its name
+        genuine = tmp_path / "signed-bundle" / old.name
+        genuine.parent.mkdir()
+        shutil.copy(old, genuine)
+        shutil.copy(old.with_name(old.name + ".sha256"), genuine.parent)
+        sign(genuine.with_name(genuine.name + ".sha256"), signed["key"])
+        other = new
+    target = tmp_path / "swap" / genuine.name
+    target.parent.mkdir()
+    shutil.copy(other, target)
+    sidecar = target.with_name(target.name + ".sha256")
+    shutil.copy(genuine.with_name(genuine.name + ".sha256"), sidecar)
+    shutil.copy(genuine.with_name(genuine.name + ".sha256.sig"), target.parent)
+    other_sidecar = other.with_name(other.name + ".sha256").read_bytes()
+    assert other_sidecar != sidecar.read_bytes()
+
+    real_run = subprocess.run
+    checked: list[bool] = []
+
+    def swap_after_verify(args: Any, *a: Any, **kw: Any) -> Any:
+        res = real_run(args, *a, **kw)
+        if "-Y" in args and "verify" in args:
+            checked.append(res.returncode == 0)
+            sidecar.write_bytes(other_sidecar)
+        return res
+
+    monkeypatch.setattr(subprocess, "run", swap_after_verify)
+    out = tmp_path / "out"
+    with pytest.raises(BundlerError, match="does not match") as refused:
+        if verb == "apply":
+            apply(target, old, out, signed["allowed"])
+        else:
+            verify(target, VerifyOptions(allowed_signers=signed["allowed"], install=False,
+                                         workdir=tmp_path))
+    assert checked == [True], "the genuine signature was checked, then the sidecar swapped"
+    assert refused.value.exit_code == 10
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("how", ["renamed over it", "rewritten in place"])
+@pytest.mark.parametrize("entry", ["tool", "apply.py"])
+def test_a_delta_swapped_after_it_was_hashed_is_not_applied(
+        pair: tuple[Path, Path], delta: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, how: str, entry: str) -> None:
+    """The delta is swapped for a forged one (consistently re-summed, its target renamed)
+    at the moment it is first read as a tar, after a check that hashed it by name. What is
+    applied comes from the one open file that was hashed: the genuine bundle is rebuilt, or
+    the delta is refused; the forged one never is."""
+    import os
+
+    from bundler.delta import apply
+    from bundler.errors import DeltaError
+    from bundler.runtime import apply as runtime_apply
+
+    old, new = pair
+    path = _copy_delta(delta, tmp_path / "d", ".sha256")
+    forged = _forged(delta, tmp_path / "forged", _set("target.name", "forged.tar"))
+    real_open = tarfile.open
+    swapped: list[bool] = []
+
+    def swap_then_open(*a: Any, **kw: Any) -> Any:
+        if not swapped:
+            swapped.append(True)
+            if how == "renamed over it":
+                os.replace(forged, path)
+            else:
+                with open(path, "r+b") as f:
+                    f.write(forged.read_bytes())
+                    f.truncate()
+        return real_open(*a, **kw)
+
+    monkeypatch.setattr(tarfile, "open", swap_then_open)
+    out = tmp_path / "out"
+    try:
+        if entry == "tool":
+            apply(path, old, out)
+        else:
+            runtime_apply.apply_delta(path, old, out)
+    except (DeltaError, runtime_apply.ApplyError) as exc:
+        assert exc.exit_code == 10 and "does not match its sidecar" in str(exc), exc
+        assert not out.exists() or not any(out.iterdir())
+    else:
+        assert sorted(p.name for p in out.iterdir()) == [new.name, new.name + ".sha256"]
+        assert (out / new.name).read_bytes() == new.read_bytes()
+    assert swapped and not (out / "forged.tar").exists()

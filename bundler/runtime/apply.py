@@ -24,6 +24,13 @@ sidecar (``ssh-keygen -Y verify ... -s DELTA.tar.sha256.sig < DELTA.tar.sha256``
 ``sha256sum -c DELTA.tar.sha256``, as the README shows), or let an installed pyannote-bundle
 do both (``apply --allowed-signers FILE``) with its own copy of this code.
 
+A delta tarball is opened once, and everything applied is read from that open file: with
+its sidecar beside it (read once; it must name this very file, or it is another delta's),
+it is hashed whole and checked before one header is parsed, then parsed and hashed again in
+one pass that keeps its lists in memory; each payload file is checked against its sha256 in
+those lists as it is copied. Renaming another file over it, or rewriting it, after the
+check makes a refusal, never another bundle.
+
 The base is checked for what the result needs from it: its size and, when its sidecar is
 beside it, the digest there, before anything is written; then every byte taken from it,
 through the result's sha256. When that does not match, the base is hashed whole to say
@@ -47,7 +54,7 @@ import sys
 import tarfile
 import threading
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, List, Optional
+from typing import IO, Any, Callable, Dict, List, Optional, Union
 
 FORMAT = "pyannote-bundle-delta/1"
 DELTA_JSON = "delta.json"
@@ -55,6 +62,7 @@ CHECKSUMS = "SHA256SUMS"
 PAYLOAD = "payload"
 SIDECAR_SUFFIX = ".sha256"
 BUFSIZE = 1 << 20
+SIDECAR_MAX = 4096  # one line: 64 hex digits, two spaces, a file name
 
 EXIT_USAGE, EXIT_OUTPUT, EXIT_INTEGRITY = 2, 5, 10
 
@@ -82,46 +90,102 @@ class UsageError(ApplyError):
 
 
 class Delta:
-    """A delta as a folder (unpacked with tar) or as its tarball, read the same way."""
+    """A delta as a folder (unpacked with tar) or as its tarball, read the same way.
 
-    def __init__(self, path: Path) -> None:
+    A tarball is opened once. With ``expected_sha256`` (the sidecar's digest) it is hashed
+    whole and checked before one header is parsed; then one pass parses it, hashing again
+    what it parses (checked again), indexes the members and keeps the lists
+    (``SHA256SUMS``, ``delta.json``) in memory. Payload files are later read from the same
+    open file, each checked against the sha256 those lists give: a file swapped, or
+    rewritten in place, after the hash can make nothing but a refusal.
+    """
+
+    def __init__(self, path: Path, expected_sha256: Optional[str] = None) -> None:
         self.path = path
-        self._tar: Optional[tarfile.TarFile] = None
+        self._file: Optional[IO[bytes]] = None
         self._root: Optional[Path] = None
         self._members: Dict[str, tarfile.TarInfo] = {}
+        self._lists: Dict[str, bytes] = {}
         if path.is_dir():
             self._root = path
-        else:
-            try:
-                self._tar = tarfile.open(path, "r:")
-                for info in self._tar.getmembers():
-                    top, _, rel = info.name.partition("/")
-                    if info.isfile() and rel:
-                        self._members[rel] = info
-            except (OSError, tarfile.TarError, EOFError) as exc:
-                self.close()
-                raise DeltaDamaged(f"{path.name}: not a readable delta tarball ({exc}); "
-                                   "copy it again") from None
+            return
+        try:
+            self._file = open(path, "rb")
+        except OSError as exc:
+            raise UsageError(f"{path}: cannot read: {exc.strerror}") from None
+        try:
+            self._index(expected_sha256)
+        except BaseException:
+            self.close()
+            raise
+
+    def _index(self, expected_sha256: Optional[str]) -> None:
+        """Hash the tarball, index it and keep its lists, all from the one open file."""
+        assert self._file is not None
+        if expected_sha256 is not None:
+            # Authenticated before one header is parsed: a forged file is refused unread.
+            first = _HashingReader(self._file)
+            self._drain(first)
+            self._check(first.hash.hexdigest(), expected_sha256)
+            self._file.seek(0)
+        # The pass that parses hashes again what it parses: the lists kept are the bytes
+        # the sidecar vouches for, even if the file was rewritten in place since.
+        reader = _HashingReader(self._file)
+        problem = None
+        try:
+            with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
+                for info in tar:
+                    rel = info.name.partition("/")[2]
+                    if not (info.isfile() and rel):
+                        continue
+                    self._members[rel] = info
+                    if rel in (CHECKSUMS, DELTA_JSON):
+                        f = tar.extractfile(info)
+                        self._lists[rel] = f.read(16 * 1024 * 1024) if f else b""
+        except (OSError, tarfile.TarError, EOFError, ValueError) as exc:
+            problem = exc  # said below, unless the digest says more: the file is not the one
+        self._drain(reader)
+        if expected_sha256 is not None:
+            self._check(reader.hash.hexdigest(), expected_sha256)
+        if problem is not None:
+            raise DeltaDamaged(f"{self.path.name}: not a readable delta tarball ({problem}); "
+                               "copy it again")
+
+    def _drain(self, reader: "_HashingReader") -> None:
+        try:
+            reader.drain()
+        except OSError as exc:
+            raise UsageError(f"{self.path}: cannot read: {exc.strerror}") from None
+
+    def _check(self, digest: str, expected_sha256: str) -> None:
+        if digest != expected_sha256:
+            raise DeltaDamaged(f"{self.path.name}: sha256 {digest} does not match its sidecar "
+                               f"({expected_sha256}): damaged; copy it again")
 
     def close(self) -> None:
-        if self._tar is not None:
-            self._tar.close()
-            self._tar = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
-    def open(self, rel: str) -> IO[bytes]:
+    def open(self, rel: str) -> "Union[IO[bytes], _Range]":
         """A member of the delta, streamed."""
         try:
             if self._root is not None:
                 return open(self._root / rel, "rb")
-            f = self._tar.extractfile(self._members[rel]) if self._tar else None
-            if f is None:
+            info = self._members[rel]
+            if self._file is None:
                 raise KeyError(rel)
-            return f
+            return _Range(self._file, info.offset_data, info.size)
         except (OSError, KeyError):
             raise DeltaDamaged(f"{self.path.name}: {rel} is missing; copy the delta "
                                "again") from None
 
     def read_small(self, rel: str) -> bytes:
+        if self._root is None:
+            if rel not in self._lists:
+                raise DeltaDamaged(f"{self.path.name}: {rel} is missing; copy the delta "
+                                   "again")
+            return self._lists[rel]
         with self.open(rel) as f:
             return f.read(16 * 1024 * 1024)
 
@@ -169,6 +233,46 @@ class Delta:
             return st.st_size if stat.S_ISREG(st.st_mode) else None
         info = self._members.get(rel)
         return info.size if info is not None else None
+
+
+class _HashingReader:
+    """A file as tarfile's stream reader sees it, every byte handed out hashed."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f, self.hash = f, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        chunk = self._f.read(n)
+        self.hash.update(chunk)
+        return chunk
+
+    def drain(self) -> None:
+        """Hash what tarfile left unread (the end-of-archive blocks and beyond)."""
+        while self.read(BUFSIZE):
+            pass
+
+
+class _Range:
+    """A member's data, read from the delta's one open file by offset (never by name)."""
+
+    def __init__(self, f: IO[bytes], start: int, size: int) -> None:
+        self._f, self._pos, self._left = f, start, size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._left if n < 0 else min(n, self._left)
+        if n <= 0:
+            return b""
+        self._f.seek(self._pos)
+        chunk = self._f.read(n)
+        self._pos += len(chunk)
+        self._left -= len(chunk)
+        return chunk
+
+    def __enter__(self) -> "_Range":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._left = 0
 
 
 class _Malformed(Exception):
@@ -282,59 +386,82 @@ def _file_sha256(path: Path) -> str:
             h.update(chunk)
 
 
-def _sidecar_digest(path: Path) -> Optional[str]:
+def read_sidecar(path: Path) -> Optional[bytes]:
+    """The bytes of ``<path>.sha256``, read once; None when there is none. Whoever checks a
+    signature over the sidecar checks it over these bytes, and takes the digest from them:
+    a sidecar swapped between the two reads cannot pass one check with each content."""
     try:
-        text = path.with_name(path.name + SIDECAR_SUFFIX).read_text()
-    except (OSError, UnicodeDecodeError):
+        with open(path.with_name(path.name + SIDECAR_SUFFIX), "rb") as f:
+            return f.read(SIDECAR_MAX + 1)
+    except FileNotFoundError:
         return None
-    sha = text.strip().partition("  ")[0]
-    return sha if len(sha) == 64 else None
 
 
-def check_delta_sidecar(path: Path, required: bool = False) -> None:
-    """A delta tarball with its sidecar beside it is checked whole first (it is small).
-    ``required``: the sidecar is what a signature covers, so it must be there and readable."""
-    published = _sidecar_digest(path)
-    if published is None:
-        if required:
-            raise DeltaDamaged(f"{path.name}{SIDECAR_SUFFIX} is missing or not "
-                               "'<sha256>  <file name>': the delta cannot be checked")
-        return
-    h = hashlib.sha256()
+def sidecar_digest(raw: bytes, name: str) -> str:
+    """The sha256 that a sidecar's bytes give for the file ``name``; ValueError saying what
+    is wrong otherwise. The sidecar must name that very file: a signed sidecar is the
+    release engineer's word about one file name, so another delta's (an older one, renamed
+    to the name expected here) is refused, not taken for this one's."""
     try:
-        with open(path, "rb") as f:
-            while True:
-                chunk = f.read(BUFSIZE)
-                if not chunk:
-                    break
-                h.update(chunk)
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read: {exc.strerror}") from None
-    if h.hexdigest() != published:
-        raise DeltaDamaged(f"{path.name}: sha256 {h.hexdigest()} does not match its sidecar "
-                           f"({published}): damaged; copy it again")
+        text = raw.decode() if len(raw) <= SIDECAR_MAX else ""
+    except UnicodeDecodeError:
+        text = ""
+    sha, _, named = text.strip().partition("  ")
+    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise ValueError("is not '<sha256>  <file name>'")
+    if named.lstrip("*") != name:  # sha256sum marks a binary-mode line with '*'
+        raise ValueError(f"names '{_shown(named)}', not {_shown(name)}: it is another "
+                         "file's sidecar, and its signature vouches for that file only")
+    return sha
+
+
+def _published(path: Path) -> Optional[str]:
+    """The digest in the sidecar beside the base, None when there is no usable one: the
+    base is proved by the result's sha256 in any case, the sidecar only fails it early."""
+    try:
+        raw = read_sidecar(path)
+        return None if raw is None else sidecar_digest(raw, path.name)
+    except (OSError, ValueError):
+        return None
+
+
+def open_delta(path: Path) -> Delta:
+    """The delta as ``apply.py`` is given it. A tarball with its sidecar beside it is
+    checked against it (read once, naming this very file) in the one pass that reads the
+    tarball (it is small); a folder is checked member by member as it is read."""
+    expected = None
+    if not path.is_dir():
+        sidecar = path.name + SIDECAR_SUFFIX
+        try:
+            raw = read_sidecar(path)
+        except OSError as exc:
+            raise DeltaDamaged(f"{sidecar}: cannot read: {exc.strerror}") from None
+        if raw is not None:
+            try:
+                expected = sidecar_digest(raw, path.name)
+            except ValueError as exc:
+                raise DeltaDamaged(f"{_shown(sidecar)}: {exc}") from None
+    return Delta(path, expected)
 
 
 def apply_delta(delta_path: Path, base: Path, output_dir: Path,
-                progress: Callable[[int], None] = lambda n: None,
-                sidecar_checked: bool = False) -> Dict[str, Any]:
-    """Write ``output_dir/<new bundle>`` and its sidecar; return what was made.
-
-    ``sidecar_checked``: the caller has run check_delta_sidecar (the tool, after the
-    signature), so the delta is not hashed twice.
+                progress: Callable[[int], None] = lambda n: None) -> Dict[str, Any]:
+    """``apply.py``'s run: ``open_delta``, then ``rebuild``.
     Raises ApplyError (with its exit code); nothing is left in ``output_dir`` then.
     """
-    if delta_path.is_file() and not sidecar_checked:
-        check_delta_sidecar(delta_path)
-    delta = Delta(delta_path)
+    delta = open_delta(delta_path)
     try:
-        return _apply(delta, base, output_dir, progress)
+        return rebuild(delta, base, output_dir, progress)
     finally:
         delta.close()
 
 
-def _apply(delta: Delta, base: Path, output_dir: Path,
-           progress: Callable[[int], None]) -> Dict[str, Any]:
+def rebuild(delta: Delta, base: Path, output_dir: Path,
+            progress: Callable[[int], None] = lambda n: None) -> Dict[str, Any]:
+    """Write ``output_dir/<new bundle>`` and its sidecar from an opened delta (checked as
+    its opener chose: ``open_delta``, or the tool after the signature); return what was
+    made. Raises ApplyError (with its exit code); nothing is left in ``output_dir`` then.
+    """
     meta = delta.load()
     want_base, target = meta["base"], meta["target"]
     need = f"the delta needs {_shown(want_base['name'])} with sha256 {want_base['sha256']}"
@@ -345,7 +472,7 @@ def _apply(delta: Delta, base: Path, output_dir: Path,
     if base_size != want_base["size"]:
         raise WrongBase(f"--base {base.name} is {base_size} bytes, not {want_base['size']}: "
                         f"{need}")
-    published = _sidecar_digest(base)
+    published = _published(base)
     if published is not None and published != want_base["sha256"]:
         raise WrongBase(f"--base {base.name}: its sidecar says sha256 {published}: {need}")
 
