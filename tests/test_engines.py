@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from bundler import layout
 from bundler.runtime import engines as e
+from bundler.runtime import recordings, transcribe
 
 
 def test_a_cgroup_v2_quota_caps_the_threads(tmp_path: Path) -> None:
@@ -35,6 +37,31 @@ def test_a_cgroup_v1_quota_is_read_too(tmp_path: Path) -> None:
     assert e.usable_cores(tmp_path) == 1
     (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")  # no limit
     assert e.cgroup_quota(tmp_path) is None
+
+
+def test_every_model_gets_the_one_thread_count_under_a_cpu_quota(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # docker --cpus 1 on this (2-core) host: torch, onnxruntime and CTranslate2 all get 1.
+    (tmp_path / "cpu.max").write_text("100000 100000\n")
+    monkeypatch.setattr(e, "CGROUP", tmp_path)
+    assert e.cpu_threads() == 1
+    assert e.ort_settings(e.cpu_threads()) == {
+        "options": {"intra_op_num_threads": 1, "inter_op_num_threads": 1},
+        "config": {"session.intra_op.allow_spinning": "0",
+                   "session.inter_op.allow_spinning": "0"}}
+    program = transcribe.Transcribe()
+    parser = recordings.parser(program)
+
+    def ct2(*argv: str) -> dict[str, Any]:
+        return transcribe.whisper_options(parser.parse_args(["a.wav", *argv]), "cpu", 0, "int8")
+
+    assert ct2() == {"device": "cpu", "device_index": 0, "compute_type": "int8",
+                     "cpu_threads": 1, "num_workers": 1, "local_files_only": True}
+    # --threads is the one number for every model; --asr-threads overrides it for recognition.
+    assert ct2("--threads", "3")["cpu_threads"] == 3 == e.cpu_threads(3)
+    assert ct2("--threads", "3", "--asr-threads", "2")["cpu_threads"] == 2
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert ct2()["cpu_threads"] == e.cpu_threads() == len(os.sched_getaffinity(0))
 
 
 @pytest.mark.parametrize("content,message", [

@@ -202,8 +202,8 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
                         "onnx (onnxruntime, CPU), pyannote (pyannote's own code, untouched); "
                         "every engine gives pyannote's RTTM")
     p.add_argument("--threads", type=int, metavar="N",
-                   help="CPU threads for the models (default: the cores this process may "
-                        "use, from its affinity and cgroup quota; not with --engine pyannote)")
+                   help="CPU threads for the models, every engine (default: the cores this "
+                        "process may use, from its affinity and cgroup quota)")
 
 
 def check_pipeline_arguments(args: argparse.Namespace) -> None:

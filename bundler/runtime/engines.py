@@ -97,21 +97,28 @@ class Engine:
         return out
 
 
-# --- the cores this process may use --------------------------------------------------------
-def usable_cores(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+# --- the cores this process may use, and the threads every model gets -----------------------
+CGROUP = Path("/sys/fs/cgroup")
+# onnxruntime's idle workers sleep instead of spinning: the sessions and torch's pool take
+# turns (segmentation, then the trunk, then torch's pooling), so a pool spinning while
+# another works would take the cores that one needs (a 1-CPU quota would run 2-3 busy threads).
+ORT_CONFIG = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
+
+
+def usable_cores(cgroup_root: Path | None = None) -> int:
     """The cores this process may use: its CPU affinity (taskset, a cpuset), capped by a
     cgroup CPU quota (a container's ``--cpus``, a Kubernetes limit), at least 1."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    quota = cgroup_quota(cgroup_root)
+    quota = cgroup_quota(CGROUP if cgroup_root is None else cgroup_root)
     if quota is not None:
         cores = min(cores, max(1, math.ceil(quota)))
     return max(1, cores)
 
 
-def cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+def cgroup_quota(root: Path = CGROUP) -> float | None:
     """The CPU quota in cores (cgroup v2 ``cpu.max``, else v1 ``cfs_quota_us`` /
     ``cfs_period_us``), or None when there is none."""
     try:
@@ -127,6 +134,36 @@ def cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
     except (OSError, ValueError):
         return None
     return quota / period if quota > 0 and period > 0 else None
+
+
+def cpu_threads(requested: int | None = None) -> int:
+    """The one number of CPU threads for every model a program runs: torch's intra-op pool,
+    each onnxruntime session's and CTranslate2's ``cpu_threads``. ``requested`` (``--threads``,
+    ``--asr-threads``) when given, else usable_cores(): torch's, onnxruntime's and
+    CTranslate2's own defaults count the host's cores, not a cgroup quota."""
+    return requested if requested else usable_cores()
+
+
+def set_torch_threads(torch: Any, threads: int) -> None:
+    """torch computes with ``threads`` intra-op threads and one inter-op thread (pyannote's
+    inference forks no parallel work; the pool would only be more threads)."""
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # settable once a process, before any inter-op work: already fixed
+        pass
+
+
+def ort_settings(threads: int) -> dict[str, Any]:
+    """What every onnxruntime session of the engines is opened with, as data:
+    ``SessionOptions`` attributes (``threads`` intra-op threads, one inter-op thread: the
+    graphs run sequentially) and session config entries (ORT_CONFIG: no spinning).
+
+    Each session keeps its own pool, not onnxruntime's global one: the two never run at
+    once, their idle workers sleep, and the global pool needs a call into onnxruntime's
+    private bindings before the first session of the process."""
+    return {"options": {"intra_op_num_threads": threads, "inter_op_num_threads": 1},
+            "config": dict(ORT_CONFIG)}
 
 
 # --- recognising what the fast path reproduces ------------------------------------------------
@@ -336,13 +373,14 @@ def apply(pipeline: Any, requested: str, device: str, threads: int | None,
     """Set ``pipeline`` up for ``requested`` (one of ENGINES) on ``device``; what runs."""
     import torch
 
-    engine = Engine(requested, "pyannote")
+    # Every engine, pyannote's own too: how many threads compute is not what they compute,
+    # and torch's default would oversubscribe a container's CPU quota.
+    count = cpu_threads(threads)
+    engine = Engine(requested, "pyannote", threads=count)
+    set_torch_threads(torch, count)
     if requested == "pyannote":
         return engine
-    engine.threads = threads or usable_cores()
     passes = dict(CPU_PASSES) if device == "cpu" else None
-    if device == "cpu":
-        torch.set_num_threads(engine.threads)
     notes = []
     if requested in ("auto", "onnx"):
         if device != "cpu":
@@ -350,7 +388,7 @@ def apply(pipeline: Any, requested: str, device: str, threads: int | None,
                 raise EngineUnavailable(f"--engine onnx runs on the CPU, not {device}")
         else:
             try:
-                engine.onnx = use_onnx(pipeline, receipt, engine.threads, passes)
+                engine.onnx = use_onnx(pipeline, receipt, count, passes)
                 engine.name, engine.passes = "onnx", passes
                 return engine
             except EngineUnavailable as exc:
@@ -369,7 +407,7 @@ def apply(pipeline: Any, requested: str, device: str, threads: int | None,
 
 # --- onnx ---------------------------------------------------------------------------------
 def ort_session(path: Path, threads: int) -> Any:
-    """An onnxruntime CPU session, exact fp32, telemetry off."""
+    """An onnxruntime CPU session, exact fp32, telemetry off, threads as ort_settings."""
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     import onnxruntime as ort
 
@@ -378,8 +416,11 @@ def ort_session(path: Path, threads: int) -> Any:
     except AttributeError:
         pass
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
+    settings = ort_settings(threads)
+    for name, value in settings["options"].items():
+        setattr(options, name, value)
+    for key, value in settings["config"].items():
+        options.add_session_config_entry(key, value)
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), sess_options=options,
                                 providers=["CPUExecutionProvider"])
