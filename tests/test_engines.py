@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,39 @@ def test_every_model_gets_the_one_thread_count_under_a_cpu_quota(
     assert ct2("--threads", "3", "--asr-threads", "2")["cpu_threads"] == 2
     (tmp_path / "cpu.max").write_text("max 100000\n")
     assert ct2()["cpu_threads"] == e.cpu_threads() == len(os.sched_getaffinity(0))
+
+
+def test_the_export_says_ok_only_after_its_check_passed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A check that raises leaves engines.json saying it failed and why, and nothing in the
+    release that says ok; while it runs, only the check itself reads an ok."""
+    for name in (*recordings.OFFLINE_ENV, *recordings.CACHE_VARS):
+        monkeypatch.delenv(name, raising=False)  # main() goes offline: restored after
+    (tmp_path / "cache").mkdir()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    release = tmp_path / "release"
+    release.mkdir()
+    seen: dict[str, Any] = {}
+
+    def export_whose_check_raises(release: Path, threads: int | None) -> dict[str, Any]:
+        seen["before"] = json.loads((release / e.RECEIPT).read_text())["onnx"]
+        exported = {"ok": False, "segmentation": {"path": "onnx/segmentation.onnx"}}
+        with e.checking_receipt(release, exported) as staged:
+            seen["checked"] = e.read_receipt(staged)  # what use_onnx reads in the check
+            seen["public"] = json.loads((release / e.RECEIPT).read_text())["onnx"]
+            raise RuntimeError("the sample's RTTM cannot be computed")
+
+    with warnings.catch_warnings():  # main() silences warnings for its own process
+        assert e.main(["export", str(release)], export_whose_check_raises) == 1
+    assert seen["checked"]["ok"] is True and seen["checked"]["segmentation"]
+    assert seen["before"] == seen["public"] == e.UNFINISHED
+    failed = {"ok": False, "error": "RuntimeError: the sample's RTTM cannot be computed"}
+    assert json.loads((release / e.RECEIPT).read_text()) == {"onnx": failed}
+    assert json.loads(capsys.readouterr().out) == {"onnx": failed}
+    assert [p.name for p in release.iterdir()] == [e.RECEIPT]
+    with pytest.raises(e.EngineUnavailable, match="did not pass: RuntimeError: the sample"):
+        e.read_receipt(release / e.RECEIPT)  # so auto runs pytorch
 
 
 @pytest.mark.parametrize("content,message", [

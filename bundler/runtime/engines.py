@@ -40,6 +40,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -635,8 +636,8 @@ def export(release: Path, threads: int | None = None) -> dict[str, Any]:
     from pyannote.audio import __version__ as pyannote_version
 
     started = time.perf_counter()
-    threads = threads or usable_cores()
-    torch.set_num_threads(threads)
+    threads = cpu_threads(threads)
+    set_torch_threads(torch, threads)
     config = release / "config.yaml"
     checkpoints = model_files(config)
     reference = Pipeline.from_pretrained(str(config))
@@ -708,14 +709,9 @@ def export(release: Path, threads: int | None = None) -> dict[str, Any]:
     use_fast_embeddings(reference, passes=CPU_PASSES)
     file = {"waveform": waveform, "sample_rate": rate, "uri": "sample"}
     want = _turns(reference(dict(file)))
-    receipt_path = release / RECEIPT
-    staged = dict(receipt, ok=True)
-    _write_json(receipt_path, {"onnx": staged})
-    try:
-        use_onnx(candidate, receipt_path, threads, CPU_PASSES)
+    with checking_receipt(release, receipt) as staged:
+        use_onnx(candidate, staged, threads, CPU_PASSES)
         got = _turns(candidate(dict(file)))
-    finally:
-        receipt_path.unlink(missing_ok=True)
     receipt["check"]["rttm"] = "identical" if got == want else "differs"
     receipt["check"]["segments"] = len(want)
     receipt["seconds"] = round(time.perf_counter() - started, 1)
@@ -730,6 +726,20 @@ def export(release: Path, threads: int | None = None) -> dict[str, Any]:
     if problems:
         receipt["error"] = "; ".join(problems) + f" (tolerance {TOLERANCE})"
     return receipt
+
+
+@contextmanager
+def checking_receipt(release: Path, onnx: dict[str, Any]) -> Iterator[Path]:
+    """``onnx`` marked ok for the check alone to read (use_onnx, as bin/diarize will), under a
+    private name beside ``engines.json`` (the ONNX paths resolve against its folder), and
+    removed after: what bin/diarize reads never says ok before the check has passed, even
+    when the check raises or the process is killed during it."""
+    path = release / f".{RECEIPT}.check.{os.getpid()}"
+    try:
+        _write_json(path, {"onnx": dict(onnx, ok=True)})
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def _turns(output: Any) -> list[tuple[float, float, str]]:
@@ -749,9 +759,16 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
         raise
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``engines.py export RELEASE``: export and check, write ``RELEASE/engines.json``,
-    print it; exit 0 when the onnx engine may be used, 1 when not (the receipt says why)."""
+# Written before the export starts, replaced by its outcome: an export killed on the way (a
+# timeout, out of memory) leaves a receipt that says it did not finish, never an ok.
+UNFINISHED = {"ok": False, "error": "the export or its check did not finish"}
+
+
+def main(argv: list[str] | None = None,
+         run_export: Callable[[Path, int | None], dict[str, Any]] = export) -> int:
+    """``engines.py export RELEASE``: export and check (``run_export``), write
+    ``RELEASE/engines.json`` once the check is over, print it; exit 0 when the onnx engine
+    may be used, 1 when not (the receipt says why)."""
     if __package__:
         from bundler.runtime.recordings import go_offline
     else:  # run as a program: its sibling, from its own folder
@@ -764,8 +781,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int)
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
+    _write_json(args.release / RECEIPT, {"onnx": dict(UNFINISHED)})
     try:
-        onnx = export(args.release.resolve(), args.threads)
+        onnx = run_export(args.release.resolve(), args.threads)
     except Exception as exc:  # noqa: BLE001 - any failure: the install goes on with pytorch
         first = (str(exc).splitlines() or [""])[0]
         onnx = {"ok": False, "error": f"{type(exc).__name__}: {first}"[:500]}
