@@ -40,6 +40,31 @@ def test_a_cgroup_v1_quota_is_read_too(tmp_path: Path) -> None:
     assert e.cgroup_quota(tmp_path) is None
 
 
+def test_the_quota_of_the_process_own_cgroup_and_those_above_it_counts(tmp_path: Path) -> None:
+    # A systemd service or a cgroup made by hand: the host's whole tree is mounted, and the
+    # process sits below its root (/proc/self/cgroup names where).
+    service = tmp_path / "system.slice" / "diarize.service"
+    service.mkdir(parents=True)
+    (service / "cpu.max").write_text("150000 100000\n")  # CPUQuota=150%
+    (tmp_path / "system.slice" / "cpu.max").write_text("max 100000\n")
+    assert e.cgroup_quota(tmp_path, "0::/system.slice/diarize.service\n") == 1.5
+    assert e.cgroup_quota(tmp_path, "0::/\n") is None
+    (tmp_path / "system.slice" / "cpu.max").write_text("100000 100000\n")  # the parent's
+    assert e.cgroup_quota(tmp_path, "0::/system.slice/diarize.service\n") == 1.0
+    # cgroup v1 (and hybrid hosts): the cpu controller's own hierarchy, its own line.
+    v1 = tmp_path / "v1"
+    job = v1 / "cpu" / "batch" / "job"
+    job.mkdir(parents=True)
+    (job / "cpu.cfs_quota_us").write_text("50000\n")
+    (job / "cpu.cfs_period_us").write_text("100000\n")
+    membership = "4:memory:/other\n2:cpu,cpuacct:/batch/job\n0::/\n"
+    assert e.cgroup_quota(v1, membership) == 0.5
+    # A container's mount is its own cgroup: the host's path below it does not exist there.
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert e.cgroup_quota(v1, "2:cpu,cpuacct:/docker/0123abcd\n") == 2.0
+
+
 def test_every_model_gets_the_one_thread_count_under_a_cpu_quota(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # docker --cpus 1 on this (2-core) host: torch, onnxruntime and CTranslate2 all get 1.

@@ -119,19 +119,70 @@ def usable_cores(cgroup_root: Path | None = None) -> int:
     return max(1, cores)
 
 
-def cgroup_quota(root: Path = CGROUP) -> float | None:
-    """The CPU quota in cores (cgroup v2 ``cpu.max``, else v1 ``cfs_quota_us`` /
-    ``cfs_period_us``), or None when there is none."""
+def cgroup_quota(root: Path = CGROUP, membership: str | None = None) -> float | None:
+    """The CPU quota in cores of this process's cgroup, the smallest of its own and those of
+    the cgroups above it (a quota holds for everything below it), or None when there is
+    none: cgroup v2 ``cpu.max``, else v1 ``cpu/cpu.cfs_quota_us`` / ``cfs_period_us``.
+
+    ``membership`` is ``/proc/self/cgroup`` (read when None). A container sees its own
+    cgroup at ``root``; a systemd service, a ``systemd-run -p CPUQuota=`` scope or a
+    process put into a cgroup by hand sees the whole tree there and sits below it."""
+    if membership is None:
+        try:
+            membership = Path("/proc/self/cgroup").read_text()
+        except OSError:
+            membership = ""
+    unified, cpu = _own_cgroups(membership)
+    quotas = [q for level in _levels(root, unified) if (q := _v2_quota(level)) is not None]
+    if not quotas:  # cgroup v1, or hybrid: the cpu controller's own hierarchy
+        quotas = [q for level in _levels(root / "cpu", cpu)
+                  if (q := _v1_quota(level)) is not None]
+    return min(quotas) if quotas else None
+
+
+def _own_cgroups(membership: str) -> tuple[str, str]:
+    """This process's cgroup v2 path and its v1 ``cpu`` controller's path ("/" if none)."""
+    unified = cpu = "/"
+    for line in membership.splitlines():
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            continue
+        if fields[0] == "0" and fields[1] == "":
+            unified = fields[2]
+        elif "cpu" in fields[1].split(","):
+            cpu = fields[2]
+    return unified, cpu
+
+
+def _levels(mount: Path, path: str) -> list[Path]:
+    """``mount`` and each folder below it down to ``path``, as far as they exist: a
+    container whose mount is its own cgroup sees none of the path its host names."""
+    levels = [mount]
+    for part in path.split("/"):
+        if part in ("", ".", ".."):
+            continue
+        below = levels[-1] / part
+        if not below.is_dir():
+            break
+        levels.append(below)
+    return levels
+
+
+def _v2_quota(folder: Path) -> float | None:
     try:
-        fields = (root / "cpu.max").read_text().split()
+        fields = (folder / "cpu.max").read_text().split()
         if fields and fields[0] != "max":
-            return int(fields[0]) / int(fields[1])
-        return None
+            quota, period = int(fields[0]), int(fields[1])
+            return quota / period if quota > 0 and period > 0 else None
     except (OSError, ValueError, IndexError):
         pass
+    return None
+
+
+def _v1_quota(folder: Path) -> float | None:
     try:
-        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
-        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        quota = int((folder / "cpu.cfs_quota_us").read_text())
+        period = int((folder / "cpu.cfs_period_us").read_text())
     except (OSError, ValueError):
         return None
     return quota / period if quota > 0 and period > 0 else None
