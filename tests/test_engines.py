@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -88,6 +90,27 @@ def test_every_model_gets_the_one_thread_count_under_a_cpu_quota(
     assert ct2("--threads", "3", "--asr-threads", "2")["cpu_threads"] == 2
     (tmp_path / "cpu.max").write_text("max 100000\n")
     assert ct2()["cpu_threads"] == e.cpu_threads() == len(os.sched_getaffinity(0))
+
+
+def test_numpys_own_pool_takes_the_thread_count_before_it_loads() -> None:
+    """pyannote's clustering runs in numpy's BLAS, whose pool counts the host's cores at
+    import (here, numpy's OpenBLAS: one worker thread per core beyond the first)."""
+    code = ("from bundler.runtime import engines\n"
+            "engines.limit_native_pools(engines.cpu_threads(int(sys.argv[1]) or None))\n"
+            "import numpy, os\n"
+            "numpy.ones((300, 300)) @ numpy.ones((300, 300))\n"
+            "print(len(os.listdir('/proc/self/task')))\n")
+    env = {k: v for k, v in os.environ.items() if k not in e.NATIVE_POOLS}
+
+    def threads(requested: int) -> int:
+        proc = subprocess.run([sys.executable, "-c", f"import sys\n{code}", str(requested)],
+                              env=env, capture_output=True, text=True, check=True)
+        return int(proc.stdout)
+
+    assert threads(1) == 1  # the main thread alone
+    assert threads(0) == e.usable_cores()  # the default: the cores this process may use
+    env["OPENBLAS_NUM_THREADS"] = "2"
+    assert threads(1) == 2  # the user's own setting wins
 
 
 def test_the_export_says_ok_only_after_its_check_passed(

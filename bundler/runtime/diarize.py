@@ -99,6 +99,7 @@ def load_pipeline(config: Path, device: str, batch: dict[str, int | None],
     # pyannote finds the embedding model's shortest input by running it on ever shorter
     # ones, and torch warns about each too-short one: a search, not a fault in the run.
     warnings.filterwarnings("ignore", message=r"std\(\): degrees of freedom is <= 0")
+    engines.limit_native_pools(engines.cpu_threads(threads))
     try:
         import torch
         from pyannote.audio import Pipeline

@@ -196,6 +196,19 @@ def cpu_threads(requested: int | None = None) -> int:
     return requested if requested else usable_cores()
 
 
+# The pools native libraries start on their own when they load, sized by the host's cores
+# (a quota ignored): OpenMP's (torch's, before set_num_threads) and numpy's BLAS (pyannote's
+# clustering), whose idle workers spin. Read once, at load: set before torch or numpy is
+# imported. A value the user set wins.
+NATIVE_POOLS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def limit_native_pools(threads: int, environ: Any = os.environ) -> None:
+    """Size the native libraries' own pools (NATIVE_POOLS) to ``threads``, unless set."""
+    for name in NATIVE_POOLS:
+        environ.setdefault(name, str(threads))
+
+
 def set_torch_threads(torch: Any, threads: int) -> None:
     """torch computes with ``threads`` intra-op threads and one inter-op thread (pyannote's
     inference forks no parallel work; the pool would only be more threads)."""
@@ -680,6 +693,8 @@ def export(release: Path, threads: int | None = None) -> dict[str, Any]:
     ONNX, then check them against PyTorch on the smoke sample: segmentation scores and
     L2-normalised embeddings within TOLERANCE, and the same RTTM. The receipt's ``onnx``
     entry; ``ok`` is true only when everything matched."""
+    threads = cpu_threads(threads)
+    limit_native_pools(threads)
     import numpy as np
     import soundfile
     import torch
@@ -687,7 +702,6 @@ def export(release: Path, threads: int | None = None) -> dict[str, Any]:
     from pyannote.audio import __version__ as pyannote_version
 
     started = time.perf_counter()
-    threads = cpu_threads(threads)
     set_torch_threads(torch, threads)
     config = release / "config.yaml"
     checkpoints = model_files(config)
