@@ -11,6 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import numpy as np
 import pytest
@@ -114,16 +115,12 @@ def test_numpys_own_pool_takes_the_thread_count_before_it_loads() -> None:
 
 
 def test_the_export_says_ok_only_after_its_check_passed(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A check that raises leaves engines.json saying it failed and why, and nothing in the
     release that says ok; while it runs, only the check itself reads an ok."""
-    for name in (*recordings.OFFLINE_ENV, *recordings.CACHE_VARS):
-        monkeypatch.delenv(name, raising=False)  # main() goes offline: restored after
-    (tmp_path / "cache").mkdir()
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     release = tmp_path / "release"
     release.mkdir()
+    environ = dict(os.environ)
     seen: dict[str, Any] = {}
 
     def export_whose_check_raises(release: Path, threads: int | None) -> dict[str, Any]:
@@ -134,8 +131,12 @@ def test_the_export_says_ok_only_after_its_check_passed(
             seen["public"] = json.loads((release / e.RECEIPT).read_text())["onnx"]
             raise RuntimeError("the sample's RTTM cannot be computed")
 
-    with warnings.catch_warnings():  # main() silences warnings for its own process
+    # main() goes offline and silences warnings for its own process: this one's restored.
+    (tmp_path / "cache").mkdir()
+    with patch.dict(os.environ, {"XDG_CACHE_HOME": str(tmp_path / "cache")}), \
+            warnings.catch_warnings():
         assert e.main(["export", str(release)], export_whose_check_raises) == 1
+    assert dict(os.environ) == environ  # later tests talk to the loopback Hub
     assert seen["checked"]["ok"] is True and seen["checked"]["segmentation"]
     assert seen["before"] == seen["public"] == e.UNFINISHED
     failed = {"ok": False, "error": "RuntimeError: the sample's RTTM cannot be computed"}
