@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -417,6 +418,91 @@ def check_transcribe_on_real_speech(inst: Installed) -> None:
         assert data["shard"] == {"index": index, "count": 2, "from": "--shard"}
         counts.append((data["files"], data["skipped"], data["failed"]))
     assert sum(c[0] for c in counts) == 5 and sum(c[1] + c[2] for c in counts) == 5
+
+
+@contextmanager
+def one_cpu_quota() -> Iterator[Path]:
+    """A cgroup of its own with a CPU quota of one core (cgroup v1's cpu controller, or v2
+    with ``cpu`` enabled below the root), as a systemd ``CPUQuota=100%`` or a batch system
+    makes one; its ``cgroup.procs`` file. Removed after (its processes have ended)."""
+    name = f"pyannote-bundle-e2e-{os.getpid()}"
+    v1, v2 = Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup")
+    try:
+        v2_cpu = "cpu" in (v2 / "cgroup.subtree_control").read_text().split()
+    except OSError:
+        v2_cpu = False
+    if (v1 / "cpu.cfs_quota_us").is_file():
+        group = v1 / name
+        group.mkdir()
+        (group / "cpu.cfs_period_us").write_text("100000")
+        (group / "cpu.cfs_quota_us").write_text("100000")
+    elif v2_cpu:
+        group = v2 / name
+        group.mkdir()
+        (group / "cpu.max").write_text("100000 100000")
+    else:
+        raise AssertionError("this check needs root and a cgroup CPU controller it can write "
+                             "(v1 /sys/fs/cgroup/cpu, or v2 with +cpu in cgroup.subtree_control)")
+    try:
+        yield group / "cgroup.procs"
+    finally:
+        group.rmdir()
+
+
+def busy_threads(pid: int) -> int:
+    """How many of ``pid``'s threads are running or waiting for a CPU (state R) now."""
+    count = 0
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            state = stat.read_text().rpartition(")")[2].split()[0]
+        except (OSError, IndexError):
+            continue  # a thread that ended while we looked
+        count += state == "R"
+    return count
+
+
+def run_in_cgroup(argv: list[str], procs: Path, cwd: Path
+                  ) -> tuple[int, str, str, list[int]]:
+    """``argv`` in the cgroup whose ``procs`` file is given (the shell joins it, then execs
+    ``argv``: one process throughout); exit code, stdout, stderr, and its busy threads
+    sampled every 20 ms."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(procs),
+                                 *argv], stdout=out, stderr=err, text=True, cwd=cwd)
+        busy = []
+        while proc.poll() is None:
+            busy.append(busy_threads(proc.pid))
+            time.sleep(0.02)
+        out.seek(0)
+        err.seek(0)
+        return proc.returncode, out.read(), err.read(), busy
+
+
+def check_one_busy_thread_under_a_one_cpu_quota(inst: Installed) -> dict[str, Any]:
+    """Under a cgroup quota of one CPU on a host with more cores, bin/diarize and
+    bin/transcribe compute with one thread: torch, onnxruntime, numpy's BLAS and
+    CTranslate2 alike. ``--json`` says ``threads`` 1 (and ``asr_threads`` 1), and at most
+    one of the process's threads is running or runnable in nearly every sample (a pool
+    sized by the host's cores, or spinning while another works, keeps two busy)."""
+    assert len(os.sched_getaffinity(0)) >= 2, "a 1-CPU quota proves this only on 2+ cores"
+    found: dict[str, Any] = {}
+    with one_cpu_quota() as procs:
+        for program, recording in (("diarize", "sample.wav"), ("transcribe", "dialogue.flac")):
+            out = output_dir(inst, f"one-cpu-{program}")
+            code, stdout, stderr, busy = run_in_cgroup(
+                [*OFFLINE, *NOBODY, *CLEAN_ENV, str(inst.prefix / "bin" / program),
+                 str(inst.prefix / "smoke" / recording), "--output-dir", str(out), "--json"],
+                procs, inst.base)
+            assert code == 0, stderr[-3000:]
+            report = json.loads(stdout)
+            assert report["done"] == 1 and report["threads"] == 1, report
+            if program == "transcribe":
+                assert report["asr_threads"] == 1, report
+            over = sum(b > 1 for b in busy) / max(1, len(busy))
+            found[program] = {"samples": len(busy), "more_than_one": round(over, 3),
+                              "busy_threads": dict(sorted(Counter(busy).items()))}
+            assert len(busy) >= 50 and over <= 0.1, found
+    return found
 
 
 def engine_recordings(folder: Path) -> list[Path]:

@@ -32,6 +32,7 @@ from e2e import (
     check_engines_match_pyannote,
     check_image_of_real_bundle,
     check_next_steps_work_verbatim,
+    check_one_busy_thread_under_a_one_cpu_quota,
     check_slurm_job_array_from_the_docs,
     check_transcribe_on_real_speech,
     installed_by_install_sh,
@@ -225,6 +226,13 @@ def test_slurm_job_array_from_the_docs_diarizes_every_file_once(installed: Insta
 def test_transcribe_turns_real_speech_into_speaker_labelled_text_offline_as_nobody(
         installed: Installed) -> None:
     check_transcribe_on_real_speech(installed)
+
+
+def test_diarize_and_transcribe_run_one_busy_thread_under_a_one_cpu_quota(
+        installed: Installed) -> None:
+    """A cgroup CPU quota of one core on this 2-core host (a systemd CPUQuota, a batch
+    system's limit): every model computes with one thread, and the process keeps to it."""
+    print(json.dumps(check_one_busy_thread_under_a_one_cpu_quota(installed)))
 
 
 def test_next_steps_printed_by_install_sh_work_verbatim(installed: Installed) -> None:

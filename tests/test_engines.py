@@ -6,13 +6,19 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import warnings
 from pathlib import Path
+from typing import Any
+from unittest.mock import patch
 
 import numpy as np
 import pytest
 
 from bundler import layout
 from bundler.runtime import engines as e
+from bundler.runtime import recordings, transcribe
 
 
 def test_a_cgroup_v2_quota_caps_the_threads(tmp_path: Path) -> None:
@@ -35,6 +41,110 @@ def test_a_cgroup_v1_quota_is_read_too(tmp_path: Path) -> None:
     assert e.usable_cores(tmp_path) == 1
     (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")  # no limit
     assert e.cgroup_quota(tmp_path) is None
+
+
+def test_the_quota_of_the_process_own_cgroup_and_those_above_it_counts(tmp_path: Path) -> None:
+    # A systemd service or a cgroup made by hand: the host's whole tree is mounted, and the
+    # process sits below its root (/proc/self/cgroup names where).
+    service = tmp_path / "system.slice" / "diarize.service"
+    service.mkdir(parents=True)
+    (service / "cpu.max").write_text("150000 100000\n")  # CPUQuota=150%
+    (tmp_path / "system.slice" / "cpu.max").write_text("max 100000\n")
+    assert e.cgroup_quota(tmp_path, "0::/system.slice/diarize.service\n") == 1.5
+    assert e.cgroup_quota(tmp_path, "0::/\n") is None
+    (tmp_path / "system.slice" / "cpu.max").write_text("100000 100000\n")  # the parent's
+    assert e.cgroup_quota(tmp_path, "0::/system.slice/diarize.service\n") == 1.0
+    # cgroup v1 (and hybrid hosts): the cpu controller's own hierarchy, its own line.
+    v1 = tmp_path / "v1"
+    job = v1 / "cpu" / "batch" / "job"
+    job.mkdir(parents=True)
+    (job / "cpu.cfs_quota_us").write_text("50000\n")
+    (job / "cpu.cfs_period_us").write_text("100000\n")
+    membership = "4:memory:/other\n2:cpu,cpuacct:/batch/job\n0::/\n"
+    assert e.cgroup_quota(v1, membership) == 0.5
+    # A container's mount is its own cgroup: the host's path below it does not exist there.
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert e.cgroup_quota(v1, "2:cpu,cpuacct:/docker/0123abcd\n") == 2.0
+
+
+def test_every_model_gets_the_one_thread_count_under_a_cpu_quota(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # docker --cpus 1 on this (2-core) host: torch, onnxruntime and CTranslate2 all get 1.
+    (tmp_path / "cpu.max").write_text("100000 100000\n")
+    monkeypatch.setattr(e, "CGROUP", tmp_path)
+    assert e.cpu_threads() == 1
+    assert e.ort_settings(e.cpu_threads()) == {
+        "options": {"intra_op_num_threads": 1, "inter_op_num_threads": 1},
+        "config": {"session.intra_op.allow_spinning": "0",
+                   "session.inter_op.allow_spinning": "0"}}
+    program = transcribe.Transcribe()
+    parser = recordings.parser(program)
+
+    def ct2(*argv: str) -> dict[str, Any]:
+        return transcribe.whisper_options(parser.parse_args(["a.wav", *argv]), "cpu", 0, "int8")
+
+    assert ct2() == {"device": "cpu", "device_index": 0, "compute_type": "int8",
+                     "cpu_threads": 1, "num_workers": 1, "local_files_only": True}
+    # --threads is the one number for every model; --asr-threads overrides it for recognition.
+    assert ct2("--threads", "3")["cpu_threads"] == 3 == e.cpu_threads(3)
+    assert ct2("--threads", "3", "--asr-threads", "2")["cpu_threads"] == 2
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert ct2()["cpu_threads"] == e.cpu_threads() == len(os.sched_getaffinity(0))
+
+
+def test_numpys_own_pool_takes_the_thread_count_before_it_loads() -> None:
+    """pyannote's clustering runs in numpy's BLAS, whose pool counts the host's cores at
+    import (here, numpy's OpenBLAS: one worker thread per core beyond the first)."""
+    code = ("from bundler.runtime import engines\n"
+            "engines.limit_native_pools(engines.cpu_threads(int(sys.argv[1]) or None))\n"
+            "import numpy, os\n"
+            "numpy.ones((300, 300)) @ numpy.ones((300, 300))\n"
+            "print(len(os.listdir('/proc/self/task')))\n")
+    env = {k: v for k, v in os.environ.items() if k not in e.NATIVE_POOLS}
+
+    def threads(requested: int) -> int:
+        proc = subprocess.run([sys.executable, "-c", f"import sys\n{code}", str(requested)],
+                              env=env, capture_output=True, text=True, check=True)
+        return int(proc.stdout)
+
+    assert threads(1) == 1  # the main thread alone
+    assert threads(0) == e.usable_cores()  # the default: the cores this process may use
+    env["OPENBLAS_NUM_THREADS"] = "2"
+    assert threads(1) == 2  # the user's own setting wins
+
+
+def test_the_export_says_ok_only_after_its_check_passed(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A check that raises leaves engines.json saying it failed and why, and nothing in the
+    release that says ok; while it runs, only the check itself reads an ok."""
+    release = tmp_path / "release"
+    release.mkdir()
+    environ = dict(os.environ)
+    seen: dict[str, Any] = {}
+
+    def export_whose_check_raises(release: Path, threads: int | None) -> dict[str, Any]:
+        seen["before"] = json.loads((release / e.RECEIPT).read_text())["onnx"]
+        exported = {"ok": False, "segmentation": {"path": "onnx/segmentation.onnx"}}
+        with e.checking_receipt(release, exported) as staged:
+            seen["checked"] = e.read_receipt(staged)  # what use_onnx reads in the check
+            seen["public"] = json.loads((release / e.RECEIPT).read_text())["onnx"]
+            raise RuntimeError("the sample's RTTM cannot be computed")
+
+    # main() goes offline and silences warnings for its own process: this one's restored.
+    (tmp_path / "cache").mkdir()
+    with patch.dict(os.environ, {"XDG_CACHE_HOME": str(tmp_path / "cache")}), \
+            warnings.catch_warnings():
+        assert e.main(["export", str(release)], export_whose_check_raises) == 1
+    assert dict(os.environ) == environ  # later tests talk to the loopback Hub
+    assert seen["checked"]["ok"] is True and seen["checked"]["segmentation"]
+    assert seen["before"] == seen["public"] == e.UNFINISHED
+    failed = {"ok": False, "error": "RuntimeError: the sample's RTTM cannot be computed"}
+    assert json.loads((release / e.RECEIPT).read_text()) == {"onnx": failed}
+    assert json.loads(capsys.readouterr().out) == {"onnx": failed}
+    assert [p.name for p in release.iterdir()] == [e.RECEIPT]
+    with pytest.raises(e.EngineUnavailable, match="did not pass: RuntimeError: the sample"):
+        e.read_receipt(release / e.RECEIPT)  # so auto runs pytorch
 
 
 @pytest.mark.parametrize("content,message", [

@@ -105,6 +105,7 @@ def load_pipeline(config: Path, device: str, batch: dict[str, int | None],
     # pyannote finds the embedding model's shortest input by running it on ever shorter
     # ones, and torch warns about each too-short one: a search, not a fault in the run.
     warnings.filterwarnings("ignore", message=r"std\(\): degrees of freedom is <= 0")
+    engines.limit_native_pools(engines.cpu_threads(threads))
     try:
         import torch
         from pyannote.audio import Pipeline
@@ -209,8 +210,8 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
                         "untouched); "
                         + ENGINE_CHECK)
     p.add_argument("--threads", type=int, metavar="N",
-                   help="CPU threads for the models (default: the cores this process may "
-                        "use, from its affinity and cgroup quota; not with --engine pyannote)")
+                   help="CPU threads for the models, every engine (default: the cores this "
+                        "process may use, from its affinity and cgroup quota)")
 
 
 def check_pipeline_arguments(args: argparse.Namespace) -> None:

@@ -47,6 +47,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,36 +106,137 @@ class Engine:
         return out
 
 
-# --- the cores this process may use --------------------------------------------------------
-def usable_cores(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+# --- the cores this process may use, and the threads every model gets -----------------------
+CGROUP = Path("/sys/fs/cgroup")
+# onnxruntime's idle workers sleep instead of spinning: the sessions and torch's pool take
+# turns (segmentation, then the trunk, then torch's pooling), so a pool spinning while
+# another works would take the cores that one needs (a 1-CPU quota would run 2-3 busy threads).
+ORT_CONFIG = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
+
+
+def usable_cores(cgroup_root: Path | None = None) -> int:
     """The cores this process may use: its CPU affinity (taskset, a cpuset), capped by a
     cgroup CPU quota (a container's ``--cpus``, a Kubernetes limit), at least 1."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    quota = cgroup_quota(cgroup_root)
+    quota = cgroup_quota(CGROUP if cgroup_root is None else cgroup_root)
     if quota is not None:
         cores = min(cores, max(1, math.ceil(quota)))
     return max(1, cores)
 
 
-def cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
-    """The CPU quota in cores (cgroup v2 ``cpu.max``, else v1 ``cfs_quota_us`` /
-    ``cfs_period_us``), or None when there is none."""
+def cgroup_quota(root: Path = CGROUP, membership: str | None = None) -> float | None:
+    """The CPU quota in cores of this process's cgroup, the smallest of its own and those of
+    the cgroups above it (a quota holds for everything below it), or None when there is
+    none: cgroup v2 ``cpu.max``, else v1 ``cpu/cpu.cfs_quota_us`` / ``cfs_period_us``.
+
+    ``membership`` is ``/proc/self/cgroup`` (read when None). A container sees its own
+    cgroup at ``root``; a systemd service, a ``systemd-run -p CPUQuota=`` scope or a
+    process put into a cgroup by hand sees the whole tree there and sits below it."""
+    if membership is None:
+        try:
+            membership = Path("/proc/self/cgroup").read_text()
+        except OSError:
+            membership = ""
+    unified, cpu = _own_cgroups(membership)
+    quotas = [q for level in _levels(root, unified) if (q := _v2_quota(level)) is not None]
+    if not quotas:  # cgroup v1, or hybrid: the cpu controller's own hierarchy
+        quotas = [q for level in _levels(root / "cpu", cpu)
+                  if (q := _v1_quota(level)) is not None]
+    return min(quotas) if quotas else None
+
+
+def _own_cgroups(membership: str) -> tuple[str, str]:
+    """This process's cgroup v2 path and its v1 ``cpu`` controller's path ("/" if none)."""
+    unified = cpu = "/"
+    for line in membership.splitlines():
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            continue
+        if fields[0] == "0" and fields[1] == "":
+            unified = fields[2]
+        elif "cpu" in fields[1].split(","):
+            cpu = fields[2]
+    return unified, cpu
+
+
+def _levels(mount: Path, path: str) -> list[Path]:
+    """``mount`` and each folder below it down to ``path``, as far as they exist: a
+    container whose mount is its own cgroup sees none of the path its host names."""
+    levels = [mount]
+    for part in path.split("/"):
+        if part in ("", ".", ".."):
+            continue
+        below = levels[-1] / part
+        if not below.is_dir():
+            break
+        levels.append(below)
+    return levels
+
+
+def _v2_quota(folder: Path) -> float | None:
     try:
-        fields = (root / "cpu.max").read_text().split()
+        fields = (folder / "cpu.max").read_text().split()
         if fields and fields[0] != "max":
-            return int(fields[0]) / int(fields[1])
-        return None
+            quota, period = int(fields[0]), int(fields[1])
+            return quota / period if quota > 0 and period > 0 else None
     except (OSError, ValueError, IndexError):
         pass
+    return None
+
+
+def _v1_quota(folder: Path) -> float | None:
     try:
-        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
-        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        quota = int((folder / "cpu.cfs_quota_us").read_text())
+        period = int((folder / "cpu.cfs_period_us").read_text())
     except (OSError, ValueError):
         return None
     return quota / period if quota > 0 and period > 0 else None
+
+
+def cpu_threads(requested: int | None = None) -> int:
+    """The one number of CPU threads for every model a program runs: torch's intra-op pool,
+    each onnxruntime session's and CTranslate2's ``cpu_threads``. ``requested`` (``--threads``,
+    ``--asr-threads``) when given, else usable_cores(): torch's, onnxruntime's and
+    CTranslate2's own defaults count the host's cores, not a cgroup quota."""
+    return requested if requested else usable_cores()
+
+
+# The pools native libraries start on their own when they load, sized by the host's cores
+# (a quota ignored): OpenMP's (torch's, before set_num_threads) and numpy's BLAS (pyannote's
+# clustering), whose idle workers spin. Read once, at load: set before torch or numpy is
+# imported. A value the user set wins.
+NATIVE_POOLS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def limit_native_pools(threads: int, environ: Any = os.environ) -> None:
+    """Size the native libraries' own pools (NATIVE_POOLS) to ``threads``, unless set."""
+    for name in NATIVE_POOLS:
+        environ.setdefault(name, str(threads))
+
+
+def set_torch_threads(torch: Any, threads: int) -> None:
+    """torch computes with ``threads`` intra-op threads and one inter-op thread (pyannote's
+    inference forks no parallel work; the pool would only be more threads)."""
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # settable once a process, before any inter-op work: already fixed
+        pass
+
+
+def ort_settings(threads: int) -> dict[str, Any]:
+    """What every onnxruntime session of the engines is opened with, as data:
+    ``SessionOptions`` attributes (``threads`` intra-op threads, one inter-op thread: the
+    graphs run sequentially) and session config entries (ORT_CONFIG: no spinning).
+
+    Each session keeps its own pool, not onnxruntime's global one: the two never run at
+    once, their idle workers sleep, and the global pool needs a call into onnxruntime's
+    private bindings before the first session of the process."""
+    return {"options": {"intra_op_num_threads": threads, "inter_op_num_threads": 1},
+            "config": dict(ORT_CONFIG)}
 
 
 # --- recognising what the fast path reproduces ------------------------------------------------
@@ -344,13 +446,14 @@ def apply(pipeline: Any, requested: str, device: str, threads: int | None,
     """Set ``pipeline`` up for ``requested`` (one of ENGINES) on ``device``; what runs."""
     import torch
 
-    engine = Engine(requested, "pyannote")
+    # Every engine, pyannote's own too: how many threads compute is not what they compute,
+    # and torch's default would oversubscribe a container's CPU quota.
+    count = cpu_threads(threads)
+    engine = Engine(requested, "pyannote", threads=count)
+    set_torch_threads(torch, count)
     if requested == "pyannote":
         return engine
-    engine.threads = threads or usable_cores()
     passes = dict(CPU_PASSES) if device == "cpu" else None
-    if device == "cpu":
-        torch.set_num_threads(engine.threads)
     notes = []
     if requested in ("auto", "onnx"):
         if device != "cpu":
@@ -358,7 +461,7 @@ def apply(pipeline: Any, requested: str, device: str, threads: int | None,
                 raise EngineUnavailable(f"--engine onnx runs on the CPU, not {device}")
         else:
             try:
-                engine.onnx = use_onnx(pipeline, receipt, engine.threads, passes)
+                engine.onnx = use_onnx(pipeline, receipt, count, passes)
                 engine.name, engine.passes = "onnx", passes
                 return engine
             except EngineUnavailable as exc:
@@ -377,7 +480,7 @@ def apply(pipeline: Any, requested: str, device: str, threads: int | None,
 
 # --- onnx ---------------------------------------------------------------------------------
 def ort_session(path: Path, threads: int) -> Any:
-    """An onnxruntime CPU session, exact fp32, telemetry off."""
+    """An onnxruntime CPU session, exact fp32, telemetry off, threads as ort_settings."""
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     import onnxruntime as ort
 
@@ -386,8 +489,11 @@ def ort_session(path: Path, threads: int) -> Any:
     except AttributeError:
         pass
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
+    settings = ort_settings(threads)
+    for name, value in settings["options"].items():
+        setattr(options, name, value)
+    for key, value in settings["config"].items():
+        options.add_session_config_entry(key, value)
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), sess_options=options,
                                 providers=["CPUExecutionProvider"])
@@ -595,6 +701,8 @@ def export(release: Path, threads: int | None = None) -> dict[str, Any]:
     ONNX, then check them against PyTorch on the smoke sample: segmentation scores and
     L2-normalised embeddings within TOLERANCE, and the same RTTM. The receipt's ``onnx``
     entry; ``ok`` is true only when everything matched."""
+    threads = cpu_threads(threads)
+    limit_native_pools(threads)
     import numpy as np
     import soundfile
     import torch
@@ -602,8 +710,7 @@ def export(release: Path, threads: int | None = None) -> dict[str, Any]:
     from pyannote.audio import __version__ as pyannote_version
 
     started = time.perf_counter()
-    threads = threads or usable_cores()
-    torch.set_num_threads(threads)
+    set_torch_threads(torch, threads)
     config = release / "config.yaml"
     checkpoints = model_files(config)
     reference = Pipeline.from_pretrained(str(config))
@@ -675,14 +782,9 @@ def export(release: Path, threads: int | None = None) -> dict[str, Any]:
     use_fast_embeddings(reference, passes=CPU_PASSES)
     file = {"waveform": waveform, "sample_rate": rate, "uri": "sample"}
     want = _turns(reference(dict(file)))
-    receipt_path = release / RECEIPT
-    staged = dict(receipt, ok=True)
-    _write_json(receipt_path, {"onnx": staged})
-    try:
-        use_onnx(candidate, receipt_path, threads, CPU_PASSES)
+    with checking_receipt(release, receipt) as staged:
+        use_onnx(candidate, staged, threads, CPU_PASSES)
         got = _turns(candidate(dict(file)))
-    finally:
-        receipt_path.unlink(missing_ok=True)
     receipt["check"]["rttm"] = "identical" if got == want else "differs"
     receipt["check"]["segments"] = len(want)
     receipt["seconds"] = round(time.perf_counter() - started, 1)
@@ -697,6 +799,20 @@ def export(release: Path, threads: int | None = None) -> dict[str, Any]:
     if problems:
         receipt["error"] = "; ".join(problems) + f" (tolerance {TOLERANCE})"
     return receipt
+
+
+@contextmanager
+def checking_receipt(release: Path, onnx: dict[str, Any]) -> Iterator[Path]:
+    """``onnx`` marked ok for the check alone to read (use_onnx, as bin/diarize will), under a
+    private name beside ``engines.json`` (the ONNX paths resolve against its folder), and
+    removed after: what bin/diarize reads never says ok before the check has passed, even
+    when the check raises or the process is killed during it."""
+    path = release / f".{RECEIPT}.check.{os.getpid()}"
+    try:
+        _write_json(path, {"onnx": dict(onnx, ok=True)})
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def _turns(output: Any) -> list[tuple[float, float, str]]:
@@ -716,9 +832,16 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
         raise
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``engines.py export RELEASE``: export and check, write ``RELEASE/engines.json``,
-    print it; exit 0 when the onnx engine may be used, 1 when not (the receipt says why)."""
+# Written before the export starts, replaced by its outcome: an export killed on the way (a
+# timeout, out of memory) leaves a receipt that says it did not finish, never an ok.
+UNFINISHED = {"ok": False, "error": "the export or its check did not finish"}
+
+
+def main(argv: list[str] | None = None,
+         run_export: Callable[[Path, int | None], dict[str, Any]] = export) -> int:
+    """``engines.py export RELEASE``: export and check (``run_export``), write
+    ``RELEASE/engines.json`` once the check is over, print it; exit 0 when the onnx engine
+    may be used, 1 when not (the receipt says why)."""
     if __package__:
         from bundler.runtime.recordings import go_offline
     else:  # run as a program: its sibling, from its own folder
@@ -731,8 +854,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int)
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
+    _write_json(args.release / RECEIPT, {"onnx": dict(UNFINISHED)})
     try:
-        onnx = export(args.release.resolve(), args.threads)
+        onnx = run_export(args.release.resolve(), args.threads)
     except Exception as exc:  # noqa: BLE001 - any failure: the install goes on with pytorch
         first = (str(exc).splitlines() or [""])[0]
         onnx = {"ok": False, "error": f"{type(exc).__name__}: {first}"[:500]}

@@ -31,11 +31,12 @@ from pathlib import Path
 from typing import Any
 
 if __package__:  # imported by the tool and its tests
-    from bundler.runtime import diarize, transcript
+    from bundler.runtime import diarize, engines, transcript
     from bundler.runtime import recordings as core
 else:  # run as a program (python -I runtime/transcribe.py): siblings, from its own folder
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import diarize  # type: ignore[no-redef]
+    import engines  # type: ignore[no-redef]
     import recordings as core  # type: ignore[no-redef]
     import transcript  # type: ignore[no-redef]
 
@@ -86,14 +87,18 @@ class Loaded:
     compute_type: str
     faster_whisper: str
     seconds: float
+    threads: int
 
 
-def cpu_threads() -> int:
-    """The cores this process may use (a cgroup's cpuset or taskset), not the host's."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+def whisper_options(args: argparse.Namespace, device: str, index: int, compute: str
+                    ) -> dict[str, Any]:
+    """``WhisperModel``'s keyword arguments: CTranslate2 computes with the pipeline's thread
+    count (``--asr-threads``, else ``--threads``, else the cores this process may use, its
+    cgroup quota included: engines.cpu_threads), one worker (one recording at a time), and
+    never looks for the model online."""
+    return {"device": device, "device_index": index, "compute_type": compute,
+            "cpu_threads": engines.cpu_threads(args.asr_threads or args.threads),
+            "num_workers": 1, "local_files_only": True}
 
 
 class Transcribe(core.Program):
@@ -139,8 +144,9 @@ class Transcribe(core.Program):
         p.add_argument("--hotwords", metavar="TEXT",
                        help="words or phrases to favour (names, terms)")
         p.add_argument("--asr-threads", type=int, metavar="N",
-                       help=f"CPU threads for recognition (default: the cores this process "
-                            f"may use, {cpu_threads()})")
+                       help="CPU threads for recognition (default: --threads, else the "
+                            "cores this process may use, from its affinity and cgroup quota, "
+                            f"{engines.cpu_threads()})")
         diarize.add_pipeline_arguments(p)
 
     def check(self, args: argparse.Namespace) -> None:
@@ -185,11 +191,9 @@ class Transcribe(core.Program):
         model = self.model if self.model and folder == self.model.path else AsrModel(folder)
         compute = args.compute_type or model.compute_type or (
             "float16" if device == "cuda" else "int8")
+        options = whisper_options(args, device, index, compute)
         try:
-            whisper = WhisperModel(str(folder), device=device, device_index=index,
-                                   compute_type=compute,
-                                   cpu_threads=args.asr_threads or cpu_threads(),
-                                   local_files_only=True)
+            whisper = WhisperModel(str(folder), **options)
         except Exception as exc:  # noqa: BLE001 - any load failure means nothing can run
             raise core.RunError(f"cannot load the speech-recognition model from {folder}: "
                                 f"{core.one_line(exc)}", core.EXIT_CANNOT_RUN) from None
@@ -197,7 +201,8 @@ class Transcribe(core.Program):
         say(f"speech-recognition model loaded in {seconds:.1f} s on {device} ({compute}, "
             f"faster-whisper {faster_whisper.__version__})")
         return Loaded(pipeline, whisper, model, pipeline.device, compute,
-                      str(faster_whisper.__version__), pipeline.seconds + seconds)
+                      str(faster_whisper.__version__), pipeline.seconds + seconds,
+                      options["cpu_threads"])
 
     def process(self, loaded: Loaded, job: core.Job, waveform: Any, args: argparse.Namespace
                 ) -> tuple[dict[str, str], dict[str, Any], str]:
@@ -247,7 +252,8 @@ class Transcribe(core.Program):
                 **diarize.engine_report(loaded.pipeline if loaded else None),
                 "faster_whisper": loaded.faster_whisper if loaded else None,
                 "asr_model": (self.model.repo if self.model else None),
-                "compute_type": loaded.compute_type if loaded else None}
+                "compute_type": loaded.compute_type if loaded else None,
+                "asr_threads": loaded.threads if loaded else None}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
