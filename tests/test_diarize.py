@@ -318,10 +318,11 @@ def test_committed_smoke_samples_are_the_bundle_sample(tmp_path: Path) -> None:
 
 
 # --- awkward and hostile input: no hang, no batch lost to one file -----------------------
-def _fake_program_run(tmp_path: Path, *inputs: str, extra: tuple[str, ...] = ()
-                      ) -> subprocess.CompletedProcess[str]:
+def _fake_program_run(tmp_path: Path, *inputs: str, extra: tuple[str, ...] = (),
+                      umask: int = -1) -> subprocess.CompletedProcess[str]:
     """The shared loop (recordings.run) with a program that needs no model: what it makes
-    of a file is its name, so only the machinery before and after the models is tried."""
+    of a file is its name, so only the machinery before and after the models is tried.
+    ``umask``: the child's, as a user's shell would set it (-1: this process's)."""
     code = (
         "import sys; from bundler.runtime import recordings as r\n"
         "class Echo(r.Program):\n"
@@ -332,7 +333,8 @@ def _fake_program_run(tmp_path: Path, *inputs: str, extra: tuple[str, ...] = ()
         "        return {'txt': job.rel + '\\n'}, {}, 'ok'\n"
         "sys.exit(r.main(Echo()))\n")
     return subprocess.run([sys.executable, "-c", code, *inputs, "-o", str(tmp_path / "out"),
-                           "--json", *extra], capture_output=True, text=True, timeout=120)
+                           "--json", *extra], capture_output=True, text=True, timeout=120,
+                          umask=umask)
 
 
 def _wav(path: Path) -> Path:
@@ -431,3 +433,27 @@ def test_an_output_folder_that_cannot_be_written_ends_the_run_with_exit_5(
     run = _fake_program_run(tmp_path, str(corpus))
     assert run.returncode == r.EXIT_OUTPUT, run.stderr
     assert "cannot write" in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("umask,mode", [(0o077, 0o600), (0o022, 0o644), (0o027, 0o640),
+                                        (0o002, 0o664)],
+                         ids=["umask077", "umask022", "umask027", "umask002"])
+def test_outputs_honour_the_users_umask(tmp_path: Path, umask: int, mode: int) -> None:
+    """Transcripts of private recordings are as private as the user's umask says: under
+    077 no one else can read them (and nothing was ever 0644 on the way); under 022 they
+    are 0644 as before. Through the shared loop, the way bin/diarize writes them."""
+    corpus = tmp_path / "in"
+    _wav(corpus / "a.wav")
+    _wav(corpus / "sub" / "b.wav")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.wav.txt").write_text("an older output, replaced under --overwrite\n")
+    os.chmod(out / "a.wav.txt", 0o644)
+    proc = _fake_program_run(tmp_path, str(corpus), extra=("--overwrite",), umask=umask)
+    assert proc.returncode == 0, proc.stderr
+    written = sorted(p for p in out.rglob("*") if p.is_file())
+    assert [p.relative_to(out).as_posix() for p in written] == ["a.wav.txt", "sub/b.wav.txt"]
+    assert {p.name: oct(p.stat().st_mode & 0o7777) for p in written} == {
+        "a.wav.txt": oct(mode), "b.wav.txt": oct(mode)}
+    # A folder the run made for an output: the umask's too (0777 narrowed).
+    assert oct((out / "sub").stat().st_mode & 0o777) == oct(0o777 & ~umask)

@@ -282,22 +282,41 @@ def outputs_for(job: Job, out_dir: Path, formats: Sequence[str]) -> dict[str, Pa
     return {fmt: out_dir / f"{job.rel}.{fmt}" for fmt in formats}
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write beside the target and rename: a reader never sees half a file.
+def create_exclusive(folder: Path, name: str) -> tuple[int, Path]:
+    """A new file in ``folder`` named ``.<name[:32]>.<random>.tmp``, opened for writing:
+    ``(fd, path)``.
 
-    The temporary file is made exclusively (mkstemp: O_EXCL, never through a planted link)
-    with a name of bounded length, so that an output whose own name just fits the file
-    system's limit is not refused for its temporary name. Text that cannot be UTF-8 (a file
-    name with undecodable bytes, carried as surrogates) is written escaped."""
+    Made with O_EXCL (never through a planted link) and mode 0666, which the kernel narrows
+    by the user's umask (and the folder's default ACL) as for any file the user makes:
+    outputs of private recordings are as private as the user asked, never widened to 0644
+    and never narrowed behind the user's back. (mkstemp makes 0600, and reading the umask
+    means setting it: a race with any other thread.) The name's length is bounded, so that
+    an output whose own name just fits the file system's limit is not refused for it."""
+    for _ in range(100):
+        tmp = folder / f".{name[:32]}.{os.urandom(6).hex()}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                         | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        except FileExistsError:
+            continue
+        return fd, tmp
+    raise FileExistsError(errno.EEXIST, "no unused temporary name", str(folder))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write beside the target and rename: a reader never sees half a file. The file's
+    mode is what the user's umask gives a new file (``create_exclusive``).
+
+    Text that cannot be UTF-8 (a file name with undecodable bytes, carried as surrogates)
+    is written escaped."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:32]}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = create_exclusive(path.parent, path.name)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as f:
             f.write(text)
-        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
