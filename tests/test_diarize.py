@@ -457,3 +457,105 @@ def test_outputs_honour_the_users_umask(tmp_path: Path, umask: int, mode: int) -
         "a.wav.txt": oct(mode), "b.wav.txt": oct(mode)}
     # A folder the run made for an output: the umask's too (0777 narrowed).
     assert oct((out / "sub").stat().st_mode & 0o777) == oct(0o777 & ~umask)
+
+
+# --- bounded decoding: --max-duration ------------------------------------------------------
+def _silent_wav(path: Path, seconds: int, rate: int) -> Path:
+    """A real 16-bit mono WAV of ``seconds`` of silence, made sparse: hours of audio that
+    cost no disk and no time to write (the data chunk reads back as zeros)."""
+    import struct
+
+    size = seconds * rate * 2
+    header = (b"RIFF" + struct.pack("<I", 36 + size) + b"WAVE" + b"fmt "
+              + struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16)
+              + b"data" + struct.pack("<I", size))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(header)
+        f.truncate(len(header) + size)
+    return path
+
+
+def test_a_recording_longer_than_max_duration_is_refused_and_the_batch_goes_on(
+        tmp_path: Path) -> None:
+    """Both decoders: soundfile's header says how long a 16 kHz wav is before a sample is
+    read; PyAV (an m4a, a 44.1 kHz wav it resamples) stops as soon as it passes the limit.
+    Each long file is named with the reason; the shorter ones in the same batch are done."""
+    from bundler.render import sample_bytes
+
+    corpus = tmp_path / "in"
+    _wav(corpus / "a-long.wav")  # the 10-s sample, 16 kHz: soundfile
+    (corpus / "b-long.m4a").write_bytes(sample_bytes("m4a"))  # PyAV
+    _silent_wav(corpus / "c-short.wav", 3, 16000)
+    _silent_wav(corpus / "d-short.wav", 4, 44100)  # PyAV, resampled
+    _silent_wav(corpus / "e-long.wav", 9, 44100)
+    proc = _fake_program_run(tmp_path, str(corpus), extra=("--max-duration", "5"))
+    assert proc.returncode == r.EXIT_SOME_FAILED, proc.stderr
+    assert "Traceback" not in proc.stderr
+    report = json.loads(proc.stdout)
+    assert [o["file"] for o in report["outputs"]] == ["c-short.wav", "d-short.wav"]
+    assert [o["audio_seconds"] for o in report["outputs"]] == [3.0, 4.0]
+    errors = {f["file"]: f["error"] for f in report["failures"]}
+    assert errors == {
+        "a-long.wav": "longer than --max-duration 5 s (10 s of audio): refused before "
+                      "decoding it whole; raise --max-duration, or 0 for no limit",
+        "b-long.m4a": "longer than --max-duration 5 s (more audio than that): refused "
+                      "before decoding it whole; raise --max-duration, or 0 for no limit",
+        "e-long.wav": "longer than --max-duration 5 s (more audio than that): refused "
+                      "before decoding it whole; raise --max-duration, or 0 for no limit"}
+    for name, error in errors.items():
+        assert f"echo: {name}: {error}\n" in proc.stderr
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["c-short.wav.txt", "d-short.wav.txt"]
+    # 0 lifts the limit; the default (8 h) takes them all.
+    for extra in (("--max-duration", "0", "--overwrite"), ("--overwrite",)):
+        again = _fake_program_run(tmp_path, str(corpus), extra=extra)
+        assert again.returncode == 0, again.stderr
+        assert json.loads(again.stdout)["done"] == 5
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_max_duration_must_be_a_number_of_seconds(tmp_path: Path, value: str) -> None:
+    _tree(tmp_path, ["a.wav"])
+    proc = _diarize(str(tmp_path / "a.wav"), "--max-duration", value)
+    assert proc.returncode == 2 and "--max-duration must be 0" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_ten_hour_recording_is_refused_quickly_in_bounded_memory(tmp_path: Path) -> None:
+    """Ten hours of audio would be 2.3 GB decoded. With --max-duration 60, the 16 kHz wav
+    is refused from its header (nothing read) and the 8 kHz one, which PyAV decodes, after
+    60 s of samples: the process's peak memory grows by a few MB, not GBs. Measured in a
+    child, whose ru_maxrss is its own peak, after a warm-up decode of each kind."""
+    big16 = _silent_wav(tmp_path / "ten-hours-16k.wav", 36000, 16000)
+    big8 = _silent_wav(tmp_path / "ten-hours-8k.wav", 36000, 8000)
+    small16 = _silent_wav(tmp_path / "s16.wav", 2, 16000)
+    small8 = _silent_wav(tmp_path / "s8.wav", 2, 8000)
+    code = (
+        "import json, resource, sys, time\n"
+        "from pathlib import Path\n"
+        "from bundler.runtime import recordings as r\n"
+        "big16, big8, small16, small8 = map(Path, sys.argv[1:])\n"
+        "r.decode(small16, 60); r.decode(small8, 60)\n"
+        "rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+        "before, t0 = rss(), time.perf_counter()\n"
+        "refused = []\n"
+        "for path in (big16, big8):\n"
+        "    try:\n"
+        "        r.decode(path, 60)\n"
+        "    except r.TooLong as exc:\n"
+        "        refused.append(str(exc))\n"
+        "print(json.dumps({'growth': rss() - before, 'seconds': time.perf_counter() - t0,\n"
+        "                  'refused': refused}))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(big16), str(big8), str(small16),
+                           str(small8)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["refused"] == [
+        "longer than --max-duration 60 s (36000 s of audio): refused before decoding it "
+        "whole; raise --max-duration, or 0 for no limit",
+        "longer than --max-duration 60 s (more audio than that): refused before decoding "
+        "it whole; raise --max-duration, or 0 for no limit"]
+    decoded = 36000 * 16000 * 4  # what decoding either file whole would hold
+    assert result["growth"] < 64 * 2**20 < decoded // 30, result
+    assert result["seconds"] < 10, result

@@ -330,25 +330,63 @@ def rttm(uri: str, segments: Iterable[dict[str, Any]]) -> str:
     return "".join(lines)
 
 
-# --- decoding ----------------------------------------------------------------------------
-def decode(path: Path) -> Any:
+# --- decoding ---------------------------------------------------------------------------
+# The longest recording decoded, by default: 8 hours, longer than a meeting, a lecture or a
+# court day. Decoded, 16 kHz float32 is 64 KB per second of audio: 8 h is 1.8 GB in memory
+# (PyAV's path briefly holds it twice while it joins the pieces), which a host with 8 GB or
+# more holds beside the models. --max-duration 0 lifts the limit.
+MAX_DURATION_S = 8 * 3600
+
+
+class TooLong(FileFailed):
+    """A recording longer than --max-duration: refused before its samples fill memory."""
+
+
+def too_long(max_seconds: float, seconds: float | None = None) -> TooLong:
+    length = (f"{seconds:.0f} s of audio" if seconds is not None
+              else "more audio than that")
+    return TooLong(f"longer than --max-duration {max_seconds:g} s ({length}): refused "
+                   "before decoding it whole; raise --max-duration, or 0 for no limit")
+
+
+def max_samples(max_seconds: float) -> int:
+    """The samples (at 16 kHz) --max-duration allows; 0 for no limit."""
+    return int(max_seconds * SAMPLE_RATE) if max_seconds > 0 else 0
+
+
+def decode(path: Path, max_seconds: float = 0) -> Any:
     """The file's audio as 16 kHz mono float32 (a 1-D numpy array); FileFailed if it cannot
-    be read. soundfile first for the formats libsndfile reads at 16 kHz already, PyAV for
-    everything else and for resampling."""
+    be read, TooLong (never more than ``max_seconds`` decoded, 0: no limit) if it is longer.
+    soundfile first for the formats libsndfile reads at 16 kHz already, PyAV for everything
+    else and for resampling."""
     import numpy as np
 
     problems = []
+    cap = max_samples(max_seconds)
     if path.suffix.lower() in SOUNDFILE_EXTENSIONS:
         import soundfile
 
         try:
-            if soundfile.info(str(path)).samplerate == SAMPLE_RATE:
-                data, _ = soundfile.read(str(path), dtype="float32", always_2d=True)
-                return np.ascontiguousarray(data.mean(axis=1), dtype=np.float32)
+            info = soundfile.info(str(path))
+            if info.samplerate == SAMPLE_RATE:
+                # The header's frame count refuses a long file before a sample is read; the
+                # read is capped too, for a header that understates it.
+                if cap and info.frames > cap:
+                    raise too_long(max_seconds, info.frames / SAMPLE_RATE)
+                data, _ = soundfile.read(str(path), dtype="float32", always_2d=True,
+                                         frames=cap + 1 if cap else -1)
+                if cap and len(data) > cap:
+                    raise too_long(max_seconds)
+                # A mono file's one column is already the waveform (contiguous, no copy):
+                # half the peak memory of averaging it into a second array.
+                mono = data[:, 0] if data.shape[1] == 1 else data.mean(axis=1)
+                return np.ascontiguousarray(mono, dtype=np.float32)
         except (RuntimeError, OSError, ValueError, TypeError) as exc:  # LibsndfileError
             problems.append(f"soundfile: {one_line(exc)}")
     try:
-        return decode_av(path)
+        return decode_av(path, cap)
+    except TooLong:
+        raise too_long(max_seconds) from None
     except FileFailed as exc:
         problems.append(str(exc))
     except ModuleNotFoundError:
@@ -356,11 +394,14 @@ def decode(path: Path) -> Any:
     raise FileFailed("cannot decode: " + "; ".join(problems))
 
 
-def decode_av(path: Path) -> Any:
+def decode_av(path: Path, cap: int = 0) -> Any:
+    """PyAV's decoding, resampled to 16 kHz mono; TooLong as soon as more than ``cap``
+    samples (0: no limit) are decoded, holding at most ``cap`` plus one frame's samples."""
     import av
     import numpy as np
 
     chunks = []
+    total = 0
     try:
         with av.open(str(path), metadata_errors="ignore") as container:
             if not container.streams.audio:
@@ -370,8 +411,14 @@ def decode_av(path: Path) -> Any:
             for frame in container.decode(stream):
                 for out in resampler.resample(frame):
                     chunks.append(out.to_ndarray().reshape(-1))
+                    total += len(chunks[-1])
+                if cap and total > cap:
+                    raise TooLong()
             for out in resampler.resample(None):
                 chunks.append(out.to_ndarray().reshape(-1))
+                total += len(chunks[-1])
+            if cap and total > cap:
+                raise TooLong()
     except FileFailed:
         raise
     except (av.FFmpegError, OSError, ValueError) as exc:
@@ -601,6 +648,12 @@ def parser(program: Program) -> argparse.ArgumentParser:
     p.add_argument("--shard-count", type=int, metavar="N",
                    help="the number of shares when JOB_COMPLETION_INDEX (a Kubernetes "
                         "Indexed Job) gives the index")
+    p.add_argument("--max-duration", type=float, metavar="SECONDS",
+                   default=MAX_DURATION_S,
+                   help="refuse a recording longer than this while decoding it, before it "
+                        "fills memory (16 kHz float32 is 64 KB a second), name it and go "
+                        f"on (default: {MAX_DURATION_S} s, {MAX_DURATION_S / 3600:g} h; 0: "
+                        "no limit)")
     p.add_argument("--file-timeout", type=float, metavar="SECONDS",
                    help=f"give up on a file after this long, name it, and go on (default: "
                         f"{DECODE_TIMEOUT_S} s to decode, then {WORK_TIMEOUT_FACTOR}x its "
@@ -630,6 +683,8 @@ def check_args(args: argparse.Namespace, program: Program) -> list[str]:
             raise RunError(f"--{name.replace('_', '-')} must be at least 1", EXIT_USAGE)
     if args.file_timeout is not None and not args.file_timeout >= 0:
         raise RunError("--file-timeout must be 0 (no limit) or more seconds", EXIT_USAGE)
+    if not 0 <= args.max_duration < float("inf"):
+        raise RunError("--max-duration must be 0 (no limit) or more seconds", EXIT_USAGE)
     if args.num_speakers is not None and (args.min_speakers or args.max_speakers):
         raise RunError("--num-speakers excludes --min-speakers and --max-speakers",
                        EXIT_USAGE)
@@ -779,7 +834,7 @@ def run(program: Program, args: argparse.Namespace, audit: NetworkAudit,
         try:
             regular_file(job.source)
             with deadline(limit(args.file_timeout, DECODE_TIMEOUT_S), "decoding"):
-                waveform = decode(job.source)
+                waveform = decode(job.source, args.max_duration)
             seconds = len(waveform) / SAMPLE_RATE
             if seconds == 0:
                 raise FileFailed("no audio samples")
