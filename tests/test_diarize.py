@@ -318,20 +318,23 @@ def test_committed_smoke_samples_are_the_bundle_sample(tmp_path: Path) -> None:
 
 
 # --- awkward and hostile input: no hang, no batch lost to one file -----------------------
+ECHO = (
+    "import sys; from bundler.runtime import recordings as r\n"
+    "class Echo(r.Program):\n"
+    "    name = 'echo'; formats = ('txt',); default_formats = 'txt'; marker = 'txt'\n"
+    "    def load(self, args, say):\n"
+    "        return type('L', (), {'seconds': 0.0, 'device': 'cpu'})()\n"
+    "    def process(self, loaded, job, waveform, args):\n"
+    "        return {'txt': job.rel + '\\n'}, {}, 'ok'\n"
+    "sys.exit(r.main(Echo()))\n")
+
+
 def _fake_program_run(tmp_path: Path, *inputs: str, extra: tuple[str, ...] = (),
-                      umask: int = -1) -> subprocess.CompletedProcess[str]:
-    """The shared loop (recordings.run) with a program that needs no model: what it makes
-    of a file is its name, so only the machinery before and after the models is tried.
-    ``umask``: the child's, as a user's shell would set it (-1: this process's)."""
-    code = (
-        "import sys; from bundler.runtime import recordings as r\n"
-        "class Echo(r.Program):\n"
-        "    name = 'echo'; formats = ('txt',); default_formats = 'txt'; marker = 'txt'\n"
-        "    def load(self, args, say):\n"
-        "        return type('L', (), {'seconds': 0.0, 'device': 'cpu'})()\n"
-        "    def process(self, loaded, job, waveform, args):\n"
-        "        return {'txt': job.rel + '\\n'}, {}, 'ok'\n"
-        "sys.exit(r.main(Echo()))\n")
+                      umask: int = -1, code: str = ECHO) -> subprocess.CompletedProcess[str]:
+    """The shared loop (recordings.run) with a program that needs no model (``code``; by
+    default, what it makes of a file is its name), so only the machinery before and after
+    the models is tried. ``umask``: the child's, as a user's shell would set it (-1: this
+    process's)."""
     return subprocess.run([sys.executable, "-c", code, *inputs, "-o", str(tmp_path / "out"),
                            "--json", *extra], capture_output=True, text=True, timeout=120,
                           umask=umask)
@@ -559,3 +562,63 @@ def test_a_ten_hour_recording_is_refused_quickly_in_bounded_memory(tmp_path: Pat
     decoded = 36000 * 16000 * 4  # what decoding either file whole would hold
     assert result["growth"] < 64 * 2**20 < decoded // 30, result
     assert result["seconds"] < 10, result
+
+
+# --- after a timeout, a clean pipeline ----------------------------------------------------
+# A program whose loaded state a file changes as pyannote's caches and hooks would: a file
+# named "slow*" changes it, then runs past --file-timeout (the alarm lands in its Python
+# code, as it would inside the pipeline); every other file's output is the state it sees.
+STATEFUL = (
+    "import json, sys, time; from bundler.runtime import recordings as r\n"
+    "class Stateful(r.Program):\n"
+    "    name = 'stateful'; formats = ('txt',); default_formats = 'txt'; marker = 'txt'\n"
+    "    loads = 0\n"
+    "    def load(self, args, say):\n"
+    "        Stateful.loads += 1\n"
+    "        say(f'load {Stateful.loads}')\n"
+    "        return type('L', (), {'seconds': 0.0, 'device': 'cpu', 'cache': {},\n"
+    "                              'load': Stateful.loads})()\n"
+    "    def process(self, loaded, job, waveform, args):\n"
+    "        loaded.cache[job.rel] = 'half-updated'\n"
+    "        if job.rel.startswith('slow'):\n"
+    "            while True:\n"
+    "                time.sleep(0.01)\n"
+    "        text = json.dumps({'cache before this file': len(loaded.cache) - 1})\n"
+    "        loaded.cache.clear()\n"
+    "        return {'txt': text + '\\n'}, {'load': loaded.load}, 'ok'\n"
+    "sys.exit(r.main(Stateful()))\n")
+
+
+def test_after_a_timeout_in_model_work_the_next_file_gets_freshly_loaded_models(
+        tmp_path: Path) -> None:
+    """A timeout can fire anywhere inside the models' code and leave their state half
+    updated: the next file must not see it. The next file's output equals an undisturbed
+    run's; the reload is said on stderr and counted in --json; a file that fails to decode
+    (no model touched) or a file done after a reload triggers none."""
+    corpus = tmp_path / "in"
+    for name in ("a.wav", "slow.wav", "t.wav", "u.wav"):
+        _wav(corpus / name)
+    (corpus / "broken.wav").write_bytes(b"RIFF not a wav")  # decoding fails: no reload
+    proc = _fake_program_run(tmp_path, str(corpus), extra=("--file-timeout", "1"),
+                             code=STATEFUL)
+    assert proc.returncode == r.EXIT_SOME_FAILED, proc.stderr
+    assert "Traceback" not in proc.stderr
+    report = json.loads(proc.stdout)
+    assert {f["file"]: f["error"] for f in report["failures"]}.keys() == {"broken.wav",
+                                                                          "slow.wav"}
+    # What an undisturbed run writes for the file after the timeout.
+    alone = tmp_path / "alone"
+    _wav(alone / "t.wav")
+    undisturbed = _fake_program_run(tmp_path / "alone", str(alone / "t.wav"), code=STATEFUL)
+    assert undisturbed.returncode == 0, undisturbed.stderr
+    out = tmp_path / "out"
+    assert (out / "t.wav.txt").read_text() == (tmp_path / "alone/out/t.wav.txt").read_text()
+    assert (out / "t.wav.txt").read_text() == '{"cache before this file": 0}\n'
+    assert "stateful took longer than 1 s (--file-timeout)" in proc.stderr
+    assert report["model_reloads"] == 1
+    assert {o["file"]: o["load"] for o in report["outputs"]} == {"a.wav": 1, "t.wav": 2,
+                                                                  "u.wav": 2}
+    assert proc.stderr.count("stateful: load ") == 2
+    assert ("stateful: slow.wav: stateful took longer than 1 s (--file-timeout)\n"
+            "stateful: reloading the models: a timeout interrupted them on the previous "
+            "file, which may have left them half-updated\nstateful: load 2\n") in proc.stderr

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import gc
 import json
 import os
 import re
@@ -829,7 +830,22 @@ def run(program: Program, args: argparse.Namespace, audit: NetworkAudit,
     if todo:
         loaded = program.load(args, progress.say)
         summary.load_seconds = loaded.seconds
+    reloads = 0
+    interrupted = False  # a timeout fired inside the models' code
     for n, (job, outs) in enumerate(todo, summary.skipped + 1):
+        if interrupted:
+            # SIGALRM raised FileTimeout wherever Python was in pyannote or faster-whisper:
+            # a cache, a hook or a batch may be half-updated. The next file gets models
+            # loaded afresh, never that state; the old ones are dropped first, so that two
+            # sets of models are never in memory at once.
+            progress.say("reloading the models: a timeout interrupted them on the previous "
+                         "file, which may have left them half-updated")
+            loaded = None
+            gc.collect()
+            loaded = program.load(args, progress.say)
+            summary.load_seconds += loaded.seconds
+            reloads += 1
+            interrupted = False
         t0 = time.perf_counter()
         try:
             regular_file(job.source)
@@ -840,7 +856,11 @@ def run(program: Program, args: argparse.Namespace, audit: NetworkAudit,
                 raise FileFailed("no audio samples")
             t1 = time.perf_counter()
             with deadline(limit(args.file_timeout, work_timeout(seconds)), program.name):
-                texts, fields, line = program.process(loaded, job, waveform, args)
+                try:
+                    texts, fields, line = program.process(loaded, job, waveform, args)
+                except FileTimeout:
+                    interrupted = True
+                    raise
             t2 = time.perf_counter()
             write_outputs(outs, texts)
         except FileFailed as exc:
@@ -875,6 +895,7 @@ def run(program: Program, args: argparse.Namespace, audit: NetworkAudit,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "network_attempts": len(audit.attempts),
         "network_attempt_details": audit.attempts[:10],
+        "model_reloads": reloads,
     })
     report = summary.as_dict(**extra)
     return (EXIT_SOME_FAILED if summary.failures else EXIT_OK), report
