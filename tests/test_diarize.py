@@ -622,3 +622,55 @@ def test_after_a_timeout_in_model_work_the_next_file_gets_freshly_loaded_models(
     assert ("stateful: slow.wav: stateful took longer than 1 s (--file-timeout)\n"
             "stateful: reloading the models: a timeout interrupted them on the previous "
             "file, which may have left them half-updated\nstateful: load 2\n") in proc.stderr
+
+
+def test_pyav_holds_a_long_recording_once_not_twice(tmp_path: Path) -> None:
+    """20 minutes at 44.1 kHz through PyAV, no limit: 77 MB of 16 kHz float32. The samples
+    go into one array sized from the header's duration, not a list of frames joined at the
+    end (which held the waveform twice: 154 MB). Measured as in the test above."""
+    long = _silent_wav(tmp_path / "twenty-minutes-44k.wav", 1200, 44100)
+    small = _silent_wav(tmp_path / "s.wav", 2, 44100)
+    code = (
+        "import json, resource, sys\n"
+        "from pathlib import Path\n"
+        "from bundler.runtime import recordings as r\n"
+        "r.decode(Path(sys.argv[2]), 0)\n"
+        "rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+        "before = rss()\n"
+        "wave = r.decode(Path(sys.argv[1]), 0)\n"
+        "print(json.dumps({'growth': rss() - before, 'samples': len(wave),\n"
+        "                  'silent': not wave.any(), 'dtype': wave.dtype.name}))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(long), str(small)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    decoded = 1200 * 16000 * 4
+    assert result["samples"] == 1200 * 16000 and result["silent"]
+    assert result["dtype"] == "float32"
+    assert result["growth"] < 1.3 * decoded, result
+
+
+def test_samples_past_the_headers_duration_are_kept_and_a_short_file_gives_back_the_rest(
+        ) -> None:
+    """The header's duration only sizes the array: a header that understates keeps every
+    sample, in order; one that overstates far gets a copy of what came, not a view of the
+    whole reservation; past the cap, TooLong."""
+    import numpy as np
+
+    chunks = [np.arange(i * 4, i * 4 + 4, dtype=np.float32) for i in range(5)]
+    under = r.Samples(expected=10)
+    for chunk in chunks:
+        under.add(chunk)
+    assert under.total == 20 and np.array_equal(under.waveform(), np.arange(20))
+    over = r.Samples(expected=10 * r.SAMPLE_RATE)
+    over.add(chunks[0])
+    wave = over.waveform()
+    assert np.array_equal(wave, chunks[0]) and wave.base is None
+    exact = r.Samples(expected=8 + r.SAMPLE_RATE)
+    exact.add(chunks[0])
+    exact.add(chunks[1])
+    assert np.array_equal(exact.waveform(), np.arange(8))
+    capped = r.Samples(expected=100, cap=6)
+    capped.add(chunks[0])
+    with pytest.raises(r.TooLong):
+        capped.add(chunks[1])

@@ -333,9 +333,8 @@ def rttm(uri: str, segments: Iterable[dict[str, Any]]) -> str:
 
 # --- decoding ---------------------------------------------------------------------------
 # The longest recording decoded, by default: 8 hours, longer than a meeting, a lecture or a
-# court day. Decoded, 16 kHz float32 is 64 KB per second of audio: 8 h is 1.8 GB in memory
-# (PyAV's path briefly holds it twice while it joins the pieces), which a host with 8 GB or
-# more holds beside the models. --max-duration 0 lifts the limit.
+# court day. Decoded, 16 kHz float32 is 64 KB per second of audio: 8 h is 1.8 GB in memory,
+# which a host with 8 GB or more holds beside the models. --max-duration 0 lifts the limit.
 MAX_DURATION_S = 8 * 3600
 
 
@@ -401,33 +400,81 @@ def decode_av(path: Path, cap: int = 0) -> Any:
     import av
     import numpy as np
 
-    chunks = []
-    total = 0
     try:
         with av.open(str(path), metadata_errors="ignore") as container:
             if not container.streams.audio:
                 raise FileFailed("PyAV: the file has no audio track")
             stream = container.streams.audio[0]
+            samples = Samples(expected_samples(container, stream), cap)
             resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
             for frame in container.decode(stream):
                 for out in resampler.resample(frame):
-                    chunks.append(out.to_ndarray().reshape(-1))
-                    total += len(chunks[-1])
-                if cap and total > cap:
-                    raise TooLong()
+                    samples.add(out.to_ndarray().reshape(-1))
             for out in resampler.resample(None):
-                chunks.append(out.to_ndarray().reshape(-1))
-                total += len(chunks[-1])
-            if cap and total > cap:
-                raise TooLong()
+                samples.add(out.to_ndarray().reshape(-1))
     except FileFailed:
         raise
     except (av.FFmpegError, OSError, ValueError) as exc:
         # FFmpeg's errors carry an errno and the path: the reason alone reads better.
         raise FileFailed(f"PyAV: {one_line(getattr(exc, 'strerror', None) or exc)}") from None
-    if not chunks:
+    if not samples.total:
         raise FileFailed("PyAV: no audio samples")
-    return np.ascontiguousarray(np.concatenate(chunks), dtype=np.float32)
+    return np.ascontiguousarray(samples.waveform(), dtype=np.float32)
+
+
+def expected_samples(container: Any, stream: Any) -> int:
+    """How many 16 kHz samples the header's duration promises, plus a second for a codec's
+    priming and the resampler's rounding; 0 when it gives no duration. A hint for sizing,
+    never trusted as a limit."""
+    seconds = 0.0
+    if stream.duration and stream.time_base:
+        seconds = float(stream.duration * stream.time_base)
+    elif container.duration:
+        seconds = container.duration / 1_000_000  # AV_TIME_BASE
+    if not 0 < seconds < float("inf"):
+        return 0
+    return int(seconds * SAMPLE_RATE) + SAMPLE_RATE
+
+
+class Samples:
+    """Decoded samples, frame by frame, into one array sized from the header's duration
+    (at most ``cap``): the waveform is not held twice while pieces are joined, as a list of
+    frames concatenated at the end would be. Frames past that size (a header that
+    understates) are kept aside and joined at the end. TooLong once more than ``cap``
+    samples (0: no limit) have come."""
+
+    def __init__(self, expected: int, cap: int = 0) -> None:
+        import numpy as np
+
+        self.np = np
+        size = min(expected, cap) if cap else expected
+        try:
+            # Pages are touched only as samples arrive: the part a short file does not
+            # fill costs address space, not memory.
+            self.buffer = np.empty(size, dtype=np.float32)
+        except (MemoryError, ValueError):  # a header claiming more than this host has
+            self.buffer = np.empty(0, dtype=np.float32)
+        self.cap, self.filled, self.total = cap, 0, 0
+        self.rest: list[Any] = []
+
+    def add(self, chunk: Any) -> None:
+        n = len(chunk)
+        if not self.rest and self.filled + n <= len(self.buffer):
+            self.buffer[self.filled:self.filled + n] = chunk
+            self.filled += n
+        else:
+            self.rest.append(chunk)
+        self.total += n
+        if self.cap and self.total > self.cap:
+            raise TooLong()
+
+    def waveform(self) -> Any:
+        head = self.buffer[:self.filled]
+        if self.rest:
+            return self.np.concatenate([head, *self.rest])
+        # A header that promised far more than came: copy out the part filled rather than
+        # keep the whole reservation behind a view.
+        return head.copy() if len(self.buffer) > 2 * self.filled + SAMPLE_RATE else head
 
 
 # --- device ------------------------------------------------------------------------------
