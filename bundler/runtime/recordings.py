@@ -647,8 +647,10 @@ class Program:
         """Refuse bad values of the program's own options (RunError, EXIT_USAGE)."""
 
     def load(self, args: argparse.Namespace, say: Callable[[str], None]) -> Any:
-        """Load the models once; called only when some file is left to do. Returns what
-        ``process`` gets, with ``seconds`` (load time) and ``device`` attributes."""
+        """Load the models once; called only when some file is left to do, and again
+        after a timeout interrupted ``process`` (what it returned before is dropped
+        first). Returns what ``process`` gets, with ``seconds`` (load time) and
+        ``device`` attributes."""
         raise NotImplementedError
 
     def process(self, loaded: Any, job: Job, waveform: Any, args: argparse.Namespace
