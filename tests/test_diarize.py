@@ -674,3 +674,21 @@ def test_samples_past_the_headers_duration_are_kept_and_a_short_file_gives_back_
     capped.add(chunks[0])
     with pytest.raises(r.TooLong):
         capped.add(chunks[1])
+
+
+def test_one_recording_in_memory_at_a_time(tmp_path: Path) -> None:
+    """The shared loop lets the last file's samples go before it decodes the next: a batch
+    of two 20-minute files (77 MB decoded each) peaks where one file alone does, not 77 MB
+    above it."""
+    for name in ("a.wav", "b.wav"):
+        _silent_wav(tmp_path / "two" / name, 1200, 16000)
+    _silent_wav(tmp_path / "one" / "a.wav", 1200, 16000)
+    peaks = {}
+    for batch in ("one", "two"):
+        proc = _fake_program_run(tmp_path / batch, str(tmp_path / batch))
+        assert proc.returncode == 0, proc.stderr
+        report = json.loads(proc.stdout)
+        assert report["done"] == len(list((tmp_path / batch).glob("*.wav")))
+        peaks[batch] = report["peak_rss_mb"]
+    decoded_mb = 1200 * 16000 * 4 / 2**20
+    assert peaks["two"] < peaks["one"] + decoded_mb / 2, peaks

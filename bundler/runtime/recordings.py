@@ -881,7 +881,11 @@ def run(program: Program, args: argparse.Namespace, audit: NetworkAudit,
         summary.load_seconds = loaded.seconds
     reloads = 0
     interrupted = False  # a timeout fired inside the models' code
+    waveform = None
     for n, (job, outs) in enumerate(todo, summary.skipped + 1):
+        # The last file's samples go before the next file's come (and before any reload):
+        # one recording in memory at a time, as --max-duration promises.
+        waveform = None
         if interrupted:
             # SIGALRM raised FileTimeout wherever Python was in pyannote or faster-whisper:
             # a cache, a hook or a batch may be half-updated. The next file gets models
