@@ -102,14 +102,15 @@ def output_dir(inst: Installed, name: str) -> Path:
     return out
 
 
-def diarize_as_nobody(inst: Installed, *args: str,
-                      trace: Path | None = None) -> subprocess.CompletedProcess[str]:
+def diarize_as_nobody(inst: Installed, *args: str, trace: Path | None = None,
+                      umask: int = -1) -> subprocess.CompletedProcess[str]:
     """``PREFIX/bin/diarize ARGS`` as nobody, in a fresh network namespace, with no HOME;
-    with ``trace``, under strace counting every connect() from outside the process."""
+    with ``trace``, under strace counting every connect() from outside the process; with
+    ``umask``, under that umask (-1: this process's)."""
     strace = ("strace", "-f", "-qq", "--seccomp-bpf", "-e", "trace=connect", "-o",
               str(trace)) if trace else ()
     return run(*OFFLINE, *strace, *NOBODY, *CLEAN_ENV, str(inst.prefix / "bin/diarize"),
-               *args, cwd=inst.base)
+               *args, cwd=inst.base, umask=umask)
 
 
 def connection_attempts(trace: Path) -> list[str]:

@@ -318,21 +318,26 @@ def test_committed_smoke_samples_are_the_bundle_sample(tmp_path: Path) -> None:
 
 
 # --- awkward and hostile input: no hang, no batch lost to one file -----------------------
-def _fake_program_run(tmp_path: Path, *inputs: str, extra: tuple[str, ...] = ()
-                      ) -> subprocess.CompletedProcess[str]:
-    """The shared loop (recordings.run) with a program that needs no model: what it makes
-    of a file is its name, so only the machinery before and after the models is tried."""
-    code = (
-        "import sys; from bundler.runtime import recordings as r\n"
-        "class Echo(r.Program):\n"
-        "    name = 'echo'; formats = ('txt',); default_formats = 'txt'; marker = 'txt'\n"
-        "    def load(self, args, say):\n"
-        "        return type('L', (), {'seconds': 0.0, 'device': 'cpu'})()\n"
-        "    def process(self, loaded, job, waveform, args):\n"
-        "        return {'txt': job.rel + '\\n'}, {}, 'ok'\n"
-        "sys.exit(r.main(Echo()))\n")
+ECHO = (
+    "import sys; from bundler.runtime import recordings as r\n"
+    "class Echo(r.Program):\n"
+    "    name = 'echo'; formats = ('txt',); default_formats = 'txt'; marker = 'txt'\n"
+    "    def load(self, args, say):\n"
+    "        return type('L', (), {'seconds': 0.0, 'device': 'cpu'})()\n"
+    "    def process(self, loaded, job, waveform, args):\n"
+    "        return {'txt': job.rel + '\\n'}, {}, 'ok'\n"
+    "sys.exit(r.main(Echo()))\n")
+
+
+def _fake_program_run(tmp_path: Path, *inputs: str, extra: tuple[str, ...] = (),
+                      umask: int = -1, code: str = ECHO) -> subprocess.CompletedProcess[str]:
+    """The shared loop (recordings.run) with a program that needs no model (``code``; by
+    default, what it makes of a file is its name), so only the machinery before and after
+    the models is tried. ``umask``: the child's, as a user's shell would set it (-1: this
+    process's)."""
     return subprocess.run([sys.executable, "-c", code, *inputs, "-o", str(tmp_path / "out"),
-                           "--json", *extra], capture_output=True, text=True, timeout=120)
+                           "--json", *extra], capture_output=True, text=True, timeout=120,
+                          umask=umask)
 
 
 def _wav(path: Path) -> Path:
@@ -431,3 +436,259 @@ def test_an_output_folder_that_cannot_be_written_ends_the_run_with_exit_5(
     run = _fake_program_run(tmp_path, str(corpus))
     assert run.returncode == r.EXIT_OUTPUT, run.stderr
     assert "cannot write" in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("umask,mode", [(0o077, 0o600), (0o022, 0o644), (0o027, 0o640),
+                                        (0o002, 0o664)],
+                         ids=["umask077", "umask022", "umask027", "umask002"])
+def test_outputs_honour_the_users_umask(tmp_path: Path, umask: int, mode: int) -> None:
+    """Transcripts of private recordings are as private as the user's umask says: under
+    077 no one else can read them (and nothing was ever 0644 on the way); under 022 they
+    are 0644 as before. Through the shared loop, the way bin/diarize writes them."""
+    corpus = tmp_path / "in"
+    _wav(corpus / "a.wav")
+    _wav(corpus / "sub" / "b.wav")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.wav.txt").write_text("an older output, replaced under --overwrite\n")
+    os.chmod(out / "a.wav.txt", 0o644)
+    proc = _fake_program_run(tmp_path, str(corpus), extra=("--overwrite",), umask=umask)
+    assert proc.returncode == 0, proc.stderr
+    written = sorted(p for p in out.rglob("*") if p.is_file())
+    assert [p.relative_to(out).as_posix() for p in written] == ["a.wav.txt", "sub/b.wav.txt"]
+    assert {p.name: oct(p.stat().st_mode & 0o7777) for p in written} == {
+        "a.wav.txt": oct(mode), "b.wav.txt": oct(mode)}
+    # A folder the run made for an output: the umask's too (0777 narrowed).
+    assert oct((out / "sub").stat().st_mode & 0o777) == oct(0o777 & ~umask)
+
+
+# --- bounded decoding: --max-duration ------------------------------------------------------
+def _silent_wav(path: Path, seconds: int, rate: int) -> Path:
+    """A real 16-bit mono WAV of ``seconds`` of silence, made sparse: hours of audio that
+    cost no disk and no time to write (the data chunk reads back as zeros)."""
+    import struct
+
+    size = seconds * rate * 2
+    header = (b"RIFF" + struct.pack("<I", 36 + size) + b"WAVE" + b"fmt "
+              + struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16)
+              + b"data" + struct.pack("<I", size))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(header)
+        f.truncate(len(header) + size)
+    return path
+
+
+def test_a_recording_longer_than_max_duration_is_refused_and_the_batch_goes_on(
+        tmp_path: Path) -> None:
+    """Both decoders: soundfile's header says how long a 16 kHz wav is before a sample is
+    read; PyAV (an m4a, a 44.1 kHz wav it resamples) stops as soon as it passes the limit.
+    Each long file is named with the reason; the shorter ones in the same batch are done."""
+    from bundler.render import sample_bytes
+
+    corpus = tmp_path / "in"
+    _wav(corpus / "a-long.wav")  # the 10-s sample, 16 kHz: soundfile
+    (corpus / "b-long.m4a").write_bytes(sample_bytes("m4a"))  # PyAV
+    _silent_wav(corpus / "c-short.wav", 3, 16000)
+    _silent_wav(corpus / "d-short.wav", 4, 44100)  # PyAV, resampled
+    _silent_wav(corpus / "e-long.wav", 9, 44100)
+    proc = _fake_program_run(tmp_path, str(corpus), extra=("--max-duration", "5"))
+    assert proc.returncode == r.EXIT_SOME_FAILED, proc.stderr
+    assert "Traceback" not in proc.stderr
+    report = json.loads(proc.stdout)
+    assert [o["file"] for o in report["outputs"]] == ["c-short.wav", "d-short.wav"]
+    assert [o["audio_seconds"] for o in report["outputs"]] == [3.0, 4.0]
+    errors = {f["file"]: f["error"] for f in report["failures"]}
+    assert errors == {
+        "a-long.wav": "longer than --max-duration 5 s (10 s of audio): refused before "
+                      "decoding it whole; raise --max-duration, or 0 for no limit",
+        "b-long.m4a": "longer than --max-duration 5 s (more audio than that): refused "
+                      "before decoding it whole; raise --max-duration, or 0 for no limit",
+        "e-long.wav": "longer than --max-duration 5 s (more audio than that): refused "
+                      "before decoding it whole; raise --max-duration, or 0 for no limit"}
+    for name, error in errors.items():
+        assert f"echo: {name}: {error}\n" in proc.stderr
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["c-short.wav.txt", "d-short.wav.txt"]
+    # 0 lifts the limit; the default (8 h) takes them all.
+    for extra in (("--max-duration", "0", "--overwrite"), ("--overwrite",)):
+        again = _fake_program_run(tmp_path, str(corpus), extra=extra)
+        assert again.returncode == 0, again.stderr
+        assert json.loads(again.stdout)["done"] == 5
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_max_duration_must_be_a_number_of_seconds(tmp_path: Path, value: str) -> None:
+    _tree(tmp_path, ["a.wav"])
+    proc = _diarize(str(tmp_path / "a.wav"), "--max-duration", value)
+    assert proc.returncode == 2 and "--max-duration must be 0" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_ten_hour_recording_is_refused_quickly_in_bounded_memory(tmp_path: Path) -> None:
+    """Ten hours of audio would be 2.3 GB decoded. With --max-duration 60, the 16 kHz wav
+    is refused from its header (nothing read) and the 8 kHz one, which PyAV decodes, after
+    60 s of samples: the process's peak memory grows by a few MB, not GBs. Measured in a
+    child, whose ru_maxrss is its own peak, after a warm-up decode of each kind."""
+    big16 = _silent_wav(tmp_path / "ten-hours-16k.wav", 36000, 16000)
+    big8 = _silent_wav(tmp_path / "ten-hours-8k.wav", 36000, 8000)
+    small16 = _silent_wav(tmp_path / "s16.wav", 2, 16000)
+    small8 = _silent_wav(tmp_path / "s8.wav", 2, 8000)
+    code = (
+        "import json, resource, sys, time\n"
+        "from pathlib import Path\n"
+        "from bundler.runtime import recordings as r\n"
+        "big16, big8, small16, small8 = map(Path, sys.argv[1:])\n"
+        "r.decode(small16, 60); r.decode(small8, 60)\n"
+        "rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+        "before, t0 = rss(), time.perf_counter()\n"
+        "refused = []\n"
+        "for path in (big16, big8):\n"
+        "    try:\n"
+        "        r.decode(path, 60)\n"
+        "    except r.TooLong as exc:\n"
+        "        refused.append(str(exc))\n"
+        "print(json.dumps({'growth': rss() - before, 'seconds': time.perf_counter() - t0,\n"
+        "                  'refused': refused}))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(big16), str(big8), str(small16),
+                           str(small8)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["refused"] == [
+        "longer than --max-duration 60 s (36000 s of audio): refused before decoding it "
+        "whole; raise --max-duration, or 0 for no limit",
+        "longer than --max-duration 60 s (more audio than that): refused before decoding "
+        "it whole; raise --max-duration, or 0 for no limit"]
+    decoded = 36000 * 16000 * 4  # what decoding either file whole would hold
+    assert result["growth"] < 64 * 2**20 < decoded // 30, result
+    assert result["seconds"] < 10, result
+
+
+# --- after a timeout, a clean pipeline ----------------------------------------------------
+# A program whose loaded state a file changes as pyannote's caches and hooks would: a file
+# named "slow*" changes it, then runs past --file-timeout (the alarm lands in its Python
+# code, as it would inside the pipeline); every other file's output is the state it sees.
+STATEFUL = (
+    "import json, sys, time; from bundler.runtime import recordings as r\n"
+    "class Stateful(r.Program):\n"
+    "    name = 'stateful'; formats = ('txt',); default_formats = 'txt'; marker = 'txt'\n"
+    "    loads = 0\n"
+    "    def load(self, args, say):\n"
+    "        Stateful.loads += 1\n"
+    "        say(f'load {Stateful.loads}')\n"
+    "        return type('L', (), {'seconds': 0.0, 'device': 'cpu', 'cache': {},\n"
+    "                              'load': Stateful.loads})()\n"
+    "    def process(self, loaded, job, waveform, args):\n"
+    "        loaded.cache[job.rel] = 'half-updated'\n"
+    "        if job.rel.startswith('slow'):\n"
+    "            while True:\n"
+    "                time.sleep(0.01)\n"
+    "        text = json.dumps({'cache before this file': len(loaded.cache) - 1})\n"
+    "        loaded.cache.clear()\n"
+    "        return {'txt': text + '\\n'}, {'load': loaded.load}, 'ok'\n"
+    "sys.exit(r.main(Stateful()))\n")
+
+
+def test_after_a_timeout_in_model_work_the_next_file_gets_freshly_loaded_models(
+        tmp_path: Path) -> None:
+    """A timeout can fire anywhere inside the models' code and leave their state half
+    updated: the next file must not see it. The next file's output equals an undisturbed
+    run's; the reload is said on stderr and counted in --json; a file that fails to decode
+    (no model touched) or a file done after a reload triggers none."""
+    corpus = tmp_path / "in"
+    for name in ("a.wav", "slow.wav", "t.wav", "u.wav"):
+        _wav(corpus / name)
+    (corpus / "broken.wav").write_bytes(b"RIFF not a wav")  # decoding fails: no reload
+    proc = _fake_program_run(tmp_path, str(corpus), extra=("--file-timeout", "1"),
+                             code=STATEFUL)
+    assert proc.returncode == r.EXIT_SOME_FAILED, proc.stderr
+    assert "Traceback" not in proc.stderr
+    report = json.loads(proc.stdout)
+    assert {f["file"]: f["error"] for f in report["failures"]}.keys() == {"broken.wav",
+                                                                          "slow.wav"}
+    # What an undisturbed run writes for the file after the timeout.
+    alone = tmp_path / "alone"
+    _wav(alone / "t.wav")
+    undisturbed = _fake_program_run(tmp_path / "alone", str(alone / "t.wav"), code=STATEFUL)
+    assert undisturbed.returncode == 0, undisturbed.stderr
+    out = tmp_path / "out"
+    assert (out / "t.wav.txt").read_text() == (tmp_path / "alone/out/t.wav.txt").read_text()
+    assert (out / "t.wav.txt").read_text() == '{"cache before this file": 0}\n'
+    assert "stateful took longer than 1 s (--file-timeout)" in proc.stderr
+    assert report["model_reloads"] == 1
+    assert {o["file"]: o["load"] for o in report["outputs"]} == {"a.wav": 1, "t.wav": 2,
+                                                                  "u.wav": 2}
+    assert proc.stderr.count("stateful: load ") == 2
+    assert ("stateful: slow.wav: stateful took longer than 1 s (--file-timeout)\n"
+            "stateful: reloading the models: a timeout interrupted them on the previous "
+            "file, which may have left them half-updated\nstateful: load 2\n") in proc.stderr
+
+
+def test_pyav_holds_a_long_recording_once_not_twice(tmp_path: Path) -> None:
+    """20 minutes at 44.1 kHz through PyAV, no limit: 77 MB of 16 kHz float32. The samples
+    go into one array sized from the header's duration, not a list of frames joined at the
+    end (which held the waveform twice: 154 MB). Measured as in the test above."""
+    long = _silent_wav(tmp_path / "twenty-minutes-44k.wav", 1200, 44100)
+    small = _silent_wav(tmp_path / "s.wav", 2, 44100)
+    code = (
+        "import json, resource, sys\n"
+        "from pathlib import Path\n"
+        "from bundler.runtime import recordings as r\n"
+        "r.decode(Path(sys.argv[2]), 0)\n"
+        "rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+        "before = rss()\n"
+        "wave = r.decode(Path(sys.argv[1]), 0)\n"
+        "print(json.dumps({'growth': rss() - before, 'samples': len(wave),\n"
+        "                  'silent': not wave.any(), 'dtype': wave.dtype.name}))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(long), str(small)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    decoded = 1200 * 16000 * 4
+    assert result["samples"] == 1200 * 16000 and result["silent"]
+    assert result["dtype"] == "float32"
+    assert result["growth"] < 1.3 * decoded, result
+
+
+def test_samples_past_the_headers_duration_are_kept_and_a_short_file_gives_back_the_rest(
+        ) -> None:
+    """The header's duration only sizes the array: a header that understates keeps every
+    sample, in order; one that overstates far gets a copy of what came, not a view of the
+    whole reservation; past the cap, TooLong."""
+    import numpy as np
+
+    chunks = [np.arange(i * 4, i * 4 + 4, dtype=np.float32) for i in range(5)]
+    under = r.Samples(expected=10)
+    for chunk in chunks:
+        under.add(chunk)
+    assert under.total == 20 and np.array_equal(under.waveform(), np.arange(20))
+    over = r.Samples(expected=10 * r.SAMPLE_RATE)
+    over.add(chunks[0])
+    wave = over.waveform()
+    assert np.array_equal(wave, chunks[0]) and wave.base is None
+    exact = r.Samples(expected=8 + r.SAMPLE_RATE)
+    exact.add(chunks[0])
+    exact.add(chunks[1])
+    assert np.array_equal(exact.waveform(), np.arange(8))
+    capped = r.Samples(expected=100, cap=6)
+    capped.add(chunks[0])
+    with pytest.raises(r.TooLong):
+        capped.add(chunks[1])
+
+
+def test_one_recording_in_memory_at_a_time(tmp_path: Path) -> None:
+    """The shared loop lets the last file's samples go before it decodes the next: a batch
+    of two 20-minute files (77 MB decoded each) peaks where one file alone does, not 77 MB
+    above it."""
+    for name in ("a.wav", "b.wav"):
+        _silent_wav(tmp_path / "two" / name, 1200, 16000)
+    _silent_wav(tmp_path / "one" / "a.wav", 1200, 16000)
+    peaks = {}
+    for batch in ("one", "two"):
+        proc = _fake_program_run(tmp_path / batch, str(tmp_path / batch))
+        assert proc.returncode == 0, proc.stderr
+        report = json.loads(proc.stdout)
+        assert report["done"] == len(list((tmp_path / batch).glob("*.wav")))
+        peaks[batch] = report["peak_rss_mb"]
+    decoded_mb = 1200 * 16000 * 4 / 2**20
+    assert peaks["two"] < peaks["one"] + decoded_mb / 2, peaks

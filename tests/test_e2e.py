@@ -35,7 +35,9 @@ from e2e import (
     check_one_busy_thread_under_a_one_cpu_quota,
     check_slurm_job_array_from_the_docs,
     check_transcribe_on_real_speech,
+    diarize_as_nobody,
     installed_by_install_sh,
+    output_dir,
     require_image_tools,
 )
 from forge import flip_byte
@@ -216,6 +218,45 @@ def test_install_sh_works_offline_with_a_clean_environment(installed: Installed,
 def test_diarize_turns_real_recordings_into_rttm_offline_as_nobody(
         installed: Installed) -> None:
     check_diarize_on_real_recordings(installed, expect_exclusive=False)
+
+
+def test_after_a_timeout_mid_inference_the_next_file_gets_an_undisturbed_rttm(
+        installed: Installed) -> None:
+    """--file-timeout fires inside the pipeline on a 20-minute recording (minutes of work):
+    the next file is diarized by a pipeline loaded afresh, and its RTTM equals an
+    undisturbed run's. Run under umask 077: the outputs are the user's alone (0600)."""
+    import wave
+
+    from bundler.render import sample_bytes
+
+    folder = installed.base / "timeout-corpus"
+    folder.mkdir(mode=0o755)
+    sample = folder / "b.wav"
+    sample.write_bytes(sample_bytes("wav"))  # 10 s: done in a few seconds
+    with wave.open(str(sample)) as src:
+        params, frames = src.getparams(), src.readframes(src.getnframes())
+    with wave.open(str(folder / "a-long.wav"), "wb") as dst:  # first in the sorted list
+        dst.setparams(params)
+        dst.writeframes(frames * 120)
+    for path in folder.iterdir():
+        path.chmod(0o644)
+    out = output_dir(installed, "rttm-timeout")
+    proc = diarize_as_nobody(installed, str(folder), "--output-dir", str(out),
+                             "--file-timeout", "15", "--json", umask=0o077)
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["failures"] == [{"file": "a-long.wav",
+                                   "error": "diarize took longer than 15 s (--file-timeout)"}]
+    assert report["done"] == 1 and report["model_reloads"] == 1
+    assert "reloading the models: a timeout interrupted them" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    alone = output_dir(installed, "rttm-undisturbed")
+    again = diarize_as_nobody(installed, str(sample), "--output-dir", str(alone), "--json")
+    assert again.returncode == 0, again.stderr[-3000:]
+    rttm = (out / "b.wav.rttm").read_text()
+    assert rttm and rttm == (alone / "b.wav.rttm").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["b.wav.rttm"]
+    assert oct((out / "b.wav.rttm").stat().st_mode & 0o777) == "0o600"
 
 
 def test_slurm_job_array_from_the_docs_diarizes_every_file_once(installed: Installed) -> None:

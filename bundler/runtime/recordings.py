@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import gc
 import json
 import os
 import re
@@ -282,22 +283,41 @@ def outputs_for(job: Job, out_dir: Path, formats: Sequence[str]) -> dict[str, Pa
     return {fmt: out_dir / f"{job.rel}.{fmt}" for fmt in formats}
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write beside the target and rename: a reader never sees half a file.
+def create_exclusive(folder: Path, name: str) -> tuple[int, Path]:
+    """A new file in ``folder`` named ``.<name[:32]>.<random>.tmp``, opened for writing:
+    ``(fd, path)``.
 
-    The temporary file is made exclusively (mkstemp: O_EXCL, never through a planted link)
-    with a name of bounded length, so that an output whose own name just fits the file
-    system's limit is not refused for its temporary name. Text that cannot be UTF-8 (a file
-    name with undecodable bytes, carried as surrogates) is written escaped."""
+    Made with O_EXCL (never through a planted link) and mode 0666, which the kernel narrows
+    by the user's umask (and the folder's default ACL) as for any file the user makes:
+    outputs of private recordings are as private as the user asked, never widened to 0644
+    and never narrowed behind the user's back. (mkstemp makes 0600, and reading the umask
+    means setting it: a race with any other thread.) The name's length is bounded, so that
+    an output whose own name just fits the file system's limit is not refused for it."""
+    for _ in range(100):
+        tmp = folder / f".{name[:32]}.{os.urandom(6).hex()}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                         | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        except FileExistsError:
+            continue
+        return fd, tmp
+    raise FileExistsError(errno.EEXIST, "no unused temporary name", str(folder))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write beside the target and rename: a reader never sees half a file. The file's
+    mode is what the user's umask gives a new file (``create_exclusive``).
+
+    Text that cannot be UTF-8 (a file name with undecodable bytes, carried as surrogates)
+    is written escaped."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:32]}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = create_exclusive(path.parent, path.name)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as f:
             f.write(text)
-        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -311,25 +331,62 @@ def rttm(uri: str, segments: Iterable[dict[str, Any]]) -> str:
     return "".join(lines)
 
 
-# --- decoding ----------------------------------------------------------------------------
-def decode(path: Path) -> Any:
+# --- decoding ---------------------------------------------------------------------------
+# The longest recording decoded, by default: 8 hours, longer than a meeting, a lecture or a
+# court day. Decoded, 16 kHz float32 is 64 KB per second of audio: 8 h is 1.8 GB in memory,
+# which a host with 8 GB or more holds beside the models. --max-duration 0 lifts the limit.
+MAX_DURATION_S = 8 * 3600
+
+
+class TooLong(FileFailed):
+    """A recording longer than --max-duration: refused before its samples fill memory."""
+
+
+def too_long(max_seconds: float, seconds: float | None = None) -> TooLong:
+    length = (f"{seconds:.0f} s of audio" if seconds is not None
+              else "more audio than that")
+    return TooLong(f"longer than --max-duration {max_seconds:g} s ({length}): refused "
+                   "before decoding it whole; raise --max-duration, or 0 for no limit")
+
+
+def max_samples(max_seconds: float) -> int:
+    """The samples (at 16 kHz) --max-duration allows; 0 for no limit."""
+    return int(max_seconds * SAMPLE_RATE) if max_seconds > 0 else 0
+
+
+def decode(path: Path, max_seconds: float = 0) -> Any:
     """The file's audio as 16 kHz mono float32 (a 1-D numpy array); FileFailed if it cannot
-    be read. soundfile first for the formats libsndfile reads at 16 kHz already, PyAV for
-    everything else and for resampling."""
+    be read, TooLong (never more than ``max_seconds`` decoded, 0: no limit) if it is longer.
+    soundfile first for the formats libsndfile reads at 16 kHz already, PyAV for everything
+    else and for resampling."""
     import numpy as np
 
     problems = []
+    cap = max_samples(max_seconds)
     if path.suffix.lower() in SOUNDFILE_EXTENSIONS:
         import soundfile
 
         try:
-            if soundfile.info(str(path)).samplerate == SAMPLE_RATE:
-                data, _ = soundfile.read(str(path), dtype="float32", always_2d=True)
-                return np.ascontiguousarray(data.mean(axis=1), dtype=np.float32)
+            info = soundfile.info(str(path))
+            if info.samplerate == SAMPLE_RATE:
+                # The header's frame count refuses a long file before a sample is read; the
+                # read is capped too, for a header that understates it.
+                if cap and info.frames > cap:
+                    raise too_long(max_seconds, info.frames / SAMPLE_RATE)
+                data, _ = soundfile.read(str(path), dtype="float32", always_2d=True,
+                                         frames=cap + 1 if cap else -1)
+                if cap and len(data) > cap:
+                    raise too_long(max_seconds)
+                # A mono file's one column is already the waveform (contiguous, no copy):
+                # half the peak memory of averaging it into a second array.
+                mono = data[:, 0] if data.shape[1] == 1 else data.mean(axis=1)
+                return np.ascontiguousarray(mono, dtype=np.float32)
         except (RuntimeError, OSError, ValueError, TypeError) as exc:  # LibsndfileError
             problems.append(f"soundfile: {one_line(exc)}")
     try:
-        return decode_av(path)
+        return decode_av(path, cap)
+    except TooLong:
+        raise too_long(max_seconds) from None
     except FileFailed as exc:
         problems.append(str(exc))
     except ModuleNotFoundError:
@@ -337,30 +394,87 @@ def decode(path: Path) -> Any:
     raise FileFailed("cannot decode: " + "; ".join(problems))
 
 
-def decode_av(path: Path) -> Any:
+def decode_av(path: Path, cap: int = 0) -> Any:
+    """PyAV's decoding, resampled to 16 kHz mono; TooLong as soon as more than ``cap``
+    samples (0: no limit) are decoded, holding at most ``cap`` plus one frame's samples."""
     import av
     import numpy as np
 
-    chunks = []
     try:
         with av.open(str(path), metadata_errors="ignore") as container:
             if not container.streams.audio:
                 raise FileFailed("PyAV: the file has no audio track")
             stream = container.streams.audio[0]
+            samples = Samples(expected_samples(container, stream), cap)
             resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
             for frame in container.decode(stream):
                 for out in resampler.resample(frame):
-                    chunks.append(out.to_ndarray().reshape(-1))
+                    samples.add(out.to_ndarray().reshape(-1))
             for out in resampler.resample(None):
-                chunks.append(out.to_ndarray().reshape(-1))
+                samples.add(out.to_ndarray().reshape(-1))
     except FileFailed:
         raise
     except (av.FFmpegError, OSError, ValueError) as exc:
         # FFmpeg's errors carry an errno and the path: the reason alone reads better.
         raise FileFailed(f"PyAV: {one_line(getattr(exc, 'strerror', None) or exc)}") from None
-    if not chunks:
+    if not samples.total:
         raise FileFailed("PyAV: no audio samples")
-    return np.ascontiguousarray(np.concatenate(chunks), dtype=np.float32)
+    return np.ascontiguousarray(samples.waveform(), dtype=np.float32)
+
+
+def expected_samples(container: Any, stream: Any) -> int:
+    """How many 16 kHz samples the header's duration promises, plus a second for a codec's
+    priming and the resampler's rounding; 0 when it gives no duration. A hint for sizing,
+    never trusted as a limit."""
+    seconds = 0.0
+    if stream.duration and stream.time_base:
+        seconds = float(stream.duration * stream.time_base)
+    elif container.duration:
+        seconds = container.duration / 1_000_000  # AV_TIME_BASE
+    if not 0 < seconds < float("inf"):
+        return 0
+    return int(seconds * SAMPLE_RATE) + SAMPLE_RATE
+
+
+class Samples:
+    """Decoded samples, frame by frame, into one array sized from the header's duration
+    (at most ``cap``): the waveform is not held twice while pieces are joined, as a list of
+    frames concatenated at the end would be. Frames past that size (a header that
+    understates) are kept aside and joined at the end. TooLong once more than ``cap``
+    samples (0: no limit) have come."""
+
+    def __init__(self, expected: int, cap: int = 0) -> None:
+        import numpy as np
+
+        self.np = np
+        size = min(expected, cap) if cap else expected
+        try:
+            # Pages are touched only as samples arrive: the part a short file does not
+            # fill costs address space, not memory.
+            self.buffer = np.empty(size, dtype=np.float32)
+        except (MemoryError, ValueError):  # a header claiming more than this host has
+            self.buffer = np.empty(0, dtype=np.float32)
+        self.cap, self.filled, self.total = cap, 0, 0
+        self.rest: list[Any] = []
+
+    def add(self, chunk: Any) -> None:
+        n = len(chunk)
+        if not self.rest and self.filled + n <= len(self.buffer):
+            self.buffer[self.filled:self.filled + n] = chunk
+            self.filled += n
+        else:
+            self.rest.append(chunk)
+        self.total += n
+        if self.cap and self.total > self.cap:
+            raise TooLong()
+
+    def waveform(self) -> Any:
+        head = self.buffer[:self.filled]
+        if self.rest:
+            return self.np.concatenate([head, *self.rest])
+        # A header that promised far more than came: copy out the part filled rather than
+        # keep the whole reservation behind a view.
+        return head.copy() if len(self.buffer) > 2 * self.filled + SAMPLE_RATE else head
 
 
 # --- device ------------------------------------------------------------------------------
@@ -533,8 +647,10 @@ class Program:
         """Refuse bad values of the program's own options (RunError, EXIT_USAGE)."""
 
     def load(self, args: argparse.Namespace, say: Callable[[str], None]) -> Any:
-        """Load the models once; called only when some file is left to do. Returns what
-        ``process`` gets, with ``seconds`` (load time) and ``device`` attributes."""
+        """Load the models once; called only when some file is left to do, and again
+        after a timeout interrupted ``process`` (what it returned before is dropped
+        first). Returns what ``process`` gets, with ``seconds`` (load time) and
+        ``device`` attributes."""
         raise NotImplementedError
 
     def process(self, loaded: Any, job: Job, waveform: Any, args: argparse.Namespace
@@ -582,6 +698,12 @@ def parser(program: Program) -> argparse.ArgumentParser:
     p.add_argument("--shard-count", type=int, metavar="N",
                    help="the number of shares when JOB_COMPLETION_INDEX (a Kubernetes "
                         "Indexed Job) gives the index")
+    p.add_argument("--max-duration", type=float, metavar="SECONDS",
+                   default=MAX_DURATION_S,
+                   help="refuse a recording longer than this while decoding it, before it "
+                        "fills memory (16 kHz float32 is 64 KB a second), name it and go "
+                        f"on (default: {MAX_DURATION_S} s, {MAX_DURATION_S / 3600:g} h; 0: "
+                        "no limit)")
     p.add_argument("--file-timeout", type=float, metavar="SECONDS",
                    help=f"give up on a file after this long, name it, and go on (default: "
                         f"{DECODE_TIMEOUT_S} s to decode, then {WORK_TIMEOUT_FACTOR}x its "
@@ -611,6 +733,8 @@ def check_args(args: argparse.Namespace, program: Program) -> list[str]:
             raise RunError(f"--{name.replace('_', '-')} must be at least 1", EXIT_USAGE)
     if args.file_timeout is not None and not args.file_timeout >= 0:
         raise RunError("--file-timeout must be 0 (no limit) or more seconds", EXIT_USAGE)
+    if not 0 <= args.max_duration < float("inf"):
+        raise RunError("--max-duration must be 0 (no limit) or more seconds", EXIT_USAGE)
     if args.num_speakers is not None and (args.min_speakers or args.max_speakers):
         raise RunError("--num-speakers excludes --min-speakers and --max-speakers",
                        EXIT_USAGE)
@@ -755,18 +879,41 @@ def run(program: Program, args: argparse.Namespace, audit: NetworkAudit,
     if todo:
         loaded = program.load(args, progress.say)
         summary.load_seconds = loaded.seconds
+    reloads = 0
+    interrupted = False  # a timeout fired inside the models' code
+    waveform = None
     for n, (job, outs) in enumerate(todo, summary.skipped + 1):
+        # The last file's samples go before the next file's come (and before any reload):
+        # one recording in memory at a time, as --max-duration promises.
+        waveform = None
+        if interrupted:
+            # SIGALRM raised FileTimeout wherever Python was in pyannote or faster-whisper:
+            # a cache, a hook or a batch may be half-updated. The next file gets models
+            # loaded afresh, never that state; the old ones are dropped first, so that two
+            # sets of models are never in memory at once.
+            progress.say("reloading the models: a timeout interrupted them on the previous "
+                         "file, which may have left them half-updated")
+            loaded = None
+            gc.collect()
+            loaded = program.load(args, progress.say)
+            summary.load_seconds += loaded.seconds
+            reloads += 1
+            interrupted = False
         t0 = time.perf_counter()
         try:
             regular_file(job.source)
             with deadline(limit(args.file_timeout, DECODE_TIMEOUT_S), "decoding"):
-                waveform = decode(job.source)
+                waveform = decode(job.source, args.max_duration)
             seconds = len(waveform) / SAMPLE_RATE
             if seconds == 0:
                 raise FileFailed("no audio samples")
             t1 = time.perf_counter()
             with deadline(limit(args.file_timeout, work_timeout(seconds)), program.name):
-                texts, fields, line = program.process(loaded, job, waveform, args)
+                try:
+                    texts, fields, line = program.process(loaded, job, waveform, args)
+                except FileTimeout:
+                    interrupted = True
+                    raise
             t2 = time.perf_counter()
             write_outputs(outs, texts)
         except FileFailed as exc:
@@ -801,6 +948,7 @@ def run(program: Program, args: argparse.Namespace, audit: NetworkAudit,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "network_attempts": len(audit.attempts),
         "network_attempt_details": audit.attempts[:10],
+        "model_reloads": reloads,
     })
     report = summary.as_dict(**extra)
     return (EXIT_SOME_FAILED if summary.failures else EXIT_OK), report
