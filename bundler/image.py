@@ -90,6 +90,11 @@ DEFAULT_MIRROR = "http://deb.debian.org/debian"
 # The Debian release whose python3 is the target's, for the default base.
 DEBIAN_SUITES = {"3.11": "bookworm", "3.13": "trixie"}
 OCI_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
+# Who the staged root belongs to and who the installer runs as when this tool runs as
+# root: one id no account, no subordinate range (/etc/subuid starts at 100000) and no
+# rootless container uses, mapped to root inside the installer's user namespace. Code from
+# a bundle or a base then has no more rights over the build host than "nobody".
+STAGE_ID = 0x7FFF_FF00
 
 MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MT_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -441,57 +446,116 @@ def _inside(root: Path, rel: str, follow_last: bool = False) -> Path:
 
 
 def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
+    # lstat, never stat: a link is removed itself, never what it points at.
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)  # fd-based: it does not follow links inside either
+    else:
         path.unlink()
+
+
+def member_name(name: str) -> str:
+    """A layer member's path relative to the root: ``./``, ``/`` and ``.`` components
+    dropped (``./.wh.x`` is ``.wh.x``; a plain ``lstrip("./")`` would make it ``wh.x``)."""
+    return "/".join(p for p in PurePosixPath(name).parts if p not in ("/", "."))
+
+
+NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _own(fd: int, mode: int) -> None:
+    """Mode and owner of an entry we just made, through its descriptor (never a path a
+    link could redirect). The staged root is scaffolding, never shipped (the image carries
+    the base's own layer blobs), so it gets no setuid or setgid bit and, as root, one
+    unprivileged owner: the id the installer runs as."""
+    os.fchmod(fd, mode & 0o1777)
+    if os.geteuid() == 0:
+        os.fchown(fd, STAGE_ID, STAGE_ID)
 
 
 def apply_layer(layer: Path, root: Path) -> None:
     """Apply one layer tar (gzip or not) to ``root``: whiteouts remove, the rest is written
-    as the base's owner and modes. Device nodes are skipped (a runtime mounts /dev)."""
+    with the base's modes. Device nodes are skipped (the installer gets a minimal /dev).
+
+    Nothing a layer holds reaches outside ``root``: every path is resolved as a chroot
+    would (``_inside``), entries are made with O_EXCL/O_NOFOLLOW and their mode set through
+    the descriptor, a link is never followed by chmod or chown, and a hard link must name
+    a regular file already in the root (a hard link to a link would be the link itself)."""
+    if os.geteuid() == 0:
+        os.chown(root, STAGE_ID, STAGE_ID)
     try:
         with tarfile.open(layer, "r:*") as tar:
             for m in tar:
-                rel = m.name.lstrip("./") if m.name not in (".", "./") else ""
-                if not rel:
-                    continue
-                head, _, base = rel.rstrip("/").rpartition("/")
-                if base == ".wh..wh..opq":
-                    folder = _inside(root, head, follow_last=True)
-                    if folder.is_dir():
-                        for child in list(folder.iterdir()):
-                            _remove(child)
-                    continue
-                if base.startswith(".wh."):
-                    _remove(_inside(root, f"{head}/{base[4:]}"))
-                    continue
-                parent = _inside(root, head, follow_last=True)
-                parent.mkdir(parents=True, exist_ok=True)
-                target = parent / base
-                if m.isdir():
-                    if not target.is_dir() or target.is_symlink():
-                        _remove(target)
-                        target.mkdir()
-                else:
-                    _remove(target)
-                    if m.issym():
-                        os.symlink(m.linkname, target)
-                    elif m.islnk():
-                        os.link(_inside(root, m.linkname), target)
-                    elif m.isfile():
-                        src = tar.extractfile(m)
-                        assert src is not None
-                        with open(target, "wb") as out:
-                            shutil.copyfileobj(src, out, CHUNK)
-                    else:
-                        continue  # devices, fifos: not needed to install
-                if not m.issym():
-                    if os.geteuid() == 0:
-                        os.lchown(target, m.uid, m.gid)
-                    os.chmod(target, m.mode & 0o7777)
+                try:
+                    _apply_member(tar, m, root)
+                except OSError as exc:
+                    raise InputError(f"{layer.name}: a base layer's member {m.name!r} cannot "
+                                     f"be unpacked: {exc.strerror or exc}") from None
     except tarfile.TarError as exc:
         raise InputError(f"{layer.name}: a base layer is not a tar archive ({exc})") from None
+
+
+def _apply_member(tar: tarfile.TarFile, m: tarfile.TarInfo, root: Path) -> None:
+    rel = member_name(m.name)
+    if not rel:
+        return
+    head, _, base = rel.rpartition("/")
+    if base == ".wh..wh..opq":
+        folder = _inside(root, head, follow_last=True)
+        if folder.is_dir() and not folder.is_symlink():
+            for child in list(folder.iterdir()):
+                _remove(child)
+        return
+    if base.startswith(".wh."):
+        if base[4:] in ("", ".", ".."):
+            raise InputError(f"whiteout {m.name!r} names no file")
+        _remove(_inside(root, f"{head}/{base[4:]}"))
+        return
+    if base == "..":
+        raise InputError(f"member {m.name!r} ends in ..")
+    if not (m.isdir() or m.issym() or m.islnk() or m.isfile()):
+        return  # devices, fifos: not needed to install
+    parent = _inside(root, head, follow_last=True)
+    parent.mkdir(parents=True, exist_ok=True)
+    target = parent / base
+    if m.isdir():
+        if not stat.S_ISDIR(_lmode(target)):
+            _remove(target)
+            target.mkdir()
+        fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | NOFOLLOW)
+        try:
+            _own(fd, m.mode)
+        finally:
+            os.close(fd)
+        return
+    _remove(target)
+    if m.issym():
+        os.symlink(m.linkname, target)
+        if os.geteuid() == 0:
+            os.lchown(target, STAGE_ID, STAGE_ID)
+    elif m.islnk():
+        source = _inside(root, m.linkname)
+        if not stat.S_ISREG(_lmode(source)):
+            raise InputError(f"hard link {m.name!r} -> {m.linkname!r} does not name a regular "
+                             "file of the layer (a link, a folder or nothing)")
+        os.link(source, target, follow_symlinks=False)  # the inode keeps its own mode
+    else:
+        src = tar.extractfile(m)
+        assert src is not None
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(src, out, CHUNK)
+            _own(out.fileno(), m.mode)
+
+
+def _lmode(path: Path) -> int:
+    try:
+        return path.lstat().st_mode
+    except FileNotFoundError:
+        return 0
 
 
 def find_python(root: Path, version: str) -> str | None:
@@ -656,7 +720,7 @@ def normalise_base(raw: Path, out: IO[bytes]) -> list[dict[str, str]]:
             if m.isfile():
                 f = src.extractfile(m)
                 assert f is not None
-                if m.name.lstrip("./") == "var/lib/dpkg/status":
+                if member_name(m.name) == "var/lib/dpkg/status":
                     status = f.read()
                     f = io.BytesIO(status)
                 dst.addfile(m, f)

@@ -26,6 +26,7 @@ import io
 import json
 import os
 import socket
+import stat
 import subprocess
 import tarfile
 import time
@@ -177,6 +178,64 @@ def test_a_base_layer_cannot_write_outside_the_staged_root(tmp_path: Path) -> No
     assert list(outside.iterdir()) == []
     # chroot semantics: the link's absolute target is the root's own folder
     assert (root / tmp_path.relative_to("/") / "outside" / "passwd").read_bytes() == b"pwned"
+
+
+def hostile_layer(host_file: Path, mode: int = 0o4777) -> bytes:
+    """A symbolic link to a file of the build host, and a hard link to that link with a
+    setuid, world-writable mode: chmod through the link would reach the host's file."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        sym = tarfile.TarInfo("x")
+        sym.type, sym.linkname = tarfile.SYMTYPE, str(host_file)
+        tar.addfile(sym)
+        hard = tarfile.TarInfo("y")
+        hard.type, hard.linkname, hard.mode = tarfile.LNKTYPE, "x", mode
+        tar.addfile(hard)
+        owned = tarfile.TarInfo("z")  # a directory entry on a link: chmod/chown would follow
+        owned.type, owned.mode, owned.uid = tarfile.DIRTYPE, 0o4777, 1234
+        tar.addfile(owned)
+    return buf.getvalue()
+
+
+def test_a_hard_link_to_a_link_cannot_chmod_a_host_file(tmp_path: Path) -> None:
+    host_file = tmp_path / "host-secret"
+    host_file.write_text("secret")
+    host_file.chmod(0o600)
+    root = tmp_path / "root"
+    root.mkdir()
+    layer = tmp_path / "l.tar"
+    layer.write_bytes(hostile_layer(host_file))
+    with pytest.raises(image.InputError, match="hard link 'y' -> 'x' does not name a regular"):
+        image.apply_layer(layer, root)
+    assert stat.S_IMODE(host_file.stat().st_mode) == 0o600
+    assert host_file.read_text() == "secret"
+    # A link over a folder entry: the folder entry replaces the link, the host is untouched.
+    other = tmp_path / "l2.tar"
+    other.write_bytes(layer_tar({}, {"z": str(tmp_path)}))
+    image.apply_layer(other, root)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        d = tarfile.TarInfo("z")
+        d.type, d.mode = tarfile.DIRTYPE, 0o4777
+        tar.addfile(d)
+    other.write_bytes(buf.getvalue())
+    before = stat.S_IMODE(tmp_path.stat().st_mode)
+    image.apply_layer(other, root)
+    assert stat.S_IMODE(tmp_path.stat().st_mode) == before
+    assert (root / "z").is_dir() and not (root / "z").is_symlink()
+    assert stat.S_IMODE((root / "z").stat().st_mode) == 0o777  # no setuid in the stage
+
+
+def test_a_whiteout_with_a_dot_slash_prefix_removes_the_dotfile(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    first, second = tmp_path / "1.tar", tmp_path / "2.tar"
+    first.write_bytes(layer_tar({"./.x": b"1", "./wh.x": b"keep", "./etc/.profile": b"p"}))
+    second.write_bytes(layer_tar({"./.wh..x": b"", "./etc/.wh..profile": b""}))
+    image.apply_layer(first, root)
+    image.apply_layer(second, root)
+    assert sorted(p.name for p in root.rglob("*")) == ["etc", "wh.x"]
+    assert image.member_name("./.wh.x") == ".wh.x" and image.member_name("/a/./b") == "a/b"
 
 
 def test_dpkg_status_becomes_the_package_list() -> None:
