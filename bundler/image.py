@@ -739,35 +739,76 @@ def installer_names_release(installer: Path) -> bool:
         return False
 
 
-def install_in_root(root: Path, bundle_dir: str, python: str, release: str | None) -> None:
-    """Run the bundle's installer in ``root`` by chroot, with no network, /dev and /proc
-    mounted in a mount namespace of its own (gone with it)."""
+# Run inside the installer's namespaces, in the staged root (the working folder): a /dev of
+# four nodes bound from the host's (a user namespace cannot make device nodes), never the
+# host's whole /dev, then chroot.
+SANDBOX_SH = """set -e
+mount -t tmpfs -o mode=0755,nosuid,size=64m pyannote-bundle-dev dev
+for n in null zero random urandom; do : > "dev/$n"; mount --bind "/dev/$n" "dev/$n"; done
+mkdir -m 1777 dev/shm
+ln -s /proc/self/fd dev/fd
+ln -s /proc/self/fd/0 dev/stdin
+ln -s /proc/self/fd/1 dev/stdout
+ln -s /proc/self/fd/2 dev/stderr
+exec "$@"
+"""
+
+
+def sandbox(root: Path, argv: list[str], env: dict[str, str],
+            timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` chrooted into ``root`` with no network, in user, mount and PID namespaces
+    of its own (all gone with it), with a minimal /dev.
+
+    Always a user namespace, also when this tool runs as root: the code that runs there
+    (the bundle's installer, the base's python) is root only inside it. As root, the
+    process is first made ``STAGE_ID`` (who owns the staged root), so on the build host
+    it has the rights of an unused id; otherwise the caller's own id is mapped. Where user
+    namespaces are disabled this refuses, never falls back to real root."""
     unshare = shutil.which("unshare")
     chroot = shutil.which("chroot") or "/usr/sbin/chroot"
     if unshare is None:
         raise ImageError("unshare (util-linux) is needed to install into the image")
+    drop: dict[str, Any] = {}
+    if os.geteuid() == 0:
+        drop = {"user": STAGE_ID, "group": STAGE_ID, "extra_groups": []}
+        os.chown(root, STAGE_ID, STAGE_ID)
+        for folder, dirs, files in os.walk(root / SOURCE_DIR):
+            for name in [folder, *(os.path.join(folder, n) for n in dirs + files)]:
+                os.lchown(name, STAGE_ID, STAGE_ID)
+    for name in ("proc", "dev"):
+        (root / name).mkdir(exist_ok=True)
+    namespaces = [unshare, "--user", "--map-root-user", "--mount", "--net"]
+    probe = subprocess.run([*namespaces, "true"], capture_output=True, text=True,
+                           errors="replace", stdin=subprocess.DEVNULL, cwd=root, **drop)
+    if probe.returncode != 0:
+        raise ImageError("this host cannot make a user namespace ("
+                         f"{last_lines(probe.stderr, 1) or 'unshare failed'}): the bundle's "
+                         "installer is never run as the host's root; enable them (sysctl "
+                         "user.max_user_namespaces, kernel.unprivileged_userns_clone) and "
+                         "run again")
     # --kill-child: if this tool is stopped, the installer and everything it started (a
-    # namespace of their own) go with it, and the staged root can be removed.
-    flags = ["--mount", "--net", "--pid", "--fork", "--kill-child",
-             f"--mount-proc={root / 'proc'}"]
-    if os.geteuid() != 0:
-        flags.insert(0, "--map-root-user")
-    (root / "proc").mkdir(exist_ok=True)
-    (root / "dev").mkdir(exist_ok=True)
-    argv = [unshare, *flags, "sh", "-c", 'mount --rbind /dev "$1/dev" && shift && exec "$@"',
-            "sh", str(root), chroot, str(root), python, "-I",
-            f"/{SOURCE_DIR}/{bundle_dir}/runtime/install.py", f"/{PREFIX}", "--no-smoke",
-            "--json", *(["--release", release] if release else [])]
+    # namespace of their own) go with it, and the staged root can be removed. Paths are
+    # relative to the working folder: the work folder above it is private to this tool.
+    full = [*namespaces, "--pid", "--fork", "--kill-child", "--mount-proc=proc",
+            "sh", "-c", SANDBOX_SH, "sh", chroot, ".", *argv]
+    return subprocess.run(full, env=env, capture_output=True, text=True, errors="replace",
+                          stdin=subprocess.DEVNULL, timeout=timeout, cwd=root, **drop)
+
+
+def install_in_root(root: Path, bundle_dir: str, python: str, release: str | None) -> None:
+    """Run the bundle's installer in ``root`` (``sandbox``: chroot, no network, a user
+    namespace)."""
+    argv = [python, "-I", f"/{SOURCE_DIR}/{bundle_dir}/runtime/install.py", f"/{PREFIX}",
+            "--no-smoke", "--json", *(["--release", release] if release else [])]
     env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
            "HOME": "/root", "LANG": "C.UTF-8", "TZ": "UTC",
            # py_compile writes hash-checked bytecode under SOURCE_DATE_EPOCH: the same
            # bytes on every build, and valid whatever the files' mtimes in the image.
            "SOURCE_DATE_EPOCH": str(LAYER_EPOCH)}
-    log.info("image: installing the bundle into /%s inside the base (chroot, no network)",
-             PREFIX)
+    log.info("image: installing the bundle into /%s inside the base (chroot, user "
+             "namespace, no network)", PREFIX)
     try:
-        res = subprocess.run(argv, env=env, capture_output=True, text=True, errors="replace",
-                             stdin=subprocess.DEVNULL, timeout=3 * 3600)
+        res = sandbox(root, argv, env, 3 * 3600)
     except subprocess.TimeoutExpired:
         raise ImageError("the installer did not finish in 3 h inside the base") from None
     if res.returncode != 0:

@@ -238,6 +238,45 @@ def test_a_whiteout_with_a_dot_slash_prefix_removes_the_dotfile(tmp_path: Path) 
     assert image.member_name("./.wh.x") == ".wh.x" and image.member_name("/a/./b") == "a/b"
 
 
+def shell_root(root: Path) -> None:
+    """A staged root holding only the host's dash and the libraries it loads."""
+    dash = Path("/usr/bin/dash").resolve()
+    libs = subprocess.run(["ldd", str(dash)], capture_output=True, text=True,
+                          check=True).stdout
+    for path in [str(dash), *(w for w in libs.split() if w.startswith("/"))]:
+        dest = root / path.lstrip("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(Path(path).read_bytes())
+        dest.chmod(0o755)
+
+
+@pytest.mark.skipif(not Path("/usr/bin/dash").is_file(), reason="needs dash")
+def test_the_installer_runs_in_a_user_namespace_with_a_minimal_dev_and_no_network(
+        tmp_path: Path) -> None:
+    """The bundle's installer (here a dash script run as the base's "python") is root only
+    inside its namespace: what it writes belongs to an unprivileged id on the host, it
+    sees four device nodes instead of the host's /dev, and only a loopback interface."""
+    root = tmp_path / "root"
+    root.mkdir()
+    shell_root(root)
+    runtime = root / image.SOURCE_DIR / "b" / "runtime"
+    runtime.mkdir(parents=True)
+    (runtime / "install.py").write_text(
+        'for f in /dev/*; do echo "$f"; done > /devices\n'
+        'while read -r line; do echo "${line%%:*}"; done < /proc/net/dev > /net\n'
+        ': > /dev/null && echo ok > /dev/null\n')
+    image.install_in_root(root, "b", f"/{Path('/usr/bin/dash').resolve().relative_to('/')}",
+                          None)
+    devices = (root / "devices").read_text().split()
+    assert devices == [f"/dev/{n}" for n in ("fd", "null", "random", "shm", "stderr",
+                                             "stdin", "stdout", "urandom", "zero")]
+    assert (root / "net").read_text().splitlines()[2:] == ["lo"]  # two header lines, then lo
+    owner = (root / "devices").stat().st_uid
+    assert owner == (image.STAGE_ID if os.geteuid() == 0 else os.geteuid())
+    assert owner != 0
+    assert not any((root / "dev").iterdir())  # the mounts went with the namespace
+
+
 def test_dpkg_status_becomes_the_package_list() -> None:
     status = (b"Package: python3\nStatus: install ok installed\nVersion: 3.11.2-1+b1\n"
               b"Architecture: amd64\n\nPackage: gone\nStatus: deinstall ok config-files\n"
