@@ -358,9 +358,44 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
+def _blob_json(image: OciImage, desc: Any, what: str, kind: str) -> dict[str, Any]:
+    """A small blob (index, manifest, config) named by the descriptor ``desc``, read only
+    once its bytes match the descriptor's digest (and size)."""
+    if not isinstance(desc, dict):
+        raise InputError(f"{what}: its {kind} descriptor is not a JSON object")
+    digest = str(desc.get("digest"))
+    path = image.blob(digest)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{what}: its {kind} {digest} cannot be read ({exc.strerror}): not "
+                         "a whole OCI image layout") from None
+    check_blob(what, kind, digest, desc.get("size"), hashlib.sha256(data).hexdigest(),
+               len(data))
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict):
+        raise InputError(f"{what}: its {kind} {digest} is not a JSON object")
+    return doc
+
+
+def check_blob(what: str, kind: str, digest: str, size: Any, actual: str,
+               actual_size: int) -> None:
+    """Raise IntegrityError unless a blob's bytes are the ones its descriptor names."""
+    if digest.partition(":")[2] != actual:
+        raise IntegrityError(what, f"its {kind} {digest} has sha256 {actual}: the base is "
+                             "damaged or was altered")
+    if isinstance(size, int) and size != actual_size:
+        raise IntegrityError(what, f"its {kind} {digest} is {actual_size} bytes, not the "
+                             f"{size} its descriptor says: the base is damaged or was altered")
+
+
 def open_layout(root: Path, what: str, arch: str | None = None) -> OciImage:
     """The image of an OCI layout folder (an index may hold several platforms: the one for
-    ``arch`` is taken)."""
+    ``arch`` is taken). Every blob read (nested index, manifest, config) is checked against
+    its digest first; the layers are checked by ``given_base``."""
     if not (root / "oci-layout").is_file() or not (root / "index.json").is_file():
         raise InputError(f"{what}: no oci-layout and index.json: not an OCI image layout "
                          "(give oci-archive:FILE or a folder written by skopeo copy oci:DIR)")
@@ -370,22 +405,22 @@ def open_layout(root: Path, what: str, arch: str | None = None) -> OciImage:
         raise InputError(f"{what}: index.json names no image")
     probe = OciImage(root, "", {}, {}, what)
     desc = manifests[0]
-    doc = _read_json(probe.blob(str(desc.get("digest"))), what)
+    doc = _blob_json(probe, desc, what, "manifest")
     if doc.get("mediaType") == MT_INDEX or "manifests" in doc:
         wanted = OCI_ARCH.get(arch or "", arch)
-        choices = [m for m in doc.get("manifests") or []
-                   if (m.get("platform") or {}).get("architecture") == wanted]
+        choices = [m for m in doc.get("manifests") or [] if isinstance(m, dict)
+                   and (m.get("platform") or {}).get("architecture") == wanted]
         if not choices:
             have = sorted({str((m.get("platform") or {}).get("architecture"))
-                           for m in doc.get("manifests") or []})
+                           for m in doc.get("manifests") or [] if isinstance(m, dict)})
             raise HostMismatch(f"{what}: no image for {wanted} in its index (it has "
                                f"{', '.join(have)})")
         desc = choices[0]
-        doc = _read_json(probe.blob(str(desc.get("digest"))), what)
+        doc = _blob_json(probe, desc, what, "manifest")
     if doc.get("mediaType") not in (None, MT_MANIFEST, DOCKER_MANIFEST) \
             or not isinstance(doc.get("layers"), list):
         raise InputError(f"{what}: {desc.get('digest')} is not an image manifest")
-    config = _read_json(probe.blob(str((doc.get("config") or {}).get("digest"))), what)
+    config = _blob_json(probe, doc.get("config"), what, "config")
     return OciImage(root, str(desc.get("digest")), doc, config, what)
 
 
@@ -620,9 +655,15 @@ def given_base(spec: str, work: Path, arch: str) -> Base:
         what = str(root)
     image = open_layout(root, what, arch)
     blobs, files = [], []
-    diff_ids = (image.config.get("rootfs") or {}).get("diff_ids") or []
-    for i, desc in enumerate(image.manifest["layers"]):
-        media = DOCKER_LAYERS.get(desc.get("mediaType"), desc.get("mediaType"))
+    layers = image.manifest["layers"]
+    diff_ids = (image.config.get("rootfs") or {}).get("diff_ids")
+    if not isinstance(diff_ids, list) or len(diff_ids) != len(layers):
+        raise IntegrityError(what, f"its config lists {len(diff_ids or [])} diff_ids for "
+                             f"{len(layers)} layers: the base is damaged or was altered")
+    for i, desc in enumerate(layers):
+        if not isinstance(desc, dict):
+            raise InputError(f"{what}: layer {i} is not a descriptor")
+        media = DOCKER_LAYERS.get(str(desc.get("mediaType")), str(desc.get("mediaType")))
         if media not in (MT_LAYER, MT_LAYER_GZIP):
             raise InputError(f"{what}: layer {i} is {media}: only tar and tar+gzip layers "
                              "can be read")
@@ -630,11 +671,38 @@ def given_base(spec: str, work: Path, arch: str) -> Base:
         if not path.is_file():
             raise InputError(f"{what}: layer {desc.get('digest')} is missing")
         digest = str(desc["digest"]).split(":", 1)[1]
-        diff = str(diff_ids[i]).split(":", 1)[1] if i < len(diff_ids) else digest
-        blobs.append(file_blob(path, str(media), digest, int(desc.get("size", 0)), diff,
+        diff = check_layer(path, what, i, desc, str(diff_ids[i]), media == MT_LAYER_GZIP)
+        blobs.append(file_blob(path, str(media), digest, path.stat().st_size, diff,
                                "base", f"base image {what}, layer {i + 1}"))
         files.append(path)
     return Base(blobs, files, image.config, what, image.manifest_digest, [])
+
+
+def check_layer(path: Path, what: str, i: int, desc: dict[str, Any], diff_id: str,
+                gzipped: bool) -> str:
+    """Hash a base layer before it is unpacked: its blob against the manifest's digest and
+    size, its uncompressed tar against the config's ``diff_ids`` (what the image's
+    ``base.digest`` label stands for). Returns the diff_id's hex."""
+    import gzip
+    import zlib
+
+    blob, size = sha256_file(path)
+    check_blob(what, f"layer {i}", str(desc.get("digest")), desc.get("size"), blob, size)
+    actual = blob
+    if gzipped:
+        diff = hashlib.sha256()
+        try:
+            with gzip.open(path, "rb") as f:
+                while chunk := f.read(CHUNK):
+                    diff.update(chunk)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise IntegrityError(what, f"layer {i} is not the gzip stream its media type "
+                                 f"says ({exc})") from None
+        actual = diff.hexdigest()
+    if diff_id.partition(":")[2] != actual or not diff_id.startswith("sha256:"):
+        raise IntegrityError(what, f"layer {i} unpacks to sha256:{actual}, not the diff_id "
+                             f"{diff_id} its config lists: the base is damaged or was altered")
+    return actual
 
 
 def default_base(target_python: str, arch: str, cache_dir: Path, mirror: str,
@@ -695,6 +763,9 @@ def default_base(target_python: str, arch: str, cache_dir: Path, mirror: str,
             raise
     info = json.loads(meta.read_text())
     digest, size = info["digest"], info["size"]
+    # The cache is a folder anyone with that user's rights may have changed since.
+    check_blob(f"the cached base {folder}", "layer", f"sha256:{digest}", size,
+               *sha256_file(layer))
     blob = file_blob(layer, MT_LAYER, digest, size, digest, "base",
                      f"Debian {suite} {darch} (mmdebstrap --variant=apt: "
                      f"{', '.join(include)})")

@@ -70,12 +70,15 @@ def layer_tar(files: dict[str, bytes], links: dict[str, str] | None = None) -> b
     return buf.getvalue()
 
 
-def hand_made_base(folder: Path, files: dict[str, bytes], arch: str = ARCH) -> Path:
-    """An OCI layout folder of one layer holding ``files``."""
-    layer = layer_tar(files)
+def hand_made_base(folder: Path, files: dict[str, bytes], arch: str = ARCH,
+                   layer: bytes | None = None, diff_id: str | None = None) -> Path:
+    """An OCI layout folder of one layer holding ``files`` (or the tar ``layer``), whose
+    config lists ``diff_id`` (default: the layer's true one)."""
+    layer = layer_tar(files) if layer is None else layer
     ld = hashlib.sha256(layer).hexdigest()
     config = image.canonical({"architecture": arch, "os": "linux",
-                              "rootfs": {"type": "layers", "diff_ids": [f"sha256:{ld}"]}})
+                              "rootfs": {"type": "layers",
+                                         "diff_ids": [diff_id or f"sha256:{ld}"]}})
     cd = hashlib.sha256(config).hexdigest()
     manifest = image.canonical({
         "schemaVersion": 2, "mediaType": image.MT_MANIFEST,
@@ -92,6 +95,25 @@ def hand_made_base(folder: Path, files: dict[str, bytes], arch: str = ARCH) -> P
     (folder / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
         {"mediaType": image.MT_MANIFEST, "digest": f"sha256:{md}", "size": len(manifest)}]}))
     return folder
+
+
+def oci_archive(layout: Path, archive: Path) -> Path:
+    """An OCI layout folder as an oci-archive file."""
+    with tarfile.open(archive, "w") as tar:
+        for p in sorted(layout.rglob("*")):
+            tar.add(p, p.relative_to(layout).as_posix(), recursive=False)
+    return archive
+
+
+def blob_named(layout: Path, pick: str) -> Path:
+    """The layout's manifest, config or layer blob."""
+    index = json.loads((layout / "index.json").read_text())
+    blobs = layout / "blobs" / "sha256"
+    manifest_path = blobs / index["manifests"][0]["digest"].split(":")[1]
+    manifest = json.loads(manifest_path.read_text())
+    return {"manifest": manifest_path,
+            "config": blobs / manifest["config"]["digest"].split(":")[1],
+            "layer": blobs / manifest["layers"][0]["digest"].split(":")[1]}[pick]
 
 
 def entries_of(root: Path) -> list[image.Entry]:
@@ -328,6 +350,71 @@ def test_help_names_the_exit_codes_and_an_example(capsys: pytest.CaptureFixture[
     proc = cli(capsys, "image", "--help")
     assert proc.returncode == 0
     assert "exit 11" in proc.stdout and "skopeo copy --preserve-digests" in proc.stdout
+
+
+def test_a_hostile_base_archive_cannot_chmod_a_host_file(
+        tiny_bundle: TinyBundle, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The issue's reproduction, through the CLI: a base whose layer links to a host file
+    and hard-links that link with mode 04777. The layer is refused; the file is as it was."""
+    host_file = tmp_path / "host-file"
+    host_file.write_text("host")
+    host_file.chmod(0o600)
+    bundle = tiny_bundle()
+    layout = hand_made_base(tmp_path / "base", {}, layer=hostile_layer(host_file))
+    archive = oci_archive(layout, tmp_path / "hostile.oci.tar")
+    out = tmp_path / "img"
+    proc = cli(capsys, "image", str(bundle), "--output", str(out), "--base",
+               f"oci-archive:{archive}", "--cache-dir", str(tmp_path / "cache"))
+    assert stat.S_IMODE(host_file.stat().st_mode) == 0o600
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert "hard link 'y' -> 'x' does not name a regular file" in proc.stderr
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize(("pick", "words"), [
+    ("manifest", "its manifest sha256:"),
+    ("config", "its config sha256:"),
+    ("layer", "its layer 0 sha256:"),
+    ("diff_id", "layer 0 unpacks to sha256:"),
+])
+def test_a_base_blob_that_is_not_what_its_digest_says_is_refused_before_use(
+        tiny_bundle: TinyBundle, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        pick: str, words: str) -> None:
+    """Every base blob is hashed before it is read, and the layer's tar against the
+    config's diff_ids: a base that is not the one its digest names (the image's
+    base.digest label) is refused, exit 10, one line, nothing left."""
+    bundle = tiny_bundle()
+    files = {"usr/bin/python3.11": b"\x7fELF"}
+    if pick == "diff_id":
+        layout = hand_made_base(tmp_path / "base", files, diff_id="sha256:" + "0" * 64)
+    else:
+        layout = hand_made_base(tmp_path / "base", files)
+        blob = blob_named(layout, pick)
+        if pick == "layer":  # another layer of the same size: a file of the host, say
+            blob.write_bytes(layer_tar({"usr/bin/python3.11": b"\x7fELG"}))
+        else:
+            data = json.loads(blob.read_text())
+            data["annotations"] = {"x": "y"}
+            blob.write_bytes(image.canonical(data))
+    out = tmp_path / "img"
+    proc = cli(capsys, "image", str(bundle), "--output", str(out), "--base", str(layout),
+               "--cache-dir", str(tmp_path / "cache"))
+    assert proc.returncode == 10, proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert words in proc.stderr and "the base is damaged or was altered" in proc.stderr
+    assert list(out.iterdir()) == []
+
+
+def test_a_gzip_base_layer_is_checked_against_its_diff_id(tmp_path: Path) -> None:
+    tar = layer_tar({"usr/bin/python3.11": b"\x7fELF"})
+    packed = gzip.compress(tar, mtime=0)
+    desc = {"digest": f"sha256:{hashlib.sha256(packed).hexdigest()}", "size": len(packed)}
+    (tmp_path / "l").write_bytes(packed)
+    true = f"sha256:{hashlib.sha256(tar).hexdigest()}"
+    assert image.check_layer(tmp_path / "l", "b", 0, desc, true, True) == true[7:]
+    with pytest.raises(image.IntegrityError, match="not the diff_id"):
+        image.check_layer(tmp_path / "l", "b", 0, desc, desc["digest"], True)
 
 
 # --- slow: real images --------------------------------------------------------------------
