@@ -127,6 +127,7 @@ class ImageOptions:
     base: str | None = None  # oci-archive:FILE, or an OCI layout folder; None: Debian
     tag: str | None = None  # org.opencontainers.image.ref.name in index.json
     mirror: str = DEFAULT_MIRROR  # for the default base (a snapshot.debian.org URL pins it)
+    allowed_signers: Path | None = None  # the sidecar's signature, as verify checks it
 
 
 @dataclass(frozen=True)
@@ -160,13 +161,15 @@ class ImageResult:
     size: int
     entrypoint: list[str]
     transcribe: bool
+    signer: str | None = None  # who signed the bundle, with --allowed-signers
 
     def as_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "digest": self.digest,
                 "config_digest": self.config_digest, "tag": self.tag, "bundle": self.bundle,
                 "bundle_sha256": self.bundle_sha256, "base": self.base,
                 "layers": self.layers, "size": self.size, "entrypoint": self.entrypoint,
-                "transcribe": TRANSCRIBE if self.transcribe else None}
+                "transcribe": TRANSCRIBE if self.transcribe else None,
+                "signature": {"ok": True, "signer": self.signer} if self.signer else None}
 
 
 # --- deterministic tar -------------------------------------------------------------------
@@ -1038,6 +1041,12 @@ def build_image(bundle: Path, opts: ImageOptions) -> ImageResult:
 def _build(bundle: Path, opts: ImageOptions, work: Path) -> ImageResult:
     root = work / "root"
     root.mkdir()
+    signer = None
+    if opts.allowed_signers is not None:  # before a byte of the bundle is read, as verify
+        from bundler.bundlefile import sidecar_path, whole
+        from bundler.signing import verify_signature
+
+        signer = verify_signature(sidecar_path(whole(bundle)), opts.allowed_signers)
     log.info("image: checking %s", bundle.name)
     integrity = check_and_extract(bundle, root / SOURCE_DIR, Limits())
     manifest = integrity.manifest
@@ -1138,7 +1147,7 @@ def _build(bundle: Path, opts: ImageOptions, work: Path) -> ImageResult:
         base={"name": base.name, "digest": base.digest, "packages": len(base.packages)},
         layers=[{"role": b.role, "digest": f"sha256:{b.digest}", "size": b.size,
                  "holds": b.holds} for b in all_layers],
-        size=size, entrypoint=[ENTRYPOINT], transcribe=has_asr)
+        size=size, entrypoint=[ENTRYPOINT], transcribe=has_asr, signer=signer)
 
 
 def render_result(res: ImageResult) -> str:

@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -41,8 +42,10 @@ from forge import flip_byte
 
 from bundler import image
 from bundler.build import BuildOptions, build
+from bundler.bundlefile import sidecar_path
 from bundler.cli import main
 from bundler.loopback_hub import HubRepo, LoopbackHub
+from bundler.signing import sign
 from bundler.spec import load_recipe
 
 ARCH = {"x86_64": "amd64", "aarch64": "arm64"}[os.uname().machine]
@@ -415,6 +418,36 @@ def test_a_gzip_base_layer_is_checked_against_its_diff_id(tmp_path: Path) -> Non
     assert image.check_layer(tmp_path / "l", "b", 0, desc, true, True) == true[7:]
     with pytest.raises(image.IntegrityError, match="not the diff_id"):
         image.check_layer(tmp_path / "l", "b", 0, desc, desc["digest"], True)
+
+
+@pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs ssh-keygen")
+def test_a_bundle_signed_by_a_key_not_allowed_is_refused_before_it_is_read(
+        tiny_bundle: TinyBundle, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """image --allowed-signers checks the sidecar's signature as verify does, first."""
+    bundle = tiny_bundle()
+    keys = {}
+    for name in ("release", "intruder"):
+        key = tmp_path / name
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f",
+                        str(key)], check=True)
+        keys[name] = key
+    sign(sidecar_path(bundle), keys["intruder"])
+    allowed = tmp_path / "allowed_signers"
+    allowed.write_text(f"release@example.org {keys['release'].with_suffix('.pub').read_text()}")
+    # A base that would fail (exit 11) if the bundle were read: the signature comes first.
+    base = hand_made_base(tmp_path / "base", {"bin/sh": b"#!"})
+    out = tmp_path / "img"
+    proc = cli(capsys, "image", str(bundle), "--output", str(out), "--base", str(base),
+               "--allowed-signers", str(allowed))
+    assert proc.returncode == 10, proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert "not signed by any key in" in proc.stderr
+    assert list(out.iterdir()) == []
+    # Signed by the allowed key: the signature passes and the build goes on to the base.
+    sign(sidecar_path(bundle), keys["release"])
+    proc = cli(capsys, "image", str(bundle), "--output", str(out), "--base", str(base),
+               "--allowed-signers", str(allowed))
+    assert proc.returncode == 11 and "has no python3.11" in proc.stderr, proc.stderr
 
 
 # --- slow: real images --------------------------------------------------------------------
