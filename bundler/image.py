@@ -42,6 +42,7 @@ about one copy of the installed image beside the base, not two.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -731,39 +732,11 @@ def default_base(target_python: str, arch: str, cache_dir: Path, mirror: str,
             raise ImageError("the default base is made with mmdebstrap, which is not "
                              "installed (Debian/Ubuntu: apt-get install mmdebstrap), or pass "
                              "--base oci-archive:FILE")
-        log.info("image: building the %s base (%s, %s) with mmdebstrap, about 90 s; cached "
-                 "in %s", suite, darch, " ".join(include), folder)
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            raw = folder / "raw.tar.tmp"
-            env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8",
-                   "SOURCE_DATE_EPOCH": str(LAYER_EPOCH),
-                   "TMPDIR": os.environ.get("TMPDIR", "/tmp")}
-            res = subprocess.run(["mmdebstrap", "--quiet", "--variant=apt",
-                                  f"--architectures={darch}", f"--include={','.join(include)}",
-                                  "--format=tar", suite, str(raw), mirror],
-                                 env=env, capture_output=True, text=True, errors="replace",
-                                 stdin=subprocess.DEVNULL, timeout=1800)
-            if res.returncode != 0:
-                raise ImageError(f"mmdebstrap could not build the {suite} base from {mirror} "
-                                 f"(exit {res.returncode}): "
-                                 f"{last_lines(res.stderr, 2) or 'no message'}")
-            tmp = folder / "layer.tar.tmp"
-            with open(tmp, "wb") as out:
-                packages_found = normalise_base(raw, out)
-            raw.unlink()
-            digest, size = sha256_file(tmp)
-            os.replace(tmp, layer)
-            tmp_meta = folder / "base.json.tmp"
-            tmp_meta.write_text(json.dumps({"inputs": inputs, "digest": digest, "size": size,
-                                            "packages": packages_found}, indent=1))
-            os.replace(tmp_meta, meta)
-        except subprocess.TimeoutExpired:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise ImageError("mmdebstrap did not finish in 30 min") from None
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
+        with _cache_lock(folder):
+            if not meta.is_file():  # not made by another build while this one waited
+                log.info("image: building the %s base (%s, %s) with mmdebstrap, about 90 s; "
+                         "cached in %s", suite, darch, " ".join(include), folder)
+                _make_default_base(folder, inputs, suite, darch, include, mirror)
     info = json.loads(meta.read_text())
     digest, size = info["digest"], info["size"]
     # The cache is a folder anyone with that user's rights may have changed since.
@@ -777,6 +750,59 @@ def default_base(target_python: str, arch: str, cache_dir: Path, mirror: str,
                                  "/sbin:/bin"]}}
     return Base([blob], [layer], config, f"debian:{suite} (mmdebstrap, {mirror})",
                 f"sha256:{digest}", info["packages"])
+
+
+@contextlib.contextmanager
+def _cache_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder``'s cache entry: two builds at once wait for each
+    other instead of writing the same files (the second then finds the entry made)."""
+    import fcntl
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def _make_default_base(folder: Path, inputs: dict[str, Any], suite: str, darch: str,
+                       include: list[str], mirror: str) -> None:
+    """mmdebstrap's Debian as ``folder`` (layer.tar, base.json), made under a unique name
+    beside it and renamed into place whole: a reader sees no entry or a complete one."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        raw = tmp / "raw.tar"
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8",
+               "SOURCE_DATE_EPOCH": str(LAYER_EPOCH),
+               "TMPDIR": os.environ.get("TMPDIR", "/tmp")}
+        try:
+            res = subprocess.run(["mmdebstrap", "--quiet", "--variant=apt",
+                                  f"--architectures={darch}", f"--include={','.join(include)}",
+                                  "--format=tar", suite, str(raw), mirror],
+                                 env=env, capture_output=True, text=True, errors="replace",
+                                 stdin=subprocess.DEVNULL, timeout=1800)
+        except subprocess.TimeoutExpired:
+            raise ImageError("mmdebstrap did not finish in 30 min") from None
+        if res.returncode != 0:
+            raise ImageError(f"mmdebstrap could not build the {suite} base from {mirror} "
+                             f"(exit {res.returncode}): "
+                             f"{last_lines(res.stderr, 2) or 'no message'}")
+        with open(tmp / "layer.tar", "wb") as out:
+            packages_found = normalise_base(raw, out)
+        raw.unlink()
+        digest, size = sha256_file(tmp / "layer.tar")
+        (tmp / "base.json").write_text(json.dumps({"inputs": inputs, "digest": digest,
+                                                   "size": size, "packages": packages_found},
+                                                  indent=1))
+        os.chmod(tmp, 0o755)
+        if folder.exists():  # a half entry of a build from before this lock existed
+            shutil.rmtree(folder)
+        os.rename(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def normalise_base(raw: Path, out: IO[bytes]) -> list[dict[str, str]]:
@@ -1035,7 +1061,9 @@ def build_image(bundle: Path, opts: ImageOptions) -> ImageResult:
             signal.signal(signal.SIGTERM, previous)
         shutil.rmtree(work, ignore_errors=True)
         if work.exists():  # files the chroot made as another owner: one more try
-            subprocess.run(["rm", "-rf", str(work)], check=False)
+            # --one-file-system: a mount the installer left (it cannot: its mounts go with
+            # its namespace) is never descended into.
+            subprocess.run(["rm", "-rf", "--one-file-system", "--", str(work)], check=False)
 
 
 def _build(bundle: Path, opts: ImageOptions, work: Path) -> ImageResult:
@@ -1207,12 +1235,21 @@ def inspect_image(path: Path) -> dict[str, Any]:
     try:
         index = json.loads(small["index.json"])
         desc = index["manifests"][0]
-        mdigest = desc["digest"]
-        manifest = json.loads(small["blobs/sha256/" + mdigest.split(":", 1)[1]])
-        config = json.loads(small["blobs/sha256/" + manifest["config"]["digest"].split(":")[1]])
-    except (KeyError, IndexError, ValueError, TypeError):
+        mdigest = str(desc["digest"])
+        mbytes = small["blobs/sha256/" + mdigest.split(":", 1)[1]]
+        manifest = json.loads(mbytes)
+        cdigest = str(manifest["config"]["digest"])
+        cbytes = small["blobs/sha256/" + cdigest.split(":")[1]]
+        config = json.loads(cbytes)
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError):
         raise IntegrityError(path.name, "not an OCI image archive (no index.json, manifest "
                              "or config)") from None
+    # The digest printed is the one of the bytes read, not only the name index.json gives.
+    for kind, digest, data in (("manifest", mdigest, mbytes), ("config", cdigest, cbytes)):
+        actual = hashlib.sha256(data).hexdigest()
+        if digest != f"sha256:{actual}":
+            raise IntegrityError(path.name, f"its {kind} {digest} has sha256 {actual}: the "
+                                 "image is damaged or was altered")
     labels = (config.get("config") or {}).get("Labels") or {}
     roles = str(labels.get(f"{LABEL}.layers", "")).split(",")
     layers = []
@@ -1267,25 +1304,34 @@ def self_test(archive: Path, runtime: str = "podman") -> dict[str, Any]:
     info = inspect_image(archive)
     ref = image_ref(archive)
     base = [exe, "run", "--rm", "--network", "none", "--read-only", "--user", USER]
-    out = tempfile.mkdtemp(prefix="pyannote-bundle-image-test-")
+    sample = f"/{PREFIX}/smoke/sample.wav"
+    private = tempfile.mkdtemp(prefix="pyannote-bundle-image-test-")  # 0700
     try:
-        os.chmod(out, 0o777)  # the container's user writes its RTTM there
+        # The container's user (65534, or a subordinate id under rootless podman) writes its
+        # RTTM in ``out``, which it reaches through the bind mount; no other user of the
+        # build host can reach it: its parent is private to this tool.
+        out = Path(private) / "out"
+        out.mkdir()
+        os.chmod(out, 0o777)
         res = subprocess.run([*base, "-v", f"{out}:/out", ref,
-                              f"/{PREFIX}/smoke/sample.wav", "--output-dir", "/out", "--json"],
+                              sample, "--output-dir", "/out", "--json"],
                              capture_output=True, text=True, errors="replace",
                              stdin=subprocess.DEVNULL, timeout=1800)
         if res.returncode != 0:
             raise SmokeError(f"the image's {ENTRYPOINT} failed on its sample (exit "
                              f"{res.returncode}): {last_lines(res.stderr, 2)}")
-        rttm = sorted(Path(out).glob("*.rttm"))
+        # The one file diarize writes for it (not any *.rttm the container left there),
+        # never read through a link the container made.
+        rttm = out / f"{PurePosixPath(sample).name}.rttm"
+        text = rttm.read_text() if rttm.is_file() and not rttm.is_symlink() else ""
         segments: list[dict[str, Any]] = []
-        for line in (rttm[0].read_text().splitlines() if rttm else []):
+        for line in text.splitlines():
             f = line.split()
             if len(f) >= 8 and f[0] == "SPEAKER":
                 segments.append({"start": float(f[3]), "end": float(f[3]) + float(f[4]),
                                  "speaker": f[7]})
     finally:
-        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(private, ignore_errors=True)
     if not segments:
         raise SmokeError(f"the image's {ENTRYPOINT} wrote no speech segments for its sample")
     result: dict[str, Any] = {

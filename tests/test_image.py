@@ -29,6 +29,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 import tarfile
 import time
 from collections.abc import Iterator
@@ -450,6 +451,53 @@ def test_a_bundle_signed_by_a_key_not_allowed_is_refused_before_it_is_read(
     assert proc.returncode == 11 and "has no python3.11" in proc.stderr, proc.stderr
 
 
+STAND_IN_MMDEBSTRAP = """#!{python}
+# mmdebstrap's stand-in (no Debian mirror in a fast test): a tiny root as a tar at the
+# path it is given; the n-th call (counted in {log}) takes n + 1 s after writing it.
+import fcntl, io, sys, tarfile, time
+with open("{log}", "a+") as log:
+    fcntl.flock(log, fcntl.LOCK_EX)
+    log.seek(0)
+    n = len(log.read().splitlines())
+    log.write("call\\n")
+with tarfile.open(sys.argv[-2], "w") as tar:
+    for name, data in (("var/lib/dpkg/status", b"Package: python3\\nStatus: install ok "
+                        b"installed\\nVersion: 3.11\\n"), ("usr/bin/python3.11", b"")):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+time.sleep(n + 1)
+"""
+
+
+def test_two_builds_filling_the_default_base_cache_at_once_both_succeed(
+        tmp_path: Path) -> None:
+    """The second build waits for the first (a lock), then uses the entry it made: one
+    mmdebstrap run, the same base for both, no temporary name shared between them."""
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    log = tmp_path / "calls"
+    stand_in = tools / "mmdebstrap"
+    stand_in.write_text(STAND_IN_MMDEBSTRAP.format(python=sys.executable, log=log))
+    stand_in.chmod(0o755)
+    cache = tmp_path / "cache"
+    code = ("import sys; from pathlib import Path; from bundler import image; "
+            "print(image.default_base('3.11', sys.argv[1], Path(sys.argv[2]), "
+            "'http://mirror.invalid/debian', []).digest)")
+    env = {**os.environ, "PATH": f"{tools}:{os.environ['PATH']}"}
+    runs = [subprocess.Popen([sys.executable, "-c", code, os.uname().machine, str(cache)],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for _ in range(2)]
+    results = [(p.wait(timeout=60), *p.communicate()) for p in runs]
+    assert [r[0] for r in results] == [0, 0], [r[2][-500:] for r in results]
+    assert results[0][1] == results[1][1] and results[0][1].startswith("sha256:")
+    assert log.read_text().splitlines() == ["call"]
+    entries = sorted(p.name for p in (cache / "image-bases").iterdir())
+    assert len(entries) == 2 and entries[0].endswith(".lock")  # no temporary left
+    assert sorted(p.name for p in (cache / "image-bases" / entries[1]).iterdir()) == [
+        "base.json", "layer.tar"]
+
+
 # --- slow: real images --------------------------------------------------------------------
 @pytest.fixture
 def image_tools() -> None:
@@ -566,6 +614,52 @@ def test_inspect_reads_an_image_archive(tmp_path: Path, capsys: pytest.CaptureFi
     assert info["digest"] == f"sha256:{mb.digest}" and info["bundle"] == "b"
     assert info["layers"][0]["role"] == "base" and info["layers"][0]["present"]
     assert info["user"] == "65534:65534" and info["tag"] == "t"
+    # Another manifest under the same name: inspect hashes the bytes whose digest it prints.
+    other = image.canonical({**json.loads(manifest), "annotations": {"a": "b"}})
+    forged = image.Blob(mb.digest, len(other), image.MT_MANIFEST,
+                        lambda out: out.write(other))
+    image.write_archive(path, [lb, cb, forged], index)
+    proc = cli(capsys, "inspect", str(path), "--json")
+    assert proc.returncode == 10, proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert f"its manifest sha256:{mb.digest} has sha256 " in proc.stderr
+
+
+STAND_IN_PODMAN = """#!{python}
+# podman's stand-in for a fast test: what the image's diarize would write in /out, plus a
+# decoy the container could also leave there; it records who can reach the folder.
+import os, sys
+out = sys.argv[sys.argv.index("-v") + 1].split(":")[0]
+line = "SPEAKER sample 1 {{:.3f}} 1.000 <NA> <NA> {{}} <NA> <NA>\\n"
+with open(os.path.join(out, "a-decoy.rttm"), "w") as f:
+    f.writelines(line.format(t, f"S{{t}}") for t in range(5))
+with open(os.path.join(out, "sample.wav.rttm"), "w") as f:
+    f.writelines(line.format(t, f"S{{t % 2}}") for t in range(4))
+with open("{log}", "w") as f:
+    f.write(oct(os.stat(os.path.dirname(out)).st_mode & 0o777))
+"""
+
+
+def test_the_self_test_reads_the_one_file_diarize_writes_in_a_private_folder(
+        tmp_path: Path) -> None:
+    """The container's output folder sits in a folder private to this tool (0700), and the
+    result is the sample's own RTTM, not the first *.rttm the container left there."""
+    lb = image.bytes_blob(layer_tar({"x": b"y"}), image.MT_LAYER)
+    cb = image.bytes_blob(image.canonical({"architecture": "amd64", "config": {}}),
+                          image.MT_CONFIG)
+    mb = image.bytes_blob(image.canonical({
+        "schemaVersion": 2, "config": {"digest": f"sha256:{cb.digest}"},
+        "layers": [{"digest": f"sha256:{lb.digest}", "size": lb.size}]}), image.MT_MANIFEST)
+    archive = tmp_path / "x.oci.tar"
+    image.write_archive(archive, [lb, cb, mb], image.canonical(
+        {"manifests": [{"digest": f"sha256:{mb.digest}"}]}))
+    log = tmp_path / "parent-mode"
+    podman = tmp_path / "podman"
+    podman.write_text(STAND_IN_PODMAN.format(python=sys.executable, log=log))
+    podman.chmod(0o755)
+    result = image.self_test(archive, runtime=str(podman))
+    assert (result["segments"], result["speakers"]) == (4, 2)
+    assert log.read_text() == "0o700"
 
 
 def _free_port() -> int:
