@@ -55,6 +55,7 @@ import stat
 import subprocess
 import tarfile
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -95,7 +96,8 @@ OCI_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
 # root: one id no account, no subordinate range (/etc/subuid starts at 100000) and no
 # rootless container uses, mapped to root inside the installer's user namespace. Code from
 # a bundle or a base then has no more rights over the build host than "nobody".
-STAGE_ID = 0x7FFF_FF00
+STAGE_ID = 0x7FFE_0000
+STAGE_IDS = 65536  # ids 0-65535 inside the installer's namespace (nobody is 65534)
 
 MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MT_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -854,45 +856,84 @@ exec "$@"
 """
 
 
+def _no_user_namespace(why: str) -> ImageError:
+    return ImageError(f"this host cannot make a user namespace ({why or 'unshare failed'}): "
+                      "the bundle's installer is never run as the host's root; enable them "
+                      "(sysctl user.max_user_namespaces, kernel.unprivileged_userns_clone) "
+                      "and run again")
+
+
+@contextlib.contextmanager
+def user_namespace(root: Path, unshare: str) -> Iterator[list[str]]:
+    """The command prefix that puts a program in a user namespace of its own.
+
+    As root: a namespace is made by a holder process running as ``STAGE_ID``, and this
+    tool (privileged in the parent namespace, so no /etc/subuid is needed) maps ids
+    0-65535 inside to ``STAGE_ID`` and the ids after it; ``nsenter`` then enters it as its
+    root. Root inside is ``STAGE_ID`` outside, and the installer can still make itself
+    ``nobody`` to check that other users can run the install. Otherwise: the caller's own
+    id as root, the only mapping an unprivileged caller can make alone."""
+    if os.geteuid() != 0:
+        probe = subprocess.run([unshare, "--user", "--map-root-user", "true"],
+                               capture_output=True, text=True, errors="replace",
+                               stdin=subprocess.DEVNULL)
+        if probe.returncode != 0:
+            raise _no_user_namespace(last_lines(probe.stderr, 1))
+        yield [unshare, "--user", "--map-root-user"]
+        return
+    nsenter = shutil.which("nsenter")
+    if nsenter is None:
+        raise ImageError("nsenter (util-linux) is needed to install into the image")
+    os.chown(root, STAGE_ID, STAGE_ID)
+    for folder, dirs, files in os.walk(root / SOURCE_DIR):
+        for name in [folder, *(os.path.join(folder, n) for n in dirs + files)]:
+            os.lchown(name, STAGE_ID, STAGE_ID)
+    holder = subprocess.Popen([unshare, "--user", "sh", "-c", "read -r _"],
+                              stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, user=STAGE_ID, group=STAGE_ID,
+                              extra_groups=[])
+    try:
+        ns = f"/proc/{holder.pid}/ns/user"
+        deadline = time.monotonic() + 10
+        while os.readlink(ns) == os.readlink("/proc/self/ns/user"):
+            if holder.poll() is not None or time.monotonic() > deadline:
+                holder.kill()
+                _, err = holder.communicate()
+                raise _no_user_namespace(last_lines(err.decode(errors="replace"), 1))
+            time.sleep(0.01)
+        for kind in ("uid_map", "gid_map"):
+            with open(f"/proc/{holder.pid}/{kind}", "w") as f:
+                f.write(f"0 {STAGE_ID} {STAGE_IDS}\n")
+        yield [nsenter, f"--user={ns}"]
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        holder.communicate()
+
+
 def sandbox(root: Path, argv: list[str], env: dict[str, str],
             timeout: float) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` chrooted into ``root`` with no network, in user, mount and PID namespaces
     of its own (all gone with it), with a minimal /dev.
 
-    Always a user namespace, also when this tool runs as root: the code that runs there
-    (the bundle's installer, the base's python) is root only inside it. As root, the
-    process is first made ``STAGE_ID`` (who owns the staged root), so on the build host
-    it has the rights of an unused id; otherwise the caller's own id is mapped. Where user
-    namespaces are disabled this refuses, never falls back to real root."""
+    Always a user namespace (``user_namespace``), also when this tool runs as root: the
+    code that runs there (the bundle's installer, the base's python) is root only inside
+    it. Where user namespaces are disabled this refuses, never falls back to real root."""
     unshare = shutil.which("unshare")
     chroot = shutil.which("chroot") or "/usr/sbin/chroot"
     if unshare is None:
         raise ImageError("unshare (util-linux) is needed to install into the image")
-    drop: dict[str, Any] = {}
-    if os.geteuid() == 0:
-        drop = {"user": STAGE_ID, "group": STAGE_ID, "extra_groups": []}
-        os.chown(root, STAGE_ID, STAGE_ID)
-        for folder, dirs, files in os.walk(root / SOURCE_DIR):
-            for name in [folder, *(os.path.join(folder, n) for n in dirs + files)]:
-                os.lchown(name, STAGE_ID, STAGE_ID)
     for name in ("proc", "dev"):
         (root / name).mkdir(exist_ok=True)
-    namespaces = [unshare, "--user", "--map-root-user", "--mount", "--net"]
-    probe = subprocess.run([*namespaces, "true"], capture_output=True, text=True,
-                           errors="replace", stdin=subprocess.DEVNULL, cwd=root, **drop)
-    if probe.returncode != 0:
-        raise ImageError("this host cannot make a user namespace ("
-                         f"{last_lines(probe.stderr, 1) or 'unshare failed'}): the bundle's "
-                         "installer is never run as the host's root; enable them (sysctl "
-                         "user.max_user_namespaces, kernel.unprivileged_userns_clone) and "
-                         "run again")
     # --kill-child: if this tool is stopped, the installer and everything it started (a
     # namespace of their own) go with it, and the staged root can be removed. Paths are
     # relative to the working folder: the work folder above it is private to this tool.
-    full = [*namespaces, "--pid", "--fork", "--kill-child", "--mount-proc=proc",
-            "sh", "-c", SANDBOX_SH, "sh", chroot, ".", *argv]
-    return subprocess.run(full, env=env, capture_output=True, text=True, errors="replace",
-                          stdin=subprocess.DEVNULL, timeout=timeout, cwd=root, **drop)
+    inner = [unshare, "--mount", "--net", "--pid", "--fork", "--kill-child",
+             "--mount-proc=proc", "sh", "-c", SANDBOX_SH, "sh", chroot, ".", *argv]
+    with user_namespace(root, unshare) as enter:
+        return subprocess.run([*enter, *inner], env=env, capture_output=True, text=True,
+                              errors="replace", stdin=subprocess.DEVNULL, timeout=timeout,
+                              cwd=root)
 
 
 def install_in_root(root: Path, bundle_dir: str, python: str, release: str | None) -> None:
