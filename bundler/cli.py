@@ -401,7 +401,7 @@ def image_cmd(bundle: Path | None, output: Path | None, base: str | None, tag: s
     Writes DIR/<bundle name>.oci.tar (an OCI image layout in a tar: podman, skopeo,
     buildah and containerd read it as oci-archive:FILE) and prints its manifest digest.
     The bundle is checked and installed by its own runtime/install.py inside the base
-    (chroot, no network: root, or user namespaces). Layers: base, the venv, the model
+    (chroot, no network, in a user namespace also as root). Layers: base, the venv, the model
     weights, the rest (configs, runtime): a parameter or model update changes only the
     last ones. The entrypoint is bin/diarize; bin/transcribe with --entrypoint when the
     bundle has a speech-recognition model. It runs as 65534 and with any UID, with a

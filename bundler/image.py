@@ -4,7 +4,8 @@
 
 The bundle is checked and unpacked as ``verify`` does, then installed by its own installer
 (``runtime/install.py``, what ``install.sh`` runs) into ``/opt/diarization`` inside the base
-image's root file system, run there with ``chroot`` in a network namespace of its own: the
+image's root file system, run there with ``chroot`` in user, mount, PID and network
+namespaces of its own (``sandbox``; SECURITY.md says what it can and cannot reach): the
 venv is made by the base's own ``python3.X``, so every absolute path it writes (shebangs,
 ``pyvenv.cfg``) is right inside the image. The result is cut into layers that change at
 different rates:
