@@ -924,8 +924,10 @@ def sandbox(root: Path, argv: list[str], env: dict[str, str],
     chroot = shutil.which("chroot") or "/usr/sbin/chroot"
     if unshare is None:
         raise ImageError("unshare (util-linux) is needed to install into the image")
-    for name in ("proc", "dev"):
-        (root / name).mkdir(exist_ok=True)
+    for name in ("proc", "dev"):  # mount points: real folders, never a base's link
+        if not stat.S_ISDIR(_lmode(root / name)):
+            _remove(root / name)
+            (root / name).mkdir()
     # --kill-child: if this tool is stopped, the installer and everything it started (a
     # namespace of their own) go with it, and the staged root can be removed. Paths are
     # relative to the working folder: the work folder above it is private to this tool.

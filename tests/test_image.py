@@ -285,6 +285,9 @@ def test_the_installer_runs_in_a_user_namespace_with_a_minimal_dev_and_no_networ
     root = tmp_path / "root"
     root.mkdir()
     shell_root(root)
+    elsewhere = tmp_path / "elsewhere"  # a base's /dev that is a link out of the root
+    elsewhere.mkdir()
+    os.symlink(elsewhere, root / "dev")
     runtime = root / image.SOURCE_DIR / "b" / "runtime"
     runtime.mkdir(parents=True)
     (runtime / "install.py").write_text(
@@ -304,6 +307,7 @@ def test_the_installer_runs_in_a_user_namespace_with_a_minimal_dev_and_no_networ
     if os.geteuid() == 0:  # a range: the installer can make itself nobody (65534) inside
         assert (root / "uid_map").read_text() == f"0 {image.STAGE_ID} 65536\n"
     assert not any((root / "dev").iterdir())  # the mounts went with the namespace
+    assert not (root / "dev").is_symlink() and not any(elsewhere.iterdir())
 
 
 def test_dpkg_status_becomes_the_package_list() -> None:
