@@ -894,13 +894,18 @@ def user_namespace(root: Path, unshare: str) -> Iterator[list[str]]:
                               stderr=subprocess.PIPE, user=STAGE_ID, group=STAGE_ID,
                               extra_groups=[])
     try:
-        ns = f"/proc/{holder.pid}/ns/user"
+        ns, own = f"/proc/{holder.pid}/ns/user", os.readlink("/proc/self/ns/user")
         deadline = time.monotonic() + 10
-        while os.readlink(ns) == os.readlink("/proc/self/ns/user"):
+        while True:  # until the holder's unshare has made its namespace
             if holder.poll() is not None or time.monotonic() > deadline:
                 holder.kill()
                 _, err = holder.communicate()
                 raise _no_user_namespace(last_lines(err.decode(errors="replace"), 1))
+            try:
+                if os.readlink(ns) != own:
+                    break
+            except OSError:  # exiting: poll() says so next
+                pass
             time.sleep(0.01)
         for kind in ("uid_map", "gid_map"):
             with open(f"/proc/{holder.pid}/{kind}", "w") as f:

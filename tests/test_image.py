@@ -310,6 +310,17 @@ def test_the_installer_runs_in_a_user_namespace_with_a_minimal_dev_and_no_networ
     assert not (root / "dev").is_symlink() and not any(elsewhere.iterdir())
 
 
+def test_no_user_namespace_is_a_refusal_never_real_root(tmp_path: Path) -> None:
+    """Where unshare cannot make a user namespace (here: an unshare that always fails, as
+    with user.max_user_namespaces=0), the installer does not run at all."""
+    (tmp_path / "root").mkdir()
+    with pytest.raises(image.ImageError, match="this host cannot make a user namespace "
+                       r"\(unshare failed\): the bundle's installer is never run as the "
+                       "host's root"):
+        with image.user_namespace(tmp_path / "root", "/bin/false"):
+            pytest.fail("entered")
+
+
 def test_dpkg_status_becomes_the_package_list() -> None:
     status = (b"Package: python3\nStatus: install ok installed\nVersion: 3.11.2-1+b1\n"
               b"Architecture: amd64\n\nPackage: gone\nStatus: deinstall ok config-files\n"
