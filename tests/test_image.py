@@ -1,6 +1,9 @@
 """`pyannote-bundle image`: the OCI writer, the base checks, and (slow) real images.
 
-Fast: the deterministic layer and archive writers, the chroot-safe layer unpacking, and
+Fast: the deterministic layer and archive writers, the chroot-safe layer unpacking (a
+hostile base that links a host file cannot chmod it), the installer's sandbox (a user
+namespace also as root, a /dev of four nodes, no network), base blobs checked against
+their digests and diff_ids, --allowed-signers, two default-base cache fills at once, and
 bad input (a base without the bundle's Python, with another Python, for another
 architecture, not an image; a damaged bundle): one line, the documented exit code, nothing
 left in --output. Bases here are hand-made OCI layouts of a few files.
