@@ -49,6 +49,14 @@ def python_option(f: F) -> F:
              "target's version, else python3.X found on PATH].")(f)
 
 
+def allowed_signers_option(f: F) -> F:
+    """--allowed-signers: the bundle's signed sidecar checked first (verify, image)."""
+    return click.option(
+        "--allowed-signers", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+        help="Require <tarball>.sha256.sig to verify against this ssh-keygen "
+             "allowed_signers file before anything else.")(f)
+
+
 def asr_model_option(f: F) -> F:
     """--asr-model: a faster-whisper model beside the pipeline, for bin/transcribe."""
     return click.option(
@@ -212,9 +220,7 @@ def build_cmd(recipe: str, spec_file: Path | None, output: Path, target_slug: st
 @click.option("--hash-members", is_flag=True,
               help="Hash each member against SHA256SUMS even when the sidecar's digest, "
                    "which covers every byte, matched.")
-@click.option("--allowed-signers", type=click.Path(path_type=Path, exists=True, dir_okay=False),
-              help="Require <tarball>.sha256.sig to verify against this ssh-keygen "
-                   "allowed_signers file before anything else.")
+@allowed_signers_option
 @python_option
 def verify_cmd(bundle: Path, prefix: Path | None, keep: bool, as_json: bool,
                no_smoke: bool, no_install: bool, max_bytes: int, max_members: int,
@@ -385,15 +391,17 @@ def inspect_cmd(bundle: Path, as_json: bool) -> None:
               help="Then run the image with podman (no network, read-only root, user "
                    "65534) on its bundled sample and compare with smoke/expected.json. "
                    "With an IMAGE.oci.tar instead of a bundle: only that.")
+@allowed_signers_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def image_cmd(bundle: Path | None, output: Path | None, base: str | None, tag: str | None,
-              debian_mirror: str, cache_dir: Path, self_test: bool, as_json: bool) -> None:
+              debian_mirror: str, cache_dir: Path, self_test: bool,
+              allowed_signers: Path | None, as_json: bool) -> None:
     """Make an OCI image archive of a bundle installed in /opt/diarization, with no daemon.
 
     Writes DIR/<bundle name>.oci.tar (an OCI image layout in a tar: podman, skopeo,
     buildah and containerd read it as oci-archive:FILE) and prints its manifest digest.
     The bundle is checked and installed by its own runtime/install.py inside the base
-    (chroot, no network: root, or user namespaces). Layers: base, the venv, the model
+    (chroot, no network, in a user namespace also as root). Layers: base, the venv, the model
     weights, the rest (configs, runtime): a parameter or model update changes only the
     last ones. The entrypoint is bin/diarize; bin/transcribe with --entrypoint when the
     bundle has a speech-recognition model. It runs as 65534 and with any UID, with a
@@ -410,9 +418,10 @@ def image_cmd(bundle: Path | None, output: Path | None, base: str | None, tag: s
       pyannote-bundle image img/BUNDLE.oci.tar --self-test     # or its unpacked folder
 
     A base without the bundle's Python or for another architecture: exit 11; a damaged
-    bundle: 10; cannot write --output: 5; the default base cannot be built or the
-    installer fails inside the base: 12; the self-test fails: 13. Nothing is left in
-    --output on failure.
+    bundle, a base blob that does not match its digest, or (--allowed-signers) a bundle
+    not signed by an allowed key: 10; cannot write --output: 5; the default base cannot
+    be built, no user namespace, or the installer fails inside the base: 12; the
+    self-test fails: 13. Nothing is left in --output on failure.
     """
     import json as _json
 
@@ -444,7 +453,8 @@ def image_cmd(bundle: Path | None, output: Path | None, base: str | None, tag: s
     if output is None:
         raise InputError("image needs --output DIR")
     res = build_image(bundle, ImageOptions(output_dir=output, cache_dir=cache_dir, base=base,
-                                           tag=tag, mirror=debian_mirror))
+                                           tag=tag, mirror=debian_mirror,
+                                           allowed_signers=allowed_signers))
     tested = run_self_test(res.path) if self_test else None
     if as_json:
         click.echo(_json.dumps({**res.as_dict(), "self_test": tested}))

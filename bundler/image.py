@@ -4,7 +4,8 @@
 
 The bundle is checked and unpacked as ``verify`` does, then installed by its own installer
 (``runtime/install.py``, what ``install.sh`` runs) into ``/opt/diarization`` inside the base
-image's root file system, run there with ``chroot`` in a network namespace of its own: the
+image's root file system, run there with ``chroot`` in user, mount, PID and network
+namespaces of its own (``sandbox``; SECURITY.md says what it can and cannot reach): the
 venv is made by the base's own ``python3.X``, so every absolute path it writes (shebangs,
 ``pyvenv.cfg``) is right inside the image. The result is cut into layers that change at
 different rates:
@@ -42,6 +43,7 @@ about one copy of the installed image beside the base, not two.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -54,6 +56,7 @@ import stat
 import subprocess
 import tarfile
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -90,6 +93,12 @@ DEFAULT_MIRROR = "http://deb.debian.org/debian"
 # The Debian release whose python3 is the target's, for the default base.
 DEBIAN_SUITES = {"3.11": "bookworm", "3.13": "trixie"}
 OCI_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
+# Who the staged root belongs to and who the installer runs as when this tool runs as
+# root: one id no account, no subordinate range (/etc/subuid starts at 100000) and no
+# rootless container uses, mapped to root inside the installer's user namespace. Code from
+# a bundle or a base then has no more rights over the build host than "nobody".
+STAGE_ID = 0x7FFE_0000
+STAGE_IDS = 65536  # ids 0-65535 inside the installer's namespace (nobody is 65534)
 
 MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MT_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -122,6 +131,7 @@ class ImageOptions:
     base: str | None = None  # oci-archive:FILE, or an OCI layout folder; None: Debian
     tag: str | None = None  # org.opencontainers.image.ref.name in index.json
     mirror: str = DEFAULT_MIRROR  # for the default base (a snapshot.debian.org URL pins it)
+    allowed_signers: Path | None = None  # the sidecar's signature, as verify checks it
 
 
 @dataclass(frozen=True)
@@ -155,13 +165,15 @@ class ImageResult:
     size: int
     entrypoint: list[str]
     transcribe: bool
+    signer: str | None = None  # who signed the bundle, with --allowed-signers
 
     def as_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "digest": self.digest,
                 "config_digest": self.config_digest, "tag": self.tag, "bundle": self.bundle,
                 "bundle_sha256": self.bundle_sha256, "base": self.base,
                 "layers": self.layers, "size": self.size, "entrypoint": self.entrypoint,
-                "transcribe": TRANSCRIBE if self.transcribe else None}
+                "transcribe": TRANSCRIBE if self.transcribe else None,
+                "signature": {"ok": True, "signer": self.signer} if self.signer else None}
 
 
 # --- deterministic tar -------------------------------------------------------------------
@@ -353,9 +365,44 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
+def _blob_json(image: OciImage, desc: Any, what: str, kind: str) -> dict[str, Any]:
+    """A small blob (index, manifest, config) named by the descriptor ``desc``, read only
+    once its bytes match the descriptor's digest (and size)."""
+    if not isinstance(desc, dict):
+        raise InputError(f"{what}: its {kind} descriptor is not a JSON object")
+    digest = str(desc.get("digest"))
+    path = image.blob(digest)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{what}: its {kind} {digest} cannot be read ({exc.strerror}): not "
+                         "a whole OCI image layout") from None
+    check_blob(what, kind, digest, desc.get("size"), hashlib.sha256(data).hexdigest(),
+               len(data))
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict):
+        raise InputError(f"{what}: its {kind} {digest} is not a JSON object")
+    return doc
+
+
+def check_blob(what: str, kind: str, digest: str, size: Any, actual: str,
+               actual_size: int) -> None:
+    """Raise IntegrityError unless a blob's bytes are the ones its descriptor names."""
+    if digest.partition(":")[2] != actual:
+        raise IntegrityError(what, f"its {kind} {digest} has sha256 {actual}: the base is "
+                             "damaged or was altered")
+    if isinstance(size, int) and size != actual_size:
+        raise IntegrityError(what, f"its {kind} {digest} is {actual_size} bytes, not the "
+                             f"{size} its descriptor says: the base is damaged or was altered")
+
+
 def open_layout(root: Path, what: str, arch: str | None = None) -> OciImage:
     """The image of an OCI layout folder (an index may hold several platforms: the one for
-    ``arch`` is taken)."""
+    ``arch`` is taken). Every blob read (nested index, manifest, config) is checked against
+    its digest first; the layers are checked by ``given_base``."""
     if not (root / "oci-layout").is_file() or not (root / "index.json").is_file():
         raise InputError(f"{what}: no oci-layout and index.json: not an OCI image layout "
                          "(give oci-archive:FILE or a folder written by skopeo copy oci:DIR)")
@@ -365,22 +412,22 @@ def open_layout(root: Path, what: str, arch: str | None = None) -> OciImage:
         raise InputError(f"{what}: index.json names no image")
     probe = OciImage(root, "", {}, {}, what)
     desc = manifests[0]
-    doc = _read_json(probe.blob(str(desc.get("digest"))), what)
+    doc = _blob_json(probe, desc, what, "manifest")
     if doc.get("mediaType") == MT_INDEX or "manifests" in doc:
         wanted = OCI_ARCH.get(arch or "", arch)
-        choices = [m for m in doc.get("manifests") or []
-                   if (m.get("platform") or {}).get("architecture") == wanted]
+        choices = [m for m in doc.get("manifests") or [] if isinstance(m, dict)
+                   and (m.get("platform") or {}).get("architecture") == wanted]
         if not choices:
             have = sorted({str((m.get("platform") or {}).get("architecture"))
-                           for m in doc.get("manifests") or []})
+                           for m in doc.get("manifests") or [] if isinstance(m, dict)})
             raise HostMismatch(f"{what}: no image for {wanted} in its index (it has "
                                f"{', '.join(have)})")
         desc = choices[0]
-        doc = _read_json(probe.blob(str(desc.get("digest"))), what)
+        doc = _blob_json(probe, desc, what, "manifest")
     if doc.get("mediaType") not in (None, MT_MANIFEST, DOCKER_MANIFEST) \
             or not isinstance(doc.get("layers"), list):
         raise InputError(f"{what}: {desc.get('digest')} is not an image manifest")
-    config = _read_json(probe.blob(str((doc.get("config") or {}).get("digest"))), what)
+    config = _blob_json(probe, doc.get("config"), what, "config")
     return OciImage(root, str(desc.get("digest")), doc, config, what)
 
 
@@ -441,57 +488,116 @@ def _inside(root: Path, rel: str, follow_last: bool = False) -> Path:
 
 
 def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
+    # lstat, never stat: a link is removed itself, never what it points at.
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)  # fd-based: it does not follow links inside either
+    else:
         path.unlink()
+
+
+def member_name(name: str) -> str:
+    """A layer member's path relative to the root: ``./``, ``/`` and ``.`` components
+    dropped (``./.wh.x`` is ``.wh.x``; a plain ``lstrip("./")`` would make it ``wh.x``)."""
+    return "/".join(p for p in PurePosixPath(name).parts if p not in ("/", "."))
+
+
+NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _own(fd: int, mode: int) -> None:
+    """Mode and owner of an entry we just made, through its descriptor (never a path a
+    link could redirect). The staged root is scaffolding, never shipped (the image carries
+    the base's own layer blobs), so it gets no setuid or setgid bit and, as root, one
+    unprivileged owner: the id the installer runs as."""
+    os.fchmod(fd, mode & 0o1777)
+    if os.geteuid() == 0:
+        os.fchown(fd, STAGE_ID, STAGE_ID)
 
 
 def apply_layer(layer: Path, root: Path) -> None:
     """Apply one layer tar (gzip or not) to ``root``: whiteouts remove, the rest is written
-    as the base's owner and modes. Device nodes are skipped (a runtime mounts /dev)."""
+    with the base's modes. Device nodes are skipped (the installer gets a minimal /dev).
+
+    Nothing a layer holds reaches outside ``root``: every path is resolved as a chroot
+    would (``_inside``), entries are made with O_EXCL/O_NOFOLLOW and their mode set through
+    the descriptor, a link is never followed by chmod or chown, and a hard link must name
+    a regular file already in the root (a hard link to a link would be the link itself)."""
+    if os.geteuid() == 0:
+        os.chown(root, STAGE_ID, STAGE_ID)
     try:
         with tarfile.open(layer, "r:*") as tar:
             for m in tar:
-                rel = m.name.lstrip("./") if m.name not in (".", "./") else ""
-                if not rel:
-                    continue
-                head, _, base = rel.rstrip("/").rpartition("/")
-                if base == ".wh..wh..opq":
-                    folder = _inside(root, head, follow_last=True)
-                    if folder.is_dir():
-                        for child in list(folder.iterdir()):
-                            _remove(child)
-                    continue
-                if base.startswith(".wh."):
-                    _remove(_inside(root, f"{head}/{base[4:]}"))
-                    continue
-                parent = _inside(root, head, follow_last=True)
-                parent.mkdir(parents=True, exist_ok=True)
-                target = parent / base
-                if m.isdir():
-                    if not target.is_dir() or target.is_symlink():
-                        _remove(target)
-                        target.mkdir()
-                else:
-                    _remove(target)
-                    if m.issym():
-                        os.symlink(m.linkname, target)
-                    elif m.islnk():
-                        os.link(_inside(root, m.linkname), target)
-                    elif m.isfile():
-                        src = tar.extractfile(m)
-                        assert src is not None
-                        with open(target, "wb") as out:
-                            shutil.copyfileobj(src, out, CHUNK)
-                    else:
-                        continue  # devices, fifos: not needed to install
-                if not m.issym():
-                    if os.geteuid() == 0:
-                        os.lchown(target, m.uid, m.gid)
-                    os.chmod(target, m.mode & 0o7777)
+                try:
+                    _apply_member(tar, m, root)
+                except OSError as exc:
+                    raise InputError(f"{layer.name}: a base layer's member {m.name!r} cannot "
+                                     f"be unpacked: {exc.strerror or exc}") from None
     except tarfile.TarError as exc:
         raise InputError(f"{layer.name}: a base layer is not a tar archive ({exc})") from None
+
+
+def _apply_member(tar: tarfile.TarFile, m: tarfile.TarInfo, root: Path) -> None:
+    rel = member_name(m.name)
+    if not rel:
+        return
+    head, _, base = rel.rpartition("/")
+    if base == ".wh..wh..opq":
+        folder = _inside(root, head, follow_last=True)
+        if folder.is_dir() and not folder.is_symlink():
+            for child in list(folder.iterdir()):
+                _remove(child)
+        return
+    if base.startswith(".wh."):
+        if base[4:] in ("", ".", ".."):
+            raise InputError(f"whiteout {m.name!r} names no file")
+        _remove(_inside(root, f"{head}/{base[4:]}"))
+        return
+    if base == "..":
+        raise InputError(f"member {m.name!r} ends in ..")
+    if not (m.isdir() or m.issym() or m.islnk() or m.isfile()):
+        return  # devices, fifos: not needed to install
+    parent = _inside(root, head, follow_last=True)
+    parent.mkdir(parents=True, exist_ok=True)
+    target = parent / base
+    if m.isdir():
+        if not stat.S_ISDIR(_lmode(target)):
+            _remove(target)
+            target.mkdir()
+        fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | NOFOLLOW)
+        try:
+            _own(fd, m.mode)
+        finally:
+            os.close(fd)
+        return
+    _remove(target)
+    if m.issym():
+        os.symlink(m.linkname, target)
+        if os.geteuid() == 0:
+            os.lchown(target, STAGE_ID, STAGE_ID)
+    elif m.islnk():
+        source = _inside(root, m.linkname)
+        if not stat.S_ISREG(_lmode(source)):
+            raise InputError(f"hard link {m.name!r} -> {m.linkname!r} does not name a regular "
+                             "file of the layer (a link, a folder or nothing)")
+        os.link(source, target, follow_symlinks=False)  # the inode keeps its own mode
+    else:
+        src = tar.extractfile(m)
+        assert src is not None
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(src, out, CHUNK)
+            _own(out.fileno(), m.mode)
+
+
+def _lmode(path: Path) -> int:
+    try:
+        return path.lstat().st_mode
+    except FileNotFoundError:
+        return 0
 
 
 def find_python(root: Path, version: str) -> str | None:
@@ -556,9 +662,15 @@ def given_base(spec: str, work: Path, arch: str) -> Base:
         what = str(root)
     image = open_layout(root, what, arch)
     blobs, files = [], []
-    diff_ids = (image.config.get("rootfs") or {}).get("diff_ids") or []
-    for i, desc in enumerate(image.manifest["layers"]):
-        media = DOCKER_LAYERS.get(desc.get("mediaType"), desc.get("mediaType"))
+    layers = image.manifest["layers"]
+    diff_ids = (image.config.get("rootfs") or {}).get("diff_ids")
+    if not isinstance(diff_ids, list) or len(diff_ids) != len(layers):
+        raise IntegrityError(what, f"its config lists {len(diff_ids or [])} diff_ids for "
+                             f"{len(layers)} layers: the base is damaged or was altered")
+    for i, desc in enumerate(layers):
+        if not isinstance(desc, dict):
+            raise InputError(f"{what}: layer {i} is not a descriptor")
+        media = DOCKER_LAYERS.get(str(desc.get("mediaType")), str(desc.get("mediaType")))
         if media not in (MT_LAYER, MT_LAYER_GZIP):
             raise InputError(f"{what}: layer {i} is {media}: only tar and tar+gzip layers "
                              "can be read")
@@ -566,11 +678,38 @@ def given_base(spec: str, work: Path, arch: str) -> Base:
         if not path.is_file():
             raise InputError(f"{what}: layer {desc.get('digest')} is missing")
         digest = str(desc["digest"]).split(":", 1)[1]
-        diff = str(diff_ids[i]).split(":", 1)[1] if i < len(diff_ids) else digest
-        blobs.append(file_blob(path, str(media), digest, int(desc.get("size", 0)), diff,
+        diff = check_layer(path, what, i, desc, str(diff_ids[i]), media == MT_LAYER_GZIP)
+        blobs.append(file_blob(path, str(media), digest, path.stat().st_size, diff,
                                "base", f"base image {what}, layer {i + 1}"))
         files.append(path)
     return Base(blobs, files, image.config, what, image.manifest_digest, [])
+
+
+def check_layer(path: Path, what: str, i: int, desc: dict[str, Any], diff_id: str,
+                gzipped: bool) -> str:
+    """Hash a base layer before it is unpacked: its blob against the manifest's digest and
+    size, its uncompressed tar against the config's ``diff_ids`` (what the image's
+    ``base.digest`` label stands for). Returns the diff_id's hex."""
+    import gzip
+    import zlib
+
+    blob, size = sha256_file(path)
+    check_blob(what, f"layer {i}", str(desc.get("digest")), desc.get("size"), blob, size)
+    actual = blob
+    if gzipped:
+        diff = hashlib.sha256()
+        try:
+            with gzip.open(path, "rb") as f:
+                while chunk := f.read(CHUNK):
+                    diff.update(chunk)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise IntegrityError(what, f"layer {i} is not the gzip stream its media type "
+                                 f"says ({exc})") from None
+        actual = diff.hexdigest()
+    if diff_id.partition(":")[2] != actual or not diff_id.startswith("sha256:"):
+        raise IntegrityError(what, f"layer {i} unpacks to sha256:{actual}, not the diff_id "
+                             f"{diff_id} its config lists: the base is damaged or was altered")
+    return actual
 
 
 def default_base(target_python: str, arch: str, cache_dir: Path, mirror: str,
@@ -596,41 +735,16 @@ def default_base(target_python: str, arch: str, cache_dir: Path, mirror: str,
             raise ImageError("the default base is made with mmdebstrap, which is not "
                              "installed (Debian/Ubuntu: apt-get install mmdebstrap), or pass "
                              "--base oci-archive:FILE")
-        log.info("image: building the %s base (%s, %s) with mmdebstrap, about 90 s; cached "
-                 "in %s", suite, darch, " ".join(include), folder)
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            raw = folder / "raw.tar.tmp"
-            env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8",
-                   "SOURCE_DATE_EPOCH": str(LAYER_EPOCH),
-                   "TMPDIR": os.environ.get("TMPDIR", "/tmp")}
-            res = subprocess.run(["mmdebstrap", "--quiet", "--variant=apt",
-                                  f"--architectures={darch}", f"--include={','.join(include)}",
-                                  "--format=tar", suite, str(raw), mirror],
-                                 env=env, capture_output=True, text=True, errors="replace",
-                                 stdin=subprocess.DEVNULL, timeout=1800)
-            if res.returncode != 0:
-                raise ImageError(f"mmdebstrap could not build the {suite} base from {mirror} "
-                                 f"(exit {res.returncode}): "
-                                 f"{last_lines(res.stderr, 2) or 'no message'}")
-            tmp = folder / "layer.tar.tmp"
-            with open(tmp, "wb") as out:
-                packages_found = normalise_base(raw, out)
-            raw.unlink()
-            digest, size = sha256_file(tmp)
-            os.replace(tmp, layer)
-            tmp_meta = folder / "base.json.tmp"
-            tmp_meta.write_text(json.dumps({"inputs": inputs, "digest": digest, "size": size,
-                                            "packages": packages_found}, indent=1))
-            os.replace(tmp_meta, meta)
-        except subprocess.TimeoutExpired:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise ImageError("mmdebstrap did not finish in 30 min") from None
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
+        with _cache_lock(folder):
+            if not meta.is_file():  # not made by another build while this one waited
+                log.info("image: building the %s base (%s, %s) with mmdebstrap, about 90 s; "
+                         "cached in %s", suite, darch, " ".join(include), folder)
+                _make_default_base(folder, inputs, suite, darch, include, mirror)
     info = json.loads(meta.read_text())
     digest, size = info["digest"], info["size"]
+    # The cache is a folder anyone with that user's rights may have changed since.
+    check_blob(f"the cached base {folder}", "layer", f"sha256:{digest}", size,
+               *sha256_file(layer))
     blob = file_blob(layer, MT_LAYER, digest, size, digest, "base",
                      f"Debian {suite} {darch} (mmdebstrap --variant=apt: "
                      f"{', '.join(include)})")
@@ -639,6 +753,59 @@ def default_base(target_python: str, arch: str, cache_dir: Path, mirror: str,
                                  "/sbin:/bin"]}}
     return Base([blob], [layer], config, f"debian:{suite} (mmdebstrap, {mirror})",
                 f"sha256:{digest}", info["packages"])
+
+
+@contextlib.contextmanager
+def _cache_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder``'s cache entry: two builds at once wait for each
+    other instead of writing the same files (the second then finds the entry made)."""
+    import fcntl
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def _make_default_base(folder: Path, inputs: dict[str, Any], suite: str, darch: str,
+                       include: list[str], mirror: str) -> None:
+    """mmdebstrap's Debian as ``folder`` (layer.tar, base.json), made under a unique name
+    beside it and renamed into place whole: a reader sees no entry or a complete one."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        raw = tmp / "raw.tar"
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8",
+               "SOURCE_DATE_EPOCH": str(LAYER_EPOCH),
+               "TMPDIR": os.environ.get("TMPDIR", "/tmp")}
+        try:
+            res = subprocess.run(["mmdebstrap", "--quiet", "--variant=apt",
+                                  f"--architectures={darch}", f"--include={','.join(include)}",
+                                  "--format=tar", suite, str(raw), mirror],
+                                 env=env, capture_output=True, text=True, errors="replace",
+                                 stdin=subprocess.DEVNULL, timeout=1800)
+        except subprocess.TimeoutExpired:
+            raise ImageError("mmdebstrap did not finish in 30 min") from None
+        if res.returncode != 0:
+            raise ImageError(f"mmdebstrap could not build the {suite} base from {mirror} "
+                             f"(exit {res.returncode}): "
+                             f"{last_lines(res.stderr, 2) or 'no message'}")
+        with open(tmp / "layer.tar", "wb") as out:
+            packages_found = normalise_base(raw, out)
+        raw.unlink()
+        digest, size = sha256_file(tmp / "layer.tar")
+        (tmp / "base.json").write_text(json.dumps({"inputs": inputs, "digest": digest,
+                                                   "size": size, "packages": packages_found},
+                                                  indent=1))
+        os.chmod(tmp, 0o755)
+        if folder.exists():  # a half entry of a build from before this lock existed
+            shutil.rmtree(folder)
+        os.rename(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def normalise_base(raw: Path, out: IO[bytes]) -> list[dict[str, str]]:
@@ -656,7 +823,7 @@ def normalise_base(raw: Path, out: IO[bytes]) -> list[dict[str, str]]:
             if m.isfile():
                 f = src.extractfile(m)
                 assert f is not None
-                if m.name.lstrip("./") == "var/lib/dpkg/status":
+                if member_name(m.name) == "var/lib/dpkg/status":
                     status = f.read()
                     f = io.BytesIO(status)
                 dst.addfile(m, f)
@@ -675,35 +842,122 @@ def installer_names_release(installer: Path) -> bool:
         return False
 
 
-def install_in_root(root: Path, bundle_dir: str, python: str, release: str | None) -> None:
-    """Run the bundle's installer in ``root`` by chroot, with no network, /dev and /proc
-    mounted in a mount namespace of its own (gone with it)."""
+# Run inside the installer's namespaces, in the staged root (the working folder): a /dev of
+# four nodes bound from the host's (a user namespace cannot make device nodes), never the
+# host's whole /dev, then chroot.
+SANDBOX_SH = """set -e
+mount -t tmpfs -o mode=0755,nosuid,size=64m pyannote-bundle-dev dev
+for n in null zero random urandom; do : > "dev/$n"; mount --bind "/dev/$n" "dev/$n"; done
+mkdir -m 1777 dev/shm
+ln -s /proc/self/fd dev/fd
+ln -s /proc/self/fd/0 dev/stdin
+ln -s /proc/self/fd/1 dev/stdout
+ln -s /proc/self/fd/2 dev/stderr
+exec "$@"
+"""
+
+
+def _no_user_namespace(why: str) -> ImageError:
+    return ImageError(f"this host cannot make a user namespace ({why or 'unshare failed'}): "
+                      "the bundle's installer is never run as the host's root; enable them "
+                      "(sysctl user.max_user_namespaces, kernel.unprivileged_userns_clone) "
+                      "and run again")
+
+
+@contextlib.contextmanager
+def user_namespace(root: Path, unshare: str) -> Iterator[list[str]]:
+    """The command prefix that puts a program in a user namespace of its own.
+
+    As root: a namespace is made by a holder process running as ``STAGE_ID``, and this
+    tool (privileged in the parent namespace, so no /etc/subuid is needed) maps ids
+    0-65535 inside to ``STAGE_ID`` and the ids after it; ``nsenter`` then enters it as its
+    root. Root inside is ``STAGE_ID`` outside, and the installer can still make itself
+    ``nobody`` to check that other users can run the install. Otherwise: the caller's own
+    id as root, the only mapping an unprivileged caller can make alone."""
+    if os.geteuid() != 0:
+        probe = subprocess.run([unshare, "--user", "--map-root-user", "true"],
+                               capture_output=True, text=True, errors="replace",
+                               stdin=subprocess.DEVNULL)
+        if probe.returncode != 0:
+            raise _no_user_namespace(last_lines(probe.stderr, 1))
+        yield [unshare, "--user", "--map-root-user"]
+        return
+    nsenter = shutil.which("nsenter")
+    if nsenter is None:
+        raise ImageError("nsenter (util-linux) is needed to install into the image")
+    os.chown(root, STAGE_ID, STAGE_ID)
+    for folder, dirs, files in os.walk(root / SOURCE_DIR):
+        for name in [folder, *(os.path.join(folder, n) for n in dirs + files)]:
+            os.lchown(name, STAGE_ID, STAGE_ID)
+    holder = subprocess.Popen([unshare, "--user", "sh", "-c", "read -r _"],
+                              stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, user=STAGE_ID, group=STAGE_ID,
+                              extra_groups=[])
+    try:
+        ns, own = f"/proc/{holder.pid}/ns/user", os.readlink("/proc/self/ns/user")
+        deadline = time.monotonic() + 10
+        while True:  # until the holder's unshare has made its namespace
+            if holder.poll() is not None or time.monotonic() > deadline:
+                holder.kill()
+                _, err = holder.communicate()
+                raise _no_user_namespace(last_lines(err.decode(errors="replace"), 1))
+            try:
+                if os.readlink(ns) != own:
+                    break
+            except OSError:  # exiting: poll() says so next
+                pass
+            time.sleep(0.01)
+        for kind in ("uid_map", "gid_map"):
+            with open(f"/proc/{holder.pid}/{kind}", "w") as f:
+                f.write(f"0 {STAGE_ID} {STAGE_IDS}\n")
+        yield [nsenter, f"--user={ns}"]
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        holder.communicate()
+
+
+def sandbox(root: Path, argv: list[str], env: dict[str, str],
+            timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` chrooted into ``root`` with no network, in user, mount and PID namespaces
+    of its own (all gone with it), with a minimal /dev.
+
+    Always a user namespace (``user_namespace``), also when this tool runs as root: the
+    code that runs there (the bundle's installer, the base's python) is root only inside
+    it. Where user namespaces are disabled this refuses, never falls back to real root."""
     unshare = shutil.which("unshare")
     chroot = shutil.which("chroot") or "/usr/sbin/chroot"
     if unshare is None:
         raise ImageError("unshare (util-linux) is needed to install into the image")
+    for name in ("proc", "dev"):  # mount points: real folders, never a base's link
+        if not stat.S_ISDIR(_lmode(root / name)):
+            _remove(root / name)
+            (root / name).mkdir()
     # --kill-child: if this tool is stopped, the installer and everything it started (a
-    # namespace of their own) go with it, and the staged root can be removed.
-    flags = ["--mount", "--net", "--pid", "--fork", "--kill-child",
-             f"--mount-proc={root / 'proc'}"]
-    if os.geteuid() != 0:
-        flags.insert(0, "--map-root-user")
-    (root / "proc").mkdir(exist_ok=True)
-    (root / "dev").mkdir(exist_ok=True)
-    argv = [unshare, *flags, "sh", "-c", 'mount --rbind /dev "$1/dev" && shift && exec "$@"',
-            "sh", str(root), chroot, str(root), python, "-I",
-            f"/{SOURCE_DIR}/{bundle_dir}/runtime/install.py", f"/{PREFIX}", "--no-smoke",
-            "--json", *(["--release", release] if release else [])]
+    # namespace of their own) go with it, and the staged root can be removed. Paths are
+    # relative to the working folder: the work folder above it is private to this tool.
+    inner = [unshare, "--mount", "--net", "--pid", "--fork", "--kill-child",
+             "--mount-proc=proc", "sh", "-c", SANDBOX_SH, "sh", chroot, ".", *argv]
+    with user_namespace(root, unshare) as enter:
+        return subprocess.run([*enter, *inner], env=env, capture_output=True, text=True,
+                              errors="replace", stdin=subprocess.DEVNULL, timeout=timeout,
+                              cwd=root)
+
+
+def install_in_root(root: Path, bundle_dir: str, python: str, release: str | None) -> None:
+    """Run the bundle's installer in ``root`` (``sandbox``: chroot, no network, a user
+    namespace)."""
+    argv = [python, "-I", f"/{SOURCE_DIR}/{bundle_dir}/runtime/install.py", f"/{PREFIX}",
+            "--no-smoke", "--json", *(["--release", release] if release else [])]
     env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
            "HOME": "/root", "LANG": "C.UTF-8", "TZ": "UTC",
            # py_compile writes hash-checked bytecode under SOURCE_DATE_EPOCH: the same
            # bytes on every build, and valid whatever the files' mtimes in the image.
            "SOURCE_DATE_EPOCH": str(LAYER_EPOCH)}
-    log.info("image: installing the bundle into /%s inside the base (chroot, no network)",
-             PREFIX)
+    log.info("image: installing the bundle into /%s inside the base (chroot, user "
+             "namespace, no network)", PREFIX)
     try:
-        res = subprocess.run(argv, env=env, capture_output=True, text=True, errors="replace",
-                             stdin=subprocess.DEVNULL, timeout=3 * 3600)
+        res = sandbox(root, argv, env, 3 * 3600)
     except subprocess.TimeoutExpired:
         raise ImageError("the installer did not finish in 3 h inside the base") from None
     if res.returncode != 0:
@@ -856,12 +1110,20 @@ def build_image(bundle: Path, opts: ImageOptions) -> ImageResult:
             signal.signal(signal.SIGTERM, previous)
         shutil.rmtree(work, ignore_errors=True)
         if work.exists():  # files the chroot made as another owner: one more try
-            subprocess.run(["rm", "-rf", str(work)], check=False)
+            # --one-file-system: a mount the installer left (it cannot: its mounts go with
+            # its namespace) is never descended into.
+            subprocess.run(["rm", "-rf", "--one-file-system", "--", str(work)], check=False)
 
 
 def _build(bundle: Path, opts: ImageOptions, work: Path) -> ImageResult:
     root = work / "root"
     root.mkdir()
+    signer = None
+    if opts.allowed_signers is not None:  # before a byte of the bundle is read, as verify
+        from bundler.bundlefile import sidecar_path, whole
+        from bundler.signing import verify_signature
+
+        signer = verify_signature(sidecar_path(whole(bundle)), opts.allowed_signers)
     log.info("image: checking %s", bundle.name)
     integrity = check_and_extract(bundle, root / SOURCE_DIR, Limits())
     manifest = integrity.manifest
@@ -962,7 +1224,7 @@ def _build(bundle: Path, opts: ImageOptions, work: Path) -> ImageResult:
         base={"name": base.name, "digest": base.digest, "packages": len(base.packages)},
         layers=[{"role": b.role, "digest": f"sha256:{b.digest}", "size": b.size,
                  "holds": b.holds} for b in all_layers],
-        size=size, entrypoint=[ENTRYPOINT], transcribe=has_asr)
+        size=size, entrypoint=[ENTRYPOINT], transcribe=has_asr, signer=signer)
 
 
 def render_result(res: ImageResult) -> str:
@@ -1022,12 +1284,21 @@ def inspect_image(path: Path) -> dict[str, Any]:
     try:
         index = json.loads(small["index.json"])
         desc = index["manifests"][0]
-        mdigest = desc["digest"]
-        manifest = json.loads(small["blobs/sha256/" + mdigest.split(":", 1)[1]])
-        config = json.loads(small["blobs/sha256/" + manifest["config"]["digest"].split(":")[1]])
-    except (KeyError, IndexError, ValueError, TypeError):
+        mdigest = str(desc["digest"])
+        mbytes = small["blobs/sha256/" + mdigest.split(":", 1)[1]]
+        manifest = json.loads(mbytes)
+        cdigest = str(manifest["config"]["digest"])
+        cbytes = small["blobs/sha256/" + cdigest.split(":")[1]]
+        config = json.loads(cbytes)
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError):
         raise IntegrityError(path.name, "not an OCI image archive (no index.json, manifest "
                              "or config)") from None
+    # The digest printed is the one of the bytes read, not only the name index.json gives.
+    for kind, digest, data in (("manifest", mdigest, mbytes), ("config", cdigest, cbytes)):
+        actual = hashlib.sha256(data).hexdigest()
+        if digest != f"sha256:{actual}":
+            raise IntegrityError(path.name, f"its {kind} {digest} has sha256 {actual}: the "
+                                 "image is damaged or was altered")
     labels = (config.get("config") or {}).get("Labels") or {}
     roles = str(labels.get(f"{LABEL}.layers", "")).split(",")
     layers = []
@@ -1082,25 +1353,34 @@ def self_test(archive: Path, runtime: str = "podman") -> dict[str, Any]:
     info = inspect_image(archive)
     ref = image_ref(archive)
     base = [exe, "run", "--rm", "--network", "none", "--read-only", "--user", USER]
-    out = tempfile.mkdtemp(prefix="pyannote-bundle-image-test-")
+    sample = f"/{PREFIX}/smoke/sample.wav"
+    private = tempfile.mkdtemp(prefix="pyannote-bundle-image-test-")  # 0700
     try:
-        os.chmod(out, 0o777)  # the container's user writes its RTTM there
+        # The container's user (65534, or a subordinate id under rootless podman) writes its
+        # RTTM in ``out``, which it reaches through the bind mount; no other user of the
+        # build host can reach it: its parent is private to this tool.
+        out = Path(private) / "out"
+        out.mkdir()
+        os.chmod(out, 0o777)
         res = subprocess.run([*base, "-v", f"{out}:/out", ref,
-                              f"/{PREFIX}/smoke/sample.wav", "--output-dir", "/out", "--json"],
+                              sample, "--output-dir", "/out", "--json"],
                              capture_output=True, text=True, errors="replace",
                              stdin=subprocess.DEVNULL, timeout=1800)
         if res.returncode != 0:
             raise SmokeError(f"the image's {ENTRYPOINT} failed on its sample (exit "
                              f"{res.returncode}): {last_lines(res.stderr, 2)}")
-        rttm = sorted(Path(out).glob("*.rttm"))
+        # The one file diarize writes for it (not any *.rttm the container left there),
+        # never read through a link the container made.
+        rttm = out / f"{PurePosixPath(sample).name}.rttm"
+        text = rttm.read_text() if rttm.is_file() and not rttm.is_symlink() else ""
         segments: list[dict[str, Any]] = []
-        for line in (rttm[0].read_text().splitlines() if rttm else []):
+        for line in text.splitlines():
             f = line.split()
             if len(f) >= 8 and f[0] == "SPEAKER":
                 segments.append({"start": float(f[3]), "end": float(f[3]) + float(f[4]),
                                  "speaker": f[7]})
     finally:
-        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(private, ignore_errors=True)
     if not segments:
         raise SmokeError(f"the image's {ENTRYPOINT} wrote no speech segments for its sample")
     result: dict[str, Any] = {

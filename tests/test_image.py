@@ -1,6 +1,9 @@
 """`pyannote-bundle image`: the OCI writer, the base checks, and (slow) real images.
 
-Fast: the deterministic layer and archive writers, the chroot-safe layer unpacking, and
+Fast: the deterministic layer and archive writers, the chroot-safe layer unpacking (a
+hostile base that links a host file cannot chmod it), the installer's sandbox (a user
+namespace also as root, a /dev of four nodes, no network), base blobs checked against
+their digests and diff_ids, --allowed-signers, two default-base cache fills at once, and
 bad input (a base without the bundle's Python, with another Python, for another
 architecture, not an image; a damaged bundle): one line, the documented exit code, nothing
 left in --output. Bases here are hand-made OCI layouts of a few files.
@@ -25,8 +28,11 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import socket
+import stat
 import subprocess
+import sys
 import tarfile
 import time
 from collections.abc import Iterator
@@ -40,8 +46,10 @@ from forge import flip_byte
 
 from bundler import image
 from bundler.build import BuildOptions, build
+from bundler.bundlefile import sidecar_path
 from bundler.cli import main
 from bundler.loopback_hub import HubRepo, LoopbackHub
+from bundler.signing import sign
 from bundler.spec import load_recipe
 
 ARCH = {"x86_64": "amd64", "aarch64": "arm64"}[os.uname().machine]
@@ -69,12 +77,15 @@ def layer_tar(files: dict[str, bytes], links: dict[str, str] | None = None) -> b
     return buf.getvalue()
 
 
-def hand_made_base(folder: Path, files: dict[str, bytes], arch: str = ARCH) -> Path:
-    """An OCI layout folder of one layer holding ``files``."""
-    layer = layer_tar(files)
+def hand_made_base(folder: Path, files: dict[str, bytes], arch: str = ARCH,
+                   layer: bytes | None = None, diff_id: str | None = None) -> Path:
+    """An OCI layout folder of one layer holding ``files`` (or the tar ``layer``), whose
+    config lists ``diff_id`` (default: the layer's true one)."""
+    layer = layer_tar(files) if layer is None else layer
     ld = hashlib.sha256(layer).hexdigest()
     config = image.canonical({"architecture": arch, "os": "linux",
-                              "rootfs": {"type": "layers", "diff_ids": [f"sha256:{ld}"]}})
+                              "rootfs": {"type": "layers",
+                                         "diff_ids": [diff_id or f"sha256:{ld}"]}})
     cd = hashlib.sha256(config).hexdigest()
     manifest = image.canonical({
         "schemaVersion": 2, "mediaType": image.MT_MANIFEST,
@@ -91,6 +102,25 @@ def hand_made_base(folder: Path, files: dict[str, bytes], arch: str = ARCH) -> P
     (folder / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
         {"mediaType": image.MT_MANIFEST, "digest": f"sha256:{md}", "size": len(manifest)}]}))
     return folder
+
+
+def oci_archive(layout: Path, archive: Path) -> Path:
+    """An OCI layout folder as an oci-archive file."""
+    with tarfile.open(archive, "w") as tar:
+        for p in sorted(layout.rglob("*")):
+            tar.add(p, p.relative_to(layout).as_posix(), recursive=False)
+    return archive
+
+
+def blob_named(layout: Path, pick: str) -> Path:
+    """The layout's manifest, config or layer blob."""
+    index = json.loads((layout / "index.json").read_text())
+    blobs = layout / "blobs" / "sha256"
+    manifest_path = blobs / index["manifests"][0]["digest"].split(":")[1]
+    manifest = json.loads(manifest_path.read_text())
+    return {"manifest": manifest_path,
+            "config": blobs / manifest["config"]["digest"].split(":")[1],
+            "layer": blobs / manifest["layers"][0]["digest"].split(":")[1]}[pick]
 
 
 def entries_of(root: Path) -> list[image.Entry]:
@@ -179,6 +209,121 @@ def test_a_base_layer_cannot_write_outside_the_staged_root(tmp_path: Path) -> No
     assert (root / tmp_path.relative_to("/") / "outside" / "passwd").read_bytes() == b"pwned"
 
 
+def hostile_layer(host_file: Path, mode: int = 0o4777) -> bytes:
+    """A symbolic link to a file of the build host, and a hard link to that link with a
+    setuid, world-writable mode: chmod through the link would reach the host's file."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        sym = tarfile.TarInfo("x")
+        sym.type, sym.linkname = tarfile.SYMTYPE, str(host_file)
+        tar.addfile(sym)
+        hard = tarfile.TarInfo("y")
+        hard.type, hard.linkname, hard.mode = tarfile.LNKTYPE, "x", mode
+        tar.addfile(hard)
+        owned = tarfile.TarInfo("z")  # a directory entry on a link: chmod/chown would follow
+        owned.type, owned.mode, owned.uid = tarfile.DIRTYPE, 0o4777, 1234
+        tar.addfile(owned)
+    return buf.getvalue()
+
+
+def test_a_hard_link_to_a_link_cannot_chmod_a_host_file(tmp_path: Path) -> None:
+    host_file = tmp_path / "host-secret"
+    host_file.write_text("secret")
+    host_file.chmod(0o600)
+    root = tmp_path / "root"
+    root.mkdir()
+    layer = tmp_path / "l.tar"
+    layer.write_bytes(hostile_layer(host_file))
+    with pytest.raises(image.InputError, match="hard link 'y' -> 'x' does not name a regular"):
+        image.apply_layer(layer, root)
+    assert stat.S_IMODE(host_file.stat().st_mode) == 0o600
+    assert host_file.read_text() == "secret"
+    # A link over a folder entry: the folder entry replaces the link, the host is untouched.
+    other = tmp_path / "l2.tar"
+    other.write_bytes(layer_tar({}, {"z": str(tmp_path)}))
+    image.apply_layer(other, root)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        d = tarfile.TarInfo("z")
+        d.type, d.mode = tarfile.DIRTYPE, 0o4777
+        tar.addfile(d)
+    other.write_bytes(buf.getvalue())
+    before = stat.S_IMODE(tmp_path.stat().st_mode)
+    image.apply_layer(other, root)
+    assert stat.S_IMODE(tmp_path.stat().st_mode) == before
+    assert (root / "z").is_dir() and not (root / "z").is_symlink()
+    assert stat.S_IMODE((root / "z").stat().st_mode) == 0o777  # no setuid in the stage
+
+
+def test_a_whiteout_with_a_dot_slash_prefix_removes_the_dotfile(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    first, second = tmp_path / "1.tar", tmp_path / "2.tar"
+    first.write_bytes(layer_tar({"./.x": b"1", "./wh.x": b"keep", "./etc/.profile": b"p"}))
+    second.write_bytes(layer_tar({"./.wh..x": b"", "./etc/.wh..profile": b""}))
+    image.apply_layer(first, root)
+    image.apply_layer(second, root)
+    assert sorted(p.name for p in root.rglob("*")) == ["etc", "wh.x"]
+    assert image.member_name("./.wh.x") == ".wh.x" and image.member_name("/a/./b") == "a/b"
+
+
+def shell_root(root: Path) -> None:
+    """A staged root holding only the host's dash and the libraries it loads."""
+    dash = Path("/usr/bin/dash").resolve()
+    libs = subprocess.run(["ldd", str(dash)], capture_output=True, text=True,
+                          check=True).stdout
+    for path in [str(dash), *(w for w in libs.split() if w.startswith("/"))]:
+        dest = root / path.lstrip("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(Path(path).read_bytes())
+        dest.chmod(0o755)
+
+
+@pytest.mark.skipif(not Path("/usr/bin/dash").is_file(), reason="needs dash")
+def test_the_installer_runs_in_a_user_namespace_with_a_minimal_dev_and_no_network(
+        tmp_path: Path) -> None:
+    """The bundle's installer (here a dash script run as the base's "python") is root only
+    inside its namespace: what it writes belongs to an unprivileged id on the host, it
+    sees four device nodes instead of the host's /dev, and only a loopback interface."""
+    root = tmp_path / "root"
+    root.mkdir()
+    shell_root(root)
+    elsewhere = tmp_path / "elsewhere"  # a base's /dev that is a link out of the root
+    elsewhere.mkdir()
+    os.symlink(elsewhere, root / "dev")
+    runtime = root / image.SOURCE_DIR / "b" / "runtime"
+    runtime.mkdir(parents=True)
+    (runtime / "install.py").write_text(
+        'for f in /dev/*; do echo "$f"; done > /devices\n'
+        'while read -r line; do echo "${line%%:*}"; done < /proc/net/dev > /net\n'
+        ': > /dev/null && echo ok > /dev/null\n'
+        'while read -r a b c; do echo "$a $b $c"; done < /proc/self/uid_map > /uid_map\n')
+    image.install_in_root(root, "b", f"/{Path('/usr/bin/dash').resolve().relative_to('/')}",
+                          None)
+    devices = (root / "devices").read_text().split()
+    assert devices == [f"/dev/{n}" for n in ("fd", "null", "random", "shm", "stderr",
+                                             "stdin", "stdout", "urandom", "zero")]
+    assert (root / "net").read_text().splitlines()[2:] == ["lo"]  # two header lines, then lo
+    owner = (root / "devices").stat().st_uid
+    assert owner == (image.STAGE_ID if os.geteuid() == 0 else os.geteuid())
+    assert owner != 0
+    if os.geteuid() == 0:  # a range: the installer can make itself nobody (65534) inside
+        assert (root / "uid_map").read_text() == f"0 {image.STAGE_ID} 65536\n"
+    assert not any((root / "dev").iterdir())  # the mounts went with the namespace
+    assert not (root / "dev").is_symlink() and not any(elsewhere.iterdir())
+
+
+def test_no_user_namespace_is_a_refusal_never_real_root(tmp_path: Path) -> None:
+    """Where unshare cannot make a user namespace (here: an unshare that always fails, as
+    with user.max_user_namespaces=0), the installer does not run at all."""
+    (tmp_path / "root").mkdir()
+    with pytest.raises(image.ImageError, match="this host cannot make a user namespace "
+                       r"\(unshare failed\): the bundle's installer is never run as the "
+                       "host's root"):
+        with image.user_namespace(tmp_path / "root", "/bin/false"):
+            pytest.fail("entered")
+
+
 def test_dpkg_status_becomes_the_package_list() -> None:
     status = (b"Package: python3\nStatus: install ok installed\nVersion: 3.11.2-1+b1\n"
               b"Architecture: amd64\n\nPackage: gone\nStatus: deinstall ok config-files\n"
@@ -230,6 +375,148 @@ def test_help_names_the_exit_codes_and_an_example(capsys: pytest.CaptureFixture[
     proc = cli(capsys, "image", "--help")
     assert proc.returncode == 0
     assert "exit 11" in proc.stdout and "skopeo copy --preserve-digests" in proc.stdout
+
+
+def test_a_hostile_base_archive_cannot_chmod_a_host_file(
+        tiny_bundle: TinyBundle, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The issue's reproduction, through the CLI: a base whose layer links to a host file
+    and hard-links that link with mode 04777. The layer is refused; the file is as it was."""
+    host_file = tmp_path / "host-file"
+    host_file.write_text("host")
+    host_file.chmod(0o600)
+    bundle = tiny_bundle()
+    layout = hand_made_base(tmp_path / "base", {}, layer=hostile_layer(host_file))
+    archive = oci_archive(layout, tmp_path / "hostile.oci.tar")
+    out = tmp_path / "img"
+    proc = cli(capsys, "image", str(bundle), "--output", str(out), "--base",
+               f"oci-archive:{archive}", "--cache-dir", str(tmp_path / "cache"))
+    assert stat.S_IMODE(host_file.stat().st_mode) == 0o600
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert "hard link 'y' -> 'x' does not name a regular file" in proc.stderr
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize(("pick", "words"), [
+    ("manifest", "its manifest sha256:"),
+    ("config", "its config sha256:"),
+    ("layer", "its layer 0 sha256:"),
+    ("diff_id", "layer 0 unpacks to sha256:"),
+])
+def test_a_base_blob_that_is_not_what_its_digest_says_is_refused_before_use(
+        tiny_bundle: TinyBundle, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        pick: str, words: str) -> None:
+    """Every base blob is hashed before it is read, and the layer's tar against the
+    config's diff_ids: a base that is not the one its digest names (the image's
+    base.digest label) is refused, exit 10, one line, nothing left."""
+    bundle = tiny_bundle()
+    files = {"usr/bin/python3.11": b"\x7fELF"}
+    if pick == "diff_id":
+        layout = hand_made_base(tmp_path / "base", files, diff_id="sha256:" + "0" * 64)
+    else:
+        layout = hand_made_base(tmp_path / "base", files)
+        blob = blob_named(layout, pick)
+        if pick == "layer":  # another layer of the same size: a file of the host, say
+            blob.write_bytes(layer_tar({"usr/bin/python3.11": b"\x7fELG"}))
+        else:
+            data = json.loads(blob.read_text())
+            data["annotations"] = {"x": "y"}
+            blob.write_bytes(image.canonical(data))
+    out = tmp_path / "img"
+    proc = cli(capsys, "image", str(bundle), "--output", str(out), "--base", str(layout),
+               "--cache-dir", str(tmp_path / "cache"))
+    assert proc.returncode == 10, proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert words in proc.stderr and "the base is damaged or was altered" in proc.stderr
+    assert list(out.iterdir()) == []
+
+
+def test_a_gzip_base_layer_is_checked_against_its_diff_id(tmp_path: Path) -> None:
+    tar = layer_tar({"usr/bin/python3.11": b"\x7fELF"})
+    packed = gzip.compress(tar, mtime=0)
+    desc = {"digest": f"sha256:{hashlib.sha256(packed).hexdigest()}", "size": len(packed)}
+    (tmp_path / "l").write_bytes(packed)
+    true = f"sha256:{hashlib.sha256(tar).hexdigest()}"
+    assert image.check_layer(tmp_path / "l", "b", 0, desc, true, True) == true[7:]
+    with pytest.raises(image.IntegrityError, match="not the diff_id"):
+        image.check_layer(tmp_path / "l", "b", 0, desc, desc["digest"], True)
+
+
+@pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs ssh-keygen")
+def test_a_bundle_signed_by_a_key_not_allowed_is_refused_before_it_is_read(
+        tiny_bundle: TinyBundle, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """image --allowed-signers checks the sidecar's signature as verify does, first."""
+    bundle = tiny_bundle()
+    keys = {}
+    for name in ("release", "intruder"):
+        key = tmp_path / name
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f",
+                        str(key)], check=True)
+        keys[name] = key
+    sign(sidecar_path(bundle), keys["intruder"])
+    allowed = tmp_path / "allowed_signers"
+    allowed.write_text(f"release@example.org {keys['release'].with_suffix('.pub').read_text()}")
+    # A base that would fail (exit 11) if the bundle were read: the signature comes first.
+    base = hand_made_base(tmp_path / "base", {"bin/sh": b"#!"})
+    out = tmp_path / "img"
+    proc = cli(capsys, "image", str(bundle), "--output", str(out), "--base", str(base),
+               "--allowed-signers", str(allowed))
+    assert proc.returncode == 10, proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert "not signed by any key in" in proc.stderr
+    assert list(out.iterdir()) == []
+    # Signed by the allowed key: the signature passes and the build goes on to the base.
+    sign(sidecar_path(bundle), keys["release"])
+    proc = cli(capsys, "image", str(bundle), "--output", str(out), "--base", str(base),
+               "--allowed-signers", str(allowed))
+    assert proc.returncode == 11 and "has no python3.11" in proc.stderr, proc.stderr
+
+
+STAND_IN_MMDEBSTRAP = """#!{python}
+# mmdebstrap's stand-in (no Debian mirror in a fast test): a tiny root as a tar at the
+# path it is given; the n-th call (counted in {log}) takes n + 1 s after writing it.
+import fcntl, io, sys, tarfile, time
+with open("{log}", "a+") as log:
+    fcntl.flock(log, fcntl.LOCK_EX)
+    log.seek(0)
+    n = len(log.read().splitlines())
+    log.write("call\\n")
+with tarfile.open(sys.argv[-2], "w") as tar:
+    for name, data in (("var/lib/dpkg/status", b"Package: python3\\nStatus: install ok "
+                        b"installed\\nVersion: 3.11\\n"), ("usr/bin/python3.11", b"")):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+time.sleep(n + 1)
+"""
+
+
+def test_two_builds_filling_the_default_base_cache_at_once_both_succeed(
+        tmp_path: Path) -> None:
+    """The second build waits for the first (a lock), then uses the entry it made: one
+    mmdebstrap run, the same base for both, no temporary name shared between them."""
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    log = tmp_path / "calls"
+    stand_in = tools / "mmdebstrap"
+    stand_in.write_text(STAND_IN_MMDEBSTRAP.format(python=sys.executable, log=log))
+    stand_in.chmod(0o755)
+    cache = tmp_path / "cache"
+    code = ("import sys; from pathlib import Path; from bundler import image; "
+            "print(image.default_base('3.11', sys.argv[1], Path(sys.argv[2]), "
+            "'http://mirror.invalid/debian', []).digest)")
+    env = {**os.environ, "PATH": f"{tools}:{os.environ['PATH']}"}
+    runs = [subprocess.Popen([sys.executable, "-c", code, os.uname().machine, str(cache)],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for _ in range(2)]
+    results = [(p.wait(timeout=60), *p.communicate()) for p in runs]
+    assert [r[0] for r in results] == [0, 0], [r[2][-500:] for r in results]
+    assert results[0][1] == results[1][1] and results[0][1].startswith("sha256:")
+    assert log.read_text().splitlines() == ["call"]
+    entries = sorted(p.name for p in (cache / "image-bases").iterdir())
+    assert len(entries) == 2 and entries[0].endswith(".lock")  # no temporary left
+    assert sorted(p.name for p in (cache / "image-bases" / entries[1]).iterdir()) == [
+        "base.json", "layer.tar"]
 
 
 # --- slow: real images --------------------------------------------------------------------
@@ -348,6 +635,52 @@ def test_inspect_reads_an_image_archive(tmp_path: Path, capsys: pytest.CaptureFi
     assert info["digest"] == f"sha256:{mb.digest}" and info["bundle"] == "b"
     assert info["layers"][0]["role"] == "base" and info["layers"][0]["present"]
     assert info["user"] == "65534:65534" and info["tag"] == "t"
+    # Another manifest under the same name: inspect hashes the bytes whose digest it prints.
+    other = image.canonical({**json.loads(manifest), "annotations": {"a": "b"}})
+    forged = image.Blob(mb.digest, len(other), image.MT_MANIFEST,
+                        lambda out: out.write(other))
+    image.write_archive(path, [lb, cb, forged], index)
+    proc = cli(capsys, "inspect", str(path), "--json")
+    assert proc.returncode == 10, proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert f"its manifest sha256:{mb.digest} has sha256 " in proc.stderr
+
+
+STAND_IN_PODMAN = """#!{python}
+# podman's stand-in for a fast test: what the image's diarize would write in /out, plus a
+# decoy the container could also leave there; it records who can reach the folder.
+import os, sys
+out = sys.argv[sys.argv.index("-v") + 1].split(":")[0]
+line = "SPEAKER sample 1 {{:.3f}} 1.000 <NA> <NA> {{}} <NA> <NA>\\n"
+with open(os.path.join(out, "a-decoy.rttm"), "w") as f:
+    f.writelines(line.format(t, f"S{{t}}") for t in range(5))
+with open(os.path.join(out, "sample.wav.rttm"), "w") as f:
+    f.writelines(line.format(t, f"S{{t % 2}}") for t in range(4))
+with open("{log}", "w") as f:
+    f.write(oct(os.stat(os.path.dirname(out)).st_mode & 0o777))
+"""
+
+
+def test_the_self_test_reads_the_one_file_diarize_writes_in_a_private_folder(
+        tmp_path: Path) -> None:
+    """The container's output folder sits in a folder private to this tool (0700), and the
+    result is the sample's own RTTM, not the first *.rttm the container left there."""
+    lb = image.bytes_blob(layer_tar({"x": b"y"}), image.MT_LAYER)
+    cb = image.bytes_blob(image.canonical({"architecture": "amd64", "config": {}}),
+                          image.MT_CONFIG)
+    mb = image.bytes_blob(image.canonical({
+        "schemaVersion": 2, "config": {"digest": f"sha256:{cb.digest}"},
+        "layers": [{"digest": f"sha256:{lb.digest}", "size": lb.size}]}), image.MT_MANIFEST)
+    archive = tmp_path / "x.oci.tar"
+    image.write_archive(archive, [lb, cb, mb], image.canonical(
+        {"manifests": [{"digest": f"sha256:{mb.digest}"}]}))
+    log = tmp_path / "parent-mode"
+    podman = tmp_path / "podman"
+    podman.write_text(STAND_IN_PODMAN.format(python=sys.executable, log=log))
+    podman.chmod(0o755)
+    result = image.self_test(archive, runtime=str(podman))
+    assert (result["segments"], result["speakers"]) == (4, 2)
+    assert log.read_text() == "0o700"
 
 
 def _free_port() -> int:
