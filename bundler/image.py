@@ -72,6 +72,7 @@ from bundler.errors import (
 )
 from bundler.hashing import sha256_file
 from bundler.integrity import Limits, check_and_extract
+from bundler.offline_install import installer_knows
 from bundler.subproc import last_lines
 
 log = logging.getLogger("bundler")
@@ -669,10 +670,7 @@ def normalise_base(raw: Path, out: IO[bytes]) -> list[dict[str, str]]:
 def installer_names_release(installer: Path) -> bool:
     """Whether the bundle's installer takes ``--release`` (bundles made before it did not:
     their image's venv layer then carries the bundle's digest in its paths)."""
-    try:
-        return '"--release"' in installer.read_text(errors="replace")
-    except OSError:
-        return False
+    return installer_knows(installer, "--release")
 
 
 def install_in_root(root: Path, bundle_dir: str, python: str, release: str | None) -> None:
@@ -1070,9 +1068,22 @@ def render_inspect(info: dict[str, Any]) -> str:
     return "\n".join(shown(line, 4000) for line in lines)
 
 
+def check_engine(summary: dict[str, Any]) -> str:
+    """The engine ``bin/diarize --json`` says it ran (its summary, ``summary``): an image
+    must run the onnx engine, which its installer exported and checked inside the base;
+    anything else is a SmokeError that names the engine and why (``engine_note``)."""
+    engine = summary.get("engine")
+    if engine != "onnx":
+        note = summary.get("engine_note") or "bin/diarize gave no reason"
+        raise SmokeError(f"the image's {ENTRYPOINT} runs the {engine} engine, not onnx "
+                         f"(about 3x slower on a CPU): {note}")
+    return engine
+
+
 def self_test(archive: Path, runtime: str = "podman") -> dict[str, Any]:
     """Run the image's entrypoint on its bundled sample with no network, read-only, as
-    65534, and compare with the bundle's smoke/expected.json (when it has one)."""
+    65534, check that it ran the onnx engine (``check_engine``), and compare with the
+    bundle's smoke/expected.json (when it has one)."""
     from bundler.runtime.install import compare
 
     exe = shutil.which(runtime)
@@ -1092,6 +1103,12 @@ def self_test(archive: Path, runtime: str = "podman") -> dict[str, Any]:
         if res.returncode != 0:
             raise SmokeError(f"the image's {ENTRYPOINT} failed on its sample (exit "
                              f"{res.returncode}): {last_lines(res.stderr, 2)}")
+        try:
+            summary = json.loads(res.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise SmokeError(f"the image's {ENTRYPOINT} --json printed no summary: "
+                             f"{last_lines(res.stdout or res.stderr, 2)}") from None
+        engine = check_engine(summary if isinstance(summary, dict) else {})
         rttm = sorted(Path(out).glob("*.rttm"))
         segments: list[dict[str, Any]] = []
         for line in (rttm[0].read_text().splitlines() if rttm else []):
@@ -1120,7 +1137,7 @@ def self_test(archive: Path, runtime: str = "podman") -> dict[str, Any]:
         except Failure as exc:
             raise SmokeError(f"the image's result differs from smoke/expected.json: "
                              f"{exc}") from None
-    return {"ok": True, "image": info["digest"], "runtime": runtime,
+    return {"ok": True, "image": info["digest"], "runtime": runtime, "engine": engine,
             "segments": len(segments), "speakers": result["speakers"],
             "expected": "match" if matched else "absent"}
 

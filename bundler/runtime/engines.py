@@ -37,7 +37,6 @@ import json
 import math
 import os
 import sys
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -408,6 +407,8 @@ def read_receipt(receipt: Path | None) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise EngineUnavailable(f"cannot read {receipt}: {exc}") from None
     onnx = data.get("onnx") if isinstance(data, dict) else None
+    if isinstance(onnx, dict) and onnx.get("skipped"):
+        raise EngineUnavailable(f"no ONNX export in this install ({onnx['skipped']})")
     if not isinstance(onnx, dict) or onnx.get("ok") is not True:
         why = onnx.get("error") if isinstance(onnx, dict) else None
         raise EngineUnavailable(f"the install's ONNX check did not pass{': ' + why if why else ''}")
@@ -593,7 +594,6 @@ def export(release: Path, threads: int | None = None) -> dict[str, Any]:
     from pyannote.audio import Pipeline
     from pyannote.audio import __version__ as pyannote_version
 
-    started = time.perf_counter()
     threads = threads or usable_cores()
     torch.set_num_threads(threads)
     config = release / "config.yaml"
@@ -677,7 +677,8 @@ def export(release: Path, threads: int | None = None) -> dict[str, Any]:
         receipt_path.unlink(missing_ok=True)
     receipt["check"]["rttm"] = "identical" if got == want else "differs"
     receipt["check"]["segments"] = len(want)
-    receipt["seconds"] = round(time.perf_counter() - started, 1)
+    # No duration here: the receipt lands in an image's layer, which must be the same bytes
+    # on every build (the installer says how long the export took).
     problems = []
     if seg_diff > TOLERANCE:
         problems.append(f"segmentation scores differ by {seg_diff:.2e}")
