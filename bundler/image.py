@@ -756,6 +756,10 @@ def capture(root: Path, release: str) -> dict[str, list[Entry]]:
             return "venv"
         if name.startswith(rel_root + "models/") and not name.endswith((".yaml", ".yml")):
             return "models"
+        if name.startswith(rel_root + "onnx/"):
+            # The onnx engine's files (tens of MB), exported from the weights: they change
+            # with them, not with a parameter, so a parameter update stays a small layer.
+            return "models"
         return "config"
 
     layers: dict[str, dict[str, Entry]] = {"venv": {}, "models": {}, "config": {}}
@@ -905,7 +909,8 @@ def _build(bundle: Path, opts: ImageOptions, work: Path) -> ImageResult:
 
     has_asr = (root / PREFIX / "bin" / "transcribe").exists()
     holds = {"venv": f"/{PREFIX}/releases/{release}/venv: the Python environment",
-             "models": f"/{PREFIX}/releases/{release}/models: the model weights",
+             "models": f"/{PREFIX}/releases/{release}/models: the model weights (and "
+                       "onnx/, the onnx engine exported from them)",
              "config": f"/{PREFIX}: configs, runtime, samples, bin/diarize"
                        + (", bin/transcribe" if has_asr else "")}
     log.info("image: hashing the layers")

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import EMB, SEG, TINY_LOCK, TinyBundle
+from conftest import EMB, SEG, TINY_UV_LOCK, TinyBundle
 from e2e import podman_env, require_image_tools
 from forge import flip_byte
 
@@ -253,8 +253,9 @@ def base_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny_variant(folder: Path, cache: Path, threshold: float | None = None) -> Path:
-    """A tiny real bundle (six and pip, two small model files); with ``threshold``, the
-    same bundle with one clustering parameter changed."""
+    """A tiny real bundle (six, pip and uv, which installs it as it installs every real
+    bundle; two small model files); with ``threshold``, the same bundle with one
+    clustering parameter changed."""
     spec = load_recipe("speaker-diarization-3.1")
     if threshold is not None:
         config = json.loads(json.dumps(spec.config))
@@ -264,7 +265,7 @@ def tiny_variant(folder: Path, cache: Path, threshold: float | None = None) -> P
              HubRepo("pyannote/wespeaker-voxceleb-resnet34-LM", {"pytorch_model.bin": EMB})]
     with LoopbackHub(repos) as hub:
         opts = BuildOptions(output_dir=folder, cache_dir=cache, endpoint=hub.url,
-                            lockfile=TINY_LOCK)
+                            lockfile=TINY_UV_LOCK)
         return build(spec, opts).packed.path
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from conftest import TinyBundle
 
+from bundler import image
 from bundler.errors import SmokeError
 from bundler.image import check_engine
 from bundler.runtime import engines
@@ -74,3 +75,19 @@ def test_the_self_test_insists_on_the_onnx_engine() -> None:
         check_engine({"engine": "pytorch", "engine_requested": "auto", "engine_note": note})
     with pytest.raises(SmokeError, match="runs the None engine, not onnx.*gave no reason"):
         check_engine({})  # an entrypoint that reports no engine is not proven fast
+
+
+def test_an_images_onnx_files_share_the_models_layer(tmp_path: Path) -> None:
+    """The export changes with the weights, not with a parameter: in the models layer, a
+    one-parameter update's image still differs only in its small config layer."""
+    release = tmp_path / image.PREFIX / "releases" / image.RELEASE
+    for name in ("venv/bin/python3", "models/pyannote_model_x.bin", "onnx/segmentation.onnx",
+                 "onnx/embedding.onnx", "engines.json", "config.yaml"):
+        (release / name).parent.mkdir(parents=True, exist_ok=True)
+        (release / name).write_bytes(name.encode())
+    layers = {role: {e.name.split(f"{image.RELEASE}/", 1)[-1] for e in entries
+                     if e.kind == "file"} for role, entries
+              in image.capture(tmp_path, image.RELEASE).items()}
+    assert layers["models"] == {"models/pyannote_model_x.bin", "onnx/segmentation.onnx",
+                                "onnx/embedding.onnx"}
+    assert layers["config"] == {"engines.json", "config.yaml"}  # the host's check: small
