@@ -904,6 +904,12 @@ def _build(bundle: Path, opts: ImageOptions, work: Path) -> ImageResult:
     shutil.rmtree(root / SOURCE_DIR)
     receipt = json.loads((root / PREFIX / ".pyannote-bundle-receipt.json").read_text())
     release = str(receipt["current"])
+    onnx = (receipt.get("engines") or {}).get("onnx") or {}
+    if onnx.get("ok") is not True:  # said, never silent: the image is about 3x slower
+        log.warning("image: the onnx engine was not made inside the base (%s): the image "
+                    "diarizes with the pytorch engine",
+                    onnx.get("error") or onnx.get("skipped") or "this bundle's installer "
+                    "exports it only with its smoke test: rebuild the bundle")
     parts = capture(root, release)
     from bundler.runtime.recordings import OFFLINE_ENV
 
