@@ -428,10 +428,11 @@ def uv_install(wheel: Path, vpython: Path, work: Path, wheels: Path, lock: Path,
                 shutil.copyfileobj(src, dst, BUFSIZE)
         binary.chmod(0o755)
         say("installing the wheels offline with the bundled uv")
-        # UV_NO_INSTALLER_METADATA: no INSTALLER, REQUESTED, direct_url.json or
-        # uv_cache.json (the wheel's cache entry with the moment of this install) in any
-        # dist-info, nor their lines in RECORD: the same venv on every run and host, so an
-        # image's venv layer is the same blob (uv >= 0.5; pip writes nothing of the moment).
+        # UV_NO_INSTALLER_METADATA: no INSTALLER, REQUESTED, direct_url.json (the wheel's
+        # path) or uv_cache.json (stamped with the wheel file's mtime: the moment the bundle
+        # was unpacked) in any dist-info, nor their lines in RECORD: the same venv on every
+        # run and host, so an image's venv layer is the same blob (uv >= 0.5; pip writes
+        # nothing of the moment).
         # Bytecode: py_compile's default, hash-checked when SOURCE_DATE_EPOCH is set (the
         # image sets it), else stamped with the sources' mtimes, as pip does.
         env = child_env({"UV_NO_CONFIG": "1", "UV_CACHE_DIR": str(work / "cache"),
