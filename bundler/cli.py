@@ -389,7 +389,8 @@ def inspect_cmd(bundle: Path, as_json: bool) -> None:
               help="Where the default base is kept between builds.")
 @click.option("--self-test", "self_test", is_flag=True,
               help="Then run the image with podman (no network, read-only root, user "
-                   "65534) on its bundled sample and compare with smoke/expected.json. "
+                   "65534) on its bundled sample, check that it ran the onnx engine, and "
+                   "compare with smoke/expected.json. "
                    "With an IMAGE.oci.tar instead of a bundle: only that.")
 @allowed_signers_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -448,7 +449,8 @@ def image_cmd(bundle: Path | None, output: Path | None, base: str | None, tag: s
         alone = run_self_test(bundle)
         click.echo(_json.dumps({"self_test": alone}) if as_json else
                    f"self-test: ok - {alone['segments']} segments, {alone['speakers']} "
-                   f"speakers, expected result: {alone['expected']}")
+                   f"speakers, engine {alone['engine']}, expected result: "
+                   f"{alone['expected']}")
         return
     if output is None:
         raise InputError("image needs --output DIR")
@@ -462,7 +464,8 @@ def image_cmd(bundle: Path | None, output: Path | None, base: str | None, tag: s
         click.echo(render_result(res))
         if tested:
             click.echo(f"self-test: ok - {tested['segments']} segments, "
-                       f"{tested['speakers']} speakers, expected result: {tested['expected']}")
+                       f"{tested['speakers']} speakers, engine {tested['engine']}, expected "
+                       f"result: {tested['expected']}")
 
 
 @cli.command("delta")

@@ -75,6 +75,7 @@ from bundler.errors import (
 )
 from bundler.hashing import sha256_file
 from bundler.integrity import Limits, check_and_extract
+from bundler.offline_install import installer_knows
 from bundler.subproc import last_lines
 
 log = logging.getLogger("bundler")
@@ -836,10 +837,7 @@ def normalise_base(raw: Path, out: IO[bytes]) -> list[dict[str, str]]:
 def installer_names_release(installer: Path) -> bool:
     """Whether the bundle's installer takes ``--release`` (bundles made before it did not:
     their image's venv layer then carries the bundle's digest in its paths)."""
-    try:
-        return '"--release"' in installer.read_text(errors="replace")
-    except OSError:
-        return False
+    return installer_knows(installer, "--release")
 
 
 # Run inside the installer's namespaces, in the staged root (the working folder): a /dev of
@@ -1012,6 +1010,10 @@ def capture(root: Path, release: str) -> dict[str, list[Entry]]:
             return "venv"
         if name.startswith(rel_root + "models/") and not name.endswith((".yaml", ".yml")):
             return "models"
+        if name.startswith(rel_root + "onnx/"):
+            # The onnx engine's files (tens of MB), exported from the weights: they change
+            # with them, not with a parameter, so a parameter update stays a small layer.
+            return "models"
         return "config"
 
     layers: dict[str, dict[str, Entry]] = {"venv": {}, "models": {}, "config": {}}
@@ -1118,14 +1120,15 @@ def build_image(bundle: Path, opts: ImageOptions) -> ImageResult:
 def _build(bundle: Path, opts: ImageOptions, work: Path) -> ImageResult:
     root = work / "root"
     root.mkdir()
-    signer = None
+    signer = sidecar = None
     if opts.allowed_signers is not None:  # before a byte of the bundle is read, as verify
-        from bundler.bundlefile import sidecar_path, whole
+        from bundler.bundlefile import whole
         from bundler.signing import verify_signature
 
-        signer = verify_signature(sidecar_path(whole(bundle)), opts.allowed_signers)
+        # the digest the bundle must match comes from the very bytes the signature covers
+        sidecar, signer = verify_signature(whole(bundle), opts.allowed_signers)
     log.info("image: checking %s", bundle.name)
-    integrity = check_and_extract(bundle, root / SOURCE_DIR, Limits())
+    integrity = check_and_extract(bundle, root / SOURCE_DIR, Limits(), sidecar=sidecar)
     manifest = integrity.manifest
     target = manifest.get("target") or {}
     want_py, arch = str(target.get("python")), str(target.get("arch"))
@@ -1164,12 +1167,19 @@ def _build(bundle: Path, opts: ImageOptions, work: Path) -> ImageResult:
     shutil.rmtree(root / SOURCE_DIR)
     receipt = json.loads((root / PREFIX / ".pyannote-bundle-receipt.json").read_text())
     release = str(receipt["current"])
+    onnx = (receipt.get("engines") or {}).get("onnx") or {}
+    if onnx.get("ok") is not True:  # said, never silent: the image is about 3x slower
+        log.warning("image: the onnx engine was not made inside the base (%s): the image "
+                    "diarizes with the pytorch engine",
+                    onnx.get("error") or onnx.get("skipped") or "this bundle's installer "
+                    "exports it only with its smoke test: rebuild the bundle")
     parts = capture(root, release)
     from bundler.runtime.recordings import OFFLINE_ENV
 
     has_asr = (root / PREFIX / "bin" / "transcribe").exists()
     holds = {"venv": f"/{PREFIX}/releases/{release}/venv: the Python environment",
-             "models": f"/{PREFIX}/releases/{release}/models: the model weights",
+             "models": f"/{PREFIX}/releases/{release}/models: the model weights (and "
+                       "onnx/, the onnx engine exported from them)",
              "config": f"/{PREFIX}: configs, runtime, samples, bin/diarize"
                        + (", bin/transcribe" if has_asr else "")}
     log.info("image: hashing the layers")
@@ -1341,9 +1351,22 @@ def render_inspect(info: dict[str, Any]) -> str:
     return "\n".join(shown(line, 4000) for line in lines)
 
 
+def check_engine(summary: dict[str, Any]) -> str:
+    """The engine ``bin/diarize --json`` says it ran (its summary, ``summary``): an image
+    must run the onnx engine, which its installer exported and checked inside the base;
+    anything else is a SmokeError that names the engine and why (``engine_note``)."""
+    engine = summary.get("engine")
+    if engine != "onnx":
+        note = summary.get("engine_note") or "bin/diarize gave no reason"
+        raise SmokeError(f"the image's {ENTRYPOINT} runs the {engine} engine, not onnx "
+                         f"(about 3x slower on a CPU): {note}")
+    return engine
+
+
 def self_test(archive: Path, runtime: str = "podman") -> dict[str, Any]:
     """Run the image's entrypoint on its bundled sample with no network, read-only, as
-    65534, and compare with the bundle's smoke/expected.json (when it has one)."""
+    65534, check that it ran the onnx engine (``check_engine``), and compare with the
+    bundle's smoke/expected.json (when it has one)."""
     from bundler.runtime.install import compare
 
     exe = shutil.which(runtime)
@@ -1369,6 +1392,12 @@ def self_test(archive: Path, runtime: str = "podman") -> dict[str, Any]:
         if res.returncode != 0:
             raise SmokeError(f"the image's {ENTRYPOINT} failed on its sample (exit "
                              f"{res.returncode}): {last_lines(res.stderr, 2)}")
+        try:
+            summary = json.loads(res.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise SmokeError(f"the image's {ENTRYPOINT} --json printed no summary: "
+                             f"{last_lines(res.stdout or res.stderr, 2)}") from None
+        engine = check_engine(summary if isinstance(summary, dict) else {})
         # The one file diarize writes for it (not any *.rttm the container left there),
         # never read through a link the container made.
         rttm = out / f"{PurePosixPath(sample).name}.rttm"
@@ -1400,7 +1429,7 @@ def self_test(archive: Path, runtime: str = "podman") -> dict[str, Any]:
         except Failure as exc:
             raise SmokeError(f"the image's result differs from smoke/expected.json: "
                              f"{exc}") from None
-    return {"ok": True, "image": info["digest"], "runtime": runtime,
+    return {"ok": True, "image": info["digest"], "runtime": runtime, "engine": engine,
             "segments": len(segments), "speakers": result["speakers"],
             "expected": "match" if matched else "absent"}
 

@@ -96,14 +96,25 @@ def check_interpreter(manifest: dict[str, Any], python: str = sys.executable) ->
     return {"python": have_py, "platform": f"linux_{have_arch}", "interpreter": python}
 
 
+def installer_knows(installer: Path, option: str) -> bool:
+    """Whether the bundle's installer takes ``option`` (a bundle made by an older
+    pyannote-bundle ships an installer without it)."""
+    try:
+        return f'"{option}"' in installer.read_text(errors="replace")
+    except OSError:
+        return False
+
+
 def run_installer(bundle: Path, prefix: Path, python: str, *, smoke: bool = True,
                   use_pip: bool = False, skip_integrity: bool = False,
-                  compile_bytecode: bool = True, throwaway: bool = False) -> dict[str, Any]:
+                  compile_bytecode: bool = True, throwaway: bool = False,
+                  export: bool = True) -> dict[str, Any]:
     """Run ``bundle/runtime/install.py PREFIX --json`` with ``python`` (as install.sh runs
     it) and return its report; raise the error its exit status stands for. Its progress
     lines are passed on as they come. ``compile_bytecode=False`` for an install that is
     removed once it has been proven; ``throwaway`` too: no service user will run it, so
-    whether one could is not asked."""
+    whether one could is not asked. ``export=False``: no onnx export (``--no-export``), for
+    an install nothing will run."""
     argv = [python, "-I", str(bundle / layout.INSTALLER), str(prefix), "--json"]
     if not smoke:
         argv.append("--no-smoke")
@@ -115,6 +126,8 @@ def run_installer(bundle: Path, prefix: Path, python: str, *, smoke: bool = True
         argv.append("--no-compile")
     if throwaway:
         argv.append("--no-user-check")
+    if not export and installer_knows(bundle / layout.INSTALLER, "--no-export"):
+        argv.append("--no-export")  # a bundle's older installer exports only with its smoke
     log.debug("run: %s", " ".join(argv))
     try:
         proc = subprocess.Popen(argv, env=clean_env(), stdin=subprocess.DEVNULL,

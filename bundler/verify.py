@@ -68,9 +68,11 @@ def verify(tarball: Path, opts: VerifyOptions) -> dict[str, Any]:
         # torch for it would cost more than the smoke test imports. One that stays
         # (--prefix, --keep) is compiled, as install.sh does.
         temporary = opts.prefix is None and not opts.keep
+        # The onnx export is for what runs the install: the smoke test, or the users of a
+        # kept prefix; an install removed unsmoked would export for nobody.
         installed = run_installer(integrity.root, prefix, python, smoke=opts.smoke,
                                   use_pip=opts.use_pip, compile_bytecode=not temporary,
-                                  throwaway=temporary)
+                                  throwaway=temporary, export=opts.smoke or not temporary)
         report["host"] = installed["host"]
         report["install"] = {**installed["install"], "integrity": installed["integrity"]}
         # The config names the release's own paths (absolute, valid across upgrades).

@@ -678,14 +678,32 @@ def check_image_of_real_bundle(tarball: Path, work: Path) -> dict[str, Any]:
         assert proc.returncode == 0, proc.stderr[-4000:]
         report["self_test"] = json.loads(proc.stdout)["self_test"]
         assert report["self_test"]["ok"] and report["self_test"]["expected"] == "match"
+        # The installer exported and checked the onnx engine inside the base (the image is
+        # installed with --no-smoke): the image diarizes with it.
+        assert report["self_test"]["engine"] == "onnx", report["self_test"]
         image_id = report["config_digest"].split(":")[1]  # podman's image id: in storage now
         ran = run("podman", "run", "--rm", "--network", "none", "--read-only", "--user",
                   "65534:65534", "-v", f"{corpus}:/work:ro", "-v", f"{rttm}:/out", image_id,
-                  "/work", "--output-dir", "/out", env=env, timeout=1800)
+                  "/work", "--output-dir", "/out", "--json", env=env, timeout=1800)
         assert ran.returncode == 0, ran.stderr[-3000:]
+        summary = json.loads(ran.stdout.strip().splitlines()[-1])
+        assert summary["engine"] == "onnx" and not summary.get("engine_note"), summary
         made = sorted(p.name for p in rttm.iterdir())
         assert made == sorted(f"{p.name}.rttm" for p in corpus.iterdir()), made
         for p in rttm.iterdir():
             assert p.read_text().startswith("SPEAKER "), p.read_text()[:200]
+    shutil.rmtree(out)
+    return report
+
+
+def image_again(tarball: Path, work: Path) -> dict[str, Any]:
+    """A second ``pyannote-bundle image`` of ``tarball`` (no self-test), under umask 077
+    and another TZ: its report. The archive is removed once its digests are read."""
+    out = work / "image-again"
+    proc = run("sh", "-c", 'umask 077 && exec "$@"', "sh", "pyannote-bundle", "image",
+               str(tarball), "--output", str(out), "--json",
+               env={**os.environ, "TZ": "Asia/Kathmandu"}, timeout=3600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report: dict[str, Any] = json.loads(proc.stdout)
     shutil.rmtree(out)
     return report

@@ -36,6 +36,7 @@ from e2e import (
     check_slurm_job_array_from_the_docs,
     check_transcribe_on_real_speech,
     diarize_as_nobody,
+    image_again,
     installed_by_install_sh,
     output_dir,
     require_image_tools,
@@ -367,8 +368,9 @@ def test_image_of_the_bundle_diarizes_in_podman_offline_read_only_as_nobody(
         tarball: Path, tmp_path: Path) -> None:
     """`pyannote-bundle image` of this bundle: its self-test (podman, no network, read-only
     root, user 65534, the sample against smoke/expected.json), then podman on a mounted
-    folder of recordings writes an RTTM per file. tests/test_image.py proves that a
-    parameter update changes only the config layer; here, that layer's share of the image."""
+    folder of recordings writes an RTTM per file, with the onnx engine. tests/test_image.py
+    proves that a parameter update changes only the config layer; here, that layer's share
+    of the image, and that a second image of the bundle is the same image."""
     require_image_tools()
     report = check_image_of_real_bundle(tarball, tmp_path)
     sizes = {x["role"]: x["size"] for x in report["layers"]}
@@ -379,3 +381,11 @@ def test_image_of_the_bundle_diarizes_in_podman_offline_read_only_as_nobody(
     # The release has the same name in every image: the venv layer's paths do not carry
     # the bundle's digest.
     assert "/opt/diarization/releases/image/venv" in report["layers"][1]["holds"]
+    # Reproducible for the real bundle, not only a tiny one: a second image of it, minutes
+    # later, under umask 077 and another TZ, is the same image. Its venv layer (7.9 GB) is
+    # the same blob (uv wrote uv_cache.json, stamped with the moment the bundle was
+    # unpacked, into every dist-info), and its models layer too, which holds the onnx
+    # files: the export of the same checkpoints is the same bytes.
+    again = image_again(tarball, tmp_path)
+    assert [x["digest"] for x in again["layers"]] == [x["digest"] for x in report["layers"]]
+    assert again["digest"] == report["digest"]

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import EMB, SEG, TINY_LOCK, TinyBundle
+from conftest import EMB, SEG, TINY_UV_LOCK, TinyBundle
 from e2e import podman_env, require_image_tools
 from forge import flip_byte
 
@@ -540,8 +540,9 @@ def base_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny_variant(folder: Path, cache: Path, threshold: float | None = None) -> Path:
-    """A tiny real bundle (six and pip, two small model files); with ``threshold``, the
-    same bundle with one clustering parameter changed."""
+    """A tiny real bundle (six, pip and uv, which installs it as it installs every real
+    bundle; two small model files); with ``threshold``, the same bundle with one
+    clustering parameter changed."""
     spec = load_recipe("speaker-diarization-3.1")
     if threshold is not None:
         config = json.loads(json.dumps(spec.config))
@@ -551,7 +552,7 @@ def tiny_variant(folder: Path, cache: Path, threshold: float | None = None) -> P
              HubRepo("pyannote/wespeaker-voxceleb-resnet34-LM", {"pytorch_model.bin": EMB})]
     with LoopbackHub(repos) as hub:
         opts = BuildOptions(output_dir=folder, cache_dir=cache, endpoint=hub.url,
-                            lockfile=TINY_LOCK)
+                            lockfile=TINY_UV_LOCK)
         return build(spec, opts).packed.path
 
 
@@ -658,6 +659,7 @@ with open(os.path.join(out, "sample.wav.rttm"), "w") as f:
     f.writelines(line.format(t, f"S{{t % 2}}") for t in range(4))
 with open("{log}", "w") as f:
     f.write(oct(os.stat(os.path.dirname(out)).st_mode & 0o777))
+print('{{"ok": true, "engine": "onnx"}}')
 """
 
 

@@ -1,6 +1,6 @@
 """Install an unpacked pyannote bundle into a prefix, offline: the one installer.
 
-    python3 -I runtime/install.py PREFIX [--json] [--no-smoke] [--pip]
+    python3 -I runtime/install.py PREFIX [--json] [--no-smoke] [--no-export] [--pip]
 
 ``install.sh`` runs this file after it has found the target's Python, and ``pyannote-bundle
 verify`` runs the very same file from the unpacked bundle: what verify proves is what the
@@ -21,10 +21,12 @@ with the host's interpreter). In order:
 5. the onnx engine (``runtime/engines.py export``): the segmentation model and the embedding
    trunk exported to ONNX from the release's checkpoints and checked against PyTorch on the
    sample, network disabled; recorded by sha256 in ``engines.json`` and the receipt (a
-   failure is a warning: ``bin/diarize`` then runs the pytorch engine);
-   then the smoke test in that release, in a fresh network namespace where the host allows one:
-   ``bin/diarize`` on the bundled sample as wav, mp3 and m4a, compared with
-   ``smoke/expected.json`` when the bundle carries it;
+   failure is a warning: ``bin/diarize`` then runs the pytorch engine, and its ``--json``
+   says why in ``engine_note``). Made with ``--no-smoke`` too (``pyannote-bundle image``
+   installs so); ``--no-export`` skips it, and ``engines.json`` says so;
+   then, unless ``--no-smoke``, the smoke test in that release, in a fresh network
+   namespace where the host allows one: ``bin/diarize`` on the bundled sample as wav, mp3
+   and m4a, compared with ``smoke/expected.json`` when the bundle carries it;
 6. only then the switch, in one rename: ``PREFIX/current`` points at the new release, and
    ``PREFIX/config.yaml``, ``pyannote.env``, ``bin/diarize``, ``venv``, ... point through
    ``current``, so the paths users know keep working across upgrades. The previous release
@@ -426,8 +428,16 @@ def uv_install(wheel: Path, vpython: Path, work: Path, wheels: Path, lock: Path,
                 shutil.copyfileobj(src, dst, BUFSIZE)
         binary.chmod(0o755)
         say("installing the wheels offline with the bundled uv")
+        # UV_NO_INSTALLER_METADATA: no INSTALLER, REQUESTED, direct_url.json (the wheel's
+        # path) or uv_cache.json (stamped with the wheel file's mtime: the moment the bundle
+        # was unpacked) in any dist-info, nor their lines in RECORD: the same venv on every
+        # run and host, so an image's venv layer is the same blob (uv >= 0.5; pip writes
+        # nothing of the moment).
+        # Bytecode: py_compile's default, hash-checked when SOURCE_DATE_EPOCH is set (the
+        # image sets it), else stamped with the sources' mtimes, as pip does.
         env = child_env({"UV_NO_CONFIG": "1", "UV_CACHE_DIR": str(work / "cache"),
-                         "UV_PYTHON_DOWNLOADS": "never", "UV_NO_PROGRESS": "1"})
+                         "UV_PYTHON_DOWNLOADS": "never", "UV_NO_PROGRESS": "1",
+                         "UV_NO_INSTALLER_METADATA": "1"})
         res = run([str(binary), "pip", "install", "--offline", "--no-index", "--find-links",
                    str(wheels), "--require-hashes", "-r", str(lock), "--python", str(vpython),
                    "--link-mode", "hardlink", "--quiet",
@@ -545,6 +555,7 @@ def export_engines(release: Path) -> dict[str, Any]:
     if not (release / ENGINES).is_file():
         return {"ok": None, "skipped": "this bundle has no runtime/engines.py"}
     name, wrap, _guard = isolation()
+    started = time.monotonic()
     home = tempfile.mkdtemp(prefix="pyannote-bundle-export-home-")
     env = {"PATH": "/usr/bin:/bin", "HOME": home, "LANG": "C.UTF-8"}
     say(f"onnx engine: exporting the segmentation model and the embedding trunk, checked "
@@ -562,12 +573,22 @@ def export_engines(release: Path) -> dict[str, Any]:
         write_json(release / ENGINES_RECEIPT, {"onnx": onnx})
     if onnx.get("ok"):
         check = onnx.get("check") or {}
-        say(f"onnx engine: ready (embeddings within {check.get('embedding_max_abs_diff', 0):.1e}, "
-            f"segmentation within {check.get('segmentation_max_abs_diff', 0):.1e}, RTTM "
-            f"{check.get('rttm')})")
+        say(f"onnx engine: ready in {time.monotonic() - started:.0f} s (embeddings within "
+            f"{check.get('embedding_max_abs_diff', 0):.1e}, segmentation within "
+            f"{check.get('segmentation_max_abs_diff', 0):.1e}, RTTM {check.get('rttm')})")
     else:
         say(f"warning: onnx engine not used on this host: {onnx.get('error')}; bin/diarize "
             "runs the pytorch engine")
+    return onnx
+
+
+def skip_export(release: Path, why: str) -> dict[str, Any]:
+    """No onnx export, and ``engines.json`` says why: ``bin/diarize --json`` then reports
+    the pytorch engine with that reason as its ``engine_note``."""
+    onnx: dict[str, Any] = {"ok": None, "skipped": why}
+    if (release / ENGINES).is_file():
+        write_json(release / ENGINES_RECEIPT, {"onnx": onnx})
+    say(f"onnx engine: not exported ({why}); bin/diarize runs the pytorch engine")
     return onnx
 
 
@@ -692,7 +713,10 @@ def check_release_name(name: str | None) -> None:
 
 def install(bundle: Path, prefix: Path, *, do_smoke: bool = True, use_pip: bool = False,
             skip_integrity: bool = False, compile_bytecode: bool = True,
-            user_check: bool = True, release_name: str | None = None) -> dict[str, Any]:
+            user_check: bool = True, release_name: str | None = None,
+            do_export: bool = True) -> dict[str, Any]:
+    """Install ``bundle`` into ``prefix``, steps 1-6 of this module's docstring; the report
+    that ``--json`` prints. Raises Failure (one line, an exit code)."""
     check_release_name(release_name)
     check_prefix_name(prefix)
     prefix = resolve_prefix(prefix)
@@ -728,7 +752,7 @@ def install(bundle: Path, prefix: Path, *, do_smoke: bool = True, use_pip: bool 
                 remove_ours(prefix, receipt, stale)
             report["install"] = _install_release(bundle, prefix, receipt, manifest, do_smoke,
                                                  use_pip, compile_bytecode, report,
-                                                 user_check, release_name)
+                                                 user_check, release_name, do_export)
         except BaseException:
             abandon(prefix, receipt)
             raise
@@ -742,7 +766,8 @@ def _install_release(bundle: Path, prefix: Path, receipt: dict[str, Any],
                      manifest: dict[str, Any], do_smoke: bool, use_pip: bool,
                      compile_bytecode: bool, report: dict[str, Any],
                      user_check: bool = True,
-                     release_name: str | None = None) -> dict[str, Any]:
+                     release_name: str | None = None,
+                     do_export: bool = True) -> dict[str, Any]:
     started = time.monotonic()
     serial = int(receipt.get("serial", 0)) + 1
     digest = hashlib.sha256((bundle / CHECKSUMS).read_bytes()).hexdigest() \
@@ -784,8 +809,11 @@ def _install_release(bundle: Path, prefix: Path, receipt: dict[str, Any],
             say(f"warning: only root can use this install: {'; '.join(closed)}; {fix}")
         report["service_users"] = {"ok": not closed, "problems": closed} if user_check \
             else {"ok": None, "skipped": True}
+        # The export is the install's, not the smoke test's: an install made without the
+        # smoke run (an image's, a sysadmin's --no-smoke) gets the fast engine all the same.
+        report["engines"] = {"onnx": export_engines(release) if do_export
+                             else skip_export(release, "installed with --no-export")}
         if do_smoke:
-            report["engines"] = {"onnx": export_engines(release)}
             result = smoke(release)
             if (bundle / EXPECTED).is_file():
                 compare(result, json.loads((bundle / EXPECTED).read_text()))
@@ -868,6 +896,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--json", action="store_true", help="print a report on stdout")
         parser.add_argument("--no-smoke", action="store_true",
                             help="install without the smoke test (the switch is not proven)")
+        parser.add_argument("--no-export", action="store_true",
+                            help="do not export the onnx engine (bin/diarize then runs the "
+                                 "pytorch engine, and --json says why)")
         parser.add_argument("--pip", action="store_true",
                             help="install the wheels with the bundled pip instead of uv")
         parser.add_argument("--no-compile", action="store_true",
@@ -894,7 +925,7 @@ def main(argv: list[str] | None = None) -> int:
                          skip_integrity=args.skip_integrity,
                          compile_bytecode=not args.no_compile,
                          user_check=not args.no_user_check,
-                         release_name=args.release)
+                         release_name=args.release, do_export=not args.no_export)
     except Failure as exc:
         say(str(exc))
         if as_json:
