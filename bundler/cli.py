@@ -515,7 +515,7 @@ def apply_cmd(delta: Path, base: Path, output: Path, as_json: bool,
     beside it, so sha256sum -c, verify and install.sh work on it as on the original.
     A wrong base, a damaged delta or one whose signature does not verify: exit 10; cannot
     write: exit 5; nothing is left in --output. Without this tool: check the signature
-    with ssh-keygen -Y verify (see the README), then tar -xf DELTA && python3
+    with ssh-keygen -Y verify (see docs/installing.md), then tar -xf DELTA && python3
     <folder>/apply.py --base OLD --output DIR.
 
     \b

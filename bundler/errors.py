@@ -11,7 +11,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-# Exit codes: a public contract, documented in `--help` and the README.
+# Exit codes: a public contract, documented in `--help` and docs/reference.md.
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2

@@ -136,7 +136,7 @@ def assert_diarized(out: Path, rel: str) -> dict[str, Any]:
 
 def check_diarize_on_real_recordings(inst: Installed, expect_exclusive: bool,
                                      rerun_and_shards: bool = True) -> None:
-    """What bin/diarize promises, on one installed bundle: every container the README names,
+    """What bin/diarize promises, on one installed bundle: every container docs/diarize.md names,
     as nobody, offline, from a read-only prefix; the corrupt file named; no connection
     attempt, seen from outside; with ``rerun_and_shards``, nothing re-done and shards that
     cover the corpus exactly once. Those two are bin/diarize's own code before any pipeline

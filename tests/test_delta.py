@@ -555,20 +555,21 @@ def test_apply_allowed_signers_checks_the_delta_before_reading_it(
     refused(tmp_path / d.name[:-4], allowed, 2, "not an unpacked folder")
 
 
-def _readme_command(prefix: str) -> str:
-    """The command line of the README's "Apply an update" that starts with ``prefix``."""
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    section = readme.split("## Apply an update", 1)[1].split("\n## ", 1)[0]
+def _docs_command(prefix: str) -> str:
+    """The command line of docs/installing.md's "Apply an update" that starts with
+    ``prefix``."""
+    docs = (Path(__file__).parent.parent / "docs" / "installing.md").read_text()
+    section = docs.split("\n## Apply an update\n", 1)[1].split("\n## ", 1)[0]
     (line,) = [ln.strip() for ln in section.splitlines() if ln.strip().startswith(prefix)]
     return line
 
 
-def test_the_readmes_python3_only_check_passes_a_signed_delta_and_refuses_a_forged_one(
+def test_the_docs_python3_only_check_passes_a_signed_delta_and_refuses_a_forged_one(
         signed: dict[str, Path], tmp_path: Path) -> None:
-    """Exactly the README's ssh-keygen line (its example name replaced by the real one),
-    with sh, in the folder that holds the delta and allowed_signers."""
-    verify_line = _readme_command("ssh-keygen -Y verify")
-    sums_line = _readme_command("sha256sum -c")
+    """Exactly the ssh-keygen line of docs/installing.md (its example name replaced by the
+    real one), with sh, in the folder that holds the delta and allowed_signers."""
+    verify_line = _docs_command("ssh-keygen -Y verify")
+    sums_line = _docs_command("sha256sum -c")
     example = "NEW.from-0123456789ab.delta.tar"
     assert example in verify_line and "-n pyannote-bundle" in verify_line
 

@@ -280,7 +280,8 @@ def test_auto_device_falls_back_to_cpu_with_one_line_for_an_old_driver(
 
 
 def test_recordings_people_have_decode_to_16k_mono(tmp_path: Path) -> None:
-    """Real files from real encoders: every container the README names, and a corrupt one."""
+    """Real files from real encoders: every container docs/diarize.md names, and a
+    corrupt one."""
     sys.path.insert(0, str(Path(__file__).parent))
     import media
 

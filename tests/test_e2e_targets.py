@@ -12,7 +12,8 @@ CI proves two targets, each by its own road from the build host:
 
 With ``PYANNOTE_BUNDLE_ALL_TARGETS=1`` every x86_64 target (3.9 for RHEL 9, 3.10, 3.12,
 3.13 for Debian 13) goes through `demo --target --python` (self-test and verify with that
-Python) and then install.sh: the command whose results the README's host table records.
+Python) and then install.sh: the command whose results docs/reference.md's host table
+records.
 
 The interpreters are this machine's (pyenv); the wheels come from PyPI through the shared
 cache, so each target costs about one torch wheel. Each bundle is removed when its test ends.
@@ -50,7 +51,7 @@ CASES = [
 
 @pytest.fixture(scope="module", autouse=True)
 def figures() -> Iterator[None]:
-    """What the README's host table records, printed at the end (pytest -s shows it)."""
+    """What docs/reference.md's host table records, printed at the end (pytest -s shows it)."""
     yield
     print("\nfigures:", json.dumps(FIGURES))
 

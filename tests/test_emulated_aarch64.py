@@ -9,7 +9,7 @@ Debian mirror for the arm64 root; about 15 minutes, most of it emulated):
 
 ``PYANNOTE_BUNDLE_ARM64_ROOT=DIR`` keeps the debootstrap'd root between runs (made when
 missing). CI does not run it: it needs binfmt_misc, which a CI container may not mount. The
-README records its last results.
+last results are recorded in docs/reference.md and docs/benchmarks.md.
 """
 
 from __future__ import annotations
