@@ -661,7 +661,7 @@ def demo_cmd(recipe: str, output: Path, index_url: str, extra_index_url: tuple[s
       pyannote-bundle demo --no-asr             # diarization only
       pyannote-bundle demo --target py312-linux-x86_64 --python /usr/bin/python3.12
     """
-    from bundler.demo import demo, dumps, summary
+    from bundler.demo.pipeline import demo, dumps, summary
     from bundler.spec import IndexOptions, Target
 
     target = Target.from_slug(target_slug) if target_slug else None
