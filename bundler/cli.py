@@ -23,6 +23,15 @@ def default_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pyannote-bundle"
 
 
+def cache_dir_option(help_text: str = "Downloaded wheels and Hub files, kept between builds."
+                     ) -> Callable[[F], F]:
+    """--cache-dir: what is kept between runs (build, lock, demo, rebuild, image)."""
+    return click.option("--cache-dir", type=click.Path(path_type=Path), default=default_cache,
+                        envvar="PYANNOTE_BUNDLE_CACHE",
+                        show_default="$PYANNOTE_BUNDLE_CACHE or ~/.cache/pyannote-bundle",
+                        help=help_text)
+
+
 def index_options(f: F) -> F:
     """pip's own option names, and nothing taken from the build machine's pip config."""
     for opt in reversed([
@@ -32,10 +41,7 @@ def index_options(f: F) -> F:
                      help="Another index to search; repeatable."),
         click.option("--find-links", multiple=True, metavar="PATH|URL",
                      help="A folder or page of wheels to search too; repeatable."),
-        click.option("--cache-dir", type=click.Path(path_type=Path), default=default_cache,
-                     envvar="PYANNOTE_BUNDLE_CACHE",
-                     show_default="$PYANNOTE_BUNDLE_CACHE or ~/.cache/pyannote-bundle",
-                     help="Downloaded wheels and Hub files, kept between builds."),
+        cache_dir_option(),
     ]):
         f = opt(f)
     return f
@@ -251,10 +257,7 @@ def verify_cmd(bundle: Path, prefix: Path | None, keep: bool, as_json: bool,
 @click.option("--lockfile", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="The lockfile the bundle was built with, when it is not a shipped one "
                    "(checked against the sha256 its manifest records).")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=default_cache,
-              envvar="PYANNOTE_BUNDLE_CACHE",
-              show_default="$PYANNOTE_BUNDLE_CACHE or ~/.cache/pyannote-bundle",
-              help="Downloaded wheels and Hub files, kept between builds.")
+@cache_dir_option()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @python_option
 def rebuild_cmd(bundle: Path, output: Path | None, lockfile: Path | None, cache_dir: Path,
@@ -327,10 +330,7 @@ def inspect_cmd(bundle: Path, as_json: bool) -> None:
 @click.option("--debian-mirror", default="http://deb.debian.org/debian", show_default=True,
               metavar="URL", help="Where mmdebstrap gets the default base's packages (a "
               "snapshot.debian.org URL pins them).")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=default_cache,
-              envvar="PYANNOTE_BUNDLE_CACHE",
-              show_default="$PYANNOTE_BUNDLE_CACHE or ~/.cache/pyannote-bundle",
-              help="Where the default base is kept between builds.")
+@cache_dir_option("Where the default base is kept between builds.")
 @click.option("--self-test", "self_test", is_flag=True,
               help="Then run the image with podman (no network, read-only root, user "
                    "65534) on its bundled sample, check that it ran the onnx engine, and "
