@@ -112,3 +112,16 @@ def test_the_core_imports_nothing_of_the_demo_package() -> None:
     assert {"bundler.build", "bundler.verify", "bundler.runtime.install"} <= core
     reached = {(name, dep) for name in core for dep in _reach(graph, name) & (demo | ADAPTERS)}
     assert reached == set()
+
+
+def test_the_cli_reaches_the_pipelines_only_through_commands() -> None:
+    """Click functions parse, call one function of ``bundler/commands/`` and render: the
+    modules whose work a command assembles are imported there, not by the CLI."""
+    graph = import_graph()
+    commands = {"bundler.commands.build", "bundler.commands.verify", "bundler.commands.rebuild",
+                "bundler.commands.inspect", "bundler.commands.image", "bundler.commands.lock"}
+    assert commands <= graph["bundler.cli"]
+    worked = {"bundler.build", "bundler.verify", "bundler.image", "bundler.lock",
+              "bundler.inspection", "bundler.models", "bundler.wheels", "bundler.pack"}
+    assert graph["bundler.cli"] & worked == set()
+    assert all(not dep.startswith("bundler.demo") for c in commands for dep in graph[c])
