@@ -476,7 +476,7 @@ def bench_diarize_cpu(prefix: Path, work: Path, count: int, minutes: float) -> d
     import yaml
 
     from bundler.cli import default_cache
-    from bundler.public_models import fetch_public_copy
+    from bundler.demo.public_models import fetch_public_copy
     from bundler.spec import IndexOptions
 
     venv_python = str(prefix / "venv/bin/python")

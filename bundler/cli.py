@@ -23,6 +23,15 @@ def default_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pyannote-bundle"
 
 
+def cache_dir_option(help_text: str = "Downloaded wheels and Hub files, kept between builds."
+                     ) -> Callable[[F], F]:
+    """--cache-dir: what is kept between runs (build, lock, demo, rebuild, image)."""
+    return click.option("--cache-dir", type=click.Path(path_type=Path), default=default_cache,
+                        envvar="PYANNOTE_BUNDLE_CACHE",
+                        show_default="$PYANNOTE_BUNDLE_CACHE or ~/.cache/pyannote-bundle",
+                        help=help_text)
+
+
 def index_options(f: F) -> F:
     """pip's own option names, and nothing taken from the build machine's pip config."""
     for opt in reversed([
@@ -32,10 +41,7 @@ def index_options(f: F) -> F:
                      help="Another index to search; repeatable."),
         click.option("--find-links", multiple=True, metavar="PATH|URL",
                      help="A folder or page of wheels to search too; repeatable."),
-        click.option("--cache-dir", type=click.Path(path_type=Path), default=default_cache,
-                     envvar="PYANNOTE_BUNDLE_CACHE",
-                     show_default="$PYANNOTE_BUNDLE_CACHE or ~/.cache/pyannote-bundle",
-                     help="Downloaded wheels and Hub files, kept between builds."),
+        cache_dir_option(),
     ]):
         f = opt(f)
     return f
@@ -77,6 +83,11 @@ def setup_logging(quiet: bool, verbose: bool) -> None:
     from bundler.progress import enable_bars
 
     enable_bars(not quiet)
+
+
+def echo_paths(paths: list[Path]) -> None:
+    """The files a command wrote, one path a line, as soon as they are written."""
+    click.echo("\n".join(str(p) for p in paths))
 
 
 @click.group(epilog=f"\b\nExit codes:\n{EXIT_TABLE}")
@@ -164,37 +175,14 @@ def build_cmd(recipe: str, spec_file: Path | None, output: Path, target_slug: st
     An update for a host that has OLD.tar, and volumes for removable media:
       pyannote-bundle build --spec new.toml --output out/ --base OLD.tar --split-size 4095M
     """
-    from bundler.build import BuildOptions, build
-    from bundler.bundlefile import parse_size
-    from bundler.errors import InputError
+    from bundler.commands.build import build_bundle
+    from bundler.spec import IndexOptions
 
-    size = parse_size(split_size) if split_size else None  # bad input fails before the build
-    if base is not None and compression != "none":
-        raise InputError("--base needs an uncompressed bundle: deltas are rebuilt byte for "
-                         "byte by python3 alone (drop --compression)")
-    from bundler.spec import IndexOptions, Target, load_recipe, load_spec, with_asr_model
-
-    target = Target.from_slug(target_slug) if target_slug else None
-    spec = load_spec(spec_file, target) if spec_file else load_recipe(recipe, target)
-    if asr_model:
-        spec = with_asr_model(spec, asr_model)
-    opts = BuildOptions(output_dir=output, cache_dir=cache_dir, lockfile=lockfile,
-                        index=IndexOptions(index_url, extra_index_url, find_links),
-                        compression=compression, endpoint=os.environ.get("HF_ENDPOINT"),
-                        token=os.environ.get("HF_TOKEN"), self_test=self_test,
-                        sign_key=sign_key, python=python)
-    result = build(spec, opts)
-    click.echo(f"{result.packed.path}\n{result.packed.sidecar}")
-    if base is not None:
-        from bundler.delta import make_delta
-
-        made = make_delta(base, result.packed.path, output, sign_key)
-        click.echo(f"{made.path}\n{made.sidecar}")
-    if size is not None:
-        from bundler.bundlefile import split
-
-        volumes = split(result.packed.path, size, output)
-        click.echo("\n".join(str(p) for p in [*volumes.parts, volumes.listing]))
+    build_bundle(recipe=recipe, spec_file=spec_file, output=output, target_slug=target_slug,
+                 lockfile=lockfile, index=IndexOptions(index_url, extra_index_url, find_links),
+                 cache_dir=cache_dir, compression=compression, self_test=self_test,
+                 python=python, sign_key=sign_key, base=base, split_size=split_size,
+                 asr_model=asr_model, written=echo_paths)
 
 
 @cli.command("verify")
@@ -241,7 +229,7 @@ def verify_cmd(bundle: Path, prefix: Path | None, keep: bool, as_json: bool,
     """
     import json as _json
 
-    from bundler.verify import VerifyOptions, verify
+    from bundler.commands.verify import render_text, verify_bundle
 
     if no_install:
         given = [name for name, value in (("--prefix", prefix), ("--python", python),
@@ -249,41 +237,17 @@ def verify_cmd(bundle: Path, prefix: Path | None, keep: bool, as_json: bool,
         if given:
             raise click.UsageError(f"--no-install installs nothing: drop {', '.join(given)}")
     try:
-        limits = Limits(max_bytes=max_bytes, max_members=max_members,
-                        max_member_bytes=min(max_bytes, Limits.max_member_bytes))
-        report = verify(bundle, VerifyOptions(prefix=prefix, keep=keep, smoke=not no_smoke,
-                                              limits=limits, hash_members=hash_members,
-                                              allowed_signers=allowed_signers,
-                                              python=python, use_pip=use_pip,
-                                              install=not no_install))
+        report = verify_bundle(bundle, prefix=prefix, keep=keep, smoke=not no_smoke,
+                               install=not no_install, max_bytes=max_bytes,
+                               max_members=max_members, hash_members=hash_members,
+                               allowed_signers=allowed_signers, python=python,
+                               use_pip=use_pip)
     except BundlerError as exc:
         if as_json:
             click.echo(_json.dumps(getattr(exc, "report", {"ok": False, "error": str(exc)})))
             sys.exit(exc.exit_code)
         raise
-    if as_json:
-        click.echo(_json.dumps(report))
-        return
-    integ = report["integrity"]
-    if "signature" in report:
-        click.echo(f"signature: ok (signed by {report['signature']['signer']})")
-    click.echo(f"integrity: ok ({integ['files']} files, sidecar {integ['sidecar']})")
-    if no_install:
-        slug = (report.get("target") or {}).get("slug")
-        click.echo("install:   skipped (--no-install)"
-                   + (f"; the bundle is for {slug}" if slug else ""))
-        return
-    click.echo(f"install:   ok ({report['install']['packages']} packages, "
-               f"{report['install']['seconds']} s)")
-    smoke = report["smoke"]
-    if smoke.get("skipped"):
-        click.echo("smoke:     skipped (--no-smoke)")
-    else:
-        formats = ", ".join(f"{fmt} {len(f['segments'])} segments"
-                            for fmt, f in smoke.get("formats", {}).items())
-        click.echo(f"smoke:     ok (bin/diarize: {formats}; {smoke['speakers']} speakers, "
-                   f"{smoke['seconds']} s; network: {report['network_isolation']}, "
-                   f"{smoke.get('network_attempts', 0)} connection attempts)")
+    click.echo(_json.dumps(report) if as_json else render_text(report, not no_install))
 
 
 @cli.command("rebuild")
@@ -293,10 +257,7 @@ def verify_cmd(bundle: Path, prefix: Path | None, keep: bool, as_json: bool,
 @click.option("--lockfile", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="The lockfile the bundle was built with, when it is not a shipped one "
                    "(checked against the sha256 its manifest records).")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=default_cache,
-              envvar="PYANNOTE_BUNDLE_CACHE",
-              show_default="$PYANNOTE_BUNDLE_CACHE or ~/.cache/pyannote-bundle",
-              help="Downloaded wheels and Hub files, kept between builds.")
+@cache_dir_option()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @python_option
 def rebuild_cmd(bundle: Path, output: Path | None, lockfile: Path | None, cache_dir: Path,
@@ -317,22 +278,18 @@ def rebuild_cmd(bundle: Path, output: Path | None, lockfile: Path | None, cache_
     """
     import json as _json
 
-    from bundler.errors import RebuildDiffers
-    from bundler.rebuild import RebuildOptions, rebuild, render_text
+    from bundler.commands.rebuild import rebuild_bundle, require_identical
+    from bundler.rebuild import render_text
 
     try:
-        report = rebuild(bundle, RebuildOptions(cache_dir=cache_dir, output_dir=output,
-                                                lockfile=lockfile,
-                                                endpoint=os.environ.get("HF_ENDPOINT"),
-                                                token=os.environ.get("HF_TOKEN"),
-                                                python=python))
+        report = rebuild_bundle(bundle, output=output, lockfile=lockfile, cache_dir=cache_dir,
+                                python=python)
     except BundlerError as exc:
         if as_json:  # one JSON object on stdout whatever happens; the line on stderr too
             click.echo(_json.dumps({"identical": False, "error": str(exc)}))
         raise
     click.echo(_json.dumps(report.as_dict()) if as_json else render_text(report))
-    if not report.comparison.identical:
-        raise RebuildDiffers(bundle.name, report.differing)
+    require_identical(bundle, report)
 
 
 @cli.command("inspect")
@@ -354,20 +311,10 @@ def inspect_cmd(bundle: Path, as_json: bool) -> None:
     """
     import json as _json
 
-    from bundler.delta import inspect_delta, is_delta, render_delta
-    from bundler.image import inspect_image, is_image, render_inspect
-    from bundler.inspection import inspect_bundle, render_text
+    from bundler.commands.inspect import inspect_file
 
-    if is_image(bundle):
-        iinfo = inspect_image(bundle)
-        click.echo(_json.dumps(iinfo) if as_json else render_inspect(iinfo))
-        return
-    if is_delta(bundle):
-        dinfo = inspect_delta(bundle)
-        click.echo(_json.dumps(dinfo) if as_json else render_delta(dinfo))
-        return
-    info = inspect_bundle(bundle)
-    click.echo(_json.dumps(info) if as_json else render_text(info))
+    info, render = inspect_file(bundle)
+    click.echo(_json.dumps(info) if as_json else render(info))
 
 
 @cli.command("image")
@@ -383,10 +330,7 @@ def inspect_cmd(bundle: Path, as_json: bool) -> None:
 @click.option("--debian-mirror", default="http://deb.debian.org/debian", show_default=True,
               metavar="URL", help="Where mmdebstrap gets the default base's packages (a "
               "snapshot.debian.org URL pins them).")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=default_cache,
-              envvar="PYANNOTE_BUNDLE_CACHE",
-              show_default="$PYANNOTE_BUNDLE_CACHE or ~/.cache/pyannote-bundle",
-              help="Where the default base is kept between builds.")
+@cache_dir_option("Where the default base is kept between builds.")
 @click.option("--self-test", "self_test", is_flag=True,
               help="Then run the image with podman (no network, read-only root, user "
                    "65534) on its bundled sample, check that it ran the onnx engine, and "
@@ -424,48 +368,12 @@ def image_cmd(bundle: Path | None, output: Path | None, base: str | None, tag: s
     be built, no user namespace, or the installer fails inside the base: 12; the
     self-test fails: 13. Nothing is left in --output on failure.
     """
-    import json as _json
+    from bundler.commands.image import make_image, render
 
-    from bundler.errors import InputError
-    from bundler.image import (
-        ImageOptions,
-        build_image,
-        is_image,
-        render_result,
-    )
-    from bundler.image import (
-        self_test as run_self_test,
-    )
-
-    if bundle is None:
-        raise InputError("image needs a BUNDLE (or an IMAGE.oci.tar with --self-test)")
-    if bundle.is_dir() and not is_image(bundle):
-        raise InputError(f"{bundle} is a folder: give a bundle tarball (or an image's OCI "
-                         "layout folder with --self-test)")
-    if is_image(bundle):
-        if not self_test:
-            raise InputError(f"{bundle.name} is an image already: use --self-test to run it, "
-                             "or `pyannote-bundle inspect` to read it")
-        alone = run_self_test(bundle)
-        click.echo(_json.dumps({"self_test": alone}) if as_json else
-                   f"self-test: ok - {alone['segments']} segments, {alone['speakers']} "
-                   f"speakers, engine {alone['engine']}, expected result: "
-                   f"{alone['expected']}")
-        return
-    if output is None:
-        raise InputError("image needs --output DIR")
-    res = build_image(bundle, ImageOptions(output_dir=output, cache_dir=cache_dir, base=base,
-                                           tag=tag, mirror=debian_mirror,
-                                           allowed_signers=allowed_signers))
-    tested = run_self_test(res.path) if self_test else None
-    if as_json:
-        click.echo(_json.dumps({**res.as_dict(), "self_test": tested}))
-    else:
-        click.echo(render_result(res))
-        if tested:
-            click.echo(f"self-test: ok - {tested['segments']} segments, "
-                       f"{tested['speakers']} speakers, engine {tested['engine']}, expected "
-                       f"result: {tested['expected']}")
+    outcome = make_image(bundle, output=output, cache_dir=cache_dir, base=base, tag=tag,
+                         mirror=debian_mirror, allowed_signers=allowed_signers,
+                         self_test=self_test)
+    click.echo(render(outcome, as_json))
 
 
 @cli.command("delta")
@@ -596,29 +504,13 @@ def lock_cmd(recipe: str, spec_file: Path | None, source: Path | None, output: P
       pyannote-bundle lock --recipe speaker-diarization-3.1 --target py312-linux-aarch64
       pyannote-bundle lock --check --output lockfiles/speaker-diarization-3.1-py311-linux-x86_64.txt
     """
-    from bundler.errors import LockError
-    from bundler.lock import check as check_lock
-    from bundler.lock import default_paths, lock
-    from bundler.spec import IndexOptions, Target, load_recipe, load_spec
+    from bundler.commands.lock import lock_recipe
+    from bundler.spec import IndexOptions
 
-    target = Target.from_slug(target_slug) if target_slug else None
-    spec = load_spec(spec_file, target) if spec_file else load_recipe(recipe, target)
-    if check and output is None:
-        from bundler.build import find_lockfile
-
-        output = find_lockfile(spec)
-    paths = default_paths(spec, output, source)
-    if check:
-        problems = check_lock(paths, spec.target)
-        if problems:
-            raise LockError(f"{paths.lockfile} is stale: {'; '.join(problems)}; run "
-                            "`pyannote-bundle lock` and commit the result")
-        click.echo(f"{paths.lockfile}: up to date with {paths.source.name}")
-        return
-    pins = lock(paths, spec.target,
-                spec.index(IndexOptions(index_url, extra_index_url, find_links)),
-                upgrade=upgrade)
-    click.echo(f"{paths.lockfile}: {len(pins)} packages pinned with hashes")
+    locked = lock_recipe(recipe=recipe, spec_file=spec_file, source=source, output=output,
+                         target_slug=target_slug, check=check, upgrade=upgrade,
+                         index=IndexOptions(index_url, extra_index_url, find_links))
+    click.echo(locked.render_text())
 
 
 @cli.command("demo")
@@ -661,7 +553,7 @@ def demo_cmd(recipe: str, output: Path, index_url: str, extra_index_url: tuple[s
       pyannote-bundle demo --no-asr             # diarization only
       pyannote-bundle demo --target py312-linux-x86_64 --python /usr/bin/python3.12
     """
-    from bundler.demo import demo, dumps, summary
+    from bundler.demo.pipeline import demo, dumps, summary
     from bundler.spec import IndexOptions, Target
 
     target = Target.from_slug(target_slug) if target_slug else None

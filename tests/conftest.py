@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from bundler.build import BuildOptions, build
-from bundler.loopback_hub import HubRepo, LoopbackHub
+from bundler.demo.hub import HubRepo, LoopbackHub
 from bundler.spec import Target, load_recipe
 
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"

@@ -546,7 +546,7 @@ def check_engines_match_pyannote(inst: Installed) -> dict[str, Any]:
     does."""
     import yaml
 
-    from bundler.public_models import fetch_public_copy
+    from bundler.demo.public_models import fetch_public_copy
     from bundler.spec import IndexOptions
 
     real = fetch_public_copy("pyannote/segmentation-3.0", tool_cache(), IndexOptions())

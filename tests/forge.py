@@ -23,8 +23,8 @@ from conftest import EMB, SEG, TINY_LOCK
 from hubfaults import FaultyHub
 
 from bundler import layout, render
+from bundler.demo.hub import HubRepo
 from bundler.hashing import sha256_file
-from bundler.loopback_hub import HubRepo
 from bundler.pack import Entry, pack
 from bundler.sbom import sbom_json
 

@@ -1,6 +1,6 @@
 """The loopback Hub's test doubles: fault injection, and the standalone server.
 
-``FaultyHub`` is ``bundler.loopback_hub.LoopbackHub`` that can answer with the faults a real
+``FaultyHub`` is ``bundler.demo.hub.LoopbackHub`` that can answer with the faults a real
 download meets (rate limits, 5xx, a dropped connection, corrupted bytes), so the builder's
 handling of each one is tested against the real ``huggingface_hub`` client.
 ``python tests/hubfaults.py --repo ORG/NAME=DIR`` serves folders as Hub repos until Ctrl-C
@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import cast
 
-from bundler.loopback_hub import Handler, HttpError, HubFile, HubRepo, LoopbackHub, gated_message
+from bundler.demo.hub import Handler, HttpError, HubFile, HubRepo, LoopbackHub, gated_message
 
 #: Faults ``FaultyHub.inject`` understands.
 FAULTS = frozenset({"401", "403", "404", "429", "500", "502", "503", "drop", "corrupt"})

@@ -21,9 +21,9 @@ from cyclonedx.validation.json import JsonStrictValidator
 
 from bundler import layout
 from bundler.build import BuildOptions, build
+from bundler.demo.hub import HubRepo, LoopbackHub
 from bundler.errors import WheelError
 from bundler.integrity import check_and_extract
-from bundler.loopback_hub import HubRepo, LoopbackHub
 from bundler.offline_install import make_venv
 from bundler.spec import IndexOptions, load_recipe
 from bundler.wheels import fetch_wheels

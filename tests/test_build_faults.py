@@ -16,7 +16,7 @@ from conftest import EMB, SEG, TinyBundle
 from forge import TOKEN, _build_argv, _hub
 
 from bundler import errors
-from bundler.loopback_hub import HubRepo, LoopbackHub
+from bundler.demo.hub import HubRepo, LoopbackHub
 from bundler.models import fetch_models
 from bundler.spec import IndexOptions, Target, load_recipe
 from bundler.wheels import fetch_wheels

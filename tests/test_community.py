@@ -12,12 +12,12 @@ from conftest import EMB, SEG, TINY_LOCK
 
 from bundler import errors
 from bundler.build import BuildOptions, build
-from bundler.loopback_hub import HubRepo, LoopbackHub
+from bundler.demo.hub import HubRepo, LoopbackHub
 from bundler.spec import load_recipe
 from bundler.traps import check_config, check_pipeline
 
-ASSETS = Path(__file__).parent.parent / "bundler" / "assets"
-CONFIG = (ASSETS / "community-1-config.yaml").read_bytes()
+DEMO = Path(__file__).parent.parent / "bundler" / "demo"
+CONFIG = (DEMO / "community-1-config.yaml").read_bytes()
 REPO = "pyannote/speaker-diarization-community-1"
 
 

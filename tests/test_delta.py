@@ -17,7 +17,7 @@ import pytest
 from conftest import EMB, SEG, TINY_LOCK
 
 from bundler.build import BuildOptions, build
-from bundler.loopback_hub import HubRepo, LoopbackHub
+from bundler.demo.hub import HubRepo, LoopbackHub
 from bundler.pack import Entry, pack
 from bundler.spec import load_recipe
 

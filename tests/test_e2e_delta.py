@@ -24,8 +24,8 @@ import pytest
 from e2e import OFFLINE, tool_cache
 
 from bundler.build import BuildOptions, build, find_lockfile
-from bundler.demo import REPOS, checkpoints
-from bundler.loopback_hub import HubRepo, LoopbackHub
+from bundler.demo.checkpoints import REPOS, checkpoints
+from bundler.demo.hub import HubRepo, LoopbackHub
 from bundler.spec import IndexOptions, load_recipe, load_spec
 
 pytestmark = pytest.mark.slow

@@ -28,8 +28,9 @@ from pathlib import Path
 import pytest
 from e2e import pyenv_python, tool_cache
 
-from bundler.demo import COMPLETE, checkpoints, serve
-from bundler.loopback_hub import LoopbackHub
+from bundler.demo.checkpoints import COMPLETE, checkpoints
+from bundler.demo.hub import LoopbackHub
+from bundler.demo.pipeline import serve
 from bundler.spec import IndexOptions
 
 pytestmark = pytest.mark.slow

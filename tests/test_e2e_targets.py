@@ -33,7 +33,8 @@ from pathlib import Path
 import pytest
 from e2e import installed_by_install_sh, pyenv_python, run, tool_cache
 
-from bundler.demo import RECIPE, checkpoints, serve
+from bundler.demo.checkpoints import RECIPE, checkpoints
+from bundler.demo.pipeline import serve
 from bundler.spec import IndexOptions
 
 pytestmark = pytest.mark.slow

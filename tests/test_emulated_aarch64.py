@@ -26,7 +26,8 @@ import pytest
 from e2e import tool_cache
 
 from bundler.build import BuildOptions, build
-from bundler.demo import checkpoints, serve
+from bundler.demo.checkpoints import checkpoints
+from bundler.demo.pipeline import serve
 from bundler.spec import IndexOptions, Target, load_recipe
 
 pytestmark = [

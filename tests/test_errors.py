@@ -17,7 +17,7 @@ import pytest
 from conftest import EMB, SEG, TINY_LOCK, TinyBundle
 
 from bundler import errors, hashing, models, subproc
-from bundler.loopback_hub import HubRepo, LoopbackHub
+from bundler.demo.hub import HubRepo, LoopbackHub
 from bundler.spec import load_recipe
 
 TOKEN = "hf_canary_SECRET_51d0e2"
@@ -253,7 +253,8 @@ def test_a_bad_timeout_setting_is_refused(monkeypatch: pytest.MonkeyPatch, value
 def test_git_blob_id_is_gits_and_shared_by_the_hub_and_the_fetcher(tmp_path: Path) -> None:
     # `printf 'hello\n' | git hash-object --stdin`
     assert hashing.git_blob_sha1(b"hello\n") == "ce013625030ba8dba906f756967f9e9ca394464a"
-    from bundler import loopback_hub, wheelcache
+    from bundler import wheelcache
+    from bundler.demo import hub as loopback_hub
     assert models.git_blob_sha1 is loopback_hub.git_blob_sha1 is hashing.git_blob_sha1
     assert models.sha256_file is wheelcache.sha256_file is hashing.sha256_file
 
@@ -278,8 +279,8 @@ def test_every_trap_listed_is_raised_somewhere_and_only_those() -> None:
 
 
 def test_the_shipped_hub_serves_and_leaves_faults_to_the_tests() -> None:
-    from bundler import loopback_hub as hub
     from bundler import pack, spec
+    from bundler.demo import hub
     assert not hasattr(hub.LoopbackHub, "inject") and not hasattr(hub, "FAULTS")
     assert not hasattr(hub, "main"), "the standalone server lives in tests/hubfaults.py"
     assert not hasattr(spec, "parse_target") and not hasattr(spec.ModelRef, "name")

@@ -34,7 +34,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.hf_api import RepoFile
 
-from bundler.loopback_hub import HubRepo, LoopbackHub
+from bundler.demo.hub import HubRepo, LoopbackHub
 
 HF_MAJOR = int(huggingface_hub.__version__.split(".")[0])
 TOKEN = "hf_loopback_secret_0123456789"

@@ -48,7 +48,7 @@ from bundler import image
 from bundler.build import BuildOptions, build
 from bundler.bundlefile import sidecar_path
 from bundler.cli import main
-from bundler.loopback_hub import HubRepo, LoopbackHub
+from bundler.demo.hub import HubRepo, LoopbackHub
 from bundler.signing import sign
 from bundler.spec import load_recipe
 

@@ -3,6 +3,9 @@
 No circle (imports inside functions count: a circle hidden in a function is still one), and
 ``bundler/runtime/`` imports nothing of the tool: it is shipped into bundles and runs where
 the tool is not installed. The tool may import the runtime (one source for both sides).
+``bundler/demo/`` (the loopback Hub, public model copies, the checkpoint maker, the demo
+pipeline) is support for the demo and the tests: only the CLI's ``demo`` command reaches it,
+and the product's core, the runtime included, imports nothing of it.
 """
 
 from __future__ import annotations
@@ -81,3 +84,44 @@ def test_the_runtime_imports_nothing_of_the_tool() -> None:
                if name.startswith("bundler.runtime") for dep in deps
                if not dep.startswith("bundler.runtime")}
     assert outside == set()
+
+
+# The CLI is the one door into the demo package: its `demo` command.
+ADAPTERS = {"bundler.cli", "bundler.__main__"}
+
+
+def _reach(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module ``start`` imports, directly or through others."""
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        for dep in graph[todo.pop()] - seen:
+            seen.add(dep)
+            todo.append(dep)
+    return seen
+
+
+def test_the_core_imports_nothing_of_the_demo_package() -> None:
+    graph = import_graph()
+    demo = {name for name in graph if name == "bundler.demo" or name.startswith("bundler.demo.")}
+    # What lives there, so that a package that moved or emptied cannot pass unseen.
+    assert {"bundler.demo.hub", "bundler.demo.public_models", "bundler.demo.checkpoints",
+            "bundler.demo.make_checkpoints", "bundler.demo.pipeline"} <= demo
+    assert "bundler.demo.hub" in _reach(graph, "bundler.cli")
+    core = set(graph) - demo - ADAPTERS
+    assert {"bundler.build", "bundler.verify", "bundler.runtime.install"} <= core
+    reached = {(name, dep) for name in core for dep in _reach(graph, name) & (demo | ADAPTERS)}
+    assert reached == set()
+
+
+def test_the_cli_reaches_the_pipelines_only_through_commands() -> None:
+    """Click functions parse, call one function of ``bundler/commands/`` and render: the
+    modules whose work a command assembles are imported there, not by the CLI."""
+    graph = import_graph()
+    commands = {"bundler.commands.build", "bundler.commands.verify", "bundler.commands.rebuild",
+                "bundler.commands.inspect", "bundler.commands.image", "bundler.commands.lock"}
+    assert commands <= graph["bundler.cli"]
+    worked = {"bundler.build", "bundler.verify", "bundler.image", "bundler.lock",
+              "bundler.inspection", "bundler.models", "bundler.wheels", "bundler.pack"}
+    assert graph["bundler.cli"] & worked == set()
+    assert all(not dep.startswith("bundler.demo") for c in commands for dep in graph[c])

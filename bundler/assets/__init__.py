@@ -1,1 +1,1 @@
-"""Scripts run inside a bundled environment (not imported by the tool)."""
+"""Recordings that bundles ship as smoke samples: package data, read, never imported."""

