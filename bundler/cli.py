@@ -355,8 +355,8 @@ def inspect_cmd(bundle: Path, as_json: bool) -> None:
     import json as _json
 
     from bundler.delta import inspect_delta, is_delta, render_delta
-    from bundler.image import inspect_image, is_image, render_inspect
-    from bundler.inspection import inspect_bundle, render_text
+    from bundler.inspection import inspect_bundle, inspect_image, render_inspect, render_text
+    from bundler.oci.reader import is_image
 
     if is_image(bundle):
         iinfo = inspect_image(bundle)
@@ -430,12 +430,12 @@ def image_cmd(bundle: Path | None, output: Path | None, base: str | None, tag: s
     from bundler.image import (
         ImageOptions,
         build_image,
-        is_image,
         render_result,
     )
     from bundler.image import (
         self_test as run_self_test,
     )
+    from bundler.oci.reader import is_image
 
     if bundle is None:
         raise InputError("image needs a BUNDLE (or an IMAGE.oci.tar with --self-test)")

@@ -81,3 +81,17 @@ def test_the_runtime_imports_nothing_of_the_tool() -> None:
                if name.startswith("bundler.runtime") for dep in deps
                if not dep.startswith("bundler.runtime")}
     assert outside == set()
+
+
+def test_the_oci_library_imports_nothing_of_the_image_pipeline() -> None:
+    """``bundler/oci/`` is a library the ``image`` pipeline uses: it imports no module of
+    the pipeline (``image``, its ``sandbox``), only the tool's small shared modules."""
+    graph = import_graph()
+    oci = {name for name in graph if name.startswith("bundler.oci.")}
+    assert {"bundler.oci.archive", "bundler.oci.reader", "bundler.oci.rootfs",
+            "bundler.oci.base"} <= oci
+    assert "bundler.oci.archive" in graph["bundler.image"]
+    outside = {(name, dep) for name in oci for dep in graph[name]
+               if not dep.startswith("bundler.oci")
+               and dep not in ("bundler.errors", "bundler.hashing", "bundler.subproc")}
+    assert outside == set()
