@@ -27,10 +27,12 @@ rest. The bundle's time is the image's ``created``.
 
 The pipeline, one step each: check the bundle (``integrity``), stage the base's root
 (``oci.base``, ``oci.rootfs``), install in it (``sandbox``), capture the install into
-layers, configure the image, write ``<bundle>.oci.tar`` (``oci.archive``). Layers are
-streamed twice from the staged files (once to hash them, once into the archive, hashed
-again and compared), and a layer's staged files are removed once it is in the archive: at
-the peak the disk holds about one copy of the installed image beside the base, not two.
+layers, configure the image, write ``<bundle>.oci.tar`` (``oci.archive``). Each layer is
+streamed once from the staged files into the archive, hashed as it goes
+(``ArchiveWriter.add_layer``), and its staged files are removed once it is in: at the peak
+the disk holds about one copy of the installed image beside the base, not two. The blobs
+are in the archive in the image's order (base layers, venv, models, config, then the
+config and manifest blobs), the same order for the same inputs.
 """
 
 from __future__ import annotations
@@ -63,12 +65,11 @@ from bundler.oci.archive import (
     MT_INDEX,
     MT_MANIFEST,
     OCI_ARCH,
+    ArchiveWriter,
     Blob,
     Entry,
     bytes_blob,
     canonical,
-    layer_blob,
-    write_archive,
 )
 from bundler.oci.base import DEFAULT_MIRROR, Base, default_base, given_base
 from bundler.oci.reader import image_ref, read_from_image, read_image
@@ -275,6 +276,55 @@ def image_config(base: Base, blobs: list[Blob], manifest: dict[str, Any], labels
     }
 
 
+def image_blobs(base: Base, blobs: list[Blob], manifest: dict[str, Any], name: str,
+                bundle_sha256: str, has_asr: bool, tag: str) -> tuple[Blob, Blob, bytes]:
+    """The image's config and manifest blobs and its index.json, once its layers
+    (``blobs``, after the base's) are known: labels and annotations say which bundle, which
+    base and which tool made it."""
+    from bundler.runtime.recordings import OFFLINE_ENV
+
+    epoch = int((manifest.get("build") or {}).get("source_date_epoch") or LAYER_EPOCH)
+    created = _iso(epoch)
+    annotations = {
+        "org.opencontainers.image.created": created,
+        "org.opencontainers.image.source": PROJECT_URL,
+        "org.opencontainers.image.version": name,
+        "org.opencontainers.image.revision": bundle_sha256,
+        "org.opencontainers.image.title": name,
+        "org.opencontainers.image.description": "pyannote.audio speaker diarization, offline: "
+                                                f"{ENTRYPOINT} FILE_OR_FOLDER --output-dir DIR",
+        "org.opencontainers.image.base.digest": base.digest,
+        "org.opencontainers.image.base.name": base.name,
+    }
+    labels = {**annotations,
+              f"{LABEL}.bundle": name,
+              f"{LABEL}.bundle.sha256": bundle_sha256,
+              f"{LABEL}.tool": f"pyannote-bundle {__version__}",
+              f"{LABEL}.layers": ",".join(["base"] * len(base.layers)
+                                          + [b.role for b in blobs]),
+              f"{LABEL}.transcribe": TRANSCRIBE if has_asr else ""}
+    if base.packages:
+        labels[f"{LABEL}.base.packages"] = " ".join(f"{p['name']}={p['version']}"
+                                                    for p in base.packages)
+    config = canonical(image_config(base, blobs, manifest, labels, created,
+                                    dict(OFFLINE_ENV), has_asr))
+    config_blob = bytes_blob(config, MT_CONFIG)
+    all_layers = [*base.layers, *blobs]
+    image_manifest = canonical({
+        "schemaVersion": 2, "mediaType": MT_MANIFEST,
+        "config": {"mediaType": MT_CONFIG, "digest": f"sha256:{config_blob.digest}",
+                   "size": config_blob.size},
+        "layers": [{"mediaType": b.media_type, "digest": f"sha256:{b.digest}",
+                    "size": b.size} for b in all_layers],
+        "annotations": annotations})
+    manifest_blob = bytes_blob(image_manifest, MT_MANIFEST)
+    index = canonical({"schemaVersion": 2, "mediaType": MT_INDEX, "manifests": [
+        {"mediaType": MT_MANIFEST, "digest": f"sha256:{manifest_blob.digest}",
+         "size": manifest_blob.size,
+         "annotations": {"org.opencontainers.image.ref.name": tag}}]})
+    return config_blob, manifest_blob, index
+
+
 def build_image(bundle: Path, opts: ImageOptions) -> ImageResult:
     """Install ``bundle`` into its base and write ``<bundle>.oci.tar`` in the output folder.
 
@@ -369,59 +419,25 @@ def _build(bundle: Path, opts: ImageOptions, work: Path) -> ImageResult:
                     onnx.get("error") or onnx.get("skipped") or "this bundle's installer "
                     "exports it only with its smoke test: rebuild the bundle")
     parts = capture(root, release)
-    from bundler.runtime.recordings import OFFLINE_ENV
-
     has_asr = (root / PREFIX / "bin" / "transcribe").exists()
     holds = {"venv": f"/{PREFIX}/releases/{release}/venv: the Python environment",
              "models": f"/{PREFIX}/releases/{release}/models: the model weights (and "
                        "onnx/, the onnx engine exported from them)",
              "config": f"/{PREFIX}: configs, runtime, samples, bin/diarize"
                        + (", bin/transcribe" if has_asr else "")}
-    log.info("image: hashing the layers")
-    blobs = [layer_blob(parts[r], r, holds[r]) for r in ("venv", "models", "config")]
-    epoch = int((manifest.get("build") or {}).get("source_date_epoch") or LAYER_EPOCH)
-    created = _iso(epoch)
     tag = opts.tag or default_tag(name)
-    annotations = {
-        "org.opencontainers.image.created": created,
-        "org.opencontainers.image.source": PROJECT_URL,
-        "org.opencontainers.image.version": name,
-        "org.opencontainers.image.revision": integrity.sha256,
-        "org.opencontainers.image.title": name,
-        "org.opencontainers.image.description": "pyannote.audio speaker diarization, offline: "
-                                                f"{ENTRYPOINT} FILE_OR_FOLDER --output-dir DIR",
-        "org.opencontainers.image.base.digest": base.digest,
-        "org.opencontainers.image.base.name": base.name,
-    }
-    labels = {**annotations,
-              f"{LABEL}.bundle": name,
-              f"{LABEL}.bundle.sha256": integrity.sha256,
-              f"{LABEL}.tool": f"pyannote-bundle {__version__}",
-              f"{LABEL}.layers": ",".join(["base"] * len(base.layers)
-                                          + [b.role for b in blobs]),
-              f"{LABEL}.transcribe": TRANSCRIBE if has_asr else ""}
-    if base.packages:
-        labels[f"{LABEL}.base.packages"] = " ".join(f"{p['name']}={p['version']}"
-                                                    for p in base.packages)
-    config = canonical(image_config(base, blobs, manifest, labels, created,
-                                    dict(OFFLINE_ENV), has_asr))
-    config_blob = bytes_blob(config, MT_CONFIG)
-    all_layers = [*base.layers, *blobs]
-    image_manifest = canonical({
-        "schemaVersion": 2, "mediaType": MT_MANIFEST,
-        "config": {"mediaType": MT_CONFIG, "digest": f"sha256:{config_blob.digest}",
-                   "size": config_blob.size},
-        "layers": [{"mediaType": b.media_type, "digest": f"sha256:{b.digest}",
-                    "size": b.size} for b in all_layers],
-        "annotations": annotations})
-    manifest_blob = bytes_blob(image_manifest, MT_MANIFEST)
-    index = canonical({"schemaVersion": 2, "mediaType": MT_INDEX, "manifests": [
-        {"mediaType": MT_MANIFEST, "digest": f"sha256:{manifest_blob.digest}",
-         "size": manifest_blob.size,
-         "annotations": {"org.opencontainers.image.ref.name": tag}}]})
     path = opts.output_dir / f"{name}.oci.tar"
-    log.info("image: writing %s", path)
-    size = write_archive(path, [*all_layers, config_blob, manifest_blob], index)
+    log.info("image: writing %s (each layer streamed once, hashed as it goes)", path)
+    with ArchiveWriter(path) as archive:
+        for base_layer in base.layers:
+            archive.add(base_layer)
+        blobs = [archive.add_layer(parts[r], r, holds[r]) for r in ("venv", "models", "config")]
+        config_blob, manifest_blob, index = image_blobs(base, blobs, manifest, name,
+                                                        integrity.sha256, has_asr, tag)
+        archive.add(config_blob)
+        archive.add(manifest_blob)
+        size = archive.finish(index)
+    all_layers = [*base.layers, *blobs]
     return ImageResult(
         path=path, digest=f"sha256:{manifest_blob.digest}",
         config_digest=f"sha256:{config_blob.digest}", tag=tag, bundle=name,

@@ -194,6 +194,64 @@ def test_an_archive_that_fails_midway_leaves_no_file(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def staged(folder: Path, size: int = 3 * oci.archive.BLOCK + 7) -> list[oci.archive.Entry]:
+    """A little staged layer: a folder, a file whose size is no multiple of a block, a link."""
+    (folder / "lib").mkdir(parents=True)
+    (folder / "lib" / "data.bin").write_bytes(bytes(range(256)) * (size // 256) + b"x" * 7)
+    os.symlink("data.bin", folder / "lib" / "link")
+    return entries_of(folder)
+
+
+def test_a_layer_is_streamed_once_under_the_digest_of_its_bytes(tmp_path: Path) -> None:
+    """The layer goes into the archive in one pass: its member's name, rewritten once the
+    layer ended, is the sha256 of the bytes it holds (the header checksum patched too, or
+    tarfile would refuse the member), the same bytes as the layer written alone; its staged
+    files are gone; a second layer of the same bytes is stored once; the image is the same
+    as the one write_archive writes (only the order of the blobs differs), and the archive
+    is the same twice."""
+    alone = io.BytesIO()
+    oci.archive.write_layer(staged(tmp_path / "probe"), alone)
+    layer = oci.archive.bytes_blob(alone.getvalue(), oci.archive.MT_LAYER)
+    config = oci.archive.bytes_blob(b'{"config":{}}', oci.archive.MT_CONFIG)
+    index = oci.archive.canonical({"schemaVersion": 2, "manifests": []})
+    archives = []
+    for run in ("a", "b"):
+        path = tmp_path / f"{run}.oci.tar"
+        with oci.archive.ArchiveWriter(path) as archive:
+            first = archive.add_layer(staged(tmp_path / run / "1"), "venv", "v")
+            again = archive.add_layer(staged(tmp_path / run / "2"), "models", "m")
+            archive.add(config)
+            archive.finish(index)
+        assert (first.digest, first.size) == (again.digest, again.size) \
+            == (layer.digest, layer.size) and first.diff_id == layer.digest
+        assert not [p for p in (tmp_path / run).rglob("*") if p.is_file()]
+        archives.append(path.read_bytes())
+    assert archives[0] == archives[1]
+    with tarfile.open(fileobj=io.BytesIO(archives[0])) as tar:
+        names = tar.getnames()
+        blob = tar.extractfile(f"blobs/sha256/{layer.digest}")
+        assert blob is not None and blob.read() == alone.getvalue()
+    assert names == ["blobs", "blobs/sha256", f"blobs/sha256/{layer.digest}",
+                     f"blobs/sha256/{config.digest}", "index.json", "oci-layout"]
+    oci.archive.write_archive(tmp_path / "sorted.oci.tar", [config, layer], index)
+    with tarfile.open(tmp_path / "sorted.oci.tar") as tar:
+        assert sorted(tar.getnames()) == sorted(names)
+    assert len(archives[0]) == (tmp_path / "sorted.oci.tar").stat().st_size
+
+
+def test_a_layer_that_fails_midway_leaves_no_archive_and_its_files_staged(
+        tmp_path: Path) -> None:
+    entries = staged(tmp_path / "stage")
+    vanished = oci.archive.Entry("lib/gone", "file", 0o644, 10, tmp_path / "stage" / "gone")
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(FileNotFoundError):
+        with oci.archive.ArchiveWriter(out / "x.oci.tar") as archive:
+            archive.add_layer([*entries, vanished], "venv", "v")
+    assert list(out.iterdir()) == []
+    assert (tmp_path / "stage" / "lib" / "data.bin").is_file()
+
+
 def test_a_base_layer_cannot_write_outside_the_staged_root(tmp_path: Path) -> None:
     root, outside = tmp_path / "root", tmp_path / "outside"
     root.mkdir()
