@@ -125,7 +125,10 @@ def write_layer(entries: list[Entry], out: IO[bytes] | _Sink) -> None:
 
 
 def layer_blob(entries: list[Entry], role: str, holds: str) -> Blob:
-    """Hash the layer once; the archive writer streams it again and checks the digest."""
+    """The layer's blob, hashed without writing it; ``write`` streams it again and checks
+    the digest. The image pipeline does not use it: ``ArchiveWriter.add_layer`` reads each
+    staged byte once. It serves where only the digest is wanted (the reproducibility
+    tests compare layers by it)."""
     sink = _Sink()
     write_layer(entries, sink)
     digest, size = sink.hash.hexdigest(), sink.size
