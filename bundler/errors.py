@@ -249,6 +249,13 @@ class InstallError(BundlerError):
     exit_code = EXIT_INSTALL
 
 
+class ImageError(BundlerError):
+    """The image cannot be made: the default base cannot be built (mmdebstrap, the Debian
+    mirror), or the installer failed inside the base."""
+
+    exit_code = EXIT_INSTALL
+
+
 class SmokeError(BundlerError):
     exit_code = EXIT_SMOKE
 

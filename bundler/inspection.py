@@ -17,7 +17,9 @@ from bundler import layout
 from bundler.bundlefile import sidecar_path, total_size, whole
 from bundler.checksums import parse_checksums
 from bundler.errors import IntegrityError, shown
+from bundler.image import LABEL
 from bundler.integrity import Limits, open_bundle
+from bundler.oci.reader import read_image
 
 MAX_SMALL = 64 << 20  # manifest, checksums and expected result are far smaller than this
 WANTED = (layout.MANIFEST, layout.CHECKSUMS, layout.EXPECTED)
@@ -173,4 +175,51 @@ def render_text(info: dict[str, Any]) -> str:
         lines.append("WARNING:  manifest.json does not match its SHA256SUMS line")
     lines.append("Not verified: run `pyannote-bundle verify` to check every byte.")
     # Every field comes from the unverified manifest: none may forge a line of its own.
+    return "\n".join(shown(line, 4000) for line in lines)
+
+
+# --- image archives ------------------------------------------------------------------------
+def inspect_image(path: Path) -> dict[str, Any]:
+    """An image archive's (or layout folder's) bundle, layers and digest, read from its
+    small blobs only."""
+    view = read_image(path)
+    desc, mdigest, manifest, config, sizes = (view.index_entry, view.manifest_digest,
+                                              view.manifest, view.config, view.sizes)
+    labels = (config.get("config") or {}).get("Labels") or {}
+    roles = str(labels.get(f"{LABEL}.layers", "")).split(",")
+    layers = []
+    for i, layer in enumerate(manifest.get("layers") or []):
+        layers.append({"role": roles[i] if i < len(roles) else "?",
+                       "digest": layer.get("digest"), "size": layer.get("size"),
+                       "media_type": layer.get("mediaType"),
+                       "present": ("blobs/sha256/" + str(layer.get("digest")).split(":")[-1])
+                       in sizes})
+    return {"image": str(path), "digest": mdigest,
+            "tag": (desc.get("annotations") or {}).get("org.opencontainers.image.ref.name"),
+            "bundle": labels.get(f"{LABEL}.bundle"),
+            "bundle_sha256": labels.get(f"{LABEL}.bundle.sha256"),
+            "created": config.get("created"), "architecture": config.get("architecture"),
+            "base": {"name": labels.get("org.opencontainers.image.base.name"),
+                     "digest": labels.get("org.opencontainers.image.base.digest"),
+                     "packages": len(str(labels.get(f"{LABEL}.base.packages", "")).split())},
+            "user": (config.get("config") or {}).get("User"),
+            "entrypoint": (config.get("config") or {}).get("Entrypoint"),
+            "transcribe": labels.get(f"{LABEL}.transcribe") or None,
+            "layers": layers,
+            "size": sum(sizes.values()) if path.is_dir() else path.stat().st_size}
+
+
+def render_inspect(info: dict[str, Any]) -> str:
+    lines = [f"image:    {info['image']}  ({info['size'] / 1e9:.2f} GB)",
+             f"digest:   {info['digest']}  tag {info['tag']}",
+             f"bundle:   {info['bundle']}  sha256 {info['bundle_sha256']}",
+             f"created:  {info['created']}  {info['architecture']}, user {info['user']}, "
+             f"entrypoint {' '.join(info['entrypoint'] or [])}",
+             f"base:     {info['base']['name']} ({info['base']['digest']}, "
+             f"{info['base']['packages']} packages)"]
+    if info.get("transcribe"):
+        lines.append(f"also:     --entrypoint {info['transcribe']}")
+    lines.append("layers:")
+    lines += [f"  {x['role']:<7} {int(x['size'] or 0) / 1e6:>10.1f} MB  {x['digest']}"
+              + ("" if x["present"] else "  MISSING") for x in info["layers"]]
     return "\n".join(shown(line, 4000) for line in lines)

@@ -44,11 +44,12 @@ from conftest import EMB, SEG, TINY_UV_LOCK, TinyBundle
 from e2e import podman_env, require_image_tools
 from forge import flip_byte
 
-from bundler import image
+from bundler import image, oci, sandbox
 from bundler.build import BuildOptions, build
 from bundler.bundlefile import sidecar_path
 from bundler.cli import main
 from bundler.demo.hub import HubRepo, LoopbackHub
+from bundler.errors import InputError, IntegrityError
 from bundler.signing import sign
 from bundler.spec import load_recipe
 
@@ -83,15 +84,15 @@ def hand_made_base(folder: Path, files: dict[str, bytes], arch: str = ARCH,
     config lists ``diff_id`` (default: the layer's true one)."""
     layer = layer_tar(files) if layer is None else layer
     ld = hashlib.sha256(layer).hexdigest()
-    config = image.canonical({"architecture": arch, "os": "linux",
+    config = oci.archive.canonical({"architecture": arch, "os": "linux",
                               "rootfs": {"type": "layers",
                                          "diff_ids": [diff_id or f"sha256:{ld}"]}})
     cd = hashlib.sha256(config).hexdigest()
-    manifest = image.canonical({
-        "schemaVersion": 2, "mediaType": image.MT_MANIFEST,
-        "config": {"mediaType": image.MT_CONFIG, "digest": f"sha256:{cd}",
+    manifest = oci.archive.canonical({
+        "schemaVersion": 2, "mediaType": oci.archive.MT_MANIFEST,
+        "config": {"mediaType": oci.archive.MT_CONFIG, "digest": f"sha256:{cd}",
                    "size": len(config)},
-        "layers": [{"mediaType": image.MT_LAYER, "digest": f"sha256:{ld}",
+        "layers": [{"mediaType": oci.archive.MT_LAYER, "digest": f"sha256:{ld}",
                     "size": len(layer)}]})
     md = hashlib.sha256(manifest).hexdigest()
     blobs = folder / "blobs" / "sha256"
@@ -100,7 +101,7 @@ def hand_made_base(folder: Path, files: dict[str, bytes], arch: str = ARCH,
         (blobs / d).write_bytes(data)
     (folder / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
     (folder / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
-        {"mediaType": image.MT_MANIFEST, "digest": f"sha256:{md}", "size": len(manifest)}]}))
+        {"mediaType": oci.archive.MT_MANIFEST, "digest": f"sha256:{md}", "size": len(manifest)}]}))
     return folder
 
 
@@ -123,16 +124,16 @@ def blob_named(layout: Path, pick: str) -> Path:
             "layer": blobs / manifest["layers"][0]["digest"].split(":")[1]}[pick]
 
 
-def entries_of(root: Path) -> list[image.Entry]:
+def entries_of(root: Path) -> list[oci.archive.Entry]:
     out = []
     for p in sorted(root.rglob("*")):
         name = p.relative_to(root).as_posix()
         if p.is_symlink():
-            out.append(image.Entry(name, "symlink", 0o777, target=os.readlink(p)))
+            out.append(oci.archive.Entry(name, "symlink", 0o777, target=os.readlink(p)))
         elif p.is_dir():
-            out.append(image.Entry(name, "dir", 0o755))
+            out.append(oci.archive.Entry(name, "dir", 0o755))
         else:
-            out.append(image.Entry(name, "file", 0o644, p.stat().st_size, p))
+            out.append(oci.archive.Entry(name, "file", 0o644, p.stat().st_size, p))
     return out
 
 
@@ -145,11 +146,11 @@ def test_layers_are_byte_identical_whatever_the_files_times_and_owners(tmp_path:
     (root / "a.txt").write_text("a")
     os.symlink("a.txt", root / "link")
     first = io.BytesIO()
-    image.write_layer(entries_of(root), first)
+    oci.archive.write_layer(entries_of(root), first)
     os.utime(root / "a.txt", (1, 1))
     os.utime(deep / "module.py", (2_000_000_000, 2_000_000_000))
     second = io.BytesIO()
-    image.write_layer(entries_of(root), second)
+    oci.archive.write_layer(entries_of(root), second)
     assert first.getvalue() == second.getvalue()
     raw = first.getvalue()
     assert b"PaxHeader" not in raw and b"mtime=" not in raw  # no PAX records with times
@@ -157,19 +158,19 @@ def test_layers_are_byte_identical_whatever_the_files_times_and_owners(tmp_path:
         members = tar.getmembers()
     assert [m.name for m in members] == [e.name for e in entries_of(root)]
     assert {(m.mtime, m.uid, m.gid, m.uname, m.gname) for m in members} == {
-        (image.LAYER_EPOCH, 0, 0, "", "")}
+        (oci.archive.LAYER_EPOCH, 0, 0, "", "")}
     assert any(len(m.name) > 100 for m in members)  # a GNU long name, read back whole
     assert next(m for m in members if m.name == "link").linkname == "a.txt"
 
 
 def test_archive_is_an_oci_layout_whose_digests_match_and_is_the_same_twice(
         tmp_path: Path) -> None:
-    blobs = [image.bytes_blob(b"layer bytes" * 100, image.MT_LAYER),
-             image.bytes_blob(b'{"config":{}}', image.MT_CONFIG)]
-    index = image.canonical({"schemaVersion": 2, "manifests": []})
+    blobs = [oci.archive.bytes_blob(b"layer bytes" * 100, oci.archive.MT_LAYER),
+             oci.archive.bytes_blob(b'{"config":{}}', oci.archive.MT_CONFIG)]
+    index = oci.archive.canonical({"schemaVersion": 2, "manifests": []})
     a, b = tmp_path / "a.oci.tar", tmp_path / "b.oci.tar"
-    image.write_archive(a, blobs, index)
-    image.write_archive(b, list(reversed(blobs)), index)
+    oci.archive.write_archive(a, blobs, index)
+    oci.archive.write_archive(b, list(reversed(blobs)), index)
     assert a.read_bytes() == b.read_bytes()
     with tarfile.open(a) as tar:
         names = tar.getnames()
@@ -179,7 +180,7 @@ def test_archive_is_an_oci_layout_whose_digests_match_and_is_the_same_twice(
                 f = tar.extractfile(m)
                 assert f is not None
                 assert hashlib.sha256(f.read()).hexdigest() == m.name.rsplit("/", 1)[1]
-    assert a.stat().st_size % image.RECORD == 0
+    assert a.stat().st_size % oci.archive.RECORD == 0
 
 
 def test_an_archive_that_fails_midway_leaves_no_file(tmp_path: Path) -> None:
@@ -187,10 +188,68 @@ def test_an_archive_that_fails_midway_leaves_no_file(tmp_path: Path) -> None:
         out.write(b"half")
         raise OSError(28, "No space left on device")
 
-    blob = image.Blob("0" * 64, 10, image.MT_LAYER, broken)
+    blob = oci.archive.Blob("0" * 64, 10, oci.archive.MT_LAYER, broken)
     with pytest.raises(OSError):
-        image.write_archive(tmp_path / "x.oci.tar", [blob], b"{}")
+        oci.archive.write_archive(tmp_path / "x.oci.tar", [blob], b"{}")
     assert list(tmp_path.iterdir()) == []
+
+
+def staged(folder: Path, size: int = 3 * oci.archive.BLOCK + 7) -> list[oci.archive.Entry]:
+    """A little staged layer: a folder, a file whose size is no multiple of a block, a link."""
+    (folder / "lib").mkdir(parents=True)
+    (folder / "lib" / "data.bin").write_bytes(bytes(range(256)) * (size // 256) + b"x" * 7)
+    os.symlink("data.bin", folder / "lib" / "link")
+    return entries_of(folder)
+
+
+def test_a_layer_is_streamed_once_under_the_digest_of_its_bytes(tmp_path: Path) -> None:
+    """The layer goes into the archive in one pass: its member's name, rewritten once the
+    layer ended, is the sha256 of the bytes it holds (the header checksum patched too, or
+    tarfile would refuse the member), the same bytes as the layer written alone; its staged
+    files are gone; a second layer of the same bytes is stored once; the image is the same
+    as the one write_archive writes (only the order of the blobs differs), and the archive
+    is the same twice."""
+    alone = io.BytesIO()
+    oci.archive.write_layer(staged(tmp_path / "probe"), alone)
+    layer = oci.archive.bytes_blob(alone.getvalue(), oci.archive.MT_LAYER)
+    config = oci.archive.bytes_blob(b'{"config":{}}', oci.archive.MT_CONFIG)
+    index = oci.archive.canonical({"schemaVersion": 2, "manifests": []})
+    archives = []
+    for run in ("a", "b"):
+        path = tmp_path / f"{run}.oci.tar"
+        with oci.archive.ArchiveWriter(path) as archive:
+            first = archive.add_layer(staged(tmp_path / run / "1"), "venv", "v")
+            again = archive.add_layer(staged(tmp_path / run / "2"), "models", "m")
+            archive.add(config)
+            archive.finish(index)
+        assert (first.digest, first.size) == (again.digest, again.size) \
+            == (layer.digest, layer.size) and first.diff_id == layer.digest
+        assert not [p for p in (tmp_path / run).rglob("*") if p.is_file()]
+        archives.append(path.read_bytes())
+    assert archives[0] == archives[1]
+    with tarfile.open(fileobj=io.BytesIO(archives[0])) as tar:
+        names = tar.getnames()
+        blob = tar.extractfile(f"blobs/sha256/{layer.digest}")
+        assert blob is not None and blob.read() == alone.getvalue()
+    assert names == ["blobs", "blobs/sha256", f"blobs/sha256/{layer.digest}",
+                     f"blobs/sha256/{config.digest}", "index.json", "oci-layout"]
+    oci.archive.write_archive(tmp_path / "sorted.oci.tar", [config, layer], index)
+    with tarfile.open(tmp_path / "sorted.oci.tar") as tar:
+        assert sorted(tar.getnames()) == sorted(names)
+    assert len(archives[0]) == (tmp_path / "sorted.oci.tar").stat().st_size
+
+
+def test_a_layer_that_fails_midway_leaves_no_archive_and_its_files_staged(
+        tmp_path: Path) -> None:
+    entries = staged(tmp_path / "stage")
+    vanished = oci.archive.Entry("lib/gone", "file", 0o644, 10, tmp_path / "stage" / "gone")
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(FileNotFoundError):
+        with oci.archive.ArchiveWriter(out / "x.oci.tar") as archive:
+            archive.add_layer([*entries, vanished], "venv", "v")
+    assert list(out.iterdir()) == []
+    assert (tmp_path / "stage" / "lib" / "data.bin").is_file()
 
 
 def test_a_base_layer_cannot_write_outside_the_staged_root(tmp_path: Path) -> None:
@@ -199,11 +258,11 @@ def test_a_base_layer_cannot_write_outside_the_staged_root(tmp_path: Path) -> No
     outside.mkdir()
     layer = tmp_path / "l.tar"
     layer.write_bytes(layer_tar({}, {"etc": str(outside), "up": "../../outside"}))
-    image.apply_layer(layer, root)
+    oci.rootfs.apply_layer(layer, root)
     second = tmp_path / "l2.tar"
     second.write_bytes(layer_tar({"etc/passwd": b"pwned", "up/x": b"pwned",
                                   "usr/bin/.wh.gone": b""}))
-    image.apply_layer(second, root)
+    oci.rootfs.apply_layer(second, root)
     assert list(outside.iterdir()) == []
     # chroot semantics: the link's absolute target is the root's own folder
     assert (root / tmp_path.relative_to("/") / "outside" / "passwd").read_bytes() == b"pwned"
@@ -234,14 +293,14 @@ def test_a_hard_link_to_a_link_cannot_chmod_a_host_file(tmp_path: Path) -> None:
     root.mkdir()
     layer = tmp_path / "l.tar"
     layer.write_bytes(hostile_layer(host_file))
-    with pytest.raises(image.InputError, match="hard link 'y' -> 'x' does not name a regular"):
-        image.apply_layer(layer, root)
+    with pytest.raises(InputError, match="hard link 'y' -> 'x' does not name a regular"):
+        oci.rootfs.apply_layer(layer, root)
     assert stat.S_IMODE(host_file.stat().st_mode) == 0o600
     assert host_file.read_text() == "secret"
     # A link over a folder entry: the folder entry replaces the link, the host is untouched.
     other = tmp_path / "l2.tar"
     other.write_bytes(layer_tar({}, {"z": str(tmp_path)}))
-    image.apply_layer(other, root)
+    oci.rootfs.apply_layer(other, root)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         d = tarfile.TarInfo("z")
@@ -249,7 +308,7 @@ def test_a_hard_link_to_a_link_cannot_chmod_a_host_file(tmp_path: Path) -> None:
         tar.addfile(d)
     other.write_bytes(buf.getvalue())
     before = stat.S_IMODE(tmp_path.stat().st_mode)
-    image.apply_layer(other, root)
+    oci.rootfs.apply_layer(other, root)
     assert stat.S_IMODE(tmp_path.stat().st_mode) == before
     assert (root / "z").is_dir() and not (root / "z").is_symlink()
     assert stat.S_IMODE((root / "z").stat().st_mode) == 0o777  # no setuid in the stage
@@ -261,10 +320,11 @@ def test_a_whiteout_with_a_dot_slash_prefix_removes_the_dotfile(tmp_path: Path) 
     first, second = tmp_path / "1.tar", tmp_path / "2.tar"
     first.write_bytes(layer_tar({"./.x": b"1", "./wh.x": b"keep", "./etc/.profile": b"p"}))
     second.write_bytes(layer_tar({"./.wh..x": b"", "./etc/.wh..profile": b""}))
-    image.apply_layer(first, root)
-    image.apply_layer(second, root)
+    oci.rootfs.apply_layer(first, root)
+    oci.rootfs.apply_layer(second, root)
     assert sorted(p.name for p in root.rglob("*")) == ["etc", "wh.x"]
-    assert image.member_name("./.wh.x") == ".wh.x" and image.member_name("/a/./b") == "a/b"
+    assert oci.rootfs.member_name("./.wh.x") == ".wh.x"
+    assert oci.rootfs.member_name("/a/./b") == "a/b"
 
 
 def shell_root(root: Path) -> None:
@@ -291,7 +351,7 @@ def test_the_installer_runs_in_a_user_namespace_with_a_minimal_dev_and_no_networ
     elsewhere = tmp_path / "elsewhere"  # a base's /dev that is a link out of the root
     elsewhere.mkdir()
     os.symlink(elsewhere, root / "dev")
-    runtime = root / image.SOURCE_DIR / "b" / "runtime"
+    runtime = root / sandbox.SOURCE_DIR / "b" / "runtime"
     runtime.mkdir(parents=True)
     (runtime / "install.py").write_text(
         'for f in /dev/*; do echo "$f"; done > /devices\n'
@@ -305,10 +365,10 @@ def test_the_installer_runs_in_a_user_namespace_with_a_minimal_dev_and_no_networ
                                              "stdin", "stdout", "urandom", "zero")]
     assert (root / "net").read_text().splitlines()[2:] == ["lo"]  # two header lines, then lo
     owner = (root / "devices").stat().st_uid
-    assert owner == (image.STAGE_ID if os.geteuid() == 0 else os.geteuid())
+    assert owner == (oci.rootfs.STAGE_ID if os.geteuid() == 0 else os.geteuid())
     assert owner != 0
     if os.geteuid() == 0:  # a range: the installer can make itself nobody (65534) inside
-        assert (root / "uid_map").read_text() == f"0 {image.STAGE_ID} 65536\n"
+        assert (root / "uid_map").read_text() == f"0 {oci.rootfs.STAGE_ID} 65536\n"
     assert not any((root / "dev").iterdir())  # the mounts went with the namespace
     assert not (root / "dev").is_symlink() and not any(elsewhere.iterdir())
 
@@ -320,7 +380,7 @@ def test_no_user_namespace_is_a_refusal_never_real_root(tmp_path: Path) -> None:
     with pytest.raises(image.ImageError, match="this host cannot make a user namespace "
                        r"\(unshare failed\): the bundle's installer is never run as the "
                        "host's root"):
-        with image.user_namespace(tmp_path / "root", "/bin/false"):
+        with sandbox.user_namespace(tmp_path / "root", "/bin/false"):
             pytest.fail("entered")
 
 
@@ -328,7 +388,7 @@ def test_dpkg_status_becomes_the_package_list() -> None:
     status = (b"Package: python3\nStatus: install ok installed\nVersion: 3.11.2-1+b1\n"
               b"Architecture: amd64\n\nPackage: gone\nStatus: deinstall ok config-files\n"
               b"Version: 1\n")
-    assert image.dpkg_packages(status) == [{"name": "python3", "version": "3.11.2-1+b1",
+    assert oci.base.dpkg_packages(status) == [{"name": "python3", "version": "3.11.2-1+b1",
                                             "arch": "amd64"}]
 
 
@@ -421,7 +481,7 @@ def test_a_base_blob_that_is_not_what_its_digest_says_is_refused_before_use(
         else:
             data = json.loads(blob.read_text())
             data["annotations"] = {"x": "y"}
-            blob.write_bytes(image.canonical(data))
+            blob.write_bytes(oci.archive.canonical(data))
     out = tmp_path / "img"
     proc = cli(capsys, "image", str(bundle), "--output", str(out), "--base", str(layout),
                "--cache-dir", str(tmp_path / "cache"))
@@ -437,9 +497,9 @@ def test_a_gzip_base_layer_is_checked_against_its_diff_id(tmp_path: Path) -> Non
     desc = {"digest": f"sha256:{hashlib.sha256(packed).hexdigest()}", "size": len(packed)}
     (tmp_path / "l").write_bytes(packed)
     true = f"sha256:{hashlib.sha256(tar).hexdigest()}"
-    assert image.check_layer(tmp_path / "l", "b", 0, desc, true, True) == true[7:]
-    with pytest.raises(image.IntegrityError, match="not the diff_id"):
-        image.check_layer(tmp_path / "l", "b", 0, desc, desc["digest"], True)
+    assert oci.reader.check_layer(tmp_path / "l", "b", 0, desc, true, True) == true[7:]
+    with pytest.raises(IntegrityError, match="not the diff_id"):
+        oci.reader.check_layer(tmp_path / "l", "b", 0, desc, desc["digest"], True)
 
 
 @pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs ssh-keygen")
@@ -502,8 +562,8 @@ def test_two_builds_filling_the_default_base_cache_at_once_both_succeed(
     stand_in.write_text(STAND_IN_MMDEBSTRAP.format(python=sys.executable, log=log))
     stand_in.chmod(0o755)
     cache = tmp_path / "cache"
-    code = ("import sys; from pathlib import Path; from bundler import image; "
-            "print(image.default_base('3.11', sys.argv[1], Path(sys.argv[2]), "
+    code = ("import sys; from pathlib import Path; from bundler.oci import base; "
+            "print(base.default_base('3.11', sys.argv[1], Path(sys.argv[2]), "
             "'http://mirror.invalid/debian', []).digest)")
     env = {**os.environ, "PATH": f"{tools}:{os.environ['PATH']}"}
     runs = [subprocess.Popen([sys.executable, "-c", code, os.uname().machine, str(cache)],
@@ -620,27 +680,29 @@ def test_inspect_reads_an_image_archive(tmp_path: Path, capsys: pytest.CaptureFi
                                         ) -> None:
     layer = layer_tar({"x": b"y"})
     labels = {f"{image.LABEL}.bundle": "b", f"{image.LABEL}.layers": "base"}
-    config = image.canonical({"architecture": "amd64", "os": "linux", "config": {
+    config = oci.archive.canonical({"architecture": "amd64", "os": "linux", "config": {
         "Labels": labels, "User": image.USER, "Entrypoint": [image.ENTRYPOINT]}})
-    lb, cb = image.bytes_blob(layer, image.MT_LAYER), image.bytes_blob(config, image.MT_CONFIG)
-    manifest = image.canonical({"schemaVersion": 2, "config": {"digest": f"sha256:{cb.digest}"},
-                                "layers": [{"digest": f"sha256:{lb.digest}", "size": lb.size,
-                                            "mediaType": image.MT_LAYER}]})
-    mb = image.bytes_blob(manifest, image.MT_MANIFEST)
-    index = image.canonical({"manifests": [{"digest": f"sha256:{mb.digest}", "annotations": {
+    lb = oci.archive.bytes_blob(layer, oci.archive.MT_LAYER)
+    cb = oci.archive.bytes_blob(config, oci.archive.MT_CONFIG)
+    manifest = oci.archive.canonical({
+        "schemaVersion": 2, "config": {"digest": f"sha256:{cb.digest}"},
+        "layers": [{"digest": f"sha256:{lb.digest}", "size": lb.size,
+                    "mediaType": oci.archive.MT_LAYER}]})
+    mb = oci.archive.bytes_blob(manifest, oci.archive.MT_MANIFEST)
+    index = oci.archive.canonical({"manifests": [{"digest": f"sha256:{mb.digest}", "annotations": {
         "org.opencontainers.image.ref.name": "t"}}]})
     path = tmp_path / "x.oci.tar"
-    image.write_archive(path, [lb, cb, mb], index)
+    oci.archive.write_archive(path, [lb, cb, mb], index)
     proc = cli(capsys, "inspect", str(path), "--json")
     info = json.loads(proc.stdout)
     assert info["digest"] == f"sha256:{mb.digest}" and info["bundle"] == "b"
     assert info["layers"][0]["role"] == "base" and info["layers"][0]["present"]
     assert info["user"] == "65534:65534" and info["tag"] == "t"
     # Another manifest under the same name: inspect hashes the bytes whose digest it prints.
-    other = image.canonical({**json.loads(manifest), "annotations": {"a": "b"}})
-    forged = image.Blob(mb.digest, len(other), image.MT_MANIFEST,
+    other = oci.archive.canonical({**json.loads(manifest), "annotations": {"a": "b"}})
+    forged = oci.archive.Blob(mb.digest, len(other), oci.archive.MT_MANIFEST,
                         lambda out: out.write(other))
-    image.write_archive(path, [lb, cb, forged], index)
+    oci.archive.write_archive(path, [lb, cb, forged], index)
     proc = cli(capsys, "inspect", str(path), "--json")
     assert proc.returncode == 10, proc.stderr
     assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr
@@ -667,14 +729,14 @@ def test_the_self_test_reads_the_one_file_diarize_writes_in_a_private_folder(
         tmp_path: Path) -> None:
     """The container's output folder sits in a folder private to this tool (0700), and the
     result is the sample's own RTTM, not the first *.rttm the container left there."""
-    lb = image.bytes_blob(layer_tar({"x": b"y"}), image.MT_LAYER)
-    cb = image.bytes_blob(image.canonical({"architecture": "amd64", "config": {}}),
-                          image.MT_CONFIG)
-    mb = image.bytes_blob(image.canonical({
+    lb = oci.archive.bytes_blob(layer_tar({"x": b"y"}), oci.archive.MT_LAYER)
+    cb = oci.archive.bytes_blob(oci.archive.canonical({"architecture": "amd64", "config": {}}),
+                                oci.archive.MT_CONFIG)
+    mb = oci.archive.bytes_blob(oci.archive.canonical({
         "schemaVersion": 2, "config": {"digest": f"sha256:{cb.digest}"},
-        "layers": [{"digest": f"sha256:{lb.digest}", "size": lb.size}]}), image.MT_MANIFEST)
+        "layers": [{"digest": f"sha256:{lb.digest}", "size": lb.size}]}), oci.archive.MT_MANIFEST)
     archive = tmp_path / "x.oci.tar"
-    image.write_archive(archive, [lb, cb, mb], image.canonical(
+    oci.archive.write_archive(archive, [lb, cb, mb], oci.archive.canonical(
         {"manifests": [{"digest": f"sha256:{mb.digest}"}]}))
     log = tmp_path / "parent-mode"
     podman = tmp_path / "podman"
@@ -781,14 +843,14 @@ def test_a_site_base_with_gzip_layers_is_used_as_it_is(
     layer = gz.getvalue()
     ld, diff = hashlib.sha256(layer).hexdigest(), hashlib.sha256(data).hexdigest()
     base = tmp_path / "site-base"
-    config = image.canonical({"architecture": ARCH, "os": "linux", "config": {
+    config = oci.archive.canonical({"architecture": ARCH, "os": "linux", "config": {
         "Env": ["PATH=/usr/local/bin:/usr/bin:/bin", "SITE=1"]},
         "rootfs": {"type": "layers", "diff_ids": [f"sha256:{diff}"]}})
     cd = hashlib.sha256(config).hexdigest()
-    manifest = image.canonical({"schemaVersion": 2, "mediaType": image.MT_MANIFEST,
-                                "config": {"mediaType": image.MT_CONFIG,
+    manifest = oci.archive.canonical({"schemaVersion": 2, "mediaType": oci.archive.MT_MANIFEST,
+                                "config": {"mediaType": oci.archive.MT_CONFIG,
                                            "digest": f"sha256:{cd}", "size": len(config)},
-                                "layers": [{"mediaType": image.MT_LAYER_GZIP,
+                                "layers": [{"mediaType": oci.archive.MT_LAYER_GZIP,
                                             "digest": f"sha256:{ld}", "size": len(layer)}]})
     md = hashlib.sha256(manifest).hexdigest()
     (base / "blobs" / "sha256").mkdir(parents=True)
@@ -796,7 +858,7 @@ def test_a_site_base_with_gzip_layers_is_used_as_it_is(
         (base / "blobs" / "sha256" / d).write_bytes(b)
     (base / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
     (base / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
-        {"mediaType": image.MT_MANIFEST, "digest": f"sha256:{md}", "size": len(manifest)}]}))
+        {"mediaType": oci.archive.MT_MANIFEST, "digest": f"sha256:{md}", "size": len(manifest)}]}))
     res = build_cli(tiny_images["bundle"], tmp_path / "img", base_cache, None, "022",
                     "--base", str(base))
     assert res["layers"][0]["digest"] == f"sha256:{ld}" and res["base"]["digest"] == \

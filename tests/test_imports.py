@@ -125,3 +125,17 @@ def test_the_cli_reaches_the_pipelines_only_through_commands() -> None:
               "bundler.inspection", "bundler.models", "bundler.wheels", "bundler.pack"}
     assert graph["bundler.cli"] & worked == set()
     assert all(not dep.startswith("bundler.demo") for c in commands for dep in graph[c])
+
+
+def test_the_oci_library_imports_nothing_of_the_image_pipeline() -> None:
+    """``bundler/oci/`` is a library the ``image`` pipeline uses: it imports no module of
+    the pipeline (``image``, its ``sandbox``), only the tool's small shared modules."""
+    graph = import_graph()
+    oci = {name for name in graph if name.startswith("bundler.oci.")}
+    assert {"bundler.oci.archive", "bundler.oci.reader", "bundler.oci.rootfs",
+            "bundler.oci.base"} <= oci
+    assert "bundler.oci.archive" in graph["bundler.image"]
+    outside = {(name, dep) for name in oci for dep in graph[name]
+               if not dep.startswith("bundler.oci")
+               and dep not in ("bundler.errors", "bundler.hashing", "bundler.subproc")}
+    assert outside == set()

@@ -17,7 +17,7 @@ from typing import Any
 
 from conftest import TINY_UV_LOCK, TinyBundle
 
-from bundler import image
+from bundler import image, oci, sandbox
 from bundler.integrity import Limits, check_and_extract
 
 
@@ -27,21 +27,21 @@ def _install_as_image_does(tarball: Path, root: Path, tz: str, umask: str) -> di
     ``root/opt/diarization`` with the options and the SOURCE_DATE_EPOCH `image` gives it;
     then what `image` captures: each layer's digest, and every entry (kind, mode, sha256 or
     link target)."""
-    bundle = check_and_extract(tarball, root / image.SOURCE_DIR, Limits()).root
+    bundle = check_and_extract(tarball, root / sandbox.SOURCE_DIR, Limits()).root
     env = {"PATH": "/usr/bin:/bin", "HOME": str(root.parent), "LANG": "C.UTF-8", "TZ": tz,
-           "SOURCE_DATE_EPOCH": str(image.LAYER_EPOCH)}
+           "SOURCE_DATE_EPOCH": str(oci.archive.LAYER_EPOCH)}
     proc = subprocess.run(["sh", "-c", f'umask {umask} && exec "$@"', "sh", sys.executable,
                            "-I", str(bundle / "runtime" / "install.py"),
                            str(root / image.PREFIX), "--no-smoke", "--json", "--release",
                            image.RELEASE], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["install"]["method"] == "venv --without-pip + bundled uv"
-    shutil.rmtree(root / image.SOURCE_DIR)
+    shutil.rmtree(root / sandbox.SOURCE_DIR)
     layers = image.capture(root, image.RELEASE)
     entries = {e.name: (e.kind, oct(e.mode), e.target or (
         hashlib.sha256(e.source.read_bytes()).hexdigest() if e.source else ""))
         for es in layers.values() for e in es}
-    digests = {role: image.layer_blob(es, role, "").digest for role, es in layers.items()}
+    digests = {role: oci.archive.layer_blob(es, role, "").digest for role, es in layers.items()}
     return {"entries": entries, "digests": digests}
 
 

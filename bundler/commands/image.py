@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from bundler.errors import InputError
-from bundler.image import ImageOptions, ImageResult, build_image, is_image, render_result
+from bundler.image import ImageOptions, ImageResult, build_image, render_result
 from bundler.image import self_test as run_self_test
+from bundler.oci.reader import is_image
 
 
 @dataclass(frozen=True)

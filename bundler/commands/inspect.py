@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from bundler.delta import inspect_delta, is_delta, render_delta
-from bundler.image import inspect_image, is_image, render_inspect
-from bundler.inspection import inspect_bundle, render_text
+from bundler.inspection import inspect_bundle, inspect_image, render_inspect, render_text
+from bundler.oci.reader import is_image
 
 Render = Callable[[dict[str, Any]], str]
 
