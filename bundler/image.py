@@ -991,7 +991,7 @@ def capture(root: Path, release: str) -> dict[str, list[Entry]]:
     venv = root / PREFIX / "releases" / release / "venv"
     for folder, dirs, files in os.walk(root / PREFIX):
         if Path(folder) != venv and not Path(folder).is_relative_to(venv):
-            # Bytecode configure.py left by importing runtime/recordings.py: it records
+            # Bytecode configure.py left by importing runtime/offline.py: it records
             # the staged file's mtime, so it differs per build, and the image's fixed
             # mtimes would make Python ignore it anyway. (The venv's is hash-checked.)
             dirs[:] = [d for d in dirs if d != "__pycache__"]
@@ -1174,7 +1174,7 @@ def _build(bundle: Path, opts: ImageOptions, work: Path) -> ImageResult:
                     onnx.get("error") or onnx.get("skipped") or "this bundle's installer "
                     "exports it only with its smoke test: rebuild the bundle")
     parts = capture(root, release)
-    from bundler.runtime.recordings import OFFLINE_ENV
+    from bundler.runtime.offline import OFFLINE_ENV
 
     has_asr = (root / PREFIX / "bin" / "transcribe").exists()
     holds = {"venv": f"/{PREFIX}/releases/{release}/venv: the Python environment",

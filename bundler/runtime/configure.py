@@ -51,14 +51,14 @@ def absolute_config(text: str, prefix: Path) -> str:
 
 def offline_env(prefix: Path) -> dict[str, str]:
     """The offline variables: the runtime programs' own list, read from
-    ``PREFIX/runtime/recordings.py`` (copied into the prefix before this runs), so that the
-    variables exist in one place. Importing it runs only the standard library."""
-    path = prefix / "runtime" / "recordings.py"
-    spec = importlib.util.spec_from_file_location("pyannote_bundle_recordings", path)
+    ``PREFIX/runtime/offline.py`` (copied into the prefix before this runs), so that the
+    variables exist in one place. Importing it runs only the standard library, and it
+    imports no sibling: it loads alone."""
+    path = prefix / "runtime" / "offline.py"
+    spec = importlib.util.spec_from_file_location("pyannote_bundle_offline", path)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot load {path}")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return dict(module.OFFLINE_ENV)
 
