@@ -991,7 +991,7 @@ def capture(root: Path, release: str) -> dict[str, list[Entry]]:
     venv = root / PREFIX / "releases" / release / "venv"
     for folder, dirs, files in os.walk(root / PREFIX):
         if Path(folder) != venv and not Path(folder).is_relative_to(venv):
-            # Bytecode configure.py left by importing runtime/offline.py: it records
+            # Bytecode configure.py left by loading runtime/offline.py and common.py: it records
             # the staged file's mtime, so it differs per build, and the image's fixed
             # mtimes would make Python ignore it anyway. (The venv's is hash-checked.)
             dirs[:] = [d for d in dirs if d != "__pycache__"]

@@ -44,11 +44,16 @@ def import_graph() -> dict[str, set[str]]:
                 for alias in node.names:  # `from bundler import layout` names a module
                     full = f"{module}.{alias.name}"
                     deps.add(full if full in paths else module)
-            elif isinstance(node, ast.Import):
-                for alias in node.names:
-                    deps.add(alias.name)
+            elif isinstance(node, ast.Import | ast.Call):
+                # `__import__("_bootstrap")`: how a program run as a file finds its siblings.
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.args[0].value] if isinstance(node.func, ast.Name)
+                         and node.func.id == "__import__" and node.args
+                         and isinstance(node.args[0], ast.Constant) else [])
+                for imported in names:
+                    deps.add(imported)
                     if siblings:
-                        deps.add(f"{siblings}.{alias.name}")
+                        deps.add(f"{siblings}.{imported}")
         graph[name] = {d for d in deps if d in paths and d not in (name, "bundler")}
     return graph
 
@@ -84,6 +89,7 @@ def test_the_graph_is_read_from_the_source() -> None:
     assert "bundler.runtime.recordings" in graph["bundler.runtime.diarize"]
     assert "bundler.runtime.audio" in graph["bundler.runtime.recordings"]  # from .audio import
     assert "bundler.runtime.engines" in graph["bundler.runtime.export"]  # from .engines import
+    assert "bundler.runtime._bootstrap" in graph["bundler.runtime.transcribe"]  # __import__
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
 

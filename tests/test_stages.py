@@ -167,7 +167,8 @@ def test_configure_writes_the_offline_variables_of_the_shipped_runtime(tmp_path:
 
     prefix = tmp_path / "prefix dir"
     (prefix / "runtime").mkdir(parents=True)
-    (prefix / "runtime/offline.py").write_bytes(runtime_bytes("offline.py"))
+    for name in ("offline.py", "common.py"):  # what configure.py loads from the prefix
+        (prefix / "runtime" / name).write_bytes(runtime_bytes(name))
     (prefix / "models").mkdir()
     (prefix / "models/config.yaml").write_text("pipeline:\n  params:\n"
                                                "    segmentation: models/pyannote_model_s.bin\n")

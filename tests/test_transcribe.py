@@ -138,7 +138,8 @@ def test_build_help_teaches_asr_model_and_a_bad_one_is_exit_2() -> None:
 def _configure(tmp_path: Path, manifest: dict[str, object]) -> Path:
     prefix = tmp_path / "prefix"
     (prefix / "runtime").mkdir(parents=True)
-    (prefix / "runtime/offline.py").write_bytes(runtime_bytes("offline.py"))
+    for name in ("offline.py", "common.py"):  # what configure.py loads from the prefix
+        (prefix / "runtime" / name).write_bytes(runtime_bytes(name))
     (prefix / "models").mkdir()
     (prefix / "models/config.yaml").write_text("pipeline:\n  params: {}\n")
     (prefix / "manifest.json").write_text(json.dumps(manifest))
