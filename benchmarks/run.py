@@ -187,15 +187,19 @@ def hash_stream_to_file(src: Any, dest: Path) -> str:
 BARE_LOOP = """
 import json, sys, time
 t0 = time.perf_counter()
+import os
+from pathlib import Path
 sys.path.insert(0, sys.argv[1] + "/runtime")
-import recordings as d  # the same decoding, so that only diarize's own machinery differs
-d.go_offline()
+__import__("_bootstrap").package(sys.argv[1] + "/runtime/recordings.py")
+# the same decoding, so that only diarize's own machinery differs
+from pyannote_bundle_runtime import audio as dec, offline, outputs
+offline.go_offline()
 import torch
 from pyannote.audio import Pipeline
 pipeline = Pipeline.from_pretrained(sys.argv[1] + "/config.yaml")
 pipeline.embedding_batch_size = pipeline.segmentation_batch_size = 1
 for path in sys.argv[2:]:
-    wave = d.decode(d.Path(path))
+    wave = dec.decode(Path(path))
     pipeline({"waveform": torch.from_numpy(wave).unsqueeze(0), "sample_rate": 16000})
 print(json.dumps({"seconds": time.perf_counter() - t0}))
 """
@@ -204,21 +208,24 @@ print(json.dumps({"seconds": time.perf_counter() - t0}))
 BARE_TRANSCRIBE = """
 import json, sys, time
 t0 = time.perf_counter()
+import os
+from pathlib import Path
 sys.path.insert(0, sys.argv[1] + "/runtime")
-import recordings as d  # the same decoding and the same word-to-speaker step
-import transcript
-d.go_offline()
+__import__("_bootstrap").package(sys.argv[1] + "/runtime/recordings.py")
+# the same decoding and the same word-to-speaker step
+from pyannote_bundle_runtime import audio as dec, offline, transcript
+offline.go_offline()
 import torch
 from faster_whisper import WhisperModel
 from pyannote.audio import Pipeline
 manifest = json.load(open(sys.argv[1] + "/manifest.json"))
 model = WhisperModel(sys.argv[1] + "/" + manifest["asr"]["path"], device="cpu",
-                     compute_type="int8", cpu_threads=len(d.os.sched_getaffinity(0)),
+                     compute_type="int8", cpu_threads=len(os.sched_getaffinity(0)),
                      local_files_only=True)
 pipeline = Pipeline.from_pretrained(sys.argv[1] + "/config.yaml")
 pipeline.embedding_batch_size = pipeline.segmentation_batch_size = 1
 for path in sys.argv[2:]:
-    wave = d.decode(d.Path(path))
+    wave = dec.decode(Path(path))
     pieces, info = model.transcribe(wave, beam_size=5, vad_filter=True, word_timestamps=True)
     asr = [{"start": s.start, "end": s.end, "text": s.text,
             "words": [{"start": w.start, "end": w.end, "word": w.word,
@@ -267,19 +274,23 @@ def bench_transcribe(prefix: Path, work: Path, runs: int) -> dict[str, Any]:
 WHISPERX_LOOP = """
 import json, sys, time
 t0 = time.perf_counter()
+import os
+from pathlib import Path
 sys.path.insert(0, sys.argv[1] + "/runtime")
-import recordings as d  # the same decoding: whisperx's own load_audio needs the ffmpeg CLI
-d.go_offline()
+__import__("_bootstrap").package(sys.argv[1] + "/runtime/recordings.py")
+# the same decoding: whisperx's own load_audio needs the ffmpeg CLI
+from pyannote_bundle_runtime import audio as dec, offline, outputs
+offline.go_offline()
 import whisperx
 from whisperx.diarize import DiarizationPipeline
 manifest = json.load(open(sys.argv[1] + "/manifest.json"))
 model = whisperx.load_model(sys.argv[1] + "/" + manifest["asr"]["path"], "cpu",
                             compute_type="int8", language="en", local_files_only=True,
-                            threads=len(d.os.sched_getaffinity(0)))
+                            threads=len(os.sched_getaffinity(0)))
 diarization = DiarizationPipeline(model_name=sys.argv[1] + "/config.yaml", device="cpu")
 texts = {}
 for path in sys.argv[2:]:
-    audio = d.decode(d.Path(path))
+    audio = dec.decode(Path(path))
     result = model.transcribe(audio, batch_size=8)
     result = whisperx.assign_word_speakers(diarization(audio), result)
     texts[path] = " ".join(s["text"].strip() for s in result["segments"])
@@ -419,9 +430,13 @@ def bench_diarize(prefix: Path, work: Path, runs: int) -> dict[str, Any]:
 BARE_PYANNOTE = """
 import json, os, resource, sys, time
 t0 = time.perf_counter()
+import os
+from pathlib import Path
 sys.path.insert(0, sys.argv[1] + "/runtime")
-import recordings as d  # the same decoding: only the engine differs
-d.go_offline()
+__import__("_bootstrap").package(sys.argv[1] + "/runtime/recordings.py")
+# the same decoding: only the engine differs
+from pyannote_bundle_runtime import audio as dec, offline, outputs
+offline.go_offline()
 import torch
 from pyannote.audio import Pipeline
 pipeline = Pipeline.from_pretrained(sys.argv[2])
@@ -430,18 +445,18 @@ if os.environ.get("BENCH_BATCH_SIZES"):  # "SEGMENTATION,EMBEDDING": pyannote's 
     pipeline.segmentation_batch_size, pipeline.embedding_batch_size = seg, emb
 files, stages, audio = {}, {}, 0.0
 for path in sys.argv[3:]:
-    wave = d.decode(d.Path(path))
+    wave = dec.decode(Path(path))
     audio += len(wave) / 16000
     marks = [("start", time.perf_counter())]
     out = pipeline({"waveform": torch.from_numpy(wave).unsqueeze(0), "sample_rate": 16000,
-                    "uri": d.Path(path).name},
+                    "uri": Path(path).name},
                    hook=lambda step, *a, **k: marks.append((step, time.perf_counter())))
     for (_, a), (step, b) in zip(marks, marks[1:]):
         step = {"discrete_diarization": "clustering"}.get(step, step)
         if step in ("segmentation", "embeddings", "clustering"):
             stages[step] = stages.get(step, 0.0) + b - a
     ann = getattr(out, "speaker_diarization", out)
-    files[d.Path(path).name] = d.rttm(d.Path(path).name, [
+    files[Path(path).name] = outputs.rttm(Path(path).name, [
         {"start": round(float(t.start), 3), "end": round(float(t.end), 3), "speaker": s}
         for t, _, s in ann.itertracks(yield_label=True)])
 result = {"seconds": time.perf_counter() - t0, "rttm": files, "audio_seconds": audio,
@@ -495,8 +510,8 @@ def bench_diarize_cpu(prefix: Path, work: Path, count: int, minutes: float) -> d
         shutil.copy(real / "pytorch_model.bin", engine_dir / "pyannote_model_segmentation.bin")
         params["segmentation"] = str(engine_dir / "pyannote_model_segmentation.bin")
     (engine_dir / "config.yaml").write_text(yaml.safe_dump(config))
-    export = subprocess.run([venv_python, "-I", str(prefix / "runtime" / "engines.py"),
-                             "export", str(engine_dir)], capture_output=True, text=True)
+    export = subprocess.run([venv_python, "-I", str(prefix / "runtime" / "export.py"),
+                             str(engine_dir)], capture_output=True, text=True)
     # The receipt the export writes, as the installer reads it (not its stdout, where
     # pyannote prints too).
     receipt = engine_dir / RECEIPT

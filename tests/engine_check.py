@@ -5,7 +5,7 @@ pipeline against pyannote's own, on the recordings named on the command line.
 
 RELEASE_DIR holds a ``config.yaml`` (the test's: real segmentation weights) and
 ``smoke/sample.wav``; the onnx engine is exported there by the installed
-``runtime/engines.py``, as the installer does. For each recording: pyannote's RTTM and
+``runtime/export.py``, as the installer does. For each recording: pyannote's RTTM and
 embeddings (every (chunk, speaker) pair, from the pipeline's hook), then the same with
 ``pytorch`` and ``onnx``. Prints one JSON object.
 """
@@ -22,19 +22,20 @@ from typing import Any
 warnings.filterwarnings("ignore")
 prefix, release = Path(sys.argv[1]), Path(sys.argv[2])
 sys.path.insert(0, str(prefix / "runtime"))
+# The installed runtime's modules, imported as its programs import them (runtime/_bootstrap.py).
+__import__("_bootstrap").package(str(prefix / "runtime" / "recordings.py"))
 
-import engines  # noqa: E402
 import numpy as np  # noqa: E402
-import recordings  # noqa: E402
+from pyannote_bundle_runtime import audio, engines, export, offline, outputs  # noqa: E402
 
-recordings.go_offline()
+offline.go_offline()
 
 import torch  # noqa: E402
 from pyannote.audio import Pipeline  # noqa: E402
 
 
 def run(pipeline: Any, path: Path) -> dict[str, Any]:
-    waveform = recordings.decode(path)
+    waveform = audio.decode(path)
     batches: list[np.ndarray] = []
     chunks = 0
 
@@ -50,7 +51,7 @@ def run(pipeline: Any, path: Path) -> dict[str, Any]:
                        "uri": path.stem}, hook=hook)
     annotation = getattr(output, "speaker_diarization", output)
     embeddings = np.concatenate(batches) if batches else np.zeros((0, 1))
-    return {"rttm": recordings.rttm(path.stem, [
+    return {"rttm": outputs.rttm(path.stem, [
                 {"start": round(float(t.start), 3), "end": round(float(t.end), 3),
                  "speaker": label} for t, _, label in annotation.itertracks(yield_label=True)]),
             "embeddings": embeddings, "chunks": chunks, "seconds": time.perf_counter() - started}
@@ -63,8 +64,8 @@ def unit(e: np.ndarray) -> np.ndarray:
 
 def main() -> None:
     config = release / "config.yaml"
-    onnx = engines.export(release)
-    engines._write_json(release / engines.RECEIPT, {"onnx": onnx})
+    onnx = export.export(release)
+    export.write_receipt(release / engines.RECEIPT, onnx)
     pipelines = {}
     for name in ("pyannote", "pytorch", "onnx"):
         pipelines[name] = Pipeline.from_pretrained(str(config))

@@ -5,7 +5,8 @@ The programs under ``bundler/runtime/`` run on the isolated host without the too
 cannot import it; the tool imports them instead (``layout`` takes the installer's file names
 and the offline variables from the shipped programs, ``bundler.offline_install`` the installer's
 exit codes). Where a program must keep its own copy (``apply.py`` travels alone inside a
-delta; ``install.py`` runs before any venv exists), the copy is proved equal here. The
+delta; ``install.py`` runs before any venv exists) of a helper the other runtime modules take
+from ``runtime/common.py``, the copy is proved equal here. The
 offline variables: tests/test_stages.py (configure.py reads them from the shipped module).
 """
 
@@ -18,7 +19,7 @@ import pytest
 
 from bundler import bundlefile, errors, layout
 from bundler.checksums import format_checksums, parse_checksums
-from bundler.runtime import apply, install
+from bundler.runtime import apply, common, install
 
 
 @pytest.mark.parametrize("program", [install, apply], ids=["install.py", "apply.py"])
@@ -108,3 +109,45 @@ def test_apply_py_shows_a_name_as_the_installer_does(name: str, limit: int) -> N
     shown = install.shown(name, limit)
     assert apply._shown(name, limit) == shown
     assert shown.isprintable() and "\n" not in shown and len(shown) <= limit + 3
+
+
+def _code(function: object) -> str:
+    """A function's code as the parser sees it, without its name and docstring."""
+    import ast
+    import inspect
+    import textwrap
+
+    node = ast.parse(textwrap.dedent(inspect.getsource(function))).body[0]
+    assert isinstance(node, ast.FunctionDef)
+    body = node.body[1:] if ast.get_docstring(node) is not None else node.body
+    return "\n".join(ast.dump(part) for part in (node.args, *body))
+
+
+def test_the_installers_hasher_is_the_runtimes_own(tmp_path: Path) -> None:
+    """install.py's sha256_of is common.sha256_file, line for line, with the same block size."""
+    assert _code(install.sha256_of) == _code(common.sha256_file)
+    assert install.BUFSIZE == common.BUFSIZE
+    data = bytes(range(256)) * (common.BUFSIZE // 256 + 3)  # more than one block
+    (tmp_path / "f").write_bytes(data)
+    assert install.sha256_of(tmp_path / "f") == common.sha256_file(tmp_path / "f") == (
+        hashlib.sha256(data).hexdigest())
+
+
+def test_the_installers_json_writer_writes_as_the_runtimes(tmp_path: Path) -> None:
+    """install.py's write_json gives what common.write_atomic gives for the same text: the
+    same bytes, the mode the umask gives a new file, nothing beside it afterwards."""
+    import json
+    import os
+
+    data = {"b": [1, "\u00e9"], "a": {"ok": True}}
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    old = os.umask(0o027)
+    try:
+        install.write_json(tmp_path / "installer.json", data)
+        common.write_atomic(tmp_path / "runtime.json", text)
+    finally:
+        os.umask(old)
+    mine, theirs = tmp_path / "installer.json", tmp_path / "runtime.json"
+    assert mine.read_bytes() == theirs.read_bytes()
+    assert mine.stat().st_mode & 0o777 == theirs.stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["installer.json", "runtime.json"]

@@ -18,8 +18,17 @@ from typing import Any
 
 import pytest
 
+from bundler.runtime import (
+    audio,
+    common,
+    devices,
+    exits,
+    inputs,
+    offline,
+    outputs,
+    recordings,
+)
 from bundler.runtime import diarize as d
-from bundler.runtime import recordings as r
 
 SCRIPT = Path(d.__file__)
 
@@ -43,11 +52,11 @@ def test_outputs_mirror_the_tree_and_keep_the_extension(tmp_path: Path) -> None:
                    ".cache/x.wav", "deep/er/b c.webm"])
     single = tmp_path / "elsewhere" / "call.MP3"
     _tree(single.parent, [single.name])
-    jobs = r.find_jobs([str(corpus), str(single)])
+    jobs = inputs.find_jobs([str(corpus), str(single)])
     assert [j.rel for j in jobs] == ["a.mp3", "a.wav", "deep/er/b c.webm", "meetings/a.m4a",
                                      "call.MP3"]
     out = tmp_path / "out"
-    names = {j.rel: r.outputs_for(j, out, ["rttm", "json"]) for j in jobs}
+    names = {j.rel: outputs.outputs_for(j, out, ["rttm", "json"]) for j in jobs}
     assert names["meetings/a.m4a"]["rttm"] == out / "meetings/a.m4a.rttm"
     assert names["a.wav"]["json"] == out / "a.wav.json"
     assert names["a.wav"]["rttm"] != names["a.mp3"]["rttm"]
@@ -56,38 +65,38 @@ def test_outputs_mirror_the_tree_and_keep_the_extension(tmp_path: Path) -> None:
 
 def test_two_inputs_that_would_write_the_same_output_are_refused(tmp_path: Path) -> None:
     _tree(tmp_path, ["x/a.wav", "y/a.wav"])
-    with pytest.raises(r.RunError, match="would both be written as a.wav.rttm") as exc:
-        r.find_jobs([str(tmp_path / "x/a.wav"), str(tmp_path / "y/a.wav")])
-    assert exc.value.code == r.EXIT_USAGE
+    with pytest.raises(exits.RunError, match="would both be written as a.wav.rttm") as exc:
+        inputs.find_jobs([str(tmp_path / "x/a.wav"), str(tmp_path / "y/a.wav")])
+    assert exc.value.code == exits.EXIT_USAGE
 
 
 def test_rttm_lines_are_standard() -> None:
-    text = r.rttm("meetings/a_b.m4a", [{"start": 0.5, "end": 2.25, "speaker": "SPEAKER 00"}])
+    text = outputs.rttm("meetings/a_b.m4a", [{"start": 0.5, "end": 2.25, "speaker": "SPEAKER 00"}])
     assert text == "SPEAKER meetings/a_b.m4a 1 0.500 1.750 <NA> <NA> SPEAKER_00 <NA> <NA>\n"
     assert len(text.split()) == 10
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 7])
 def test_shards_cover_every_file_exactly_once(count: int) -> None:
-    jobs = [r.Job(Path(f"/c/{i}.wav"), f"{i:02}.wav", 0) for i in range(20)]
-    shares = [r.Shard(i, count, "--shard").take(jobs) for i in range(count)]
+    jobs = [inputs.Job(Path(f"/c/{i}.wav"), f"{i:02}.wav", 0) for i in range(20)]
+    shares = [inputs.Shard(i, count, "--shard").take(jobs) for i in range(count)]
     flat = [j.rel for share in shares for j in share]
     assert sorted(flat) == [j.rel for j in jobs] and len(flat) == len(set(flat))
     assert max(map(len, shares)) - min(map(len, shares)) <= 1
 
 
 def test_shard_comes_from_the_option_slurm_or_an_indexed_job() -> None:
-    assert r.resolve_shard("3/8", None, {}) == r.Shard(3, 8, "--shard")
+    assert inputs.resolve_shard("3/8", None, {}) == inputs.Shard(3, 8, "--shard")
     slurm = {"SLURM_ARRAY_TASK_ID": "12", "SLURM_ARRAY_TASK_MIN": "10",
              "SLURM_ARRAY_TASK_COUNT": "4"}
-    assert r.resolve_shard(None, None, slurm) == r.Shard(2, 4, "SLURM_ARRAY_TASK_ID")
+    assert inputs.resolve_shard(None, None, slurm) == inputs.Shard(2, 4, "SLURM_ARRAY_TASK_ID")
     stepped = {"SLURM_ARRAY_TASK_ID": "6", "SLURM_ARRAY_TASK_MIN": "0",
                "SLURM_ARRAY_TASK_STEP": "2", "SLURM_ARRAY_TASK_COUNT": "5"}
-    assert r.resolve_shard(None, None, stepped) == r.Shard(3, 5, "SLURM_ARRAY_TASK_ID")
-    assert r.resolve_shard("0/2", None, slurm).source == "--shard"  # the option wins
+    assert inputs.resolve_shard(None, None, stepped) == inputs.Shard(3, 5, "SLURM_ARRAY_TASK_ID")
+    assert inputs.resolve_shard("0/2", None, slurm).source == "--shard"  # the option wins
     k8s = {"JOB_COMPLETION_INDEX": "5"}
-    assert r.resolve_shard(None, 6, k8s) == r.Shard(5, 6, "JOB_COMPLETION_INDEX")
-    assert r.resolve_shard(None, None, {}) == r.Shard(0, 1, "none")
+    assert inputs.resolve_shard(None, 6, k8s) == inputs.Shard(5, 6, "JOB_COMPLETION_INDEX")
+    assert inputs.resolve_shard(None, None, {}) == inputs.Shard(0, 1, "none")
 
 
 def test_the_docs_slurm_array_takes_a_sites_paths_and_sizes() -> None:
@@ -121,9 +130,9 @@ def test_the_docs_slurm_array_takes_a_sites_paths_and_sizes() -> None:
 ])
 def test_bad_shards_are_usage_errors(option: str | None, count: int | None,
                                      env: dict[str, str], message: str) -> None:
-    with pytest.raises(r.RunError, match=message) as exc:
-        r.resolve_shard(option, count, env)
-    assert exc.value.code == r.EXIT_USAGE
+    with pytest.raises(exits.RunError, match=message) as exc:
+        inputs.resolve_shard(option, count, env)
+    assert exc.value.code == exits.EXIT_USAGE
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -141,7 +150,7 @@ def test_argument_errors_exit_2_with_one_line(tmp_path: Path, argv: list[str],
                                               message: str) -> None:
     _tree(tmp_path, ["a.wav"])
     proc = _diarize(str(tmp_path / "a.wav"), *argv, "-o", str(tmp_path / "out"))
-    assert proc.returncode == r.EXIT_USAGE
+    assert proc.returncode == exits.EXIT_USAGE
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stdout == ""
 
@@ -158,7 +167,7 @@ def test_a_missing_config_means_nothing_can_run(tmp_path: Path) -> None:
     _tree(tmp_path, ["a.wav"])
     proc = _diarize(str(tmp_path / "a.wav"), "--config", str(tmp_path / "none.yaml"),
                     "-o", str(tmp_path / "out"))
-    assert proc.returncode == r.EXIT_CANNOT_RUN
+    assert proc.returncode == exits.EXIT_CANNOT_RUN
     assert "config not found" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -191,7 +200,7 @@ def test_an_unwritable_output_folder_exits_5(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
     proc = _diarize(str(tmp_path / "a.wav"), "-o", str(blocker / "out"))
-    assert proc.returncode == r.EXIT_OUTPUT and "cannot write to" in proc.stderr
+    assert proc.returncode == exits.EXIT_OUTPUT and "cannot write to" in proc.stderr
 
 
 def test_help_lists_the_exit_codes_on_stdout() -> None:
@@ -200,17 +209,46 @@ def test_help_lists_the_exit_codes_on_stdout() -> None:
     assert "--shard I/N" in proc.stdout and "some files failed" in proc.stdout
 
 
+def test_a_program_run_as_a_file_imports_its_siblings_once_and_shadows_nothing(
+        tmp_path: Path) -> None:
+    """``python -I runtime/x.py``, as bin/diarize runs it: the program's siblings are one
+    package (each module once, the same objects the program and its siblings use), and the
+    runtime folder is not left on sys.path, where ``audio.py`` or ``inputs.py`` would shadow
+    a library's module of that name."""
+    import shutil
+
+    runtime = tmp_path / "runtime"
+    shutil.copytree(SCRIPT.parent, runtime, ignore=shutil.ignore_patterns("__pycache__"))
+    (runtime / "probe.py").write_text(
+        "import json, os, sys\n"
+        "if not __package__:\n"
+        "    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))\n"
+        "    __package__ = __import__('_bootstrap').package(__file__)\n"
+        "from . import diarize, exits, recordings\n"
+        "same = diarize.exits.RunError is exits.RunError is recordings.RunError\n"
+        "print(json.dumps({'path': sys.path, 'same': same,"
+        " 'module': exits.__name__, 'bare': [n for n in ('audio', 'inputs', 'recordings')"
+        " if n in sys.modules]}))\n")
+    proc = subprocess.run([sys.executable, "-I", str(runtime / "probe.py")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert str(runtime) not in got["path"]
+    assert got["same"] is True and got["module"] == "pyannote_bundle_runtime.exits"
+    assert got["bare"] == []
+
+
 def test_atomic_write_leaves_no_partial_file(tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     target = tmp_path / "sub" / "a.wav.rttm"
-    r.write_atomic(target, "one\n")
+    common.write_atomic(target, "one\n")
 
     def boom(*_: Any) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError):
-        r.write_atomic(target, "two\n")
+        common.write_atomic(target, "two\n")
     assert target.read_text() == "one\n"
     assert sorted(p.name for p in target.parent.iterdir()) == ["a.wav.rttm"]
 
@@ -220,7 +258,7 @@ def test_offline_environment_and_caches_for_a_user_without_a_home(tmp_path: Path
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     env: dict[str, str] = {"HOME": "/nonexistent/home", "TORCH_HOME": "/mine",
                            "PYANNOTE_METRICS_ENABLED": "true"}
-    root = r.go_offline(env)
+    root = offline.go_offline(env)
     assert root == tmp_path / f"pyannote-bundle-{os.getuid()}" and root.is_dir()
     assert env["PYANNOTE_METRICS_ENABLED"] == "false" and env["HF_HUB_OFFLINE"] == "1"
     assert env["OTEL_SDK_DISABLED"] == "true"
@@ -230,7 +268,7 @@ def test_offline_environment_and_caches_for_a_user_without_a_home(tmp_path: Path
 
 
 def test_network_attempts_are_counted_and_can_be_blocked() -> None:
-    audit = r.NetworkAudit()
+    audit = offline.NetworkAudit()
     s = socket.socket()
     audit("socket.connect", (s, ("192.0.2.1", 443)))
     audit("socket.getaddrinfo", ("otel.example", 443, 0, 0, 0))
@@ -238,7 +276,7 @@ def test_network_attempts_are_counted_and_can_be_blocked() -> None:
     audit("socket.connect", (unix, "/run/x.sock"))
     audit("open", ("/etc/hosts", "r", 0))
     assert len(audit.attempts) == 2 and "192.0.2.1" in audit.attempts[0]
-    blocking = r.NetworkAudit(block=True)
+    blocking = offline.NetworkAudit(block=True)
     with pytest.raises(ConnectionRefusedError):
         blocking("socket.getaddrinfo", ("example.org", 80, 0, 0, 0))
     assert blocking.attempts == ["getaddrinfo 'example.org'"]
@@ -254,7 +292,7 @@ def test_network_attempts_are_counted_and_can_be_blocked() -> None:
 ])
 def test_driver_preflight(driver: tuple[int, int] | None, built: str | None,
                           old: bool) -> None:
-    assert r.driver_too_old(driver, built) is old
+    assert devices.driver_too_old(driver, built) is old
 
 
 def test_auto_device_falls_back_to_cpu_with_one_line_for_an_old_driver(
@@ -269,14 +307,14 @@ def test_auto_device_falls_back_to_cpu_with_one_line_for_an_old_driver(
         cuda = FakeCuda
 
     said: list[str] = []
-    monkeypatch.setattr(r, "cuda_driver_version", lambda: (11, 4))
-    assert r.choose_device("auto", FakeTorch, said.append) == "cpu"
+    monkeypatch.setattr(devices, "cuda_driver_version", lambda: (11, 4))
+    assert devices.choose_device("auto", FakeTorch, said.append) == "cpu"
     assert len(said) == 1 and "CUDA 11.4" in said[0] and "12.8" in said[0]
-    with pytest.raises(r.RunError, match="update the driver") as exc:
-        r.choose_device("cuda", FakeTorch, said.append)
-    assert exc.value.code == r.EXIT_CANNOT_RUN
-    monkeypatch.setattr(r, "cuda_driver_version", lambda: (12, 9))
-    assert r.choose_device("auto", FakeTorch, said.append) == "cuda"
+    with pytest.raises(exits.RunError, match="update the driver") as exc:
+        devices.choose_device("cuda", FakeTorch, said.append)
+    assert exc.value.code == exits.EXIT_CANNOT_RUN
+    monkeypatch.setattr(devices, "cuda_driver_version", lambda: (12, 9))
+    assert devices.choose_device("auto", FakeTorch, said.append) == "cuda"
 
 
 def test_recordings_people_have_decode_to_16k_mono(tmp_path: Path) -> None:
@@ -288,10 +326,10 @@ def test_recordings_people_have_decode_to_16k_mono(tmp_path: Path) -> None:
     files = media.corpus(tmp_path)
     for label, path in files.items():
         if label == "corrupt":
-            with pytest.raises(r.FileFailed, match="cannot decode"):
-                r.decode(path)
+            with pytest.raises(exits.FileFailed, match="cannot decode"):
+                audio.decode(path)
             continue
-        wave = r.decode(path)
+        wave = audio.decode(path)
         assert wave.dtype.name == "float32" and wave.ndim == 1, label
         assert abs(len(wave) / 16000 - 10.0) < 0.1, label
         assert 0.05 < float(abs(wave).max()) <= 1.0, label
@@ -305,11 +343,11 @@ def test_committed_smoke_samples_are_the_bundle_sample(tmp_path: Path) -> None:
 
     wav_path = tmp_path / "s.wav"
     wav_path.write_bytes(sample_bytes("wav"))
-    ref = r.decode(wav_path)
+    ref = audio.decode(wav_path)
     for fmt in ("mp3", "m4a"):
         path = tmp_path / f"s.{fmt}"
         path.write_bytes(sample_bytes(fmt))
-        got = r.decode(path)
+        got = audio.decode(path)
         n = min(len(ref), len(got))
         # Lossy codecs shift and shape the signal; the envelope (who speaks when) is kept.
         n -= n % 1600
@@ -320,14 +358,14 @@ def test_committed_smoke_samples_are_the_bundle_sample(tmp_path: Path) -> None:
 
 # --- awkward and hostile input: no hang, no batch lost to one file -----------------------
 ECHO = (
-    "import sys; from bundler.runtime import recordings as r\n"
-    "class Echo(r.Program):\n"
+    "import sys; from bundler.runtime import recordings\n"
+    "class Echo(recordings.Program):\n"
     "    name = 'echo'; formats = ('txt',); default_formats = 'txt'; marker = 'txt'\n"
     "    def load(self, args, say):\n"
     "        return type('L', (), {'seconds': 0.0, 'device': 'cpu'})()\n"
     "    def process(self, loaded, job, waveform, args):\n"
     "        return {'txt': job.rel + '\\n'}, {}, 'ok'\n"
-    "sys.exit(r.main(Echo()))\n")
+    "sys.exit(recordings.main(Echo()))\n")
 
 
 def _fake_program_run(tmp_path: Path, *inputs: str, extra: tuple[str, ...] = (),
@@ -356,7 +394,7 @@ def test_a_fifo_in_a_folder_or_on_the_command_line_is_named_and_skipped(
     os.mkfifo(corpus / "stuck.wav")  # opening it would wait for a writer forever
     os.mkfifo(tmp_path / "named.mp3")
     proc = _fake_program_run(tmp_path, str(corpus), str(tmp_path / "named.mp3"))
-    assert proc.returncode == r.EXIT_SOME_FAILED, proc.stderr
+    assert proc.returncode == exits.EXIT_SOME_FAILED, proc.stderr
     report = json.loads(proc.stdout)
     assert report["done"] == 1 and report["failed"] == 2
     assert {f["file"]: f["error"] for f in report["failures"]} == {
@@ -372,12 +410,12 @@ def test_a_decoder_that_never_returns_is_cut_by_the_file_timeout(
         while True:
             time.sleep(0.05)
 
-    monkeypatch.setattr(r, "decode", forever)
-    with pytest.raises(r.FileTimeout, match="took longer than 1 s"):
-        with r.deadline(1, "decoding"):
-            r.decode(tmp_path / "x.mp3")
+    monkeypatch.setattr(audio, "decode", forever)
+    with pytest.raises(recordings.FileTimeout, match="took longer than 1 s"):
+        with recordings.deadline(1, "decoding"):
+            audio.decode(tmp_path / "x.mp3")
     # The alarm is gone afterwards: nothing fires later.
-    with r.deadline(0.2, "x"):
+    with recordings.deadline(0.2, "x"):
         pass
     time.sleep(0.4)
 
@@ -391,7 +429,7 @@ def test_names_the_file_system_cannot_hold_fail_alone_and_the_batch_goes_on(
     bad = os.fsencode(str(corpus)) + b"/d-\xff\xfe.wav"  # not UTF-8
     Path(os.fsdecode(bad)).write_bytes((corpus / "a.wav").read_bytes())
     proc = _fake_program_run(tmp_path, str(corpus))
-    assert proc.returncode == r.EXIT_SOME_FAILED, proc.stderr
+    assert proc.returncode == exits.EXIT_SOME_FAILED, proc.stderr
     report = json.loads(proc.stdout)
     assert report["done"] == 3 and report["failed"] == 1
     assert "File name too long" in report["failures"][0]["error"]
@@ -435,7 +473,7 @@ def test_an_output_folder_that_cannot_be_written_ends_the_run_with_exit_5(
     # A file where an output folder must go: no one, root included, can write there.
     (out / "sub").write_text("a file, not a folder")
     run = _fake_program_run(tmp_path, str(corpus))
-    assert run.returncode == r.EXIT_OUTPUT, run.stderr
+    assert run.returncode == exits.EXIT_OUTPUT, run.stderr
     assert "cannot write" in run.stderr and "Traceback" not in run.stderr
 
 
@@ -494,7 +532,7 @@ def test_a_recording_longer_than_max_duration_is_refused_and_the_batch_goes_on(
     _silent_wav(corpus / "d-short.wav", 4, 44100)  # PyAV, resampled
     _silent_wav(corpus / "e-long.wav", 9, 44100)
     proc = _fake_program_run(tmp_path, str(corpus), extra=("--max-duration", "5"))
-    assert proc.returncode == r.EXIT_SOME_FAILED, proc.stderr
+    assert proc.returncode == exits.EXIT_SOME_FAILED, proc.stderr
     assert "Traceback" not in proc.stderr
     report = json.loads(proc.stdout)
     assert [o["file"] for o in report["outputs"]] == ["c-short.wav", "d-short.wav"]
@@ -538,16 +576,16 @@ def test_a_ten_hour_recording_is_refused_quickly_in_bounded_memory(tmp_path: Pat
     code = (
         "import json, resource, sys, time\n"
         "from pathlib import Path\n"
-        "from bundler.runtime import recordings as r\n"
+        "from bundler.runtime import audio\n"
         "big16, big8, small16, small8 = map(Path, sys.argv[1:])\n"
-        "r.decode(small16, 60); r.decode(small8, 60)\n"
+        "audio.decode(small16, 60); audio.decode(small8, 60)\n"
         "rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
         "before, t0 = rss(), time.perf_counter()\n"
         "refused = []\n"
         "for path in (big16, big8):\n"
         "    try:\n"
-        "        r.decode(path, 60)\n"
-        "    except r.TooLong as exc:\n"
+        "        audio.decode(path, 60)\n"
+        "    except audio.TooLong as exc:\n"
         "        refused.append(str(exc))\n"
         "print(json.dumps({'growth': rss() - before, 'seconds': time.perf_counter() - t0,\n"
         "                  'refused': refused}))\n")
@@ -570,8 +608,8 @@ def test_a_ten_hour_recording_is_refused_quickly_in_bounded_memory(tmp_path: Pat
 # named "slow*" changes it, then runs past --file-timeout (the alarm lands in its Python
 # code, as it would inside the pipeline); every other file's output is the state it sees.
 STATEFUL = (
-    "import json, sys, time; from bundler.runtime import recordings as r\n"
-    "class Stateful(r.Program):\n"
+    "import json, sys, time; from bundler.runtime import recordings\n"
+    "class Stateful(recordings.Program):\n"
     "    name = 'stateful'; formats = ('txt',); default_formats = 'txt'; marker = 'txt'\n"
     "    loads = 0\n"
     "    def load(self, args, say):\n"
@@ -587,7 +625,7 @@ STATEFUL = (
     "        text = json.dumps({'cache before this file': len(loaded.cache) - 1})\n"
     "        loaded.cache.clear()\n"
     "        return {'txt': text + '\\n'}, {'load': loaded.load}, 'ok'\n"
-    "sys.exit(r.main(Stateful()))\n")
+    "sys.exit(recordings.main(Stateful()))\n")
 
 
 def test_after_a_timeout_in_model_work_the_next_file_gets_freshly_loaded_models(
@@ -602,7 +640,7 @@ def test_after_a_timeout_in_model_work_the_next_file_gets_freshly_loaded_models(
     (corpus / "broken.wav").write_bytes(b"RIFF not a wav")  # decoding fails: no reload
     proc = _fake_program_run(tmp_path, str(corpus), extra=("--file-timeout", "1"),
                              code=STATEFUL)
-    assert proc.returncode == r.EXIT_SOME_FAILED, proc.stderr
+    assert proc.returncode == exits.EXIT_SOME_FAILED, proc.stderr
     assert "Traceback" not in proc.stderr
     report = json.loads(proc.stdout)
     assert {f["file"]: f["error"] for f in report["failures"]}.keys() == {"broken.wav",
@@ -634,11 +672,11 @@ def test_pyav_holds_a_long_recording_once_not_twice(tmp_path: Path) -> None:
     code = (
         "import json, resource, sys\n"
         "from pathlib import Path\n"
-        "from bundler.runtime import recordings as r\n"
-        "r.decode(Path(sys.argv[2]), 0)\n"
+        "from bundler.runtime import audio\n"
+        "audio.decode(Path(sys.argv[2]), 0)\n"
         "rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
         "before = rss()\n"
-        "wave = r.decode(Path(sys.argv[1]), 0)\n"
+        "wave = audio.decode(Path(sys.argv[1]), 0)\n"
         "print(json.dumps({'growth': rss() - before, 'samples': len(wave),\n"
         "                  'silent': not wave.any(), 'dtype': wave.dtype.name}))\n")
     proc = subprocess.run([sys.executable, "-c", code, str(long), str(small)],
@@ -659,21 +697,21 @@ def test_samples_past_the_headers_duration_are_kept_and_a_short_file_gives_back_
     import numpy as np
 
     chunks = [np.arange(i * 4, i * 4 + 4, dtype=np.float32) for i in range(5)]
-    under = r.Samples(expected=10)
+    under = audio.Samples(expected=10)
     for chunk in chunks:
         under.add(chunk)
     assert under.total == 20 and np.array_equal(under.waveform(), np.arange(20))
-    over = r.Samples(expected=10 * r.SAMPLE_RATE)
+    over = audio.Samples(expected=10 * audio.SAMPLE_RATE)
     over.add(chunks[0])
     wave = over.waveform()
     assert np.array_equal(wave, chunks[0]) and wave.base is None
-    exact = r.Samples(expected=8 + r.SAMPLE_RATE)
+    exact = audio.Samples(expected=8 + audio.SAMPLE_RATE)
     exact.add(chunks[0])
     exact.add(chunks[1])
     assert np.array_equal(exact.waveform(), np.arange(8))
-    capped = r.Samples(expected=100, cap=6)
+    capped = audio.Samples(expected=100, cap=6)
     capped.add(chunks[0])
-    with pytest.raises(r.TooLong):
+    with pytest.raises(audio.TooLong):
         capped.add(chunks[1])
 
 

@@ -94,7 +94,7 @@ def test_next_steps_printed_by_install_sh_work_verbatim(installed: Installed) ->
 
 def test_every_engine_gives_pyannotes_rttm_and_embeddings(installed: Installed) -> None:
     """--engine pytorch (the trunk once per chunk) and onnx (exported and checked by the
-    installed runtime/engines.py) against pyannote's own pipeline, real segmentation
+    installed runtime/export.py) against pyannote's own pipeline, real segmentation
     weights, six kinds of recording; an unknown embedding model falls back, saying so."""
     result = check_engines_match_pyannote(installed)
     print(json.dumps({"seconds": result["seconds"]}))

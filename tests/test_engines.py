@@ -17,30 +17,30 @@ import numpy as np
 import pytest
 
 from bundler import layout
+from bundler.runtime import common, export, recordings, transcribe
 from bundler.runtime import engines as e
-from bundler.runtime import recordings, transcribe
 
 
 def test_a_cgroup_v2_quota_caps_the_threads(tmp_path: Path) -> None:
     (tmp_path / "cpu.max").write_text("150000 100000\n")  # docker --cpus 1.5
-    assert e.cgroup_quota(tmp_path) == 1.5
-    assert e.usable_cores(tmp_path) == min(2, len(os.sched_getaffinity(0)))
+    assert common.cgroup_quota(tmp_path) == 1.5
+    assert common.usable_cores(tmp_path) == min(2, len(os.sched_getaffinity(0)))
 
 
 def test_no_quota_means_the_affinity(tmp_path: Path) -> None:
     (tmp_path / "cpu.max").write_text("max 100000\n")
-    assert e.cgroup_quota(tmp_path) is None
-    assert e.usable_cores(tmp_path) == len(os.sched_getaffinity(0))
+    assert common.cgroup_quota(tmp_path) is None
+    assert common.usable_cores(tmp_path) == len(os.sched_getaffinity(0))
 
 
 def test_a_cgroup_v1_quota_is_read_too(tmp_path: Path) -> None:
     (tmp_path / "cpu").mkdir()
     (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
     (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
-    assert e.cgroup_quota(tmp_path) == 1.0
-    assert e.usable_cores(tmp_path) == 1
+    assert common.cgroup_quota(tmp_path) == 1.0
+    assert common.usable_cores(tmp_path) == 1
     (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")  # no limit
-    assert e.cgroup_quota(tmp_path) is None
+    assert common.cgroup_quota(tmp_path) is None
 
 
 def test_the_quota_of_the_process_own_cgroup_and_those_above_it_counts(tmp_path: Path) -> None:
@@ -50,10 +50,10 @@ def test_the_quota_of_the_process_own_cgroup_and_those_above_it_counts(tmp_path:
     service.mkdir(parents=True)
     (service / "cpu.max").write_text("150000 100000\n")  # CPUQuota=150%
     (tmp_path / "system.slice" / "cpu.max").write_text("max 100000\n")
-    assert e.cgroup_quota(tmp_path, "0::/system.slice/diarize.service\n") == 1.5
-    assert e.cgroup_quota(tmp_path, "0::/\n") is None
+    assert common.cgroup_quota(tmp_path, "0::/system.slice/diarize.service\n") == 1.5
+    assert common.cgroup_quota(tmp_path, "0::/\n") is None
     (tmp_path / "system.slice" / "cpu.max").write_text("100000 100000\n")  # the parent's
-    assert e.cgroup_quota(tmp_path, "0::/system.slice/diarize.service\n") == 1.0
+    assert common.cgroup_quota(tmp_path, "0::/system.slice/diarize.service\n") == 1.0
     # cgroup v1 (and hybrid hosts): the cpu controller's own hierarchy, its own line.
     v1 = tmp_path / "v1"
     job = v1 / "cpu" / "batch" / "job"
@@ -61,18 +61,18 @@ def test_the_quota_of_the_process_own_cgroup_and_those_above_it_counts(tmp_path:
     (job / "cpu.cfs_quota_us").write_text("50000\n")
     (job / "cpu.cfs_period_us").write_text("100000\n")
     membership = "4:memory:/other\n2:cpu,cpuacct:/batch/job\n0::/\n"
-    assert e.cgroup_quota(v1, membership) == 0.5
+    assert common.cgroup_quota(v1, membership) == 0.5
     # A container's mount is its own cgroup: the host's path below it does not exist there.
     (v1 / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
     (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
-    assert e.cgroup_quota(v1, "2:cpu,cpuacct:/docker/0123abcd\n") == 2.0
+    assert common.cgroup_quota(v1, "2:cpu,cpuacct:/docker/0123abcd\n") == 2.0
 
 
 def test_every_model_gets_the_one_thread_count_under_a_cpu_quota(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # docker --cpus 1 on this (2-core) host: torch, onnxruntime and CTranslate2 all get 1.
     (tmp_path / "cpu.max").write_text("100000 100000\n")
-    monkeypatch.setattr(e, "CGROUP", tmp_path)
+    monkeypatch.setattr(common, "CGROUP", tmp_path)
     assert e.cpu_threads() == 1
     assert e.ort_settings(e.cpu_threads()) == {
         "options": {"intra_op_num_threads": 1, "inter_op_num_threads": 1},
@@ -109,7 +109,7 @@ def test_numpys_own_pool_takes_the_thread_count_before_it_loads() -> None:
         return int(proc.stdout)
 
     assert threads(1) == 1  # the main thread alone
-    assert threads(0) == e.usable_cores()  # the default: the cores this process may use
+    assert threads(0) == common.usable_cores()  # the default: the cores this process may use
     env["OPENBLAS_NUM_THREADS"] = "2"
     assert threads(1) == 2  # the user's own setting wins
 
@@ -126,7 +126,7 @@ def test_the_export_says_ok_only_after_its_check_passed(
     def export_whose_check_raises(release: Path, threads: int | None) -> dict[str, Any]:
         seen["before"] = json.loads((release / e.RECEIPT).read_text())["onnx"]
         exported = {"ok": False, "segmentation": {"path": "onnx/segmentation.onnx"}}
-        with e.checking_receipt(release, exported) as staged:
+        with export.checking_receipt(release, exported) as staged:
             seen["checked"] = e.read_receipt(staged)  # what use_onnx reads in the check
             seen["public"] = json.loads((release / e.RECEIPT).read_text())["onnx"]
             raise RuntimeError("the sample's RTTM cannot be computed")
@@ -135,10 +135,10 @@ def test_the_export_says_ok_only_after_its_check_passed(
     (tmp_path / "cache").mkdir()
     with patch.dict(os.environ, {"XDG_CACHE_HOME": str(tmp_path / "cache")}), \
             warnings.catch_warnings():
-        assert e.main(["export", str(release)], export_whose_check_raises) == 1
+        assert export.main([str(release)], export_whose_check_raises) == 1
     assert dict(os.environ) == environ  # later tests talk to the loopback Hub
     assert seen["checked"]["ok"] is True and seen["checked"]["segmentation"]
-    assert seen["before"] == seen["public"] == e.UNFINISHED
+    assert seen["before"] == seen["public"] == export.UNFINISHED
     failed = {"ok": False, "error": "RuntimeError: the sample's RTTM cannot be computed"}
     assert json.loads((release / e.RECEIPT).read_text()) == {"onnx": failed}
     assert json.loads(capsys.readouterr().out) == {"onnx": failed}
@@ -166,7 +166,7 @@ def test_an_exported_file_that_changed_is_not_used(tmp_path: Path) -> None:
     (tmp_path / "onnx").mkdir()
     model = tmp_path / "onnx" / e.SEGMENTATION_ONNX
     model.write_bytes(b"exported")
-    entry = {"path": f"onnx/{e.SEGMENTATION_ONNX}", "sha256": e.sha256_file(model)}
+    entry = {"path": f"onnx/{e.SEGMENTATION_ONNX}", "sha256": common.sha256_file(model)}
     receipt = tmp_path / e.RECEIPT
     receipt.write_text(json.dumps({"onnx": {"ok": True, "segmentation": entry,
                                             "embedding": entry}}))
@@ -177,6 +177,7 @@ def test_an_exported_file_that_changed_is_not_used(tmp_path: Path) -> None:
 
 def test_the_engines_module_ships_in_every_bundle() -> None:
     assert layout.PROGRAMS[layout.ENGINES_MODULE] == "engines.py"
+    assert layout.PROGRAMS[layout.EXPORT_SCRIPT] == "export.py"
     assert set(e.ENGINES) == {"auto", "pyannote", "pytorch", "onnx"}
 
 

@@ -31,13 +31,32 @@ def import_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for name, path in paths.items():
         deps: set[str] = set()
+        # What a relative import starts from, and what a bare name means inside the runtime:
+        # its programs run as files and may name a sibling alone (``import recordings``).
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        siblings = package if package.startswith("bundler.runtime") else None
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if isinstance(node, ast.ImportFrom):
+                if node.level:  # `from . import recordings`, `from .audio import decode`
+                    base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                    module = f"{base}.{node.module}" if node.module else base
+                elif node.module:
+                    module = node.module
+                else:
+                    continue
                 for alias in node.names:  # `from bundler import layout` names a module
-                    full = f"{node.module}.{alias.name}"
-                    deps.add(full if full in paths else node.module)
-            elif isinstance(node, ast.Import):
-                deps.update(a.name for a in node.names)
+                    full = f"{module}.{alias.name}"
+                    deps.add(full if full in paths else module)
+            elif isinstance(node, ast.Import | ast.Call):
+                # `__import__("_bootstrap")`: how a program run as a file finds its siblings.
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.args[0].value] if isinstance(node.func, ast.Name)
+                         and node.func.id == "__import__" and node.args
+                         and isinstance(node.args[0], ast.Constant) else [])
+                for imported in names:
+                    deps.add(imported)
+                    if siblings:
+                        deps.add(f"{siblings}.{imported}")
         graph[name] = {d for d in deps if d in paths and d not in (name, "bundler")}
     return graph
 
@@ -71,6 +90,9 @@ def test_the_graph_is_read_from_the_source() -> None:
     assert "bundler.bundlefile" in graph["bundler.integrity"]
     assert "bundler.runtime.apply" in graph["bundler.delta"]
     assert "bundler.runtime.recordings" in graph["bundler.runtime.diarize"]
+    assert "bundler.runtime.audio" in graph["bundler.runtime.recordings"]  # from .audio import
+    assert "bundler.runtime.engines" in graph["bundler.runtime.export"]  # from .engines import
+    assert "bundler.runtime._bootstrap" in graph["bundler.runtime.transcribe"]  # __import__
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
 

@@ -156,7 +156,7 @@ def test_missing_revision_is_named(tmp_path: Path) -> None:
 
 def test_configure_writes_the_offline_variables_of_the_shipped_runtime(tmp_path: Path) -> None:
     """configure.py (run as the installers run it, with a python3 and a prefix) takes the
-    offline variables from the prefix's runtime/recordings.py: pyannote.env and the venv's .pth
+    offline variables from the prefix's runtime/offline.py: pyannote.env and the venv's .pth
     carry exactly layout.OFFLINE_ENV, and the .pth sets them when a Python starts."""
     import shutil
     import subprocess
@@ -167,7 +167,8 @@ def test_configure_writes_the_offline_variables_of_the_shipped_runtime(tmp_path:
 
     prefix = tmp_path / "prefix dir"
     (prefix / "runtime").mkdir(parents=True)
-    (prefix / "runtime/recordings.py").write_bytes(runtime_bytes("recordings.py"))
+    for name in ("offline.py", "common.py"):  # what configure.py loads from the prefix
+        (prefix / "runtime" / name).write_bytes(runtime_bytes(name))
     (prefix / "models").mkdir()
     (prefix / "models/config.yaml").write_text("pipeline:\n  params:\n"
                                                "    segmentation: models/pyannote_model_s.bin\n")

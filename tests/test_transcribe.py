@@ -61,7 +61,8 @@ def test_a_bundle_carries_the_asr_model_checked_hashed_and_described(
         assert any(c["hashes"][0]["content"] == f["sha256"] for c in sbom["components"])
     # The real speech bin/transcribe reads in the smoke test, and the programs themselves.
     assert "smoke/dialogue.flac" in names
-    assert {"runtime/transcribe.py", "runtime/transcript.py", "runtime/recordings.py"} <= {
+    assert {"runtime/transcribe.py", "runtime/transcript.py", "runtime/recordings.py",
+            "runtime/audio.py", "runtime/_bootstrap.py"} <= {
         p["path"] for p in manifest["programs"]}
 
 
@@ -137,7 +138,8 @@ def test_build_help_teaches_asr_model_and_a_bad_one_is_exit_2() -> None:
 def _configure(tmp_path: Path, manifest: dict[str, object]) -> Path:
     prefix = tmp_path / "prefix"
     (prefix / "runtime").mkdir(parents=True)
-    (prefix / "runtime/recordings.py").write_bytes(runtime_bytes("recordings.py"))
+    for name in ("offline.py", "common.py"):  # what configure.py loads from the prefix
+        (prefix / "runtime" / name).write_bytes(runtime_bytes(name))
     (prefix / "models").mkdir()
     (prefix / "models/config.yaml").write_text("pipeline:\n  params: {}\n")
     (prefix / "manifest.json").write_text(json.dumps(manifest))
@@ -180,19 +182,19 @@ def test_bundled_model_is_read_from_the_install_manifest(tmp_path: Path) -> None
 
 def test_english_only_models_refuse_other_languages_and_translation() -> None:
     program = t.Transcribe(t.AsrModel(Path("/m"), ASR, multilingual=False))
-    from bundler.runtime import recordings as core
+    from bundler.runtime import exits, recordings
 
-    p = core.parser(program)
+    p = recordings.parser(program)
     for argv, message in ((["--language", "de"], "English-only"),
                           (["--task", "translate"], "English-only"),
                           (["--beam-size", "0"], "--beam-size must be at least 1")):
         args = p.parse_args(["a.wav", *argv])
-        with pytest.raises(core.RunError, match=message) as exc:
+        with pytest.raises(exits.RunError, match=message) as exc:
             program.check(args)
-        assert exc.value.code == core.EXIT_USAGE
+        assert exc.value.code == exits.EXIT_USAGE
     program.check(p.parse_args(["a.wav", "--language", "en"]))
     multi = t.Transcribe(t.AsrModel(Path("/m"), "Systran/faster-whisper-small"))
-    multi.check(core.parser(multi).parse_args(["a.wav", "--language", "de", "--task",
+    multi.check(recordings.parser(multi).parse_args(["a.wav", "--language", "de", "--task",
                                                "translate"]))
 
 

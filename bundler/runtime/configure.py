@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 VALUE = re.compile(r'^(\s*[A-Za-z_][\w.-]*:\s*)("models/[^"]*"|models/\S*)\s*$')
 OFFLINE_PTH = "pyannote_bundle_offline.pth"
@@ -49,18 +49,23 @@ def absolute_config(text: str, prefix: Path) -> str:
     return "\n".join(out) + "\n"
 
 
-def offline_env(prefix: Path) -> dict[str, str]:
-    """The offline variables: the runtime programs' own list, read from
-    ``PREFIX/runtime/recordings.py`` (copied into the prefix before this runs), so that the
-    variables exist in one place. Importing it runs only the standard library."""
-    path = prefix / "runtime" / "recordings.py"
-    spec = importlib.util.spec_from_file_location("pyannote_bundle_recordings", path)
+def shipped(prefix: Path, name: str) -> Any:
+    """``PREFIX/runtime/<name>`` (copied into the prefix before this runs), loaded alone:
+    this file sits at the bundle's top, beside no package. Only modules that import no
+    sibling and nothing but the standard library load so (``offline.py``, ``common.py``)."""
+    path = prefix / "runtime" / name
+    spec = importlib.util.spec_from_file_location(f"pyannote_bundle_{Path(name).stem}", path)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot load {path}")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
-    return dict(module.OFFLINE_ENV)
+    return module
+
+
+def offline_env(prefix: Path) -> dict[str, str]:
+    """The offline variables: the runtime programs' own list, read from
+    ``PREFIX/runtime/offline.py``, so that the variables exist in one place."""
+    return dict(shipped(prefix, "offline.py").OFFLINE_ENV)
 
 
 def env_file(prefix: Path, env: dict[str, str]) -> str:
@@ -112,14 +117,6 @@ def shell_quote(s: str) -> str:
     return "'" + s.replace("'", "'\"'\"'") + "'"
 
 
-def write(path: Path, text: str, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python3 configure.py PREFIX", file=sys.stderr)
@@ -127,14 +124,16 @@ def main(argv: list[str]) -> int:
     prefix = Path(argv[0]).resolve()
     config = (prefix / "models" / "config.yaml").read_text()
     env = offline_env(prefix)
-    write(prefix / "config.yaml", absolute_config(config, prefix))
-    write(prefix / "pyannote.env", env_file(prefix, env))
+    # Every file here is for every user of the prefix, whatever the installer's umask.
+    write = shipped(prefix, "common.py").write_atomic
+    write(prefix / "config.yaml", absolute_config(config, prefix), 0o644)
+    write(prefix / "pyannote.env", env_file(prefix, env), 0o644)
     site = site_packages(prefix)
     if not site.is_dir():
         print(f"configure.py: {site} is missing: is the venv made with this python3?",
               file=sys.stderr)
         return 1
-    write(site / OFFLINE_PTH, offline_pth(env))
+    write(site / OFFLINE_PTH, offline_pth(env), 0o644)
     write(prefix / DIARIZE, wrapper(prefix, "diarize"), 0o755)
     if has_asr(prefix):
         write(prefix / TRANSCRIBE, wrapper(prefix, "transcribe"), 0o755)

@@ -23,8 +23,10 @@ code, or the fast paths (the embedding trunk once per chunk, in PyTorch or onnxr
 What is checked: at install, onnx against pytorch on the smoke sample (``ENGINE_CHECK``);
 against pyannote's own RTTM, only in the project's end-to-end tests.
 
-What every program that reads recordings shares (inputs, shards, outputs, decoding, the
-network audit, progress, exit codes) is in ``runtime/recordings.py``; this file holds the
+What every program that reads recordings shares is in its own runtime module: the per-file
+loop, options, progress and summary (``recordings.py``), the offline environment and network
+audit (``offline.py``), inputs and shards (``inputs.py``), decoding (``audio.py``), the device
+(``devices.py``), outputs (``outputs.py``), exit codes (``exits.py``); this file holds the
 pyannote pipeline, which ``bin/transcribe`` uses too, and what diarize makes of a file.
 """
 
@@ -40,16 +42,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-if __package__:  # imported by the tool and its tests
-    from bundler.runtime import engines
-    from bundler.runtime import recordings as core
-else:  # run as a program (python -I runtime/diarize.py): its siblings, from its own folder
+if not __package__:  # run as a file: its folder is the package (runtime/_bootstrap.py)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import engines  # type: ignore[no-redef]
-    import recordings as core  # type: ignore[no-redef]
+    __package__ = __import__("_bootstrap").package(__file__)
+
+from . import audio, common, devices, engines, exits, inputs, outputs, recordings
 
 FORMATS = ("rttm", "json")
-# What --help says the engines' check proves: exactly what engines.export compares.
+# What --help says the engines' check proves: exactly what export.export compares.
 ENGINE_CHECK = (f"the install checks onnx against pytorch on the smoke sample "
                 f"(segmentation scores and embeddings within {engines.TOLERANCE_TEXT}, "
                 f"the same RTTM); pytorch and onnx against pyannote's own RTTM are checked "
@@ -62,13 +62,13 @@ def check_config(config: Path) -> None:
     import yaml
 
     if not config.is_file():
-        raise core.RunError(f"config not found: {config} (pass --config, or re-run "
-                            "install.sh)", core.EXIT_CANNOT_RUN)
+        raise exits.RunError(f"config not found: {config} (pass --config, or re-run "
+                            "install.sh)", exits.EXIT_CANNOT_RUN)
     try:
         data = yaml.safe_load(config.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
-        raise core.RunError(f"cannot read {config}: {core.one_line(exc)}",
-                            core.EXIT_CANNOT_RUN) from None
+        raise exits.RunError(f"cannot read {config}: {common.one_line(exc)}",
+                            exits.EXIT_CANNOT_RUN) from None
     params = data.get("pipeline", {}).get("params", {}) if isinstance(data, dict) else {}
     for key in ("segmentation", "embedding", "plda"):
         value = params.get(key)
@@ -78,8 +78,8 @@ def check_config(config: Path) -> None:
             continue
         value = value.replace("$model", str(config.parent))
         if value.startswith("/") and not Path(value).exists():
-            raise core.RunError(f"{key} model not found: {value} (named in {config})",
-                                core.EXIT_CANNOT_RUN)
+            raise exits.RunError(f"{key} model not found: {value} (named in {config})",
+                                exits.EXIT_CANNOT_RUN)
 
 
 @dataclass
@@ -111,17 +111,17 @@ def load_pipeline(config: Path, device: str, batch: dict[str, int | None],
         from pyannote.audio import Pipeline
         from pyannote.audio import __version__ as version
     except ImportError as exc:
-        raise core.RunError(f"cannot import pyannote.audio from this venv: {core.one_line(exc)}",
-                           core.EXIT_CANNOT_RUN) from None
-    chosen = core.choose_device(device, torch, warn)
+        raise exits.RunError(f"cannot import pyannote.audio from this venv: {common.one_line(exc)}",
+                           exits.EXIT_CANNOT_RUN) from None
+    chosen = devices.choose_device(device, torch, warn)
     try:
         pipeline = Pipeline.from_pretrained(str(config))
     except Exception as exc:  # noqa: BLE001 - any load failure means nothing can run
-        raise core.RunError(f"cannot load the pipeline from {config}: {core.one_line(exc)}",
-                           core.EXIT_CANNOT_RUN) from None
+        raise exits.RunError(f"cannot load the pipeline from {config}: {common.one_line(exc)}",
+                           exits.EXIT_CANNOT_RUN) from None
     if pipeline is None:  # pyannote 3.x prints and returns None on a failed load (trap 3)
-        raise core.RunError(f"cannot load the pipeline from {config} (pyannote returned "
-                           "None; see above)", core.EXIT_CANNOT_RUN)
+        raise exits.RunError(f"cannot load the pipeline from {config} (pyannote returned "
+                           "None; see above)", exits.EXIT_CANNOT_RUN)
     for attr, value in batch.items():
         if value is not None and hasattr(pipeline, attr):
             setattr(pipeline, attr, value)
@@ -130,7 +130,7 @@ def load_pipeline(config: Path, device: str, batch: dict[str, int | None],
     try:
         ran = engines.apply(pipeline, engine, chosen, threads, engine_receipt(config))
     except engines.EngineUnavailable as exc:
-        raise core.RunError(f"--engine {engine}: {exc}", core.EXIT_CANNOT_RUN) from None
+        raise exits.RunError(f"--engine {engine}: {exc}", exits.EXIT_CANNOT_RUN) from None
     if ran.note and engine != "auto":
         warn(f"--engine {engine}: {ran.note}; running {ran.name}")
     return Loaded(pipeline, torch, chosen, str(version), time.perf_counter() - t0, ran)
@@ -148,7 +148,7 @@ def diarize_one(loaded: Loaded, waveform: Any, uri: str,
     tensor = loaded.torch.from_numpy(waveform).unsqueeze(0)
     kwargs = {k: v for k, v in speakers.items() if v is not None}
     stages = StageClock()
-    output = loaded.pipeline({"waveform": tensor, "sample_rate": core.SAMPLE_RATE, "uri": uri},
+    output = loaded.pipeline({"waveform": tensor, "sample_rate": audio.SAMPLE_RATE, "uri": uri},
                              hook=stages, **kwargs)
     annotation = getattr(output, "speaker_diarization", output)  # 4.x DiarizeOutput / 3.x
     result: dict[str, Any] = {"segments": _segments(annotation),
@@ -218,8 +218,8 @@ def check_pipeline_arguments(args: argparse.Namespace) -> None:
     for name in ("embedding_batch_size", "segmentation_batch_size", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise core.RunError(f"--{name.replace('_', '-')} must be at least 1",
-                                core.EXIT_USAGE)
+            raise exits.RunError(f"--{name.replace('_', '-')} must be at least 1",
+                                exits.EXIT_USAGE)
 
 
 def load_from_args(args: argparse.Namespace, say: Callable[[str], None]) -> Loaded:
@@ -233,7 +233,7 @@ def load_from_args(args: argparse.Namespace, say: Callable[[str], None]) -> Load
     return loaded
 
 
-class Diarize(core.Program):
+class Diarize(recordings.Program):
     name = "diarize"
     done = "diarized"
     formats = FORMATS
@@ -256,19 +256,19 @@ class Diarize(core.Program):
     def load(self, args: argparse.Namespace, say: Callable[[str], None]) -> Loaded:
         return load_from_args(args, say)
 
-    def process(self, loaded: Loaded, job: core.Job, waveform: Any, args: argparse.Namespace
+    def process(self, loaded: Loaded, job: inputs.Job, waveform: Any, args: argparse.Namespace
                 ) -> tuple[dict[str, str], dict[str, Any], str]:
-        result = diarize_one(loaded, waveform, job.uri, core.speakers(args))
+        result = diarize_one(loaded, waveform, job.uri, recordings.speakers(args))
         segments = result["segments"]
         labels = sorted({s["speaker"] for s in segments})
         record = {"file": job.rel, "uri": job.uri, "source": str(job.source),
-                  "audio_seconds": round(len(waveform) / core.SAMPLE_RATE, 3),
-                  "sample_rate": core.SAMPLE_RATE,
+                  "audio_seconds": round(len(waveform) / audio.SAMPLE_RATE, 3),
+                  "sample_rate": audio.SAMPLE_RATE,
                   "speakers": labels, **result, "pyannote_audio": loaded.pyannote_audio,
                   "engine": loaded.engine.name if loaded.engine else "pyannote",
                   "config": str(args.config)}
         texts = {"json": json.dumps(record, indent=1) + "\n",
-                 "rttm": core.rttm(job.uri, segments)}
+                 "rttm": outputs.rttm(job.uri, segments)}
         return (texts, {"segments": len(segments), "speakers": len(labels),
                         "stage_seconds": result["stage_seconds"]},
                 f"{len(labels)} speaker(s)")
@@ -288,7 +288,7 @@ def engine_report(loaded: Loaded | None) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return core.main(Diarize(), argv)
+    return recordings.main(Diarize(), argv)
 
 
 if __name__ == "__main__":

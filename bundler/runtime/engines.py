@@ -31,25 +31,24 @@ Anything not recognised (a pipeline class, a ``get_embeddings`` that is not one 
 pyannote.audio releases this was checked against, an embedding model that is not a
 WeSpeaker ResNet) runs pyannote's own path and says why (``engine_note``).
 
-Shipped verbatim in every bundle (``runtime/engines.py``). Run as a program by the
-installer (``python -I runtime/engines.py export ...``) to make and check the ONNX files.
+Shipped verbatim in every bundle (``runtime/engines.py``). The installer's ONNX export,
+which makes and checks the files the ``onnx`` engine reads, is ``runtime/export.py``.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import inspect
 import json
 import math
 import os
-import sys
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .common import sha256_file, usable_cores
 
 ENGINES = ("auto", "pyannote", "pytorch", "onnx")
 # Written by the installer beside runtime/: what was exported and how it compared.
@@ -105,94 +104,12 @@ class Engine:
         return out
 
 
-# --- the cores this process may use, and the threads every model gets -----------------------
-CGROUP = Path("/sys/fs/cgroup")
+# --- the threads every model gets (the cores: common.usable_cores) ----------------------------
 # onnxruntime's idle workers sleep instead of spinning: the sessions and torch's pool take
 # turns (segmentation, then the trunk, then torch's pooling), so a pool spinning while
 # another works would take the cores that one needs (a 1-CPU quota would run 2-3 busy threads).
 ORT_CONFIG = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
 
-
-def usable_cores(cgroup_root: Path | None = None) -> int:
-    """The cores this process may use: its CPU affinity (taskset, a cpuset), capped by a
-    cgroup CPU quota (a container's ``--cpus``, a Kubernetes limit), at least 1."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    quota = cgroup_quota(CGROUP if cgroup_root is None else cgroup_root)
-    if quota is not None:
-        cores = min(cores, max(1, math.ceil(quota)))
-    return max(1, cores)
-
-
-def cgroup_quota(root: Path = CGROUP, membership: str | None = None) -> float | None:
-    """The CPU quota in cores of this process's cgroup, the smallest of its own and those of
-    the cgroups above it (a quota holds for everything below it), or None when there is
-    none: cgroup v2 ``cpu.max``, else v1 ``cpu/cpu.cfs_quota_us`` / ``cfs_period_us``.
-
-    ``membership`` is ``/proc/self/cgroup`` (read when None). A container sees its own
-    cgroup at ``root``; a systemd service, a ``systemd-run -p CPUQuota=`` scope or a
-    process put into a cgroup by hand sees the whole tree there and sits below it."""
-    if membership is None:
-        try:
-            membership = Path("/proc/self/cgroup").read_text()
-        except OSError:
-            membership = ""
-    unified, cpu = _own_cgroups(membership)
-    quotas = [q for level in _levels(root, unified) if (q := _v2_quota(level)) is not None]
-    if not quotas:  # cgroup v1, or hybrid: the cpu controller's own hierarchy
-        quotas = [q for level in _levels(root / "cpu", cpu)
-                  if (q := _v1_quota(level)) is not None]
-    return min(quotas) if quotas else None
-
-
-def _own_cgroups(membership: str) -> tuple[str, str]:
-    """This process's cgroup v2 path and its v1 ``cpu`` controller's path ("/" if none)."""
-    unified = cpu = "/"
-    for line in membership.splitlines():
-        fields = line.split(":", 2)
-        if len(fields) != 3:
-            continue
-        if fields[0] == "0" and fields[1] == "":
-            unified = fields[2]
-        elif "cpu" in fields[1].split(","):
-            cpu = fields[2]
-    return unified, cpu
-
-
-def _levels(mount: Path, path: str) -> list[Path]:
-    """``mount`` and each folder below it down to ``path``, as far as they exist: a
-    container whose mount is its own cgroup sees none of the path its host names."""
-    levels = [mount]
-    for part in path.split("/"):
-        if part in ("", ".", ".."):
-            continue
-        below = levels[-1] / part
-        if not below.is_dir():
-            break
-        levels.append(below)
-    return levels
-
-
-def _v2_quota(folder: Path) -> float | None:
-    try:
-        fields = (folder / "cpu.max").read_text().split()
-        if fields and fields[0] != "max":
-            quota, period = int(fields[0]), int(fields[1])
-            return quota / period if quota > 0 and period > 0 else None
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _v1_quota(folder: Path) -> float | None:
-    try:
-        quota = int((folder / "cpu.cfs_quota_us").read_text())
-        period = int((folder / "cpu.cfs_period_us").read_text())
-    except (OSError, ValueError):
-        return None
-    return quota / period if quota > 0 and period > 0 else None
 
 
 def cpu_threads(requested: int | None = None) -> int:
@@ -589,283 +506,3 @@ class _SegmentationProxy:
 
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(self._model, name, value)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-# --- the installer's export: ONNX files made from this install's checkpoints, then checked --
-def model_files(config: Path) -> dict[str, Path]:
-    """The segmentation and embedding checkpoints ``config`` names (a file, or a folder
-    holding ``pytorch_model.bin``; ``$model`` is the config's folder)."""
-    import yaml
-
-    data = yaml.safe_load(config.read_text()) or {}
-    params = data.get("pipeline", {}).get("params", {})
-    found = {}
-    for role in ("segmentation", "embedding"):
-        value = params.get(role)
-        if isinstance(value, dict):
-            value = str(Path(str(value.get("checkpoint", ""))) / str(value.get("subfolder", "")))
-        if not isinstance(value, str):
-            raise EngineUnavailable(f"{config} names no {role} checkpoint")
-        path = Path(value.replace("$model", str(config.parent)))
-        if not path.is_absolute():
-            path = config.parent / path
-        if path.is_dir():
-            path = path / "pytorch_model.bin"
-        if not path.is_file():
-            raise EngineUnavailable(f"the {role} checkpoint {path} is not a file")
-        found[role] = path
-    return found
-
-
-class _TrunkModule:
-    """Built lazily (torch is imported late): the trunk as an nn.Module for the exporter."""
-
-    @staticmethod
-    def make(resnet: Any) -> Any:
-        import torch
-
-        class TrunkModule(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.resnet = resnet
-
-            def forward(self, fbank: Any) -> Any:
-                # forward_frames unsqueezes its input in place: never the caller's tensor.
-                return self.resnet.forward_frames(fbank + 0)
-
-        return TrunkModule().eval()
-
-
-def to_onnx(module: Any, example: Any, path: Path, input_name: str, output_name: str,
-            dynamic: dict[str, dict[int, str]]) -> dict[str, Any]:
-    """``module`` exported with torch's TorchScript exporter (``dynamo=False``: dynamo
-    fails on the models' ``hamming_window`` and ``asteroid_filterbanks``' clamp) to ``path``,
-    atomically; its sha256 and size."""
-    import io
-
-    import torch
-
-    module.eval()
-    buffer = io.BytesIO()
-    with _without_onnxscript_functions(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, (example,), buffer, input_names=[input_name],
-                          output_names=[output_name], dynamic_axes=dynamic,
-                          opset_version=OPSET, do_constant_folding=True, dynamo=False)
-    module.eval()  # the exporter restores the wrapper's mode: keep every layer in eval
-    data = buffer.getvalue()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-
-
-class _without_onnxscript_functions:
-    """torch 2.8's TorchScript exporter ends by inserting custom onnxscript functions into
-    the model, and imports the ``onnx`` package to do it even when there are none. These
-    models have none, and the bundles do not carry ``onnx``: without it, that step is
-    skipped (the bytes are the exporter's own). What comes out is checked against PyTorch
-    before it is used."""
-
-    def __enter__(self) -> None:
-        from torch.onnx._internal import onnx_proto_utils
-
-        self.module = onnx_proto_utils
-        self.original = getattr(onnx_proto_utils, "_add_onnxscript_fn", None)
-        try:
-            import onnx  # noqa: F401
-        except ImportError:
-            if self.original is not None:
-                onnx_proto_utils._add_onnxscript_fn = lambda proto, custom_opsets: proto
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.original is not None:
-            self.module._add_onnxscript_fn = self.original
-
-
-def export(release: Path, threads: int | None = None) -> dict[str, Any]:
-    """Export the segmentation model and the embedding trunk of ``release``'s pipeline to
-    ONNX, then check them against PyTorch on the smoke sample: segmentation scores and
-    L2-normalised embeddings within TOLERANCE, and the same RTTM. The receipt's ``onnx``
-    entry; ``ok`` is true only when everything matched."""
-    threads = cpu_threads(threads)
-    limit_native_pools(threads)
-    import numpy as np
-    import soundfile
-    import torch
-    from pyannote.audio import Pipeline
-    from pyannote.audio import __version__ as pyannote_version
-
-    set_torch_threads(torch, threads)
-    config = release / "config.yaml"
-    checkpoints = model_files(config)
-    reference = Pipeline.from_pretrained(str(config))
-    candidate = Pipeline.from_pretrained(str(config))
-    recognise(reference)
-    check_segmentation_model(reference._segmentation.model)
-    seg_model = reference._segmentation.model.eval()
-    emb_model = reference._embedding.model_.eval()
-    sample_rate = emb_model.hparams.sample_rate
-    chunk = int(round(seg_model.specifications.duration * seg_model.hparams.sample_rate))
-    out_dir = release / ONNX_DIR
-    with torch.inference_mode(False), torch.no_grad():
-        seg_entry = to_onnx(seg_model, torch.zeros(2, 1, chunk), out_dir / SEGMENTATION_ONNX,
-                            "chunks", "scores", {"chunks": {0: "batch"},
-                                                 "scores": {0: "batch"}})
-        fbank = emb_model.compute_fbank(torch.zeros(2, 1, sample_rate * 10))
-        emb_entry = to_onnx(_TrunkModule.make(emb_model.resnet), fbank,
-                            out_dir / EMBEDDING_ONNX, "fbank", "frames",
-                            {"fbank": {0: "batch", 1: "frames"}, "frames": {0: "batch"}})
-    seg_entry["path"] = f"{ONNX_DIR}/{SEGMENTATION_ONNX}"
-    emb_entry["path"] = f"{ONNX_DIR}/{EMBEDDING_ONNX}"
-    receipt: dict[str, Any] = {
-        "ok": False, "segmentation": seg_entry, "embedding": emb_entry,
-        "segmentation_checkpoint": {"path": str(checkpoints["segmentation"]),
-                                    "sha256": sha256_file(checkpoints["segmentation"])},
-        "embedding_checkpoint": {"path": str(checkpoints["embedding"]),
-                                 "sha256": sha256_file(checkpoints["embedding"])},
-        "exporter": "torch.onnx TorchScript (dynamo=False)", "opset": OPSET,
-        "torch": str(torch.__version__), "pyannote_audio": str(pyannote_version),
-        "tolerance": TOLERANCE,
-    }
-    import onnxruntime
-
-    receipt["onnxruntime"] = str(onnxruntime.__version__)
-    audio, rate = soundfile.read(str(release / "smoke" / "sample.wav"), dtype="float32",
-                                 always_2d=True)
-    waveform = torch.from_numpy(np.ascontiguousarray(audio.mean(axis=1)))[None]
-    # Segmentation scores on the sample's chunks, and the trunk's embeddings, side by side.
-    seg_session = ort_session(out_dir / SEGMENTATION_ONNX, threads)
-    trunk_session = ort_session(out_dir / EMBEDDING_ONNX, threads)
-    step = chunk // 10
-    starts = range(0, max(1, waveform.shape[1] - chunk + 1), step)
-    chunks = torch.stack([torch.nn.functional.pad(waveform[:, s:s + chunk],
-                                                  (0, max(0, chunk - waveform[:, s:s + chunk]
-                                                          .shape[1]))) for s in starts])
-    with torch.inference_mode():
-        seg_ref = seg_model(chunks).numpy()
-        fb = emb_model.compute_fbank(chunks)
-        frames = emb_model.resnet.forward_frames(fb + 0)
-        weights = torch.from_numpy(np.exp(seg_ref[:, :, :3]).transpose(0, 2, 1).copy())
-        emb_ref = emb_model.resnet.forward_embedding(frames, weights=weights)[1]
-        onnx_frames = OnnxForward(trunk_session, "fbank")(fb)
-        emb_got = emb_model.resnet.forward_embedding(onnx_frames, weights=weights)[1]
-    seg_got = OnnxForward(seg_session, "chunks")(chunks).numpy()
-
-    def unit(e: Any) -> Any:
-        return e / e.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
-    # Powerset models give log-probabilities: compared as probabilities (what the argmax
-    # and the masks see), where a score of -30 and -30.0001 are the same.
-    powerset = bool(getattr(seg_model.specifications, "powerset", False))
-    seg_diff = float(np.abs(np.exp(seg_ref) - np.exp(seg_got)).max() if powerset
-                     else np.abs(seg_ref - seg_got).max())
-    emb_diff = float((unit(emb_ref) - unit(emb_got)).abs().max())
-    receipt["check"] = {"sample": "smoke/sample.wav", "chunks": len(starts),
-                        "segmentation_max_abs_diff": seg_diff,
-                        "embedding_max_abs_diff": emb_diff}
-    # The whole pipeline: pytorch (pyannote's embeddings, exactly) against onnx.
-    use_fast_embeddings(reference, passes=CPU_PASSES)
-    file = {"waveform": waveform, "sample_rate": rate, "uri": "sample"}
-    want = _turns(reference(dict(file)))
-    with checking_receipt(release, receipt) as staged:
-        use_onnx(candidate, staged, threads, CPU_PASSES)
-        got = _turns(candidate(dict(file)))
-    receipt["check"]["rttm"] = "identical" if got == want else "differs"
-    receipt["check"]["segments"] = len(want)
-    # No duration here: the receipt lands in an image's layer, which must be the same bytes
-    # on every build (the installer says how long the export took).
-    problems = []
-    if seg_diff > TOLERANCE:
-        problems.append(f"segmentation scores differ by {seg_diff:.2e}")
-    if emb_diff > TOLERANCE:
-        problems.append(f"embeddings differ by {emb_diff:.2e}")
-    if got != want:
-        problems.append("the sample's RTTM differs from PyTorch's")
-    receipt["ok"] = not problems
-    if problems:
-        receipt["error"] = "; ".join(problems) + f" (tolerance {TOLERANCE})"
-    return receipt
-
-
-@contextmanager
-def checking_receipt(release: Path, onnx: dict[str, Any]) -> Iterator[Path]:
-    """``onnx`` marked ok for the check alone to read (use_onnx, as bin/diarize will), under a
-    private name beside ``engines.json`` (the ONNX paths resolve against its folder), and
-    removed after: what bin/diarize reads never says ok before the check has passed, even
-    when the check raises or the process is killed during it."""
-    path = release / f".{RECEIPT}.check.{os.getpid()}"
-    try:
-        _write_json(path, {"onnx": dict(onnx, ok=True)})
-        yield path
-    finally:
-        path.unlink(missing_ok=True)
-
-
-def _turns(output: Any) -> list[tuple[float, float, str]]:
-    annotation = getattr(output, "speaker_diarization", output)
-    return [(round(float(t.start), 3), round(float(t.end), 3), str(label))
-            for t, _, label in annotation.itertracks(yield_label=True)]
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-# Written before the export starts, replaced by its outcome: an export killed on the way (a
-# timeout, out of memory) leaves a receipt that says it did not finish, never an ok.
-UNFINISHED = {"ok": False, "error": "the export or its check did not finish"}
-
-
-def main(argv: list[str] | None = None,
-         run_export: Callable[[Path, int | None], dict[str, Any]] = export) -> int:
-    """``engines.py export RELEASE``: export and check (``run_export``), write
-    ``RELEASE/engines.json`` once the check is over, print it; exit 0 when the onnx engine
-    may be used, 1 when not (the receipt says why)."""
-    if __package__:
-        from bundler.runtime.recordings import go_offline
-    else:  # run as a program: its sibling, from its own folder
-        from recordings import go_offline  # type: ignore[no-redef]
-
-    go_offline()
-    parser = argparse.ArgumentParser(prog="engines.py")
-    parser.add_argument("command", choices=["export"])
-    parser.add_argument("release", type=Path)
-    parser.add_argument("--threads", type=int)
-    args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore")
-    _write_json(args.release / RECEIPT, {"onnx": dict(UNFINISHED)})
-    try:
-        onnx = run_export(args.release.resolve(), args.threads)
-    except Exception as exc:  # noqa: BLE001 - any failure: the install goes on with pytorch
-        first = (str(exc).splitlines() or [""])[0]
-        onnx = {"ok": False, "error": f"{type(exc).__name__}: {first}"[:500]}
-    _write_json(args.release / RECEIPT, {"onnx": onnx})
-    print(json.dumps({"onnx": onnx}), flush=True)
-    return 0 if onnx.get("ok") else 1
-
-
-if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    sys.exit(main())

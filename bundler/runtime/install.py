@@ -18,7 +18,7 @@ with the host's interpreter). In order:
 4. a new release in ``PREFIX/releases/<id>/``: a venv made ``--without-pip``, the wheels
    installed offline with hashes by the bundled uv (or the bundled pip), models, samples,
    ``configure.py`` (absolute-path config, offline env file, ``bin/diarize``);
-5. the onnx engine (``runtime/engines.py export``): the segmentation model and the embedding
+5. the onnx engine (``runtime/export.py``): the segmentation model and the embedding
    trunk exported to ONNX from the release's checkpoints and checked against PyTorch on the
    sample, network disabled; recorded by sha256 in ``engines.json`` and the receipt (a
    failure is a warning: ``bin/diarize`` then runs the pytorch engine, and its ``--json``
@@ -90,7 +90,7 @@ BUFSIZE = 1 << 20
 TIMEOUTS = {"venv": 300, "uv": 3600, "pip": 3600, "configure": 300, "smoke": 1800,
             "check": 120, "export": 1800}
 # The onnx engine's export and check (bin/diarize --engine onnx, chosen by auto on a CPU).
-ENGINES = "runtime/engines.py"
+EXPORT = "runtime/export.py"  # the onnx engine's export and check
 ENGINES_RECEIPT = "engines.json"
 
 EXIT_USAGE, EXIT_OUTPUT, EXIT_INTEGRITY, EXIT_HOST = 2, 5, 10, 11
@@ -546,14 +546,14 @@ def isolation() -> tuple[str, list[str], bool]:
 
 def export_engines(release: Path) -> dict[str, Any]:
     """The onnx engine, made on this host from this release's own checkpoints:
-    ``runtime/engines.py export`` writes ``onnx/*.onnx`` and ``engines.json`` (their
+    ``runtime/export.py`` writes ``onnx/*.onnx`` and ``engines.json`` (their
     sha256, and how they compared with PyTorch on the sample: scores and embeddings within
     1e-4, the same RTTM). Network disabled, like the smoke test. A failure is said and
     recorded, never fatal: bin/diarize then runs the pytorch engine, which needs nothing
     exported. Made here rather than at build: no bundle bytes, and the proof is on the host
     that will run it."""
-    if not (release / ENGINES).is_file():
-        return {"ok": None, "skipped": "this bundle has no runtime/engines.py"}
+    if not (release / EXPORT).is_file():
+        return {"ok": None, "skipped": "this bundle has no runtime/export.py"}
     name, wrap, _guard = isolation()
     started = time.monotonic()
     home = tempfile.mkdtemp(prefix="pyannote-bundle-export-home-")
@@ -562,7 +562,7 @@ def export_engines(release: Path) -> dict[str, Any]:
         f"against PyTorch on the sample (network disabled by {name})")
     try:
         proc = run([*wrap, str(release / "venv" / "bin" / "python"), "-I",
-                    str(release / ENGINES), "export", str(release)], "the ONNX export",
+                    str(release / EXPORT), str(release)], "the ONNX export",
                    "export", env)
     finally:
         shutil.rmtree(home, ignore_errors=True)
@@ -586,7 +586,7 @@ def skip_export(release: Path, why: str) -> dict[str, Any]:
     """No onnx export, and ``engines.json`` says why: ``bin/diarize --json`` then reports
     the pytorch engine with that reason as its ``engine_note``."""
     onnx: dict[str, Any] = {"ok": None, "skipped": why}
-    if (release / ENGINES).is_file():
+    if (release / EXPORT).is_file():
         write_json(release / ENGINES_RECEIPT, {"onnx": onnx})
     say(f"onnx engine: not exported ({why}); bin/diarize runs the pytorch engine")
     return onnx

@@ -5,7 +5,7 @@
 Shipped verbatim in every bundle (``runtime/transcribe.py``, listed in SHA256SUMS) and
 installed as ``PREFIX/bin/transcribe`` when the bundle carries a speech-recognition model
 (a faster-whisper / CTranslate2 folder under ``models/``, named in ``manifest.json``'s
-``asr``). Each recording is decoded once (no FFmpeg: ``runtime/recordings.py``) and the
+``asr``). Each recording is decoded once (no FFmpeg: ``runtime/audio.py``) and the
 same waveform feeds both models: faster-whisper gives words with timestamps, the bundle's
 pyannote pipeline gives speaker turns, and each word gets the speaker whose turn overlaps it
 most (``runtime/transcript.py``). For every file it writes
@@ -30,15 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-if __package__:  # imported by the tool and its tests
-    from bundler.runtime import diarize, engines, transcript
-    from bundler.runtime import recordings as core
-else:  # run as a program (python -I runtime/transcribe.py): siblings, from its own folder
+if not __package__:  # run as a file: its folder is the package (runtime/_bootstrap.py)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import diarize  # type: ignore[no-redef]
-    import engines  # type: ignore[no-redef]
-    import recordings as core  # type: ignore[no-redef]
-    import transcript  # type: ignore[no-redef]
+    __package__ = __import__("_bootstrap").package(__file__)
+
+from . import audio, common, diarize, engines, exits, inputs, outputs, recordings, transcript
 
 FORMATS = ("json", "srt", "vtt", "txt", "rttm")
 TASKS = ("transcribe", "translate")
@@ -101,7 +97,7 @@ def whisper_options(args: argparse.Namespace, device: str, index: int, compute: 
             "num_workers": 1, "local_files_only": True}
 
 
-class Transcribe(core.Program):
+class Transcribe(recordings.Program):
     name = "transcribe"
     done = "transcribed"
     formats = FORMATS
@@ -154,37 +150,37 @@ class Transcribe(core.Program):
         for name in ("beam_size", "asr_threads"):
             value = getattr(args, name)
             if value is not None and value < 1:
-                raise core.RunError(f"--{name.replace('_', '-')} must be at least 1",
-                                    core.EXIT_USAGE)
+                raise exits.RunError(f"--{name.replace('_', '-')} must be at least 1",
+                                    exits.EXIT_USAGE)
         if args.model is None:
-            raise core.RunError("this bundle carries no speech-recognition model: pass "
+            raise exits.RunError("this bundle carries no speech-recognition model: pass "
                                 "--model DIR, or build the bundle with --asr-model",
-                                core.EXIT_USAGE)
+                                exits.EXIT_USAGE)
         model = self.model
         if model is None or args.model != model.path or model.multilingual:
             return
         if args.language not in (None, "en"):
-            raise core.RunError(f"--language {args.language}: {model.repo} is an English-only "
-                                "model", core.EXIT_USAGE)
+            raise exits.RunError(f"--language {args.language}: {model.repo} is an English-only "
+                                "model", exits.EXIT_USAGE)
         if args.task == "translate":
-            raise core.RunError(f"--task translate: {model.repo} is an English-only model (it "
-                                "transcribes English only)", core.EXIT_USAGE)
+            raise exits.RunError(f"--task translate: {model.repo} is an English-only model (it "
+                                "transcribes English only)", exits.EXIT_USAGE)
 
     def load(self, args: argparse.Namespace, say: Callable[[str], None]) -> Loaded:
         folder: Path = args.model
         missing = [n for n in MODEL_FILES if not (folder / n).is_file()]
         if missing:
-            raise core.RunError(f"speech-recognition model incomplete: {folder} has no "
+            raise exits.RunError(f"speech-recognition model incomplete: {folder} has no "
                                 f"{', '.join(missing)} (pass --model, or re-run install.sh)",
-                                core.EXIT_CANNOT_RUN)
+                                exits.EXIT_CANNOT_RUN)
         pipeline = diarize.load_from_args(args, say)
         t0 = time.perf_counter()
         try:
             import faster_whisper
             from faster_whisper import WhisperModel
         except ImportError as exc:
-            raise core.RunError("cannot import faster_whisper from this venv: "
-                                f"{core.one_line(exc)}", core.EXIT_CANNOT_RUN) from None
+            raise exits.RunError("cannot import faster_whisper from this venv: "
+                                f"{common.one_line(exc)}", exits.EXIT_CANNOT_RUN) from None
         device, index = "cpu", 0
         if pipeline.device.startswith("cuda"):
             device, index = "cuda", int(pipeline.device.partition(":")[2] or 0)
@@ -195,8 +191,8 @@ class Transcribe(core.Program):
         try:
             whisper = WhisperModel(str(folder), **options)
         except Exception as exc:  # noqa: BLE001 - any load failure means nothing can run
-            raise core.RunError(f"cannot load the speech-recognition model from {folder}: "
-                                f"{core.one_line(exc)}", core.EXIT_CANNOT_RUN) from None
+            raise exits.RunError(f"cannot load the speech-recognition model from {folder}: "
+                                f"{common.one_line(exc)}", exits.EXIT_CANNOT_RUN) from None
         seconds = time.perf_counter() - t0
         say(f"speech-recognition model loaded in {seconds:.1f} s on {device} ({compute}, "
             f"faster-whisper {faster_whisper.__version__})")
@@ -204,7 +200,7 @@ class Transcribe(core.Program):
                       str(faster_whisper.__version__), pipeline.seconds + seconds,
                       options["cpu_threads"])
 
-    def process(self, loaded: Loaded, job: core.Job, waveform: Any, args: argparse.Namespace
+    def process(self, loaded: Loaded, job: inputs.Job, waveform: Any, args: argparse.Namespace
                 ) -> tuple[dict[str, str], dict[str, Any], str]:
         kwargs = {k: v for k, v in {"language": args.language,
                                     "initial_prompt": args.initial_prompt,
@@ -216,7 +212,7 @@ class Transcribe(core.Program):
                 "words": [{"start": w.start, "end": w.end, "word": w.word,
                            "probability": w.probability} for w in (s.words or [])]}
                for s in pieces]  # a generator: recognition runs here
-        result = diarize.diarize_one(loaded.pipeline, waveform, job.uri, core.speakers(args))
+        result = diarize.diarize_one(loaded.pipeline, waveform, job.uri, recordings.speakers(args))
         # Non-overlapping turns where the pipeline gives them (pyannote 4): a word goes to one
         # speaker, and overlapped speech would otherwise split a word between two.
         turns = result.get("exclusive_segments") or result["segments"]
@@ -224,7 +220,7 @@ class Transcribe(core.Program):
         labels = sorted({s["speaker"] for s in result["segments"]})
         words = sum(len(s["words"]) for s in segments)
         extra = {"file": job.rel, "uri": job.uri, "source": str(job.source),
-                 "audio_seconds": round(len(waveform) / core.SAMPLE_RATE, 3),
+                 "audio_seconds": round(len(waveform) / audio.SAMPLE_RATE, 3),
                  "language": info.language,
                  "language_probability": round(float(info.language_probability), 4),
                  "task": args.task, "speakers": labels,
@@ -241,7 +237,7 @@ class Transcribe(core.Program):
         texts = {"json": transcript.to_json(segments, extra),
                  "srt": transcript.to_srt(segments), "vtt": transcript.to_vtt(segments),
                  "txt": transcript.to_txt(segments),
-                 "rttm": core.rttm(job.uri, result["segments"])}
+                 "rttm": outputs.rttm(job.uri, result["segments"])}
         fields = {"segments": len(segments), "words": words, "speakers": len(labels),
                   "language": info.language}
         return texts, fields, f"{words} words, {len(labels)} speaker(s), {info.language}"
@@ -257,7 +253,7 @@ class Transcribe(core.Program):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return core.main(Transcribe(bundled_model()), argv)
+    return recordings.main(Transcribe(bundled_model()), argv)
 
 
 if __name__ == "__main__":
