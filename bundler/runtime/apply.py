@@ -8,34 +8,23 @@ the delta tarball itself. Standard library only, Python 3.9 and newer.
 
 A delta holds ``delta.json`` and the members of the new bundle whose bytes the base lacks
 (``payload/<sha256>``). ``delta.json`` records, for each member of the new bundle in order,
-the tar bytes before its data (header, and the padding of the member before) and where its
-data comes from: the base (an offset in it) or the payload. This program writes those bytes
-in order to a temporary name beside the output, hashing them on a second thread as it goes.
-Only when the result is the new bundle (its sha256, recorded in the delta) is it renamed to
-its final name and its ``.sha256`` sidecar written beside it, in ``sha256sum -c`` form.
+the tar bytes before its data and where its data comes from: the base (an offset in it) or
+the payload. It is checked as data before anything is written (types, ranges inside the
+base, payload sizes, a plain file name, sizes adding up): a malformed list is a damaged
+delta. The bytes are written in order to a temporary name beside the output, hashed on a
+second thread; only when the result is the new bundle (its sha256, recorded in the delta)
+is it renamed and its ``.sha256`` sidecar written beside it.
 
-``delta.json`` is checked as data before anything is written: its types and keys, every
-range taken from the base inside the base's recorded size, every payload file present at its
-size, the new bundle's name a plain file name, and the bytes it makes adding up to the new
-bundle's recorded size. A malformed list is a damaged delta (exit 10), said in one line.
-
-This file comes from the delta: authenticate the delta before running it. Check its signed
-sidecar (``ssh-keygen -Y verify ... -s DELTA.tar.sha256.sig < DELTA.tar.sha256``, then
-``sha256sum -c DELTA.tar.sha256``, as the README shows), or let an installed pyannote-bundle
-do both (``apply --allowed-signers FILE``) with its own copy of this code.
-
-A delta tarball is opened once, and everything applied is read from that open file: with
-its sidecar beside it (read once; it must name this very file, or it is another delta's),
-it is hashed whole and checked before one header is parsed, then parsed and hashed again in
-one pass that keeps its lists in memory; each payload file is checked against its sha256 in
-those lists as it is copied. Renaming another file over it, or rewriting it, after the
-check makes a refusal, never another bundle.
-
-The base is checked for what the result needs from it: its size and, when its sidecar is
-beside it, the digest there, before anything is written; then every byte taken from it,
-through the result's sha256. When that does not match, the base is hashed whole to say
-which side is wrong: a base that is not the one the delta names (exit 10), or a damaged
-delta. On any failure nothing is left in the output folder.
+This file comes from the delta: authenticate the delta before running it (its signed
+sidecar, as docs/installing.md shows), or let an installed pyannote-bundle do both
+(``apply --allowed-signers FILE``) with its own copy of this code. The delta is opened once
+and everything applied is read from that open file: with its sidecar beside it (read once;
+it must name this very file), it is hashed whole and checked before one header is parsed,
+then parsed and hashed again in one pass, and each payload file is checked against its
+sha256 as it is copied. The base is checked for its size (and its sidecar's digest, when
+beside it) before anything is written, then every byte taken from it through the result's
+sha256; on a mismatch the base is hashed whole to say which side is wrong. On any failure
+nothing is left in the output folder.
 
 Exit codes (pyannote-bundle's): 0 rebuilt, 2 bad usage, 5 cannot write the output (disk
 full, permissions), 10 damaged delta, or a base that is not the one the delta needs.
@@ -45,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -54,7 +44,7 @@ import sys
 import tarfile
 import threading
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, List, Optional, Union
+from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Union
 
 FORMAT = "pyannote-bundle-delta/1"
 DELTA_JSON = "delta.json"
@@ -379,11 +369,9 @@ def check_meta(meta: Dict[str, Any], payload_size: Callable[[str], Optional[int]
 def _file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while True:
-            chunk = f.read(BUFSIZE)
-            if not chunk:
-                return h.hexdigest()
+        for chunk in iter(lambda: f.read(BUFSIZE), b""):
             h.update(chunk)
+    return h.hexdigest()
 
 
 def read_sidecar(path: Path) -> Optional[bytes]:
@@ -524,15 +512,11 @@ def rebuild(delta: Delta, base: Path, output_dir: Path,
 
 def _cleanup(paths: List[Path], made: Optional[Path]) -> None:
     for p in paths:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             p.unlink()
-        except FileNotFoundError:
-            pass
     if made is not None:
-        try:
+        with contextlib.suppress(OSError):
             made.rmdir()
-        except OSError:
-            pass
 
 
 class _StreamHasher:
@@ -579,33 +563,36 @@ def _write(out: IO[bytes], src: IO[bytes], delta: Delta, meta: Dict[str, Any],
     return digest
 
 
+def _chunks(f: Any, size: int) -> Iterator[bytes]:
+    """``size`` bytes of ``f`` from where it stands, in chunks; fewer where it ends."""
+    while size:
+        chunk = f.read(min(BUFSIZE, size))
+        if not chunk:
+            return
+        size -= len(chunk)
+        yield chunk
+
+
 def _copy(emit: Callable[[bytes], None], src: IO[bytes], delta: Delta,
           meta: Dict[str, Any]) -> None:
     try:
         for m in meta["members"]:
             emit(base64.b64decode(m["lead"], validate=True))
-            size = m["size"]
+            got, mh = 0, hashlib.sha256()
             if m.get("from") == "base":
                 src.seek(m["offset"])
-                left = size
-                while left:
-                    chunk = src.read(min(BUFSIZE, left))
-                    if not chunk:
-                        raise WrongBase("--base ends before the data the delta needs from it")
+                for chunk in _chunks(src, m["size"]):
                     emit(chunk)
-                    left -= len(chunk)
+                    got += len(chunk)
+                if got != m["size"]:
+                    raise WrongBase("--base ends before the data the delta needs from it")
             elif m.get("from") == "delta":
-                mh = hashlib.sha256()
                 with delta.open(f"{PAYLOAD}/{m['sha256']}") as f:
-                    left = size
-                    while left:
-                        chunk = f.read(min(BUFSIZE, left))
-                        if not chunk:
-                            break
+                    for chunk in _chunks(f, m["size"]):
                         mh.update(chunk)
                         emit(chunk)
-                        left -= len(chunk)
-                if left or mh.hexdigest() != m["sha256"]:
+                        got += len(chunk)
+                if got != m["size"] or mh.hexdigest() != m["sha256"]:
                     raise DeltaDamaged(f"{delta.path.name}: {PAYLOAD}/{m['sha256']} "
                                        f"(for {_shown(m['name'])}) is damaged; copy the delta "
                                        "again")
