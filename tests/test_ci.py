@@ -54,3 +54,13 @@ def test_ci_installs_the_system_packages_the_slow_tests_run_and_starts_none() ->
     assert re.search(r"^\s*apt_install --no-install-recommends slurm-wlm munge$", script, re.M)
     assert "exit 101" in script and "trap 'rm -f /usr/sbin/policy-rc.d' EXIT" in script
     assert not re.search(r"\b(systemctl|service|invoke-rc\.d) ", script)
+
+
+def test_every_package_of_the_tool_is_in_the_wheel() -> None:
+    """pyproject lists the packages by name (templates/ and lockfiles/ are mapped in): a
+    new subpackage left out installs nowhere, and only a non-editable install shows it."""
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+                 ["packages"])
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts)
+               for p in (ROOT / "bundler").rglob("__init__.py")}
+    assert on_disk - listed == set()
