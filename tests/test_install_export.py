@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import TinyBundle
+from forge import extract
 
 from bundler import image
 from bundler.errors import SmokeError
@@ -25,8 +25,7 @@ def _install(tiny_bundle: TinyBundle, tmp_path: Path, *options: str
              ) -> tuple[dict[str, Any], str, Path]:
     """The tiny bundle (no torch, no pyannote) installed by its own installer with
     ``--no-smoke``: the report, the installer's messages, the release."""
-    with tarfile.open(tiny_bundle()) as tar:
-        tar.extractall(tmp_path / "x", filter="data")
+    extract(tiny_bundle(), tmp_path / "x")
     (bundle,) = (tmp_path / "x").iterdir()
     proc = subprocess.run([sys.executable, "-I", str(bundle / "runtime" / "install.py"),
                            str(tmp_path / "prefix"), "--no-smoke", "--json", *options],
