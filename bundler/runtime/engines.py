@@ -239,6 +239,39 @@ def ort_settings(threads: int) -> dict[str, Any]:
             "config": dict(ORT_CONFIG)}
 
 
+# --- onnxruntime: loaded by the onnx engine alone ---------------------------------------------
+@contextmanager
+def onnxruntime_deferred() -> Iterator[None]:
+    """Within the block ``import onnxruntime`` raises ImportError; after it, onnxruntime
+    imports as usual (nothing changes where it is loaded already).
+
+    pyannote.audio's pipelines import onnxruntime when they load (3.4.0 and 4.0.7,
+    ``pipelines/speaker_verification.py``), only to know whether its ONNX WeSpeaker loader
+    may run, which a bundle never uses (its embedding is a pyannote checkpoint, trap 1).
+    Loading onnxruntime probes the CPU, and where that probe crashes the process dies of
+    SIGSEGV whatever the engine (onnxruntime 1.28 on aarch64 under qemu-user 7.2, which
+    shows the guest the host's x86 /proc/cpuinfo). The pytorch and pyannote engines need
+    none of it."""
+    if "onnxruntime" in sys.modules:
+        yield
+        return
+    sys.modules["onnxruntime"] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if "onnxruntime" in sys.modules and sys.modules["onnxruntime"] is None:
+            del sys.modules["onnxruntime"]
+
+
+def load_pyannote() -> Any:
+    """pyannote.audio's ``Pipeline``, its pipelines loaded without onnxruntime
+    (onnxruntime_deferred): the onnx engine imports it when it opens its sessions."""
+    with onnxruntime_deferred():
+        import pyannote.audio.pipelines  # noqa: F401 - Pipeline.from_pretrained loads them
+        from pyannote.audio import Pipeline
+    return Pipeline
+
+
 # --- recognising what the fast path reproduces ------------------------------------------------
 def source_digest(function: Any) -> str | None:
     try:
@@ -706,9 +739,9 @@ def export(release: Path, threads: int | None = None) -> dict[str, Any]:
     import numpy as np
     import soundfile
     import torch
-    from pyannote.audio import Pipeline
     from pyannote.audio import __version__ as pyannote_version
 
+    Pipeline = load_pyannote()
     started = time.perf_counter()
     set_torch_threads(torch, threads)
     config = release / "config.yaml"
