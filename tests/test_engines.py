@@ -276,6 +276,31 @@ def test_an_onnxruntime_that_dies_when_it_loads_is_a_failed_export_naming_the_si
     with pytest.raises(e.EngineUnavailable, match=r"did not pass: importing onnxruntime "
                                                   r"1\.28\.0 failed: killed by signal 11"):
         e.read_receipt(release / e.RECEIPT)
+    # bin/transcribe: faster-whisper's VAD runs in onnxruntime. Off by default, and why;
+    # asked for, one clear error instead of a crash on the first recording.
+    assert e.onnxruntime_failure(release / e.RECEIPT) == onnx["error"]
+    vad, note = transcribe.choose_vad(None, release / e.RECEIPT)
+    assert not vad and note and note.endswith("cannot load on this host: " + onnx["error"])
+    assert transcribe.choose_vad(False, release / e.RECEIPT) == (False, None)
+    with pytest.raises(recordings.RunError, match=r"^--vad: .*killed by signal 11") as err:
+        transcribe.choose_vad(True, release / e.RECEIPT)
+    assert err.value.code == recordings.EXIT_CANNOT_RUN
+
+
+@pytest.mark.parametrize("receipt", [
+    None,  # not tried (--no-smoke)
+    {"onnx": {"ok": True}},
+    {"onnx": {"ok": False, "error": "embeddings differ by 3.1e-03"}},  # loads, check failed
+])
+def test_the_vad_runs_where_onnxruntime_was_not_found_to_crash(
+        tmp_path: Path, receipt: dict[str, Any] | None) -> None:
+    path = tmp_path / e.RECEIPT
+    if receipt is not None:
+        path.write_text(json.dumps(receipt))
+    assert e.onnxruntime_failure(path) is None
+    assert transcribe.choose_vad(None, path) == (True, None)
+    assert transcribe.choose_vad(True, path) == (True, None)
+    assert transcribe.choose_vad(False, path) == (False, None)
 
 
 def test_an_export_killed_by_a_signal_is_a_failed_export_naming_it(

@@ -263,6 +263,19 @@ def onnxruntime_deferred() -> Iterator[None]:
             del sys.modules["onnxruntime"]
 
 
+def onnxruntime_failure(receipt: Path | None) -> str | None:
+    """Why onnxruntime cannot load on this host, as the install found when it imported it
+    alone before the export (``onnxruntime_loads`` false in ``engines.json``), or None: it
+    loads, or it was not tried."""
+    try:
+        onnx = json.loads(receipt.read_text()).get("onnx") if receipt else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(onnx, dict) and onnx.get("onnxruntime_loads") is False:
+        return str(onnx.get("error") or "it does not load")
+    return None
+
+
 def load_pyannote() -> Any:
     """pyannote.audio's ``Pipeline``, its pipelines loaded without onnxruntime
     (onnxruntime_deferred): the onnx engine imports it when it opens its sessions."""
