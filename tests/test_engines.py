@@ -21,7 +21,7 @@ import pytest
 from bundler import layout
 from bundler.runtime import engines as e
 from bundler.runtime import install as installer
-from bundler.runtime import recordings, transcribe
+from bundler.runtime import recordings, smoke, transcribe
 
 RUNTIME = Path(e.__file__).parent
 
@@ -344,3 +344,23 @@ def test_an_arm_cpuinfo_is_told_from_the_one_an_emulator_passes_through(
         tmp_path: Path, text: str, arm: bool) -> None:
     (tmp_path / "cpuinfo").write_text(text)
     assert installer.arm_cpuinfo(tmp_path / "cpuinfo") is arm
+
+
+def test_the_smoke_test_names_the_signal_that_killed_a_program(tmp_path: Path) -> None:
+    """smoke/smoke.py run as install.py runs it (the installer beside it in runtime/), on a
+    release whose bin/diarize dies of SIGSEGV."""
+    for name, folder in (("smoke.py", "smoke"), ("install.py", "runtime")):
+        (tmp_path / folder).mkdir()
+        shutil.copy(RUNTIME / name, tmp_path / folder / name)
+    for fmt in smoke.SAMPLES:
+        (tmp_path / "smoke" / f"sample.{fmt}").write_bytes(b"")
+    (tmp_path / "bin").mkdir()
+    program = tmp_path / "bin" / "diarize"
+    program.write_text(f"#!{sys.executable}\nimport faulthandler\nfaulthandler._sigsegv()\n")
+    program.chmod(0o755)
+    proc = subprocess.run([sys.executable, "-I", str(tmp_path / "smoke" / "smoke.py"),
+                           "--prefix", str(tmp_path)], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert json.loads(proc.stdout)["error"] == ("diarize printed no summary (killed by signal "
+                                                "11 (SIGSEGV))")
