@@ -21,7 +21,8 @@ with the host's interpreter). In order:
 5. the onnx engine (``runtime/engines.py export``): the segmentation model and the embedding
    trunk exported to ONNX from the release's checkpoints and checked against PyTorch on the
    sample, network disabled; recorded by sha256 in ``engines.json`` and the receipt (a
-   failure is a warning: ``bin/diarize`` then runs the pytorch engine);
+   failure is a warning: ``bin/diarize`` then runs the pytorch engine). onnxruntime is
+   imported alone first: where loading it kills the process, that is the recorded failure;
    then the smoke test in that release, in a fresh network namespace where the host allows one:
    ``bin/diarize`` on the bundled sample as wav, mp3 and m4a, compared with
    ``smoke/expected.json`` when the bundle carries it;
