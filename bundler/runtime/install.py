@@ -568,27 +568,27 @@ def export_engines(release: Path) -> dict[str, Any]:
     home = tempfile.mkdtemp(prefix="pyannote-bundle-export-home-")
     env = {"PATH": "/usr/bin:/bin", "HOME": home, "LANG": "C.UTF-8"}
     onnx: dict[str, Any]
+    proc = None
     try:
         why_not = onnxruntime_loads(release, wrap, env)
-        if why_not is not None:
-            onnx = {"ok": False, "error": why_not, "onnxruntime_loads": False}
-            write_json(release / ENGINES_RECEIPT, {"onnx": onnx})
-            say(f"warning: onnx engine not used on this host: {why_not}; bin/diarize runs "
-                "the pytorch engine")
-            return onnx
-        say(f"onnx engine: exporting the segmentation model and the embedding trunk, checked "
-            f"against PyTorch on the sample (network disabled by {name})")
-        proc = run([*wrap, str(release / "venv" / "bin" / "python"), "-I",
-                    str(release / ENGINES), "export", str(release)], "the ONNX export",
-                   "export", env)
+        if why_not is None:
+            say(f"onnx engine: exporting the segmentation model and the embedding trunk, "
+                f"checked against PyTorch on the sample (network disabled by {name})")
+            proc = run([*wrap, str(release / "venv" / "bin" / "python"), "-I",
+                        str(release / ENGINES), "export", str(release)], "the ONNX export",
+                       "export", env)
     finally:
         shutil.rmtree(home, ignore_errors=True)
-    try:
-        onnx = json.loads(proc.stdout.strip().splitlines()[-1])["onnx"]
-    except (ValueError, IndexError, KeyError, TypeError):
-        # A child killed by a signal (a crash in a native library) printed nothing: say so.
-        onnx = {"ok": False, "error": failed("the ONNX export", proc)}
+    if proc is None:
+        onnx = {"ok": False, "error": why_not, "onnxruntime_loads": False}
         write_json(release / ENGINES_RECEIPT, {"onnx": onnx})
+    else:
+        try:
+            onnx = json.loads(proc.stdout.strip().splitlines()[-1])["onnx"]
+        except (ValueError, IndexError, KeyError, TypeError):
+            # A child killed by a signal (a native library's crash) printed nothing: say so.
+            onnx = {"ok": False, "error": failed("the ONNX export", proc)}
+            write_json(release / ENGINES_RECEIPT, {"onnx": onnx})
     if onnx.get("ok"):
         check = onnx.get("check") or {}
         say(f"onnx engine: ready (embeddings within {check.get('embedding_max_abs_diff', 0):.1e}, "
