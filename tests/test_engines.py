@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import warnings
@@ -17,8 +19,11 @@ import numpy as np
 import pytest
 
 from bundler import layout
-from bundler.runtime import common, export, recordings, transcribe
+from bundler.runtime import common, exits, export, recordings, smoke, transcribe
 from bundler.runtime import engines as e
+from bundler.runtime import install as installer
+
+RUNTIME = Path(e.__file__).parent
 
 
 def test_a_cgroup_v2_quota_caps_the_threads(tmp_path: Path) -> None:
@@ -227,3 +232,136 @@ def test_the_docs_state_the_gate_tolerance_not_a_measurement() -> None:
         text = " ".join((root / doc).read_text().split())
         assert f"within {e.TOLERANCE_TEXT}" in text, doc
         assert "within 1e-7" not in text and "bit-identical embeddings" not in text, doc
+
+
+# --- a native library that kills the process when it loads -------------------------------
+def dying_package(site: Path, name: str, version: str) -> None:
+    """A package whose import dies of a real SIGSEGV (CPython's own faulthandler._sigsegv),
+    as onnxruntime 1.28.0's does on aarch64 under qemu-user 7.2; installed, with metadata."""
+    (site / name).mkdir()
+    (site / name / "__init__.py").write_text("import faulthandler\nfaulthandler._sigsegv()\n")
+    installed(site, name, version)
+
+
+def installed(site: Path, name: str, version: str) -> None:
+    info = site / f"{name}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    (site / name).mkdir(exist_ok=True)
+    (site / name / "__init__.py").touch()
+
+
+def release_with_venv(tmp_path: Path) -> tuple[Path, Path]:
+    """A release as the installer makes it, with a real (empty) venv: its folder and
+    site-packages."""
+    release = tmp_path / "release"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(release / "venv")],
+                   check=True)
+    (release / "runtime").mkdir()
+    for program in RUNTIME.glob("*.py"):  # export.py and the modules it imports
+        shutil.copy(program, release / "runtime" / program.name)
+    return release, next((release / "venv" / "lib").glob("python3.*/site-packages"))
+
+
+def test_an_onnxruntime_that_dies_when_it_loads_is_a_failed_export_naming_the_signal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The install goes on (auto runs pytorch, and says why) instead of dying in the export."""
+    monkeypatch.chdir(tmp_path)  # where a core file would go
+    release, site = release_with_venv(tmp_path)
+    dying_package(site, "onnxruntime", "1.28.0")
+    onnx = installer.export_engines(release)
+    assert onnx == {"ok": False, "onnxruntime_loads": False,
+                    "error": "importing onnxruntime 1.28.0 failed: killed by signal 11 "
+                             "(SIGSEGV)"}
+    assert json.loads((release / e.RECEIPT).read_text()) == {"onnx": onnx}
+    with pytest.raises(e.EngineUnavailable, match=r"did not pass: importing onnxruntime "
+                                                  r"1\.28\.0 failed: killed by signal 11"):
+        e.read_receipt(release / e.RECEIPT)
+    # bin/transcribe: faster-whisper's VAD runs in onnxruntime. Off by default, and why;
+    # asked for, one clear error instead of a crash on the first recording.
+    assert e.onnxruntime_failure(release / e.RECEIPT) == onnx["error"]
+    vad, note = transcribe.choose_vad(None, release / e.RECEIPT)
+    assert not vad and note and note.endswith("cannot load on this host: " + onnx["error"])
+    assert transcribe.choose_vad(False, release / e.RECEIPT) == (False, None)
+    with pytest.raises(exits.RunError, match=r"^--vad: .*killed by signal 11") as err:
+        transcribe.choose_vad(True, release / e.RECEIPT)
+    assert err.value.code == exits.EXIT_CANNOT_RUN
+
+
+@pytest.mark.parametrize("receipt", [
+    None,  # not tried (--no-smoke)
+    {"onnx": {"ok": True}},
+    {"onnx": {"ok": False, "error": "embeddings differ by 3.1e-03"}},  # loads, check failed
+])
+def test_the_vad_runs_where_onnxruntime_was_not_found_to_crash(
+        tmp_path: Path, receipt: dict[str, Any] | None) -> None:
+    path = tmp_path / e.RECEIPT
+    if receipt is not None:
+        path.write_text(json.dumps(receipt))
+    assert e.onnxruntime_failure(path) is None
+    assert transcribe.choose_vad(None, path) == (True, None)
+    assert transcribe.choose_vad(True, path) == (True, None)
+    assert transcribe.choose_vad(False, path) == (False, None)
+
+
+def test_an_export_killed_by_a_signal_is_a_failed_export_naming_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    release, site = release_with_venv(tmp_path)
+    installed(site, "onnxruntime", "1.28.0")  # loads
+    dying_package(site, "numpy", "2.2.6")  # the export's first native library does not
+    onnx = installer.export_engines(release)
+    assert onnx == {"ok": False, "error": "the ONNX export failed: killed by signal 11 (SIGSEGV)"}
+    assert json.loads((release / e.RECEIPT).read_text()) == {"onnx": onnx}
+
+
+def test_pyannote_loads_its_pipelines_without_onnxruntime_which_loads_after(
+        tmp_path: Path) -> None:
+    """pyannote.audio 3.4.0's pipelines/speaker_verification.py imports onnxruntime when it
+    loads, as ``optional_user`` does here: within onnxruntime_deferred it sees none, and a
+    onnxruntime that dies when it loads is loaded only when asked for after."""
+    (tmp_path / "site").mkdir()
+    dying_package(tmp_path / "site", "onnxruntime", "1.28.0")
+    (tmp_path / "site" / "optional_user.py").write_text(
+        "try:\n    import onnxruntime as ort\n\n    ONNX_IS_AVAILABLE = True\n"
+        "except ImportError:\n    ONNX_IS_AVAILABLE = False\n")
+    code = ("import sys\nfrom bundler.runtime import engines\n"
+            "with engines.onnxruntime_deferred():\n    import optional_user\n"
+            "print(optional_user.ONNX_IS_AVAILABLE, 'onnxruntime' in sys.modules, flush=True)\n"
+            "import onnxruntime\n")
+    path = os.pathsep.join([str(tmp_path / "site"), str(RUNTIME.parents[1])])
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": path})
+    assert proc.stdout.split() == ["False", "False"], proc.stderr
+    assert proc.returncode == -signal.SIGSEGV
+
+
+@pytest.mark.parametrize("text,arm", [
+    ("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu vme\n", False),
+    ("processor\t: 0\nFeatures\t: fp asimd\nCPU implementer\t: 0x41\nCPU part\t: 0xd0c\n",
+     True),
+])
+def test_an_arm_cpuinfo_is_told_from_the_one_an_emulator_passes_through(
+        tmp_path: Path, text: str, arm: bool) -> None:
+    (tmp_path / "cpuinfo").write_text(text)
+    assert installer.arm_cpuinfo(tmp_path / "cpuinfo") is arm
+
+
+def test_the_smoke_test_names_the_signal_that_killed_a_program(tmp_path: Path) -> None:
+    """smoke/smoke.py run as install.py runs it (the installer beside it in runtime/), on a
+    release whose bin/diarize dies of SIGSEGV."""
+    for name, folder in (("smoke.py", "smoke"), ("install.py", "runtime")):
+        (tmp_path / folder).mkdir()
+        shutil.copy(RUNTIME / name, tmp_path / folder / name)
+    for fmt in smoke.SAMPLES:
+        (tmp_path / "smoke" / f"sample.{fmt}").write_bytes(b"")
+    (tmp_path / "bin").mkdir()
+    program = tmp_path / "bin" / "diarize"
+    program.write_text(f"#!{sys.executable}\nimport faulthandler\nfaulthandler._sigsegv()\n")
+    program.chmod(0o755)
+    proc = subprocess.run([sys.executable, "-I", str(tmp_path / "smoke" / "smoke.py"),
+                           "--prefix", str(tmp_path)], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert json.loads(proc.stdout)["error"] == ("diarize printed no summary (killed by signal "
+                                                "11 (SIGSEGV))")

@@ -108,7 +108,8 @@ def load_pipeline(config: Path, device: str, batch: dict[str, int | None],
     engines.limit_native_pools(engines.cpu_threads(threads))
     try:
         import torch
-        from pyannote.audio import Pipeline
+
+        Pipeline = engines.load_pyannote()  # without onnxruntime: the onnx engine loads it
         from pyannote.audio import __version__ as version
     except ImportError as exc:
         raise exits.RunError(f"cannot import pyannote.audio from this venv: {common.one_line(exc)}",

@@ -42,8 +42,10 @@ import inspect
 import json
 import math
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,6 +155,52 @@ def ort_settings(threads: int) -> dict[str, Any]:
     private bindings before the first session of the process."""
     return {"options": {"intra_op_num_threads": threads, "inter_op_num_threads": 1},
             "config": dict(ORT_CONFIG)}
+
+
+# --- onnxruntime: loaded by the onnx engine alone ---------------------------------------------
+@contextmanager
+def onnxruntime_deferred() -> Iterator[None]:
+    """Within the block ``import onnxruntime`` raises ImportError; after it, onnxruntime
+    imports as usual (nothing changes where it is loaded already).
+
+    pyannote.audio's pipelines import onnxruntime when they load (3.4.0 and 4.0.7,
+    ``pipelines/speaker_verification.py``), only to know whether its ONNX WeSpeaker loader
+    may run, which a bundle never uses (its embedding is a pyannote checkpoint, trap 1).
+    Loading onnxruntime probes the CPU, and where that probe crashes the process dies of
+    SIGSEGV whatever the engine (onnxruntime 1.28 on aarch64 under qemu-user 7.2, which
+    shows the guest the host's x86 /proc/cpuinfo). The pytorch and pyannote engines need
+    none of it."""
+    if "onnxruntime" in sys.modules:
+        yield
+        return
+    sys.modules["onnxruntime"] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if "onnxruntime" in sys.modules and sys.modules["onnxruntime"] is None:
+            del sys.modules["onnxruntime"]
+
+
+def onnxruntime_failure(receipt: Path | None) -> str | None:
+    """Why onnxruntime cannot load on this host, as the install found when it imported it
+    alone before the export (``onnxruntime_loads`` false in ``engines.json``), or None: it
+    loads, or it was not tried."""
+    try:
+        onnx = json.loads(receipt.read_text()).get("onnx") if receipt else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(onnx, dict) and onnx.get("onnxruntime_loads") is False:
+        return str(onnx.get("error") or "it does not load")
+    return None
+
+
+def load_pyannote() -> Any:
+    """pyannote.audio's ``Pipeline``, its pipelines loaded without onnxruntime
+    (onnxruntime_deferred): the onnx engine imports it when it opens its sessions."""
+    with onnxruntime_deferred():
+        import pyannote.audio.pipelines  # noqa: F401 - Pipeline.from_pretrained loads them
+        from pyannote.audio import Pipeline
+    return Pipeline
 
 
 # --- recognising what the fast path reproduces ------------------------------------------------

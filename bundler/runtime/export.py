@@ -41,6 +41,7 @@ from .engines import (
     check_segmentation_model,
     cpu_threads,
     limit_native_pools,
+    load_pyannote,
     ort_session,
     recognise,
     set_torch_threads,
@@ -149,8 +150,9 @@ def export(release: Path, threads: int | None = None) -> dict[str, Any]:
     import numpy as np
     import soundfile
     import torch
-    from pyannote.audio import Pipeline
     from pyannote.audio import __version__ as pyannote_version
+
+    Pipeline = load_pyannote()  # without onnxruntime: the onnx engine loads it
 
     set_torch_threads(torch, threads)
     config = release / "config.yaml"

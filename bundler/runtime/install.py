@@ -22,8 +22,10 @@ with the host's interpreter). In order:
    trunk exported to ONNX from the release's checkpoints and checked against PyTorch on the
    sample, network disabled; recorded by sha256 in ``engines.json`` and the receipt (a
    failure is a warning: ``bin/diarize`` then runs the pytorch engine, and its ``--json``
-   says why in ``engine_note``). Made with ``--no-smoke`` too (``pyannote-bundle image``
-   installs so); ``--no-export`` skips it, and ``engines.json`` says so;
+   says why in ``engine_note``; onnxruntime is imported alone first: where loading it
+   kills the process, that is the recorded failure). Made with ``--no-smoke`` too
+   (``pyannote-bundle image`` installs so); ``--no-export`` skips it, and ``engines.json``
+   says so;
    then, unless ``--no-smoke``, the smoke test in that release, in a fresh network
    namespace where the host allows one: ``bin/diarize`` on the bundled sample as wav, mp3
    and m4a, compared with ``smoke/expected.json`` when the bundle carries it;
@@ -51,6 +53,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -362,6 +365,24 @@ def run(argv: list[str], what: str, timeout_key: str, env: dict[str, str] | None
         raise Failure(EXIT_INSTALL, f"cannot run {what}: {exc}") from None
 
 
+def exit_text(returncode: int) -> str:
+    """How a child process ended, in words: ``exit 3``, or ``killed by signal 11 (SIGSEGV)``
+    (subprocess reports a signal as a negative status, which ``exit -11`` would hide)."""
+    if returncode >= 0:
+        return f"exit {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = "unknown signal"
+    return f"killed by signal {-returncode} ({name})"
+
+
+def failed(what: str, proc: subprocess.CompletedProcess[str]) -> str:
+    """One line for a child that failed: how it ended, and the last line it printed."""
+    last = tail(proc.stderr, 1)
+    return f"{what} failed: {exit_text(proc.returncode)}" + (f"; it said: {last}" if last else "")
+
+
 def tail(text: str, n: int = 2) -> str:
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     return " | ".join(line[:300] for line in lines[-n:])
@@ -558,19 +579,28 @@ def export_engines(release: Path) -> dict[str, Any]:
     started = time.monotonic()
     home = tempfile.mkdtemp(prefix="pyannote-bundle-export-home-")
     env = {"PATH": "/usr/bin:/bin", "HOME": home, "LANG": "C.UTF-8"}
-    say(f"onnx engine: exporting the segmentation model and the embedding trunk, checked "
-        f"against PyTorch on the sample (network disabled by {name})")
+    onnx: dict[str, Any]
+    proc = None
     try:
-        proc = run([*wrap, str(release / "venv" / "bin" / "python"), "-I",
-                    str(release / EXPORT), str(release)], "the ONNX export",
-                   "export", env)
+        why_not = onnxruntime_loads(release, wrap, env)
+        if why_not is None:
+            say(f"onnx engine: exporting the segmentation model and the embedding trunk, "
+                f"checked against PyTorch on the sample (network disabled by {name})")
+            proc = run([*wrap, str(release / "venv" / "bin" / "python"), "-I",
+                        str(release / EXPORT), str(release)], "the ONNX export",
+                       "export", env)
     finally:
         shutil.rmtree(home, ignore_errors=True)
-    try:
-        onnx: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])["onnx"]
-    except (ValueError, IndexError, KeyError, TypeError):
-        onnx = {"ok": False, "error": f"exit {proc.returncode}: {tail(proc.stderr)}"}
+    if proc is None:
+        onnx = {"ok": False, "error": why_not, "onnxruntime_loads": False}
         write_json(release / ENGINES_RECEIPT, {"onnx": onnx})
+    else:
+        try:
+            onnx = json.loads(proc.stdout.strip().splitlines()[-1])["onnx"]
+        except (ValueError, IndexError, KeyError, TypeError):
+            # A child killed by a signal (a native library's crash) printed nothing: say so.
+            onnx = {"ok": False, "error": failed("the ONNX export", proc)}
+            write_json(release / ENGINES_RECEIPT, {"onnx": onnx})
     if onnx.get("ok"):
         check = onnx.get("check") or {}
         say(f"onnx engine: ready in {time.monotonic() - started:.0f} s (embeddings within "
@@ -590,6 +620,42 @@ def skip_export(release: Path, why: str) -> dict[str, Any]:
         write_json(release / ENGINES_RECEIPT, {"onnx": onnx})
     say(f"onnx engine: not exported ({why}); bin/diarize runs the pytorch engine")
     return onnx
+
+
+# The onnx engine's library, imported alone in the release's venv before the export.
+ORT_PROBE = ("import importlib.metadata as m; print(m.version('onnxruntime'), flush=True); "
+             "import onnxruntime")
+
+
+def onnxruntime_loads(release: Path, wrap: list[str], env: dict[str, str]) -> str | None:
+    """None when the release's venv imports onnxruntime, else why not (one line). Tried in
+    a child of its own: onnxruntime probes the CPU when its library loads, and where that
+    probe crashes the process dies of a signal (measured: SIGSEGV for onnxruntime 1.28 on
+    aarch64 under qemu-user 7.2, which shows the guest the host's x86 ``/proc/cpuinfo``);
+    the export would die the same way, only later. bin/diarize imports onnxruntime for the
+    onnx engine alone (``engines.onnxruntime_deferred``), so the pytorch engine still runs."""
+    try:
+        proc = run([*wrap, str(release / "venv" / "bin" / "python"), "-I", "-c", ORT_PROBE],
+                   "importing onnxruntime", "check", env)
+    except Failure as exc:
+        return str(exc)
+    if proc.returncode == 0:
+        return None
+    version = proc.stdout.strip().splitlines()[:1]
+    why = failed(" ".join(["importing onnxruntime", *version]), proc)
+    if proc.returncode < 0 and platform.machine() in ("aarch64", "arm64") \
+            and not arm_cpuinfo():
+        why += ("; /proc/cpuinfo describes no ARM CPU (as under an emulator: qemu-user 7.2 "
+                "shows the guest the host's), and onnxruntime's CPU probe reads it")
+    return why
+
+
+def arm_cpuinfo(path: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether ``path`` describes ARM CPUs, as the kernel writes it on one."""
+    try:
+        return "CPU implementer" in path.read_text(errors="replace")
+    except OSError:
+        return False
 
 
 def smoke(release: Path) -> dict[str, Any]:

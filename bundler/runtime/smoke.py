@@ -16,7 +16,8 @@ runs diarize with ``--block-network``.
 
 Prints exactly one JSON object on stdout: ``{"ok": true, "segments": [...], "formats":
 {...}, ...}`` (the wav's segments at the top, as in ``smoke/expected.json``), or
-``{"ok": false, "error": "..."}`` with exit status 1. Standard library only.
+``{"ok": false, "error": "..."}`` with exit status 1. Standard library only (and the
+installer's ``runtime/install.py``, beside ``smoke/`` in the bundle and the release).
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any, NoReturn
+
+if __package__:  # imported by the tool and its tests
+    from bundler.runtime.install import exit_text
+else:  # run as a program from smoke/: the installer's helper, from runtime/ beside it
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "runtime"))
+    from install import exit_text  # type: ignore[no-redef]
 
 SAMPLES = ("wav", "mp3", "m4a")
 TIMEOUT_S = 1800
@@ -94,8 +101,10 @@ def run_program(argv: list[str], block_network: bool
     try:
         summary: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
-        raise SmokeError(f"{name} printed no summary (exit {proc.returncode}): "
-                         f"{last_line(proc.stderr)}") from None
+        # A process killed by a signal (a crash in a native library) prints nothing more.
+        said = last_line(proc.stderr)
+        raise SmokeError(f"{name} printed no summary ({exit_text(proc.returncode)})"
+                         + (f": {said}" if said else "")) from None
     return proc, summary
 
 
@@ -166,7 +175,7 @@ def smoke(prefix: Path, block_network: bool) -> dict[str, Any]:
         result["error"] = "; ".join(f"sample.{fmt}: {why}" for fmt, why in bad.items())
         result["ok"] = False
     elif proc.returncode != 0:
-        result["error"] = f"diarize exit {proc.returncode}: {last_line(proc.stderr)}"
+        result["error"] = f"diarize {exit_text(proc.returncode)}: {last_line(proc.stderr)}"
     elif result["network_attempts"]:
         result["ok"] = False
         result["error"] = (f"the programs made {result['network_attempts']} connection "

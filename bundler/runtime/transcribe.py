@@ -84,6 +84,23 @@ class Loaded:
     faster_whisper: str
     seconds: float
     threads: int
+    vad: bool = True
+    vad_note: str | None = None
+
+
+def choose_vad(requested: bool | None, receipt: Path) -> tuple[bool, str | None]:
+    """Whether the Silero VAD runs (``--vad``/``--no-vad``, on by default), and why it is off
+    when it would have been on. faster-whisper runs it in onnxruntime: where the install
+    found that onnxruntime cannot load on this host (it kills the process: see
+    engines.onnxruntime_deferred), the VAD is off by default, and asked for it is an error
+    rather than a crash on the first recording."""
+    why = engines.onnxruntime_failure(receipt)
+    if why is None:
+        return requested is not False, None
+    because = f"faster-whisper's VAD runs in onnxruntime, which cannot load on this host: {why}"
+    if requested:
+        raise exits.RunError(f"--vad: {because}", exits.EXIT_CANNOT_RUN)
+    return False, None if requested is False else f"VAD off: {because}"
 
 
 def whisper_options(args: argparse.Namespace, device: str, index: int, compute: str
@@ -128,9 +145,10 @@ class Transcribe(recordings.Program):
                             "multilingual models; English-only models take only en)")
         p.add_argument("--task", choices=TASKS, default="transcribe",
                        help="transcribe, or translate into English (multilingual models)")
-        p.add_argument("--vad", action=argparse.BooleanOptionalAction, default=True,
+        p.add_argument("--vad", action=argparse.BooleanOptionalAction, default=None,
                        help="skip silence with the Silero VAD before recognition "
-                            "(default: on)")
+                            "(default: on; off where the install found that onnxruntime, "
+                            "which runs it, cannot load, and --json says why)")
         p.add_argument("--beam-size", type=int, default=5, metavar="N",
                        help="beam search width (default: 5; 1 is greedy and fastest)")
         p.add_argument("--compute-type", choices=COMPUTE_TYPES, metavar="TYPE",
@@ -173,6 +191,9 @@ class Transcribe(recordings.Program):
             raise exits.RunError(f"speech-recognition model incomplete: {folder} has no "
                                 f"{', '.join(missing)} (pass --model, or re-run install.sh)",
                                 exits.EXIT_CANNOT_RUN)
+        vad, vad_note = choose_vad(args.vad, diarize.engine_receipt(args.config))
+        if vad_note:
+            say(f"warning: {vad_note}")
         pipeline = diarize.load_from_args(args, say)
         t0 = time.perf_counter()
         try:
@@ -198,7 +219,7 @@ class Transcribe(recordings.Program):
             f"faster-whisper {faster_whisper.__version__})")
         return Loaded(pipeline, whisper, model, pipeline.device, compute,
                       str(faster_whisper.__version__), pipeline.seconds + seconds,
-                      options["cpu_threads"])
+                      options["cpu_threads"], vad, vad_note)
 
     def process(self, loaded: Loaded, job: inputs.Job, waveform: Any, args: argparse.Namespace
                 ) -> tuple[dict[str, str], dict[str, Any], str]:
@@ -206,7 +227,7 @@ class Transcribe(recordings.Program):
                                     "initial_prompt": args.initial_prompt,
                                     "hotwords": args.hotwords}.items() if v is not None}
         pieces, info = loaded.whisper.transcribe(
-            waveform, task=args.task, beam_size=args.beam_size, vad_filter=args.vad,
+            waveform, task=args.task, beam_size=args.beam_size, vad_filter=loaded.vad,
             word_timestamps=True, **kwargs)
         asr = [{"start": s.start, "end": s.end, "text": s.text,
                 "words": [{"start": w.start, "end": w.end, "word": w.word,
@@ -249,7 +270,9 @@ class Transcribe(recordings.Program):
                 "faster_whisper": loaded.faster_whisper if loaded else None,
                 "asr_model": (self.model.repo if self.model else None),
                 "compute_type": loaded.compute_type if loaded else None,
-                "asr_threads": loaded.threads if loaded else None}
+                "asr_threads": loaded.threads if loaded else None,
+                "vad": loaded.vad if loaded else None,
+                **({"vad_note": loaded.vad_note} if loaded and loaded.vad_note else {})}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
