@@ -3,28 +3,17 @@
     tar -xf NEW.from-XXXXXXXXXXXX.delta.tar
     python3 NEW.from-XXXXXXXXXXXX.delta/apply.py --base OLD.tar --output DIR
 
-``pyannote-bundle apply DELTA --base OLD.tar --output DIR`` runs this very file's code, on
-the delta tarball itself. Standard library only, Python 3.9 and newer.
+``pyannote-bundle apply DELTA --base OLD.tar --output DIR`` runs this very file's code on
+the delta tarball. Standard library only, Python 3.9 and newer. ``delta.json`` lists each
+member of the new bundle in order: its tar bytes before the data, and where the data comes
+from (an offset in the base, or ``payload/<sha256>`` in the delta). It is checked as data
+before anything is written; the bytes go to a temporary name beside the output, hashed on a
+second thread, renamed (with a ``.sha256`` sidecar) only when the result is the new bundle.
+On any failure nothing is left in the output folder.
 
-A delta holds ``delta.json`` and the members of the new bundle whose bytes the base lacks
-(``payload/<sha256>``). ``delta.json`` records, for each member of the new bundle in order,
-the tar bytes before its data and where its data comes from: the base (an offset in it) or
-the payload. It is checked as data before anything is written (types, ranges inside the
-base, payload sizes, a plain file name, sizes adding up): a malformed list is a damaged
-delta. The bytes are written in order to a temporary name beside the output, hashed on a
-second thread; only when the result is the new bundle (its sha256, recorded in the delta)
-is it renamed and its ``.sha256`` sidecar written beside it.
-
-This file comes from the delta: authenticate the delta before running it (its signed
-sidecar, as docs/installing.md shows), or let an installed pyannote-bundle do both
-(``apply --allowed-signers FILE``) with its own copy of this code. The delta is opened once
-and everything applied is read from that open file: with its sidecar beside it (read once;
-it must name this very file), it is hashed whole and checked before one header is parsed,
-then parsed and hashed again in one pass, and each payload file is checked against its
-sha256 as it is copied. The base is checked for its size (and its sidecar's digest, when
-beside it) before anything is written, then every byte taken from it through the result's
-sha256; on a mismatch the base is hashed whole to say which side is wrong. On any failure
-nothing is left in the output folder.
+This file comes from the delta: authenticate the delta first (its signed sidecar, as
+docs/installing.md shows), or let pyannote-bundle do it (``apply --allowed-signers``) with
+its own copy of this code. SECURITY.md says what each check proves.
 
 Exit codes (pyannote-bundle's): 0 rebuilt, 2 bad usage, 5 cannot write the output (disk
 full, permissions), 10 damaged delta, or a base that is not the one the delta needs.
@@ -80,15 +69,10 @@ class UsageError(ApplyError):
 
 
 class Delta:
-    """A delta as a folder (unpacked with tar) or as its tarball, read the same way.
-
-    A tarball is opened once. With ``expected_sha256`` (the sidecar's digest) it is hashed
-    whole and checked before one header is parsed; then one pass parses it, hashing again
-    what it parses (checked again), indexes the members and keeps the lists
-    (``SHA256SUMS``, ``delta.json``) in memory. Payload files are later read from the same
-    open file, each checked against the sha256 those lists give: a file swapped, or
-    rewritten in place, after the hash can make nothing but a refusal.
-    """
+    """A delta as a folder (unpacked with tar) or as its tarball, read the same way. A
+    tarball is opened once and everything is read from that open file (``_index``); payload
+    files are checked against the sha256 its lists give: a file swapped or rewritten after
+    the hash can make nothing but a refusal."""
 
     def __init__(self, path: Path, expected_sha256: Optional[str] = None) -> None:
         self.path = path
@@ -118,8 +102,7 @@ class Delta:
             self._drain(first)
             self._check(first.hash.hexdigest(), expected_sha256)
             self._file.seek(0)
-        # The pass that parses hashes again what it parses: the lists kept are the bytes
-        # the sidecar vouches for, even if the file was rewritten in place since.
+        # Parsing hashes again: the lists kept are what the sidecar vouches for, rewritten or not.
         reader = _HashingReader(self._file)
         problem = None
         try:
@@ -167,14 +150,12 @@ class Delta:
                 raise KeyError(rel)
             return _Range(self._file, info.offset_data, info.size)
         except (OSError, KeyError):
-            raise DeltaDamaged(f"{self.path.name}: {rel} is missing; copy the delta "
-                               "again") from None
+            raise DeltaDamaged(f"{self.path.name}: {rel} is missing; copy it again") from None
 
     def read_small(self, rel: str) -> bytes:
         if self._root is None:
             if rel not in self._lists:
-                raise DeltaDamaged(f"{self.path.name}: {rel} is missing; copy the delta "
-                                   "again")
+                raise DeltaDamaged(f"{self.path.name}: {rel} is missing; copy it again")
             return self._lists[rel]
         with self.open(rel) as f:
             return f.read(16 * 1024 * 1024)
@@ -316,11 +297,9 @@ def _plain_name(name: str) -> bool:
 
 
 def check_meta(meta: Dict[str, Any], payload_size: Callable[[str], Optional[int]]) -> None:
-    """delta.json as data, before one byte is written: every type and required key, every
-    base range inside the base's recorded size, every payload present in the delta at its
-    size, the target a plain file name, and the bytes the members make adding up to the
-    target's recorded size (a list whose members all point at the whole base would
-    otherwise write until the disk is full). Raises _Malformed naming the field."""
+    """delta.json as data, before one byte is written: types and keys, base ranges inside
+    the base, payloads present at their size, a plain target name, and sizes adding up to
+    the target's (else a hostile list could write until the disk is full). _Malformed."""
     for side in ("base", "target"):
         if not isinstance(meta.get(side), dict):
             raise _Malformed(f"{side} is missing or not an object")
@@ -375,9 +354,8 @@ def _file_sha256(path: Path) -> str:
 
 
 def read_sidecar(path: Path) -> Optional[bytes]:
-    """The bytes of ``<path>.sha256``, read once; None when there is none. Whoever checks a
-    signature over the sidecar checks it over these bytes, and takes the digest from them:
-    a sidecar swapped between the two reads cannot pass one check with each content."""
+    """The bytes of ``<path>.sha256`` (None: none), read once: a signature is checked over
+    these very bytes and the digest taken from them, never from a second read."""
     try:
         with open(path.with_name(path.name + SIDECAR_SUFFIX), "rb") as f:
             return f.read(SIDECAR_MAX + 1)
@@ -386,10 +364,8 @@ def read_sidecar(path: Path) -> Optional[bytes]:
 
 
 def sidecar_digest(raw: bytes, name: str) -> str:
-    """The sha256 that a sidecar's bytes give for the file ``name``; ValueError saying what
-    is wrong otherwise. The sidecar must name that very file: a signed sidecar is the
-    release engineer's word about one file name, so another delta's (an older one, renamed
-    to the name expected here) is refused, not taken for this one's."""
+    """The sha256 a sidecar's bytes give for the file ``name`` (ValueError: what is wrong).
+    It must name that very file: a signature vouches for one name, not another delta's."""
     try:
         text = raw.decode() if len(raw) <= SIDECAR_MAX else ""
     except UnicodeDecodeError:
@@ -404,8 +380,7 @@ def sidecar_digest(raw: bytes, name: str) -> str:
 
 
 def _published(path: Path) -> Optional[str]:
-    """The digest in the sidecar beside the base, None when there is no usable one: the
-    base is proved by the result's sha256 in any case, the sidecar only fails it early."""
+    """The digest in the base's sidecar, None when unusable (it only fails a base early)."""
     try:
         raw = read_sidecar(path)
         return None if raw is None else sidecar_digest(raw, path.name)
@@ -414,9 +389,8 @@ def _published(path: Path) -> Optional[str]:
 
 
 def open_delta(path: Path) -> Delta:
-    """The delta as ``apply.py`` is given it. A tarball with its sidecar beside it is
-    checked against it (read once, naming this very file) in the one pass that reads the
-    tarball (it is small); a folder is checked member by member as it is read."""
+    """The delta as ``apply.py`` is given it: a tarball checked against its sidecar, when
+    beside it; a folder, member by member as it is read."""
     expected = None
     if not path.is_dir():
         sidecar = path.name + SIDECAR_SUFFIX
@@ -434,9 +408,7 @@ def open_delta(path: Path) -> Delta:
 
 def apply_delta(delta_path: Path, base: Path, output_dir: Path,
                 progress: Callable[[int], None] = lambda n: None) -> Dict[str, Any]:
-    """``apply.py``'s run: ``open_delta``, then ``rebuild``.
-    Raises ApplyError (with its exit code); nothing is left in ``output_dir`` then.
-    """
+    """``apply.py``'s run: ``open_delta``, then ``rebuild`` (ApplyError on failure)."""
     delta = open_delta(delta_path)
     try:
         return rebuild(delta, base, output_dir, progress)
@@ -446,10 +418,8 @@ def apply_delta(delta_path: Path, base: Path, output_dir: Path,
 
 def rebuild(delta: Delta, base: Path, output_dir: Path,
             progress: Callable[[int], None] = lambda n: None) -> Dict[str, Any]:
-    """Write ``output_dir/<new bundle>`` and its sidecar from an opened delta (checked as
-    its opener chose: ``open_delta``, or the tool after the signature); return what was
-    made. Raises ApplyError (with its exit code); nothing is left in ``output_dir`` then.
-    """
+    """Write ``output_dir/<new bundle>`` and its sidecar from an opened delta; return what
+    was made. ApplyError (with its exit code) leaves nothing in ``output_dir``."""
     meta = delta.load()
     want_base, target = meta["base"], meta["target"]
     need = f"the delta needs {_shown(want_base['name'])} with sha256 {want_base['sha256']}"
@@ -472,8 +442,7 @@ def rebuild(delta: Delta, base: Path, output_dir: Path,
         raise UsageError(f"the delta makes {final.name}, which is --base itself: writing it "
                          "would replace the base; choose another --output")
     made_dir = not output_dir.exists()
-    created: List[Path] = []  # removed on failure: only what this run made, never a file
-    # (or a link) someone else put at one of these names
+    created: List[Path] = []  # removed on failure: only what this run made itself
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         out = open(tmp, "xb")  # exclusive: a link planted at this name is never followed
@@ -483,9 +452,8 @@ def rebuild(delta: Delta, base: Path, output_dir: Path,
             out.flush()
             os.fsync(out.fileno())
         if digest != target["sha256"]:
-            # Every byte taken from the delta was checked on the way (its list against its
-            # SHA256SUMS, each payload file against its sha256): the base is the suspect,
-            # and only now, on this failure path, is it worth reading whole to say so.
+            # Every byte from the delta was checked on the way: the base is the suspect, and
+            # only on this failure path is it worth reading whole to say so.
             base_digest = _file_sha256(base)
             if base_digest != want_base["sha256"]:
                 raise WrongBase(f"--base {base.name} has sha256 {base_digest}: {need}")
@@ -520,8 +488,7 @@ def _cleanup(paths: List[Path], made: Optional[Path]) -> None:
 
 
 class _StreamHasher:
-    """sha256 of the bytes handed to ``update``, computed on another thread so that hashing
-    the new bundle runs beside writing it (bounded: at most 16 chunks in flight)."""
+    """sha256 of what ``update`` is given, on another thread (at most 16 chunks queued)."""
 
     def __init__(self) -> None:
         self._hash = hashlib.sha256()
