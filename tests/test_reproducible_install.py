@@ -41,7 +41,7 @@ def _install_as_image_does(tarball: Path, root: Path, tz: str, umask: str) -> di
     entries = {e.name: (e.kind, oct(e.mode), e.target or (
         hashlib.sha256(e.source.read_bytes()).hexdigest() if e.source else ""))
         for es in layers.values() for e in es}
-    digests = {role: oci.archive.layer_blob(es, role, "").digest for role, es in layers.items()}
+    digests = {role: oci.archive.layer_digest(es) for role, es in layers.items()}
     return {"entries": entries, "digests": digests}
 
 

@@ -124,29 +124,12 @@ def write_layer(entries: list[Entry], out: IO[bytes] | _Sink) -> None:
                 tar.addfile(info)
 
 
-def layer_blob(entries: list[Entry], role: str, holds: str) -> Blob:
-    """The layer's blob, hashed without writing it; ``write`` streams it again and checks
-    the digest. The image pipeline does not use it: ``ArchiveWriter.add_layer`` reads each
-    staged byte once. It serves where only the digest is wanted (the reproducibility
-    tests compare layers by it)."""
+def layer_digest(entries: list[Entry]) -> str:
+    """The sha256 of the layer tar of ``entries`` (its digest and diff_id), without writing
+    it anywhere: what ``ArchiveWriter.add_layer`` names the same layer when it streams it."""
     sink = _Sink()
     write_layer(entries, sink)
-    digest, size = sink.hash.hexdigest(), sink.size
-
-    def write(out: IO[bytes]) -> None:
-        again = _Sink(out)
-        write_layer(entries, again)
-        if again.hash.hexdigest() != digest or again.size != size:
-            raise IntegrityError(f"{role} layer", "a staged file changed while the image "
-                                 "was written; build again")
-
-    def written() -> None:
-        for entry in entries:
-            if entry.kind == "file" and entry.source is not None:
-                entry.source.unlink(missing_ok=True)
-
-    return Blob(digest, size, MT_LAYER, write, written, diff_id=digest, role=role,
-                holds=holds)
+    return sink.hash.hexdigest()
 
 
 def bytes_blob(data: bytes, media_type: str) -> Blob:
