@@ -132,12 +132,6 @@ class ImageResult:
 
 
 # --- install inside the base -------------------------------------------------------------
-def installer_names_release(installer: Path) -> bool:
-    """Whether the bundle's installer takes ``--release`` (bundles made before it did not:
-    their image's venv layer then carries the bundle's digest in its paths)."""
-    return installer_knows(installer, "--release")
-
-
 def install_in_root(root: Path, bundle_dir: str, python: str, release: str | None) -> None:
     """Run the bundle's installer in ``root`` (``sandbox``: chroot, no network, a user
     namespace)."""
@@ -403,7 +397,9 @@ def _build(bundle: Path, opts: ImageOptions, work: Path) -> ImageResult:
                            f"{', '.join(have) or 'no Python'} in /usr/bin and /usr/local/bin): "
                            f"use a base with python{want_py}")
     installer = integrity.root / "runtime" / "install.py"
-    release = RELEASE if installer_names_release(installer) else None
+    # Bundles made before the installer took --release name their release by the bundle's
+    # digest: their image's venv layer then carries it in its paths.
+    release = RELEASE if installer_knows(installer, "--release") else None
     if release is None:
         log.warning("image: this bundle's installer cannot name its release: the venv layer "
                     "will carry the bundle's digest in its paths and be shared with no other "
