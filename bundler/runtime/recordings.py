@@ -348,7 +348,6 @@ def run(program: Program, args: argparse.Namespace, audit: NetworkAudit,
         summary.load_seconds = loaded.seconds
     reloads = 0
     interrupted = False  # a timeout fired inside the models' code
-    waveform = None
     for n, (job, outs) in enumerate(todo, summary.skipped + 1):
         # The last file's samples go before the next file's come (and before any reload):
         # one recording in memory at a time, as --max-duration promises.
