@@ -133,6 +133,17 @@ def test_the_installers_hasher_is_the_runtimes_own(tmp_path: Path) -> None:
         hashlib.sha256(data).hexdigest())
 
 
+def test_the_delta_appliers_hasher_gives_the_runtimes_digest(tmp_path: Path) -> None:
+    """apply.py travels alone in a delta, with a hasher of its own (it names a wrong base
+    by its sha256): the same digest as common.sha256_file, across block boundaries."""
+    assert apply.BUFSIZE == common.BUFSIZE
+    for size in (0, 1, common.BUFSIZE, common.BUFSIZE + 1, 3 * common.BUFSIZE - 7):
+        data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+        (tmp_path / "f").write_bytes(data)
+        assert apply._file_sha256(tmp_path / "f") == common.sha256_file(tmp_path / "f") == (
+            hashlib.sha256(data).hexdigest())
+
+
 def test_the_installers_json_writer_writes_as_the_runtimes(tmp_path: Path) -> None:
     """install.py's write_json gives what common.write_atomic gives for the same text: the
     same bytes, the mode the umask gives a new file, nothing beside it afterwards."""
