@@ -24,6 +24,36 @@ def test_the_shipped_lockfile_is_up_to_date() -> None:
     assert "up to date" in proc.stdout
 
 
+# bin/serve runs in every installed bundle's venv: its libraries are locked for every target.
+SERVICE = {"starlette", "uvicorn", "python-multipart", "prometheus-client"}
+# Plain uvicorn and Starlette, not uvicorn[standard] or FastAPI: no extra binaries to carry.
+NOT_FOR_SERVICE = {"uvloop", "httptools", "watchfiles", "websockets", "fastapi"}
+SHIPPED = sorted(p for p in (ROOT / "lockfiles").glob("*-py3*-linux-*.txt"))
+
+
+@pytest.mark.parametrize("lockfile", SHIPPED, ids=lambda p: p.stem)
+def test_every_shipped_lockfile_is_fresh_and_carries_the_service(lockfile: Path) -> None:
+    from bundler.lock import LockPaths, check
+    from bundler.lockfile import parse_lockfile
+    from bundler.spec import Target
+
+    recipe, _, slug = lockfile.stem.partition("-py3")
+    target = Target.from_slug("py3" + slug)
+    assert check(LockPaths(ROOT / "lockfiles" / f"{recipe}.in", lockfile), target) == []
+    pins = {r.name for r in parse_lockfile(lockfile.read_text(), str(lockfile))}
+    assert SERVICE <= pins, f"{lockfile.name} lacks {sorted(SERVICE - pins)}"
+    assert not pins & NOT_FOR_SERVICE, f"{lockfile.name} carries {sorted(pins & NOT_FOR_SERVICE)}"
+
+
+def test_the_glob_finds_each_recipe_on_either_side_of_its_markers() -> None:
+    """So the test above cannot pass on nothing: 3.9, 3.10 and 3.11+ pin different releases."""
+    assert {"speaker-diarization-3.1-py39-linux-x86_64",
+            "speaker-diarization-3.1-py310-linux-aarch64",
+            "speaker-diarization-3.1-py313-linux-aarch64",
+            "speaker-diarization-community-1-py310-linux-x86_64",
+            "speaker-diarization-community-1-py311-linux-x86_64"} <= {p.stem for p in SHIPPED}
+
+
 @pytest.mark.parametrize(("edit", "message"), [
     (lambda t: t.replace("torch==2.8.0", "torch==2.9.0"),
      "torch==2.8.0 does not satisfy 'torch==2.9.0'"),
