@@ -49,6 +49,10 @@ EXPORT_SCRIPT: str = _installer.EXPORT
 RECORDINGS_MODULE = f"{RUNTIME_DIR}/recordings.py"
 SHARED_MODULES = ("offline.py", "inputs.py", "audio.py", "devices.py", "outputs.py",
                   "exits.py", "common.py", "_bootstrap.py")
+# bin/serve (runtime/serve.py): the OpenAI-compatible service, and its rooms: the HTTP side,
+# the worker processes, the job store, the answers' formats, the streamed uploads.
+SERVE_SCRIPT = f"{RUNTIME_DIR}/serve.py"
+SERVICE_MODULES = ("service.py", "worker.py", "jobstore.py", "responses.py", "uploads.py")
 # Checks the host has the shared libraries the wheels need (manifest host_requirements).
 HOSTLIBS_SCRIPT: str = _installer.HOSTLIBS
 # The one installer: install.sh runs it on the isolated host, verify runs it too.
@@ -64,6 +68,8 @@ PROGRAMS = {
     EXPORT_SCRIPT: "export.py",
     TRANSCRIBE_SCRIPT: "transcribe.py",
     TRANSCRIPT_MODULE: "transcript.py",
+    SERVE_SCRIPT: "serve.py",
+    **{f"{RUNTIME_DIR}/{name}": name for name in SERVICE_MODULES},
     HOSTLIBS_SCRIPT: "hostlibs.py",
     INSTALLER: "install.py",
     SMOKE_SCRIPT: "smoke.py",
@@ -78,6 +84,8 @@ EXECUTABLES = frozenset({INSTALL_SH})
 PREFIX_CONFIG = "config.yaml"  # absolute paths, rendered for the release
 PREFIX_DIARIZE = "bin/diarize"  # written by configure.py: runtime/diarize.py with the venv
 PREFIX_TRANSCRIBE = "bin/transcribe"  # the same for runtime/transcribe.py, with an ASR model
+PREFIX_SERVE = "bin/serve"  # the same for runtime/serve.py, in every install
+PREFIX_SYSTEMD_UNIT = "share/systemd/pyannote-serve.service"  # bin/serve as a service
 
 # The offline variables: a bundled environment never reaches for the network. One list, in
 # the program that runs on the isolated host (configure.py reads it from there too).

@@ -19,7 +19,9 @@ verify`` both run) with the host's python3 (stdlib only), in a new release folde
 - ``PREFIX/bin/diarize``: runs ``runtime/diarize.py`` with the venv, isolated from the
   caller's ``PYTHONPATH``;
 - ``PREFIX/bin/transcribe``: the same for ``runtime/transcribe.py``, when the bundle carries
-  a speech-recognition model (``manifest.json``'s ``asr``).
+  a speech-recognition model (``manifest.json``'s ``asr``);
+- ``PREFIX/bin/serve``: the same for ``runtime/serve.py`` (the service), and its hardened
+  systemd unit, ``PREFIX/share/systemd/pyannote-serve.service``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ VALUE = re.compile(r'^(\s*[A-Za-z_][\w.-]*:\s*)("models/[^"]*"|models/\S*)\s*$')
 OFFLINE_PTH = "pyannote_bundle_offline.pth"
 DIARIZE = "bin/diarize"
 TRANSCRIBE = "bin/transcribe"
+SERVE = "bin/serve"
+UNIT = "share/systemd/pyannote-serve.service"
+SERVICE_USER = "pyannote-serve"
 
 
 def absolute_config(text: str, prefix: Path) -> str:
@@ -99,6 +104,71 @@ def wrapper(prefix: Path, program: str) -> str:
             f'exec {python} -I {script} "$@"\n')
 
 
+def systemd_quote(s: str) -> str:
+    """One word of a systemd command line: quoted, its specifiers (%) kept literal."""
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%") + '"'
+
+
+def systemd_unit(prefix: Path) -> str:
+    """``bin/serve`` as a systemd service: its own system user, a private state dir, the
+    file system read-only but for it, no privileges, no devices, no other namespaces."""
+    serve = systemd_quote(str(prefix / SERVE))
+    state = f"/var/lib/{SERVICE_USER}"
+    return f"""\
+# bin/serve of the pyannote bundle in {comment_safe(str(prefix))}, as a hardened service.
+# Enable it (as root):
+#   useradd --system --home-dir {state} --shell /usr/sbin/nologin {SERVICE_USER}
+#   cp {comment_safe(str(prefix / UNIT))} /etc/systemd/system/ && systemctl daemon-reload
+#   systemctl enable --now {SERVICE_USER}
+# Keys (clients on other hosts need one; without keys it answers on loopback only):
+#   runuser -u {SERVICE_USER} -- env STATE_DIRECTORY={state} \\
+#     {comment_safe(str(prefix / SERVE))} keys add NAME
+# then set --host 0.0.0.0 below (systemctl edit {SERVICE_USER}), or put a TLS reverse
+# proxy in front. On a GPU host, delete PrivateDevices=yes (it hides /dev/nvidia*).
+[Unit]
+Description=pyannote-bundle speech service (OpenAI-compatible, offline)
+After=network.target
+
+[Service]
+Type=exec
+User={SERVICE_USER}
+Group={SERVICE_USER}
+ExecStart={serve} --host 127.0.0.1 --port 8000 --state-dir {state}
+StateDirectory={SERVICE_USER}
+StateDirectoryMode=0700
+CacheDirectory={SERVICE_USER}
+Environment=XDG_CACHE_HOME=/var/cache/{SERVICE_USER}
+UMask=0077
+KillSignal=SIGTERM
+TimeoutStopSec=660
+Restart=on-failure
+RestartSec=5
+NoNewPrivileges=yes
+ProtectSystem=strict
+ProtectHome=yes
+PrivateTmp=yes
+PrivateDevices=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+CapabilityBoundingSet=
+AmbientCapabilities=
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
 def has_asr(prefix: Path) -> bool:
     """Whether the release's manifest names a speech-recognition model."""
     try:
@@ -137,6 +207,9 @@ def main(argv: list[str]) -> int:
     write(prefix / DIARIZE, wrapper(prefix, "diarize"), 0o755)
     if has_asr(prefix):
         write(prefix / TRANSCRIBE, wrapper(prefix, "transcribe"), 0o755)
+    write(prefix / SERVE, wrapper(prefix, "serve"), 0o755)
+    (prefix / UNIT).parent.mkdir(parents=True, exist_ok=True)
+    write(prefix / UNIT, systemd_unit(prefix), 0o644)
     return 0
 
 

@@ -81,10 +81,12 @@ RELEASES = "releases"
 CURRENT = "current"
 # The paths users know, each a link through ``current`` (made once, valid across upgrades).
 STABLE = ("venv", "models", "smoke", "runtime", "config.yaml", "pyannote.env",
-          "manifest.json", "smoke-result.json", "bin/diarize", "bin/transcribe")
-# Stable paths only some releases have (bin/transcribe: a bundle with an ASR model): linked
-# when the release has it, and our link removed when an upgrade drops it.
-OPTIONAL = frozenset({"bin/transcribe"})
+          "manifest.json", "smoke-result.json", "bin/diarize", "bin/transcribe", "bin/serve",
+          "share/systemd/pyannote-serve.service")
+# Stable paths only some releases have (bin/transcribe: a bundle with an ASR model; bin/serve
+# and its unit: releases made since the service exists): linked when the release has it, and
+# our link removed when an upgrade drops it.
+OPTIONAL = frozenset({"bin/transcribe", "bin/serve", "share/systemd/pyannote-serve.service"})
 SMOKE_RESULT = "smoke-result.json"
 
 TOLERANCE_S = 0.5  # a smoke segment boundary may move this much against expected.json
@@ -949,6 +951,13 @@ def next_steps(prefix: Path) -> str:
             f'  "{p}/bin/transcribe" FILE_OR_FOLDER --output-dir DIR',
             "Try it on the bundled dialogue (writes ./transcripts/dialogue.flac.srt, ...):",
             f'  "{p}/bin/transcribe" "{p}/smoke/dialogue.flac"',
+        ]),
+        *([] if not (prefix / "bin" / "serve").exists() else [
+            "An OpenAI-compatible speech service for the network (loopback until a key exists):",
+            f'  "{p}/bin/serve" keys add NAME     # prints the key once',
+            f'  "{p}/bin/serve" --host 0.0.0.0 --port 8000',
+            "As a systemd service (how to enable it is in its first lines):",
+            f"  {p}/share/systemd/pyannote-serve.service",
         ]),
     ])
 

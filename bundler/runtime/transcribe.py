@@ -225,7 +225,10 @@ class Transcribe(recordings.Program):
                 ) -> tuple[dict[str, str], dict[str, Any], str]:
         kwargs = {k: v for k, v in {"language": args.language,
                                     "initial_prompt": args.initial_prompt,
-                                    "hotwords": args.hotwords}.items() if v is not None}
+                                    "hotwords": args.hotwords,
+                                    # bin/serve's requests (OpenAI's field); 0 by default
+                                    "temperature": getattr(args, "temperature", None),
+                                    }.items() if v is not None}
         pieces, info = loaded.whisper.transcribe(
             waveform, task=args.task, beam_size=args.beam_size, vad_filter=loaded.vad,
             word_timestamps=True, **kwargs)

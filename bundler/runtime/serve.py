@@ -1,0 +1,499 @@
+"""serve: who said what for everyone on the isolated network, as an OpenAI-compatible HTTP
+service.
+
+    PREFIX/bin/serve [--host 127.0.0.1] [--port 8000] [--state-dir DIR] [--workers N] ...
+    PREFIX/bin/serve keys add|list|revoke NAME
+
+Shipped verbatim in every bundle (``runtime/serve.py``) and installed as ``PREFIX/bin/serve``.
+Offline as ``bin/diarize`` is (the same environment, 0 connection attempts): one server
+process speaks HTTP (``service.py``: Starlette on uvicorn) and keeps the job store
+(``jobstore.py``: SQLite in the state dir); ``--workers`` processes (``worker.py``) each
+load the models once, keep them warm, and take the jobs. A job is committed before its
+request is answered, so nothing accepted is lost: a killed server's jobs run again when it
+starts, a SIGTERM drains (the jobs in hand are finished; the queue waits in the store).
+
+Keys: ``bin/serve keys add NAME`` prints a new key once, alone on stdout, and stores only
+its hash. Without keys the server answers on loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import ipaddress
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import stat
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+if not __package__:  # run as a file: its folder is the package (runtime/_bootstrap.py)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    __package__ = __import__("_bootstrap").package(__file__)
+
+from . import engines, exits, jobstore, transcribe
+from .audio import MAX_DURATION_S
+from .common import one_line, shown
+from .offline import NetworkAudit, go_offline
+
+EXIT_CANNOT_LISTEN = 6  # the address is taken, or not this host's
+EXIT_CODES = {
+    exits.EXIT_OK: "stopped cleanly (SIGTERM or Ctrl-C: the jobs in hand finished first)",
+    exits.EXIT_INTERNAL: "internal error (rerun with --debug)",
+    exits.EXIT_USAGE: "bad usage: arguments; a non-loopback --host with no keys",
+    exits.EXIT_CANNOT_RUN: "cannot run: models, store or libraries unusable",
+    exits.EXIT_OUTPUT: "the state dir cannot be made private or written",
+    EXIT_CANNOT_LISTEN: "cannot listen on --host/--port",
+}
+KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+UPLOAD_NAME = re.compile(r"^(\.)?[0-9a-f]{32}(\.part)?$")  # what service.py names uploads
+DRAIN_TIMEOUT_S = 600
+CLEAN_EVERY_S = 3600
+
+
+class Fail(Exception):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def default_state_dir() -> Path:
+    """systemd's ``$STATE_DIRECTORY``, else ``$XDG_STATE_HOME/pyannote-serve``, else
+    ``~/.local/state/pyannote-serve``: the keys and the server find the same one."""
+    if os.environ.get("STATE_DIRECTORY"):
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(base) / "pyannote-serve"
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)[iI]?[bB]?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"'{text}': a size such as 500M or 2G")
+    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+def private_state_dir(path: Path) -> Path:
+    """The state dir, made 0700 when this creates it; one another user can read is refused
+    (recordings and transcripts live in it), never silently changed."""
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        st = path.stat()
+        if not stat.S_ISDIR(st.st_mode):
+            raise Fail(f"--state-dir {path} is not a folder", exits.EXIT_OUTPUT)
+        if st.st_mode & 0o077:
+            raise Fail(f"--state-dir {path} is readable by others (mode "
+                       f"{stat.S_IMODE(st.st_mode):04o}); recordings and transcripts live "
+                       f"there: chmod 700 {path}", exits.EXIT_OUTPUT)
+        (path / "uploads").mkdir(exist_ok=True, mode=0o700)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(13, "not writable")
+    except OSError as exc:
+        raise Fail(f"cannot use --state-dir {path}: {exc.strerror or exc}",
+                   exits.EXIT_OUTPUT) from None
+    return path
+
+
+def open_store(args: argparse.Namespace) -> jobstore.Store:
+    try:
+        return jobstore.open_store(args.store, args.state_dir)
+    except jobstore.StoreError as exc:
+        raise Fail(str(exc), exits.EXIT_CANNOT_RUN) from None
+
+
+# --- keys ---------------------------------------------------------------------------------
+def keys_main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="serve keys", description=(
+        "API keys for bin/serve. A key is shown once, when it is added, alone on stdout;\n"
+        "the store keeps only its sha256. A client sends it as 'Authorization: Bearer KEY'\n"
+        "(OpenAI(api_key=KEY)). With no key the server answers on loopback only."),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  KEY=$(bin/serve keys add alice)\n  bin/serve keys list\n"
+               "  bin/serve keys revoke alice\n")
+    p.add_argument("action", choices=("add", "list", "revoke"))
+    p.add_argument("name", nargs="?", help="the key's name (add, revoke): letters, digits, "
+                                          "._@- ; each job belongs to its key's name")
+    p.add_argument("--state-dir", type=Path, default=default_state_dir(),
+                   help=f"the server's state dir (default: {default_state_dir()})")
+    p.add_argument("--store", metavar="URL", help="the job store, as bin/serve --store")
+    p.add_argument("--json", action="store_true", help="list: one JSON object")
+    args = p.parse_args(argv)
+    if args.action != "list" and not args.name:
+        p.error(f"keys {args.action} needs a NAME")
+    if args.name and not KEY_NAME.match(args.name):
+        p.error(f"key name {shown(args.name)!r}: 1-64 letters, digits or ._@- ")
+    private_state_dir(args.state_dir)
+    store = open_store(args)
+    if args.action == "add":
+        from .service import key_digest
+
+        key = "pbk_" + secrets.token_urlsafe(32)
+        try:
+            store.add_key(args.name, key_digest(key))
+        except jobstore.StoreError as exc:
+            raise Fail(str(exc), exits.EXIT_USAGE) from None
+        print(key, flush=True)
+        print(f"serve: key '{args.name}' added; it is shown only this once: give it to its "
+              "user over a private channel", file=sys.stderr)
+    elif args.action == "revoke":
+        if not store.revoke_key(args.name):
+            raise Fail(f"no active key named '{args.name}' (bin/serve keys list)",
+                       exits.EXIT_USAGE)
+        print(f"serve: key '{args.name}' revoked: requests with it get 401 from now on",
+              file=sys.stderr)
+    else:
+        keys = store.keys()
+        if args.json:
+            print(json.dumps({"keys": keys}))
+        for k in keys if not args.json else []:
+            when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(k["created_at"]))
+            state = "revoked" if k["revoked_at"] else "active"
+            print(f"{k['name']}\t{state}\tadded {when} UTC")
+    return exits.EXIT_OK
+
+
+# --- the server -----------------------------------------------------------------------------
+def parser() -> argparse.ArgumentParser:
+    model = transcribe.bundled_model()
+    p = argparse.ArgumentParser(
+        prog="serve", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "An OpenAI-compatible speech service, offline, with this bundle's models:\n"
+            "POST /v1/audio/transcriptions (json, text, srt, vtt, verbose_json, "
+            "diarized_json),\nPOST /v1/audio/diarization, jobs for long recordings "
+            "(/v1/jobs), GET /v1/models,\n/healthz, /readyz, /metrics. Point any OpenAI "
+            "client at it:\n  OpenAI(base_url='http://HOST:PORT/v1', api_key=KEY)\n"
+            + ("This bundle serves transcription (" + model.repo + ") and diarization."
+               if model else "This bundle has no speech-recognition model: it serves "
+                             "diarization.")),
+        epilog=("keys:\n  serve keys add NAME      a new key, printed once on stdout\n"
+                "  serve keys list | revoke NAME\n"
+                "examples:\n  serve                                  # 127.0.0.1:8000, "
+                "no keys needed on loopback\n"
+                "  serve keys add alice && serve --host 0.0.0.0 --workers 2\n"
+                "  serve --tls-cert cert.pem --tls-key key.pem --host 0.0.0.0\n"
+                "exit codes:\n" + "".join(f"  {c:>3}  {t}\n" for c, t in EXIT_CODES.items())))
+    p.add_argument("--host", default="127.0.0.1",
+                   help="the address to listen on (default: 127.0.0.1; any other needs a key: "
+                        "serve keys add NAME)")
+    p.add_argument("--port", type=int, default=8000, help="default: 8000")
+    p.add_argument("--state-dir", type=Path, default=default_state_dir(),
+                   help="uploads, results, keys: private (0700), kept across restarts "
+                        f"(default: {default_state_dir()})")
+    p.add_argument("--store", metavar="URL",
+                   help="the job store (default: sqlite in the state dir)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="processes that each load the models once and take jobs (default: 1)")
+    p.add_argument("--queue", type=int, default=16, metavar="N",
+                   help="recordings accepted beyond those in work; more get 429 with "
+                        "Retry-After (default: 16)")
+    p.add_argument("--max-upload", type=parse_size, default=parse_size("1G"), metavar="SIZE",
+                   help="refuse a larger file (413) while it streams in (default: 1G)")
+    p.add_argument("--max-duration", type=float, default=MAX_DURATION_S, metavar="SECONDS",
+                   help=f"refuse a longer recording (413) while decoding it (default: "
+                        f"{MAX_DURATION_S} s)")
+    p.add_argument("--file-timeout", type=float, metavar="SECONDS",
+                   help="give up on a recording after this long (as bin/transcribe)")
+    p.add_argument("--keep-days", type=float, default=7.0, metavar="DAYS",
+                   help="delete finished jobs, their recordings and results, after this "
+                        "many days (default: 7; 0: keep until deleted)")
+    p.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve HTTPS with this "
+                   "certificate chain (and --tls-key); or put a reverse proxy in front")
+    p.add_argument("--tls-key", type=Path, metavar="PEM", help="the certificate's key")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="answer anyone, keys or not, on any --host (never on a shared network)")
+    for flag, kw in (("--config", {"type": Path, "metavar": "YAML"}),
+                     ("--engine", {"choices": engines.ENGINES}),
+                     ("--device", {}), ("--threads", {"type": int, "metavar": "N"}),
+                     ("--asr-threads", {"type": int, "metavar": "N"}),
+                     ("--compute-type", {"metavar": "TYPE"}),
+                     ("--beam-size", {"type": int, "metavar": "N"}),
+                     ("--embedding-batch-size", {"type": int, "metavar": "N"}),
+                     ("--segmentation-batch-size", {"type": int, "metavar": "N"})):
+        p.add_argument(flag, help="as bin/transcribe's (each worker)", **kw)
+    p.add_argument("--drain-timeout", type=float, default=DRAIN_TIMEOUT_S, metavar="SECONDS",
+                   help="on SIGTERM, wait this long for the jobs in hand (default: "
+                        f"{DRAIN_TIMEOUT_S}); what is left runs at the next start")
+    p.add_argument("--debug", action="store_true", help="tracebacks and the server's log")
+    return p
+
+
+def loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def worker_options(args: argparse.Namespace) -> list[str]:
+    """The options each worker parses as bin/transcribe would; threads split between the
+    workers unless given, so N workers do not fight over the same cores."""
+    out = ["--max-duration", repr(args.max_duration), "--quiet"]
+    threads = args.threads or max(1, engines.cpu_threads() // args.workers)
+    out += ["--threads", str(threads)]
+    for name in ("config", "engine", "device", "asr_threads", "compute_type", "beam_size",
+                 "embedding_batch_size", "segmentation_batch_size", "file_timeout"):
+        value = getattr(args, name)
+        if value is not None:
+            if name in ("asr_threads", "compute_type", "beam_size") and \
+                    transcribe.bundled_model() is None:
+                continue
+            out += [f"--{name.replace('_', '-')}", str(value)]
+    return out
+
+
+class Pool:
+    """The workers: started from the event loop's (main) thread, so that each dies with
+    this process (PR_SET_PDEATHSIG follows the thread that forked); restarted when one
+    dies; told of new jobs by a byte on their stdin."""
+
+    def __init__(self, service: Any, args: argparse.Namespace, say: Any) -> None:
+        self.service, self.args, self.say = service, args, say
+        self.procs: dict[int, asyncio.subprocess.Process] = {}
+        self.ready: set[int] = set()
+        self.tasks: list[asyncio.Task[None]] = []
+        self.stopping = False
+        self.fatal: Optional[tuple[str, int]] = None
+        self.failures = 0
+
+    def config(self, index: int) -> str:
+        return json.dumps({"id": f"{socket.gethostname()}-{os.getpid()}-{index}",
+                           "parent": os.getpid(), "state_dir": str(self.args.state_dir),
+                           "store": self.args.store, "options": worker_options(self.args),
+                           "debug": self.args.debug})
+
+    async def start(self) -> None:
+        for i in range(self.args.workers):
+            self.tasks.append(asyncio.ensure_future(self.keep(i)))
+
+    async def keep(self, index: int) -> None:
+        script = str(Path(__file__).with_name("worker.py"))
+        backoff = 1.0
+        while not self.stopping:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-I", script, self.config(index), stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE)
+            self.procs[index] = proc
+            started = time.monotonic()
+            assert proc.stdout is not None
+            async for line in proc.stdout:
+                self.event(index, line)
+            code = await proc.wait()
+            self.procs.pop(index, None)
+            self.ready.discard(index)
+            self.service.worker_ready(len(self.ready))
+            if self.stopping or self.fatal:
+                return
+            self.failures += 1
+            self.say(f"worker {index} stopped (exit {code}); starting another")
+            backoff = 1.0 if time.monotonic() - started > 60 else min(backoff * 2, 30.0)
+            await asyncio.sleep(backoff)
+
+    def event(self, index: int, line: bytes) -> None:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            return
+        kind = event.get("event")
+        if kind == "ready":
+            first = not self.ready
+            self.ready.add(index)
+            self.service.worker_ready(len(self.ready))
+            if first or len(self.ready) == self.args.workers:
+                self.say(f"ready: {len(self.ready)}/{self.args.workers} worker(s) loaded the "
+                         f"models in {event.get('seconds')} s on {event.get('device')} "
+                         f"(engine {event.get('engine')})")
+        elif kind == "finished":
+            self.service.job_finished(event)
+        elif kind == "fatal" and not self.ready:
+            # The models cannot load: every worker would fail the same way. Stop.
+            self.fatal = (str(event.get("message")), int(event.get("code") or 3))
+            signal.raise_signal(signal.SIGTERM)
+
+    def wake(self) -> None:
+        for proc in list(self.procs.values()):
+            if proc.stdin is not None and not proc.stdin.is_closing():
+                with contextlib.suppress(Exception):
+                    proc.stdin.write(b"\n")
+
+    async def stop(self, timeout: float) -> None:
+        """Drain: each worker finishes the job in hand and exits; after ``timeout`` the
+        rest are killed, and their jobs go back to the queue."""
+        self.stopping = True
+        for proc in self.procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        if self.tasks:
+            _, pending = await asyncio.wait(self.tasks, timeout=timeout)
+            for proc in list(self.procs.values()):
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+            if pending:
+                await asyncio.wait(pending, timeout=10)
+
+
+def orphans(state: Path, store: jobstore.Store) -> int:
+    """Uploads no job names (a server killed while receiving one, a job deleted while its
+    file was being written): only files named as this service names them."""
+    known = {j.upload for j in store.jobs(None, limit=1 << 30)}
+    removed = 0
+    for entry in os.scandir(state / "uploads"):
+        if UPLOAD_NAME.match(entry.name) and entry.name not in known and entry.is_file(
+                follow_symlinks=False):
+            os.unlink(entry.path)
+            removed += 1
+    return removed
+
+
+def listen(host: str, port: int) -> socket.socket:
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, address = info[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+        sock.set_inheritable(False)
+    except OSError as exc:
+        raise Fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+                   EXIT_CANNOT_LISTEN) from None
+    return sock
+
+
+def serve(args: argparse.Namespace) -> int:
+    for name in ("workers", "queue", "port"):
+        if getattr(args, name) < (0 if name == "queue" else 1):
+            raise Fail(f"--{name} must be at least {0 if name == 'queue' else 1}",
+                       exits.EXIT_USAGE)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise Fail("--tls-cert and --tls-key go together", exits.EXIT_USAGE)
+    for path in (args.tls_cert, args.tls_key):
+        if path is not None and not os.access(path, os.R_OK):
+            raise Fail(f"cannot read {path}", exits.EXIT_USAGE)
+    try:
+        import uvicorn
+
+        from . import service as service_module
+    except ImportError as exc:
+        raise Fail(f"this bundle's venv cannot run the service: {one_line(exc)} (a bundle "
+                   "built before bin/serve: rebuild it)", exits.EXIT_CANNOT_RUN) from None
+    state = private_state_dir(args.state_dir)
+    os.umask(0o077)  # uploads, results, the store: private, whatever the caller's umask
+    lock = open(state / "serve.lock", "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise Fail(f"another bin/serve is using {state}: stop it, or give this one its own "
+                   "--state-dir", exits.EXIT_USAGE) from None
+    store = open_store(args)
+    if not loopback(args.host) and not args.insecure_no_auth and not store.active_keys():
+        raise Fail(f"--host {args.host} with no API key would answer anyone who can reach "
+                   f"it: add one first (bin/serve keys add NAME --state-dir {state}), or "
+                   "--insecure-no-auth", exits.EXIT_USAGE)
+    say = lambda line: print(f"serve: {line}", file=sys.stderr, flush=True)  # noqa: E731
+    if args.insecure_no_auth:
+        say(f"WARNING: --insecure-no-auth: anyone who reaches {args.host}:{args.port} can "
+            "send recordings and read every transcript")
+    requeued = store.requeue_running()  # ours alone (the lock): their workers are gone
+    removed = orphans(state, store)
+    if requeued or removed:
+        say(f"{requeued} job(s) interrupted by the last stop run again; {removed} orphaned "
+            "upload(s) removed")
+    model = transcribe.bundled_model()
+    settings = service_module.Settings(
+        state_dir=state, workers=args.workers, queue=args.queue, max_upload=args.max_upload,
+        keep_days=args.keep_days, no_auth=args.insecure_no_auth,
+        asr=({"repo": model.repo, "commit": model.commit} if model else None),
+        pipeline=pipeline_name(), multilingual=model.multilingual if model else True)
+    svc = service_module.Service(settings, store)
+    pool = Pool(svc, args, say)
+    svc.wake = pool.wake
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Any) -> AsyncIterator[None]:
+        await pool.start()
+        cleaner = asyncio.ensure_future(clean(svc, args.keep_days))
+        try:
+            yield
+        finally:
+            cleaner.cancel()
+            say("stopping: the workers finish the recordings in hand")
+            await pool.stop(args.drain_timeout)
+
+    sock = listen(args.host, args.port)
+    app = service_module.make_app(svc, lifespan)
+    config = uvicorn.Config(app, log_level="info" if args.debug else "warning",
+                            access_log=args.debug, lifespan="on", log_config=None,
+                            ssl_certfile=str(args.tls_cert) if args.tls_cert else None,
+                            ssl_keyfile=str(args.tls_key) if args.tls_key else None,
+                            timeout_graceful_shutdown=args.drain_timeout)
+    server = uvicorn.Server(config)
+    scheme = "https" if args.tls_cert else "http"
+    say(f"listening on {scheme}://{args.host}:{args.port}/v1 ({args.workers} worker(s) "
+        f"loading the models; state in {state})")
+    server.run(sockets=[sock])
+    if pool.fatal:
+        raise Fail(f"the workers cannot start: {pool.fatal[0]}", pool.fatal[1])
+    say("stopped")
+    return exits.EXIT_OK
+
+
+async def clean(svc: Any, keep_days: float) -> None:
+    """Finished jobs older than --keep-days go, with their recordings and results."""
+    while keep_days > 0:
+        before = time.time() - keep_days * 86400
+        for job in await svc.call(svc.store.finished_before, before):
+            if await svc.call(svc.store.delete, job.id, None) is not None:
+                svc.discard_upload(job)
+        await asyncio.sleep(CLEAN_EVERY_S)
+
+
+def pipeline_name() -> str:
+    try:
+        manifest = json.loads((transcribe.prefix_root() / "manifest.json").read_text())
+        for m in manifest.get("models") or []:
+            if isinstance(m, dict) and m.get("role") == "pipeline":
+                return str(m.get("repo"))
+    except (OSError, ValueError, AttributeError):
+        pass
+    return "pyannote"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    go_offline()
+    sys.addaudithook(NetworkAudit())
+    debug = "--debug" in argv
+    try:
+        if argv[:1] == ["keys"]:
+            return keys_main(argv[1:])
+        return serve(parser().parse_args(argv))
+    except Fail as exc:
+        print(f"serve: error: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return exits.EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - a bug: one line, the traceback with --debug
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"serve: internal error: {type(exc).__name__}: {one_line(exc)} (rerun with "
+              "--debug)", file=sys.stderr)
+        return exits.EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

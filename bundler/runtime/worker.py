@@ -1,0 +1,254 @@
+"""One of ``bin/serve``'s workers: loads the bundle's models once, then takes jobs from the
+store for as long as the server lives, each one exactly as ``bin/transcribe`` (or
+``bin/diarize``) does a file: the same decoding, deadlines, models and code, so a result
+from the service is the document the command line writes for the same recording.
+
+    python -I runtime/worker.py CONFIG_JSON
+
+Started by ``serve.py`` (never by hand), which passes its settings as one JSON argument.
+The worker talks to the server through two pipes: a byte on stdin means "a job is waiting"
+(EOF: the server is gone, stop), and each event (``ready``, ``claimed``, ``finished``) is
+one JSON line on the stdout it was started with; whatever the libraries print goes to
+stderr. It dies with the server (``PR_SET_PDEATHSIG``); a job it held is then claimed again
+once its lease runs out (at the next start for the embedded store). SIGTERM drains: the
+job in hand is finished, then the worker exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import select
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Optional
+
+if not __package__:  # run as a file: its folder is the package (runtime/_bootstrap.py)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    __package__ = __import__("_bootstrap").package(__file__)
+
+from . import diarize, exits, inputs, jobstore, recordings, transcribe
+from .audio import SAMPLE_RATE, TooLong, decode
+from .common import one_line
+from .offline import NetworkAudit, go_offline
+
+LEASE_S = 60.0  # a job's lease; renewed every third of it while the worker holds the job
+IDLE_POLL_S = 2.0  # look at the store this often when no wake-up comes (another server's jobs)
+
+
+def die_with_parent(parent: int) -> None:
+    """SIGKILL this process when the server dies (Linux), so no worker outlives it."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the server died before the call above
+        os._exit(0)
+
+
+class Events:
+    """The JSON lines the server reads, on the stdout this process started with."""
+
+    def __init__(self) -> None:
+        sys.stdout.flush()
+        self.fd = os.dup(1)
+        os.dup2(2, 1)  # what libraries print goes to stderr, never into the event stream
+        self.lock = threading.Lock()
+
+    def send(self, event: str, **fields: Any) -> None:
+        line = (json.dumps({"event": event, **fields}) + "\n").encode()
+        with self.lock:
+            os.write(self.fd, line)
+
+
+class Worker:
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self.id = str(config["id"])
+        self.state = Path(config["state_dir"])
+        self.uploads = self.state / "uploads"
+        self.store = jobstore.open_store(config.get("store"), self.state)
+        self.model = transcribe.bundled_model()
+        self.program: recordings.Program = (transcribe.Transcribe(self.model) if self.model
+                                            else diarize.Diarize())
+        self.args = self._base_args(config.get("options") or [])
+        self.loaded: Any = None
+        self.draining = False
+        self.reload = False  # a timeout interrupted the models: load them afresh
+        self.events = Events()
+        self.audit = NetworkAudit()
+
+    def _base_args(self, options: list[str]) -> argparse.Namespace:
+        """The program's own options, as ``bin/transcribe`` parses them (one placeholder
+        input: the recordings come from the store)."""
+        args = recordings.parser(self.program).parse_args(["-", *options])
+        recordings.check_args(args, self.program)
+        return args
+
+    def say(self, line: str) -> None:
+        print(f"serve: worker {self.id}: {line}", file=sys.stderr, flush=True)
+
+    def load(self) -> None:
+        self.loaded = None
+        gc.collect()
+        self.loaded = self.program.load(self.args, self.say)
+        report = self.program.report(self.loaded)
+        self.events.send("ready", seconds=round(self.loaded.seconds, 3),
+                         device=self.loaded.device, engine=report.get("engine"),
+                         pid=os.getpid())
+
+    # --- one job ------------------------------------------------------------------------
+    def job_args(self, job: jobstore.Job) -> argparse.Namespace:
+        args = argparse.Namespace(**vars(self.args))
+        p = job.params
+        for name in ("num_speakers", "min_speakers", "max_speakers"):
+            setattr(args, name, p.get(name))
+        if job.kind == "transcription":
+            args.language = p.get("language") or None
+            args.initial_prompt = p.get("prompt") or None
+            args.temperature = p.get("temperature")
+        return args
+
+    def process(self, job: jobstore.Job) -> None:
+        path = self.uploads / job.upload
+        args = self.job_args(job)
+        lease = Lease(self.store, job.id, self.id)
+        lease.start()
+        t0 = time.perf_counter()
+        try:
+            recordings.regular_file(path)
+            with recordings.deadline(recordings.limit(args.file_timeout,
+                                                      recordings.DECODE_TIMEOUT_S), "decoding"):
+                waveform = decode(path, args.max_duration)
+            seconds = len(waveform) / SAMPLE_RATE
+            if seconds == 0:
+                raise exits.FileFailed("no audio samples")
+            self.store.set_progress(job.id, self.id, 0.2)
+            record = inputs.Job(path, job.filename, 0)
+            with recordings.deadline(recordings.limit(
+                    args.file_timeout, recordings.work_timeout(seconds)), "processing"):
+                try:
+                    if job.kind == "diarization":
+                        pipeline = getattr(self.loaded, "pipeline", self.loaded)
+                        if isinstance(pipeline, diarize.Loaded):
+                            texts, _, _ = diarize.Diarize().process(pipeline, record,
+                                                                    waveform, args)
+                        else:  # pragma: no cover - a Transcribe load always has one
+                            raise RuntimeError("no diarization pipeline loaded")
+                    else:
+                        texts, _, _ = self.program.process(self.loaded, record, waveform, args)
+                except recordings.FileTimeout:
+                    self.reload = True
+                    raise
+            del waveform
+            result = json.loads(texts["json"])
+            result["source"] = job.filename  # not the upload's path in the state dir
+            work = time.perf_counter() - t0
+            kept = self.store.finish(job.id, self.id, result, seconds, work)
+            self.events.send("finished", job=job.id, status="succeeded" if kept else "gone",
+                             audio_seconds=round(seconds, 3), work_seconds=round(work, 3),
+                             network_attempts=len(self.audit.attempts))
+            return
+        except TooLong as exc:
+            kind, message = "too_long", str(exc)
+        except recordings.FileTimeout as exc:
+            kind, message = "timeout", str(exc)
+        except exits.FileFailed as exc:
+            kind, message = "undecodable", str(exc)
+        except exits.RunError as exc:
+            kind, message = "invalid", str(exc)
+        except Exception as exc:  # noqa: BLE001 - one job's failure must not stop the worker
+            if self.config.get("debug"):
+                traceback.print_exc()
+            kind, message = "internal", f"{type(exc).__name__}: {one_line(exc)}"
+        finally:
+            lease.stop()
+        self.say(f"job {job.id} failed ({kind}): {message}")
+        self.store.fail(job.id, self.id, kind, message)
+        self.events.send("finished", job=job.id, status="failed", kind=kind,
+                         network_attempts=len(self.audit.attempts))
+
+    # --- the loop -----------------------------------------------------------------------
+    def wait(self, seconds: float) -> bool:
+        """Wait for a wake-up byte; False when the server is gone (EOF)."""
+        try:
+            ready, _, _ = select.select([0], [], [], seconds)
+        except InterruptedError:
+            return True
+        if ready:
+            data = os.read(0, 4096)
+            if not data:
+                return False
+        return True
+
+    def run(self) -> int:
+        self.load()
+        while not self.draining:
+            job = self.store.claim(self.id, LEASE_S)
+            if job is None:
+                if not self.wait(IDLE_POLL_S):
+                    break
+                continue
+            self.events.send("claimed", job=job.id)
+            self.process(job)
+            if self.reload and not self.draining:
+                # A timeout interrupted the models: they may be half-updated (recordings.py).
+                self.say("reloading the models: a timeout interrupted them")
+                self.load()
+                self.reload = False
+        self.store.close()
+        return 0
+
+
+class Lease(threading.Thread):
+    """Renews the job's lease while the worker holds it."""
+
+    def __init__(self, store: jobstore.Store, job_id: str, worker: str) -> None:
+        super().__init__(daemon=True, name=f"lease-{job_id}")
+        self.store, self.job_id, self.worker = store, job_id, worker
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(LEASE_S / 3):
+            try:
+                if not self.store.renew(self.job_id, self.worker, LEASE_S):
+                    return  # deleted, or given to another worker
+            except Exception:  # noqa: BLE001 - a busy store: the next renewal tries again
+                continue
+
+    def stop(self) -> None:
+        self.done.set()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    config = json.loads(argv[0])
+    die_with_parent(int(config["parent"]))
+    go_offline()
+    worker = Worker(config)
+    sys.addaudithook(worker.audit)
+
+    def drain(_signum: int, _frame: Any) -> None:
+        worker.draining = True
+
+    signal.signal(signal.SIGTERM, drain)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides; Ctrl-C reaches it
+    try:
+        return worker.run()
+    except exits.RunError as exc:
+        worker.events.send("fatal", message=str(exc), code=exc.code)
+        print(f"serve: worker {worker.id}: error: {exc}", file=sys.stderr)
+        return exc.code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
