@@ -7,13 +7,18 @@ small model files served by the loopback Hub; the wheels are downloaded once per
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
+import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from e2e import Installed, installed_by_install_sh
 
 from bundler.build import BuildOptions, build
 from bundler.demo.hub import HubRepo, LoopbackHub
@@ -58,3 +63,34 @@ def tiny_bundle(tmp_path: Path, wheel_cache: Path) -> TinyBundle:
             return build(spec, opts).packed.path
 
     return make
+
+
+# --- the real community-1 bundle with faster-whisper tiny.en, built once per session ----
+@pytest.fixture(scope="session")
+def community_demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """``pyannote-bundle demo`` of community-1 with real tiny.en weights: built, verified
+    offline; its ``--json`` report. Shared by tests/test_e2e_community.py and
+    tests/test_e2e_serve.py (one 4 GB build per session)."""
+    out = tmp_path_factory.mktemp("demo-community-1")
+    proc = subprocess.run(["pyannote-bundle", "demo", "--recipe",
+                           "speaker-diarization-community-1", "--output", str(out), "--json",
+                           "--asr-model", "Systran/faster-whisper-tiny.en"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    yield json.loads(proc.stdout)
+    shutil.rmtree(out, ignore_errors=True)  # 4 GB
+
+
+@pytest.fixture(scope="session")
+def community_installed(community_demo: dict[str, Any],
+                        tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
+    """That bundle extracted and installed by its own install.sh."""
+    work = tmp_path_factory.mktemp("extracted-community-1")
+    subprocess.run(["tar", "-xf", community_demo["build"]["bundle"], "-C", str(work)],
+                   check=True)
+    (root,) = work.iterdir()
+    try:
+        with installed_by_install_sh(root) as inst:
+            yield inst
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

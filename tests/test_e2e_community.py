@@ -5,9 +5,7 @@ then installed by its own install.sh and used through bin/diarize on real record
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,7 +15,6 @@ from e2e import (
     check_engines_match_pyannote,
     check_next_steps_work_verbatim,
     check_transcribe_on_real_speech,
-    installed_by_install_sh,
 )
 
 pytestmark = pytest.mark.slow
@@ -27,27 +24,16 @@ def _run(*argv: str, **kw: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(argv), capture_output=True, text=True, **kw)
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    out = tmp_path_factory.mktemp("demo-community-1")
-    proc = _run("pyannote-bundle", "demo", "--recipe", "speaker-diarization-community-1",
-                "--output", str(out), "--json", "--asr-model", "Systran/faster-whisper-tiny.en")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    yield json.loads(proc.stdout)
-    shutil.rmtree(out, ignore_errors=True)  # 4 GB
+# The bundle (built once per test session, shared with tests/test_e2e_serve.py) and its
+# install by install.sh: tests/conftest.py's community_demo and community_installed.
+@pytest.fixture
+def demo(community_demo: dict[str, Any]) -> dict[str, Any]:
+    return community_demo
 
 
-@pytest.fixture(scope="module")
-def installed(demo: dict[str, Any],
-              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
-    work = tmp_path_factory.mktemp("extracted-community-1")
-    subprocess.run(["tar", "-xf", demo["build"]["bundle"], "-C", str(work)], check=True)
-    (root,) = work.iterdir()
-    try:
-        with installed_by_install_sh(root) as inst:
-            yield inst
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+@pytest.fixture
+def installed(community_installed: Installed) -> Installed:
+    return community_installed
 
 
 def test_community_1_builds_with_its_plda_and_verifies_offline(demo: dict[str, Any]) -> None:

@@ -186,7 +186,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="the address to listen on (default: 127.0.0.1; any other needs a key: "
                         "serve keys add NAME)")
-    p.add_argument("--port", type=int, default=8000, help="default: 8000")
+    p.add_argument("--port", type=int, default=8000,
+                   help="default: 8000; 0: any free port, named in the 'listening on' line")
     p.add_argument("--state-dir", type=Path, default=default_state_dir(),
                    help="uploads, results, keys: private (0700), kept across restarts "
                         f"(default: {default_state_dir()})")
@@ -373,10 +374,9 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def serve(args: argparse.Namespace) -> int:
-    for name in ("workers", "queue", "port"):
-        if getattr(args, name) < (0 if name == "queue" else 1):
-            raise Fail(f"--{name} must be at least {0 if name == 'queue' else 1}",
-                       exits.EXIT_USAGE)
+    for name, least in (("workers", 1), ("queue", 0), ("port", 0)):
+        if getattr(args, name) < least:
+            raise Fail(f"--{name} must be at least {least}", exits.EXIT_USAGE)
     if bool(args.tls_cert) != bool(args.tls_key):
         raise Fail("--tls-cert and --tls-key go together", exits.EXIT_USAGE)
     for path in (args.tls_cert, args.tls_key):
@@ -441,8 +441,13 @@ def serve(args: argparse.Namespace) -> int:
                             timeout_graceful_shutdown=args.drain_timeout)
     server = uvicorn.Server(config)
     scheme = "https" if args.tls_cert else "http"
-    say(f"listening on {scheme}://{args.host}:{args.port}/v1 ({args.workers} worker(s) "
+    port = sock.getsockname()[1]  # --port 0: the one the kernel chose
+    say(f"listening on {scheme}://{args.host}:{port}/v1 ({args.workers} worker(s) "
         f"loading the models; state in {state})")
+    # uvicorn re-raises the stop signal once it has shut down, with the handlers it found
+    # restored: these make that a no-op, so a drained stop exits 0, not killed by SIGTERM.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: None)
     server.run(sockets=[sock])
     if pool.fatal:
         raise Fail(f"the workers cannot start: {pool.fatal[0]}", pool.fatal[1])
