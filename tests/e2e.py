@@ -27,6 +27,7 @@ import media
 
 from bundler.cli import default_cache
 from bundler.runtime.engines import TOLERANCE as ONNX_TOLERANCE
+from bundler.runtime.install import word_changes
 
 OFFLINE = ("unshare", "-n")
 NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
@@ -333,6 +334,28 @@ def transcribe_as_nobody(inst: Installed, *args: str,
               str(trace)) if trace else ()
     return run(*OFFLINE, *strace, *NOBODY, *CLEAN_ENV, str(inst.prefix / "bin/transcribe"),
                *args, cwd=inst.base)
+
+
+def check_serve_in_smoke(smoke: dict[str, Any], isolated: bool = True) -> None:
+    """The smoke result's ``serve`` part: bin/serve, started on loopback inside the smoke
+    test's isolation, answered the sample as bin/transcribe (or bin/diarize) did, made no
+    connection attempt, and stopped cleanly on SIGTERM with no upload left."""
+    served = smoke["serve"]
+    assert served["ok"] is True and served["status"] == 200 and served["exit"] == 0, served
+    assert served["network_attempts"] == 0 and served["port"] > 0
+    # A fresh namespace's loopback starts down: the smoke test brought it up itself.
+    assert served["loopback"] == ("brought up" if isolated else "up")
+    assert 0 < served["ready_seconds"] < 300 and 0 < served["request_seconds"] < 600
+    heard = smoke.get("transcript")
+    if heard is not None:
+        assert served["endpoint"] == "/v1/audio/transcriptions"
+        assert served["sample"] == "dialogue.flac" and served["segments"] >= 1
+        assert served["speakers"] == heard["speakers"]
+        assert served["text"] and word_changes(heard["text"], served["text"]) == 0, served
+    else:
+        assert served["endpoint"] == "/v1/audio/diarization"
+        assert (served["segments"], served["speakers"]) == (
+            len(smoke["segments"]), smoke["speakers"])
 
 
 def check_transcribe_on_real_speech(inst: Installed) -> None:
