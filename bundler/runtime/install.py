@@ -708,7 +708,9 @@ def smoke(release: Path) -> dict[str, Any]:
                                     f"connection attempt(s) with the network disabled (first: "
                                     f"{str(first)[:200]}); an isolated host must see none")
     if not result.get("ok"):
-        raise Failure(EXIT_SMOKE, f"smoke diarization failed: {result.get('error')}")
+        # The error names bin/serve when the service's part failed.
+        what = "test" if (result.get("serve") or {}).get("ok") is False else "diarization"
+        raise Failure(EXIT_SMOKE, f"smoke {what} failed: {result.get('error')}")
     if any(v != "blocked" for v in (result.get("network_probes") or {}).values()):
         raise Failure(EXIT_SMOKE, f"the smoke process reached the network through {name}: "
                                   "isolation failed")
