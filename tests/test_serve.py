@@ -359,6 +359,15 @@ def test_a_transcription_request_waits_for_its_job_then_forgets_it(srv: Server) 
     _error(_post(srv, "/v1/audio/transcriptions"), 413, "too_long")
 
 
+def test_a_failed_request_leaves_neither_its_job_nor_its_recording(srv: Server) -> None:
+    for path, kind, status in (("/v1/audio/transcriptions", "undecodable", 422),
+                               ("/v1/audio/transcriptions", "too_long", 413),
+                               ("/v1/audio/diarization", "too_long", 413)):
+        _finish_next(srv, None, kind)
+        _error(_post(srv, path), status, kind)
+        assert srv.store.jobs(None) == [] and srv.uploads() == [], (path, kind)
+
+
 def test_job_results_in_every_format_and_renamed(srv: Server) -> None:
     _finish_next(srv, _result())
     job = _post(srv).json()

@@ -383,14 +383,25 @@ def rendered(job: jobstore.Job, fmt: str, words: bool = False) -> Response:
     return Response(body, media_type=media)
 
 
+async def delivered(service: Service, done: jobstore.Job, fmt: str, words: bool = False
+                    ) -> Response:
+    """A waiting request's answer; its job and recording go once it is sent, a failed one's
+    (413 too long, 422 undecodable) too: nobody will ask for them again."""
+    try:
+        response = rendered(done, fmt, words)
+    except ApiError:
+        await service.forget(done)
+        raise
+    response.background = BackgroundTask(service.forget, done)
+    return response
+
+
 async def transcriptions(service: Service, request: Request) -> Response:
     owner = await service.owner(request)
     job = await service.accept(request, owner, "transcription", sync=True,
                                formats=responses.OPENAI_FORMATS)
     done = await service.finished(job)
-    response = rendered(done, job.params["response_format"], job.params["words"])
-    response.background = BackgroundTask(service.forget, done)
-    return response
+    return await delivered(service, done, job.params["response_format"], job.params["words"])
 
 
 async def diarization(service: Service, request: Request) -> Response:
@@ -398,9 +409,7 @@ async def diarization(service: Service, request: Request) -> Response:
     job = await service.accept(request, owner, "diarization", sync=True,
                                formats=tuple(responses.DIARIZATION_FORMATS))
     done = await service.finished(job)
-    response = rendered(done, job.params["response_format"])
-    response.background = BackgroundTask(service.forget, done)
-    return response
+    return await delivered(service, done, job.params["response_format"])
 
 
 async def create_job(service: Service, request: Request) -> Response:
