@@ -56,6 +56,17 @@ def test_ci_installs_the_system_packages_the_slow_tests_run_and_starts_none() ->
     assert not re.search(r"\b(systemctl|service|invoke-rc\.d) ", script)
 
 
+def test_ci_installs_what_the_service_tests_run() -> None:
+    """tests/test_e2e_serve.py posts with the real curl and brings loopback up in a fresh
+    network namespace with ip: a host without them must get them, not a failed test."""
+    script = (ROOT / ".ci" / "run").read_text()
+    checked = re.search(r"^for tool in (.*); do$", script, re.M)
+    assert checked and {"curl", "ip", "strace"} <= set(checked.group(1).split())
+    installed = re.search(r"^\s*apt_install strace ((?:.|\\\n)*?)$(?<!\\)", script, re.M)
+    assert installed and {"curl", "iproute2"} <= set(installed.group(1).replace("\\", " ")
+                                                       .split())
+
+
 def test_every_package_of_the_tool_is_in_the_wheel() -> None:
     """pyproject lists the packages by name (templates/ and lockfiles/ are mapped in): a
     new subpackage left out installs nowhere, and only a non-editable install shows it."""

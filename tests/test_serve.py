@@ -278,6 +278,20 @@ def test_malformed_multipart_and_huge_part_headers_are_400(srv: Server) -> None:
     assert srv.uploads() == []
 
 
+def test_huge_request_headers_are_431_whatever_the_route(srv: Server) -> None:
+    # uvicorn (h11) lets a 64 KB header through when it arrives in one read, as it does on
+    # loopback: the app bounds them itself, before the key check and the routes.
+    pad = {"X-Padding": "p" * (64 << 10)}
+    for method, path in (("GET", "/v1/models"), ("GET", "/healthz"), ("GET", "/nowhere")):
+        _error(srv.client.request(method, path, headers=pad), 431, "header_too_large")
+    r = srv.client.post("/v1/jobs", files={"file": ("a.wav", _wav(0.5), "audio/wav")},
+                        headers=pad)
+    _error(r, 431, "header_too_large")
+    assert srv.uploads() == [] and srv.store.unfinished() == 0
+    # An ordinary browser's or SDK's few kilobytes of headers pass.
+    assert srv.client.get("/v1/models", headers={"X-Padding": "p" * 8000}).status_code == 200
+
+
 def test_a_full_queue_is_429_with_retry_after(srv: Server) -> None:
     for _ in range(1 + 3):  # one worker + --queue 3
         assert _post(srv).status_code == 202
@@ -353,6 +367,15 @@ def test_a_transcription_request_waits_for_its_job_then_forgets_it(srv: Server) 
     _error(_post(srv, "/v1/audio/transcriptions"), 422, "undecodable")
     _finish_next(srv, None, "too_long")
     _error(_post(srv, "/v1/audio/transcriptions"), 413, "too_long")
+
+
+def test_a_failed_request_leaves_neither_its_job_nor_its_recording(srv: Server) -> None:
+    for path, kind, status in (("/v1/audio/transcriptions", "undecodable", 422),
+                               ("/v1/audio/transcriptions", "too_long", 413),
+                               ("/v1/audio/diarization", "too_long", 413)):
+        _finish_next(srv, None, kind)
+        _error(_post(srv, path), status, kind)
+        assert srv.store.jobs(None) == [] and srv.uploads() == [], (path, kind)
 
 
 def test_job_results_in_every_format_and_renamed(srv: Server) -> None:

@@ -30,6 +30,7 @@ from prometheus_client import (
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -42,6 +43,10 @@ from .responses import ApiError
 OPENAI_ALIASES = ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe",
                   "gpt-4o-transcribe-diarize")
 HEAD_BYTES = 4096
+# A request's headers, all together. uvicorn's h11 refuses more only when they arrive in
+# several reads (a 64 KB header sent at once on loopback was answered 200): the app refuses
+# them whatever their path, so the answer does not depend on how the bytes were split.
+MAX_HEADER_BYTES = 16 << 10
 
 
 def key_digest(key: str) -> str:
@@ -378,14 +383,25 @@ def rendered(job: jobstore.Job, fmt: str, words: bool = False) -> Response:
     return Response(body, media_type=media)
 
 
+async def delivered(service: Service, done: jobstore.Job, fmt: str, words: bool = False
+                    ) -> Response:
+    """A waiting request's answer; its job and recording go once it is sent, a failed one's
+    (413 too long, 422 undecodable) too: nobody will ask for them again."""
+    try:
+        response = rendered(done, fmt, words)
+    except ApiError:
+        await service.forget(done)
+        raise
+    response.background = BackgroundTask(service.forget, done)
+    return response
+
+
 async def transcriptions(service: Service, request: Request) -> Response:
     owner = await service.owner(request)
     job = await service.accept(request, owner, "transcription", sync=True,
                                formats=responses.OPENAI_FORMATS)
     done = await service.finished(job)
-    response = rendered(done, job.params["response_format"], job.params["words"])
-    response.background = BackgroundTask(service.forget, done)
-    return response
+    return await delivered(service, done, job.params["response_format"], job.params["words"])
 
 
 async def diarization(service: Service, request: Request) -> Response:
@@ -393,9 +409,7 @@ async def diarization(service: Service, request: Request) -> Response:
     job = await service.accept(request, owner, "diarization", sync=True,
                                formats=tuple(responses.DIARIZATION_FORMATS))
     done = await service.finished(job)
-    response = rendered(done, job.params["response_format"])
-    response.background = BackgroundTask(service.forget, done)
-    return response
+    return await delivered(service, done, job.params["response_format"])
 
 
 async def create_job(service: Service, request: Request) -> Response:
@@ -484,6 +498,25 @@ ROUTES: list[tuple[str, str, Handler, list[str]]] = [
 ]
 
 
+class HeaderLimit:
+    """Refuses a request whose headers pass ``MAX_HEADER_BYTES`` with 431, in OpenAI's shape,
+    before any route (or key check) sees it."""
+
+    def __init__(self, app: Any, service: Service) -> None:
+        self.app, self.service = app, service
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and sum(len(k) + len(v) for k, v in scope["headers"]) \
+                > MAX_HEADER_BYTES:
+            self.service.metrics.errors.labels("header_too_large").inc()
+            response = JSONResponse(responses.error_body(
+                431, f"the request's headers are over {MAX_HEADER_BYTES >> 10} KB",
+                "header_too_large"), 431)
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def make_app(service: Service, lifespan: Any = None) -> Starlette:
     routes = [Route(path, endpoint(name, handler, service), methods=methods, name=name)
               for path, name, handler, methods in ROUTES]
@@ -501,4 +534,5 @@ def make_app(service: Service, lifespan: Any = None) -> Starlette:
             500, f"internal error: {type(exc).__name__}: {one_line(exc)}", "internal"), 500)
 
     return Starlette(routes=routes, lifespan=lifespan,
+                     middleware=[Middleware(HeaderLimit, service=service)],
                      exception_handlers={HTTPException: http_error, Exception: internal})
