@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import math
 import os
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -327,7 +328,15 @@ def endpoint(name: str, handler: Handler, service: Service) -> Callable[[Request
 
     async def run(request: Request) -> Response:
         try:
-            response = await handler(service, request)
+            try:
+                response = await handler(service, request)
+            except jobstore.StoreUnavailable as exc:
+                # A shared store restarting or out of reach: the client retries; the next
+                # call connects again (nothing it was told was accepted is lost).
+                # Clients are not told where the database is; the operator's log is.
+                print(f"serve: {exc}", file=sys.stderr, flush=True)
+                raise ApiError(503, "the job store is unavailable: retry in a few seconds",
+                               "store_unavailable", headers={"Retry-After": "5"}) from None
         except ApiError as exc:
             service.metrics.errors.labels(exc.code).inc()
             response = JSONResponse(exc.body(), exc.status, headers=exc.headers)

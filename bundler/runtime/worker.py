@@ -132,7 +132,7 @@ class Worker:
             seconds = len(waveform) / SAMPLE_RATE
             if seconds == 0:
                 raise exits.FileFailed("no audio samples")
-            self.store.set_progress(job.id, self.id, 0.2)
+            self.stored(self.store.set_progress, job.id, self.id, 0.2, patience=0)
             record = inputs.Job(path, job.filename, 0)
             with recordings.deadline(recordings.limit(
                     args.file_timeout, recordings.work_timeout(seconds)), "processing"):
@@ -153,7 +153,7 @@ class Worker:
             result = json.loads(texts["json"])
             result["source"] = job.filename  # not the upload's path in the state dir
             work = time.perf_counter() - t0
-            kept = self.store.finish(job.id, self.id, result, seconds, work)
+            kept = self.stored(self.store.finish, job.id, self.id, result, seconds, work)
             self.events.send("finished", job=job.id, status="succeeded" if kept else "gone",
                              audio_seconds=round(seconds, 3), work_seconds=round(work, 3),
                              network_attempts=len(self.audit.attempts))
@@ -173,9 +173,25 @@ class Worker:
         finally:
             lease.stop()
         self.say(f"job {job.id} failed ({kind}): {message}")
-        self.store.fail(job.id, self.id, kind, message)
+        self.stored(self.store.fail, job.id, self.id, kind, message)
         self.events.send("finished", job=job.id, status="failed", kind=kind,
                          network_attempts=len(self.audit.attempts))
+
+    def stored(self, call: Any, *args: Any, patience: float = LEASE_S) -> bool:
+        """A write about the job in hand, tried again while a shared store is out of reach
+        (a database restarting) for up to ``patience`` seconds; False if it never got
+        through: the lease then runs out, and the job is done again, not lost."""
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                return bool(call(*args))
+            except jobstore.StoreUnavailable as exc:
+                if time.monotonic() >= deadline:
+                    if patience:  # progress is not worth a word
+                        self.say(f"the job goes back to the queue when its lease ends: {exc}")
+                    return False
+                self.say(f"{exc}; trying again")
+                time.sleep(IDLE_POLL_S)
 
     # --- the loop -----------------------------------------------------------------------
     def wait(self, seconds: float) -> bool:
@@ -192,8 +208,18 @@ class Worker:
 
     def run(self) -> int:
         self.load()
+        unreachable = False
         while not self.draining:
-            job = self.store.claim(self.id, LEASE_S)
+            try:
+                job = self.store.claim(self.id, LEASE_S)
+            except jobstore.StoreUnavailable as exc:
+                if not unreachable:  # once per outage, not every poll
+                    self.say(f"{exc}; waiting for it")
+                unreachable, job = True, None
+            else:
+                if unreachable:
+                    self.say("the job store is back")
+                unreachable = False
             if job is None:
                 if not self.wait(IDLE_POLL_S):
                     break
