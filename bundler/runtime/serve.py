@@ -529,9 +529,12 @@ async def clean(svc: Any, keep_days: float) -> None:
     """Finished jobs older than --keep-days go, with their recordings and results."""
     while keep_days > 0:
         before = time.time() - keep_days * 86400
-        for job in await svc.call(svc.store.finished_before, before):
-            if await svc.call(svc.store.delete, job.id, None) is not None:
-                svc.discard_upload(job)
+        try:
+            for job in await svc.call(svc.store.finished_before, before):
+                if await svc.call(svc.store.delete, job.id, None) is not None:
+                    svc.discard_upload(job)
+        except jobstore.StoreUnavailable:
+            pass  # a shared store restarting: the next round cleans, the loop goes on
         await asyncio.sleep(CLEAN_EVERY_S)
 
 

@@ -260,7 +260,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     config = json.loads(argv[0])
     die_with_parent(int(config["parent"]))
     go_offline()
-    worker = Worker(config)
+    try:
+        worker = Worker(config)
+    except jobstore.StoreError as exc:
+        # A shared store out of reach as this worker starts: one line; the server starts
+        # another after a pause (the server itself checked the store before starting us).
+        print(f"serve: worker {config['id']}: {exc}", file=sys.stderr)
+        return exits.EXIT_CANNOT_RUN
     sys.addaudithook(worker.audit)
 
     def drain(_signum: int, _frame: Any) -> None:
