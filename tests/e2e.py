@@ -7,6 +7,7 @@ own bundle.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import pwd
@@ -24,9 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import media
+from slurm import free_ports
 
 from bundler.cli import default_cache
 from bundler.runtime.engines import TOLERANCE as ONNX_TOLERANCE
+from bundler.runtime.install import word_changes
+from bundler.runtime.smoke import http_call, multipart_body
 
 OFFLINE = ("unshare", "-n")
 NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
@@ -333,6 +337,28 @@ def transcribe_as_nobody(inst: Installed, *args: str,
               str(trace)) if trace else ()
     return run(*OFFLINE, *strace, *NOBODY, *CLEAN_ENV, str(inst.prefix / "bin/transcribe"),
                *args, cwd=inst.base)
+
+
+def check_serve_in_smoke(smoke: dict[str, Any], isolated: bool = True) -> None:
+    """The smoke result's ``serve`` part: bin/serve, started on loopback inside the smoke
+    test's isolation, answered the sample as bin/transcribe (or bin/diarize) did, made no
+    connection attempt, and stopped cleanly on SIGTERM with no upload left."""
+    served = smoke["serve"]
+    assert served["ok"] is True and served["status"] == 200 and served["exit"] == 0, served
+    assert served["network_attempts"] == 0 and served["port"] > 0
+    # A fresh namespace's loopback starts down: the smoke test brought it up itself.
+    assert served["loopback"] == ("brought up" if isolated else "up")
+    assert 0 < served["ready_seconds"] < 300 and 0 < served["request_seconds"] < 600
+    heard = smoke.get("transcript")
+    if heard is not None:
+        assert served["endpoint"] == "/v1/audio/transcriptions"
+        assert served["sample"] == "dialogue.flac" and served["segments"] >= 1
+        assert served["speakers"] == heard["speakers"]
+        assert served["text"] and word_changes(heard["text"], served["text"]) == 0, served
+    else:
+        assert served["endpoint"] == "/v1/audio/diarization"
+        assert (served["segments"], served["speakers"]) == (
+            len(smoke["segments"]), smoke["speakers"])
 
 
 def check_transcribe_on_real_speech(inst: Installed) -> None:
@@ -692,8 +718,77 @@ def check_image_of_real_bundle(tarball: Path, work: Path) -> dict[str, Any]:
         assert made == sorted(f"{p.name}.rttm" for p in corpus.iterdir()), made
         for p in rttm.iterdir():
             assert p.read_text().startswith("SPEAKER "), p.read_text()[:200]
+        report["serve"] = check_serve_in_image(image_id, corpus / "call-wav.wav", env)
     shutil.rmtree(out)
     return report
+
+
+IMAGE_STATE = "/var/lib/pyannote-serve"  # docs/images.md's volume, its state dir inside
+
+
+def check_serve_in_image(image: str, sample: Path, env: dict[str, str]) -> dict[str, Any]:
+    """bin/serve from the image as docs/images.md runs it: read-only, user 65534, a named
+    volume whose folder ``state`` is the private state dir, a key added by the same image
+    first, the port published on loopback. /readyz, a 401 without the key, one diarization
+    with it, no connection attempt; ``podman stop`` drains and it exits 0; the key is still
+    in the volume for the next container. Returns what it measured."""
+    volume, state = "pyannote-serve-e2e", f"{IMAGE_STATE}/state"
+    assert run("podman", "volume", "create", volume, env=env).returncode == 0
+    common = ["--read-only", "--user", "65534:65534", "-v", f"{volume}:{IMAGE_STATE}",
+              "--entrypoint", "/opt/diarization/bin/serve"]
+    added = run("podman", "run", "--rm", "--network", "none", *common, image, "keys", "add",
+                "alice", "--state-dir", state, env=env, timeout=600)
+    assert added.returncode == 0, added.stderr[-2000:]
+    key = added.stdout.strip()
+    assert key.startswith("pbk_") and "\n" not in key, added.stdout
+    port = free_ports(1)[0]
+    started = run("podman", "run", "-d", *common, "-p", f"127.0.0.1:{port}:8000", image,
+                  "--host", "0.0.0.0", "--state-dir", state, "--workers", "1", env=env,
+                  timeout=600)
+    assert started.returncode == 0, started.stderr[-2000:]
+    container = started.stdout.strip().splitlines()[-1]
+    measured: dict[str, Any] = {}
+    try:
+        begun, status = time.monotonic(), 0
+        while time.monotonic() - begun < 300 and status != 200:
+            try:
+                status = http_call(port, "GET", "/readyz", 10)[0]
+            except (OSError, http.client.HTTPException):  # not forwarded or listening yet
+                status = 0
+            if status != 200:
+                time.sleep(2)
+        assert status == 200, run("podman", "logs", container, env=env).stderr[-3000:]
+        measured["ready_seconds"] = round(time.monotonic() - begun, 1)
+        # A key exists: every request needs one (refused before the body is read: a small one).
+        content_type, body = multipart_body({}, sample.name, b"RIFF")
+        status, answer = http_call(port, "POST", "/v1/audio/diarization", 60, body,
+                                   {"Content-Type": content_type})
+        assert status == 401, answer
+        content_type, body = multipart_body({"response_format": "json"}, sample.name,
+                                            sample.read_bytes())
+        headers = {"Content-Type": content_type}
+        begun = time.monotonic()
+        status, answer = http_call(port, "POST", "/v1/audio/diarization", 600, body,
+                                   {**headers, "Authorization": f"Bearer {key}"})
+        measured["request_seconds"] = round(time.monotonic() - begun, 1)
+        assert status == 200, answer[:2000]
+        diarized = json.loads(answer)
+        assert diarized["segments"] and diarized["speakers"], diarized
+        measured["segments"] = len(diarized["segments"])
+        metrics = http_call(port, "GET", "/metrics", 30)[1].decode()
+        assert re.search(r"^pyannote_serve_network_attempts 0(\.0)?$", metrics, re.M), metrics
+    finally:
+        stopped = run("podman", "stop", "-t", "120", container, env=env, timeout=300)
+        code = run("podman", "inspect", "-f", "{{.State.ExitCode}}", container, env=env,
+                   timeout=60).stdout.strip()
+        logs = run("podman", "logs", container, env=env, timeout=60).stderr
+        run("podman", "rm", "-f", container, env=env, timeout=120)
+    assert stopped.returncode == 0 and code == "0", (code, logs[-3000:])  # drained: exit 0
+    listed = run("podman", "run", "--rm", "--network", "none", *common, image, "keys", "list",
+                 "--state-dir", state, env=env, timeout=600)
+    assert listed.stdout.startswith("alice\tactive"), (listed.stdout, listed.stderr[-2000:])
+    run("podman", "volume", "rm", "-f", volume, env=env, timeout=120)
+    return measured
 
 
 def image_again(tarball: Path, work: Path) -> dict[str, Any]:

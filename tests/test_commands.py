@@ -105,6 +105,17 @@ def test_verify_text_one_line_per_proof() -> None:
         "smoke:     skipped (--no-smoke)")
 
 
+def test_verify_text_says_the_service_answered() -> None:
+    served = {**REPORT, "smoke": {**REPORT["smoke"], "serve": {
+        "ok": True, "endpoint": "/v1/audio/transcriptions", "sample": "dialogue.flac",
+        "port": 41234, "segments": 2, "speakers": 2, "request_seconds": 7.3,
+        "ready_seconds": 12.5, "exit": 0}}}
+    assert render_text(served, installed=True).splitlines()[-1] == (
+        "serve:     ok (bin/serve answered POST /v1/audio/transcriptions with dialogue.flac "
+        "on 127.0.0.1:41234: 2 segments, 2 speakers in 7.3 s; ready in 12.5 s, stopped "
+        "cleanly on SIGTERM)")
+
+
 def test_lock_and_image_text() -> None:
     lockfile, source = Path("lockfiles/x-py311-linux-x86_64.txt"), Path("lockfiles/x.in")
     assert Locked(lockfile, source, 94).render_text() == (

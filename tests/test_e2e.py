@@ -33,6 +33,7 @@ from e2e import (
     check_image_of_real_bundle,
     check_next_steps_work_verbatim,
     check_one_busy_thread_under_a_one_cpu_quota,
+    check_serve_in_smoke,
     check_slurm_job_array_from_the_docs,
     check_transcribe_on_real_speech,
     diarize_as_nobody,
@@ -140,6 +141,8 @@ def test_demo_builds_and_verifies_offline(demo: dict[str, Any], tool: Path) -> N
     assert heard["ok"] is True and speech.wer(spoken["text"], heard["text"]) <= 0.05, heard
     assert heard["formats"] == ["json", "rttm", "srt", "txt", "vtt"]
     assert heard["network_attempts"] == 0 and heard["language"] == "en"
+    # bin/serve, on loopback in the smoke test's namespace, answered the dialogue as heard.
+    check_serve_in_smoke(smoke)
     assert [m["weights"] for m in demo["build"]["models"]] == ["random", "random", "real"]
 
 
@@ -194,6 +197,8 @@ def test_install_sh_works_offline_with_a_clean_environment(installed: Installed,
     assert set(result["formats"]) == {"wav", "mp3", "m4a"}
     assert all(f["ok"] and f["segments"] for f in result["formats"].values())
     assert result["network_attempts"] == 0
+    check_serve_in_smoke(result)
+    assert "bin/serve answered /v1/audio/transcriptions" in installed.stdout
     # The onnx engine was exported on this host, checked against PyTorch, recorded by
     # sha256 in the install's receipt, and the smoke test ran it (auto, on a CPU).
     onnx = json.loads((prefix / ".pyannote-bundle-receipt.json").read_text())["engines"]["onnx"]

@@ -115,6 +115,16 @@ def test_requeue_running_and_release_give_the_job_back(new_store: StoreMaker) ->
     assert back and back.status == "queued" and back.attempts == 1
 
 
+def test_a_dead_workers_job_is_claimable_at_once(new_store: StoreMaker) -> None:
+    store = new_store()
+    job, other = _job(store), _job(store)
+    assert store.claim("dead", 3600) and store.claim("alive", 3600)
+    assert store.expire_worker("dead") == 1  # its worker exited: no waiting for the lease
+    again = store.claim("next", 3600)
+    assert again and again.id == job.id and store.claim("x", 3600) is None
+    assert (store.get(other.id, None) or job).worker == "alive"
+
+
 def test_jobs_are_seen_only_by_their_owner(new_store: StoreMaker) -> None:
     store = new_store()
     alice = _job(store, owner="alice")

@@ -26,8 +26,8 @@ def verify_bundle(bundle: Path, *, prefix: Path | None, keep: bool, smoke: bool,
 
 
 def render_text(report: dict[str, Any], installed: bool) -> str:
-    """One line per proof: signature, integrity, install, smoke (``installed``: False with
-    ``--no-install``)."""
+    """One line per proof: signature, integrity, install, smoke, and the service where the
+    bundle has one (``installed``: False with ``--no-install``)."""
     integ = report["integrity"]
     lines = []
     if "signature" in report:
@@ -49,4 +49,11 @@ def render_text(report: dict[str, Any], installed: bool) -> str:
         lines.append(f"smoke:     ok (bin/diarize: {formats}; {smoke['speakers']} speakers, "
                      f"{smoke['seconds']} s; network: {report['network_isolation']}, "
                      f"{smoke.get('network_attempts', 0)} connection attempts)")
+        served = smoke.get("serve")
+        if served:  # a bundle with bin/serve: the smoke test sent it the sample
+            lines.append(f"serve:     ok (bin/serve answered POST {served['endpoint']} with "
+                         f"{served['sample']} on 127.0.0.1:{served['port']}: "
+                         f"{served['segments']} segments, {served['speakers']} speakers in "
+                         f"{served['request_seconds']} s; ready in {served['ready_seconds']} s,"
+                         f" stopped cleanly on SIGTERM)")
     return "\n".join(lines)

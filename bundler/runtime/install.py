@@ -28,7 +28,8 @@ with the host's interpreter). In order:
    says so;
    then, unless ``--no-smoke``, the smoke test in that release, in a fresh network
    namespace where the host allows one: ``bin/diarize`` on the bundled sample as wav, mp3
-   and m4a, compared with ``smoke/expected.json`` when the bundle carries it;
+   and m4a, compared with ``smoke/expected.json`` when the bundle carries it, and
+   ``bin/serve`` on loopback in the same namespace answering one request with the sample;
 6. only then the switch, in one rename: ``PREFIX/current`` points at the new release, and
    ``PREFIX/config.yaml``, ``pyannote.env``, ``bin/diarize``, ``venv``, ... point through
    ``current``, so the paths users know keep working across upgrades. The previous release
@@ -684,6 +685,8 @@ def smoke(release: Path) -> dict[str, Any]:
     env = {"PATH": "/usr/bin:/bin", "HOME": home, "LANG": "C.UTF-8"}
     also = (", bin/transcribe on the dialogue" if (release / "bin" / "transcribe").exists()
             else "")
+    if (release / "bin" / "serve").exists():
+        also += ", bin/serve answering it on loopback"
     say(f"smoke test: bin/diarize on the sample as wav, mp3 and m4a{also}, network disabled "
         f"by {name}")
     try:
@@ -705,7 +708,9 @@ def smoke(release: Path) -> dict[str, Any]:
                                     f"connection attempt(s) with the network disabled (first: "
                                     f"{str(first)[:200]}); an isolated host must see none")
     if not result.get("ok"):
-        raise Failure(EXIT_SMOKE, f"smoke diarization failed: {result.get('error')}")
+        # The error names bin/serve when the service's part failed.
+        what = "test" if (result.get("serve") or {}).get("ok") is False else "diarization"
+        raise Failure(EXIT_SMOKE, f"smoke {what} failed: {result.get('error')}")
     if any(v != "blocked" for v in (result.get("network_probes") or {}).values()):
         raise Failure(EXIT_SMOKE, f"the smoke process reached the network through {name}: "
                                   "isolation failed")
@@ -1022,11 +1027,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     smoke_result = report.get("smoke") or {}
     if smoke_result.get("ok"):
-        print("install: ok - bin/diarize read %s: %d segments, %d speakers in %.1f s, %d "
+        served = smoke_result.get("serve") or {}
+        print("install: ok - bin/diarize read %s: %d segments, %d speakers in %.1f s%s, %d "
               "connection attempts" % ("/".join(smoke_result.get("formats") or {}),
                                        len(smoke_result.get("segments") or []),
                                        smoke_result.get("speakers") or 0,
                                        smoke_result.get("seconds") or 0,
+                                       "; bin/serve answered %s in %.1f s" % (
+                                           served.get("endpoint"),
+                                           served.get("request_seconds") or 0)
+                                       if served.get("ok") else "",
                                        smoke_result.get("network_attempts") or 0))
     else:
         print("install: ok - installed without the smoke test (--no-smoke)")

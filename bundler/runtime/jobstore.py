@@ -150,6 +150,7 @@ class Store(Protocol):
     def fail(self, job_id: str, worker: str, kind: str, message: str) -> bool: ...
     def release(self, job_id: str, worker: str) -> bool: ...
     def requeue_running(self) -> int: ...
+    def expire_worker(self, worker: str) -> int: ...
     def get(self, job_id: str, owner: str | None, with_result: bool = True
             ) -> Job | None: ...
     def jobs(self, owner: str | None, limit: int = 100) -> list[Job]: ...
@@ -271,6 +272,12 @@ class SQLStore(Store):
         with self._tx() as db:
             return db.execute("UPDATE jobs SET lease_until = 0 WHERE status = ?",
                               (RUNNING,)).rowcount
+
+    def expire_worker(self, worker: str) -> int:
+        """The jobs of a worker that died: claimable at once, not when their lease ends."""
+        with self._tx() as db:
+            return db.execute("UPDATE jobs SET lease_until = 0 WHERE status = ? AND worker = ?",
+                              (RUNNING, worker)).rowcount
 
     def get(self, job_id: str, owner: str | None, with_result: bool = True) -> Job | None:
         columns = ", ".join(_COLUMNS) if with_result else _LIGHT

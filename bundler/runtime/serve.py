@@ -318,9 +318,13 @@ class Pool:
         self.stopping = False
         self.fatal: Optional[tuple[str, int]] = None
         self.failures = 0
+        self.started = 0  # workers started: each gets an id of its own
+        self.ids: dict[int, str] = {}
 
     def config(self, index: int) -> str:
-        return json.dumps({"id": f"{socket.gethostname()}-{os.getpid()}-{index}",
+        self.started += 1
+        self.ids[index] = f"{socket.gethostname()}-{os.getpid()}-{index}.{self.started}"
+        return json.dumps({"id": self.ids[index],
                            "parent": os.getpid(), "state_dir": str(self.args.state_dir),
                            "store": self.args.store, "options": worker_options(self.args),
                            "debug": self.args.debug})
@@ -342,6 +346,11 @@ class Pool:
             async for line in proc.stdout:
                 self.event(index, line)
             code = await proc.wait()
+            worker = self.ids[index]
+            if code != 0:
+                # Its job is claimable now, not only when its lease runs out.
+                with contextlib.suppress(Exception):
+                    await self.service.call(self.service.store.expire_worker, worker)
             self.procs.pop(index, None)
             self.ready.discard(index)
             self.service.worker_ready(len(self.ready))
