@@ -594,6 +594,35 @@ def test_a_restarted_database_is_503_in_openais_shape_then_served_again(
     assert srv.client.delete(f"/v1/jobs/{job}").json()["deleted"] is True
 
 
+def test_a_waiting_request_rides_out_a_database_restart(
+        postgres: PostgresServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its job is accepted and in work: a restart of seconds is waited out, not a 503 that
+    would make the client send the recording again."""
+    monkeypatch.setattr(service, "WAIT_POLL_S", 0.1)
+    url = postgres.database()
+    PostgresStore(url, check_schema=False).migrate()
+    srv = Server(tmp_path / "state", store=PostgresStore(url))
+
+    def worker() -> None:  # another replica's, say: it takes the job, the database goes
+        store = PostgresStore(url)
+        for _ in range(500):
+            job = store.claim("elsewhere", 60)
+            if job:
+                break
+            time.sleep(0.02)
+        assert job
+        postgres.pg_ctl("stop")
+        time.sleep(0.5)  # several of the request's reads meet the outage
+        postgres.pg_ctl("start")
+        store.finish(job.id, "elsewhere", _result(), 2.2, 0.4)
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    r = _post(srv, "/v1/audio/transcriptions", response_format="text")
+    thread.join(30)
+    assert r.status_code == 200 and r.text == "Hello there. Good day.\n", r.text
+
+
 def test_replicas_share_the_state_dir_and_leave_each_others_work_alone(
         postgres: PostgresServer, tmp_path: Path) -> None:
     url = postgres.database()

@@ -43,6 +43,11 @@ from .responses import ApiError
 OPENAI_ALIASES = ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe",
                   "gpt-4o-transcribe-diarize")
 HEAD_BYTES = 4096
+# A request waiting for its job reads the store this often (a job another replica's worker
+# did is seen so), and waits out a shared store's outage this long before its 503: the job
+# is accepted, and a database restart takes seconds.
+WAIT_POLL_S = 2.0
+STORE_PATIENCE_S = 60.0
 
 
 def key_digest(key: str) -> str:
@@ -290,14 +295,22 @@ class Service:
         """Wait for ``job`` to finish (told by the supervisor, or seen in the store: a job
         another server's worker did)."""
         event = self.waiters.setdefault(job.id, asyncio.Event())
+        outage: Optional[float] = None
         try:
             while True:
                 try:
-                    await asyncio.wait_for(event.wait(), 2.0)
+                    await asyncio.wait_for(event.wait(), WAIT_POLL_S)
                 except asyncio.TimeoutError:
                     pass
                 event.clear()
-                done = await self.call(self.store.get, job.id, None)
+                try:
+                    done = await self.call(self.store.get, job.id, None)
+                except jobstore.StoreUnavailable:
+                    outage = outage or time.monotonic()
+                    if time.monotonic() - outage > STORE_PATIENCE_S:
+                        raise
+                    continue
+                outage = None
                 if done is None:
                     raise ApiError(404, "the job was deleted before it finished", "not_found")
                 if done.status in jobstore.FINISHED:
