@@ -320,7 +320,10 @@ class Service:
 
     async def forget(self, job: jobstore.Job) -> None:
         """A delivered request's job: its recording and result go (the client has it)."""
-        gone = await self.call(self.store.delete, job.id, None)
+        try:
+            gone = await self.call(self.store.delete, job.id, None)
+        except jobstore.StoreUnavailable:
+            return  # the answer is sent; --keep-days removes what stays
         if gone is not None:
             self.discard_upload(gone)
 
