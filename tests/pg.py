@@ -71,7 +71,8 @@ class PostgresServer:
                   f"--pwfile={pwfile}", "--auth-local=trust", "--auth-host=scram-sha-256",
                   "--no-sync", "-E", "UTF8", "--locale=C")
         pwfile.unlink()
-        self.passfile.write_text(f"127.0.0.1:{self.port}:*:{USER}:{self.password}\n")
+        self.passfile.write_text("".join(f"{host}:{self.port}:*:{USER}:{self.password}\n"
+                                         for host in ("127.0.0.1", "localhost")))
         self.passfile.chmod(0o600)  # libpq ignores a password file others can read
         self.pg_ctl("start")
 

@@ -627,6 +627,36 @@ def test_a_waiting_request_rides_out_a_database_restart(
     assert r.status_code == 200 and r.text == "Hello there. Good day.\n", r.text
 
 
+def test_reaching_its_store_is_not_counted_as_a_workers_network_attempt(
+        postgres: PostgresServer) -> None:
+    """psycopg looks the store's host name up in Python (libpq connects in C): the audit
+    behind /metrics' network attempts lets that one name through, and only it."""
+    url = postgres.database().replace("127.0.0.1", "localhost")
+    assert jobstore.store_hosts(url) == ["localhost"]
+    assert jobstore.store_hosts("postgresql://u@[::1]:5433,db.example/j?host=r.example"
+                                "&sslmode=require") == ["::1", "db.example", "r.example"]
+    assert jobstore.store_hosts("postgresql://u@%2Fvar%2Frun%2Fpostgresql/j") == []
+    assert jobstore.store_hosts(None) == [] == jobstore.store_hosts("sqlite:///s.db")
+    script = ("import socket, sys\n"
+              "from bundler.runtime import jobstore, offline\n"
+              "from bundler.runtime.pgstore import PostgresStore\n"
+              "url, allow = sys.argv[1], sys.argv[2] == 'allow'\n"
+              "audit = offline.NetworkAudit(allow=jobstore.store_hosts(url) if allow else ())\n"
+              "sys.addaudithook(audit)\n"
+              "PostgresStore(url, check_schema=False).schema_version()\n"
+              "try:\n    socket.getaddrinfo('elsewhere.invalid', 80)\n"
+              "except OSError:\n    pass\n"
+              "print(audit.attempts)\n")
+    seen = {}
+    for mode in ("allow", "count"):
+        proc = subprocess.run([sys.executable, "-c", script, url, mode], capture_output=True,
+                              text=True, timeout=60, cwd=Path(serve.__file__).parents[2])
+        assert proc.returncode == 0, proc.stderr
+        seen[mode] = proc.stdout.strip()
+    assert seen["allow"] == "[\"getaddrinfo 'elsewhere.invalid'\"]", seen
+    assert "getaddrinfo 'localhost'" in seen["count"], seen  # it is looked up in Python
+
+
 def test_replicas_share_the_state_dir_and_leave_each_others_work_alone(
         postgres: PostgresServer, tmp_path: Path) -> None:
     url = postgres.database()

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Protocol
+from urllib.parse import unquote
 
 SCHEMA_VERSION = 1
 MAX_ATTEMPTS = 3
@@ -415,6 +416,27 @@ def schema_statements() -> list[str]:
 
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def store_hosts(url: str | None) -> list[str]:
+    """The host names a shared store's URL names (libpq's ``HOST[:PORT][,HOST[:PORT]...]``
+    and ``?host=``; socket folders aside): the ones a worker looks up to reach its store."""
+    if not url or not url.startswith(POSTGRES_SCHEMES):
+        return []
+    rest = url.split("://", 1)[1]
+    where, _, query = rest.partition("?")
+    netloc = where.split("/", 1)[0].rpartition("@")[2]
+    names = [unquote(name) for name in netloc.split(",")]
+    for option in query.split("&"):
+        key, _, value = option.partition("=")
+        if key == "host":
+            names += unquote(value).split(",")
+    hosts = []
+    for name in names:
+        host = name[1:].partition("]")[0] if name.startswith("[") else name.partition(":")[0]
+        if host and not host.startswith("/"):
+            hosts.append(host)
+    return hosts
 
 
 def open_store(url: str | None, state_dir: Path) -> Store:

@@ -85,7 +85,8 @@ class Worker:
         self.draining = False
         self.reload = False  # a timeout interrupted the models: load them afresh
         self.events = Events()
-        self.audit = NetworkAudit()
+        # Reaching a shared store is the one lookup a worker is told to make.
+        self.audit = NetworkAudit(allow=jobstore.store_hosts(config.get("store")))
 
     def _base_args(self, options: list[str]) -> argparse.Namespace:
         """The program's own options, as ``bin/transcribe`` parses them (one placeholder
