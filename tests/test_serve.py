@@ -553,6 +553,8 @@ def test_store_init_makes_the_schema_the_server_refuses_to_start_without(
         p = _serve("store", action, "--store", url)
         assert p.returncode == 0 and said in p.stderr, p.stderr
     assert PostgresStore(url).schema_version() == jobstore.SCHEMA_VERSION
+    p = _serve("--host", "0.0.0.0", "--store", url, "--state-dir", state)
+    assert p.returncode == 2 and f"keys add NAME --store {url})" in p.stderr, p.stderr
     elsewhere = tmp_path / "an-admin-host"
     key = _serve("keys", "add", "alice", "--store", url, "--state-dir", str(elsewhere))
     assert key.returncode == 0, key.stderr

@@ -479,8 +479,9 @@ def serve(args: argparse.Namespace) -> int:
     store = open_store(args)
     lock = lock_state_dir(state, store.shared)  # noqa: F841 - held while the server runs
     if not loopback(args.host) and not args.insecure_no_auth and not store.active_keys():
+        where = f"--store {args.store}" if store.shared else f"--state-dir {state}"
         raise Fail(f"--host {args.host} with no API key would answer anyone who can reach "
-                   f"it: add one first (bin/serve keys add NAME --state-dir {state}), or "
+                   f"it: add one first (bin/serve keys add NAME {where}), or "
                    "--insecure-no-auth", exits.EXIT_USAGE)
     say = lambda line: print(f"serve: {line}", file=sys.stderr, flush=True)  # noqa: E731
     if args.insecure_no_auth:

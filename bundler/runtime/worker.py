@@ -182,7 +182,7 @@ class Worker:
         """A write about the job in hand, tried again while a shared store is out of reach
         (a database restarting) for up to ``patience`` seconds; False if it never got
         through: the lease then runs out, and the job is done again, not lost."""
-        deadline = time.monotonic() + patience
+        deadline, said = time.monotonic() + patience, False
         while True:
             try:
                 return bool(call(*args))
@@ -191,7 +191,9 @@ class Worker:
                     if patience:  # progress is not worth a word
                         self.say(f"the job goes back to the queue when its lease ends: {exc}")
                     return False
-                self.say(f"{exc}; trying again")
+                if not said:
+                    self.say(f"{exc}; trying again for {patience:.0f} s")
+                    said = True
                 time.sleep(IDLE_POLL_S)
 
     # --- the loop -----------------------------------------------------------------------
