@@ -50,9 +50,11 @@ RECORDINGS_MODULE = f"{RUNTIME_DIR}/recordings.py"
 SHARED_MODULES = ("offline.py", "inputs.py", "audio.py", "devices.py", "outputs.py",
                   "exits.py", "common.py", "_bootstrap.py")
 # bin/serve (runtime/serve.py): the OpenAI-compatible service, and its rooms: the HTTP side,
-# the worker processes, the job store, the answers' formats, the streamed uploads.
+# the worker processes, the job store (embedded, and shared in PostgreSQL), the answers'
+# formats, the streamed uploads.
 SERVE_SCRIPT = f"{RUNTIME_DIR}/serve.py"
-SERVICE_MODULES = ("service.py", "worker.py", "jobstore.py", "responses.py", "uploads.py")
+SERVICE_MODULES = ("service.py", "worker.py", "jobstore.py", "pgstore.py", "responses.py",
+                   "uploads.py")
 # Checks the host has the shared libraries the wheels need (manifest host_requirements).
 HOSTLIBS_SCRIPT: str = _installer.HOSTLIBS
 # The one installer: install.sh runs it on the isolated host, verify runs it too.

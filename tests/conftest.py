@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 from e2e import Installed, installed_by_install_sh
+from pg import PostgresServer
+from pg import binaries as pg_binaries
 
 from bundler.build import BuildOptions, build
 from bundler.demo.hub import HubRepo, LoopbackHub
@@ -94,3 +96,27 @@ def community_installed(community_demo: dict[str, Any],
             yield inst
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+# --- a real PostgreSQL server, for bin/serve's shared store ------------------------------
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A private PostgreSQL cluster for the session (tests/pg.py), its password given to
+    libpq by ``PGPASSFILE``; stopped and removed after. Missing binaries fail the tests: the
+    shared store must be proven on a real server, never skipped."""
+    bindir = pg_binaries()
+    if bindir is None:
+        pytest.fail("PostgreSQL's server is not installed (no /usr/lib/postgresql/*/bin/"
+                    "initdb): apt-get install postgresql, as .ci/run does")
+    server = PostgresServer(bindir)
+    before = os.environ.get("PGPASSFILE")
+    try:
+        server.start()
+        os.environ["PGPASSFILE"] = str(server.passfile)
+        yield server
+    finally:
+        if before is None:
+            os.environ.pop("PGPASSFILE", None)
+        else:
+            os.environ["PGPASSFILE"] = before
+        server.stop()

@@ -25,7 +25,8 @@ def test_the_shipped_lockfile_is_up_to_date() -> None:
 
 
 # bin/serve runs in every installed bundle's venv: its libraries are locked for every target.
-SERVICE = {"starlette", "uvicorn", "python-multipart", "prometheus-client"}
+SERVICE = {"starlette", "uvicorn", "python-multipart", "prometheus-client", "psycopg",
+           "psycopg-binary"}  # psycopg: --store postgresql:// (libpq in the binary wheel)
 # Plain uvicorn and Starlette, not uvicorn[standard] or FastAPI: no extra binaries to carry.
 NOT_FOR_SERVICE = {"uvloop", "httptools", "watchfiles", "websockets", "fastapi"}
 SHIPPED = sorted(p for p in (ROOT / "lockfiles").glob("*-py3*-linux-*.txt"))

@@ -1,31 +1,63 @@
-"""bin/serve's parts, fast: the job store (leases, attempts, owners, keys), the answers'
-formats, and the HTTP side through Starlette's test client with a real SQLite store in a
-real state dir. No model loads here: a job stays queued unless a test finishes it itself;
-tests/test_e2e_serve.py runs the real workers on an installed bundle."""
+"""bin/serve's parts, fast: the job store (leases, attempts, owners, keys: one suite run on
+SQLite and on a real PostgreSQL server), the answers' formats, and the HTTP side through
+Starlette's test client with a real SQLite store in a real state dir. No model loads here: a
+job stays queued unless a test finishes it itself; tests/test_e2e_serve.py runs the real
+workers on an installed bundle."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
 import threading
 import time
 import wave
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
+from pg import PostgresServer, free_port
 from starlette.testclient import TestClient
 
+from bundler import layout
 from bundler.runtime import configure, jobstore, responses, serve, service, transcript, uploads
+from bundler.runtime.pgstore import PostgresStore
 
 SERVE = Path(serve.__file__)
 
 
-# --- the store ---------------------------------------------------------------------------
+# --- the store: one suite, both engines --------------------------------------------------
+StoreMaker = Callable[[], jobstore.Store]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def new_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreMaker]:
+    """Opens the store under test: each call another connection to the same one (as another
+    process, or another replica, would have)."""
+    opened: list[jobstore.Store] = []
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 's.db'}"
+    else:
+        server = request.getfixturevalue("postgres")
+        url = server.database()
+        PostgresStore(url, check_schema=False).migrate()  # bin/serve store init
+
+    def make() -> jobstore.Store:
+        opened.append(jobstore.open_store(url, tmp_path))
+        return opened[-1]
+
+    yield make
+    for store in opened:
+        store.close()
+
+
 def _job(store: jobstore.Store, owner: str = "", **kw: Any) -> jobstore.Job:
     job = jobstore.Job(id=os.urandom(16).hex(), owner=owner, kind="transcription",
                        params={"language": "en"}, filename="a.wav", upload="u", sync=False,
@@ -35,8 +67,9 @@ def _job(store: jobstore.Store, owner: str = "", **kw: Any) -> jobstore.Job:
     return job
 
 
-def test_a_job_is_claimed_once_renewed_and_finished_by_its_worker(tmp_path: Path) -> None:
-    store = jobstore.SQLiteStore(tmp_path / "s.db")
+def test_a_job_is_claimed_once_renewed_and_finished_by_its_worker(new_store: StoreMaker
+                                                                  ) -> None:
+    store = new_store()
     first, second = _job(store), _job(store)
     a = store.claim("w1", 60)
     b = store.claim("w2", 60)
@@ -52,11 +85,13 @@ def test_a_job_is_claimed_once_renewed_and_finished_by_its_worker(tmp_path: Path
     assert store.fail(second.id, "w2", "undecodable", "cannot decode")
     failed = store.get(second.id, "")
     assert failed and failed.error == {"kind": "undecodable", "message": "cannot decode"}
-    assert (tmp_path / "s.db").stat().st_mode & 0o077 == 0
+    assert store.counts() == {"succeeded": 1, "failed": 1}
+    assert store.finished_before(time.time() + 1) and not store.finished_before(0)
 
 
-def test_an_expired_lease_is_claimed_again_and_a_poisonous_job_fails(tmp_path: Path) -> None:
-    store = jobstore.SQLiteStore(tmp_path / "s.db")
+def test_an_expired_lease_is_claimed_again_and_a_poisonous_job_fails(new_store: StoreMaker
+                                                                     ) -> None:
+    store = new_store()
     job = _job(store)
     for attempt in range(1, jobstore.MAX_ATTEMPTS + 1):
         got = store.claim(f"w{attempt}", -1)  # a lease already run out: the worker "died"
@@ -67,8 +102,8 @@ def test_an_expired_lease_is_claimed_again_and_a_poisonous_job_fails(tmp_path: P
     assert dead.error["kind"] == "worker_died"
 
 
-def test_requeue_running_and_release_give_the_job_back(tmp_path: Path) -> None:
-    store = jobstore.SQLiteStore(tmp_path / "s.db")
+def test_requeue_running_and_release_give_the_job_back(new_store: StoreMaker) -> None:
+    store = new_store()
     job = _job(store)
     assert store.claim("w", 3600)
     assert store.claim("other", 3600) is None  # the lease holds
@@ -80,8 +115,8 @@ def test_requeue_running_and_release_give_the_job_back(tmp_path: Path) -> None:
     assert back and back.status == "queued" and back.attempts == 1
 
 
-def test_a_dead_workers_job_is_claimable_at_once(tmp_path: Path) -> None:
-    store = jobstore.SQLiteStore(tmp_path / "s.db")
+def test_a_dead_workers_job_is_claimable_at_once(new_store: StoreMaker) -> None:
+    store = new_store()
     job, other = _job(store), _job(store)
     assert store.claim("dead", 3600) and store.claim("alive", 3600)
     assert store.expire_worker("dead") == 1  # its worker exited: no waiting for the lease
@@ -90,29 +125,69 @@ def test_a_dead_workers_job_is_claimable_at_once(tmp_path: Path) -> None:
     assert (store.get(other.id, None) or job).worker == "alive"
 
 
-def test_jobs_are_seen_only_by_their_owner(tmp_path: Path) -> None:
-    store = jobstore.SQLiteStore(tmp_path / "s.db")
+def test_jobs_are_seen_only_by_their_owner(new_store: StoreMaker) -> None:
+    store = new_store()
     alice = _job(store, owner="alice")
     assert store.get(alice.id, "bob") is None and store.delete(alice.id, "bob") is None
+    assert not store.set_speakers(alice.id, "bob", {"SPEAKER_00": "Ann"})
+    assert store.set_speakers(alice.id, "alice", {"SPEAKER_00": "Ann"})
+    seen = store.get(alice.id, "alice")
+    assert seen and seen.speakers == {"SPEAKER_00": "Ann"} and seen.sync is False
     assert [j.id for j in store.jobs("alice")] == [alice.id] and store.jobs("bob") == []
     assert store.delete(alice.id, "alice") and store.get(alice.id, None) is None
 
 
-def test_keys_store_only_hashes_and_revoked_ones_stop(tmp_path: Path) -> None:
-    store = jobstore.SQLiteStore(tmp_path / "s.db")
+def test_keys_store_only_hashes_and_revoked_ones_stop(new_store: StoreMaker) -> None:
+    store = new_store()
     store.add_key("alice", service.key_digest("secret"))
     with pytest.raises(jobstore.StoreError, match="revoke it first"):
         store.add_key("alice", service.key_digest("other"))
     assert store.key_owner(service.key_digest("secret")) == "alice"
-    assert b"secret" not in (tmp_path / "s.db").read_bytes()
+    assert "secret" not in json.dumps(store.keys())
     assert store.revoke_key("alice") and store.key_owner(service.key_digest("secret")) is None
     assert store.active_keys() == 0 and not store.revoke_key("alice")
+    store.add_key("alice", service.key_digest("new"))  # a revoked name takes a new key
+    assert store.key_owner(service.key_digest("new")) == "alice" and store.active_keys() == 1
+    assert new_store().key_owner(service.key_digest("new")) == "alice"  # every replica's
+
+
+def test_the_embedded_store_is_private_and_keeps_only_hashes(tmp_path: Path) -> None:
+    store = jobstore.SQLiteStore(tmp_path / "s.db")
+    store.add_key("alice", service.key_digest("secret"))
+    _job(store)
+    assert b"secret" not in (tmp_path / "s.db").read_bytes()
+    assert (tmp_path / "s.db").stat().st_mode & 0o077 == 0
+
+
+def test_two_stores_claiming_fifty_jobs_at_once_take_each_exactly_once(
+        new_store: StoreMaker) -> None:
+    """Two replicas' workers (two connections, two threads) on one queue."""
+    first, second = new_store(), new_store()
+    ids = {_job(first).id for _ in range(50)}
+    taken: dict[str, list[str]] = {"a": [], "b": []}
+    start = threading.Barrier(2)
+
+    def work(store: jobstore.Store, name: str) -> None:
+        start.wait()
+        while (job := store.claim(name, 600)) is not None:
+            taken[name].append(job.id)
+            assert store.finish(job.id, name, {}, 1.0, 0.1)
+
+    threads = [threading.Thread(target=work, args=(s, n)) for s, n in
+               ((first, "a"), (second, "b"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    both = taken["a"] + taken["b"]
+    assert sorted(both) == sorted(ids), "a job taken twice, or not at all"
+    assert first.counts() == {"succeeded": 50}
 
 
 def test_an_unknown_store_url_names_only_its_scheme(tmp_path: Path) -> None:
     with pytest.raises(jobstore.StoreError) as err:
-        jobstore.open_store("postgresql://u:hunter2@db/x", tmp_path)
-    assert "hunter2" not in str(err.value) and "postgresql" in str(err.value)
+        jobstore.open_store("mysql://u:hunter2@db/x", tmp_path)
+    assert "hunter2" not in str(err.value) and "postgresql://USER@HOST" in str(err.value)
 
 
 # --- the formats -------------------------------------------------------------------------
@@ -184,10 +259,11 @@ def _wav(seconds: float) -> bytes:
 
 
 class Server:
-    def __init__(self, state: Path, asr: bool = True, **settings: Any) -> None:
+    def __init__(self, state: Path, asr: bool = True, store: jobstore.Store | None = None,
+                 **settings: Any) -> None:
         serve.private_state_dir(state)
         self.state = state
-        self.store = jobstore.SQLiteStore(state / jobstore.DB_NAME)
+        self.store = store or jobstore.SQLiteStore(state / jobstore.DB_NAME)
         self.service = service.Service(service.Settings(
             state_dir=state, asr={"repo": "Systran/faster-whisper-tiny.en"} if asr else None,
             multilingual=False, pipeline="pyannote/speaker-diarization-community-1",
@@ -457,3 +533,193 @@ def test_configure_writes_bin_serve_and_a_unit_whose_command_serve_takes(
                       "UMask=0077", "CapabilityBoundingSet=\n", "PrivateTmp=yes"):
         assert hardening in unit, hardening
     assert "runtime/serve.py" in configure.wrapper(prefix, "serve")
+
+
+# --- the shared store: PostgreSQL ------------------------------------------------------------
+def test_a_password_in_the_store_url_is_refused_and_never_shown(tmp_path: Path) -> None:
+    for url in ("postgresql://serve:hunter2@db.example/jobs",
+                "postgresql://serve@db.example/jobs?password=hunter2&sslmode=require"):
+        with pytest.raises(jobstore.StoreError) as err:
+            jobstore.open_store(url, tmp_path)
+        message = str(err.value)
+        assert "hunter2" not in message and "PGPASSFILE" in message, message
+        assert "postgresql://serve@db.example/jobs" in message and "\n" not in message
+    p = _serve("--store", "postgresql://serve:hunter2@db.example/jobs", "--state-dir",
+               str(tmp_path / "state"))
+    assert p.returncode == 3 and "hunter2" not in p.stderr + p.stdout, p.stderr
+    assert len(p.stderr.splitlines()) == 1 and "Traceback" not in p.stderr
+
+
+def test_a_wrong_password_or_port_is_one_line_naming_the_database_not_the_password(
+        postgres: PostgresServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = postgres.url()
+    monkeypatch.setenv("PGPASSFILE", "/nonexistent")
+    monkeypatch.setenv("PGPASSWORD", "wrong-hunter2")
+    with pytest.raises(jobstore.StoreUnavailable) as err:
+        PostgresStore(url)
+    message = str(err.value)
+    assert "hunter2" not in message and postgres.password not in message
+    assert f"postgresql://serve@127.0.0.1:{postgres.port}/postgres" in message, message
+    assert "password authentication failed" in message and "\n" not in message
+    closed = f"postgresql://serve@127.0.0.1:{free_port()}/postgres"
+    with pytest.raises(jobstore.StoreUnavailable, match="cannot reach the job store "
+                       + re.escape(closed)):
+        PostgresStore(closed)
+
+
+def test_store_init_makes_the_schema_the_server_refuses_to_start_without(
+        postgres: PostgresServer, tmp_path: Path) -> None:
+    url, state = postgres.database(), str(tmp_path / "state")
+    p = _serve("--store", url, "--state-dir", state)
+    assert p.returncode == 3 and f"bin/serve store init --store {url}" in p.stderr, p.stderr
+    for action, said in (("init", "(created)"), ("migrate", "(already current)")):
+        p = _serve("store", action, "--store", url)
+        assert p.returncode == 0 and said in p.stderr, p.stderr
+    assert PostgresStore(url).schema_version() == jobstore.SCHEMA_VERSION
+    p = _serve("--host", "0.0.0.0", "--store", url, "--state-dir", state)
+    assert p.returncode == 2 and f"keys add NAME --store {url})" in p.stderr, p.stderr
+    elsewhere = tmp_path / "an-admin-host"
+    key = _serve("keys", "add", "alice", "--store", url, "--state-dir", str(elsewhere))
+    assert key.returncode == 0, key.stderr
+    assert not elsewhere.exists()  # a shared store's keys need no state dir
+    assert PostgresStore(url).key_owner(service.key_digest(key.stdout.strip())) == "alice"
+    listed = _serve("keys", "list", "--json", "--store", url)
+    assert [k["name"] for k in json.loads(listed.stdout)["keys"]] == ["alice"]
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema'")
+    for argv in (("--store", url, "--state-dir", state), ("store", "migrate", "--store", url)):
+        p = _serve(*argv)
+        assert p.returncode == 3 and "schema 99, newer than this bundle's" in p.stderr, p.stderr
+
+
+def test_a_restarted_database_is_503_in_openais_shape_then_served_again(
+        postgres: PostgresServer, tmp_path: Path) -> None:
+    url = postgres.database()
+    PostgresStore(url, check_schema=False).migrate()
+    srv = Server(tmp_path / "state", store=PostgresStore(url))
+    r = _post(srv)
+    assert r.status_code == 202, r.text
+    job = r.json()["id"]
+    idle = PostgresStore(url)
+    assert idle.unfinished() == 1  # a connection made, then left idle over the restart
+    postgres.pg_ctl("stop")
+    try:
+        down = _error(srv.client.get(f"/v1/jobs/{job}"), 503, "store_unavailable")
+        assert url not in down["message"]  # where the database is stays in the server's log
+        assert _post(srv).status_code == 503 and srv.uploads() == [job]  # nothing half-kept
+        # A delivered answer's clean-up meets it: the job stays for --keep-days, no error.
+        asyncio.run(srv.service.forget(jobstore.Job(id=job, owner="", kind="diarization",
+                                                    params={}, filename="a.wav", upload=job,
+                                                    sync=True)))
+        # The --keep-days cleaner meets it too, and goes on to its next round (it sleeps).
+        with pytest.raises(asyncio.TimeoutError):
+            asyncio.run(asyncio.wait_for(serve.clean(srv.service, 7.0), 1.0))
+    finally:
+        postgres.pg_ctl("start")
+    # A connection the restart closed is noticed before use: no call fails on it.
+    assert idle.unfinished() == 1
+    for _ in range(3):
+        assert srv.client.get(f"/v1/jobs/{job}").json()["status"] == "queued"
+    assert srv.client.delete(f"/v1/jobs/{job}").json()["deleted"] is True
+
+
+def test_a_waiting_request_rides_out_a_database_restart(
+        postgres: PostgresServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its job is accepted and in work: a restart of seconds is waited out, not a 503 that
+    would make the client send the recording again."""
+    monkeypatch.setattr(service, "WAIT_POLL_S", 0.1)
+    url = postgres.database()
+    PostgresStore(url, check_schema=False).migrate()
+    srv = Server(tmp_path / "state", store=PostgresStore(url))
+
+    def worker() -> None:  # another replica's, say: it takes the job, the database goes
+        store = PostgresStore(url)
+        for _ in range(500):
+            job = store.claim("elsewhere", 60)
+            if job:
+                break
+            time.sleep(0.02)
+        assert job
+        postgres.pg_ctl("stop")
+        time.sleep(0.5)  # several of the request's reads meet the outage
+        postgres.pg_ctl("start")
+        store.finish(job.id, "elsewhere", _result(), 2.2, 0.4)
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    r = _post(srv, "/v1/audio/transcriptions", response_format="text")
+    thread.join(30)
+    assert r.status_code == 200 and r.text == "Hello there. Good day.\n", r.text
+
+
+def test_reaching_its_store_is_not_counted_as_a_workers_network_attempt(
+        postgres: PostgresServer) -> None:
+    """psycopg looks the store's host name up in Python (libpq connects in C): the audit
+    behind /metrics' network attempts lets that one name through, and only it."""
+    url = postgres.database().replace("127.0.0.1", "localhost")
+    assert jobstore.store_hosts(url) == ["localhost"]
+    assert jobstore.store_hosts("postgresql://u@[::1]:5433,db.example/j?host=r.example"
+                                "&sslmode=require") == ["::1", "db.example", "r.example"]
+    assert jobstore.store_hosts("postgresql://u@%2Fvar%2Frun%2Fpostgresql/j") == []
+    assert jobstore.store_hosts(None) == [] == jobstore.store_hosts("sqlite:///s.db")
+    script = ("import socket, sys\n"
+              "from bundler.runtime import jobstore, offline\n"
+              "from bundler.runtime.pgstore import PostgresStore\n"
+              "url, allow = sys.argv[1], sys.argv[2] == 'allow'\n"
+              "audit = offline.NetworkAudit(allow=jobstore.store_hosts(url) if allow else ())\n"
+              "sys.addaudithook(audit)\n"
+              "PostgresStore(url, check_schema=False).schema_version()\n"
+              "try:\n    socket.getaddrinfo('elsewhere.invalid', 80)\n"
+              "except OSError:\n    pass\n"
+              "print(audit.attempts)\n")
+    seen = {}
+    for mode in ("allow", "count"):
+        proc = subprocess.run([sys.executable, "-c", script, url, mode], capture_output=True,
+                              text=True, timeout=60, cwd=Path(serve.__file__).parents[2])
+        assert proc.returncode == 0, proc.stderr
+        seen[mode] = proc.stdout.strip()
+    assert seen["allow"] == "[\"getaddrinfo 'elsewhere.invalid'\"]", seen
+    assert "getaddrinfo 'localhost'" in seen["count"], seen  # it is looked up in Python
+
+
+def test_replicas_share_the_state_dir_and_leave_each_others_work_alone(
+        postgres: PostgresServer, tmp_path: Path) -> None:
+    url = postgres.database()
+    PostgresStore(url, check_schema=False).migrate()
+    state = serve.private_state_dir(tmp_path / "state")
+    first = serve.lock_state_dir(state, shared=True)
+    second = serve.lock_state_dir(state, shared=True)  # another replica on the same volume
+    with pytest.raises(serve.Fail, match="another bin/serve is using"):
+        serve.lock_state_dir(state, shared=False)
+    first.close()
+    second.close()
+    alone = serve.lock_state_dir(state, shared=False)
+    with pytest.raises(serve.Fail, match="with its own embedded store is using"):
+        serve.lock_state_dir(state, shared=True)
+    alone.close()
+    store = PostgresStore(url)
+    running = _job(store)
+    assert store.claim("other-replica-worker", 600)
+    uploads = state / "uploads"
+    fresh, old, part = (uploads / os.urandom(16).hex(), uploads / os.urandom(16).hex(),
+                        uploads / f".{os.urandom(16).hex()}.part")
+    for path in (fresh, old, part):
+        path.write_bytes(b"RIFF")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(old, (hours_ago, hours_ago))
+    assert serve.recover(state, store) == (0, 1)  # no requeue; only the old orphan goes
+    assert sorted(os.listdir(uploads)) == sorted([fresh.name, part.name])
+    got = store.get(running.id, None)
+    assert got and got.status == "running" and got.worker == "other-replica-worker"
+    embedded = jobstore.SQLiteStore(tmp_path / "s.db")
+    _job(embedded)
+    assert embedded.claim("gone", 600)
+    assert serve.recover(state, embedded) == (1, 2)  # ours alone: all of it, at once
+
+
+def test_every_room_of_the_service_ships_in_the_bundle() -> None:
+    """pgstore.py among them: a bundle without it could not open a shared store."""
+    runtime = Path(serve.__file__).parent
+    shipped = set(layout.PROGRAMS.values())
+    # apply.py travels in a delta, __init__.py is the tool's package marker.
+    assert {p.name for p in runtime.glob("*.py")} - shipped == {"__init__.py", "apply.py"}

@@ -1,7 +1,9 @@
 """The service's job store: what ``bin/serve`` accepted, who owns it, where it stands, its
 result, and the API keys (their hashes). One small interface, so that the HTTP side and the
 workers never see which database holds it; ``SQLiteStore`` is the embedded one (a file in
-the state dir, stdlib ``sqlite3``, WAL).
+the state dir, stdlib ``sqlite3``, WAL); ``pgstore.PostgresStore`` is the shared one
+(several ``bin/serve`` replicas on one PostgreSQL). Both run the same SQL (``SQLStore``):
+only connecting, the schema's creation and claiming's row locks differ.
 
 Durable by construction: a job is committed (``synchronous=FULL``) before the request that
 made it is answered. A worker *claims* a job for a lease and renews it while it works; a
@@ -9,7 +11,8 @@ job whose lease ran out (its worker was killed) is claimed again by the next fre
 at most ``MAX_ATTEMPTS`` times (a recording that kills its worker every time fails, instead
 of killing workers for ever).
 
-Standard library only, Python 3.9.
+Standard library only, Python 3.9 (psycopg is imported by ``pgstore`` only, for a
+``postgresql://`` store).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Protocol
+from urllib.parse import unquote
 
 SCHEMA_VERSION = 1
 MAX_ATTEMPTS = 3
@@ -31,6 +35,12 @@ QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
 FINISHED = (SUCCEEDED, FAILED)
 DB_NAME = "serve.db"
 
+WORKER_DIED = {"kind": "worker_died",
+               "message": f"the worker processing it stopped {MAX_ATTEMPTS} times (killed, "
+                          "or crashed on this recording)"}
+
+# One schema for both engines: DOUBLE PRECISION is PostgreSQL's 8-byte float (its REAL has
+# 4 bytes: timestamps would lose minutes) and has SQLite's REAL affinity.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
@@ -42,15 +52,15 @@ CREATE TABLE IF NOT EXISTS jobs (
   upload TEXT NOT NULL,
   sync INTEGER NOT NULL,
   status TEXT NOT NULL,
-  progress REAL NOT NULL DEFAULT 0,
+  progress DOUBLE PRECISION NOT NULL DEFAULT 0,
   attempts INTEGER NOT NULL DEFAULT 0,
   worker TEXT,
-  lease_until REAL,
-  created_at REAL NOT NULL,
-  started_at REAL,
-  finished_at REAL,
-  audio_seconds REAL,
-  work_seconds REAL,
+  lease_until DOUBLE PRECISION,
+  created_at DOUBLE PRECISION NOT NULL,
+  started_at DOUBLE PRECISION,
+  finished_at DOUBLE PRECISION,
+  audio_seconds DOUBLE PRECISION,
+  work_seconds DOUBLE PRECISION,
   error TEXT,
   result TEXT,
   speakers TEXT
@@ -60,14 +70,19 @@ CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, created_at);
 CREATE TABLE IF NOT EXISTS keys (
   name TEXT PRIMARY KEY,
   hash TEXT NOT NULL UNIQUE,
-  created_at REAL NOT NULL,
-  revoked_at REAL
+  created_at DOUBLE PRECISION NOT NULL,
+  revoked_at DOUBLE PRECISION
 );
 """
 
 
 class StoreError(Exception):
     """The store cannot be opened or used (a message for the operator)."""
+
+
+class StoreUnavailable(StoreError):
+    """The store's server cannot be reached right now (a network store restarting): the
+    request gets 503, and the next call connects again."""
 
 
 @dataclass
@@ -101,6 +116,17 @@ _COLUMNS = ("id", "owner", "kind", "params", "filename", "upload", "sync", "stat
             "finished_at", "audio_seconds", "work_seconds", "error", "result", "speakers")
 _JSON: dict[str, Any] = {"params": {}, "error": None, "result": None, "speakers": {}}
 _LIGHT = ", ".join(c if c != "result" else "NULL AS result" for c in _COLUMNS)
+
+
+def _row(job: Job) -> list[Any]:
+    """``job``'s column values, as both engines store them (JSON as text, sync as 0/1)."""
+    values = [getattr(job, c) for c in _COLUMNS]
+    for i, name in enumerate(_COLUMNS):
+        if name in _JSON:
+            values[i] = json.dumps(values[i]) if values[i] or name == "params" else None
+        elif name == "sync":
+            values[i] = int(values[i])
+    return values
 
 
 def _job(row: Any) -> Job:
@@ -139,69 +165,35 @@ class Store(Protocol):
     def active_keys(self) -> int: ...
     def close(self) -> None: ...
 
+    # Several servers share this store (a database server): none may requeue every running
+    # job at start, and they share one uploads folder.
+    shared: bool
 
-class SQLiteStore(Store):
-    """The embedded store: ``STATE_DIR/serve.db`` (0600, as the folder is 0700), WAL, one
-    connection per thread; several processes (the server and its workers) share it."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._local = threading.local()
-        try:
-            with self._tx() as db:
-                for statement in filter(str.strip, _SCHEMA.split(";")):
-                    db.execute(statement)  # executescript would commit on its own
-                row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
-                if row is None:
-                    db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-                elif int(row[0]) > SCHEMA_VERSION:
-                    raise StoreError(f"{path} has schema {row[0]}, newer than this bundle's "
-                                     f"{SCHEMA_VERSION}: use the newer bin/serve")
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open the job store {path}: {exc}") from None
+class SQLStore(Store):
+    """The store's SQL, one text for both engines. A subclass connects (``_db``: one
+    connection per thread, autocommit outside ``_tx``), opens a transaction (``_tx``) and
+    says how a claim locks the rows it takes (``LOCK_ROWS``)."""
 
-    # --- connections ------------------------------------------------------------------
-    def _db(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            # Created private whatever the umask: recordings' transcripts live in it.
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0),
-                         0o600)
-            os.close(fd)
-            db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None,
-                                 check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("PRAGMA busy_timeout=30000")
-            self._local.db = db
-        return db
+    # SQLite serialises writers (BEGIN IMMEDIATE): nothing to add. PostgreSQL adds
+    # "FOR UPDATE SKIP LOCKED", so that concurrent claims each take a different job.
+    LOCK_ROWS = ""
+    shared = False
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+    def _db(self) -> Any:
+        raise NotImplementedError
+
+    def _tx(self) -> Any:  # a context manager that yields the connection
+        raise NotImplementedError
 
     def close(self) -> None:
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.close()
-            self._local.db = None
+        raise NotImplementedError
 
     # --- jobs -------------------------------------------------------------------------
     def add_job(self, job: Job) -> None:
-        values = [getattr(job, c) for c in _COLUMNS]
-        for i, name in enumerate(_COLUMNS):
-            if name in _JSON:
-                values[i] = json.dumps(values[i]) if values[i] or name == "params" else None
         with self._tx() as db:
             db.execute(f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES "
-                       f"({', '.join('?' for _ in _COLUMNS)})", values)
+                       f"({', '.join('?' for _ in _COLUMNS)})", _row(job))
 
     def unfinished(self) -> int:
         return int(self._db().execute(
@@ -215,17 +207,15 @@ class SQLiteStore(Store):
     def claim(self, worker: str, lease_s: float) -> Job | None:
         now = time.time()
         with self._tx() as db:
-            # A job whose worker died too often fails, rather than kill the next one.
-            db.execute("UPDATE jobs SET status = ?, finished_at = ?, worker = NULL, "
-                       "error = ? WHERE status = ? AND lease_until < ? AND attempts >= ?",
-                       (FAILED, now, json.dumps({
-                           "kind": "worker_died",
-                           "message": f"the worker processing it stopped {MAX_ATTEMPTS} "
-                                      "times (killed, or crashed on this recording)"}),
-                        RUNNING, now, MAX_ATTEMPTS))
+            # A job whose worker died too often fails, rather than kill the next one. Rows
+            # another claim holds are skipped (PostgreSQL): it fails them, or takes them.
+            db.execute("UPDATE jobs SET status = ?, finished_at = ?, worker = NULL, error = ? "
+                       "WHERE id IN (SELECT id FROM jobs WHERE status = ? AND lease_until < ? "
+                       f"AND attempts >= ?{self.LOCK_ROWS})",
+                       (FAILED, now, json.dumps(WORKER_DIED), RUNNING, now, MAX_ATTEMPTS))
             row = db.execute(
                 f"SELECT {_LIGHT} FROM jobs WHERE status = ? OR (status = ? AND "
-                "lease_until < ?) ORDER BY created_at, id LIMIT 1",
+                f"lease_until < ?) ORDER BY created_at, id LIMIT 1{self.LOCK_ROWS}",
                 (QUEUED, RUNNING, now)).fetchone()
             if row is None:
                 return None
@@ -237,7 +227,7 @@ class SQLiteStore(Store):
             job.attempts + 1, now
         return job
 
-    def _mine(self, db: sqlite3.Connection, sql: str, args: tuple[Any, ...], job_id: str,
+    def _mine(self, db: Any, sql: str, args: tuple[Any, ...], job_id: str,
               worker: str) -> bool:
         cur = db.execute(sql + " WHERE id = ? AND worker = ? AND status = ?",
                          (*args, job_id, worker, RUNNING))
@@ -343,8 +333,9 @@ class SQLiteStore(Store):
             if row is not None and row[0] is None:
                 raise StoreError(f"a key named {name!r} exists: revoke it first "
                                  f"(bin/serve keys revoke {name})")
-            db.execute("INSERT OR REPLACE INTO keys VALUES (?, ?, ?, NULL)",
-                       (name, digest, time.time()))
+            # A revoked key's name takes a new key (portable SQL: no upsert).
+            db.execute("DELETE FROM keys WHERE name = ?", (name,))
+            db.execute("INSERT INTO keys VALUES (?, ?, ?, NULL)", (name, digest, time.time()))
 
     def revoke_key(self, name: str) -> bool:
         with self._tx() as db:
@@ -365,12 +356,115 @@ class SQLiteStore(Store):
             "SELECT count(*) FROM keys WHERE revoked_at IS NULL").fetchone()[0])
 
 
+class SQLiteStore(SQLStore):
+    """The embedded store: ``STATE_DIR/serve.db`` (0600, as the folder is 0700), WAL, one
+    connection per thread; several processes (the server and its workers) share it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._local = threading.local()
+        try:
+            with self._tx() as db:
+                for statement in schema_statements():
+                    db.execute(statement)  # executescript would commit on its own
+                row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+                if row is None:
+                    db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+                elif int(row[0]) > SCHEMA_VERSION:
+                    raise StoreError(f"{path} has schema {row[0]}, newer than this bundle's "
+                                     f"{SCHEMA_VERSION}: use the newer bin/serve")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the job store {path}: {exc}") from None
+
+    # --- connections ------------------------------------------------------------------
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            # Created private whatever the umask: recordings' transcripts live in it.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0),
+                         0o600)
+            os.close(fd)
+            db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None,
+                                 check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA busy_timeout=30000")
+            self._local.db = db
+        return db
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+
+def schema_statements() -> list[str]:
+    """The schema's statements, one by one (each engine runs them in one transaction)."""
+    return [statement.strip() for statement in _SCHEMA.split(";") if statement.strip()]
+
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def store_hosts(url: str | None) -> list[str]:
+    """The host names a shared store's URL names (libpq's ``HOST[:PORT][,HOST[:PORT]...]``
+    and ``?host=``; socket folders aside): the ones a worker looks up to reach its store."""
+    if not url or not url.startswith(POSTGRES_SCHEMES):
+        return []
+    rest = url.split("://", 1)[1]
+    where, _, query = rest.partition("?")
+    netloc = where.split("/", 1)[0].rpartition("@")[2]
+    names = [unquote(name) for name in netloc.split(",")]
+    for option in query.split("&"):
+        key, _, value = option.partition("=")
+        if key == "host":
+            names += unquote(value).split(",")
+    hosts = []
+    for name in names:
+        host = name[1:].partition("]")[0] if name.startswith("[") else name.partition(":")[0]
+        if host and not host.startswith("/"):
+            hosts.append(host)
+    return hosts
+
+
 def open_store(url: str | None, state_dir: Path) -> Store:
-    """The store ``--store`` names: ``sqlite:///PATH``, or by default ``STATE_DIR/serve.db``."""
+    """The store ``--store`` names: ``sqlite:///PATH``, ``postgresql://USER@HOST[:PORT]/DB``
+    (psycopg imported only then), or by default ``STATE_DIR/serve.db``."""
     if not url:
         return SQLiteStore(state_dir / DB_NAME)
     if url.startswith("sqlite:///"):
         return SQLiteStore(Path(url[len("sqlite://"):]))
+    if url.startswith(POSTGRES_SCHEMES):
+        from .pgstore import PostgresStore
+
+        return PostgresStore(url)
     scheme = url.partition(":")[0] or url
-    raise StoreError(f"--store {scheme}: this bin/serve knows sqlite:///PATH (the default is "
-                     f"{state_dir / DB_NAME})")
+    raise StoreError(f"--store {scheme}: this bin/serve knows sqlite:///PATH and "
+                     f"postgresql://USER@HOST[:PORT]/DB (the default is {state_dir / DB_NAME})")
+
+
+def init_store(url: str | None, state_dir: Path) -> tuple[int | None, int]:
+    """``bin/serve store init|migrate``: the schema created or brought up to date,
+    ``(version found, version now)``. SQLite makes its own when opened."""
+    if url and url.startswith(POSTGRES_SCHEMES):
+        from .pgstore import PostgresStore
+
+        store = PostgresStore(url, check_schema=False)
+        try:
+            return store.migrate()
+        finally:
+            store.close()
+    open_store(url, state_dir).close()
+    return SCHEMA_VERSION, SCHEMA_VERSION

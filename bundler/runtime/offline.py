@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -82,10 +83,13 @@ INET = (socket.AF_INET, socket.AF_INET6)
 
 class NetworkAudit:
     """A ``sys.addaudithook`` hook: counts every connection attempt and name lookup this
-    process makes (local sockets aside), and refuses them when ``block`` is set."""
+    process makes (local sockets aside), and refuses them when ``block`` is set. Looking up
+    a host in ``allow`` is not counted: the database a service was told to use (``bin/serve
+    --store postgresql://...``; psycopg resolves its name in Python, libpq connects in C)."""
 
-    def __init__(self, block: bool = False) -> None:
+    def __init__(self, block: bool = False, allow: Iterable[str] = ()) -> None:
         self.block = block
+        self.allow = frozenset(host.lower() for host in allow)
         self.attempts: list[str] = []
 
     def __call__(self, event: str, args: tuple[Any, ...]) -> None:
@@ -95,6 +99,8 @@ class NetworkAudit:
                 return
             what = f"{event.split('.')[1]} {address!r}"
         elif event in NAME_EVENTS:
+            if str(args[0]).lower() in self.allow:
+                return
             what = f"{event.split('.')[1]} {args[0]!r}"
         else:
             return

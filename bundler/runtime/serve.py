@@ -3,6 +3,7 @@ service.
 
     PREFIX/bin/serve [--host 127.0.0.1] [--port 8000] [--state-dir DIR] [--workers N] ...
     PREFIX/bin/serve keys add|list|revoke NAME
+    PREFIX/bin/serve store init|migrate --store postgresql://USER@HOST/DB
 
 Shipped verbatim in every bundle (``runtime/serve.py``) and installed as ``PREFIX/bin/serve``.
 Offline as ``bin/diarize`` is (the same environment, 0 connection attempts): one server
@@ -14,6 +15,11 @@ starts, a SIGTERM drains (the jobs in hand are finished; the queue waits in the 
 
 Keys: ``bin/serve keys add NAME`` prints a new key once, alone on stdout, and stores only
 its hash. Without keys the server answers on loopback only.
+
+Several hosts: ``--store postgresql://...`` puts the queue, results and keys in PostgreSQL
+(``pgstore.py``), and replicas that share it and one state dir (a shared volume: the
+uploads) take jobs from one queue; a replica's dead workers' jobs come back when their
+leases run out, never by a restart of another replica.
 """
 
 from __future__ import annotations
@@ -56,6 +62,10 @@ EXIT_CODES = {
 }
 KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 UPLOAD_NAME = re.compile(r"^(\.)?[0-9a-f]{32}(\.part)?$")  # what service.py names uploads
+# With a shared store, another replica may be writing an upload, or committing the job of
+# one it has just renamed into place: only a file untouched this long, that no job names, is
+# an orphan.
+SHARED_ORPHAN_AGE_S = 3600
 DRAIN_TIMEOUT_S = 600
 CLEAN_EVERY_S = 3600
 
@@ -104,6 +114,11 @@ def private_state_dir(path: Path) -> Path:
     return path
 
 
+def embedded(url: str | None) -> bool:
+    """The store lives in the state dir (SQLite): that folder must be made first."""
+    return not url or url.startswith("sqlite:")
+
+
 def open_store(args: argparse.Namespace) -> jobstore.Store:
     try:
         return jobstore.open_store(args.store, args.state_dir)
@@ -132,7 +147,8 @@ def keys_main(argv: Sequence[str]) -> int:
         p.error(f"keys {args.action} needs a NAME")
     if args.name and not KEY_NAME.match(args.name):
         p.error(f"key name {shown(args.name)!r}: 1-64 letters, digits or ._@- ")
-    private_state_dir(args.state_dir)
+    if embedded(args.store):
+        private_state_dir(args.state_dir)
     store = open_store(args)
     if args.action == "add":
         from .service import key_digest
@@ -162,6 +178,35 @@ def keys_main(argv: Sequence[str]) -> int:
     return exits.EXIT_OK
 
 
+# --- the store's schema ------------------------------------------------------------------
+def store_main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="serve store", description=(
+        "Create (init) or bring up to date (migrate) the job store's schema in a shared\n"
+        "PostgreSQL database, before the first bin/serve starts on it and after each\n"
+        "update of the bundle; safe to run again, and from several hosts at once. The\n"
+        "password comes from PGPASSWORD, PGPASSFILE or ~/.pgpass, never from the URL.\n"
+        "The embedded SQLite store makes its schema itself."),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  PGPASSFILE=/etc/pyannote/pgpass bin/serve store init "
+               "--store postgresql://serve@db.example/pyannote\n")
+    p.add_argument("action", choices=("init", "migrate"))
+    p.add_argument("--store", metavar="URL", required=True,
+                   help="postgresql://USER@HOST[:PORT]/DB, as bin/serve --store")
+    p.add_argument("--state-dir", type=Path, default=default_state_dir(),
+                   help="for a sqlite:/// store only")
+    args = p.parse_args(argv)
+    if embedded(args.store):
+        private_state_dir(args.state_dir)
+    try:
+        found, now = jobstore.init_store(args.store, args.state_dir)
+    except jobstore.StoreError as exc:
+        raise Fail(str(exc), exits.EXIT_CANNOT_RUN) from None
+    was = "created" if found is None else ("already current" if found == now
+                                           else f"migrated from version {found}")
+    print(f"serve: the job store's schema is at version {now} ({was})", file=sys.stderr)
+    return exits.EXIT_OK
+
+
 # --- the server -----------------------------------------------------------------------------
 def parser() -> argparse.ArgumentParser:
     model = transcribe.bundled_model()
@@ -178,6 +223,8 @@ def parser() -> argparse.ArgumentParser:
                              "diarization.")),
         epilog=("keys:\n  serve keys add NAME      a new key, printed once on stdout\n"
                 "  serve keys list | revoke NAME\n"
+                "  serve store init|migrate --store URL   a shared PostgreSQL store's "
+                "schema\n"
                 "examples:\n  serve                                  # 127.0.0.1:8000, "
                 "no keys needed on loopback\n"
                 "  serve keys add alice && serve --host 0.0.0.0 --workers 2\n"
@@ -192,7 +239,10 @@ def parser() -> argparse.ArgumentParser:
                    help="uploads, results, keys: private (0700), kept across restarts "
                         f"(default: {default_state_dir()})")
     p.add_argument("--store", metavar="URL",
-                   help="the job store (default: sqlite in the state dir)")
+                   help="the job store (default: sqlite in the state dir); "
+                        "postgresql://USER@HOST[:PORT]/DB for replicas sharing one queue "
+                        "(password from PGPASSWORD, PGPASSFILE or ~/.pgpass; first: serve "
+                        "store init --store URL)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="processes that each load the models once and take jobs (default: 1)")
     p.add_argument("--queue", type=int, default=16, metavar="N",
@@ -354,17 +404,43 @@ class Pool:
                 await asyncio.wait(pending, timeout=10)
 
 
-def orphans(state: Path, store: jobstore.Store) -> int:
+def orphans(state: Path, store: jobstore.Store, min_age: float = 0.0) -> int:
     """Uploads no job names (a server killed while receiving one, a job deleted while its
-    file was being written): only files named as this service names them."""
+    file was being written): only files named as this service names them, and untouched
+    for ``min_age`` seconds (another replica's upload in flight is not an orphan)."""
     known = {j.upload for j in store.jobs(None, limit=1 << 30)}
-    removed = 0
+    removed, before = 0, time.time() - min_age
     for entry in os.scandir(state / "uploads"):
         if UPLOAD_NAME.match(entry.name) and entry.name not in known and entry.is_file(
-                follow_symlinks=False):
-            os.unlink(entry.path)
-            removed += 1
+                follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime <= before:
+            with contextlib.suppress(FileNotFoundError):  # another replica's sweep was first
+                os.unlink(entry.path)
+                removed += 1
     return removed
+
+
+def lock_state_dir(state: Path, shared: bool) -> Any:
+    """The state dir's lock, held while the server runs: an embedded store is one server's
+    alone (exclusive); replicas of a shared store share the uploads folder (a shared lock),
+    but never with a server whose store is embedded."""
+    lock = open(state / "serve.lock", "a")
+    try:
+        fcntl.flock(lock, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        who = "a bin/serve with its own embedded store" if shared else "another bin/serve"
+        raise Fail(f"{who} is using {state}: stop it, or give this one its own --state-dir",
+                   exits.EXIT_USAGE) from None
+    return lock
+
+
+def recover(state: Path, store: jobstore.Store) -> tuple[int, int]:
+    """At start: ``(jobs requeued, orphaned uploads removed)``. An embedded store is ours
+    alone (the lock): its running jobs' workers are gone. A shared one's running jobs may be
+    another replica's, at work: their leases say when they are not; and only old orphans go."""
+    if store.shared:
+        return 0, orphans(state, store, SHARED_ORPHAN_AGE_S)
+    return store.requeue_running(), orphans(state, store)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -400,23 +476,18 @@ def serve(args: argparse.Namespace) -> int:
                    "built before bin/serve: rebuild it)", exits.EXIT_CANNOT_RUN) from None
     state = private_state_dir(args.state_dir)
     os.umask(0o077)  # uploads, results, the store: private, whatever the caller's umask
-    lock = open(state / "serve.lock", "a")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        raise Fail(f"another bin/serve is using {state}: stop it, or give this one its own "
-                   "--state-dir", exits.EXIT_USAGE) from None
     store = open_store(args)
+    lock = lock_state_dir(state, store.shared)  # noqa: F841 - held while the server runs
     if not loopback(args.host) and not args.insecure_no_auth and not store.active_keys():
+        where = f"--store {args.store}" if store.shared else f"--state-dir {state}"
         raise Fail(f"--host {args.host} with no API key would answer anyone who can reach "
-                   f"it: add one first (bin/serve keys add NAME --state-dir {state}), or "
+                   f"it: add one first (bin/serve keys add NAME {where}), or "
                    "--insecure-no-auth", exits.EXIT_USAGE)
     say = lambda line: print(f"serve: {line}", file=sys.stderr, flush=True)  # noqa: E731
     if args.insecure_no_auth:
         say(f"WARNING: --insecure-no-auth: anyone who reaches {args.host}:{args.port} can "
             "send recordings and read every transcript")
-    requeued = store.requeue_running()  # ours alone (the lock): their workers are gone
-    removed = orphans(state, store)
+    requeued, removed = recover(state, store)
     if requeued or removed:
         say(f"{requeued} job(s) interrupted by the last stop run again; {removed} orphaned "
             "upload(s) removed")
@@ -468,9 +539,12 @@ async def clean(svc: Any, keep_days: float) -> None:
     """Finished jobs older than --keep-days go, with their recordings and results."""
     while keep_days > 0:
         before = time.time() - keep_days * 86400
-        for job in await svc.call(svc.store.finished_before, before):
-            if await svc.call(svc.store.delete, job.id, None) is not None:
-                svc.discard_upload(job)
+        try:
+            for job in await svc.call(svc.store.finished_before, before):
+                if await svc.call(svc.store.delete, job.id, None) is not None:
+                    svc.discard_upload(job)
+        except jobstore.StoreUnavailable:
+            pass  # a shared store restarting: the next round cleans, the loop goes on
         await asyncio.sleep(CLEAN_EVERY_S)
 
 
@@ -493,6 +567,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if argv[:1] == ["keys"]:
             return keys_main(argv[1:])
+        if argv[:1] == ["store"]:
+            return store_main(argv[1:])
         return serve(parser().parse_args(argv))
     except Fail as exc:
         print(f"serve: error: {exc}", file=sys.stderr)

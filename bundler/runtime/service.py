@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import math
 import os
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -47,6 +48,11 @@ HEAD_BYTES = 4096
 # several reads (a 64 KB header sent at once on loopback was answered 200): the app refuses
 # them whatever their path, so the answer does not depend on how the bytes were split.
 MAX_HEADER_BYTES = 16 << 10
+# A request waiting for its job reads the store this often (a job another replica's worker
+# did is seen so), and waits out a shared store's outage this long before its 503: the job
+# is accepted, and a database restart takes seconds.
+WAIT_POLL_S = 2.0
+STORE_PATIENCE_S = 60.0
 
 
 def key_digest(key: str) -> str:
@@ -294,14 +300,22 @@ class Service:
         """Wait for ``job`` to finish (told by the supervisor, or seen in the store: a job
         another server's worker did)."""
         event = self.waiters.setdefault(job.id, asyncio.Event())
+        outage: Optional[float] = None
         try:
             while True:
                 try:
-                    await asyncio.wait_for(event.wait(), 2.0)
+                    await asyncio.wait_for(event.wait(), WAIT_POLL_S)
                 except asyncio.TimeoutError:
                     pass
                 event.clear()
-                done = await self.call(self.store.get, job.id, None)
+                try:
+                    done = await self.call(self.store.get, job.id, None)
+                except jobstore.StoreUnavailable:
+                    outage = outage or time.monotonic()
+                    if time.monotonic() - outage > STORE_PATIENCE_S:
+                        raise
+                    continue
+                outage = None
                 if done is None:
                     raise ApiError(404, "the job was deleted before it finished", "not_found")
                 if done.status in jobstore.FINISHED:
@@ -311,7 +325,10 @@ class Service:
 
     async def forget(self, job: jobstore.Job) -> None:
         """A delivered request's job: its recording and result go (the client has it)."""
-        gone = await self.call(self.store.delete, job.id, None)
+        try:
+            gone = await self.call(self.store.delete, job.id, None)
+        except jobstore.StoreUnavailable:
+            return  # the answer is sent; --keep-days removes what stays
         if gone is not None:
             self.discard_upload(gone)
 
@@ -332,7 +349,15 @@ def endpoint(name: str, handler: Handler, service: Service) -> Callable[[Request
 
     async def run(request: Request) -> Response:
         try:
-            response = await handler(service, request)
+            try:
+                response = await handler(service, request)
+            except jobstore.StoreUnavailable as exc:
+                # A shared store restarting or out of reach: the client retries; the next
+                # call connects again (nothing it was told was accepted is lost).
+                # Clients are not told where the database is; the operator's log is.
+                print(f"serve: {exc}", file=sys.stderr, flush=True)
+                raise ApiError(503, "the job store is unavailable: retry in a few seconds",
+                               "store_unavailable", headers={"Retry-After": "5"}) from None
         except ApiError as exc:
             service.metrics.errors.labels(exc.code).inc()
             response = JSONResponse(exc.body(), exc.status, headers=exc.headers)

@@ -85,7 +85,8 @@ class Worker:
         self.draining = False
         self.reload = False  # a timeout interrupted the models: load them afresh
         self.events = Events()
-        self.audit = NetworkAudit()
+        # Reaching a shared store is the one lookup a worker is told to make.
+        self.audit = NetworkAudit(allow=jobstore.store_hosts(config.get("store")))
 
     def _base_args(self, options: list[str]) -> argparse.Namespace:
         """The program's own options, as ``bin/transcribe`` parses them (one placeholder
@@ -132,7 +133,7 @@ class Worker:
             seconds = len(waveform) / SAMPLE_RATE
             if seconds == 0:
                 raise exits.FileFailed("no audio samples")
-            self.store.set_progress(job.id, self.id, 0.2)
+            self.stored(self.store.set_progress, job.id, self.id, 0.2, patience=0)
             record = inputs.Job(path, job.filename, 0)
             with recordings.deadline(recordings.limit(
                     args.file_timeout, recordings.work_timeout(seconds)), "processing"):
@@ -153,7 +154,7 @@ class Worker:
             result = json.loads(texts["json"])
             result["source"] = job.filename  # not the upload's path in the state dir
             work = time.perf_counter() - t0
-            kept = self.store.finish(job.id, self.id, result, seconds, work)
+            kept = self.stored(self.store.finish, job.id, self.id, result, seconds, work)
             self.events.send("finished", job=job.id, status="succeeded" if kept else "gone",
                              audio_seconds=round(seconds, 3), work_seconds=round(work, 3),
                              network_attempts=len(self.audit.attempts))
@@ -173,9 +174,27 @@ class Worker:
         finally:
             lease.stop()
         self.say(f"job {job.id} failed ({kind}): {message}")
-        self.store.fail(job.id, self.id, kind, message)
+        self.stored(self.store.fail, job.id, self.id, kind, message)
         self.events.send("finished", job=job.id, status="failed", kind=kind,
                          network_attempts=len(self.audit.attempts))
+
+    def stored(self, call: Any, *args: Any, patience: float = LEASE_S) -> bool:
+        """A write about the job in hand, tried again while a shared store is out of reach
+        (a database restarting) for up to ``patience`` seconds; False if it never got
+        through: the lease then runs out, and the job is done again, not lost."""
+        deadline, said = time.monotonic() + patience, False
+        while True:
+            try:
+                return bool(call(*args))
+            except jobstore.StoreUnavailable as exc:
+                if time.monotonic() >= deadline:
+                    if patience:  # progress is not worth a word
+                        self.say(f"the job goes back to the queue when its lease ends: {exc}")
+                    return False
+                if not said:
+                    self.say(f"{exc}; trying again for {patience:.0f} s")
+                    said = True
+                time.sleep(IDLE_POLL_S)
 
     # --- the loop -----------------------------------------------------------------------
     def wait(self, seconds: float) -> bool:
@@ -192,8 +211,18 @@ class Worker:
 
     def run(self) -> int:
         self.load()
+        unreachable = False
         while not self.draining:
-            job = self.store.claim(self.id, LEASE_S)
+            try:
+                job = self.store.claim(self.id, LEASE_S)
+            except jobstore.StoreUnavailable as exc:
+                if not unreachable:  # once per outage, not every poll
+                    self.say(f"{exc}; waiting for it")
+                unreachable, job = True, None
+            else:
+                if unreachable:
+                    self.say("the job store is back")
+                unreachable = False
             if job is None:
                 if not self.wait(IDLE_POLL_S):
                     break
@@ -234,7 +263,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     config = json.loads(argv[0])
     die_with_parent(int(config["parent"]))
     go_offline()
-    worker = Worker(config)
+    try:
+        worker = Worker(config)
+    except jobstore.StoreError as exc:
+        # A shared store out of reach as this worker starts: one line; the server starts
+        # another after a pause (the server itself checked the store before starting us).
+        print(f"serve: worker {config['id']}: {exc}", file=sys.stderr)
+        return exits.EXIT_CANNOT_RUN
     sys.addaudithook(worker.audit)
 
     def drain(_signum: int, _frame: Any) -> None:
