@@ -320,13 +320,15 @@ def bench_whisperx(bundle: Path, prefix: Path, work: Path, runs: int,
         shutil.copy(prefix / layout.DIALOGUE, corpus / f"dialogue{n}.flac")
     files = sorted(str(p) for p in corpus.iterdir())
     texts: dict[str, list[str]] = {}
+    report: dict[str, Any] = {}
 
     def tool() -> None:
         proc = subprocess.run([str(prefix / layout.PREFIX_TRANSCRIBE), str(corpus),
                                "--output-dir", str(work / "out"), "--overwrite", "--json",
                                "-q"], check=True, capture_output=True, text=True)
+        report.update(json.loads(proc.stdout))
         texts["transcribe"] = [" ".join(s["text"] for s in json.loads(
-            Path(o["json"]).read_text())["segments"]) for o in json.loads(proc.stdout)["outputs"]]
+            Path(o["json"]).read_text())["segments"]) for o in report["outputs"]]
 
     def base() -> None:
         proc = subprocess.run([str(prefix / "venv/bin/python"), "-c", WHISPERX_LOOP,
@@ -343,7 +345,9 @@ def bench_whisperx(bundle: Path, prefix: Path, work: Path, runs: int,
                             "dialogue.json").read_text())["text"]
     wer = {k: round(max(word_changes(reference, t) for t in v) / len(words(reference)), 3)
            for k, v in texts.items()}
-    return {"ratio": tool_s / base_s, "seconds": (tool_s, base_s), "wer": wer}
+    # Which diarization engine bin/transcribe ran (onnx where the install's export passed).
+    return {"ratio": tool_s / base_s, "seconds": (tool_s, base_s), "wer": wer,
+            "engine": report.get("engine"), "peak_rss_mb": report.get("peak_rss_mb")}
 
 
 def bench_image(bundle: Path, work: Path) -> dict[str, Any]:
@@ -747,6 +751,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="diarize_cpu_vs_pyannote: minutes of audio per file (default 5)")
     ap.add_argument("--only-cpu", action="store_true",
                     help="with --bundle: install it and run diarize_cpu_vs_pyannote alone")
+    ap.add_argument("--only-whisperx", action="store_true",
+                    help="with --bundle and --whisperx: install the bundle and run "
+                         "transcribe_vs_whisperx alone")
     ap.add_argument("--image", action="store_true",
                     help="also time pyannote-bundle image on --bundle (root; mmdebstrap)")
     ap.add_argument("--no-delta", action="store_true",
@@ -781,6 +788,30 @@ def main(argv: list[str] | None = None) -> int:
                           "machine": {"cpus": os.cpu_count(),
                                       "usable": len(os.sched_getaffinity(0))}}, indent=2))
         return 0 if len(cpu_ratios) == 2 else 1
+    if args.only_whisperx:
+        if not (args.bundle and args.whisperx):
+            ap.error("--only-whisperx needs --bundle and --whisperx")
+        try:
+            root, _ = real_payload(args.bundle, work / "src")
+            if not str(bundle_pyannote(root)).startswith("4."):
+                print("benchmarks/run.py: transcribe_vs_whisperx needs a community-1 bundle "
+                      "(pyannote.audio 4): whisperx runs on it", file=sys.stderr)
+                return 2
+            run_installer(root, work / "prefix", sys.executable, smoke=False, throwaway=True)
+            wx = bench_whisperx(root, work / "prefix", work / "whisperx", args.runs,
+                                args.whisperx)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        tool_s, base_s = wx.pop("seconds")
+        print(json.dumps({"ratios": {"transcribe_vs_whisperx": round(wx.pop("ratio"), 3)},
+                          "seconds": {"transcribe_4_dialogues": round(tool_s, 1),
+                                      "whisperx": round(base_s, 1)},
+                          "transcribe": wx, "runs": args.runs,
+                          "machine": {"cpus": os.cpu_count(),
+                                      "usable": len(os.sched_getaffinity(0)),
+                                      "load_average": [round(x, 2)
+                                                       for x in os.getloadavg()]}}, indent=2))
+        return 0
     try:
         if args.bundle:
             base, files = real_payload(args.bundle, work / "src")
@@ -944,6 +975,7 @@ def main(argv: list[str] | None = None) -> int:
             ratios["transcribe_vs_whisperx"] = wx["ratio"]
             seconds["transcribe_4_dialogues"], seconds["whisperx"] = wx["seconds"]
             transcribe["wer"] = wx["wer"]
+            transcribe["whisperx_engine"] = wx["engine"]
     report = {
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
