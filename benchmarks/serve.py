@@ -6,16 +6,19 @@ figures, on an installed prefix.
 Figures (the prefix's bundle must carry an ASR model; speech is made by espeak-ng with
 ``tests/speech.py``):
 
-* ``serve_vs_transcribe``: ``--files`` short two-voice dialogues sent one after another to a
-  warm ``bin/serve --workers 1`` (``POST /v1/audio/transcriptions``, ``diarized_json``: the
-  upload, the store, the worker's wake-up, the rendering and the answer all counted), timed
-  from the first request after ``/readyz`` answered 200 to the last answer, against
-  ``bin/transcribe`` on the same files in one process, its own ``transcribe_seconds`` (the
-  work on the files; model load excluded on both sides). Median of ``--runs``, the two sides
-  alternating. No ratio unless every answer is ``bin/transcribe``'s document for that file
-  rendered as ``diarized_json`` (``refused`` says why, exit 1).
-* ``cold_start_seconds``: from starting ``bin/serve`` to ``/readyz`` answering 200, for
-  ``--workers 1`` and ``2``.
+* ``serve_vs_transcribe``: ``--files`` two-voice dialogues (about 16 s each) sent one after
+  another to a warm ``bin/serve --workers 1`` (``POST /v1/audio/transcriptions``,
+  ``diarized_json``: the upload, the store, the worker's wake-up, the rendering and the
+  answer all counted), timed from the first request after ``/readyz`` answered 200 to the
+  last answer, against ``bin/transcribe`` on the same files in one process, its own
+  ``transcribe_seconds`` (the work on the files; model load excluded on both sides). Median
+  of ``--runs``, the two sides alternating. No ratio unless every answer is
+  ``bin/transcribe``'s document for that file rendered as ``diarized_json`` (``refused``
+  says why, exit 1).
+* ``cold_start_seconds``: from starting ``bin/serve`` to ``/readyz`` answering 200 (one
+  worker has loaded the models), for ``--workers 1`` and ``2``;
+  ``all_workers_ready_seconds``: until ``/readyz`` counts every worker (what the figures
+  below wait for).
 * ``warm_latency_30s``: the median seconds of one ``POST /v1/audio/transcriptions`` of a
   30-second dialogue on the warm ``--workers 1`` server.
 * ``throughput``: audio hours per hour with ``--workers 1`` and ``2``: ``--jobs`` recordings
@@ -64,6 +67,8 @@ LISTENING = re.compile(r"listening on https?://[^\s/]+:(\d+)/v1")
 READY_TIMEOUT_S = 600.0
 FORMAT = "diarized_json"  # what the sync requests ask for: the service's headline shape
 LATENCY_CLIP_S = 30.0
+# The workers' seconds on the recordings (service.py's Metrics.work, a Counter: "_total").
+WORK_METRIC = "pyannote_serve_work_seconds_total"
 
 
 def preflight(prefix: Path) -> str | None:
@@ -84,7 +89,7 @@ def preflight(prefix: Path) -> str | None:
 
 # --- the speech ---------------------------------------------------------------------------
 def dialogues(folder: Path, count: int) -> list[Path]:
-    """``count`` different two-voice dialogues of three lines each (about 10 s)."""
+    """``count`` different two-voice dialogues of three lines each (about 16 s)."""
     sys.path.insert(0, str(ROOT / "tests"))
     import speech
 
@@ -165,6 +170,7 @@ class Server:
     def __init__(self, prefix: Path, state: Path, workers: int, queue: int = 16) -> None:
         self.lines: list[str] = []
         self.cold_start_s = 0.0  # from the start to /readyz's first 200
+        self.all_ready_s = 0.0  # ... to every worker ready
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(
             [str(prefix / layout.PREFIX_SERVE), "--port", "0", "--state-dir", str(state),
@@ -188,13 +194,19 @@ class Server:
             self.stop()
             raise RuntimeError("bin/serve did not start: " + " | ".join(self.lines[-5:]))
         deadline = time.monotonic() + READY_TIMEOUT_S
-        while self.request("GET", "/readyz")[0] != 200:
+        while True:
+            status, body = self.request("GET", "/readyz")
+            if status == 200 and not self.cold_start_s:
+                self.cold_start_s = time.perf_counter() - self.started
+            # /readyz answers 200 once one worker is ready; the figures wait for them all
+            if status == 200 and json.loads(body).get("workers") == workers:
+                self.all_ready_s = time.perf_counter() - self.started
+                break
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError("bin/serve never became ready: "
                                    + " | ".join(self.lines[-5:]))
             time.sleep(0.05)
-        self.cold_start_s = time.perf_counter() - self.started
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 content_type: str | None = None) -> tuple[int, bytes]:
@@ -254,20 +266,34 @@ def refusal(answers: dict[str, bytes], documents: dict[str, dict[str, Any]]) -> 
     return None
 
 
+def metric(text: str, name: str) -> float:
+    """A sample's value in Prometheus text (``GET /metrics``); 0 before it is first set."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
 def audio_hours_per_hour(audio_seconds: float, wall_seconds: float) -> float:
     return audio_seconds / wall_seconds
 
 
-def serve_pass(server: Server, files: Sequence[Path]) -> tuple[float, dict[str, bytes]]:
-    """The files one after another through the warm server: seconds, and each answer."""
+def serve_pass(server: Server, files: Sequence[Path]) -> tuple[float, float,
+                                                                dict[str, bytes]]:
+    """The files one after another through the warm server: seconds, the seconds its worker
+    spent on them (as bin/transcribe counts its own: decoding and the models), and each
+    answer. The difference is the service's own: upload, store, wake-up, rendering."""
     answers = {}
+    before = metric(server.request("GET", "/metrics")[1].decode(), WORK_METRIC)
     t = time.perf_counter()
     for path in files:
         status, body = server.post("/v1/audio/transcriptions", path, response_format=FORMAT)
         if status != 200:
             raise RuntimeError(f"bin/serve answered {status} for {path.name}: {body[:300]!r}")
         answers[path.name] = body
-    return time.perf_counter() - t, answers
+    seconds = time.perf_counter() - t
+    work = metric(server.request("GET", "/metrics")[1].decode(), WORK_METRIC) - before
+    return seconds, work, answers
 
 
 def transcribe_pass(prefix: Path, folder: Path, out: Path) -> tuple[float, float,
@@ -314,11 +340,13 @@ def bench(prefix: Path, work: Path, runs: int, count: int, jobs: int,
     files = dialogues(corpus, count)
     thirty = clip(work / "clip" / "dialogue-30s.wav", LATENCY_CLIP_S)
     report: dict[str, Any] = {"files": len(files), "cold_start_seconds": {},
-                              "throughput": {}}
+                              "all_workers_ready_seconds": {}, "throughput": {}}
     server = Server(prefix, work / "state-1", workers=1, queue=jobs)
     try:
         report["cold_start_seconds"]["1"] = round(server.cold_start_s, 2)
+        report["all_workers_ready_seconds"]["1"] = round(server.all_ready_s, 2)
         serve_s: list[float] = []
+        worker_s: list[float] = []
         tool_s: list[float] = []
         loads: list[float] = []
         answers: dict[str, bytes] = {}
@@ -326,8 +354,9 @@ def bench(prefix: Path, work: Path, runs: int, count: int, jobs: int,
         for i in range(runs):
             for side in (("serve", "transcribe") if i % 2 == 0 else ("transcribe", "serve")):
                 if side == "serve":
-                    seconds, answers = serve_pass(server, files)
+                    seconds, spent, answers = serve_pass(server, files)
                     serve_s.append(seconds)
+                    worker_s.append(spent)
                 else:
                     seconds, load, docs = transcribe_pass(prefix, corpus, work / "out")
                     tool_s.append(seconds)
@@ -352,15 +381,20 @@ def bench(prefix: Path, work: Path, runs: int, count: int, jobs: int,
                     "transcribe": round(statistics.median(tool_s), 2),
                     "serve_runs": [round(s, 2) for s in serve_s],
                     "transcribe_runs": [round(s, 2) for s in tool_s],
-                    "transcribe_load": round(statistics.median(loads), 2)},
-        "audio_seconds": round(sum(d["duration"] if "duration" in d else 0.0
-                                   for d in map(json.loads, answers.values())), 1),
+                    "transcribe_load": round(statistics.median(loads), 2),
+                    # the worker's own seconds on the files, and the rest of the serve side
+                    "serve_worker": round(statistics.median(worker_s), 2),
+                    "serve_overhead_per_request": round(statistics.median(
+                        [(s - w) / len(files) for s, w in zip(serve_s, worker_s, strict=True)]
+                    ), 3)},
+        "audio_seconds": round(sum(json.loads(a)["duration"] for a in answers.values()), 1),
         "warm_latency_30s": {"median": round(statistics.median(latencies), 2),
                              "runs": [round(s, 2) for s in latencies]},
     })
     server = Server(prefix, work / "state-2", workers=2, queue=jobs)
     try:
         report["cold_start_seconds"]["2"] = round(server.cold_start_s, 2)
+        report["all_workers_ready_seconds"]["2"] = round(server.all_ready_s, 2)
         report["throughput"]["2"] = throughput(server, (files * jobs)[:jobs])
     finally:
         server.stop()
@@ -373,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="an installed bundle with an ASR model (install.sh PREFIX)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--runs", type=int, default=3, help="serve_vs_transcribe runs (median)")
-    ap.add_argument("--files", type=int, default=4, help="dialogues of about 10 s (default 4)")
+    ap.add_argument("--files", type=int, default=4, help="dialogues of about 16 s (default 4)")
     ap.add_argument("--jobs", type=int, default=8, help="recordings per throughput run")
     ap.add_argument("--latency-runs", type=int, default=3,
                     help="30-s requests for the warm latency (median)")
@@ -403,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  serve {report['seconds']['serve']} s, bin/transcribe "
               f"{report['seconds']['transcribe']} s ({report['files']} files, "
               f"{report['audio_seconds']} s of audio)")
+        print(f"  the worker's own {report['seconds']['serve_worker']} s; the service's "
+              f"overhead per request {report['seconds']['serve_overhead_per_request']} s")
         print(f"  cold start to ready: {report['cold_start_seconds']} s; warm latency, 30-s "
               f"clip: {report['warm_latency_30s']['median']} s")
         for workers, t in report["throughput"].items():

@@ -269,3 +269,20 @@ def test_the_serve_benchmark_without_an_installed_prefix_says_so_in_one_line(
         f"benchmarks/serve.py: --prefix {tmp_path}: no bin/serve there (an installed "
         "bundle's prefix)"]
     assert proc.stdout == ""
+
+
+def test_the_workers_seconds_are_read_from_the_services_own_metrics(tmp_path: Path) -> None:
+    from prometheus_client import generate_latest
+
+    from bundler.runtime import jobstore, service
+
+    svc = service.Service(service.Settings(state_dir=tmp_path),
+                          jobstore.SQLiteStore(tmp_path / "serve.db"))
+    text = generate_latest(svc.metrics.registry).decode()
+    assert serve_bench.metric(text, serve_bench.WORK_METRIC) == 0.0
+    svc.job_finished({"job": "a", "status": "succeeded", "audio_seconds": 16.0,
+                      "work_seconds": 5.25})
+    svc.job_finished({"job": "b", "status": "succeeded", "audio_seconds": 16.0,
+                      "work_seconds": 4.5})
+    text = generate_latest(svc.metrics.registry).decode()
+    assert serve_bench.metric(text, serve_bench.WORK_METRIC) == 9.75
