@@ -44,7 +44,8 @@ with the tool so both see the same page cache):
 * ``transcribe_vs_whisperx`` (with ``--whisperx INDEX_URL`` and a community-1 bundle with
   an ASR model): ``bin/transcribe`` against whisperx 3.8.6's own pipeline on the same files
   and local models, alignment off, installed from INDEX_URL into the throwaway install;
-  the word error rate of each.
+  the word error rate of each. ``--only-whisperx`` runs it alone (the bundle installed into
+  a throwaway prefix, nothing else timed).
 * ``image_vs_install`` (with ``--bundle`` and ``--image``): ``pyannote-bundle image`` (the
   bundle checked, installed in a Debian base by chroot, four deterministic layers hashed and
   written into one oci-archive; the base already cached) vs ``tar -xf`` of the bundle,
@@ -53,6 +54,8 @@ with the tool so both see the same page cache):
   on 4 copies of the bundled dialogue vs a bare loop in the same venv (faster-whisper and
   the pipeline loaded once, the same decoding and word-to-speaker step); RTF, model-load
   time and peak RSS.
+
+``benchmarks/serve.py --prefix PREFIX`` times ``bin/serve`` on an installed prefix.
 
 The pack/verify payload is the wheels and models of ``--bundle`` when given (a real
 wheelhouse), else generated incompressible files shaped like one (stated in the output).

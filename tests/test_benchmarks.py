@@ -286,3 +286,14 @@ def test_the_workers_seconds_are_read_from_the_services_own_metrics(tmp_path: Pa
                       "work_seconds": 4.5})
     text = generate_latest(svc.metrics.registry).decode()
     assert serve_bench.metric(text, serve_bench.WORK_METRIC) == 9.75
+
+
+def test_only_whisperx_without_an_index_is_a_usage_error_before_anything_runs(
+        tmp_path: Path) -> None:
+    bundle = tmp_path / "demo.tar"
+    bundle.write_bytes(b"not unpacked: the check comes first")
+    proc, seconds = run_benchmark([sys.executable], "--only-whisperx", "--bundle", str(bundle))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines()[-1].endswith(
+        "error: --only-whisperx needs --bundle and --whisperx")
+    assert proc.stdout == ""
