@@ -45,7 +45,7 @@ with the tool so both see the same page cache):
   an ASR model): ``bin/transcribe`` against whisperx 3.8.6's own pipeline on the same files
   and local models, alignment off, installed from INDEX_URL into the throwaway install;
   the word error rate of each. ``--only-whisperx`` runs it alone (the bundle installed into
-  a throwaway prefix, nothing else timed).
+  a throwaway prefix, or ``--prefix`` an install made for it; nothing else timed).
 * ``image_vs_install`` (with ``--bundle`` and ``--image``): ``pyannote-bundle image`` (the
   bundle checked, installed in a Debian base by chroot, four deterministic layers hashed and
   written into one oci-archive; the base already cached) vs ``tar -xf`` of the bundle,
@@ -305,17 +305,23 @@ WHISPERX = ("whisperx==3.8.6", "omegaconf", "nltk", "pandas", "transformers<5",
             "torchvision==0.23.0")
 
 
-def bench_whisperx(bundle: Path, prefix: Path, work: Path, runs: int,
+def bundled_pip(bundle: Path, prefix: Path) -> list[str]:
+    """pip for ``prefix``'s venv, run from the unpacked ``bundle``'s own pip wheel (a venv
+    made with ``--without-pip`` has none of its own)."""
+    return [str(prefix / "venv/bin/python"),
+            str(next((bundle / layout.WHEELS_DIR).glob("pip-*.whl")) / "pip")]
+
+
+def bench_whisperx(pip: list[str], prefix: Path, work: Path, runs: int,
                    index: str) -> dict[str, Any]:
     """``bin/transcribe`` against whisperx's own pipeline (faster-whisper batched, its
     pyannote VAD, the same community-1 diarization, alignment off: no wav2vec2 model offline)
     on 4 copies of the bundled dialogue, both on the same local models, whole processes; the
     word error rate of each against the dialogue's text. whisperx is installed from
     ``index`` into this throwaway install's venv (huggingface-hub moves to < 1.0 there,
-    which whisperx requires; both sides run in that same venv)."""
-    pip = next((bundle / layout.WHEELS_DIR).glob("pip-*.whl")) / "pip"
-    subprocess.run([str(prefix / "venv/bin/python"), str(pip), "install", "-q",
-                    "--index-url", index, *WHISPERX], check=True,
+    which whisperx requires; both sides run in that same venv). ``pip``: the command that
+    runs pip for that venv."""
+    subprocess.run([*pip, "install", "-q", "--index-url", index, *WHISPERX], check=True,
                    env={**os.environ, "PIP_CONFIG_FILE": os.devnull, "PIP_FIND_LINKS": ""})
     corpus = work / "corpus"
     corpus.mkdir(parents=True)
@@ -755,8 +761,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only-cpu", action="store_true",
                     help="with --bundle: install it and run diarize_cpu_vs_pyannote alone")
     ap.add_argument("--only-whisperx", action="store_true",
-                    help="with --bundle and --whisperx: install the bundle and run "
-                         "transcribe_vs_whisperx alone")
+                    help="with --whisperx: run transcribe_vs_whisperx alone, on a throwaway "
+                         "install of --bundle or on --prefix")
+    ap.add_argument("--prefix", type=Path,
+                    help="with --only-whisperx: an installed community-1 bundle with an ASR "
+                         "model, used as it is (whisperx is installed into its venv: a "
+                         "scratch install, not one in use; no room needed for another)")
     ap.add_argument("--image", action="store_true",
                     help="also time pyannote-bundle image on --bundle (root; mmdebstrap)")
     ap.add_argument("--no-delta", action="store_true",
@@ -792,17 +802,24 @@ def main(argv: list[str] | None = None) -> int:
                                       "usable": len(os.sched_getaffinity(0))}}, indent=2))
         return 0 if len(cpu_ratios) == 2 else 1
     if args.only_whisperx:
-        if not (args.bundle and args.whisperx):
-            ap.error("--only-whisperx needs --bundle and --whisperx")
+        if not ((args.bundle or args.prefix) and args.whisperx):
+            ap.error("--only-whisperx needs --bundle or --prefix, and --whisperx")
         try:
-            root, _ = real_payload(args.bundle, work / "src")
-            if not str(bundle_pyannote(root)).startswith("4."):
+            if args.prefix:  # an install made for this: whisperx goes into its venv
+                prefix, pip = args.prefix, [str(args.prefix / "venv/bin/python"), "-m", "pip"]
+                root = prefix
+            else:
+                root, _ = real_payload(args.bundle, work / "src")
+                prefix, pip = work / "prefix", bundled_pip(root, work / "prefix")
+            asr = args.prefix is None or (prefix / layout.PREFIX_TRANSCRIBE).is_file()
+            if not asr or not str(bundle_pyannote(root)).startswith("4."):
                 print("benchmarks/run.py: transcribe_vs_whisperx needs a community-1 bundle "
-                      "(pyannote.audio 4): whisperx runs on it", file=sys.stderr)
+                      "(pyannote.audio 4) with an ASR model: whisperx runs on it",
+                      file=sys.stderr)
                 return 2
-            run_installer(root, work / "prefix", sys.executable, smoke=False, throwaway=True)
-            wx = bench_whisperx(root, work / "prefix", work / "whisperx", args.runs,
-                                args.whisperx)
+            if not args.prefix:
+                run_installer(root, prefix, sys.executable, smoke=False, throwaway=True)
+            wx = bench_whisperx(pip, prefix, work / "whisperx", args.runs, args.whisperx)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         tool_s, base_s = wx.pop("seconds")
@@ -938,8 +955,9 @@ def main(argv: list[str] | None = None) -> int:
             if (prefix / layout.PREFIX_TRANSCRIBE).exists():
                 transcribe = bench_transcribe(prefix, work / "transcribe", args.runs)
                 if args.whisperx and str(bundle_pyannote(root)).startswith("4."):
-                    transcribe["whisperx"] = bench_whisperx(root, prefix, work / "whisperx",
-                                                            args.runs, args.whisperx)
+                    transcribe["whisperx"] = bench_whisperx(
+                        bundled_pip(root, prefix), prefix, work / "whisperx", args.runs,
+                        args.whisperx)
                 elif args.whisperx:
                     notes.append("transcribe_vs_whisperx needs a community-1 bundle "
                                  "(pyannote.audio 4): whisperx runs on it")

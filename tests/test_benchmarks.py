@@ -295,5 +295,5 @@ def test_only_whisperx_without_an_index_is_a_usage_error_before_anything_runs(
     proc, seconds = run_benchmark([sys.executable], "--only-whisperx", "--bundle", str(bundle))
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines()[-1].endswith(
-        "error: --only-whisperx needs --bundle and --whisperx")
+        "error: --only-whisperx needs --bundle or --prefix, and --whisperx")
     assert proc.stdout == ""
