@@ -356,7 +356,11 @@ def bench_whisperx(pip: list[str], prefix: Path, work: Path, runs: int,
            for k, v in texts.items()}
     # Which diarization engine bin/transcribe ran (onnx where the install's export passed).
     return {"ratio": tool_s / base_s, "seconds": (tool_s, base_s), "wer": wer,
-            "engine": report.get("engine"), "peak_rss_mb": report.get("peak_rss_mb")}
+            "engine": report.get("engine"), "peak_rss_mb": report.get("peak_rss_mb"),
+            # where bin/transcribe's time goes (its last run): loading, then the files
+            "load_seconds": report.get("load_seconds"),
+            "transcribe_seconds": report.get("transcribe_seconds"),
+            "audio_seconds": report.get("audio_seconds")}
 
 
 def bench_image(bundle: Path, work: Path) -> dict[str, Any]:
