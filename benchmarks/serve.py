@@ -67,6 +67,7 @@ LISTENING = re.compile(r"listening on https?://[^\s/]+:(\d+)/v1")
 READY_TIMEOUT_S = 600.0
 FORMAT = "diarized_json"  # what the sync requests ask for: the service's headline shape
 LATENCY_CLIP_S = 30.0
+JOB_TIMEOUT_S = 120.0  # per throughput job (about 16 s of audio), far beyond any real run
 # The workers' seconds on the recordings (service.py's Metrics.work, a Counter: "_total").
 WORK_METRIC = "pyannote_serve_work_seconds_total"
 
@@ -318,7 +319,11 @@ def throughput(server: Server, files: Iterable[Path]) -> dict[str, Any]:
         if status != 202:
             raise RuntimeError(f"POST /v1/jobs answered {status}: {body[:300]!r}")
         ids.append(json.loads(body)["id"])
+    deadline = time.monotonic() + READY_TIMEOUT_S + JOB_TIMEOUT_S * len(ids)
     while True:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the {len(ids)} jobs did not all finish in "
+                               f"{deadline - t:.0f} s")
         status, body = server.request("GET", "/v1/jobs")
         jobs = {j["id"]: j for j in json.loads(body)["data"] if j["id"] in ids}
         if any(j["status"] == "failed" for j in jobs.values()):
@@ -412,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency-runs", type=int, default=3,
                     help="30-s requests for the warm latency (median)")
     args = ap.parse_args(argv)
+    for name in ("runs", "files", "jobs", "latency_runs"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1")
     problem = preflight(args.prefix)
     if problem:
         print(f"benchmarks/serve.py: {problem}", file=sys.stderr)
@@ -420,6 +428,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = bench(args.prefix.resolve(), work, args.runs, args.files, args.jobs,
                        args.latency_runs)
+    except (RuntimeError, subprocess.CalledProcessError) as exc:
+        # bin/serve or bin/transcribe failed: one line (their own stderr says the rest)
+        why = (f"{Path(str(exc.cmd[0])).name} exited {exc.returncode}: "
+               f"{(exc.stderr or '').strip()[-300:]}"
+               if isinstance(exc, subprocess.CalledProcessError) else str(exc))
+        print(f"benchmarks/serve.py: {' '.join(why.split())}", file=sys.stderr)
+        return 1
     finally:
         shutil.rmtree(work, ignore_errors=True)
     ratio = report.pop("ratio")

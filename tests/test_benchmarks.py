@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
@@ -297,3 +298,23 @@ def test_only_whisperx_without_an_index_is_a_usage_error_before_anything_runs(
     assert proc.stderr.splitlines()[-1].endswith(
         "error: --only-whisperx needs --bundle or --prefix, and --whisperx")
     assert proc.stdout == ""
+
+
+def test_a_server_that_cannot_start_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    """A prefix whose bin/serve fails as a real one does when its port is taken: the
+    benchmark says so in one line (with bin/serve's own), no traceback, nothing left."""
+    (tmp_path / "bin").mkdir()
+    serve = tmp_path / "bin" / "serve"
+    serve.write_text("#!/bin/sh\necho 'serve: error: cannot listen on 127.0.0.1:0: Address "
+                     "already in use' >&2\nexit 6\n")
+    serve.chmod(0o755)
+    (tmp_path / "bin" / "transcribe").write_text("#!/bin/sh\nexit 0\n")
+    before = set(Path(tempfile.gettempdir()).glob("pyannote-bundle-bench-serve-*"))
+    proc = subprocess.run([sys.executable, str(SERVE_BENCH), "--prefix", str(tmp_path),
+                           "--files", "1"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "benchmarks/serve.py: bin/serve did not start: serve: error: cannot listen on "
+        "127.0.0.1:0: Address already in use"]
+    assert set(Path(tempfile.gettempdir()).glob("pyannote-bundle-bench-serve-*")) == before
