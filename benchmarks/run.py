@@ -291,13 +291,14 @@ model = whisperx.load_model(sys.argv[1] + "/" + manifest["asr"]["path"], "cpu",
                             compute_type="int8", language="en", local_files_only=True,
                             threads=len(os.sched_getaffinity(0)))
 diarization = DiarizationPipeline(model_name=sys.argv[1] + "/config.yaml", device="cpu")
+loaded = time.perf_counter() - t0
 texts = {}
 for path in sys.argv[2:]:
     audio = dec.decode(Path(path))
     result = model.transcribe(audio, batch_size=8)
     result = whisperx.assign_word_speakers(diarization(audio), result)
     texts[path] = " ".join(s["text"].strip() for s in result["segments"])
-result = {"seconds": time.perf_counter() - t0, "texts": texts}
+result = {"seconds": time.perf_counter() - t0, "load_seconds": loaded, "texts": texts}
 """ + print_result("result")
 # What the whisperx CLI needs beside the community-1 pins (pip resolves the rest from the
 # bundle's own wheels already installed). Installed into the benchmark's throwaway install.
@@ -330,6 +331,7 @@ def bench_whisperx(pip: list[str], prefix: Path, work: Path, runs: int,
     files = sorted(str(p) for p in corpus.iterdir())
     texts: dict[str, list[str]] = {}
     report: dict[str, Any] = {}
+    whisperx: dict[str, float] = {}
 
     def tool() -> None:
         proc = subprocess.run([str(prefix / layout.PREFIX_TRANSCRIBE), str(corpus),
@@ -343,7 +345,9 @@ def bench_whisperx(pip: list[str], prefix: Path, work: Path, runs: int,
         proc = subprocess.run([str(prefix / "venv/bin/python"), "-c", WHISPERX_LOOP,
                                str(prefix), *files], check=True, capture_output=True,
                               text=True)
-        texts["whisperx"] = list(child_result(proc.stdout)["texts"].values())
+        result = child_result(proc.stdout)
+        texts["whisperx"] = list(result["texts"].values())
+        whisperx["load_seconds"] = result["load_seconds"]
 
     tool_s, base_s = median_pair(runs, tool, base, lambda: None)
     shutil.rmtree(work, ignore_errors=True)
@@ -360,7 +364,9 @@ def bench_whisperx(pip: list[str], prefix: Path, work: Path, runs: int,
             # where bin/transcribe's time goes (its last run): loading, then the files
             "load_seconds": report.get("load_seconds"),
             "transcribe_seconds": report.get("transcribe_seconds"),
-            "audio_seconds": report.get("audio_seconds")}
+            "audio_seconds": report.get("audio_seconds"),
+            # whisperx's (its last run): start-up, imports and both models, until its loop
+            "whisperx_load_seconds": round(whisperx["load_seconds"], 3)}
 
 
 def bench_image(bundle: Path, work: Path) -> dict[str, Any]:
