@@ -782,6 +782,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-delta", action="store_true",
                     help="skip the delta and volume stages")
     args = ap.parse_args(argv)
+    # Usage first: nothing is made (not even the work folder) for a command that cannot run.
+    if args.only_cpu and not args.bundle:
+        ap.error("--only-cpu needs --bundle")
+    if args.only_whisperx and not ((args.bundle or args.prefix) and args.whisperx):
+        ap.error("--only-whisperx needs --bundle or --prefix, and --whisperx")
     problem = preflight(args.bundle)
     if problem:
         print(f"benchmarks/run.py: {problem}", file=sys.stderr)
@@ -793,8 +798,6 @@ def main(argv: list[str] | None = None) -> int:
     notes: list[str] = []
     work = Path(tempfile.mkdtemp(prefix="pyannote-bundle-bench-"))
     if args.only_cpu:
-        if not args.bundle:
-            ap.error("--only-cpu needs --bundle")
         try:
             root, _ = real_payload(args.bundle, work / "src")
             run_installer(root, work / "prefix", sys.executable, smoke=False)
@@ -812,8 +815,6 @@ def main(argv: list[str] | None = None) -> int:
                                       "usable": len(os.sched_getaffinity(0))}}, indent=2))
         return 0 if len(cpu_ratios) == 2 else 1
     if args.only_whisperx:
-        if not ((args.bundle or args.prefix) and args.whisperx):
-            ap.error("--only-whisperx needs --bundle or --prefix, and --whisperx")
         try:
             if args.prefix:  # an install made for this: whisperx goes into its venv
                 prefix, pip = args.prefix, [str(args.prefix / "venv/bin/python"), "-m", "pip"]

@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
@@ -107,11 +106,12 @@ def test_a_refused_ratio_is_left_out_of_the_ratios() -> None:
     assert bench.cpu_ratio_entries(cpu) == {"diarize_cpu_vs_pyannote": 0.148}
 
 
-def run_benchmark(python: list[str], *args: str) -> tuple[subprocess.CompletedProcess[str],
-                                                         float]:
+def run_benchmark(python: list[str], *args: str, tmp: Path | None = None
+                  ) -> tuple[subprocess.CompletedProcess[str], float]:
     started = time.monotonic()
+    env = {"PATH": os.environ["PATH"], **({"TMPDIR": str(tmp)} if tmp else {})}
     proc = subprocess.run([*python, str(RUN), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120, env={"PATH": os.environ["PATH"]})
+                          cwd=ROOT, timeout=120, env=env)
     return proc, time.monotonic() - started
 
 
@@ -293,7 +293,11 @@ def test_only_whisperx_without_an_index_is_a_usage_error_before_anything_runs(
         tmp_path: Path) -> None:
     bundle = tmp_path / "demo.tar"
     bundle.write_bytes(b"not unpacked: the check comes first")
-    proc, seconds = run_benchmark([sys.executable], "--only-whisperx", "--bundle", str(bundle))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc, seconds = run_benchmark([sys.executable], "--only-whisperx", "--bundle", str(bundle),
+                                  tmp=tmp)
+    assert list(tmp.iterdir()) == []  # not even the work folder
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines()[-1].endswith(
         "error: --only-whisperx needs --bundle or --prefix, and --whisperx")
@@ -309,12 +313,13 @@ def test_a_server_that_cannot_start_is_one_line_and_exit_1(tmp_path: Path) -> No
                      "already in use' >&2\nexit 6\n")
     serve.chmod(0o755)
     (tmp_path / "bin" / "transcribe").write_text("#!/bin/sh\nexit 0\n")
-    before = set(Path(tempfile.gettempdir()).glob("pyannote-bundle-bench-serve-*"))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
     proc = subprocess.run([sys.executable, str(SERVE_BENCH), "--prefix", str(tmp_path),
                            "--files", "1"], capture_output=True, text=True, cwd=ROOT,
-                          timeout=120)
+                          timeout=120, env={**os.environ, "TMPDIR": str(tmp)})
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.splitlines() == [
         "benchmarks/serve.py: bin/serve did not start: serve: error: cannot listen on "
         "127.0.0.1:0: Address already in use"]
-    assert set(Path(tempfile.gettempdir()).glob("pyannote-bundle-bench-serve-*")) == before
+    assert list(tmp.iterdir()) == []
