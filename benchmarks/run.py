@@ -44,7 +44,8 @@ with the tool so both see the same page cache):
 * ``transcribe_vs_whisperx`` (with ``--whisperx INDEX_URL`` and a community-1 bundle with
   an ASR model): ``bin/transcribe`` against whisperx 3.8.6's own pipeline on the same files
   and local models, alignment off, installed from INDEX_URL into the throwaway install;
-  the word error rate of each.
+  the word error rate of each. ``--only-whisperx`` runs it alone (the bundle installed into
+  a throwaway prefix, or ``--prefix`` an install made for it; nothing else timed).
 * ``image_vs_install`` (with ``--bundle`` and ``--image``): ``pyannote-bundle image`` (the
   bundle checked, installed in a Debian base by chroot, four deterministic layers hashed and
   written into one oci-archive; the base already cached) vs ``tar -xf`` of the bundle,
@@ -53,6 +54,8 @@ with the tool so both see the same page cache):
   on 4 copies of the bundled dialogue vs a bare loop in the same venv (faster-whisper and
   the pipeline loaded once, the same decoding and word-to-speaker step); RTF, model-load
   time and peak RSS.
+
+``benchmarks/serve.py --prefix PREFIX`` times ``bin/serve`` on an installed prefix.
 
 The pack/verify payload is the wheels and models of ``--bundle`` when given (a real
 wheelhouse), else generated incompressible files shaped like one (stated in the output).
@@ -288,13 +291,14 @@ model = whisperx.load_model(sys.argv[1] + "/" + manifest["asr"]["path"], "cpu",
                             compute_type="int8", language="en", local_files_only=True,
                             threads=len(os.sched_getaffinity(0)))
 diarization = DiarizationPipeline(model_name=sys.argv[1] + "/config.yaml", device="cpu")
+loaded = time.perf_counter() - t0
 texts = {}
 for path in sys.argv[2:]:
     audio = dec.decode(Path(path))
     result = model.transcribe(audio, batch_size=8)
     result = whisperx.assign_word_speakers(diarization(audio), result)
     texts[path] = " ".join(s["text"].strip() for s in result["segments"])
-result = {"seconds": time.perf_counter() - t0, "texts": texts}
+result = {"seconds": time.perf_counter() - t0, "load_seconds": loaded, "texts": texts}
 """ + print_result("result")
 # What the whisperx CLI needs beside the community-1 pins (pip resolves the rest from the
 # bundle's own wheels already installed). Installed into the benchmark's throwaway install.
@@ -302,17 +306,23 @@ WHISPERX = ("whisperx==3.8.6", "omegaconf", "nltk", "pandas", "transformers<5",
             "torchvision==0.23.0")
 
 
-def bench_whisperx(bundle: Path, prefix: Path, work: Path, runs: int,
+def bundled_pip(bundle: Path, prefix: Path) -> list[str]:
+    """pip for ``prefix``'s venv, run from the unpacked ``bundle``'s own pip wheel (a venv
+    made with ``--without-pip`` has none of its own)."""
+    return [str(prefix / "venv/bin/python"),
+            str(next((bundle / layout.WHEELS_DIR).glob("pip-*.whl")) / "pip")]
+
+
+def bench_whisperx(pip: list[str], prefix: Path, work: Path, runs: int,
                    index: str) -> dict[str, Any]:
     """``bin/transcribe`` against whisperx's own pipeline (faster-whisper batched, its
     pyannote VAD, the same community-1 diarization, alignment off: no wav2vec2 model offline)
     on 4 copies of the bundled dialogue, both on the same local models, whole processes; the
     word error rate of each against the dialogue's text. whisperx is installed from
     ``index`` into this throwaway install's venv (huggingface-hub moves to < 1.0 there,
-    which whisperx requires; both sides run in that same venv)."""
-    pip = next((bundle / layout.WHEELS_DIR).glob("pip-*.whl")) / "pip"
-    subprocess.run([str(prefix / "venv/bin/python"), str(pip), "install", "-q",
-                    "--index-url", index, *WHISPERX], check=True,
+    which whisperx requires; both sides run in that same venv). ``pip``: the command that
+    runs pip for that venv."""
+    subprocess.run([*pip, "install", "-q", "--index-url", index, *WHISPERX], check=True,
                    env={**os.environ, "PIP_CONFIG_FILE": os.devnull, "PIP_FIND_LINKS": ""})
     corpus = work / "corpus"
     corpus.mkdir(parents=True)
@@ -320,19 +330,24 @@ def bench_whisperx(bundle: Path, prefix: Path, work: Path, runs: int,
         shutil.copy(prefix / layout.DIALOGUE, corpus / f"dialogue{n}.flac")
     files = sorted(str(p) for p in corpus.iterdir())
     texts: dict[str, list[str]] = {}
+    report: dict[str, Any] = {}
+    whisperx: dict[str, float] = {}
 
     def tool() -> None:
         proc = subprocess.run([str(prefix / layout.PREFIX_TRANSCRIBE), str(corpus),
                                "--output-dir", str(work / "out"), "--overwrite", "--json",
                                "-q"], check=True, capture_output=True, text=True)
+        report.update(json.loads(proc.stdout))
         texts["transcribe"] = [" ".join(s["text"] for s in json.loads(
-            Path(o["json"]).read_text())["segments"]) for o in json.loads(proc.stdout)["outputs"]]
+            Path(o["json"]).read_text())["segments"]) for o in report["outputs"]]
 
     def base() -> None:
         proc = subprocess.run([str(prefix / "venv/bin/python"), "-c", WHISPERX_LOOP,
                                str(prefix), *files], check=True, capture_output=True,
                               text=True)
-        texts["whisperx"] = list(child_result(proc.stdout)["texts"].values())
+        result = child_result(proc.stdout)
+        texts["whisperx"] = list(result["texts"].values())
+        whisperx["load_seconds"] = result["load_seconds"]
 
     tool_s, base_s = median_pair(runs, tool, base, lambda: None)
     shutil.rmtree(work, ignore_errors=True)
@@ -343,7 +358,15 @@ def bench_whisperx(bundle: Path, prefix: Path, work: Path, runs: int,
                             "dialogue.json").read_text())["text"]
     wer = {k: round(max(word_changes(reference, t) for t in v) / len(words(reference)), 3)
            for k, v in texts.items()}
-    return {"ratio": tool_s / base_s, "seconds": (tool_s, base_s), "wer": wer}
+    # Which diarization engine bin/transcribe ran (onnx where the install's export passed).
+    return {"ratio": tool_s / base_s, "seconds": (tool_s, base_s), "wer": wer,
+            "engine": report.get("engine"), "peak_rss_mb": report.get("peak_rss_mb"),
+            # where bin/transcribe's time goes (its last run): loading, then the files
+            "load_seconds": report.get("load_seconds"),
+            "transcribe_seconds": report.get("transcribe_seconds"),
+            "audio_seconds": report.get("audio_seconds"),
+            # whisperx's (its last run): start-up, imports and both models, until its loop
+            "whisperx_load_seconds": round(whisperx["load_seconds"], 3)}
 
 
 def bench_image(bundle: Path, work: Path) -> dict[str, Any]:
@@ -747,11 +770,23 @@ def main(argv: list[str] | None = None) -> int:
                     help="diarize_cpu_vs_pyannote: minutes of audio per file (default 5)")
     ap.add_argument("--only-cpu", action="store_true",
                     help="with --bundle: install it and run diarize_cpu_vs_pyannote alone")
+    ap.add_argument("--only-whisperx", action="store_true",
+                    help="with --whisperx: run transcribe_vs_whisperx alone, on a throwaway "
+                         "install of --bundle or on --prefix")
+    ap.add_argument("--prefix", type=Path,
+                    help="with --only-whisperx: an installed community-1 bundle with an ASR "
+                         "model, used as it is (whisperx is installed into its venv: a "
+                         "scratch install, not one in use; no room needed for another)")
     ap.add_argument("--image", action="store_true",
                     help="also time pyannote-bundle image on --bundle (root; mmdebstrap)")
     ap.add_argument("--no-delta", action="store_true",
                     help="skip the delta and volume stages")
     args = ap.parse_args(argv)
+    # Usage first: nothing is made (not even the work folder) for a command that cannot run.
+    if args.only_cpu and not args.bundle:
+        ap.error("--only-cpu needs --bundle")
+    if args.only_whisperx and not ((args.bundle or args.prefix) and args.whisperx):
+        ap.error("--only-whisperx needs --bundle or --prefix, and --whisperx")
     problem = preflight(args.bundle)
     if problem:
         print(f"benchmarks/run.py: {problem}", file=sys.stderr)
@@ -763,8 +798,6 @@ def main(argv: list[str] | None = None) -> int:
     notes: list[str] = []
     work = Path(tempfile.mkdtemp(prefix="pyannote-bundle-bench-"))
     if args.only_cpu:
-        if not args.bundle:
-            ap.error("--only-cpu needs --bundle")
         try:
             root, _ = real_payload(args.bundle, work / "src")
             run_installer(root, work / "prefix", sys.executable, smoke=False)
@@ -781,6 +814,35 @@ def main(argv: list[str] | None = None) -> int:
                           "machine": {"cpus": os.cpu_count(),
                                       "usable": len(os.sched_getaffinity(0))}}, indent=2))
         return 0 if len(cpu_ratios) == 2 else 1
+    if args.only_whisperx:
+        try:
+            if args.prefix:  # an install made for this: whisperx goes into its venv
+                prefix, pip = args.prefix, [str(args.prefix / "venv/bin/python"), "-m", "pip"]
+                root = prefix
+            else:
+                root, _ = real_payload(args.bundle, work / "src")
+                prefix, pip = work / "prefix", bundled_pip(root, work / "prefix")
+            asr = args.prefix is None or (prefix / layout.PREFIX_TRANSCRIBE).is_file()
+            if not asr or not str(bundle_pyannote(root)).startswith("4."):
+                print("benchmarks/run.py: transcribe_vs_whisperx needs a community-1 bundle "
+                      "(pyannote.audio 4) with an ASR model: whisperx runs on it",
+                      file=sys.stderr)
+                return 2
+            if not args.prefix:
+                run_installer(root, prefix, sys.executable, smoke=False, throwaway=True)
+            wx = bench_whisperx(pip, prefix, work / "whisperx", args.runs, args.whisperx)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        tool_s, base_s = wx.pop("seconds")
+        print(json.dumps({"ratios": {"transcribe_vs_whisperx": round(wx.pop("ratio"), 3)},
+                          "seconds": {"transcribe_4_dialogues": round(tool_s, 1),
+                                      "whisperx": round(base_s, 1)},
+                          "transcribe": wx, "runs": args.runs,
+                          "machine": {"cpus": os.cpu_count(),
+                                      "usable": len(os.sched_getaffinity(0)),
+                                      "load_average": [round(x, 2)
+                                                       for x in os.getloadavg()]}}, indent=2))
+        return 0
     try:
         if args.bundle:
             base, files = real_payload(args.bundle, work / "src")
@@ -904,8 +966,9 @@ def main(argv: list[str] | None = None) -> int:
             if (prefix / layout.PREFIX_TRANSCRIBE).exists():
                 transcribe = bench_transcribe(prefix, work / "transcribe", args.runs)
                 if args.whisperx and str(bundle_pyannote(root)).startswith("4."):
-                    transcribe["whisperx"] = bench_whisperx(root, prefix, work / "whisperx",
-                                                            args.runs, args.whisperx)
+                    transcribe["whisperx"] = bench_whisperx(
+                        bundled_pip(root, prefix), prefix, work / "whisperx", args.runs,
+                        args.whisperx)
                 elif args.whisperx:
                     notes.append("transcribe_vs_whisperx needs a community-1 bundle "
                                  "(pyannote.audio 4): whisperx runs on it")
@@ -944,6 +1007,7 @@ def main(argv: list[str] | None = None) -> int:
             ratios["transcribe_vs_whisperx"] = wx["ratio"]
             seconds["transcribe_4_dialogues"], seconds["whisperx"] = wx["seconds"]
             transcribe["wer"] = wx["wer"]
+            transcribe["whisperx_engine"] = wx["engine"]
     report = {
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
         "seconds": {k: round(v, 3) for k, v in seconds.items()},

@@ -106,11 +106,12 @@ def test_a_refused_ratio_is_left_out_of_the_ratios() -> None:
     assert bench.cpu_ratio_entries(cpu) == {"diarize_cpu_vs_pyannote": 0.148}
 
 
-def run_benchmark(python: list[str], *args: str) -> tuple[subprocess.CompletedProcess[str],
-                                                         float]:
+def run_benchmark(python: list[str], *args: str, tmp: Path | None = None
+                  ) -> tuple[subprocess.CompletedProcess[str], float]:
     started = time.monotonic()
+    env = {"PATH": os.environ["PATH"], **({"TMPDIR": str(tmp)} if tmp else {})}
     proc = subprocess.run([*python, str(RUN), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120, env={"PATH": os.environ["PATH"]})
+                          cwd=ROOT, timeout=120, env=env)
     return proc, time.monotonic() - started
 
 
@@ -154,3 +155,171 @@ def test_a_missing_bundle_is_said_before_anything_starts(tmp_path: Path) -> None
                             str(tmp_path / "missing.tar"))
     assert proc.returncode == 2
     assert proc.stderr == f"benchmarks/run.py: --bundle {tmp_path / 'missing.tar'}: no such file\n"
+
+
+# --- benchmarks/serve.py -------------------------------------------------------------------
+SERVE_BENCH = ROOT / "benchmarks" / "serve.py"
+
+
+def load_serve_bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("benchmark_serve", SERVE_BENCH)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+serve_bench = load_serve_bench()
+
+
+def test_the_port_is_read_from_bin_serves_listening_line() -> None:
+    from bundler.runtime import serve
+
+    # The line as serve.py prints it (its f-string, filled in), and what comes after it.
+    assert "say(f\"listening on {scheme}://{args.host}:{port}/v1" in Path(
+        serve.__file__).read_text()
+    line = ("serve: listening on http://127.0.0.1:40123/v1 (1 worker(s) loading the models; "
+            "state in /tmp/s)")
+    assert serve_bench.listening_port(line) == 40123
+    assert serve_bench.listening_port(line.replace("http:", "https:")) == 40123
+    assert serve_bench.listening_port("serve: ready: 1/1 worker(s) loaded the models in "
+                                      "4.1 s on cpu (engine onnx)") is None
+
+
+def test_the_benchmarks_multipart_body_is_read_by_the_services_parser(tmp_path: Path) -> None:
+    import asyncio
+
+    from bundler.runtime import uploads
+
+    recording = b"RIFF" + os.urandom(5000) + b"\r\n--not-a-boundary\r\n"
+    body, content_type = serve_bench.multipart({"response_format": "diarized_json",
+                                                "model": "whisper-1"}, "a b.wav", recording)
+
+    async def chunks() -> Any:
+        for i in range(0, len(body), 777):  # as a socket delivers it, in pieces
+            yield body[i:i + 777]
+
+    form = asyncio.run(uploads.read_form(content_type, str(len(body)), chunks(), tmp_path,
+                                         "x" * 32, 1 << 20))
+    assert form.get("response_format") == "diarized_json"
+    assert form.get("model") == "whisper-1"
+    assert form.filename == "a b.wav"
+    assert form.path is not None and form.path.read_bytes() == recording
+
+
+def test_serve_vs_transcribe_takes_transcribes_work_seconds_not_its_wall() -> None:
+    report = {"wall_seconds": 21.0, "load_seconds": 9.5, "transcribe_seconds": 10.25,
+              "outputs": [{"seconds": 5.0}, {"seconds": 5.25}]}
+    assert serve_bench.work_seconds(report) == 10.25
+
+
+def _document(text: str) -> dict[str, Any]:
+    segments = [{"start": 0.0, "end": 1.0, "speaker": "SPEAKER_00", "text": text,
+                 "words": [{"start": 0.0, "end": 1.0, "word": text, "probability": 0.9,
+                            "speaker": "SPEAKER_00"}]}]
+    return {"file": "a.wav", "audio_seconds": 1.0, "language": "en", "task": "transcribe",
+            "speakers": ["SPEAKER_00"], "segments": segments}
+
+
+def test_no_serve_ratio_unless_each_answer_is_transcribes_document() -> None:
+    from bundler.runtime import responses
+
+    docs = {"a.wav": _document(" Hello."), "b.wav": _document(" Good day.")}
+    answers = {n: responses.transcription(d, "diarized_json")[0].encode()
+               for n, d in docs.items()}
+    assert serve_bench.refusal(answers, docs) is None
+    other = {**answers, "b.wav": responses.transcription(_document(" Good night."),
+                                                         "diarized_json")[0].encode()}
+    assert serve_bench.refusal(other, docs) == \
+        "the service's diarized_json differs from bin/transcribe's for b.wav"
+    assert "a.wav" in str(serve_bench.refusal({"b.wav": answers["b.wav"]}, docs))
+
+
+def test_worker_processes_are_found_below_the_server_and_their_peak_read(
+        tmp_path: Path) -> None:
+    import resource
+
+    # A wrapper shell whose child is a Python "worker.py", as bin/serve's workers are.
+    worker = tmp_path / "worker.py"
+    worker.write_text("import sys, time\nx = bytearray(64 << 20)\nprint(flush=True)\n"
+                      "time.sleep(30)\n")
+    proc = subprocess.Popen(["sh", "-c", f"{sys.executable} {worker}; :"],
+                            stdout=subprocess.PIPE)
+    below: list[int] = []
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"\n"
+        below = serve_bench.descendants(proc.pid)
+        assert len(below) == 1
+        assert b"worker.py" in Path(f"/proc/{below[0]}/cmdline").read_bytes()
+        assert serve_bench.peak_rss_mb(below[0]) > 64
+    finally:
+        for pid in below:
+            os.kill(pid, 9)
+        proc.kill()
+        proc.wait()
+    mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    assert abs(serve_bench.peak_rss_mb(os.getpid()) - mine) < 1
+
+
+def test_the_serve_benchmark_without_an_installed_prefix_says_so_in_one_line(
+        tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(SERVE_BENCH), "--prefix", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"benchmarks/serve.py: --prefix {tmp_path}: no bin/serve there (an installed "
+        "bundle's prefix)"]
+    assert proc.stdout == ""
+
+
+def test_the_workers_seconds_are_read_from_the_services_own_metrics(tmp_path: Path) -> None:
+    from prometheus_client import generate_latest
+
+    from bundler.runtime import jobstore, service
+
+    svc = service.Service(service.Settings(state_dir=tmp_path),
+                          jobstore.SQLiteStore(tmp_path / "serve.db"))
+    text = generate_latest(svc.metrics.registry).decode()
+    assert serve_bench.metric(text, serve_bench.WORK_METRIC) == 0.0
+    svc.job_finished({"job": "a", "status": "succeeded", "audio_seconds": 16.0,
+                      "work_seconds": 5.25})
+    svc.job_finished({"job": "b", "status": "succeeded", "audio_seconds": 16.0,
+                      "work_seconds": 4.5})
+    text = generate_latest(svc.metrics.registry).decode()
+    assert serve_bench.metric(text, serve_bench.WORK_METRIC) == 9.75
+
+
+def test_only_whisperx_without_an_index_is_a_usage_error_before_anything_runs(
+        tmp_path: Path) -> None:
+    bundle = tmp_path / "demo.tar"
+    bundle.write_bytes(b"not unpacked: the check comes first")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc, seconds = run_benchmark([sys.executable], "--only-whisperx", "--bundle", str(bundle),
+                                  tmp=tmp)
+    assert list(tmp.iterdir()) == []  # not even the work folder
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines()[-1].endswith(
+        "error: --only-whisperx needs --bundle or --prefix, and --whisperx")
+    assert proc.stdout == ""
+
+
+def test_a_server_that_cannot_start_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    """A prefix whose bin/serve fails as a real one does when its port is taken: the
+    benchmark says so in one line (with bin/serve's own), no traceback, nothing left."""
+    (tmp_path / "bin").mkdir()
+    serve = tmp_path / "bin" / "serve"
+    serve.write_text("#!/bin/sh\necho 'serve: error: cannot listen on 127.0.0.1:0: Address "
+                     "already in use' >&2\nexit 6\n")
+    serve.chmod(0o755)
+    (tmp_path / "bin" / "transcribe").write_text("#!/bin/sh\nexit 0\n")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.run([sys.executable, str(SERVE_BENCH), "--prefix", str(tmp_path),
+                           "--files", "1"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120, env={**os.environ, "TMPDIR": str(tmp)})
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "benchmarks/serve.py: bin/serve did not start: serve: error: cannot listen on "
+        "127.0.0.1:0: Address already in use"]
+    assert list(tmp.iterdir()) == []
