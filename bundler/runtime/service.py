@@ -543,8 +543,10 @@ class HeaderLimit:
 
 
 def make_app(service: Service, lifespan: Any = None) -> Starlette:
+    from . import page  # the page's module imports this one: its routes join here
+
     routes = [Route(path, endpoint(name, handler, service), methods=methods, name=name)
-              for path, name, handler, methods in ROUTES]
+              for path, name, handler, methods in ROUTES] + page.routes(service)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 500)
