@@ -69,6 +69,7 @@ async function signIn(key) {
     state.key = null;
     sessionStorage.removeItem(KEY);
     showError(e.message);
+    $("key").select();  // typed again, not appended to
     return;
   }
   sessionStorage.setItem(KEY, key);
@@ -334,6 +335,7 @@ function renderTranscript(job, doc) {
     li.append(b);
     lines.append(li);
   });
+  highlight();  // a re-rendered transcript (a rename) keeps the line being played lit
 }
 
 function seek(start) {
