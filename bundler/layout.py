@@ -56,7 +56,7 @@ SERVE_SCRIPT = f"{RUNTIME_DIR}/serve.py"
 SERVICE_MODULES = ("service.py", "worker.py", "jobstore.py", "pgstore.py", "responses.py",
                    "uploads.py", "page.py")
 # The page bin/serve answers GET / with (runtime/page.py serves it): plain files, no build.
-PAGE_FILES = ("page/index.html", "page/app.js", "page/app.css")
+PAGE_FILES = ("page/index.html", "page/app.js", "page/app.css", "page/icon.svg")
 # Checks the host has the shared libraries the wheels need (manifest host_requirements).
 HOSTLIBS_SCRIPT: str = _installer.HOSTLIBS
 # The one installer: install.sh runs it on the isolated host, verify runs it too.

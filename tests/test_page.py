@@ -48,7 +48,8 @@ def test_the_page_and_its_files_carry_the_headers_that_keep_it_to_this_server(
     assert r.headers["x-content-type-options"] == "nosniff"
     assert r.headers["referrer-policy"] == "no-referrer"
     assert '<script src="/page/app.js"' in r.text and "<script>" not in r.text  # no inline
-    for name, media in (("app.js", "text/javascript"), ("app.css", "text/css")):
+    for name, media in (("app.js", "text/javascript"), ("app.css", "text/css"),
+                        ("icon.svg", "image/svg+xml")):
         got = srv.client.get(f"/page/{name}")
         assert got.status_code == 200 and got.headers["content-type"].startswith(media)
         assert got.content == (PAGE_DIR / name).read_bytes()
@@ -60,7 +61,8 @@ def test_the_page_and_its_files_carry_the_headers_that_keep_it_to_this_server(
 
 def test_the_page_names_no_other_origin_and_ships_in_the_bundle_and_the_wheel() -> None:
     for name in page.ASSETS:
-        text = (PAGE_DIR / name).read_text()
+        # SVG's namespace is a name, never fetched.
+        text = (PAGE_DIR / name).read_text().replace('xmlns="http://www.w3.org/2000/svg"', "")
         # No CDN, font or analytics: every URL is a path on this server.
         assert not re.search(r"(https?:)?//[a-z0-9]", text, re.I), name
         assert "@import" not in text and "url(" not in text, name
@@ -69,7 +71,7 @@ def test_the_page_names_no_other_origin_and_ships_in_the_bundle_and_the_wheel() 
         assert render.runtime_bytes(f"page/{name}") == (PAGE_DIR / name).read_bytes()
     assert {f"page/{p.name}" for p in PAGE_DIR.iterdir()} == set(layout.PAGE_FILES)
     pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
-    assert '"bundler.runtime.page" = ["*.html", "*.js", "*.css"]' in pyproject
+    assert '"bundler.runtime.page" = ["*.html", "*.js", "*.css", "*.svg"]' in pyproject
 
 
 def test_speakers_are_renamed_in_every_result_and_refused_when_wrong(srv: Server) -> None:

@@ -1,10 +1,11 @@
 """``bin/serve``'s page for people without a shell (``GET /``), and the two endpoints only a
 page needs: a job's recording for its player, and the speakers' names.
 
-The page is three files shipped beside this module (``page/index.html``, ``app.js``,
-``app.css``): no framework, no build step, nothing fetched from anywhere but this server,
-and a Content-Security-Policy that says so to the browser too (an isolated network has no
-CDN, and a page that tried one would hang or leak the hostnames it was served from).
+The page is four files shipped beside this module (``page/index.html``, ``app.js``,
+``app.css``, ``icon.svg``): no framework, no build step, nothing fetched from anywhere but
+this server, and a Content-Security-Policy that says so to the browser too (an isolated
+network has no CDN, and a page that tried one would hang or leak the hostnames it was
+served from).
 
 Standard library and Starlette only, Python 3.9.
 """
@@ -28,7 +29,8 @@ PAGE_DIR = Path(__file__).resolve().parent / "page"
 # Every file the page is made of, with its media type: nothing else under PAGE_DIR is served.
 ASSETS = {"index.html": "text/html; charset=utf-8",
           "app.js": "text/javascript; charset=utf-8",
-          "app.css": "text/css; charset=utf-8"}
+          "app.css": "text/css; charset=utf-8",
+          "icon.svg": "image/svg+xml"}
 # The page loads only from this server. media-src blob: is the player's recording, fetched
 # with the key (an <audio src> cannot send an Authorization header) and played from an
 # object URL; no inline script or style, no frames, no form posts elsewhere.
