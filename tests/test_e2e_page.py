@@ -117,8 +117,17 @@ def use_the_page(driver: Any, base: str, key: str, dialogue: Path, text_file: Pa
     assert "Not an audio or video file" in not_audio and text_file.name in not_audio, not_audio
 
     driver.find_element(By.ID, "language").send_keys("en")  # an option sent with the file
+    # The dialogue is dropped on the drop zone (the picker only hands the file over: a
+    # WebDriver cannot drag from the desktop).
     driver.find_element(By.ID, "files").send_keys(str(dialogue))
-    driver.find_element(By.CSS_SELECTOR, "#upload-form button[type=submit]").click()
+    driver.execute_script("""
+        const input = document.getElementById('files'), data = new DataTransfer();
+        for (const f of input.files) data.items.add(f);
+        input.value = '';
+        const drop = document.getElementById('drop');
+        for (const type of ['dragover', 'drop'])
+          drop.dispatchEvent(new DragEvent(type, {dataTransfer: data, bubbles: true,
+                                                  cancelable: true}));""")
     row = "#job-rows tr td.file"
     wait("the job in the list", lambda: [c for c in driver.find_elements(By.CSS_SELECTOR, row)
                                          if c.text == dialogue.name], timeout=60)
