@@ -2,12 +2,14 @@
 through Debian's ``chromium-driver``), against the installed community-1 bundle's
 ``PREFIX/bin/serve`` with the real tiny.en: what someone without a shell does, click by click.
 
-Sign in with a key ``bin/serve keys add`` made (a wrong one first), upload a text file and
-the espeak-ng dialogue, wait for it, read both speakers and the words in the page, click a
-line and see the player go there, rename ``SPEAKER_00`` to Alice, download the SRT and find
-Alice in it. The browser's own request log must name no origin but the server's (an
-isolated network has no CDN: a page that reached for one would hang there). Screenshots at
-1280x800 and 390x844 are written to a folder the test prints.
+Sign in with a key ``bin/serve keys add`` made (a wrong one first), upload a text file, a
+file over ``--max-upload`` and the espeak-ng dialogue (dropped), wait for it, read both
+speakers and the words in the page, click a line and see the player go there, rename
+``SPEAKER_00`` to Alice, download the SRT and find Alice in it, delete the job. Browser and
+server share a network namespace with only loopback up, and the browser's own request log
+must name no origin but the server's (an isolated network has no CDN: a page that reached
+for one would hang there). Screenshots at 1280x800 and 390x844 are written to a folder the
+test prints.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ SIZES = {"wide": (1280, 800), "phone": (390, 844)}
 LINES = speech.DEFAULT_LINES[:4]
 WORDS = ("report", "meeting", "sales", "units", "news")
 LABELS = {"SPEAKER_00", "SPEAKER_01"}
+MAX_UPLOAD_MB = 4  # the server's --max-upload here: the dialogue fits, long.wav does not
 
 
 def browser(downloads: Path) -> Any:
@@ -84,7 +87,7 @@ def requested_urls(driver: Any) -> list[str]:
 
 
 def use_the_page(driver: Any, base: str, key: str, dialogue: Path, text_file: Path,
-                 downloads: Path, shots: Path) -> dict[str, Any]:
+                 big_file: Path, downloads: Path, shots: Path) -> dict[str, Any]:
     """Everything a person does on the page, checked as it goes; what was seen."""
     from selenium.webdriver.common.by import By
 
@@ -115,6 +118,12 @@ def use_the_page(driver: Any, base: str, key: str, dialogue: Path, text_file: Pa
     driver.find_element(By.CSS_SELECTOR, "#upload-form button[type=submit]").click()
     not_audio = wait("the text file's error", error_text)
     assert "Not an audio or video file" in not_audio and text_file.name in not_audio, not_audio
+    # A recording over the server's --max-upload: refused in words (413) as it streams in.
+    driver.find_element(By.ID, "files").send_keys(str(big_file))
+    driver.find_element(By.CSS_SELECTOR, "#upload-form button[type=submit]").click()
+    too_large = wait("the large file's error", lambda: big_file.name in error_text()
+                     and error_text())
+    assert "Too large" in too_large and "--max-upload" in too_large, too_large
 
     driver.find_element(By.ID, "language").send_keys("en")  # an option sent with the file
     # The dialogue is dropped on the drop zone (the picker only hands the file over: a
@@ -201,7 +210,8 @@ def use_the_page(driver: Any, base: str, key: str, dialogue: Path, text_file: Pa
     wait("the list emptied", lambda: not driver.find_elements(By.CSS_SELECTOR, "#job-rows tr"))
     assert not driver.find_element(By.ID, "transcript").is_displayed()
     console = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
-    return {"wrong_key": wrong_key, "not_audio": not_audio, "player_at": at, "start": start,
+    return {"wrong_key": wrong_key, "not_audio": not_audio, "too_large": too_large,
+            "player_at": at, "start": start,
             "urls": requested_urls(driver), "console": console}
 
 
@@ -213,7 +223,7 @@ def main(argv: list[str]) -> int:
     driver = browser(downloads)
     try:
         seen = use_the_page(driver, args["base"], args["key"], Path(args["dialogue"]),
-                            Path(args["text_file"]), downloads, shots)
+                            Path(args["text_file"]), Path(args["big_file"]), downloads, shots)
     except BaseException:
         shots.mkdir(parents=True, exist_ok=True)  # what the page showed when it failed
         driver.save_screenshot(str(shots / "failed.png"))
@@ -233,7 +243,8 @@ def page_server(community_installed: Installed) -> Iterator[tuple[sh.Server, str
     state = community_installed.base / "serve-page"
     key = sh.keys_add(community_installed.prefix, state, "alice")
     wrap = ("unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh")
-    server = sh.start(community_installed.prefix, state, "--workers", "1", wrap=wrap)
+    server = sh.start(community_installed.prefix, state, "--workers", "1", "--max-upload",
+                      f"{MAX_UPLOAD_MB}M", wrap=wrap)
     inside = ["nsenter", f"--net=/proc/{server.proc.pid}/ns/net"]
 
     def status(path: str) -> int:
@@ -254,10 +265,15 @@ def test_a_person_uploads_reads_renames_and_downloads_in_a_real_browser(
     dialogue, text_file = tmp_path / "dialogue.wav", tmp_path / "notes.wav"
     speech.dialogue(dialogue, LINES)
     text_file.write_text("This is a note, not a recording.\n")
+    big_file = tmp_path / "long.wav"
+    with open(big_file, "wb") as f:  # a WAV's first bytes, then more than the server takes
+        f.write(dialogue.read_bytes()[:44])
+        f.truncate((MAX_UPLOAD_MB + 1) << 20)
     downloads, shots, out = tmp_path / "downloads", tmp_path / "screenshots", tmp_path / "seen"
     downloads.mkdir()
     args = {"base": server.url, "key": key, "dialogue": str(dialogue),
-            "text_file": str(text_file), "downloads": str(downloads), "shots": str(shots)}
+            "text_file": str(text_file), "big_file": str(big_file), "downloads": str(downloads),
+            "shots": str(shots)}
     # The browser runs in the server's namespace: no route anywhere but loopback.
     proc = subprocess.run([*inside, sys.executable, __file__, json.dumps(args), str(out)],
                           capture_output=True, text=True, timeout=900)
@@ -270,8 +286,9 @@ def test_a_person_uploads_reads_renames_and_downloads_in_a_real_browser(
     assert seen["urls"] and not others, others
     assert f"{server.url}/page/app.js" in seen["urls"]
     assert any(u.endswith("/audio") for u in seen["urls"])
-    # The only console errors are the refusals the test asked for (a 401 and a 415).
-    unexpected = [m for m in seen["console"] if not any(s in m for s in (" 401 ", " 415 "))]
+    # The only console errors are the refusals the test asked for (401, 415 and 413).
+    unexpected = [m for m in seen["console"]
+                  if not any(s in m for s in (" 401 ", " 415 ", " 413 "))]
     assert not unexpected, unexpected
 
 
