@@ -13,17 +13,20 @@ Standard library and Starlette only, Python 3.9.
 from __future__ import annotations
 
 import mimetypes
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
-from starlette.routing import Route
 
 from . import jobstore
 from .common import shown
 from .responses import ApiError
-from .service import Handler, Service, _owned, endpoint
+
+# Each handler takes service.py's Service (``Any`` here: service.py imports this module to
+# register these routes, and a module does not import the one that imports it).
+Handler = Callable[[Any, Request], Awaitable[Response]]
 
 PAGE_DIR = Path(__file__).resolve().parent / "page"
 # Every file the page is made of, with its media type: nothing else under PAGE_DIR is served.
@@ -48,11 +51,11 @@ def asset(name: str) -> Response:
                     headers=PAGE_HEADERS)
 
 
-async def index(service: Service, request: Request) -> Response:
+async def index(service: Any, request: Request) -> Response:
     return asset("index.html")
 
 
-async def page_asset(service: Service, request: Request) -> Response:
+async def page_asset(service: Any, request: Request) -> Response:
     name = request.path_params["name"]
     if name not in ASSETS or name == "index.html":
         raise ApiError(404, f"no page file {shown(name)!r}", "not_found")
@@ -103,8 +106,8 @@ def checked_names(body: Any, labels: list[str], current: dict[str, str]) -> dict
     return names
 
 
-async def set_speakers(service: Service, request: Request) -> Response:
-    job = await _owned(service, request, with_result=True)
+async def set_speakers(service: Any, request: Request) -> Response:
+    job = await service.owned(request, with_result=True)
     if job.status != jobstore.SUCCEEDED or job.result is None:
         raise ApiError(409, f"job {job.id} is {job.status}: its speakers are known once it "
                             "succeeded", "not_ready")
@@ -118,9 +121,9 @@ async def set_speakers(service: Service, request: Request) -> Response:
     return JSONResponse({"id": job.id, "object": "job", "speakers": names})
 
 
-async def job_audio(service: Service, request: Request) -> Response:
+async def job_audio(service: Any, request: Request) -> Response:
     """The job's recording as uploaded, for the page's player (Range requests served)."""
-    job = await _owned(service, request)
+    job = await service.owned(request)
     path = service.settings.uploads / job.upload
     if not path.is_file():  # a waiting request's job, delivered and forgotten
         raise ApiError(404, f"job {job.id}'s recording is no longer kept", "not_found")
@@ -128,6 +131,7 @@ async def job_audio(service: Service, request: Request) -> Response:
     return FileResponse(path, media_type=media, headers={"X-Content-Type-Options": "nosniff"})
 
 
+# Registered by service.make_app beside the API's own: counted, errors in OpenAI's shape.
 ROUTES: list[tuple[str, str, Handler, list[str]]] = [
     ("/", "page", index, ["GET"]),
     ("/page/{name}", "page_asset", page_asset, ["GET"]),
@@ -135,8 +139,3 @@ ROUTES: list[tuple[str, str, Handler, list[str]]] = [
     ("/v1/jobs/{job_id}/audio", "job_audio", job_audio, ["GET"]),
 ]
 
-
-def routes(service: Service) -> list[Route]:
-    """The page's routes, each counted and its errors in OpenAI's shape like the API's."""
-    return [Route(path, endpoint(name, handler, service), methods=methods, name=name)
-            for path, name, handler, methods in ROUTES]
