@@ -54,7 +54,9 @@ SHARED_MODULES = ("offline.py", "inputs.py", "audio.py", "devices.py", "outputs.
 # formats, the streamed uploads.
 SERVE_SCRIPT = f"{RUNTIME_DIR}/serve.py"
 SERVICE_MODULES = ("service.py", "worker.py", "jobstore.py", "pgstore.py", "responses.py",
-                   "uploads.py")
+                   "uploads.py", "page.py")
+# The page bin/serve answers GET / with (runtime/page.py serves it): plain files, no build.
+PAGE_FILES = ("page/index.html", "page/app.js", "page/app.css", "page/icon.svg")
 # Checks the host has the shared libraries the wheels need (manifest host_requirements).
 HOSTLIBS_SCRIPT: str = _installer.HOSTLIBS
 # The one installer: install.sh runs it on the isolated host, verify runs it too.
@@ -72,6 +74,8 @@ PROGRAMS = {
     TRANSCRIPT_MODULE: "transcript.py",
     SERVE_SCRIPT: "serve.py",
     **{f"{RUNTIME_DIR}/{name}": name for name in SERVICE_MODULES},
+    **{f"{RUNTIME_DIR}/{name}": name for name in PAGE_FILES},
+    **{f"{RUNTIME_DIR}/{name}": name for name in PAGE_FILES},
     HOSTLIBS_SCRIPT: "hostlibs.py",
     INSTALLER: "install.py",
     SMOKE_SCRIPT: "smoke.py",

@@ -36,7 +36,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import jobstore, responses, uploads
+from . import jobstore, page, responses, uploads
 from .common import one_line, shown
 from .responses import ApiError
 
@@ -162,6 +162,16 @@ class Service:
             raise ApiError(401, "Incorrect API key provided (unknown or revoked)",
                            "invalid_api_key")
         return str(name)
+
+    async def owned(self, request: Request, with_result: bool = False) -> jobstore.Job:
+        """The job named by the path's ``job_id``, if it is the key's; ApiError 404 if not."""
+        owner = await self.owner(request)
+        job = await self.call(self.store.get, request.path_params["job_id"], owner,
+                              with_result)
+        if job is None:  # another key's job is not found either
+            raise ApiError(404, f"no job {shown(request.path_params['job_id'])!r}",
+                           "not_found")
+        return job
 
     # -- accepting a recording --
     def served_models(self) -> list[str]:
@@ -449,22 +459,12 @@ async def list_jobs(service: Service, request: Request) -> Response:
     return JSONResponse({"object": "list", "data": [_job_view(j) for j in jobs]})
 
 
-async def _owned(service: Service, request: Request, with_result: bool = False
-                 ) -> jobstore.Job:
-    owner = await service.owner(request)
-    job = await service.call(service.store.get, request.path_params["job_id"], owner,
-                             with_result)
-    if job is None:  # another key's job is not found either
-        raise ApiError(404, f"no job {shown(request.path_params['job_id'])!r}", "not_found")
-    return job
-
-
 async def get_job(service: Service, request: Request) -> Response:
-    return JSONResponse(_job_view(await _owned(service, request)))
+    return JSONResponse(_job_view(await service.owned(request)))
 
 
 async def job_result(service: Service, request: Request) -> Response:
-    job = await _owned(service, request, with_result=True)
+    job = await service.owned(request, with_result=True)
     if job.status not in jobstore.FINISHED:
         raise ApiError(409, f"job {job.id} is {job.status}: its result is not ready",
                        "not_ready")
@@ -476,7 +476,7 @@ async def job_result(service: Service, request: Request) -> Response:
 
 
 async def delete_job(service: Service, request: Request) -> Response:
-    job = await _owned(service, request)
+    job = await service.owned(request)
     gone = await service.call(service.store.delete, job.id, job.owner)
     if gone is not None:
         service.discard_upload(gone)
@@ -544,7 +544,7 @@ class HeaderLimit:
 
 def make_app(service: Service, lifespan: Any = None) -> Starlette:
     routes = [Route(path, endpoint(name, handler, service), methods=methods, name=name)
-              for path, name, handler, methods in ROUTES]
+              for path, name, handler, methods in ROUTES + page.ROUTES]
 
     async def http_error(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 500)
