@@ -42,7 +42,7 @@ from e2e import (
     transcribe_as_nobody,
 )
 
-from bundler.runtime import jobstore
+from bundler.runtime import jobstore, stores
 
 pytestmark = pytest.mark.slow
 
@@ -445,7 +445,7 @@ def test_sigkill_loses_no_job_and_sigterm_drains(speech_ref: Speech) -> None:
         sh.stop_process(server.proc)
     assert code == 0, server.stderr[-2000:]
     assert time.monotonic() - started < 120
-    store = jobstore.open_store(None, state)
+    store = stores.open_store(None, state)
     first, second = (store.get(job, None) for job in jobs)
     store.close()
     assert first and first.status == jobstore.SUCCEEDED and first.attempts == 1

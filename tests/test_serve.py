@@ -27,7 +27,16 @@ from pg import PostgresServer, free_port
 from starlette.testclient import TestClient
 
 from bundler import layout
-from bundler.runtime import configure, jobstore, responses, serve, service, transcript, uploads
+from bundler.runtime import (
+    configure,
+    jobstore,
+    responses,
+    serve,
+    service,
+    stores,
+    transcript,
+    uploads,
+)
 from bundler.runtime.pgstore import PostgresStore
 
 SERVE = Path(serve.__file__)
@@ -50,7 +59,7 @@ def new_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreM
         PostgresStore(url, check_schema=False).migrate()  # bin/serve store init
 
     def make() -> jobstore.Store:
-        opened.append(jobstore.open_store(url, tmp_path))
+        opened.append(stores.open_store(url, tmp_path))
         return opened[-1]
 
     yield make
@@ -186,7 +195,7 @@ def test_two_stores_claiming_fifty_jobs_at_once_take_each_exactly_once(
 
 def test_an_unknown_store_url_names_only_its_scheme(tmp_path: Path) -> None:
     with pytest.raises(jobstore.StoreError) as err:
-        jobstore.open_store("mysql://u:hunter2@db/x", tmp_path)
+        stores.open_store("mysql://u:hunter2@db/x", tmp_path)
     assert "hunter2" not in str(err.value) and "postgresql://USER@HOST" in str(err.value)
 
 
@@ -540,7 +549,7 @@ def test_a_password_in_the_store_url_is_refused_and_never_shown(tmp_path: Path) 
     for url in ("postgresql://serve:hunter2@db.example/jobs",
                 "postgresql://serve@db.example/jobs?password=hunter2&sslmode=require"):
         with pytest.raises(jobstore.StoreError) as err:
-            jobstore.open_store(url, tmp_path)
+            stores.open_store(url, tmp_path)
         message = str(err.value)
         assert "hunter2" not in message and "PGPASSFILE" in message, message
         assert "postgresql://serve@db.example/jobs" in message and "\n" not in message

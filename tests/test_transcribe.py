@@ -275,7 +275,8 @@ def test_a_bundle_built_with_asr_model_rebuilds_identical_and_inspect_shows_it(
 def test_inspect_reads_the_small_files_only_whatever_the_models_weigh(
         tmp_path: Path, wheel_cache: Path) -> None:
     """The models follow the small files in the tarball (a 3 GB speech-recognition model
-    must not make inspect read 3 GB): 8 MB of model, a few hundred KB read."""
+    must not make inspect read 3 GB): 8 MB of model, about a megabyte read (the small
+    files: the runtime, the service's page, the smoke samples)."""
     folder = whisper_folder(tmp_path / "tiny.en")
     big = bytes(range(256)) * (8 << 12)  # 8 MB
     spec = with_asr_model(load_recipe("speaker-diarization-3.1"), ASR)
@@ -292,7 +293,7 @@ def test_inspect_reads_the_small_files_only_whatever_the_models_weigh(
     assert "smoke" in order[:first_model] and "manifest.json" in order[:first_model]
     info = json.loads(subprocess.run(["pyannote-bundle", "inspect", str(tarball), "--json"],
                                      capture_output=True, text=True, check=True).stdout)
-    assert info["bytes_read"] < 1 << 20 and len(info["models"]) == 3
+    assert info["bytes_read"] < 2 << 20 and len(info["models"]) == 3
 
 
 def test_verify_compares_the_transcript_with_the_build_hosts() -> None:

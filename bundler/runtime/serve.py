@@ -46,7 +46,7 @@ if not __package__:  # run as a file: its folder is the package (runtime/_bootst
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     __package__ = __import__("_bootstrap").package(__file__)
 
-from . import engines, exits, jobstore, transcribe
+from . import engines, exits, jobstore, stores, transcribe
 from .audio import MAX_DURATION_S
 from .common import one_line, shown
 from .offline import NetworkAudit, go_offline
@@ -121,7 +121,7 @@ def embedded(url: str | None) -> bool:
 
 def open_store(args: argparse.Namespace) -> jobstore.Store:
     try:
-        return jobstore.open_store(args.store, args.state_dir)
+        return stores.open_store(args.store, args.state_dir)
     except jobstore.StoreError as exc:
         raise Fail(str(exc), exits.EXIT_CANNOT_RUN) from None
 
@@ -198,7 +198,7 @@ def store_main(argv: Sequence[str]) -> int:
     if embedded(args.store):
         private_state_dir(args.state_dir)
     try:
-        found, now = jobstore.init_store(args.store, args.state_dir)
+        found, now = stores.init_store(args.store, args.state_dir)
     except jobstore.StoreError as exc:
         raise Fail(str(exc), exits.EXIT_CANNOT_RUN) from None
     was = "created" if found is None else ("already current" if found == now

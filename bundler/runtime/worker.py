@@ -33,7 +33,7 @@ if not __package__:  # run as a file: its folder is the package (runtime/_bootst
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     __package__ = __import__("_bootstrap").package(__file__)
 
-from . import diarize, exits, inputs, jobstore, recordings, transcribe
+from . import diarize, exits, inputs, jobstore, recordings, stores, transcribe
 from .audio import SAMPLE_RATE, TooLong, decode
 from .common import one_line
 from .offline import NetworkAudit, go_offline
@@ -76,7 +76,7 @@ class Worker:
         self.id = str(config["id"])
         self.state = Path(config["state_dir"])
         self.uploads = self.state / "uploads"
-        self.store = jobstore.open_store(config.get("store"), self.state)
+        self.store = stores.open_store(config.get("store"), self.state)
         self.model = transcribe.bundled_model()
         self.program: recordings.Program = (transcribe.Transcribe(self.model) if self.model
                                             else diarize.Diarize())
