@@ -267,6 +267,21 @@ def test_offline_environment_and_caches_for_a_user_without_a_home(tmp_path: Path
     assert env["XDG_CACHE_HOME"] == str(root / "xdg")
 
 
+
+def test_offline_environment_with_nothing_writable_leaves_the_caches_unset(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only root with no home and no writable temp dir (a container without a /tmp
+    volume): the offline variables are set all the same, no cache is pointed anywhere, and
+    nothing raises (tempfile.gettempdir() does, in that case, as below)."""
+    def no_temp_dir() -> str:
+        raise FileNotFoundError(2, "No usable temporary directory found in ['/tmp']")
+
+    monkeypatch.setattr("tempfile.gettempdir", no_temp_dir)
+    env: dict[str, str] = {"HOME": "/nonexistent/home"}
+    assert offline.go_offline(env) is None
+    assert env["HF_HUB_OFFLINE"] == "1" and env["PYANNOTE_METRICS_ENABLED"] == "false"
+    assert not set(offline.CACHE_VARS) & set(env)
+
 def test_network_attempts_are_counted_and_can_be_blocked() -> None:
     audit = offline.NetworkAudit()
     s = socket.socket()
