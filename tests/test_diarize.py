@@ -267,6 +267,43 @@ def test_offline_environment_and_caches_for_a_user_without_a_home(tmp_path: Path
     assert env["XDG_CACHE_HOME"] == str(root / "xdg")
 
 
+
+def test_offline_environment_with_nothing_writable_leaves_the_caches_unset(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only root with no home and no writable temp dir (a container without a /tmp
+    volume): the offline variables are set all the same, no cache is pointed anywhere, and
+    nothing raises (tempfile.gettempdir() does, in that case, as below)."""
+    def no_temp_dir() -> str:
+        raise FileNotFoundError(2, "No usable temporary directory found in ['/tmp']")
+
+    monkeypatch.setattr("tempfile.gettempdir", no_temp_dir)
+    env: dict[str, str] = {"HOME": "/nonexistent/home"}
+    assert offline.go_offline(env) is None
+    assert env["HF_HUB_OFFLINE"] == "1" and env["PYANNOTE_METRICS_ENABLED"] == "false"
+    assert not set(offline.CACHE_VARS) & set(env)
+
+
+def test_an_import_that_cannot_write_is_one_line_and_exit_3(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """On a read-only root with no writable /tmp, importing pyannote raises OSError (seen:
+    matplotlib's "requires access to a writable cache directory"): every program, and each
+    bin/serve worker, must stop with one line and exit 3, not a traceback and a restart."""
+    import types
+
+    config = tmp_path / "config.yaml"
+    config.write_text("pipeline:\n  params: {}\n")
+
+    def cannot_write() -> Any:
+        raise OSError("Matplotlib requires access to a writable cache directory")
+
+    monkeypatch.setitem(sys.modules, "torch", types.ModuleType("torch"))
+    monkeypatch.setattr(d.engines, "load_pyannote", cannot_write)
+    with pytest.raises(exits.RunError) as err:
+        d.load_pipeline(config, "cpu", {}, print)
+    assert err.value.code == exits.EXIT_CANNOT_RUN
+    assert "writable cache directory" in str(err.value) and "/tmp" in str(err.value)
+
 def test_network_attempts_are_counted_and_can_be_blocked() -> None:
     audit = offline.NetworkAudit()
     s = socket.socket()

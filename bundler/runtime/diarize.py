@@ -114,6 +114,12 @@ def load_pipeline(config: Path, device: str, batch: dict[str, int | None],
     except ImportError as exc:
         raise exits.RunError(f"cannot import pyannote.audio from this venv: {common.one_line(exc)}",
                            exits.EXIT_CANNOT_RUN) from None
+    except OSError as exc:
+        # Importing writes: torch a generated module to the temp dir, matplotlib (pulled in
+        # by pyannote) its config dir. A read-only root with no writable /tmp fails here.
+        raise exits.RunError(f"cannot import pyannote.audio: {common.one_line(exc)} (a "
+                             "read-only root needs a writable temp dir: a volume at /tmp)",
+                             exits.EXIT_CANNOT_RUN) from None
     chosen = devices.choose_device(device, torch, warn)
     try:
         pipeline = Pipeline.from_pretrained(str(config))

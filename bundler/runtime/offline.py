@@ -59,8 +59,11 @@ def cache_root(environ: dict[str, str] | Any = os.environ) -> Path | None:
         candidates.append(Path(environ["XDG_CACHE_HOME"]) / "pyannote-bundle")
     if environ.get("HOME") and Path(environ["HOME"]).is_dir():
         candidates.append(Path(environ["HOME"]) / ".cache" / "pyannote-bundle")
-    private = Path(tempfile.gettempdir()) / f"pyannote-bundle-{os.getuid()}"
-    for path in (*candidates, private):
+    try:
+        private: Path | None = Path(tempfile.gettempdir()) / f"pyannote-bundle-{os.getuid()}"
+    except OSError:  # no writable temp dir at all: a read-only root with no volume at /tmp
+        private = None
+    for path in (*candidates, *([private] if private else [])):
         try:
             path.mkdir(parents=True, exist_ok=True, mode=0o700)
             st = path.lstat()

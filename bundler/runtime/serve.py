@@ -179,7 +179,9 @@ def keys_main(argv: Sequence[str]) -> int:
 
 
 # --- the store's schema ------------------------------------------------------------------
-def store_main(argv: Sequence[str]) -> int:
+def store_parser() -> argparse.ArgumentParser:
+    """``serve store``'s options (also what the deployment docs' tests check a Job's
+    arguments against)."""
     p = argparse.ArgumentParser(prog="serve store", description=(
         "Create (init) or bring up to date (migrate) the job store's schema in a shared\n"
         "PostgreSQL database, before the first bin/serve starts on it and after each\n"
@@ -194,7 +196,11 @@ def store_main(argv: Sequence[str]) -> int:
                    help="postgresql://USER@HOST[:PORT]/DB, as bin/serve --store")
     p.add_argument("--state-dir", type=Path, default=default_state_dir(),
                    help="for a sqlite:/// store only")
-    args = p.parse_args(argv)
+    return p
+
+
+def store_main(argv: Sequence[str]) -> int:
+    args = store_parser().parse_args(argv)
     if embedded(args.store):
         private_state_dir(args.state_dir)
     try:
