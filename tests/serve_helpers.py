@@ -300,6 +300,37 @@ def serving(prefix: Path, state: Path, *args: str, wrap: Sequence[str] = (),
         stop_process(server.proc)
 
 
+@contextmanager
+def replicas(prefix: Path, state: Path, count: int, *args: str) -> Iterator[list[Server]]:
+    """``count`` servers on one state dir with the same ``args`` (``--store URL``: replicas
+    of one queue), started together so their workers load the models at once, all ready;
+    each stopped at the block's end (one a test killed already is only reaped)."""
+    servers: list[Server] = []
+    try:
+        for _ in range(count):
+            servers.append(start(prefix, state, *args))
+        for server in servers:
+            wait_ready(server)
+        yield servers
+    finally:
+        for server in servers:
+            stop_process(server.proc)
+
+
+def store_init(prefix: Path, url: str) -> None:
+    """``bin/serve store init --store URL``, as an operator runs it before the first replica."""
+    proc = subprocess.run([str(prefix / "bin" / "serve"), "store", "init", "--store", url],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "version" in proc.stderr, proc.stderr
+
+
+def metric(server: Server, name: str) -> float:
+    """One unlabelled sample of the server's ``/metrics`` (0 while it is absent)."""
+    text = server.request("GET", "/metrics", timeout=30).text
+    found = re.search(rf"(?m)^{re.escape(name)} (\S+)$", text)
+    return float(found.group(1)) if found else 0.0
+
+
 def keys_add(prefix: Path, state: Path, name: str) -> str:
     """``bin/serve keys add NAME --state-dir STATE``: the key, captured from stdout."""
     proc = subprocess.run([str(prefix / "bin" / "serve"), "keys", "add", name, "--state-dir",
