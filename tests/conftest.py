@@ -21,6 +21,7 @@ import pytest
 from e2e import Installed, installed_by_install_sh
 from pg import PostgresServer
 from pg import binaries as pg_binaries
+from serve_helpers import Speech, make_speech
 
 from bundler.build import BuildOptions, build
 from bundler.demo.hub import HubRepo, LoopbackHub
@@ -96,6 +97,15 @@ def community_installed(community_demo: dict[str, Any],
             yield inst
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def speech_ref(community_installed: Installed) -> Iterator[Speech]:
+    """espeak-ng recordings and bin/transcribe's outputs for them on that bundle
+    (tests/serve_helpers.py), for every module that serves them; the servers' state dirs
+    (under ``base/serve``) go at the end."""
+    yield make_speech(community_installed)
+    shutil.rmtree(community_installed.base / "serve", ignore_errors=True)
 
 
 # --- a real PostgreSQL server, for bin/serve's shared store ------------------------------

@@ -1,7 +1,9 @@
-"""What tests/test_e2e_serve.py needs to talk to a real ``PREFIX/bin/serve``: start it as a
-user does (the installed wrapper, ``--port 0``, its own state dir) and stop it, wait until
-its workers have loaded the models, and speak HTTP to it with the standard library only
-(urllib and raw sockets), so that a request the service mishandles is seen as it is sent.
+"""What tests/test_e2e_serve.py and tests/test_e2e_replicas.py need to talk to a real
+``PREFIX/bin/serve``: start it as a user does (the installed wrapper, ``--port 0``, its own
+state dir) and stop it, wait until its workers have loaded the models, and speak HTTP to it
+with the standard library only (urllib and raw sockets), so that a request the service
+mishandles is seen as it is sent; and the recordings both modules send, with what
+``bin/transcribe`` made of them (the reference every answer is compared with).
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import speech
+from e2e import Installed, assert_host_has_no_ffmpeg, output_dir, transcribe_as_nobody
+
+from bundler.runtime import jobstore
 
 LISTENING = re.compile(r"listening on (https?)://([^:/\s]+):(\d+)/v1")
 READY_TIMEOUT_S = 300  # two workers loading pyannote and tiny.en on a busy 2-core host
@@ -293,6 +300,37 @@ def serving(prefix: Path, state: Path, *args: str, wrap: Sequence[str] = (),
         stop_process(server.proc)
 
 
+@contextmanager
+def replicas(prefix: Path, state: Path, count: int, *args: str) -> Iterator[list[Server]]:
+    """``count`` servers on one state dir with the same ``args`` (``--store URL``: replicas
+    of one queue), started together so their workers load the models at once, all ready;
+    each stopped at the block's end (one a test killed already is only reaped)."""
+    servers: list[Server] = []
+    try:
+        for _ in range(count):
+            servers.append(start(prefix, state, *args))
+        for server in servers:
+            wait_ready(server)
+        yield servers
+    finally:
+        for server in servers:
+            stop_process(server.proc)
+
+
+def store_init(prefix: Path, url: str) -> None:
+    """``bin/serve store init --store URL``, as an operator runs it before the first replica."""
+    proc = subprocess.run([str(prefix / "bin" / "serve"), "store", "init", "--store", url],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "version" in proc.stderr, proc.stderr
+
+
+def metric(server: Server, name: str) -> float:
+    """One unlabelled sample of the server's ``/metrics`` (0 while it is absent)."""
+    text = server.request("GET", "/metrics", timeout=30).text
+    found = re.search(rf"(?m)^{re.escape(name)} (\S+)$", text)
+    return float(found.group(1)) if found else 0.0
+
+
 def keys_add(prefix: Path, state: Path, name: str) -> str:
     """``bin/serve keys add NAME --state-dir STATE``: the key, captured from stdout."""
     proc = subprocess.run([str(prefix / "bin" / "serve"), "keys", "add", name, "--state-dir",
@@ -302,3 +340,100 @@ def keys_add(prefix: Path, state: Path, name: str) -> str:
     assert proc.stdout == key + "\n" and re.fullmatch(r"\S{20,}", key), proc.stdout
     return key
 
+
+# --- the recordings, and bin/transcribe's reference -------------------------------------
+# Short clips for the many-request tests (2-4 s each): one voice, or both.
+CLIPS: dict[str, list[tuple[str, str]]] = {
+    "close.wav": [("A", "Please close the window before you leave.")],
+    "weather.wav": [("B", "The weather will be cold and windy tomorrow.")],
+    "lunch.wav": [("A", "I will call you back after lunch.")],
+    "station.wav": [("A", "Where is the station?"), ("B", "It is on the left.")],
+}
+# A job long enough to be caught in work (about 12 s of the dialogue's first turns).
+LONGER = "turns.wav"
+
+
+@dataclass(frozen=True)
+class Speech:
+    """The recordings and what ``bin/transcribe`` made of them (json, srt, rttm)."""
+
+    inst: Installed
+    folder: Path  # dialogue.wav and the CLIPS
+    reference: Path  # bin/transcribe's outputs: NAME.json, NAME.srt, NAME.rttm
+    spoken: str  # the dialogue's text
+
+    @property
+    def prefix(self) -> Path:
+        return self.inst.prefix
+
+    def audio(self, name: str) -> bytes:
+        return (self.folder / name).read_bytes()
+
+    def srt(self, name: str) -> str:
+        return (self.reference / f"{name}.srt").read_text()
+
+    def document(self, name: str) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads((self.reference / f"{name}.json").read_text())
+        return data
+
+    def speakers(self, name: str) -> set[str]:
+        rttm = (self.reference / f"{name}.rttm").read_text().splitlines()
+        return {line.split()[7] for line in rttm}
+
+    def state(self, name: str) -> Path:
+        """A fresh place for a state dir (the server creates it 0700)."""
+        folder = self.inst.base / "serve" / name
+        assert not folder.exists()
+        folder.parent.mkdir(exist_ok=True)
+        return folder
+
+
+def make_speech(inst: Installed) -> Speech:
+    """The dialogue and the clips, spoken by espeak-ng, and bin/transcribe's outputs for
+    them: one run as nobody, offline, as a user on the isolated host runs it (the session's
+    ``speech_ref`` fixture, tests/conftest.py)."""
+    assert_host_has_no_ffmpeg()
+    folder = inst.base / "serve-speech"
+    folder.mkdir()
+    turns = speech.dialogue(folder / "dialogue.wav")
+    for name, lines in CLIPS.items():
+        speech.dialogue(folder / name, lines)
+    speech.dialogue(folder / LONGER, speech.DEFAULT_LINES[:3])
+    for path in folder.iterdir():
+        path.chmod(0o644)
+    reference = output_dir(inst, "serve-reference")
+    proc = transcribe_as_nobody(inst, str(folder), "--output-dir", str(reference),
+                                "--format", "json,srt,rttm", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["done"] == 2 + len(CLIPS)
+    return Speech(inst, folder, reference, " ".join(t.text for t in turns))
+
+
+def wait_job(server: Server, job_id: str, key: str | None = None,
+             timeout: float = 300) -> dict[str, Any]:
+    """Poll ``GET /v1/jobs/{id}`` until the job is finished; its view."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        answer = server.request("GET", f"/v1/jobs/{job_id}", key=key)
+        assert answer.status == 200, answer.body
+        view: dict[str, Any] = answer.json()
+        if view["status"] in jobstore.FINISHED:
+            return view
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} not finished in {timeout} s: {server.stderr[-2000:]}")
+
+
+def wait_running(server: Server, job_id: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.request("GET", f"/v1/jobs/{job_id}").json()["status"] == jobstore.RUNNING:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} never ran: {server.stderr[-2000:]}")
+
+
+def post_job(server: Server, ref: Speech, name: str, key: str | None = None) -> str:
+    answer = server.post_file("/v1/jobs", ref.audio(name), name, key=key)
+    assert answer.status == 202, answer.body
+    job_id: str = answer.json()["id"]
+    return job_id

@@ -23,9 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -35,115 +33,15 @@ import speech
 from e2e import (
     CLEAN_ENV,
     NOBODY,
-    Installed,
-    assert_host_has_no_ffmpeg,
     connection_attempts,
-    output_dir,
-    transcribe_as_nobody,
 )
+from serve_helpers import CLIPS, LONGER, Speech, post_job, wait_job, wait_running
 
 from bundler.runtime import jobstore, stores
 
 pytestmark = pytest.mark.slow
 
-# Short clips for the many-request tests (2-4 s each): one voice, or both.
-CLIPS: dict[str, list[tuple[str, str]]] = {
-    "close.wav": [("A", "Please close the window before you leave.")],
-    "weather.wav": [("B", "The weather will be cold and windy tomorrow.")],
-    "lunch.wav": [("A", "I will call you back after lunch.")],
-    "station.wav": [("A", "Where is the station?"), ("B", "It is on the left.")],
-}
-# A job long enough to be caught in work (about 12 s of the dialogue's first turns).
-LONGER = "turns.wav"
 MODEL = "Systran/faster-whisper-tiny.en"
-
-
-@dataclass(frozen=True)
-class Speech:
-    """The recordings and what ``bin/transcribe`` made of them (json, srt, rttm)."""
-
-    inst: Installed
-    folder: Path  # dialogue.wav and the CLIPS
-    reference: Path  # bin/transcribe's outputs: NAME.json, NAME.srt, NAME.rttm
-    spoken: str  # the dialogue's text
-
-    @property
-    def prefix(self) -> Path:
-        return self.inst.prefix
-
-    def audio(self, name: str) -> bytes:
-        return (self.folder / name).read_bytes()
-
-    def srt(self, name: str) -> str:
-        return (self.reference / f"{name}.srt").read_text()
-
-    def document(self, name: str) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads((self.reference / f"{name}.json").read_text())
-        return data
-
-    def speakers(self, name: str) -> set[str]:
-        rttm = (self.reference / f"{name}.rttm").read_text().splitlines()
-        return {line.split()[7] for line in rttm}
-
-    def state(self, name: str) -> Path:
-        """A fresh place for a state dir (the server creates it 0700)."""
-        folder = self.inst.base / "serve" / name
-        assert not folder.exists()
-        folder.parent.mkdir(exist_ok=True)
-        return folder
-
-
-@pytest.fixture(scope="module")
-def speech_ref(community_installed: Installed) -> Iterator[Speech]:
-    """The dialogue and the clips, spoken by espeak-ng, and bin/transcribe's outputs for
-    them: one run as nobody, offline, as a user on the isolated host runs it."""
-    inst = community_installed
-    assert_host_has_no_ffmpeg()
-    folder = inst.base / "serve-speech"
-    folder.mkdir()
-    turns = speech.dialogue(folder / "dialogue.wav")
-    for name, lines in CLIPS.items():
-        speech.dialogue(folder / name, lines)
-    speech.dialogue(folder / LONGER, speech.DEFAULT_LINES[:3])
-    for path in folder.iterdir():
-        path.chmod(0o644)
-    reference = output_dir(inst, "serve-reference")
-    proc = transcribe_as_nobody(inst, str(folder), "--output-dir", str(reference),
-                                "--format", "json,srt,rttm", "--json")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout)["done"] == 2 + len(CLIPS)
-    yield Speech(inst, folder, reference, " ".join(t.text for t in turns))
-    shutil.rmtree(inst.base / "serve", ignore_errors=True)
-
-
-def wait_job(server: sh.Server, job_id: str, key: str | None = None,
-             timeout: float = 300) -> dict[str, Any]:
-    """Poll ``GET /v1/jobs/{id}`` until the job is finished; its view."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        answer = server.request("GET", f"/v1/jobs/{job_id}", key=key)
-        assert answer.status == 200, answer.body
-        view: dict[str, Any] = answer.json()
-        if view["status"] in jobstore.FINISHED:
-            return view
-        time.sleep(0.5)
-    raise AssertionError(f"job {job_id} not finished in {timeout} s: {server.stderr[-2000:]}")
-
-
-def wait_running(server: sh.Server, job_id: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.request("GET", f"/v1/jobs/{job_id}").json()["status"] == jobstore.RUNNING:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} never ran: {server.stderr[-2000:]}")
-
-
-def post_job(server: sh.Server, ref: Speech, name: str, key: str | None = None) -> str:
-    answer = server.post_file("/v1/jobs", ref.audio(name), name, key=key)
-    assert answer.status == 202, answer.body
-    job_id: str = answer.json()["id"]
-    return job_id
 
 
 def wait_empty(folder: Path, timeout: float = 10) -> list[str]:

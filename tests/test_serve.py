@@ -36,6 +36,7 @@ from bundler.runtime import (
     stores,
     transcript,
     uploads,
+    worker,
 )
 from bundler.runtime.pgstore import PostgresStore
 
@@ -132,6 +133,36 @@ def test_a_dead_workers_job_is_claimable_at_once(new_store: StoreMaker) -> None:
     again = store.claim("next", 3600)
     assert again and again.id == job.id and store.claim("x", 3600) is None
     assert (store.get(other.id, None) or job).worker == "alive"
+
+
+def test_job_lease_reaches_the_workers_and_a_dead_ones_job_waits_only_that_long(
+        tmp_path: Path) -> None:
+    """``--job-lease``: the workers' config carries it, their lease thread renews it at that
+    pace, and once renewals stop (the replica was SIGKILLed) the job is another worker's
+    after that long, not after the 60-second default."""
+    args = serve.parser().parse_args(["--job-lease", "2.5", "--state-dir", str(tmp_path)])
+    assert json.loads(serve.Pool(None, args, print).config(0))["lease"] == 2.5
+    assert serve.parser().parse_args([]).job_lease == worker.LEASE_S == 60
+    store = stores.open_store(None, tmp_path)
+    job = _job(store)
+    held = store.claim("w1", 0.9)
+    assert held and held.id == job.id
+    lease = worker.Lease(store, job.id, "w1", 0.9)
+    lease.start()
+    time.sleep(2.0)  # more than two leases: only the renewals keep it
+    assert store.claim("w2", 0.9) is None
+    lease.stop()
+    lease.join(5)
+    deadline = time.monotonic() + 5
+    again = None
+    while again is None and time.monotonic() < deadline:
+        again = store.claim("w2", 0.9)
+        time.sleep(0.1)
+    assert again and again.id == job.id and again.attempts == 2
+    store.close()
+    p = _serve("--job-lease", "0", "--state-dir", str(tmp_path / "s"))
+    assert p.returncode == 2 and p.stderr.strip().endswith("--job-lease must be at least 1")
+    assert len(p.stderr.splitlines()) == 1
 
 
 def test_jobs_are_seen_only_by_their_owner(new_store: StoreMaker) -> None:

@@ -50,6 +50,7 @@ from . import engines, exits, jobstore, stores, transcribe
 from .audio import MAX_DURATION_S
 from .common import one_line, shown
 from .offline import NetworkAudit, go_offline
+from .worker import LEASE_S
 
 EXIT_CANNOT_LISTEN = 6  # the address is taken, or not this host's
 EXIT_CODES = {
@@ -278,6 +279,10 @@ def parser() -> argparse.ArgumentParser:
                      ("--embedding-batch-size", {"type": int, "metavar": "N"}),
                      ("--segmentation-batch-size", {"type": int, "metavar": "N"})):
         p.add_argument(flag, help="as bin/transcribe's (each worker)", **kw)
+    p.add_argument("--job-lease", type=float, default=LEASE_S, metavar="SECONDS",
+                   help="a worker holds a job for this long and renews it every third of it; "
+                        "a job whose replica died (SIGKILL, host lost) waits this long before "
+                        f"another worker takes it (default: {LEASE_S:.0f})")
     p.add_argument("--drain-timeout", type=float, default=DRAIN_TIMEOUT_S, metavar="SECONDS",
                    help="on SIGTERM, wait this long for the jobs in hand (default: "
                         f"{DRAIN_TIMEOUT_S}); what is left runs at the next start")
@@ -332,7 +337,8 @@ class Pool:
         self.ids[index] = f"{socket.gethostname()}-{os.getpid()}-{index}.{self.started}"
         return json.dumps({"id": self.ids[index],
                            "parent": os.getpid(), "state_dir": str(self.args.state_dir),
-                           "store": self.args.store, "options": worker_options(self.args),
+                           "store": self.args.store, "lease": self.args.job_lease,
+                           "options": worker_options(self.args),
                            "debug": self.args.debug})
 
     async def start(self) -> None:
@@ -465,9 +471,10 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def serve(args: argparse.Namespace) -> int:
-    for name, least in (("workers", 1), ("queue", 0), ("port", 0)):
+    for name, least in (("workers", 1), ("queue", 0), ("port", 0), ("job_lease", 1)):
         if getattr(args, name) < least:
-            raise Fail(f"--{name} must be at least {least}", exits.EXIT_USAGE)
+            raise Fail(f"--{name.replace('_', '-')} must be at least {least}",
+                       exits.EXIT_USAGE)
     if bool(args.tls_cert) != bool(args.tls_key):
         raise Fail("--tls-cert and --tls-key go together", exits.EXIT_USAGE)
     for path in (args.tls_cert, args.tls_key):

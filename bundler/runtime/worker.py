@@ -38,7 +38,7 @@ from .audio import SAMPLE_RATE, TooLong, decode
 from .common import one_line
 from .offline import NetworkAudit, go_offline
 
-LEASE_S = 60.0  # a job's lease; renewed every third of it while the worker holds the job
+LEASE_S = 60.0  # a job's lease (bin/serve --job-lease); renewed every third of it while held
 IDLE_POLL_S = 2.0  # look at the store this often when no wake-up comes (another server's jobs)
 
 
@@ -74,6 +74,8 @@ class Worker:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
         self.id = str(config["id"])
+        # How long a job held by a dead replica waits before another takes it.
+        self.lease = float(config.get("lease") or LEASE_S)
         self.state = Path(config["state_dir"])
         self.uploads = self.state / "uploads"
         self.store = stores.open_store(config.get("store"), self.state)
@@ -122,7 +124,7 @@ class Worker:
     def process(self, job: jobstore.Job) -> None:
         path = self.uploads / job.upload
         args = self.job_args(job)
-        lease = Lease(self.store, job.id, self.id)
+        lease = Lease(self.store, job.id, self.id, self.lease)
         lease.start()
         t0 = time.perf_counter()
         try:
@@ -178,10 +180,12 @@ class Worker:
         self.events.send("finished", job=job.id, status="failed", kind=kind,
                          network_attempts=len(self.audit.attempts))
 
-    def stored(self, call: Any, *args: Any, patience: float = LEASE_S) -> bool:
+    def stored(self, call: Any, *args: Any, patience: Optional[float] = None) -> bool:
         """A write about the job in hand, tried again while a shared store is out of reach
-        (a database restarting) for up to ``patience`` seconds; False if it never got
-        through: the lease then runs out, and the job is done again, not lost."""
+        (a database restarting) for up to ``patience`` seconds (default: the lease); False
+        if it never got through: the lease then runs out, and the job is done again, not
+        lost."""
+        patience = self.lease if patience is None else patience
         deadline, said = time.monotonic() + patience, False
         while True:
             try:
@@ -214,7 +218,7 @@ class Worker:
         unreachable = False
         while not self.draining:
             try:
-                job = self.store.claim(self.id, LEASE_S)
+                job = self.store.claim(self.id, self.lease)
             except jobstore.StoreUnavailable as exc:
                 if not unreachable:  # once per outage, not every poll
                     self.say(f"{exc}; waiting for it")
@@ -241,15 +245,17 @@ class Worker:
 class Lease(threading.Thread):
     """Renews the job's lease while the worker holds it."""
 
-    def __init__(self, store: jobstore.Store, job_id: str, worker: str) -> None:
+    def __init__(self, store: jobstore.Store, job_id: str, worker: str,
+                 seconds: float = LEASE_S) -> None:
         super().__init__(daemon=True, name=f"lease-{job_id}")
         self.store, self.job_id, self.worker = store, job_id, worker
+        self.seconds = seconds
         self.done = threading.Event()
 
     def run(self) -> None:
-        while not self.done.wait(LEASE_S / 3):
+        while not self.done.wait(self.seconds / 3):
             try:
-                if not self.store.renew(self.job_id, self.worker, LEASE_S):
+                if not self.store.renew(self.job_id, self.worker, self.seconds):
                     return  # deleted, or given to another worker
             except Exception:  # noqa: BLE001 - a busy store: the next renewal tries again
                 continue
