@@ -53,7 +53,7 @@ SHARED_MODULES = ("offline.py", "inputs.py", "audio.py", "devices.py", "outputs.
 # the worker processes, the job store (embedded, and shared in PostgreSQL), the answers'
 # formats, the streamed uploads.
 SERVE_SCRIPT = f"{RUNTIME_DIR}/serve.py"
-SERVICE_MODULES = ("service.py", "worker.py", "jobstore.py", "pgstore.py", "stores.py",
+SERVICE_MODULES = ("service.py", "pool.py", "worker.py", "jobstore.py", "pgstore.py", "stores.py",
                    "responses.py", "uploads.py", "page.py")
 # The page bin/serve answers GET / with (runtime/page.py serves it): plain files, no build.
 PAGE_FILES = ("page/index.html", "page/app.js", "page/app.css", "page/icon.svg")

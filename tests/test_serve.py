@@ -30,6 +30,7 @@ from bundler import layout
 from bundler.runtime import (
     configure,
     jobstore,
+    pool,
     responses,
     serve,
     service,
@@ -141,7 +142,7 @@ def test_job_lease_reaches_the_workers_and_a_dead_ones_job_waits_only_that_long(
     pace, and once renewals stop (the replica was SIGKILLed) the job is another worker's
     after that long, not after the 60-second default."""
     args = serve.parser().parse_args(["--job-lease", "2.5", "--state-dir", str(tmp_path)])
-    assert json.loads(serve.Pool(None, args, print).config(0))["lease"] == 2.5
+    assert json.loads(pool.Pool(None, args, print).config(0))["lease"] == 2.5
     assert serve.parser().parse_args([]).job_lease == worker.LEASE_S == 60
     store = stores.open_store(None, tmp_path)
     job = _job(store)
