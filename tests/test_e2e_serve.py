@@ -17,9 +17,12 @@ import pwd
 import re
 import shutil
 import signal
+import ssl
 import stat
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -258,6 +261,39 @@ def test_bad_input_gets_its_status_and_the_next_request_is_served(speech_ref: Sp
         assert good.status == 200 and good.text == ref.srt("close.wav")
         assert wait_empty(state / "uploads") == []
         assert "Traceback" not in server.stderr
+
+
+def test_tls_serves_https_with_the_certificate_and_refuses_plain_http(
+        speech_ref: Speech) -> None:
+    """--tls-cert/--tls-key: the 'listening on' line says https, a client that trusts the
+    certificate gets bin/transcribe's SRT over TLS, and plain HTTP gets no answer."""
+    ref = speech_ref
+    state = ref.state("tls")
+    cert, key = state.parent / "tls-cert.pem", state.parent / "tls-key.pem"
+    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                           "-keyout", str(key), "-out", str(cert), "-days", "1",
+                           "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                          capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    context = ssl.create_default_context(cafile=str(cert))
+    with sh.serving(ref.prefix, state, "--tls-cert", str(cert), "--tls-key", str(key),
+                    ready=False) as server:
+        assert f"listening on https://127.0.0.1:{server.port}/v1" in server.stderr
+        url = f"https://127.0.0.1:{server.port}"
+
+        def fetch(path: str) -> int:
+            with urllib.request.urlopen(url + path, timeout=10, context=context) as resp:
+                return int(resp.status)
+
+        sh.wait_ready(server, fetch=fetch)
+        body, content_type = sh.multipart([("response_format", "srt")],
+                                          ref.audio("close.wav"), "close.wav")
+        req = urllib.request.Request(url + "/v1/audio/transcriptions", data=body,
+                                     method="POST", headers={"Content-Type": content_type})
+        with urllib.request.urlopen(req, timeout=300, context=context) as resp:
+            assert resp.status == 200 and resp.read().decode() == ref.srt("close.wav")
+        with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+            urllib.request.urlopen(server.url + "/healthz", timeout=10).read()
 
 
 # --- 4. load -----------------------------------------------------------------------------
