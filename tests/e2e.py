@@ -317,6 +317,8 @@ def check_next_steps_work_verbatim(inst: Installed) -> None:
                                                              for c in commands)
     work = inst.base / "next"
     work.mkdir()
+    serve = [c for c in commands if "/bin/serve\"" in c]
+    commands = [c for c in commands if c not in serve]
     for n, command in enumerate(commands):
         trace = inst.base / f"next{n}.trace"
         proc = run(*OFFLINE, "strace", "-f", "-qq", "--seccomp-bpf", "-e", "trace=connect",
@@ -328,6 +330,31 @@ def check_next_steps_work_verbatim(inst: Installed) -> None:
     if (inst.prefix / "bin/transcribe").exists():
         assert any("bin/transcribe" in c for c in commands)
         assert (work / "transcripts/dialogue.flac.srt").read_text().startswith("1\n")
+    check_serve_next_steps(serve, work)
+
+
+def check_serve_next_steps(serve: list[str], work: Path) -> None:
+    """bin/serve's two lines as printed: ``keys add NAME`` prints one key alone, then the
+    server line (which runs until stopped) answers that key on port 8000 in a fresh network
+    namespace (loopback brought up), and a SIGTERM stops it with exit 0."""
+    (add,) = [c for c in serve if " keys add " in c]
+    (start,) = [c for c in serve if " --host " in c]
+    proc = run(*CLEAN_ENV, f"HOME={work}", "sh", "-c", add, cwd=work)
+    assert proc.returncode == 0 and re.fullmatch(r"pbk_\S+\n", proc.stdout), proc
+    key = proc.stdout.strip()
+    # exec: the server itself gets the SIGTERM, not a shell around it.
+    script = ('ip link set lo up || exit 9; sh -c "exec $1" & pid=$!; up=; '
+              'for i in $(seq 600); do curl -sf -o /dev/null http://127.0.0.1:8000/readyz '
+              '&& { up=1; break; }; sleep 0.5; done; '
+              'curl -s -o /dev/null -w "nokey=%{http_code}\\n" http://127.0.0.1:8000/v1/models; '
+              'curl -sf -H "Authorization: Bearer $2" http://127.0.0.1:8000/v1/models; echo; '
+              'kill -TERM $pid; wait $pid; echo "up=$up exit=$?"')
+    proc = run(*OFFLINE, *CLEAN_ENV, f"HOME={work}", "sh", "-c", script, "sh", start, key,
+               cwd=work, timeout=600)
+    assert "nokey=401" in proc.stdout, (proc.stdout, proc.stderr[-2000:])
+    assert '"object": "list"' in proc.stdout or '"object":"list"' in proc.stdout, proc.stdout
+    assert "up=1 exit=0" in proc.stdout, (proc.stdout, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr
 
 
 def transcribe_as_nobody(inst: Installed, *args: str,

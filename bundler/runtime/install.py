@@ -958,8 +958,10 @@ def next_steps(prefix: Path) -> str:
             f'  "{p}/bin/transcribe" "{p}/smoke/dialogue.flac"',
         ]),
         *([] if not (prefix / "bin" / "serve").exists() else [
-            "An OpenAI-compatible speech service for the network (loopback until a key exists):",
-            f'  "{p}/bin/serve" keys add NAME     # prints the key once',
+            "An OpenAI-compatible speech service for the network: a key for each client (printed "
+            "once), then the server, which runs until stopped (on loopback only while no key "
+            "exists):",
+            f'  "{p}/bin/serve" keys add NAME',
             f'  "{p}/bin/serve" --host 0.0.0.0 --port 8000',
             "As a systemd service (how to enable it is in its first lines):",
             f"  {p}/share/systemd/pyannote-serve.service",
