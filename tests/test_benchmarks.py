@@ -22,15 +22,16 @@ ROOT = Path(__file__).resolve().parent.parent
 RUN = ROOT / "benchmarks" / "run.py"
 
 
-def load_run() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("benchmark_run", RUN)
+def load(path: Path, name: str) -> ModuleType:
+    """A benchmark script, loaded from its file (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-bench = load_run()
+bench = load(RUN, "benchmark_run")
 
 # What pyannote.audio prints on stdout when a checkpoint records other versions than the
 # installed ones, as the Hub's checkpoints do.
@@ -161,15 +162,7 @@ def test_a_missing_bundle_is_said_before_anything_starts(tmp_path: Path) -> None
 SERVE_BENCH = ROOT / "benchmarks" / "serve.py"
 
 
-def load_serve_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("benchmark_serve", SERVE_BENCH)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-serve_bench = load_serve_bench()
+serve_bench = load(SERVE_BENCH, "benchmark_serve")
 
 
 def test_the_port_is_read_from_bin_serves_listening_line() -> None:
