@@ -764,3 +764,19 @@ def test_every_room_of_the_service_ships_in_the_bundle() -> None:
     shipped = set(layout.PROGRAMS.values())
     # apply.py travels in a delta, __init__.py is the tool's package marker.
     assert {p.name for p in runtime.glob("*.py")} - shipped == {"__init__.py", "apply.py"}
+
+
+def test_a_diarization_job_finds_the_pipeline_with_or_without_asr() -> None:
+    """In a bundle without ASR the worker loaded bin/diarize's ``Loaded``, whose own
+    ``pipeline`` is pyannote's object: the diarization job must use the Loaded itself (the
+    3.1 targets' install smoke got a 500 'no diarization pipeline loaded' before)."""
+    from bundler.runtime import diarize, transcribe
+
+    alone = diarize.Loaded(pipeline=object(), torch=None, device="cpu", pyannote_audio="3.4.0",
+                           seconds=0.0)
+    assert worker.diarization_of(alone) is alone
+    both = transcribe.Loaded(alone, None, transcribe.AsrModel(Path("m")), "cpu", "int8",
+                             "1.2.1", 0.0, 1)
+    assert worker.diarization_of(both) is alone
+    with pytest.raises(RuntimeError, match="no diarization pipeline"):
+        worker.diarization_of(object())

@@ -141,12 +141,8 @@ class Worker:
                     args.file_timeout, recordings.work_timeout(seconds)), "processing"):
                 try:
                     if job.kind == "diarization":
-                        pipeline = getattr(self.loaded, "pipeline", self.loaded)
-                        if isinstance(pipeline, diarize.Loaded):
-                            texts, _, _ = diarize.Diarize().process(pipeline, record,
-                                                                    waveform, args)
-                        else:  # pragma: no cover - a Transcribe load always has one
-                            raise RuntimeError("no diarization pipeline loaded")
+                        texts, _, _ = diarize.Diarize().process(
+                            diarization_of(self.loaded), record, waveform, args)
                     else:
                         texts, _, _ = self.program.process(self.loaded, record, waveform, args)
                 except recordings.FileTimeout:
@@ -240,6 +236,18 @@ class Worker:
                 self.reload = False
         self.store.close()
         return 0
+
+
+def diarization_of(loaded: Any) -> diarize.Loaded:
+    """The diarization pipeline of what the worker loaded: bin/diarize's own load in a
+    bundle without ASR (whose ``pipeline`` attribute is pyannote's object, not ours), or
+    the one bin/transcribe's load carries."""
+    if isinstance(loaded, diarize.Loaded):
+        return loaded
+    pipeline = getattr(loaded, "pipeline", None)
+    if not isinstance(pipeline, diarize.Loaded):
+        raise RuntimeError("no diarization pipeline loaded")
+    return pipeline
 
 
 class Lease(threading.Thread):
