@@ -28,13 +28,13 @@ def worker_options(args: argparse.Namespace) -> list[str]:
     out = ["--max-duration", repr(args.max_duration), "--quiet"]
     threads = args.threads or max(1, engines.cpu_threads() // args.workers)
     out += ["--threads", str(threads)]
-    for name in ("config", "engine", "device", "asr_threads", "compute_type", "beam_size",
-                 "embedding_batch_size", "segmentation_batch_size", "file_timeout"):
+    names = ["config", "engine", "device", "embedding_batch_size", "segmentation_batch_size",
+             "file_timeout"]
+    if transcribe.bundled_model() is not None:  # the ASR options exist only with a model
+        names += ["asr_threads", "compute_type", "beam_size"]
+    for name in names:
         value = getattr(args, name)
         if value is not None:
-            if name in ("asr_threads", "compute_type", "beam_size") and \
-                    transcribe.bundled_model() is None:
-                continue
             out += [f"--{name.replace('_', '-')}", str(value)]
     return out
 
