@@ -369,8 +369,7 @@ def test_identified_speakers_are_named_in_every_format_and_json_says_how() -> No
                                                             "word": " hi"}]
     segs = transcript.speaker_segments([{"start": 0, "end": 2, "text": "", "words": words}],
                                        renamed["segments"])
-    assert "[Ada Lovelace]" in transcript.to_srt(segs) or "Ada Lovelace" in transcript.to_srt(
-        segs)
+    assert "[Ada Lovelace] Hello" in transcript.to_srt(segs)
     assert "<v Ada Lovelace>" in transcript.to_vtt(segs)
     assert "Ada Lovelace" in transcript.to_txt(segs)
     # without --voiceprints nothing changes and the embeddings are dropped all the same
@@ -419,3 +418,27 @@ def test_enroll_refuses_to_overwrite_before_loading_any_model(tmp_path: Path) ->
     clip.write_bytes(b"RIFF")
     res = _enroll("alice", str(clip), "--voiceprints", str(tmp_path))
     assert res.returncode == exits.EXIT_USAGE and "--replace" in res.stderr
+
+
+# --- shipped and installed ---------------------------------------------------------------------
+def test_every_bundle_ships_enroll_and_configure_writes_bin_enroll(tmp_path: Path) -> None:
+    from test_transcribe import _configure
+
+    from bundler import layout
+
+    assert {layout.ENROLL_SCRIPT, layout.VOICEPRINTS_MODULE} <= set(layout.PROGRAMS)
+    from bundler.runtime import install
+
+    assert layout.PREFIX_ENROLL in install.STABLE and layout.PREFIX_ENROLL in install.OPTIONAL
+    prefix = _configure(tmp_path, {"bundle": "x"})
+    wrapper = (prefix / layout.PREFIX_ENROLL).read_text()
+    assert (prefix / layout.PREFIX_ENROLL).stat().st_mode & 0o111
+    assert "runtime/enroll.py" in wrapper and " -I " in wrapper
+
+
+def test_enroll_help_runs_with_the_standard_library_alone() -> None:
+    # bin/enroll --help must answer before anything heavy is imported, like bin/diarize's
+    res = subprocess.run([sys.executable, "-I", "-S", enroll.__file__, "--help"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "--voiceprints" in res.stdout and "exit codes" in res.stdout

@@ -121,6 +121,7 @@ def enroll(args: argparse.Namespace, say: Any) -> voiceprints.Voiceprint:
         seconds = len(waveform) / audio.SAMPLE_RATE
         result = diarize.diarize_one(loaded, waveform, path.name, {}, embeddings=True)
         vector, speech = voiceprints.clip_voice(result, name)
+        speech = min(speech, seconds)  # pyannote's last turn may end past the clip's end
         say(f"{name}: {seconds:.1f} s, {speech:.1f} s of speech, one voice")
         vectors.append(vector)
         weights.append(speech)
