@@ -442,3 +442,116 @@ def test_enroll_help_runs_with_the_standard_library_alone() -> None:
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "--voiceprints" in res.stdout and "exit codes" in res.stdout
+
+
+# --- the centroids from either pyannote (their shapes, from 3.4.0's and 4.0.7's sources) -------
+class _Turn:
+    def __init__(self, start: float, end: float) -> None:
+        self.start, self.end = start, end
+
+
+class _Annotation:
+    """What diarize_one reads of pyannote.core's Annotation: tracks and sorted labels."""
+
+    def __init__(self, turns: list[tuple[float, float, str]]) -> None:
+        self.turns = turns
+
+    def itertracks(self, yield_label: bool = True) -> Any:
+        return ((_Turn(a, b), "_", s) for a, b, s in self.turns)
+
+    def labels(self) -> list[str]:
+        return sorted({s for _, _, s in self.turns})
+
+
+class _Tensor:
+    def unsqueeze(self, _dim: int) -> _Tensor:
+        return self
+
+
+class _Torch:
+    @staticmethod
+    def from_numpy(_array: Any) -> _Tensor:
+        return _Tensor()
+
+
+TURNS = [(0.0, 2.0, "SPEAKER_00"), (2.0, 4.0, "SPEAKER_01"), (4.0, 5.0, "SPEAKER_02")]
+
+
+class _Pipeline3:
+    """pyannote 3.x: ``apply(..., return_embeddings=False, hook=None)``; with it,
+    ``(annotation, centroids)``, rows in ``labels()`` order, zero-padded."""
+
+    def __init__(self) -> None:
+        self.kwargs: dict[str, Any] = {}
+
+    def apply(self, file: Any, num_speakers: Any = None, min_speakers: Any = None,
+              max_speakers: Any = None, return_embeddings: bool = False,
+              hook: Any = None) -> Any:
+        raise AssertionError("called through __call__")
+
+    def __call__(self, file: Any, **kwargs: Any) -> Any:
+        import numpy as np
+
+        self.kwargs = kwargs
+        annotation = _Annotation(TURNS)
+        if not kwargs.get("return_embeddings"):
+            return annotation
+        return annotation, np.array([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]])
+
+
+class _Output4:
+    def __init__(self, embeddings: Any) -> None:
+        self.speaker_diarization = _Annotation(TURNS)
+        self.exclusive_speaker_diarization = _Annotation(TURNS)
+        self.speaker_embeddings = embeddings
+
+
+class _Pipeline4:
+    """pyannote 4.x: ``apply(..., hook=None, **kwargs)`` returns a DiarizeOutput whose
+    ``speaker_embeddings`` are always there (None with oracle clustering)."""
+
+    def __init__(self, embeddings: Any) -> None:
+        self.embeddings = embeddings
+        self.kwargs: dict[str, Any] = {}
+
+    def apply(self, file: Any, num_speakers: Any = None, min_speakers: Any = None,
+              max_speakers: Any = None, hook: Any = None, **kwargs: Any) -> Any:
+        raise AssertionError("called through __call__")
+
+    def __call__(self, file: Any, **kwargs: Any) -> Any:
+        self.kwargs = kwargs
+        return _Output4(self.embeddings)
+
+
+def _loaded(pipeline: Any) -> diarize.Loaded:
+    return diarize.Loaded(pipeline, _Torch(), "cpu", "x", 0.0)
+
+
+WANTED = {"SPEAKER_00": [1.0, 0.0], "SPEAKER_01": [0.0, 2.0], "SPEAKER_02": None}
+
+
+def test_pyannote_3_is_asked_for_its_centroids_and_they_follow_the_labels() -> None:
+    import numpy as np
+
+    p3 = _Pipeline3()
+    got = diarize.diarize_one(_loaded(p3), np.zeros(16000, np.float32), "u", {},
+                              embeddings=True)
+    assert p3.kwargs.get("return_embeddings") is True
+    assert got["speaker_embeddings"] == WANTED
+    assert [s["speaker"] for s in got["segments"]] == ["SPEAKER_00", "SPEAKER_01", "SPEAKER_02"]
+    plain = diarize.diarize_one(_loaded(p3), np.zeros(16000, np.float32), "u", {})
+    assert "return_embeddings" not in p3.kwargs and "speaker_embeddings" not in plain
+
+
+def test_pyannote_4_gives_its_centroids_unasked_and_oracle_clustering_none() -> None:
+    import numpy as np
+
+    p4 = _Pipeline4(np.array([[1.0, 0.0], [0.0, 2.0]]))  # fewer rows than labels
+    got = diarize.diarize_one(_loaded(p4), np.zeros(16000, np.float32), "u", {},
+                              embeddings=True)
+    assert "return_embeddings" not in p4.kwargs  # 4.x would swallow it in **kwargs
+    assert got["speaker_embeddings"] == WANTED and got["exclusive_segments"]
+    with pytest.raises(exits.RunError) as err:
+        diarize.diarize_one(_loaded(_Pipeline4(None)), np.zeros(16000, np.float32), "u", {},
+                            embeddings=True)
+    assert err.value.code == exits.EXIT_CANNOT_RUN
