@@ -102,11 +102,13 @@ def test_more_voiceprints_than_speakers_and_more_speakers_than_voiceprints() -> 
 
 def test_a_speaker_without_a_centroid_is_never_named() -> None:
     # pyannote pads the centroids with zeros for a speaker clustering did not make
-    got = v.match({"SPEAKER_00": None, "SPEAKER_01": (0.0, 0.0)}, [_vp("alice", (1.0, 0.0))],
-                  0.0, exclusive=False)
-    assert [m.as_dict() for m in got] == [
-        {"speaker": "SPEAKER_00", "identified_as": None, "similarity": None},
-        {"speaker": "SPEAKER_01", "identified_as": None, "similarity": None}]
+    for exclusive in (True, False):
+        got = v.match({"SPEAKER_00": None, "SPEAKER_01": (0.0, 0.0),
+                       "SPEAKER_02": (float("nan"), 1.0)}, [_vp("alice", (1.0, 0.0))],
+                      0.0, exclusive=exclusive)
+        assert [m.as_dict() for m in got] == [
+            {"speaker": f"SPEAKER_0{i}", "identified_as": None, "similarity": None}
+            for i in range(3)]
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -496,7 +498,7 @@ class _Pipeline3:
         annotation = _Annotation(TURNS)
         if not kwargs.get("return_embeddings"):
             return annotation
-        return annotation, np.array([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]])
+        return annotation, np.array([[1.0, 0.0], [0.0, 2.0], [np.nan, np.nan]])
 
 
 class _Output4:

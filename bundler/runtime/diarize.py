@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -197,7 +198,8 @@ def _returns_embeddings(pipeline: Any) -> bool:
 
 def speaker_embeddings(annotation: Any, centroids: Any) -> dict[str, list[float] | None]:
     """``{label: centroid}``: pyannote orders the rows as ``annotation.labels()``. A row of
-    zeros (a speaker clustering did not make) or no row at all is None."""
+    zeros (a speaker clustering did not make), of NaN (pyannote's mean over no embedding:
+    a speaker no chunk gave one) or no row at all is None."""
     labels = [str(label) for label in annotation.labels()]
     if centroids is None:
         raise exits.RunError("this pipeline gives no speaker embeddings (oracle clustering, "
@@ -207,7 +209,7 @@ def speaker_embeddings(annotation: Any, centroids: Any) -> dict[str, list[float]
     out: dict[str, list[float] | None] = {}
     for i, label in enumerate(labels):
         row = [float(x) for x in rows[i]] if i < len(rows) else None
-        out[label] = row if row and any(row) else None
+        out[label] = row if row and any(row) and all(map(math.isfinite, row)) else None
     return out
 
 

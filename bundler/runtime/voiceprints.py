@@ -286,8 +286,8 @@ def today() -> str:
 def cosine(a: Sequence[float], b: Sequence[float]) -> float | None:
     """Cosine similarity, None for a zero vector (a speaker pyannote gave no centroid)."""
     na, nb = norm(a), norm(b)
-    if na == 0 or nb == 0 or len(a) != len(b):
-        return None
+    if not (na > 0 and nb > 0 and math.isfinite(na) and math.isfinite(nb)) or len(a) != len(b):
+        return None  # NaN fails every comparison: never a name, never "NaN" in JSON
     return sum(x * y for x, y in zip(a, b)) / (na * nb)
 
 
