@@ -102,6 +102,16 @@ def check_voiceprints(inst: Installed) -> dict[str, Any]:
         assert doc["speakers"] == [name]
         assert all(line.split()[7] == name
                    for line in (out / f"{name}.wav.rttm").read_text().splitlines())
+    said = output_dir(inst, "voiceprint-transcripts")
+    res = _as_nobody(inst, "transcribe", str(audio / "alice.wav"), "-o", str(said),
+                     "--format", "json,srt,vtt,txt", "--beam-size", "1", "--voiceprints",
+                     str(voices), *common)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (said / "alice.wav.srt").read_text().count("[alice] ") >= 1
+    assert "<v alice>" in (said / "alice.wav.vtt").read_text()
+    assert (said / "alice.wav.txt").read_text().startswith("alice: ")
+    assert json.loads((said / "alice.wav.json").read_text())["identification"][0][
+        "identified_as"] == "alice"
     meeting = json.loads((out / "meeting.wav.json").read_text())
     assert meeting["identification"] and all(
         set(m) == {"speaker", "identified_as", "similarity"} for m in meeting["identification"])
