@@ -40,6 +40,9 @@ DIARIZE_SCRIPT = f"{RUNTIME_DIR}/diarize.py"
 # and the word-to-speaker logic and file formats it uses.
 TRANSCRIBE_SCRIPT = f"{RUNTIME_DIR}/transcribe.py"
 TRANSCRIPT_MODULE = f"{RUNTIME_DIR}/transcript.py"
+# Known voices: bin/enroll saves them, and bin/diarize/bin/transcribe --voiceprints match them.
+ENROLL_SCRIPT = f"{RUNTIME_DIR}/enroll.py"
+VOICEPRINTS_MODULE = f"{RUNTIME_DIR}/voiceprints.py"
 # What computes the pipeline's models (--engine); the installer's ONNX export for it.
 ENGINES_MODULE = f"{RUNTIME_DIR}/engines.py"
 EXPORT_SCRIPT: str = _installer.EXPORT
@@ -72,6 +75,8 @@ PROGRAMS = {
     EXPORT_SCRIPT: "export.py",
     TRANSCRIBE_SCRIPT: "transcribe.py",
     TRANSCRIPT_MODULE: "transcript.py",
+    ENROLL_SCRIPT: "enroll.py",
+    VOICEPRINTS_MODULE: "voiceprints.py",
     SERVE_SCRIPT: "serve.py",
     **{f"{RUNTIME_DIR}/{name}": name for name in SERVICE_MODULES},
     **{f"{RUNTIME_DIR}/{name}": name for name in PAGE_FILES},
@@ -91,6 +96,7 @@ PREFIX_CONFIG = "config.yaml"  # absolute paths, rendered for the release
 PREFIX_DIARIZE = "bin/diarize"  # written by configure.py: runtime/diarize.py with the venv
 PREFIX_TRANSCRIBE = "bin/transcribe"  # the same for runtime/transcribe.py, with an ASR model
 PREFIX_SERVE = "bin/serve"  # the same for runtime/serve.py, in every install
+PREFIX_ENROLL = "bin/enroll"  # the same for runtime/enroll.py (voiceprints), in every install
 PREFIX_SYSTEMD_UNIT = "share/systemd/pyannote-serve.service"  # bin/serve as a service
 
 # The offline variables: a bundled environment never reaches for the network. One list, in

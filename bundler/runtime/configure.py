@@ -21,7 +21,8 @@ verify`` both run) with the host's python3 (stdlib only), in a new release folde
 - ``PREFIX/bin/transcribe``: the same for ``runtime/transcribe.py``, when the bundle carries
   a speech-recognition model (``manifest.json``'s ``asr``);
 - ``PREFIX/bin/serve``: the same for ``runtime/serve.py`` (the service), and its hardened
-  systemd unit, ``PREFIX/share/systemd/pyannote-serve.service``.
+  systemd unit, ``PREFIX/share/systemd/pyannote-serve.service``;
+- ``PREFIX/bin/enroll``: the same for ``runtime/enroll.py`` (voiceprints).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ OFFLINE_PTH = "pyannote_bundle_offline.pth"
 DIARIZE = "bin/diarize"
 TRANSCRIBE = "bin/transcribe"
 SERVE = "bin/serve"
+ENROLL = "bin/enroll"
 UNIT = "share/systemd/pyannote-serve.service"
 SERVICE_USER = "pyannote-serve"
 
@@ -208,6 +210,7 @@ def main(argv: list[str]) -> int:
     if has_asr(prefix):
         write(prefix / TRANSCRIBE, wrapper(prefix, "transcribe"), 0o755)
     write(prefix / SERVE, wrapper(prefix, "serve"), 0o755)
+    write(prefix / ENROLL, wrapper(prefix, "enroll"), 0o755)
     (prefix / UNIT).parent.mkdir(parents=True, exist_ok=True)
     write(prefix / UNIT, systemd_unit(prefix), 0o644)
     return 0

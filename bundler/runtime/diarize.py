@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -46,7 +47,18 @@ if not __package__:  # run as a file: its folder is the package (runtime/_bootst
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     __package__ = __import__("_bootstrap").package(__file__)
 
-from . import audio, common, devices, engines, exits, inputs, outputs, recordings
+from . import (
+    audio,
+    common,
+    devices,
+    engines,
+    exits,
+    inputs,
+    outputs,
+    recordings,
+    transcript,
+    voiceprints,
+)
 
 FORMATS = ("rttm", "json")
 # What --help says the engines' check proves: exactly what export.export compares.
@@ -150,20 +162,55 @@ def engine_receipt(config: Path) -> Path:
 
 
 def diarize_one(loaded: Loaded, waveform: Any, uri: str,
-                speakers: dict[str, int | None]) -> dict[str, Any]:
-    """Run the pipeline on one waveform; the segments (and 4.x's exclusive ones)."""
+                speakers: dict[str, int | None], embeddings: bool = False) -> dict[str, Any]:
+    """Run the pipeline on one waveform; the segments (and 4.x's exclusive ones), and with
+    ``embeddings`` each speaker's centroid in the embedding model's space
+    (``speaker_embeddings``: ``{label: [float, ...] or None}``; see voiceprints.py)."""
     tensor = loaded.torch.from_numpy(waveform).unsqueeze(0)
-    kwargs = {k: v for k, v in speakers.items() if v is not None}
+    kwargs: dict[str, Any] = {k: v for k, v in speakers.items() if v is not None}
+    if embeddings and not _returns_embeddings(loaded.pipeline):
+        kwargs["return_embeddings"] = True  # 3.x: (annotation, centroids)
     stages = StageClock()
     output = loaded.pipeline({"waveform": tensor, "sample_rate": audio.SAMPLE_RATE, "uri": uri},
                              hook=stages, **kwargs)
+    centroids = None
+    if isinstance(output, tuple):
+        output, centroids = output
     annotation = getattr(output, "speaker_diarization", output)  # 4.x DiarizeOutput / 3.x
     result: dict[str, Any] = {"segments": _segments(annotation),
                               "stage_seconds": stages.seconds()}
     exclusive = getattr(output, "exclusive_speaker_diarization", None)
     if exclusive is not None:
         result["exclusive_segments"] = _segments(exclusive)
+    if embeddings:
+        centroids = getattr(output, "speaker_embeddings", centroids)
+        result["speaker_embeddings"] = speaker_embeddings(annotation, centroids)
     return result
+
+
+def _returns_embeddings(pipeline: Any) -> bool:
+    """Whether the pipeline's result carries the centroids itself (pyannote 4's
+    DiarizeOutput, unless ``legacy``), or must be asked (3.x's ``return_embeddings``)."""
+    import inspect
+
+    return "return_embeddings" not in inspect.signature(pipeline.apply).parameters
+
+
+def speaker_embeddings(annotation: Any, centroids: Any) -> dict[str, list[float] | None]:
+    """``{label: centroid}``: pyannote orders the rows as ``annotation.labels()``. A row of
+    zeros (a speaker clustering did not make), of NaN (pyannote's mean over no embedding:
+    a speaker no chunk gave one) or no row at all is None."""
+    labels = [str(label) for label in annotation.labels()]
+    if centroids is None:
+        raise exits.RunError("this pipeline gives no speaker embeddings (oracle clustering, "
+                             "or pyannote 4's legacy output): voiceprints cannot be matched",
+                             exits.EXIT_CANNOT_RUN)
+    rows = centroids.tolist() if hasattr(centroids, "tolist") else list(centroids)
+    out: dict[str, list[float] | None] = {}
+    for i, label in enumerate(labels):
+        row = [float(x) for x in rows[i]] if i < len(rows) else None
+        out[label] = row if row and any(row) and all(map(math.isfinite, row)) else None
+    return out
 
 
 class StageClock:
@@ -201,8 +248,9 @@ def default_config() -> Path:
     return Path(__file__).resolve().parent.parent / "config.yaml"
 
 
-def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
-    """The pyannote pipeline's options, shared with bin/transcribe."""
+def add_pipeline_arguments(p: argparse.ArgumentParser, matching: bool = True) -> None:
+    """The pyannote pipeline's options, shared with bin/transcribe (and, without the
+    voiceprint matching, ``matching``, with bin/enroll)."""
     config = default_config()
     p.add_argument("--config", type=Path, default=config,
                    help=f"the pipeline config (default: {config})")
@@ -219,14 +267,33 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for the models, every engine (default: the cores this "
                         "process may use, from its affinity and cgroup quota)")
+    if matching:
+        voiceprints.add_arguments(p)
 
 
 def check_pipeline_arguments(args: argparse.Namespace) -> None:
+    """Refuse bad pipeline options; ``args.known_voices``: the voiceprints ``--voiceprints``
+    names, loaded and checked before any model (None without it)."""
     for name in ("embedding_batch_size", "segmentation_batch_size", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise exits.RunError(f"--{name.replace('_', '-')} must be at least 1",
                                 exits.EXIT_USAGE)
+    if hasattr(args, "match_threshold"):  # the matching options (not bin/enroll's)
+        args.known_voices = voiceprints.check_arguments(args, default_config().parent)
+
+
+def identified(result: dict[str, Any], args: argparse.Namespace
+               ) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
+    """``diarize_one``'s result with the speakers ``--voiceprints`` identifies renamed (every
+    output then says the name), and the matches (None without ``--voiceprints``)."""
+    known = getattr(args, "known_voices", None)
+    embeddings = result.pop("speaker_embeddings", None)
+    if not known:
+        return result, None
+    matches = voiceprints.identify({"speaker_embeddings": embeddings}, known, args)
+    return (transcript.renamed(result, voiceprints.names(matches)),
+            [m.as_dict() for m in matches])
 
 
 def load_from_args(args: argparse.Namespace, say: Callable[[str], None]) -> Loaded:
@@ -265,13 +332,17 @@ class Diarize(recordings.Program):
 
     def process(self, loaded: Loaded, job: inputs.Job, waveform: Any, args: argparse.Namespace
                 ) -> tuple[dict[str, str], dict[str, Any], str]:
-        result = diarize_one(loaded, waveform, job.uri, recordings.speakers(args))
+        result, matches = identified(
+            diarize_one(loaded, waveform, job.uri, recordings.speakers(args),
+                        embeddings=bool(getattr(args, "known_voices", None))), args)
         segments = result["segments"]
         labels = sorted({s["speaker"] for s in segments})
         record = {"file": job.rel, "uri": job.uri, "source": str(job.source),
                   "audio_seconds": round(len(waveform) / audio.SAMPLE_RATE, 3),
                   "sample_rate": audio.SAMPLE_RATE,
-                  "speakers": labels, **result, "pyannote_audio": loaded.pyannote_audio,
+                  "speakers": labels, **result,
+                  **({"identification": matches} if matches is not None else {}),
+                  "pyannote_audio": loaded.pyannote_audio,
                   "engine": loaded.engine.name if loaded.engine else "pyannote",
                   "config": str(args.config)}
         texts = {"json": json.dumps(record, indent=1) + "\n",

@@ -83,11 +83,12 @@ CURRENT = "current"
 # The paths users know, each a link through ``current`` (made once, valid across upgrades).
 STABLE = ("venv", "models", "smoke", "runtime", "config.yaml", "pyannote.env",
           "manifest.json", "smoke-result.json", "bin/diarize", "bin/transcribe", "bin/serve",
-          "share/systemd/pyannote-serve.service")
+          "bin/enroll", "share/systemd/pyannote-serve.service")
 # Stable paths only some releases have (bin/transcribe: a bundle with an ASR model; bin/serve
-# and its unit: releases made since the service exists): linked when the release has it, and
-# our link removed when an upgrade drops it.
-OPTIONAL = frozenset({"bin/transcribe", "bin/serve", "share/systemd/pyannote-serve.service"})
+# and its unit: releases made since the service exists; bin/enroll: since voiceprints exist):
+# linked when the release has it, and our link removed when an upgrade drops it.
+OPTIONAL = frozenset({"bin/transcribe", "bin/serve", "bin/enroll",
+                      "share/systemd/pyannote-serve.service"})
 SMOKE_RESULT = "smoke-result.json"
 
 TOLERANCE_S = 0.5  # a smoke segment boundary may move this much against expected.json

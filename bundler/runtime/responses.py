@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 from . import outputs, transcript
+from .transcript import renamed
 
 # Every format a transcription job's result can be read in, and its media type.
 TRANSCRIPTION_FORMATS = {
@@ -77,32 +78,6 @@ def failure(error: Mapping[str, Any]) -> ApiError:
     kind = str(error.get("kind") or "internal")
     return ApiError(FAILURE_STATUS.get(kind, 500), str(error.get("message") or kind), kind,
                     "file" if kind in ("too_long", "undecodable") else None)
-
-
-# --- speakers renamed -------------------------------------------------------------------
-def renamed(result: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any]:
-    """The result with each speaker label in ``names`` replaced, everywhere it appears."""
-    if not names:
-        return dict(result)
-
-    def name(label: Any) -> Any:
-        return names.get(label, label) if isinstance(label, str) else label
-
-    out = dict(result)
-    out["speakers"] = [name(s) for s in result.get("speakers") or []]
-    for key in ("segments", "diarization", "exclusive_segments"):
-        if isinstance(result.get(key), list):
-            out[key] = [_renamed_segment(s, name) for s in result[key]]
-    return out
-
-
-def _renamed_segment(segment: Mapping[str, Any], name: Any) -> dict[str, Any]:
-    seg = dict(segment)
-    if "speaker" in seg:
-        seg["speaker"] = name(seg["speaker"])
-    if isinstance(seg.get("words"), list):
-        seg["words"] = [{**w, "speaker": name(w.get("speaker"))} for w in seg["words"]]
-    return seg
 
 
 # --- transcription -----------------------------------------------------------------------

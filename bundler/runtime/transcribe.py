@@ -236,7 +236,9 @@ class Transcribe(recordings.Program):
                 "words": [{"start": w.start, "end": w.end, "word": w.word,
                            "probability": w.probability} for w in (s.words or [])]}
                for s in pieces]  # a generator: recognition runs here
-        result = diarize.diarize_one(loaded.pipeline, waveform, job.uri, recordings.speakers(args))
+        result, matches = diarize.identified(
+            diarize.diarize_one(loaded.pipeline, waveform, job.uri, recordings.speakers(args),
+                                embeddings=bool(getattr(args, "known_voices", None))), args)
         # Non-overlapping turns where the pipeline gives them (pyannote 4): a word goes to one
         # speaker, and overlapped speech would otherwise split a word between two.
         turns = result.get("exclusive_segments") or result["segments"]
@@ -257,7 +259,8 @@ class Transcribe(recordings.Program):
                                                        if loaded.pipeline.engine
                                                        else "pyannote"),
                                             "pyannote_audio": loaded.pipeline.pyannote_audio}},
-                 "diarization": result["segments"]}
+                 "diarization": result["segments"],
+                 **({"identification": matches} if matches is not None else {})}
         texts = {"json": transcript.to_json(segments, extra),
                  "srt": transcript.to_srt(segments), "vtt": transcript.to_vtt(segments),
                  "txt": transcript.to_txt(segments),

@@ -15,7 +15,8 @@ turns ``bin/diarize`` writes):
 
 A word goes to the speaker who talks most during it (:func:`assign_speakers`); segments are
 cut where the speaker changes (:func:`speaker_segments`); :func:`to_srt`, :func:`to_vtt`,
-:func:`to_txt` and :func:`to_json` render them. RTTM is not written here: it is the
+:func:`to_txt` and :func:`to_json` render them; :func:`renamed` gives speakers their names
+(a voiceprint's, or one a user set in the service). RTTM is not written here: it is the
 diarization's own output (``diarize.rttm_lines``).
 
 A speaker of ``None`` means "no diarization": the subtitle and text formats show it as
@@ -313,3 +314,31 @@ def to_json(segments: Iterable[Mapping[str, Any]], extra: Mapping[str, Any]) -> 
         raise ValueError("extra must not have a 'segments' key: it would replace the segments")
     document = {**extra, "segments": [dict(s) for s in segments]}
     return json.dumps(document, ensure_ascii=False, indent=1, allow_nan=False) + "\n"
+
+
+# --- speakers renamed -------------------------------------------------------------------
+def renamed(result: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any]:
+    """The result with each speaker label in ``names`` replaced, everywhere it appears."""
+    if not names:
+        return dict(result)
+
+    def name(label: Any) -> Any:
+        return names.get(label, label) if isinstance(label, str) else label
+
+    out = dict(result)
+    # Two labels may take one name (voiceprints matched with --no-exclusive): listed once.
+    if isinstance(result.get("speakers"), list):
+        out["speakers"] = list(dict.fromkeys(name(s) for s in result["speakers"]))
+    for key in ("segments", "diarization", "exclusive_segments"):
+        if isinstance(result.get(key), list):
+            out[key] = [_renamed_segment(s, name) for s in result[key]]
+    return out
+
+
+def _renamed_segment(segment: Mapping[str, Any], name: Any) -> dict[str, Any]:
+    seg = dict(segment)
+    if "speaker" in seg:
+        seg["speaker"] = name(seg["speaker"])
+    if isinstance(seg.get("words"), list):
+        seg["words"] = [{**w, "speaker": name(w.get("speaker"))} for w in seg["words"]]
+    return seg
