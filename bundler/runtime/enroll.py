@@ -105,30 +105,39 @@ def check(args: argparse.Namespace) -> str:
     return "enroll"
 
 
+def voice_of(loaded: diarize.Loaded, name: str,
+             clips: Sequence[tuple[Path, str]], say: Any,
+             max_seconds: float = audio.MAX_DURATION_S) -> voiceprints.Voiceprint:
+    """The voiceprint ``name`` from ``clips`` (each ``(path, the name shown for it)``), with
+    the pipeline ``loaded``: each clip decoded and diarized, refused unless it holds one
+    voice (RunError, EXIT_USAGE, one line naming the clip). ``bin/serve``'s workers enroll
+    through here too, with their loaded pipeline."""
+    model = voiceprints.installed_model(diarize.default_config().parent)
+    vectors, weights, kept = [], [], []
+    for path, label in clips:
+        try:
+            waveform = audio.decode(path, max_seconds)
+        except exits.FileFailed as exc:
+            raise exits.RunError(f"{label}: {exc}", exits.EXIT_USAGE) from None
+        seconds = len(waveform) / audio.SAMPLE_RATE
+        result = diarize.diarize_one(loaded, waveform, path.name, {}, embeddings=True)
+        vector, speech = voiceprints.clip_voice(result, label)
+        speech = min(speech, seconds)  # pyannote's last turn may end past the clip's end
+        say(f"{label}: {seconds:.1f} s, {speech:.1f} s of speech, one voice")
+        vectors.append(vector)
+        weights.append(speech)
+        kept.append(voiceprints.Clip(common.sha256_file(path), round(seconds, 3),
+                                     round(speech, 3)))
+    return voiceprints.Voiceprint(name, model, voiceprints.combine(vectors, weights),
+                                  tuple(kept), voiceprints.today())
+
+
 def enroll(args: argparse.Namespace, say: Any) -> voiceprints.Voiceprint:
     """Each clip decoded and diarized, refused unless it holds one voice, then the voice
     saved: every clip is checked before anything is written."""
-    model = voiceprints.installed_model(diarize.default_config().parent)
+    voiceprints.installed_model(diarize.default_config().parent)  # before the models load
     loaded = diarize.load_from_args(args, say)
-    vectors, weights, clips = [], [], []
-    for clip in args.clips:
-        path = Path(clip)
-        name = common.shown(clip)
-        try:
-            waveform = audio.decode(path, audio.MAX_DURATION_S)
-        except exits.FileFailed as exc:
-            raise exits.RunError(f"{name}: {exc}", exits.EXIT_USAGE) from None
-        seconds = len(waveform) / audio.SAMPLE_RATE
-        result = diarize.diarize_one(loaded, waveform, path.name, {}, embeddings=True)
-        vector, speech = voiceprints.clip_voice(result, name)
-        speech = min(speech, seconds)  # pyannote's last turn may end past the clip's end
-        say(f"{name}: {seconds:.1f} s, {speech:.1f} s of speech, one voice")
-        vectors.append(vector)
-        weights.append(speech)
-        clips.append(voiceprints.Clip(common.sha256_file(path), round(seconds, 3),
-                                      round(speech, 3)))
-    vp = voiceprints.Voiceprint(args.name, model, voiceprints.combine(vectors, weights),
-                                tuple(clips), voiceprints.today())
+    vp = voice_of(loaded, args.name, [(Path(c), common.shown(c)) for c in args.clips], say)
     voiceprints.save(args.voiceprints, vp, replace=args.replace)
     return vp
 

@@ -64,6 +64,9 @@ SUFFIX = ".json"
 DEFAULT_THRESHOLD = 0.5
 # Below this much speech, one clip's embedding is too noisy to stand for a voice.
 MIN_SPEECH_S = 1.2
+# The longest clip bin/serve enrolls (a reference or a stored voice's clip): OpenAI asks for
+# 2-10 s references and pyannoteAI takes up to 30 s; a worker's time is shared.
+MAX_CLIP_S = 30.0
 # A name is a file name, an RTTM field (spaces become "_") and a subtitle label: letters,
 # digits, and " ._-" inside, at most 64 characters. A pipeline label is refused as a name,
 # so that an output never leaves the reader guessing whether a speaker was identified.
@@ -144,6 +147,14 @@ class Voiceprint:
     clips: tuple[Clip, ...]
     created: str
 
+    def summary(self) -> dict[str, Any]:
+        """What may be shown of it (``bin/serve``'s answers): everything but the embedding."""
+        return {"object": "voiceprint", "name": self.name,
+                "embedding_model": self.model.as_dict(),
+                "clips": [{"sha256": c.sha256, "seconds": c.seconds,
+                           "speech_seconds": c.speech_seconds} for c in self.clips],
+                "created": self.created}
+
     def to_json(self) -> str:
         return json.dumps({
             "format": FORMAT, "name": self.name, "embedding_model": self.model.as_dict(),
@@ -215,6 +226,35 @@ def remove(folder: Path, name: str) -> Path:
     return path
 
 
+def load_file(path: Path, model: EmbeddingModel | None = None) -> Voiceprint:
+    """The voiceprint in ``path``, of ``model`` when given; RunError(EXIT_USAGE), one line,
+    for a file that cannot be read, is not a voiceprint, is not named after its voice, or
+    was made with another embedding model (its vectors would compare with nothing)."""
+    try:
+        vp = parse(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise RunError(f"cannot read voiceprint {path}: {exc.strerror or exc}",
+                       EXIT_USAGE) from None
+    except (Corrupt, UnicodeDecodeError) as exc:
+        raise RunError(f"{path} is not a usable voiceprint: {one_line(exc, 120)}",
+                       EXIT_USAGE) from None
+    if vp.name != path.name[:-len(SUFFIX)]:
+        raise RunError(f"{path} holds the voiceprint of '{shown(vp.name, 80)}': a "
+                       "voiceprint's file is named after it (renamed by hand?)", EXIT_USAGE)
+    if model is not None and vp.model != model:
+        raise RunError(f"{path} was made with the embedding model {vp.model}, this "
+                       f"install's is {model}: enroll '{vp.name}' again with this "
+                       "install", EXIT_USAGE)
+    return vp
+
+
+def owner_folder(state_dir: Path, owner: str) -> Path:
+    """``bin/serve``'s voiceprints of one key: ``STATE/voiceprints/OWNER``, named after the
+    key's name as the job store knows it (never the key), ``_`` for a server without keys
+    (no key name starts so). Replicas share the state dir, so each sees the same prints."""
+    return state_dir / "voiceprints" / (owner or "_")
+
+
 def load_folder(folder: Path, model: EmbeddingModel | None = None) -> list[Voiceprint]:
     """Every voiceprint in ``folder``, sorted by name, all of ``model`` when given; the
     whole folder refused (RunError, EXIT_USAGE, one line) for any file that is not a
@@ -229,22 +269,7 @@ def load_folder(folder: Path, model: EmbeddingModel | None = None) -> list[Voice
     prints: dict[str, Voiceprint] = {}
     where: dict[str, Path] = {}
     for path in files:
-        try:
-            vp = parse(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise RunError(f"cannot read voiceprint {path}: {exc.strerror or exc}",
-                           EXIT_USAGE) from None
-        except (Corrupt, UnicodeDecodeError) as exc:
-            raise RunError(f"{path} is not a usable voiceprint: {one_line(exc, 120)}",
-                           EXIT_USAGE) from None
-        if vp.name != path.name[:-len(SUFFIX)]:
-            raise RunError(f"{path} holds the voiceprint of '{shown(vp.name, 80)}': a "
-                           "voiceprint's file is named after it (renamed by hand?)",
-                           EXIT_USAGE)
-        if model is not None and vp.model != model:
-            raise RunError(f"{path} was made with the embedding model {vp.model}, this "
-                           f"install's is {model}: enroll '{vp.name}' again with this "
-                           "install", EXIT_USAGE)
+        vp = load_file(path, model)
         key = vp.name.casefold()
         if key in prints:
             raise RunError(f"two voiceprints of one name: {where[key]} and {path}",
