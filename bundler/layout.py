@@ -57,7 +57,7 @@ SHARED_MODULES = ("offline.py", "inputs.py", "audio.py", "devices.py", "outputs.
 # formats, the streamed uploads.
 SERVE_SCRIPT = f"{RUNTIME_DIR}/serve.py"
 SERVICE_MODULES = ("service.py", "pool.py", "worker.py", "jobstore.py", "pgstore.py", "stores.py",
-                   "responses.py", "uploads.py", "page.py")
+                   "responses.py", "uploads.py", "page.py", "voices.py")
 # The page bin/serve answers GET / with (runtime/page.py serves it): plain files, no build.
 PAGE_FILES = ("page/index.html", "page/app.js", "page/app.css", "page/icon.svg")
 # Checks the host has the shared libraries the wheels need (manifest host_requirements).

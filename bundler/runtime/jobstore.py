@@ -110,6 +110,11 @@ class Job:
     result: Optional[dict[str, Any]] = None
     speakers: dict[str, str] = field(default_factory=dict)  # renamed labels
 
+    def uploads(self) -> list[str]:
+        """Every file of the job in the state dir's uploads/: its recording, and the others
+        its params list (``files``: reference clips, a voice's further clips)."""
+        return [self.upload, *(str(f) for f in self.params.get("files") or [])]
+
 
 _COLUMNS = ("id", "owner", "kind", "params", "filename", "upload", "sync", "status",
             "progress", "attempts", "worker", "lease_until", "created_at", "started_at",

@@ -46,7 +46,8 @@ class ApiError(Exception):
     fault, and a message that says what to do."""
 
     TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
-             404: "invalid_request_error", 413: "invalid_request_error",
+             404: "invalid_request_error", 409: "invalid_request_error",
+             413: "invalid_request_error",
              415: "invalid_request_error", 422: "invalid_request_error",
              429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 
@@ -70,14 +71,21 @@ def error_body(status: int, message: str, code: str, param: Optional[str] = None
 
 
 # What a worker's failure of a recording means to the client.
+# Known speakers (voices.py): a reference clip the pipeline cannot take as one voice, or a
+# stored voiceprint gone or of another model, is the request's fault (400); a clip sent to
+# POST /v1/voiceprints that cannot be enrolled, 422.
 FAILURE_STATUS = {"too_long": 413, "undecodable": 422, "timeout": 500,
-                  "worker_died": 500, "internal": 500}
+                  "worker_died": 500, "internal": 500, "invalid_reference": 400,
+                  "voiceprint_not_found": 400, "clip_refused": 422, "voiceprint_exists": 409}
+FAILURE_PARAM = {"too_long": "file", "undecodable": "file", "clip_refused": "file",
+                 "invalid_reference": "known_speaker_references",
+                 "voiceprint_not_found": "known_speaker_names", "voiceprint_exists": "name"}
 
 
 def failure(error: Mapping[str, Any]) -> ApiError:
     kind = str(error.get("kind") or "internal")
     return ApiError(FAILURE_STATUS.get(kind, 500), str(error.get("message") or kind), kind,
-                    "file" if kind in ("too_long", "undecodable") else None)
+                    FAILURE_PARAM.get(kind))
 
 
 # --- transcription -----------------------------------------------------------------------
@@ -161,10 +169,14 @@ def diarization(result: Mapping[str, Any], fmt: str, names: Mapping[str, str] = 
             DIARIZATION_FORMATS["rttm"]
     if fmt != "json":
         raise ValueError(fmt)
-    return _json({"duration": float(doc.get("audio_seconds") or 0.0),
-                  "speakers": list(doc.get("speakers") or []),
-                  "segments": [{"speaker": s["speaker"], "start": s["start"], "end": s["end"]}
-                               for s in segments]}), "application/json"
+    body: dict[str, Any] = {
+        "duration": float(doc.get("audio_seconds") or 0.0),
+        "speakers": list(doc.get("speakers") or []),
+        "segments": [{"speaker": s["speaker"], "start": s["start"], "end": s["end"]}
+                     for s in segments]}
+    if "identification" in doc:  # known speakers asked for: each speaker's match
+        body["identification"] = doc["identification"]
+    return _json(body), "application/json"
 
 
 def _json(value: Any) -> str:

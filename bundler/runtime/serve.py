@@ -63,7 +63,8 @@ EXIT_CODES = {
     EXIT_CANNOT_LISTEN: "cannot listen on --host/--port",
 }
 KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
-UPLOAD_NAME = re.compile(r"^(\.)?[0-9a-f]{32}(\.part)?$")  # what service.py names uploads
+# What service.py names uploads: a job's recording, its other files (``.N``), while written.
+UPLOAD_NAME = re.compile(r"^(\.)?[0-9a-f]{32}(\.[0-9]{1,2})?(\.part)?$")
 # With a shared store, another replica may be writing an upload, or committing the job of
 # one it has just renamed into place: only a file untouched this long, that no job names, is
 # an orphan.
@@ -304,7 +305,7 @@ def orphans(state: Path, store: jobstore.Store, min_age: float = 0.0) -> int:
     """Uploads no job names (a server killed while receiving one, a job deleted while its
     file was being written): only files named as this service names them, and untouched
     for ``min_age`` seconds (another replica's upload in flight is not an orphan)."""
-    known = {j.upload for j in store.jobs(None, limit=1 << 30)}
+    known = {name for j in store.jobs(None, limit=1 << 30) for name in j.uploads()}
     removed, before = 0, time.time() - min_age
     for entry in os.scandir(state / "uploads"):
         if UPLOAD_NAME.match(entry.name) and entry.name not in known and entry.is_file(

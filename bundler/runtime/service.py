@@ -36,7 +36,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import jobstore, page, responses, uploads
+from . import jobstore, page, responses, uploads, voices
 from .common import one_line, shown
 from .responses import ApiError
 
@@ -188,19 +188,27 @@ class Service:
     async def accept(self, request: Request, owner: str, kind: str, sync: bool,
                      formats: Any = ()) -> jobstore.Job:
         """Stream the request's recording in, check its fields, and commit it as a job
-        (``formats``: the ``response_format`` values the endpoint answers in)."""
+        (``formats``: the ``response_format`` values the endpoint answers in). ``kind``
+        ``voiceprint``: the clips of a voice to enroll (``voices.py``)."""
         if self.ready_workers == 0:
             raise ApiError(503, "the models are still loading: retry in a few seconds",
                            "not_ready", headers={"Retry-After": "5"})
         job_id = uuid.uuid4().hex
+        enrolling = kind == voices.KIND
         form = await uploads.read_form(request.headers.get("content-type", ""),
                                        request.headers.get("content-length"), request.stream(),
-                                       self.settings.uploads, job_id, self.settings.max_upload)
+                                       self.settings.uploads, job_id, self.settings.max_upload,
+                                       voices.MAX_CLIPS if enrolling else 1)
         try:
             if kind == "job":
                 kind = form.get("kind") or ("transcription" if self.settings.asr
                                             else "diarization")
-            params = self.params(form, kind)
+            if enrolling:
+                params = voices.enrollment_params(form, self.settings.state_dir, owner)
+            else:
+                params = self.params(form, kind)
+                params.update(voices.known_speakers(form, self.settings.state_dir, owner,
+                                                    job_id))
             if formats:
                 fmt = form.get("response_format") or "json"
                 if fmt not in formats:
@@ -218,12 +226,17 @@ class Service:
                                "missing_file", "file")
             if form.size == 0:
                 raise ApiError(400, "the file is empty (0 bytes)", "empty_file", "file")
-            with open(form.path, "rb") as f:
-                head = f.read(HEAD_BYTES)
-            if not uploads.looks_like_media(head):
-                raise ApiError(415, f"{shown(form.filename or 'the file')} is not an audio or "
-                                    "video file this server can read (wav, flac, ogg, mp3, "
-                                    "m4a, mp4, webm, ...)", "unsupported_media", "file")
+            for name, path in [(form.filename, form.path)] + (form.more if enrolling else []):
+                with open(path, "rb") as f:
+                    head = f.read(HEAD_BYTES)
+                if not uploads.looks_like_media(head):
+                    raise ApiError(415, f"{shown(name or 'the file')} is not an audio or "
+                                        "video file this server can read (wav, flac, ogg, "
+                                        "mp3, m4a, mp4, webm, ...)", "unsupported_media",
+                                   "file")
+            if form.more:  # the job's other files, by the names they take once accepted
+                params["files"] = [uploads.final_name(job_id, i + 1)
+                                   for i in range(len(form.more))]
             job = jobstore.Job(id=job_id, owner=owner, kind=kind, params=params,
                                filename=form.filename or "upload", upload=job_id, sync=sync)
             async with self.admit:
@@ -234,6 +247,10 @@ class Service:
                                    "queue_full", headers={"Retry-After": self.retry_after()})
                 os.replace(form.path, self.settings.uploads / job_id)
                 form.path = self.settings.uploads / job_id
+                for i, (name, path) in enumerate(form.more):
+                    final = self.settings.uploads / uploads.final_name(job_id, i + 1)
+                    os.replace(path, final)
+                    form.more[i] = (name, final)
                 if sync:
                     self.waiters[job_id] = asyncio.Event()
                 await self.call(self.store.add_job, job)
@@ -299,11 +316,6 @@ class Service:
             if not 0 <= params["temperature"] <= 1:
                 raise ApiError(400, "temperature must be a number from 0 to 1",
                                "invalid_value", "temperature")
-        names = form.all("known_speaker_names")
-        if names or form.all("known_speaker_references"):
-            raise ApiError(400, "known_speaker_names[] are not served by this version: every "
-                                "speaker is labelled SPEAKER_NN", "unsupported_parameter",
-                           "known_speaker_names")
         return params
 
     async def finished(self, job: jobstore.Job) -> jobstore.Job:
@@ -343,10 +355,12 @@ class Service:
             self.discard_upload(gone)
 
     def discard_upload(self, job: jobstore.Job) -> None:
-        try:
-            (self.settings.uploads / job.upload).unlink()
-        except FileNotFoundError:
-            pass
+        """The job's files go: its recording, and its reference clips (private too)."""
+        for name in job.uploads():
+            try:
+                (self.settings.uploads / name).unlink()
+            except FileNotFoundError:
+                pass
 
 
 # --- endpoints --------------------------------------------------------------------------
@@ -544,7 +558,7 @@ class HeaderLimit:
 
 def make_app(service: Service, lifespan: Any = None) -> Starlette:
     routes = [Route(path, endpoint(name, handler, service), methods=methods, name=name)
-              for path, name, handler, methods in ROUTES + page.ROUTES]
+              for path, name, handler, methods in ROUTES + page.ROUTES + voices.ROUTES]
 
     async def http_error(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 500)

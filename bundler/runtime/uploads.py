@@ -29,8 +29,10 @@ from .common import shown
 from .responses import ApiError
 
 FILE_FIELD = "file"
-MAX_FIELD_BYTES = 2 << 20  # one text field (a data URL of a short reference clip fits)
-MAX_FIELDS_BYTES = 16 << 20  # all text fields together
+# One text field: a data URL of a reference clip (known_speaker_references[]) fits, 30 s of
+# 16-bit 48 kHz stereo WAV in base64 (7.7 MB); four of them fit in all the fields together.
+MAX_FIELD_BYTES = 8 << 20
+MAX_FIELDS_BYTES = 34 << 20
 MAX_PARTS = 64
 MAX_PART_HEADER_BYTES = 16 << 10
 
@@ -44,6 +46,10 @@ class Form:
     filename: Optional[str] = None
     path: Optional[Path] = None  # the upload, in the folder given to read_form
     size: int = 0
+    # More files of the request, each (name shown, path): further ``file`` parts where the
+    # endpoint takes several (POST /v1/voiceprints' clips), and the reference clips the
+    # service decodes from known_speaker_references[]; discarded with the form.
+    more: list[tuple[str, Path]] = field(default_factory=list)
 
     def get(self, name: str) -> Optional[str]:
         values = self.fields.get(name) or self.fields.get(name + "[]")
@@ -53,12 +59,13 @@ class Form:
         return [*self.fields.get(name, []), *self.fields.get(name + "[]", [])]
 
     def discard(self) -> None:
-        if self.path is not None:
-            try:
-                self.path.unlink()
-            except FileNotFoundError:
-                pass
-            self.path = None
+        for path in [self.path, *(p for _, p in self.more)]:
+            if path is not None:
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    pass
+        self.path, self.more = None, []
 
 
 def too_large(limit: int) -> ApiError:
@@ -72,8 +79,9 @@ class _Sink:
     """python-multipart's callbacks: headers of each part, then its data to memory (a field)
     or to the upload file (``file``)."""
 
-    def __init__(self, folder: Path, name: str, limit: int) -> None:
-        self.folder, self.name, self.limit = folder, name, limit
+    def __init__(self, folder: Path, name: str, limit: int, max_files: int = 1) -> None:
+        self.folder, self.name, self.limit, self.max_files = folder, name, limit, max_files
+        self.files = 0
         self.form = Form()
         self.parts = 0
         self.header_bytes = 0
@@ -126,15 +134,19 @@ class _Sink:
                 raise ApiError(400, f"unexpected file in field {shown(self._name)!r}: send the "
                                     f"recording as '{FILE_FIELD}'", "invalid_multipart",
                                self._name)
-            if self._fd is not None or self.form.path is not None:
-                raise ApiError(400, "one recording per request", "invalid_multipart",
-                               FILE_FIELD)
+            if self._fd is not None or self.files >= self.max_files:
+                raise ApiError(400, "one recording per request" if self.max_files == 1 else
+                               f"at most {self.max_files} files per request",
+                               "invalid_multipart", FILE_FIELD)
             raw = options.get(b"filename", b"") or b"upload"
-            self.form.filename = os.path.basename(raw.decode("utf-8", "replace")) or "upload"
-            path = self.folder / f".{self.name}.part"
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-                               | getattr(os, "O_NOFOLLOW", 0), 0o600)
-            self.form.path = path
+            filename = os.path.basename(raw.decode("utf-8", "replace")) or "upload"
+            path = part_path(self.folder, self.name, self.files)
+            self._fd = create_private(path)
+            if self.files == 0:
+                self.form.filename, self.form.path = filename, path
+            else:
+                self.form.more.append((filename, path))
+            self.files += 1
         else:
             self._buffer = bytearray()
 
@@ -178,11 +190,30 @@ class _Sink:
             "on_headers_finished", "on_part_data", "on_part_end", "on_end")}
 
 
+def part_path(folder: Path, name: str, index: int) -> Path:
+    """Where a request's file ``index`` is written while it arrives: ``.<name>.part`` for the
+    recording, ``.<name>.<index>.part`` for the others (``final_name`` once accepted)."""
+    return folder / (f".{name}.part" if index == 0 else f".{name}.{index}.part")
+
+
+def final_name(name: str, index: int) -> str:
+    """A request's file ``index`` once its job is accepted: ``<name>``, ``<name>.<index>``."""
+    return name if index == 0 else f"{name}.{index}"
+
+
+def create_private(path: Path) -> int:
+    """A new file for writing, 0600, never an existing one nor through a link."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                   | getattr(os, "O_NOFOLLOW", 0), 0o600)
+
+
 async def read_form(content_type: str, content_length: Optional[str],
-                    chunks: AsyncIterator[bytes], folder: Path, name: str, limit: int) -> Form:
+                    chunks: AsyncIterator[bytes], folder: Path, name: str, limit: int,
+                    max_files: int = 1) -> Form:
     """Parse a ``multipart/form-data`` body from ``chunks``: the file goes to
-    ``folder/.<name>.part`` (0600, O_EXCL), refused (413) as soon as it passes ``limit``
-    bytes. ApiError for anything wrong, with nothing left on disk."""
+    ``folder/.<name>.part`` (0600, O_EXCL; up to ``max_files`` ``file`` parts, the others
+    to ``part_path``), refused (413) as soon as they pass ``limit`` bytes together.
+    ApiError for anything wrong, with nothing left on disk."""
     kind, options = parse_options_header(content_type)
     boundary = options.get(b"boundary")
     if kind != b"multipart/form-data" or not boundary:
@@ -195,7 +226,7 @@ async def read_form(content_type: str, content_length: Optional[str],
             raise ApiError(400, "Content-Length is not a number", "invalid_request") from None
         if declared > limit + MAX_FIELDS_BYTES:  # more than any accepted form can be
             raise too_large(limit)
-    sink = _Sink(folder, name, limit)
+    sink = _Sink(folder, name, limit, max_files)
     parser = MultipartParser(boundary, sink.callbacks())  # type: ignore[arg-type]
     try:
         async for chunk in chunks:

@@ -33,9 +33,19 @@ if not __package__:  # run as a file: its folder is the package (runtime/_bootst
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     __package__ = __import__("_bootstrap").package(__file__)
 
-from . import diarize, exits, inputs, jobstore, recordings, stores, transcribe
+from . import (
+    diarize,
+    enroll,
+    exits,
+    inputs,
+    jobstore,
+    recordings,
+    stores,
+    transcribe,
+    voiceprints,
+)
 from .audio import SAMPLE_RATE, TooLong, decode
-from .common import one_line
+from .common import one_line, shown
 from .offline import NetworkAudit, go_offline
 
 LEASE_S = 60.0  # a job's lease (bin/serve --job-lease); renewed every third of it while held
@@ -115,6 +125,11 @@ class Worker:
         p = job.params
         for name in ("num_speakers", "min_speakers", "max_speakers"):
             setattr(args, name, p.get(name))
+        # Known speakers (voices.py): exclusive matching at the request's threshold; the
+        # voiceprints themselves are made or loaded in process(), where a failure is the job's.
+        args.known_voices = None
+        args.match_threshold = p.get("match_threshold")
+        args.exclusive = True
         if job.kind == "transcription":
             args.language = p.get("language") or None
             args.initial_prompt = p.get("prompt") or None
@@ -128,6 +143,11 @@ class Worker:
         lease.start()
         t0 = time.perf_counter()
         try:
+            if job.kind == VOICEPRINT:
+                result, seconds = self.enroll(job), 0.0
+                self.finished(job, result, seconds, time.perf_counter() - t0)
+                return
+            args.known_voices = self.known_voices(job)
             recordings.regular_file(path)
             with recordings.deadline(recordings.limit(args.file_timeout,
                                                       recordings.DECODE_TIMEOUT_S), "decoding"):
@@ -151,12 +171,10 @@ class Worker:
             del waveform
             result = json.loads(texts["json"])
             result["source"] = job.filename  # not the upload's path in the state dir
-            work = time.perf_counter() - t0
-            kept = self.stored(self.store.finish, job.id, self.id, result, seconds, work)
-            self.events.send("finished", job=job.id, status="succeeded" if kept else "gone",
-                             audio_seconds=round(seconds, 3), work_seconds=round(work, 3),
-                             network_attempts=len(self.audit.attempts))
+            self.finished(job, result, seconds, time.perf_counter() - t0)
             return
+        except Refused as exc:
+            kind, message = exc.kind, str(exc)
         except TooLong as exc:
             kind, message = "too_long", str(exc)
         except recordings.FileTimeout as exc:
@@ -175,6 +193,70 @@ class Worker:
         self.stored(self.store.fail, job.id, self.id, kind, message)
         self.events.send("finished", job=job.id, status="failed", kind=kind,
                          network_attempts=len(self.audit.attempts))
+
+    def finished(self, job: jobstore.Job, result: dict[str, Any], seconds: float,
+                 work: float) -> None:
+        kept = self.stored(self.store.finish, job.id, self.id, result, seconds, work)
+        self.events.send("finished", job=job.id, status="succeeded" if kept else "gone",
+                         audio_seconds=round(seconds, 3), work_seconds=round(work, 3),
+                         network_attempts=len(self.audit.attempts))
+
+    # --- known speakers (voices.py) ---------------------------------------------------
+    def enroll(self, job: jobstore.Job) -> dict[str, Any]:
+        """A ``voiceprint`` job: the voice enrolled from its clips by ``bin/enroll``'s code
+        and saved in the key's folder; the result is its metadata, never the embedding."""
+        p = job.params
+        folder = voiceprints.owner_folder(self.state, job.owner)
+        name = str(p["name"])
+        files = [job.upload, *(p.get("files") or [])]
+        clips = [(self.uploads / f, shown(str(label)))
+                 for f, label in zip(files, p.get("clips") or files)]
+        try:
+            vp = enroll.voice_of(diarization_of(self.loaded), name, clips, self.say,
+                                 voiceprints.MAX_CLIP_S)
+        except exits.RunError as exc:
+            if exc.code != exits.EXIT_USAGE:
+                raise
+            raise Refused("clip_refused", str(exc)) from None
+        if not p.get("replace") and voiceprints.path_of(folder, name).exists():
+            raise Refused("voiceprint_exists", f"a voiceprint named '{name}' exists: send "
+                                               "replace=true to replace it")
+        voiceprints.save(folder, vp, replace=bool(p.get("replace")))
+        return vp.summary()
+
+    def known_voices(self, job: jobstore.Job) -> Optional[list[voiceprints.Voiceprint]]:
+        """The job's known speakers as voiceprints: each reference clip enrolled with the
+        loaded pipeline, each stored voiceprint loaded (refused when another embedding model
+        made it, as bin/diarize refuses it); None when the job names none."""
+        speakers = job.params.get("known_speakers")
+        if not speakers:
+            return None
+        model = voiceprints.installed_model(diarize.default_config().parent)
+        folder = voiceprints.owner_folder(self.state, job.owner)
+        prints = []
+        for speaker in speakers:
+            name, reference = str(speaker["name"]), speaker.get("reference")
+            if reference:
+                label = f"the reference clip of '{name}'"
+                try:
+                    prints.append(enroll.voice_of(
+                        diarization_of(self.loaded), name, [(self.uploads / reference, label)],
+                        self.say, voiceprints.MAX_CLIP_S))
+                except exits.RunError as exc:
+                    if exc.code != exits.EXIT_USAGE:
+                        raise
+                    raise Refused("invalid_reference", str(exc)) from None
+                continue
+            path = voiceprints.path_of(folder, name)
+            if not path.is_file():  # deleted since the request was accepted
+                raise Refused("voiceprint_not_found", f"no voiceprint named '{name}' is "
+                                                      "stored for this key")
+            try:
+                prints.append(voiceprints.load_file(path, model))
+            except exits.RunError as exc:  # the client is not shown the state dir's path
+                raise Refused("voiceprint_not_found", one_line(
+                    str(exc).replace(str(path), f"the stored voiceprint '{name}'"))) from None
+        return prints
 
     def stored(self, call: Any, *args: Any, patience: Optional[float] = None) -> bool:
         """A write about the job in hand, tried again while a shared store is out of reach
@@ -236,6 +318,18 @@ class Worker:
                 self.reload = False
         self.store.close()
         return 0
+
+
+VOICEPRINT = "voiceprint"  # voices.KIND (voices.py needs Starlette, which a worker does not)
+
+
+class Refused(Exception):
+    """A job the request's own data makes impossible: ``kind`` says which
+    (``responses.FAILURE_STATUS`` gives its status)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 def diarization_of(loaded: Any) -> diarize.Loaded:
