@@ -21,11 +21,13 @@ turns and the stranger left unnamed, and calibrate ``--match-threshold``
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
 import stat
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -126,14 +128,121 @@ def check_voiceprints(inst: Installed) -> dict[str, Any]:
     return measured
 
 
+def check_serve_voiceprints(inst: Installed) -> dict[str, Any]:
+    """Known speakers through ``PREFIX/bin/serve`` (its workers, the real pipeline, the same
+    real segmentation config as above) and the ``openai`` SDK: a voice enrolled with POST
+    /v1/voiceprints, then a transcription naming it by its stored voiceprint
+    (``known_speaker_names[]``), and another sending its clip as a data URL
+    (``known_speaker_references[]``). With these random embedding weights, the recording is
+    the enrolled clip itself (the only audio a voiceprint is sure to match, similarity 1):
+    that it names a speaker in diarized_json proves the path (form, references, the worker's
+    enrollment through bin/enroll's code, matching, names in every format), not that a
+    voice is told from another (see this module's docstring). GET lists the voiceprint
+    without its embedding, another key sees none (404 on DELETE), DELETE removes the file;
+    the workers count no network attempt."""
+    import serve_helpers as sh
+    from openai import OpenAI
+
+    audio = inst.base / "serve-voiceprint-audio"
+    audio.mkdir()
+    voice, lines = ENROL["alice"]
+    speech.dialogue(audio / "alice.wav", [(voice, line) for line in lines])
+    speech.dialogue(audio / "short.wav", [("A", "Yes.")])
+    config = real_segmentation_config(inst, inst.base / "serve-voiceprint-release")
+    state = inst.base / "serve-voiceprints" / "state"
+    state.parent.mkdir()
+    alice, bob = (sh.keys_add(inst.prefix, state, n) for n in ("alice", "bob"))
+    clip = (audio / "alice.wav").read_bytes()
+    with sh.serving(inst.prefix, state, "--config", str(config), "--engine", "pytorch",
+                    "--beam-size", "1") as server:
+        enrolled = server.post_file("/v1/voiceprints", clip, "alice.wav", [("name", "alice")],
+                                    key=alice)
+        assert enrolled.status == 201, enrolled.body[:2000]
+        short = server.post_file("/v1/voiceprints", (audio / "short.wav").read_bytes(),
+                                 "short.wav", [("name", "carol")], key=alice)
+        refused = short.error(422, "clip_refused")
+        again = server.post_file("/v1/voiceprints", clip, "alice.wav", [("name", "alice")],
+                                 key=alice)
+        again.error(409, "voiceprint_exists")
+        client = OpenAI(base_url=f"{server.url}/v1", api_key=alice, max_retries=0,
+                        timeout=600)
+        with open(audio / "alice.wav", "rb") as f:
+            stored = client.audio.transcriptions.create(
+                model="gpt-4o-transcribe-diarize", file=f, response_format="diarized_json",
+                chunking_strategy="auto", extra_body={"known_speaker_names": ["alice"]})
+        reference = f"data:audio/wav;base64,{base64.b64encode(clip).decode()}"
+        with open(audio / "alice.wav", "rb") as f:
+            sent = client.audio.transcriptions.create(
+                model="gpt-4o-transcribe-diarize", file=f, response_format="diarized_json",
+                chunking_strategy="auto",
+                extra_body={"known_speaker_names": ["alice.ref"],
+                            "known_speaker_references": [reference]})
+        with open(audio / "alice.wav", "rb") as f:
+            srt = client.audio.transcriptions.create(
+                model="whisper-1", file=f, response_format="srt",
+                extra_body={"known_speaker_names": ["alice"]})
+        job = server.post_file("/v1/jobs", clip, "alice.wav", [
+            ("kind", "diarization"), ("known_speaker_names[]", "alice")], key=alice).json()
+        while (view := server.request("GET", f"/v1/jobs/{job['id']}", key=alice).json()
+               )["status"] not in ("succeeded", "failed"):
+            time.sleep(0.5)
+        result = server.request("GET", f"/v1/jobs/{job['id']}/result", key=alice).json()
+        rttm = server.request("GET", f"/v1/jobs/{job['id']}/result?format=rttm",
+                              key=alice).text
+        listed = server.request("GET", "/v1/voiceprints", key=alice).json()
+        others = server.request("GET", "/v1/voiceprints", key=bob).json()
+        bobs_delete = server.request("DELETE", "/v1/voiceprints/alice", key=bob)
+        path = state / "voiceprints" / "alice" / "alice.json"
+        kept = path.is_file() and stat.S_IMODE(path.stat().st_mode)
+        folder_mode = stat.S_IMODE(path.parent.stat().st_mode)
+        deleted = server.request("DELETE", "/v1/voiceprints/alice", key=alice)
+        gone = not path.exists()
+        attempts = sh.metric(server, "pyannote_serve_network_attempts")
+        left = sorted(os.listdir(state / "uploads"))
+    body = enrolled.json()
+    assert body["name"] == "alice" and len(body["clips"]) == 1, body
+    assert body["clips"][0]["sha256"] and "embedding" not in body, body
+    assert "of speech, at least" in refused["message"], refused
+    for answer in (stored, sent):
+        d = answer.model_dump()
+        assert d["segments"], d
+    named = {s["speaker"] for s in stored.model_dump()["segments"]}
+    assert named == {"alice"}, named
+    assert {s["speaker"] for s in sent.model_dump()["segments"]} == {"alice.ref"}
+    assert "[alice] " in srt, srt
+    assert view["status"] == "succeeded", view
+    (match,) = result["identification"]
+    assert match["identified_as"] == "alice" and match["similarity"] >= 0.9999, match
+    assert rttm and all(line.split()[7] == "alice" for line in rttm.splitlines()), rttm
+    assert [v["name"] for v in listed["data"]] == ["alice"]
+    assert "embedding" not in listed["data"][0]
+    assert others["data"] == [] and bobs_delete.status == 404
+    assert kept == 0o600 and folder_mode == 0o700
+    assert deleted.status == 200 and gone
+    assert attempts == 0
+    assert left == [job["id"]]  # the jobs API's job keeps its recording until deleted
+    measured = {"similarity": match["similarity"]}
+    print(json.dumps({"serve_random_embedding_weights": measured}))
+    return measured
+
+
 def test_enrolled_voices_are_found_again_and_bad_clips_are_refused(
         installed: Installed) -> None:
     check_voiceprints(installed)
 
 
-if __name__ == "__main__":  # python tests/test_e2e_voiceprints.py PREFIX BASE: an install
+def test_serve_names_known_speakers_stored_and_sent_as_references(
+        installed: Installed) -> None:
+    check_serve_voiceprints(installed)
+
+
+if __name__ == "__main__":  # python tests/test_e2e_voiceprints.py PREFIX BASE [serve]
     base = Path(sys.argv[2])
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
     os.chmod(base, 0o755)
-    check_voiceprints(Installed(base, Path(sys.argv[1]), "", ""))
+    inst = Installed(base, Path(sys.argv[1]), "", "")
+    if sys.argv[3:] == ["serve"]:
+        check_serve_voiceprints(inst)
+    else:
+        check_voiceprints(inst)

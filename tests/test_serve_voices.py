@@ -307,3 +307,36 @@ def test_identification_reaches_the_diarization_json() -> None:
     assert body["identification"] == result["identification"]
     assert "identification" not in json.loads(responses.diarization(
         {k: v for k, v in result.items() if k != "identification"}, "json")[0])
+
+
+def test_the_openai_sdk_sends_known_speakers_as_this_service_reads_them(srv: Server) -> None:
+    """openai-python (its own parameters and ``extra_body``) sends the lists as repeated
+    ``known_speaker_names[]`` fields beside ``chunking_strategy``: the job gets them all.
+    (It drops an empty string that comes first in a list, so a stored voiceprint's name is
+    sent after the names that have references, never with an empty reference before.)"""
+    from openai import OpenAI
+
+    _stored(srv, "alice", "Alice")
+    client = OpenAI(base_url="http://testserver/v1", api_key=ALICE, max_retries=0,
+                    http_client=srv.client)
+    ref = _data_url(_wav(2.0))
+    for kwargs in ({"known_speaker_names": ["Bob", "Alice"],
+                    "known_speaker_references": [ref]},
+                   {"extra_body": {"known_speaker_names": ["Bob", "Alice"],
+                                   "known_speaker_references": [ref]}}):
+        seen: list[jobstore.Job] = []
+
+        def work(job: jobstore.Job) -> tuple[dict[str, Any] | None, str | None]:
+            seen.append(job)
+            return {"segments": [{"start": 0.0, "end": 0.5, "speaker": "Bob", "text": "Hi",
+                                  "words": []}], "audio_seconds": 0.5}, None
+
+        _play_worker(srv, work)
+        answer = client.audio.transcriptions.create(
+            model="gpt-4o-transcribe-diarize", file=("a.wav", _wav(0.5), "audio/wav"),
+            response_format="diarized_json", chunking_strategy="auto", **kwargs)
+        assert [s.speaker for s in answer.segments] == ["Bob"]
+        (job,) = seen
+        assert job.params["known_speakers"] == [{"name": "Bob", "reference": f"{job.id}.1"},
+                                                {"name": "Alice", "reference": None}]
+    assert srv.uploads() == []
