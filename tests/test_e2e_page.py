@@ -9,7 +9,8 @@ speakers and the words in the page, click a line and see the player go there, re
 server share a network namespace with only loopback up, and the browser's own request log
 must name no origin but the server's (an isolated network has no CDN: a page that reached
 for one would hang there). Screenshots at 1280x800 and 390x844 are written to a folder the
-test prints.
+test prints. Then known voices: enroll one on the page, check it (keyboard) among the
+upload's options, upload, read its name in the transcript, delete it.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import serve_helpers as sh
 import speech
-from e2e import Installed
+from e2e import Installed, real_segmentation_config
 
 pytestmark = pytest.mark.slow
 
@@ -215,6 +217,51 @@ def use_the_page(driver: Any, base: str, key: str, dialogue: Path, text_file: Pa
             "urls": requested_urls(driver), "console": console}
 
 
+def use_known_voices(driver: Any, base: str, key: str, clip: Path, shots: Path
+                     ) -> dict[str, Any]:
+    """A voice enrolled on the page (name and clip, from the keyboard), checked among the
+    upload's known speakers, a recording uploaded with it, its name read in the transcript,
+    then the voiceprint deleted; what was seen."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    driver.set_window_size(*SIZES["wide"])
+    driver.get(base + "/")
+    driver.find_element(By.ID, "key").send_keys(key + Keys.ENTER)
+    wait("the voices form", lambda: driver.find_element(By.ID, "voices").is_displayed())
+    known = driver.find_element(By.ID, "known-list")
+    wait("no voices yet", lambda: "No voices enrolled yet" in known.text)
+    driver.find_element(By.ID, "voice-clip").send_keys(str(clip))
+    driver.find_element(By.ID, "voice-name").send_keys("alice" + Keys.ENTER)  # submits
+    wait("the enrollment", lambda: driver.find_element(By.ID, "voice-status").text
+         == "Enrolled alice.", timeout=300, step=1)
+    box = wait("alice among the known speakers", lambda: driver.find_elements(
+        By.CSS_SELECTOR, "#known-list input[type=checkbox][value='alice']"))[0]
+    label = box.find_element(By.XPATH, "..")
+    assert label.tag_name == "label" and label.text.strip() == "alice", label.text
+    box.send_keys(Keys.SPACE)  # keyboard-usable: a checkbox takes the space bar
+    assert box.is_selected()
+    listed = driver.find_element(By.ID, "voice-list").text
+    assert "alice" in listed and "clip(s)" in listed, listed
+
+    driver.find_element(By.ID, "files").send_keys(str(clip))
+    driver.find_element(By.CSS_SELECTOR, "#upload-form button[type=submit]").click()
+    open_button = f"button[aria-label='Open {clip.name}']"
+    wait("the job to succeed", lambda: driver.find_elements(By.CSS_SELECTOR, open_button),
+         timeout=600, step=1)
+    driver.find_element(By.CSS_SELECTOR, open_button).click()
+    wait("the transcript", lambda: driver.find_elements(By.CSS_SELECTOR, "#lines .line"))
+    said = {w.text.rstrip(":") for w in driver.find_elements(By.CSS_SELECTOR, "#lines .who")}
+    shots.mkdir(parents=True, exist_ok=True)
+    assert driver.save_screenshot(str(shots / "page-known-voices.png"))
+
+    driver.find_element(By.CSS_SELECTOR,
+                        "button[aria-label='Delete the voiceprint of alice']").click()
+    wait("the voiceprint deleted", lambda: "No voices enrolled yet" in known.text)
+    console = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    return {"said": sorted(said), "urls": requested_urls(driver), "console": console}
+
+
 def main(argv: list[str]) -> int:
     """Run as a program (in the server's network namespace, where only loopback exists):
     ``test_e2e_page.py ARGS_JSON OUT_JSON`` drives the page and writes what it saw."""
@@ -222,8 +269,13 @@ def main(argv: list[str]) -> int:
     downloads, shots = Path(args["downloads"]), Path(args["shots"])
     driver = browser(downloads)
     try:
-        seen = use_the_page(driver, args["base"], args["key"], Path(args["dialogue"]),
-                            Path(args["text_file"]), Path(args["big_file"]), downloads, shots)
+        if args.get("voices"):
+            seen = use_known_voices(driver, args["base"], args["key"], Path(args["clip"]),
+                                    shots)
+        else:
+            seen = use_the_page(driver, args["base"], args["key"], Path(args["dialogue"]),
+                                Path(args["text_file"]), Path(args["big_file"]), downloads,
+                                shots)
     except BaseException:
         shots.mkdir(parents=True, exist_ok=True)  # what the page showed when it failed
         driver.save_screenshot(str(shots / "failed.png"))
@@ -235,16 +287,17 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-@pytest.fixture(scope="module")
-def page_server(community_installed: Installed) -> Iterator[tuple[sh.Server, str, list[str]]]:
+@contextmanager
+def isolated_server(inst: Installed, name: str, *args: str
+                    ) -> Iterator[tuple[sh.Server, str, list[str]]]:
     """bin/serve on the installed bundle with one key (made by ``bin/serve keys add``), in a
     network namespace of its own with only loopback up (an isolated host); with the
     command prefix that enters it."""
-    state = community_installed.base / "serve-page"
-    key = sh.keys_add(community_installed.prefix, state, "alice")
+    state = inst.base / name
+    key = sh.keys_add(inst.prefix, state, "alice")
     wrap = ("unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh")
-    server = sh.start(community_installed.prefix, state, "--workers", "1", "--max-upload",
-                      f"{MAX_UPLOAD_MB}M", wrap=wrap)
+    server = sh.start(inst.prefix, state, "--workers", "1", "--max-upload",
+                      f"{MAX_UPLOAD_MB}M", *args, wrap=wrap)
     inside = ["nsenter", f"--net=/proc/{server.proc.pid}/ns/net"]
 
     def status(path: str) -> int:
@@ -257,6 +310,12 @@ def page_server(community_installed: Installed) -> Iterator[tuple[sh.Server, str
         yield server, key, inside
     finally:
         sh.stop_process(server.proc)
+
+
+@pytest.fixture(scope="module")
+def page_server(community_installed: Installed) -> Iterator[tuple[sh.Server, str, list[str]]]:
+    with isolated_server(community_installed, "serve-page") as served:
+        yield served
 
 
 def test_a_person_uploads_reads_renames_and_downloads_in_a_real_browser(
@@ -290,6 +349,39 @@ def test_a_person_uploads_reads_renames_and_downloads_in_a_real_browser(
     unexpected = [m for m in seen["console"]
                   if not any(s in m for s in (" 401 ", " 415 ", " 413 "))]
     assert not unexpected, unexpected
+
+
+def test_a_person_enrolls_a_voice_and_reads_its_name_in_a_real_browser(
+        community_installed: Installed, tmp_path: Path) -> None:
+    """The page's known voices: enroll, check, upload, read the name, delete. The server
+    runs the real segmentation-3.0 (with the bundle's random segmentation weights every
+    clip holds two voices and enrollment refuses it: tests/test_e2e_voiceprints.py), and
+    the recording is the enrolled clip itself: with random embedding weights that is the
+    only audio a voiceprint is sure to name (similarity 1), so this proves the page's path,
+    not that voices are told apart."""
+    config = real_segmentation_config(community_installed,
+                                      community_installed.base / "serve-page-voices-release")
+    clip = tmp_path / "alice.wav"
+    speech.dialogue(clip, [("A", "My sister keeps a small garden behind her house near the "
+                                 "river."),
+                           ("A", "Every summer she grows tomatoes, beans and a few flowers.")])
+    shots, out = tmp_path / "screenshots", tmp_path / "seen"
+    with isolated_server(community_installed, "serve-page-voices", "--config", str(config),
+                         "--engine", "pytorch", "--beam-size", "1") as (server, key, inside):
+        args = {"voices": True, "base": server.url, "key": key, "clip": str(clip),
+                "downloads": str(tmp_path), "shots": str(shots)}
+        proc = subprocess.run([*inside, sys.executable, __file__, json.dumps(args), str(out)],
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, (proc.stderr[-4000:], server.stderr[-2000:])
+        left = list((server.state / "voiceprints" / "alice").iterdir())
+    seen = json.loads(out.read_text())
+    print(f"screenshots: {shots}")
+    assert seen["said"] == ["alice"], seen["said"]
+    assert left == []  # deleted on the page: the file is gone
+    others = [u for u in seen["urls"] if not u.startswith((server.url + "/", "blob:", "data:"))]
+    assert seen["urls"] and not others, others
+    assert f"{server.url}/v1/voiceprints" in seen["urls"]
+    assert not seen["console"], seen["console"]
 
 
 if __name__ == "__main__":

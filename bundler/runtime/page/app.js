@@ -11,6 +11,7 @@ const FORMATS = {  // download label -> [format, file extension]
   RTTM: ["rttm", "rttm"],
 };
 const DIARIZATION_FORMATS = ["JSON", "RTTM"];
+const MAX_KNOWN = 4;  // known speakers per request, as the API (and OpenAI's) allows
 // What each refusal means, before the server's own words.
 const STATUS_WORDS = {
   401: "Wrong or missing key", 404: "Not found", 409: "Not ready yet",
@@ -29,10 +30,10 @@ function headers(extra) {
 }
 
 // One line for a refusal: what it means, then the server's error.message.
-function explain(status, bodyText) {
+function explain(status, bodyText, own) {
   let message = "";
   try { message = JSON.parse(bodyText).error.message; } catch (e) { message = ""; }
-  const words = STATUS_WORDS[status] || ("Error " + status);
+  const words = (own && own[status]) || STATUS_WORDS[status] || ("Error " + status);
   return message ? words + ": " + message : words + ".";
 }
 
@@ -78,8 +79,10 @@ async function signIn(key) {
   $("who").textContent = key ? "Signed in with your key." : "Signed in (this server has no keys).";
   $("signout").hidden = false;
   $("upload").hidden = false;
+  $("voices").hidden = false;
   $("jobs").hidden = false;
   refresh();
+  loadVoices();
   if (!state.poll) state.poll = setInterval(refresh, POLL_MS);
 }
 
@@ -89,8 +92,10 @@ function signOut() {
   clearInterval(state.poll);
   state.poll = null;
   closeTranscript();
-  for (const id of ["upload", "jobs", "signout"]) $(id).hidden = true;
+  for (const id of ["upload", "voices", "jobs", "signout"]) $(id).hidden = true;
   $("job-rows").textContent = "";
+  $("known-list").textContent = "";
+  $("voice-list").textContent = "";
   $("who").textContent = "Signed out.";
 }
 
@@ -114,6 +119,7 @@ function upload(file) {
   if (language) form.append("language", language);
   const speakers = $("num-speakers").value.trim();
   if (speakers) form.append("num_speakers", speakers);
+  for (const name of knownChecked()) form.append("known_speaker_names[]", name);
 
   const xhr = new XMLHttpRequest();
   xhr.open("POST", "/v1/jobs");
@@ -141,8 +147,98 @@ function upload(file) {
 
 function uploadAll(files) {
   if (!files || !files.length) { showError("Choose one or more recordings first."); return; }
+  if (knownChecked().length > MAX_KNOWN) {
+    showError("Check at most " + MAX_KNOWN + " known speakers.");
+    return;
+  }
   showError("");
   for (const file of files) upload(file);
+}
+
+// --- known voices (voiceprints) ------------------------------------------------------------
+function knownChecked() {
+  return Array.from(document.querySelectorAll("#known-list input:checked"), (c) => c.value);
+}
+
+async function loadVoices() {
+  if (state.key === null) return;
+  let data;
+  try {
+    data = await (await api("GET", "/v1/voiceprints")).json();
+  } catch (e) {
+    showError(e.message);
+    return;
+  }
+  const checked = new Set(knownChecked());
+  const known = $("known-list");
+  const list = $("voice-list");
+  known.textContent = "";
+  list.textContent = "";
+  for (const vp of data.data) {
+    const label = document.createElement("label");
+    const box = document.createElement("input");
+    box.type = "checkbox";
+    box.name = "known_speaker_names[]";
+    box.value = vp.name;
+    box.checked = checked.has(vp.name);
+    label.append(box, " " + vp.name);
+    known.append(label);
+
+    const li = document.createElement("li");
+    const name = document.createElement("span");
+    name.className = "voice";
+    name.textContent = vp.name;
+    const clips = vp.clips || [];
+    const speech = clips.reduce((t, c) => t + (c.speech_seconds || 0), 0);
+    const about = document.createElement("span");
+    about.textContent = clips.length + " clip(s), " + speech.toFixed(1) + " s of speech, " +
+      vp.created + " ";
+    li.append(name, about,
+              button("Delete", "Delete the voiceprint of " + vp.name, () => removeVoice(vp.name)));
+    list.append(li);
+  }
+  if (!data.data.length) known.textContent = "No voices enrolled yet.";
+}
+
+async function enrollVoice() {
+  const name = $("voice-name").value.trim();
+  const clip = $("voice-clip").files[0];
+  if (!name || !clip) { showError("Give a name and a clip of that voice."); return; }
+  const form = new FormData();
+  form.append("name", name);
+  form.append("file", clip, clip.name);
+  $("voice-status").textContent = "Enrolling " + name + "...";
+  let response;
+  try {
+    response = await fetch("/v1/voiceprints", { method: "POST", headers: headers(),
+                                                body: form, cache: "no-store" });
+  } catch (e) {
+    $("voice-status").textContent = "";
+    showError("The server cannot be reached: " + e.message);
+    return;
+  }
+  if (response.status !== 201) {
+    $("voice-status").textContent = "";
+    showError(name + ": " + explain(response.status, await response.text(),
+                                    { 409: "Already enrolled", 422: "Cannot enroll this clip" }));
+    return;
+  }
+  showError("");
+  $("voice-status").textContent = "Enrolled " + name + ".";
+  $("voice-name").value = "";
+  $("voice-clip").value = "";
+  loadVoices();
+}
+
+async function removeVoice(name) {
+  try {
+    await api("DELETE", "/v1/voiceprints/" + encodeURIComponent(name));
+  } catch (e) {
+    showError(e.message);
+    return;
+  }
+  $("voice-status").textContent = "Deleted the voiceprint of " + name + ".";
+  loadVoices();
 }
 
 // --- the jobs --------------------------------------------------------------------------
@@ -398,6 +494,10 @@ function init() {
     signIn($("key").value.trim());
   });
   $("signout").addEventListener("click", signOut);
+  $("voice-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    enrollVoice();
+  });
   $("upload-form").addEventListener("submit", (e) => {
     e.preventDefault();
     uploadAll($("files").files);
