@@ -137,9 +137,10 @@ def check_serve_voiceprints(inst: Installed) -> dict[str, Any]:
     the enrolled clip itself (the only audio a voiceprint is sure to match, similarity 1):
     that it names a speaker in diarized_json proves the path (form, references, the worker's
     enrollment through bin/enroll's code, matching, names in every format), not that a
-    voice is told from another (see this module's docstring). GET lists the voiceprint
-    without its embedding, another key sees none (404 on DELETE), DELETE removes the file;
-    the workers count no network attempt."""
+    voice is told from another (see this module's docstring). A stored voiceprint of another
+    embedding model is refused at use; GET lists the voiceprint without its embedding,
+    another key sees none (404 on DELETE), DELETE removes the file; the workers count no
+    network attempt."""
     import serve_helpers as sh
     from openai import OpenAI
 
@@ -164,6 +165,17 @@ def check_serve_voiceprints(inst: Installed) -> dict[str, Any]:
         again = server.post_file("/v1/voiceprints", clip, "alice.wav", [("name", "alice")],
                                  key=alice)
         again.error(409, "voiceprint_exists")
+        # A voiceprint another embedding model made (another commit) is refused at use, as
+        # bin/diarize refuses it, in a line that names both models and not the state dir.
+        folder = state / "voiceprints" / "alice"
+        other = json.loads((folder / "alice.json").read_text())
+        other.update(name="mallory", embedding_model={**other["embedding_model"],
+                                                      "commit": "0" * 40})
+        (folder / "mallory.json").write_text(json.dumps(other))
+        stale = server.post_file("/v1/audio/diarization", clip, "alice.wav",
+                                 [("known_speaker_names[]", "mallory")], key=alice)
+        stale_error = stale.error(400, "voiceprint_not_found")
+        (folder / "mallory.json").unlink()
         client = OpenAI(base_url=f"{server.url}/v1", api_key=alice, max_retries=0,
                         timeout=600)
         with open(audio / "alice.wav", "rb") as f:
@@ -203,6 +215,8 @@ def check_serve_voiceprints(inst: Installed) -> dict[str, Any]:
     assert body["name"] == "alice" and len(body["clips"]) == 1, body
     assert body["clips"][0]["sha256"] and "embedding" not in body, body
     assert "of speech, at least" in refused["message"], refused
+    assert "embedding model" in stale_error["message"] and "0" * 12 in stale_error["message"]
+    assert str(state) not in stale_error["message"], stale_error
     for answer in (stored, sent):
         d = answer.model_dump()
         assert d["segments"], d

@@ -320,17 +320,18 @@ def test_the_openai_sdk_sends_known_speakers_as_this_service_reads_them(srv: Ser
     client = OpenAI(base_url="http://testserver/v1", api_key=ALICE, max_retries=0,
                     http_client=srv.client)
     ref = _data_url(_wav(2.0))
+    seen: list[jobstore.Job] = []
+
+    def work(job: jobstore.Job) -> tuple[dict[str, Any] | None, str | None]:
+        seen.append(job)
+        return {"segments": [{"start": 0.0, "end": 0.5, "speaker": "Bob", "text": "Hi",
+                              "words": []}], "audio_seconds": 0.5}, None
+
     for kwargs in ({"known_speaker_names": ["Bob", "Alice"],
                     "known_speaker_references": [ref]},
                    {"extra_body": {"known_speaker_names": ["Bob", "Alice"],
                                    "known_speaker_references": [ref]}}):
-        seen: list[jobstore.Job] = []
-
-        def work(job: jobstore.Job) -> tuple[dict[str, Any] | None, str | None]:
-            seen.append(job)
-            return {"segments": [{"start": 0.0, "end": 0.5, "speaker": "Bob", "text": "Hi",
-                                  "words": []}], "audio_seconds": 0.5}, None
-
+        seen.clear()
         _play_worker(srv, work)
         answer = client.audio.transcriptions.create(
             model="gpt-4o-transcribe-diarize", file=("a.wav", _wav(0.5), "audio/wav"),

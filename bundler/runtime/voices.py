@@ -86,7 +86,7 @@ def known_speakers(form: uploads.Form, state_dir: Path, owner: str, job_id: str
     is written to ``form.more`` (0600), so that a refused request leaves nothing. The i-th
     reference goes with the i-th name, as OpenAI pairs them; an empty reference, or none
     at the end of the list, means the voiceprint stored under that name."""
-    names = [n for n in form.all(NAMES)]
+    names = form.all(NAMES)
     refs = form.all(REFERENCES)
     threshold = form.get("match_threshold")
     if not names:

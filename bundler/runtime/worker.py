@@ -144,7 +144,7 @@ class Worker:
         t0 = time.perf_counter()
         try:
             if job.kind == VOICEPRINT:
-                result, seconds = self.enroll(job), 0.0
+                result, seconds = self.enroll_voice(job), 0.0
                 self.finished(job, result, seconds, time.perf_counter() - t0)
                 return
             args.known_voices = self.known_voices(job)
@@ -202,7 +202,7 @@ class Worker:
                          network_attempts=len(self.audit.attempts))
 
     # --- known speakers (voices.py) ---------------------------------------------------
-    def enroll(self, job: jobstore.Job) -> dict[str, Any]:
+    def enroll_voice(self, job: jobstore.Job) -> dict[str, Any]:
         """A ``voiceprint`` job: the voice enrolled from its clips by ``bin/enroll``'s code
         and saved in the key's folder; the result is its metadata, never the embedding."""
         p = job.params
