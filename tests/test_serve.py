@@ -540,6 +540,17 @@ def test_keys_add_prints_the_key_alone_and_stores_its_hash(tmp_path: Path) -> No
     assert gone.returncode == 2 and "no active key" in gone.stderr
 
 
+def test_a_key_name_that_cannot_name_a_folder_is_refused(tmp_path: Path) -> None:
+    # The name is the key's voiceprints folder (STATE/voiceprints/NAME): a trailing newline
+    # (which a `$` at the end of a pattern lets through) or a slash must not get that far.
+    state = tmp_path / "state"
+    for bad in ("alice\n", "a/b", "../x", "", "-x"):
+        p = _serve("keys", "add", bad, "--state-dir", str(state))
+        assert p.returncode == 2 and not p.stdout, (bad, p.stderr)
+        assert "Traceback" not in p.stderr
+    assert not (state / "voiceprints").exists()
+
+
 def test_no_keys_means_loopback_only_and_a_shared_state_dir_is_refused(tmp_path: Path
                                                                        ) -> None:
     state = tmp_path / "state"

@@ -148,7 +148,7 @@ def keys_main(argv: Sequence[str]) -> int:
     args = p.parse_args(argv)
     if args.action != "list" and not args.name:
         p.error(f"keys {args.action} needs a NAME")
-    if args.name and not KEY_NAME.match(args.name):
+    if args.name and not KEY_NAME.fullmatch(args.name):
         p.error(f"key name {shown(args.name)!r}: 1-64 letters, digits or ._@- ")
     if embedded(args.store):
         private_state_dir(args.state_dir)
