@@ -34,7 +34,16 @@ from typing import Any
 import numpy as np
 import pytest
 import speech
-from e2e import CLEAN_ENV, NOBODY, OFFLINE, Installed, output_dir, real_segmentation_config, run
+from e2e import (
+    CLEAN_ENV,
+    NOBODY,
+    OFFLINE,
+    Installed,
+    connection_attempts,
+    output_dir,
+    real_segmentation_config,
+    run,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -56,9 +65,13 @@ def installed(community_installed: Installed) -> Installed:
     return community_installed
 
 
-def _as_nobody(inst: Installed, program: str, *args: str) -> Any:
-    return run(*OFFLINE, *NOBODY, *CLEAN_ENV, str(inst.prefix / "bin" / program), *args,
-               cwd=inst.base)
+def _as_nobody(inst: Installed, program: str, *args: str, trace: Path | None = None) -> Any:
+    """``PREFIX/bin/PROGRAM ARGS`` as nobody, offline; with ``trace``, under strace counting
+    every connect() from outside the process (as ``e2e.diarize_as_nobody``)."""
+    strace = ("strace", "-f", "-qq", "--seccomp-bpf", "-e", "trace=connect", "-o",
+              str(trace)) if trace else ()
+    return run(*OFFLINE, *strace, *NOBODY, *CLEAN_ENV, str(inst.prefix / "bin" / program),
+               *args, cwd=inst.base)
 
 
 def check_voiceprints(inst: Installed) -> dict[str, Any]:
@@ -78,10 +91,12 @@ def check_voiceprints(inst: Installed) -> dict[str, Any]:
     common = ("--config", str(config), "--engine", "pytorch")
     voices = output_dir(inst, "voiceprints-parent") / "voices"
     for name in ENROL:
+        trace = inst.base / f"enroll-{name}.trace"
         res = _as_nobody(inst, "enroll", name, str(audio / f"{name}.wav"), "--voiceprints",
-                         str(voices), "--json", *common)
+                         str(voices), "--json", *common, trace=trace)
         assert res.returncode == 0, res.stderr[-2000:]
         assert json.loads(res.stdout)["name"] == name
+        assert connection_attempts(trace) == [], "bin/enroll: connect() seen from outside"
     assert stat.S_IMODE(voices.stat().st_mode) == 0o700
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in voices.iterdir()} == {
         "alice.json": 0o600, "bob.json": 0o600}
@@ -93,9 +108,11 @@ def check_voiceprints(inst: Installed) -> dict[str, Any]:
     assert not (voices / "carol.json").exists()
 
     out = output_dir(inst, "voiceprint-out")
+    trace = inst.base / "diarize-voiceprints.trace"
     res = _as_nobody(inst, "diarize", str(audio), "-o", str(out), "--format", "rttm,json",
-                     "--voiceprints", str(voices), *common)
+                     "--voiceprints", str(voices), *common, trace=trace)
     assert res.returncode == 0, res.stderr[-2000:]
+    assert connection_attempts(trace) == [], "bin/diarize: connect() seen from outside"
     measured: dict[str, Any] = {}
     for name in ENROL:  # the enrolled audio itself: the same centroid, the same engine
         doc = json.loads((out / f"{name}.wav.json").read_text())
