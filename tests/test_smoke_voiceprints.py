@@ -49,30 +49,35 @@ DIARIZE = COMMON + """
 args = sys.argv[1:]
 out = Path(args[args.index("--output-dir") + 1])
 prints = voiceprints.load_folder(Path(args[args.index("--voiceprints") + 1]))
-sample = Path(args[-1])
-segments = [{"start": 0.0, "end": 2.4, "speaker": "SPEAKER_00"},
-            {"start": 2.7, "end": 5.1, "speaker": "SPEAKER_01"},
-            {"start": 5.3, "end": 7.6, "speaker": "SPEAKER_00"}]
-matches = voiceprints.match({"SPEAKER_00": VOICE_VECTOR if NAMED else [0.0, 1.0, 0.0],
-                             "SPEAKER_01": [0.0, 1.0, 0.0]}, prints)
-result = transcript.renamed({"segments": segments}, voiceprints.names(matches))
 out.mkdir(parents=True, exist_ok=True)
-(out / (sample.name + ".json")).write_text(json.dumps(
-    {**result, "identification": [m.as_dict() for m in matches]}))
-rttm = outputs.rttm(sample.stem, result["segments"])
-(out / (sample.name + ".rttm")).write_text(rttm if RTTM_NAMES else
-                                            outputs.rttm(sample.stem, segments))
+for path in map(Path, args[args.index("--voiceprints") + 2:]):
+    if path.name == "voice.wav":  # the clip enrolled: its own voice alone
+        segments = [{"start": 0.0, "end": 2.4, "speaker": "SPEAKER_00"}]
+        centroids = {"SPEAKER_00": CLIP_VECTOR if NAMED else [0.0, 1.0, 0.0]}
+    else:
+        segments = [{"start": 0.0, "end": 2.4, "speaker": "SPEAKER_00"},
+                    {"start": 2.7, "end": 5.1, "speaker": "SPEAKER_01"},
+                    {"start": 5.3, "end": 7.6, "speaker": "SPEAKER_00"}]
+        centroids = {"SPEAKER_00": [1.0, 0.3, 0.2], "SPEAKER_01": [0.0, 1.0, 0.0]}
+    matches = voiceprints.match(centroids, prints)
+    result = transcript.renamed({"segments": segments}, voiceprints.names(matches))
+    (out / (path.name + ".json")).write_text(json.dumps(
+        {**result, "identification": [m.as_dict() for m in matches]}))
+    (out / (path.name + ".rttm")).write_text(outputs.rttm(
+        path.stem, result["segments"] if RTTM_NAMES else segments))
 print(json.dumps({"wall_seconds": 1.5, "network_attempts": 0, "failures": []}))
 """
 
 
 def _install(tmp_path: Path, refuse: str = "", code: int = 0, named: bool = True,
-             rttm_names: bool = True) -> Path:
+             rttm_names: bool = True, clip_vector: tuple[float, ...] = (1.0, 0.0, 0.2)
+             ) -> Path:
     """A prefix with the smoke sample and the stand-in bin/enroll and bin/diarize."""
     (tmp_path / "bin").mkdir(parents=True)
     (tmp_path / "smoke").mkdir()
     (tmp_path / "smoke" / "sample.wav").write_bytes(render.sample_wav())
-    settings = f"REFUSE, CODE, NAMED, RTTM_NAMES = {refuse!r}, {code}, {named}, {rttm_names}\n"
+    settings = (f"REFUSE, CODE, NAMED, RTTM_NAMES = {refuse!r}, {code}, {named}, "
+                f"{rttm_names}\nCLIP_VECTOR = {list(clip_vector)}\n")
     for name, text in (("enroll", ENROLL), ("diarize", DIARIZE)):
         program = tmp_path / "bin" / name
         program.write_text(f"#!{sys.executable}\n{settings}{text}")
@@ -123,23 +128,37 @@ def test_a_voice_enrolled_and_named_everywhere_passes(tmp_path: Path) -> None:
     result = _check(_install(tmp_path))
     assert result["ok"] is True, result
     assert result["enrolled"] == "sample.wav 0-2.4 s" and result["speech_seconds"] == 2.4
-    assert (result["speaker"], result["turns"], result["similarity"]) == ("SPEAKER_00", 2, 1.0)
-    assert result["named_speaker_spoke_it"] is True and result["network_attempts"] == 0
-    assert voiceprints_line(result).startswith(
-        "voiceprints: ok (bin/enroll took 'smoke voice' from sample.wav 0-2.4 s in ")
+    assert (result["turns"], result["similarity"], result["network_attempts"]) == (1, 1.0, 0)
+    # The whole sample: reported, not judged.
+    assert result["on_sample"] == {"named": True, "speakers": 2, "similarity": 0.9594,
+                                   "turns": 2, "rttm_turns": 2, "named_speaker_spoke_it": True}
+    line = voiceprints_line(result)
+    assert line.startswith("voiceprints: ok (bin/enroll took 'smoke voice' from sample.wav "
+                           "0-2.4 s in ")
+    assert ("named it in that clip, similarity 1.0, in JSON and RTTM; named on all of "
+            "sample.wav too, similarity 0.9594; ") in line
 
 
-def test_a_voice_not_named_fails_with_the_best_similarity(tmp_path: Path) -> None:
+def test_the_clip_not_named_fails(tmp_path: Path) -> None:
     result = _check(_install(tmp_path, named=False))
     assert result["ok"] is False
-    assert result["error"] == ("bin/diarize --voiceprints named no speaker 'smoke voice' (the "
-                               "best similarity was 0.0, below the default --match-threshold)")
+    assert result["error"] == ("bin/diarize --voiceprints did not name 'smoke voice' in the "
+                               "very clip it was enrolled from (best similarity 0.0)")
+
+
+def test_the_clip_named_with_another_embedding_than_enrolment_fails(tmp_path: Path) -> None:
+    """bin/enroll and bin/diarize computing one clip's embedding differently (an engine
+    drift) still names it at the threshold, and fails here all the same."""
+    result = _check(_install(tmp_path, clip_vector=(1.0, 0.1, 0.2)))
+    assert result["ok"] is False and 0.99 < result["similarity"] < 0.999
+    assert result["error"].endswith("to its own voiceprint, not 1: bin/enroll and bin/diarize "
+                                    "computed its embedding differently")
 
 
 def test_an_output_without_the_name_fails(tmp_path: Path) -> None:
     result = _check(_install(tmp_path, rttm_names=False))
     assert result["ok"] is False
-    assert result["error"] == ("the JSON gives 'smoke voice' 2 turn(s), the RTTM 0: every "
+    assert result["error"] == ("the JSON gives 'smoke voice' 1 turn(s), the RTTM 0: every "
                                "output must say the name")
 
 

@@ -67,7 +67,11 @@ def voiceprints_line(voiced: dict[str, Any]) -> str:
     or not shown (the models hear several voices in the one-voice turn: random weights)."""
     if voiced.get("ok") is None:
         return f"voiceprints: not shown ({voiced.get('not_shown')})"
+    sample = voiced.get("on_sample") or {}
+    found = (f"named on all of {voiced['sample']} too, similarity {sample.get('similarity')}"
+             if sample.get("named") else f"not named on all of {voiced['sample']} (best "
+             f"similarity {sample.get('best_similarity')}, below the threshold)")
     return (f"voiceprints: ok (bin/enroll took '{voiced['name']}' from {voiced['enrolled']} "
-            f"in {voiced['enroll_seconds']} s; bin/diarize --voiceprints named it on "
-            f"{voiced['sample']}: {voiced['turns']} turns in JSON and RTTM, similarity "
-            f"{voiced['similarity']}; {voiced['seconds']} s in all)")
+            f"in {voiced['enroll_seconds']} s; bin/diarize --voiceprints named it in that "
+            f"clip, similarity {voiced['similarity']}, in JSON and RTTM; {found}; "
+            f"{voiced['seconds']} s in all)")
