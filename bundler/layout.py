@@ -64,6 +64,9 @@ PAGE_FILES = ("page/index.html", "page/app.js", "page/app.css", "page/icon.svg")
 HOSTLIBS_SCRIPT: str = _installer.HOSTLIBS
 # The one installer: install.sh runs it on the isolated host, verify runs it too.
 INSTALLER = f"{RUNTIME_DIR}/install.py"
+# The smoke test's voiceprint check (bin/enroll, then bin/diarize --voiceprints): smoke.py
+# imports it from runtime/, as it imports the installer.
+SMOKE_VOICEPRINTS = f"{RUNTIME_DIR}/smoke_voiceprints.py"
 # Every program shipped verbatim from bundler/runtime/: its path in the bundle -> its file
 # there.
 PROGRAMS = {
@@ -84,6 +87,7 @@ PROGRAMS = {
     HOSTLIBS_SCRIPT: "hostlibs.py",
     INSTALLER: "install.py",
     SMOKE_SCRIPT: "smoke.py",
+    SMOKE_VOICEPRINTS: "smoke_voiceprints.py",
 }
 # The code the bundle runs on the isolated host: the programs above and install.sh. The
 # manifest's ``programs`` and the SBOM name each one with its sha256.

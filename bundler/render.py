@@ -21,6 +21,7 @@ import yaml
 
 from bundler.data import data_dir
 from bundler.errors import InputError
+from bundler.runtime.smoke_voiceprints import SAMPLE_TURNS
 from bundler.spec import Spec
 from bundler.traps import check_repo_config
 
@@ -127,7 +128,7 @@ def sample_wav(seconds: float = 10.0, rate: int = 16000) -> bytes:
     and clustering end to end. Decoded by soundfile in the smoke test (no FFmpeg).
     """
     rng = random.Random(0)
-    turns = [(0.0, 2.4, 120.0), (2.7, 5.1, 210.0), (5.3, 7.6, 120.0), (7.9, 9.8, 210.0)]
+    turns = SAMPLE_TURNS  # the smoke test enrolls the first turn's voice (bin/enroll)
     n = int(seconds * rate)
     frames = bytearray()
     for i in range(n):

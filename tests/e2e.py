@@ -388,6 +388,19 @@ def check_serve_in_smoke(smoke: dict[str, Any], isolated: bool = True) -> None:
             len(smoke["segments"]), smoke["speakers"])
 
 
+def check_voiceprints_in_smoke(smoke: dict[str, Any]) -> None:
+    """The smoke result's ``voiceprints`` part on a test bundle: bin/enroll ran on the
+    sample's one-voice turn and, the segmentation weights being random (two voices heard in
+    every clip), refused it in one line, so the check says ``not_shown`` and the smoke test
+    passes. With real segmentation the same check names the voice
+    (tests/test_e2e_voiceprints.py)."""
+    voiced = smoke["voiceprints"]
+    assert voiced["ok"] is None and "error" not in voiced, voiced
+    assert re.match(r"this install's segmentation hears \d+ voices in the sample's one-voice "
+                    r"turn \(sample\.wav 0-2\.4 s\)", voiced["not_shown"]), voiced
+    assert 0 < voiced["enroll_seconds"] < 300 and "diarize_seconds" not in voiced
+
+
 def check_transcribe_on_real_speech(inst: Installed) -> None:
     """What bin/transcribe promises, with the real tiny.en weights: espeak-ng dialogues as
     wav, m4a and flac become speaker-labelled JSON/SRT/WebVTT/TXT/RTTM as nobody, offline,

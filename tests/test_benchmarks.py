@@ -316,3 +316,46 @@ def test_a_server_that_cannot_start_is_one_line_and_exit_1(tmp_path: Path) -> No
         "benchmarks/serve.py: bin/serve did not start: serve: error: cannot listen on "
         "127.0.0.1:0: Address already in use"]
     assert list(tmp.iterdir()) == []
+
+
+# --- benchmarks/voiceprints.py ------------------------------------------------------------
+VOICE_BENCH = ROOT / "benchmarks" / "voiceprints.py"
+voices = load(VOICE_BENCH, "benchmark_voiceprints")
+
+
+def test_the_equal_error_threshold_lies_between_the_two_voices_scores() -> None:
+    same, different = [0.62, 0.71, 0.80, 0.55], [0.10, 0.21, 0.35, 0.58]
+    found = voices.equal_error(same, different)
+    # One stranger above one true voice: 1 in 4 either way, at 0.565 (between 0.55 and 0.58).
+    assert found == {"threshold": 0.565, "eer": 0.25, "false_name_rate": 0.25,
+                     "missed_name_rate": 0.25}
+    assert voices.equal_error([0.9, 0.8], [0.1, 0.2])["eer"] == 0.0
+    assert voices.equal_error([], [0.1])["threshold"] is None
+
+
+def test_each_turn_is_scored_by_the_speaker_who_covers_most_of_it() -> None:
+    record = {"speakers": ["alice", "SPEAKER_01", "bob"], "segments": [
+        {"start": 0.0, "end": 3.0, "speaker": "alice"},
+        {"start": 2.5, "end": 6.0, "speaker": "bob"},  # alice's turn mostly, then bob's
+        {"start": 6.5, "end": 9.0, "speaker": "SPEAKER_01"},
+        {"start": 9.5, "end": 12.0, "speaker": "alice"}],
+        "identification": [{"speaker": "SPEAKER_00", "identified_as": "alice"},
+                           {"speaker": "SPEAKER_01", "identified_as": None},
+                           {"speaker": "SPEAKER_02", "identified_as": "bob"}]}
+    turns = [(0.0, 3.2, "alice"), (3.8, 6.0, "bob"), (6.5, 9.0, "bob"), (9.5, 12.0, None),
+             (12.5, 13.0, None)]
+    got = voices.accuracy(record, turns)
+    # correct: alice, bob, and the silent-in-the-output stranger turn; the stranger named
+    # alice is wrong; bob's turn under SPEAKER_01 is unnamed.
+    assert {k: got[k] for k in ("correct", "wrong", "unnamed", "turns")} == {
+        "correct": 3, "wrong": 1, "unnamed": 1, "turns": 5}
+
+
+def test_the_voiceprint_benchmark_without_bin_enroll_says_so_in_one_line(
+        tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(VOICE_BENCH), "--prefix", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f"benchmarks/voiceprints.py: --prefix {tmp_path}: no bin/enroll there (an installed "
+        "bundle?)"]

@@ -36,6 +36,7 @@ from e2e import (
     check_serve_in_smoke,
     check_slurm_job_array_from_the_docs,
     check_transcribe_on_real_speech,
+    check_voiceprints_in_smoke,
     diarize_as_nobody,
     image_again,
     installed_by_install_sh,
@@ -143,6 +144,7 @@ def test_demo_builds_and_verifies_offline(demo: dict[str, Any], tool: Path) -> N
     assert heard["network_attempts"] == 0 and heard["language"] == "en"
     # bin/serve, on loopback in the smoke test's namespace, answered the dialogue as heard.
     check_serve_in_smoke(smoke)
+    check_voiceprints_in_smoke(smoke)
     assert [m["weights"] for m in demo["build"]["models"]] == ["random", "random", "real"]
 
 
@@ -198,6 +200,7 @@ def test_install_sh_works_offline_with_a_clean_environment(installed: Installed,
     assert all(f["ok"] and f["segments"] for f in result["formats"].values())
     assert result["network_attempts"] == 0
     check_serve_in_smoke(result)
+    check_voiceprints_in_smoke(result)
     assert "bin/serve answered /v1/audio/transcriptions" in installed.stdout
     # The onnx engine was exported on this host, checked against PyTorch, recorded by
     # sha256 in the install's receipt, and the smoke test ran it (auto, on a CPU).

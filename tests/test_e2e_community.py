@@ -16,6 +16,7 @@ from e2e import (
     check_next_steps_work_verbatim,
     check_serve_in_smoke,
     check_transcribe_on_real_speech,
+    check_voiceprints_in_smoke,
 )
 
 pytestmark = pytest.mark.slow
@@ -56,6 +57,7 @@ def test_community_1_builds_with_its_plda_and_verifies_offline(demo: dict[str, A
     assert heard["ok"] is True and heard["words"] > 20 and heard["network_attempts"] == 0
     # bin/serve answered the same dialogue on loopback in the same namespace, as heard.
     check_serve_in_smoke(v["smoke"])
+    check_voiceprints_in_smoke(v["smoke"])
     # inspect reads the real 4 GB bundle's manifest without unpacking its wheels.
     info = json.loads(_run("pyannote-bundle", "inspect", demo["build"]["bundle"],
                            "--json").stdout)

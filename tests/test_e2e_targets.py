@@ -31,7 +31,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e import installed_by_install_sh, pyenv_python, run, tool_cache
+from e2e import (
+    check_voiceprints_in_smoke,
+    installed_by_install_sh,
+    pyenv_python,
+    run,
+    tool_cache,
+)
 
 from bundler.demo.checkpoints import RECIPE, checkpoints
 from bundler.demo.pipeline import serve
@@ -118,6 +124,7 @@ def _install_sh(root: Path, python: Path, minor: int, work: Path) -> None:
             result = json.loads((inst.prefix / "smoke-result.json").read_text())
             assert result["ok"] is True and result["network_attempts"] == 0
             assert set(result["formats"]) == {"wav", "mp3", "m4a"}
+            check_voiceprints_in_smoke(result)  # pyannote 3.x's bin/enroll ran
             assert (inst.prefix / f"venv/lib/python3.{minor}/site-packages/pyannote").is_dir()
             FIGURES[f"py3{minor}-linux-x86_64"]["install.sh_speakers"] = result["speakers"]
     finally:

@@ -267,6 +267,33 @@ def test_serve_names_known_speakers_stored_and_sent_as_references(
     check_serve_voiceprints(installed)
 
 
+def test_the_smoke_check_names_the_enrolled_voice_with_real_segmentation(
+        installed: Installed) -> None:
+    """runtime/smoke_voiceprints.py's check as the smoke test runs it, on this install's own
+    bin/enroll and bin/diarize, offline, given real segmentation weights by two wrappers (the
+    bundle's random ones refuse every enrolment: tests/e2e.py check_voiceprints_in_smoke).
+    The enrolled turn is named again with similarity 1 in JSON and RTTM; what the random
+    embedding weights make of the whole sample is reported, not asserted."""
+    from bundler.runtime import smoke, smoke_voiceprints
+
+    config = real_segmentation_config(installed, installed.base / "smoke-voiceprint-release")
+    prefix = installed.base / "smoke-voiceprint-prefix"
+    (prefix / "bin").mkdir(parents=True)
+    (prefix / "smoke").mkdir()
+    shutil.copy(installed.prefix / "smoke" / "sample.wav", prefix / "smoke" / "sample.wav")
+    for name in ("enroll", "diarize"):
+        wrapper = prefix / "bin" / name
+        wrapper.write_text(f'#!/bin/sh\nexec {" ".join(OFFLINE)} "{installed.prefix}/bin/{name}"'
+                           f' "$@" --config "{config}"\n')
+        wrapper.chmod(0o755)
+    result = smoke_voiceprints.check(prefix, smoke.run_program, False)
+    print(json.dumps({"smoke_voiceprints": result}))
+    assert result["ok"] is True, result
+    assert result["similarity"] >= 0.9999 and result["turns"] >= 1
+    assert result["network_attempts"] == 0 and result["speech_seconds"] >= 2.0
+    assert set(result["on_sample"]) >= {"named", "speakers"}
+
+
 if __name__ == "__main__":  # python tests/test_e2e_voiceprints.py PREFIX BASE [serve]
     base = Path(sys.argv[2])
     shutil.rmtree(base, ignore_errors=True)

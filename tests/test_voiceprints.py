@@ -557,3 +557,21 @@ def test_pyannote_4_gives_its_centroids_unasked_and_oracle_clustering_none() -> 
         diarize.diarize_one(_loaded(_Pipeline4(None)), np.zeros(16000, np.float32), "u", {},
                             embeddings=True)
     assert err.value.code == exits.EXIT_CANNOT_RUN
+
+
+def test_the_default_threshold_is_where_pyannotes_own_clustering_parts_speakers() -> None:
+    """The 3.1 recipe clusters unit-normalised embeddings by centroid linkage at a Euclidean
+    distance; for unit vectors that is cosine 1 - d**2 / 2 (voiceprints.DEFAULT_THRESHOLD's
+    comment): the default is that similarity, to two decimals, and a name given at it goes to
+    a speaker the pipeline would not have told apart from the voice."""
+    import tomllib
+
+    recipe = Path(v.__file__).parents[1] / "recipes" / "speaker-diarization-3.1.toml"
+    clustering = tomllib.loads(recipe.read_text())["config"]["params"]["clustering"]
+    assert clustering["method"] == "centroid"
+    d = clustering["threshold"]
+    assert v.DEFAULT_THRESHOLD == round(1 - d * d / 2, 2) == 0.75
+    # The identity it rests on, checked on two unit vectors at that distance.
+    a, b = (1.0, 0.0), (1 - d * d / 2, (1 - (1 - d * d / 2) ** 2) ** 0.5)
+    assert abs(((a[0] - b[0]) ** 2 + (a[1] - b[1]) ** 2) ** 0.5 - d) < 1e-12
+    assert abs(v.cosine(a, b) - (1 - d * d / 2)) < 1e-12

@@ -26,8 +26,8 @@ def verify_bundle(bundle: Path, *, prefix: Path | None, keep: bool, smoke: bool,
 
 
 def render_text(report: dict[str, Any], installed: bool) -> str:
-    """One line per proof: signature, integrity, install, smoke, and the service where the
-    bundle has one (``installed``: False with ``--no-install``)."""
+    """One line per proof: signature, integrity, install, smoke, the voiceprints and the
+    service where the bundle has them (``installed``: False with ``--no-install``)."""
     integ = report["integrity"]
     lines = []
     if "signature" in report:
@@ -49,6 +49,9 @@ def render_text(report: dict[str, Any], installed: bool) -> str:
         lines.append(f"smoke:     ok (bin/diarize: {formats}; {smoke['speakers']} speakers, "
                      f"{smoke['seconds']} s; network: {report['network_isolation']}, "
                      f"{smoke.get('network_attempts', 0)} connection attempts)")
+        voiced = smoke.get("voiceprints")
+        if voiced:  # a bundle with bin/enroll: a voice of the sample enrolled, then named
+            lines.append(voiceprints_line(voiced))
         served = smoke.get("serve")
         if served:  # a bundle with bin/serve: the smoke test sent it the sample
             lines.append(f"serve:     ok (bin/serve answered POST {served['endpoint']} with "
@@ -57,3 +60,18 @@ def render_text(report: dict[str, Any], installed: bool) -> str:
                          f"{served['request_seconds']} s; ready in {served['ready_seconds']} s,"
                          f" stopped cleanly on SIGTERM)")
     return "\n".join(lines)
+
+
+def voiceprints_line(voiced: dict[str, Any]) -> str:
+    """The smoke test's voiceprint check (runtime/smoke_voiceprints.py) in one line: named,
+    or not shown (the models hear several voices in the one-voice turn: random weights)."""
+    if voiced.get("ok") is None:
+        return f"voiceprints: not shown ({voiced.get('not_shown')})"
+    sample = voiced.get("on_sample") or {}
+    found = (f"named on all of {voiced['sample']} too, similarity {sample.get('similarity')}"
+             if sample.get("named") else f"not named on all of {voiced['sample']} (best "
+             f"similarity {sample.get('best_similarity')}, below the threshold)")
+    return (f"voiceprints: ok (bin/enroll took '{voiced['name']}' from {voiced['enrolled']} "
+            f"in {voiced['enroll_seconds']} s; bin/diarize --voiceprints named it in that "
+            f"clip, similarity {voiced['similarity']}, in JSON and RTTM; {found}; "
+            f"{voiced['seconds']} s in all)")

@@ -686,6 +686,8 @@ def smoke(release: Path) -> dict[str, Any]:
     env = {"PATH": "/usr/bin:/bin", "HOME": home, "LANG": "C.UTF-8"}
     also = (", bin/transcribe on the dialogue" if (release / "bin" / "transcribe").exists()
             else "")
+    if (release / "bin" / "enroll").exists():
+        also += ", bin/enroll on one voice of the sample, then named by bin/diarize"
     if (release / "bin" / "serve").exists():
         also += ", bin/serve answering it on loopback"
     say(f"smoke test: bin/diarize on the sample as wav, mp3 and m4a{also}, network disabled "
@@ -721,10 +723,16 @@ def smoke(release: Path) -> dict[str, Any]:
 def compare(result: dict[str, Any], expected: dict[str, Any]) -> None:
     """Fail when the result differs from the one recorded on the build host: the wav's
     segments, and each container's where the expected result has them; the transcript's
-    words where the bundle transcribes."""
+    words where the bundle transcribes; the enrolled voice named where it was named there."""
     _compare("sample", result, expected)
     for fmt, want in sorted((expected.get("formats") or {}).items()):
         _compare(f"sample.{fmt}", (result.get("formats") or {}).get(fmt) or {}, want)
+    named = (expected.get("voiceprints") or {}).get("ok")
+    if named and not (result.get("voiceprints") or {}).get("ok"):
+        # The same models named the enrolled voice on the build host: here they must too.
+        raise Failure(EXIT_SMOKE, "smoke voiceprints: the build host's install named the "
+                                  "enrolled voice, this one did not: "
+                                  f"{(result.get('voiceprints') or {}).get('not_shown')}")
     want = expected.get("transcript")
     if want is not None:
         got = result.get("transcript") or {}

@@ -11,6 +11,10 @@ every output format, and reports the transcript (``transcript``). Before that it
 TCP connect to each ``--probe`` address (the caller passes a loopback listener of its own:
 inside a fresh network namespace even loopback is down, so a probe that gets through means
 the isolation failed).
+Where the install has ``bin/enroll``, it then enrolls the voice of the sample's first turn
+and checks that ``bin/diarize --voiceprints`` names it on the sample (``smoke_voiceprints.py``:
+what that proves, and why random test weights leave it ``not_shown``): the result's
+``voiceprints`` part.
 Where the install has ``bin/serve``, it then starts the service as a user would
 (``--port 0 --workers 1``, a fresh private state dir), on loopback inside the same
 isolation: in a fresh namespace loopback is down, so it brings ``lo`` up first (an ioctl;
@@ -57,9 +61,11 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 if __package__:  # imported by the tool and its tests
+    from bundler.runtime import smoke_voiceprints
     from bundler.runtime.install import exit_text, word_changes
 else:  # run as a program from smoke/: the installer's helper, from runtime/ beside it
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "runtime"))
+    import smoke_voiceprints  # type: ignore[no-redef]
     from install import exit_text, word_changes  # type: ignore[no-redef]
 
 SAMPLES = ("wav", "mp3", "m4a")
@@ -200,6 +206,15 @@ def smoke(prefix: Path, block_network: bool) -> dict[str, Any]:
            if not f["ok"]}
     if transcribed is not None and not transcribed["ok"]:
         bad["dialogue.flac"] = f"bin/transcribe: {transcribed.get('error')}"
+    if not bad and proc.returncode == 0 and (prefix / "bin" / "enroll").is_file():
+        # Once the programs passed, as the service's check: a voice of the sample enrolled,
+        # then named by bin/diarize --voiceprints (smoke_voiceprints.py).
+        voiced = result["voiceprints"] = smoke_voiceprints.check(prefix, run_program,
+                                                                 block_network)
+        result["network_attempts"] = (result["network_attempts"] or 0) + (
+            voiced.get("network_attempts") or 0)
+        result["network_attempt_details"] = [*(result["network_attempt_details"] or []),
+                                             *(voiced.get("network_attempt_details") or [])]
     if not bad and proc.returncode == 0 and (prefix / "bin" / "serve").is_file():
         # Only once the programs passed: a server that runs their code would fail alike.
         served = result["serve"] = serve_check(prefix, transcribed, wav)
@@ -214,6 +229,9 @@ def smoke(prefix: Path, block_network: bool) -> dict[str, Any]:
         result["ok"] = False
     elif proc.returncode != 0:
         result["error"] = f"diarize {exit_text(proc.returncode)}: {last_line(proc.stderr)}"
+    elif (result.get("voiceprints") or {}).get("ok") is False:
+        result["ok"] = False
+        result["error"] = f"voiceprints: {result['voiceprints'].get('error')}"
     elif "serve" in result and not result["serve"]["ok"]:
         result["ok"] = False
         result["error"] = (f"bin/serve on loopback ({result['serve']['endpoint']}, "

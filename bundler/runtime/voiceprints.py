@@ -57,11 +57,15 @@ from .exits import EXIT_CANNOT_RUN, EXIT_USAGE, RunError
 
 FORMAT = 1
 SUFFIX = ".json"
-# A placeholder, not a calibration: no public copy of the bundles' WeSpeaker weights could be
-# run while this was written. Calibrate it on real weights with enrolled voices and
-# recordings of known speakers (the threshold where false names and missed names balance on
-# the site's own audio) and change the default here; docs/voiceprints.md says how.
-DEFAULT_THRESHOLD = 0.5
+# Where pyannote itself separates speakers in this embedding space: pyannote/speaker-
+# diarization-3.1 clusters the WeSpeaker ResNet34-LM embeddings (unit-normalised, centroid
+# linkage, Euclidean) with a tuned threshold of 0.7045654963945799 (its config.yaml; this
+# project's 3.1 recipe), and for unit vectors d = sqrt(2 - 2 cos): clusters less similar than
+# cos = 1 - d**2 / 2 = 0.7518 are kept apart as different speakers. A name given below that
+# would name a speaker the pipeline holds to be someone else. Not measured on the shipped
+# weights (no public copy could be run here): calibrate it on the site's own voices
+# (benchmarks/voiceprints.py --calibrate; docs/voiceprints.md).
+DEFAULT_THRESHOLD = 0.75
 # Below this much speech, one clip's embedding is too noisy to stand for a voice.
 MIN_SPEECH_S = 1.2
 # The longest clip bin/serve enrolls (a reference or a stored voice's clip): OpenAI asks for
@@ -438,8 +442,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "speaker's embedding against each voiceprint, by cosine similarity")
     p.add_argument("--match-threshold", type=float, metavar="T",
                    help="the least similarity (0 to 1) that names a speaker (default: "
-                        f"{DEFAULT_THRESHOLD}, a placeholder to calibrate on your own "
-                        "recordings: docs/voiceprints.md)")
+                        f"{DEFAULT_THRESHOLD}, where pyannote's own clustering parts "
+                        "speakers; calibrate it on your recordings: docs/voiceprints.md)")
     p.add_argument("--no-exclusive", dest="exclusive", action="store_false",
                    help="let two speakers take the same name (default: each name goes to "
                         "one speaker at most)")
