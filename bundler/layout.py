@@ -83,7 +83,6 @@ PROGRAMS = {
     SERVE_SCRIPT: "serve.py",
     **{f"{RUNTIME_DIR}/{name}": name for name in SERVICE_MODULES},
     **{f"{RUNTIME_DIR}/{name}": name for name in PAGE_FILES},
-    **{f"{RUNTIME_DIR}/{name}": name for name in PAGE_FILES},
     HOSTLIBS_SCRIPT: "hostlibs.py",
     INSTALLER: "install.py",
     SMOKE_SCRIPT: "smoke.py",

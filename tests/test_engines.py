@@ -348,10 +348,11 @@ def test_an_arm_cpuinfo_is_told_from_the_one_an_emulator_passes_through(
 
 
 def test_the_smoke_test_names_the_signal_that_killed_a_program(tmp_path: Path) -> None:
-    """smoke/smoke.py run as install.py runs it (the installer beside it in runtime/), on a
-    release whose bin/diarize dies of SIGSEGV."""
-    for name, folder in (("smoke.py", "smoke"), ("install.py", "runtime")):
-        (tmp_path / folder).mkdir()
+    """smoke/smoke.py run as install.py runs it (the installer and the voiceprint check
+    beside it in runtime/), on a release whose bin/diarize dies of SIGSEGV."""
+    for name, folder in (("smoke.py", "smoke"), ("install.py", "runtime"),
+                         ("smoke_voiceprints.py", "runtime")):
+        (tmp_path / folder).mkdir(exist_ok=True)
         shutil.copy(RUNTIME / name, tmp_path / folder / name)
     for fmt in smoke.SAMPLES:
         (tmp_path / "smoke" / f"sample.{fmt}").write_bytes(b"")
