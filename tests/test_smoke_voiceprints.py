@@ -38,12 +38,16 @@ args = sys.argv[1:]
 if REFUSE:
     print("enroll: error: " + REFUSE, file=sys.stderr)
     sys.exit(CODE)
+if EXPECT_BLOCK and "--block-network" not in args:
+    print("enroll: error: expected --block-network", file=sys.stderr)
+    sys.exit(70)
 name, clip, folder = args[0], Path(args[1]), Path(args[args.index("--voiceprints") + 1])
 model = voiceprints.EmbeddingModel("pyannote/x", "0" * 40, "1" * 64)
 vp = voiceprints.Voiceprint(name, model, tuple(VOICE_VECTOR),
                             (voiceprints.Clip("2" * 64, 2.4, 2.4),), voiceprints.today())
 voiceprints.save(folder, vp)
-print(json.dumps({"action": "enroll", "name": name, "speech_seconds": 2.4}))
+print(json.dumps({"action": "enroll", "name": name, "speech_seconds": 2.4,
+                  "network_attempts": ATTEMPTS}))
 """
 DIARIZE = COMMON + """
 args = sys.argv[1:]
@@ -70,14 +74,15 @@ print(json.dumps({"wall_seconds": 1.5, "network_attempts": 0, "failures": []}))
 
 
 def _install(tmp_path: Path, refuse: str = "", code: int = 0, named: bool = True,
-             rttm_names: bool = True, clip_vector: tuple[float, ...] = (1.0, 0.0, 0.2)
-             ) -> Path:
+             rttm_names: bool = True, clip_vector: tuple[float, ...] = (1.0, 0.0, 0.2),
+             attempts: int = 0, expect_block: bool = False) -> Path:
     """A prefix with the smoke sample and the stand-in bin/enroll and bin/diarize."""
     (tmp_path / "bin").mkdir(parents=True)
     (tmp_path / "smoke").mkdir()
     (tmp_path / "smoke" / "sample.wav").write_bytes(render.sample_wav())
     settings = (f"REFUSE, CODE, NAMED, RTTM_NAMES = {refuse!r}, {code}, {named}, "
-                f"{rttm_names}\nCLIP_VECTOR = {list(clip_vector)}\n")
+                f"{rttm_names}\nCLIP_VECTOR = {list(clip_vector)}\n"
+                f"ATTEMPTS, EXPECT_BLOCK = {attempts}, {expect_block}\n")
     for name, text in (("enroll", ENROLL), ("diarize", DIARIZE)):
         program = tmp_path / "bin" / name
         program.write_text(f"#!{sys.executable}\n{settings}{text}")
@@ -137,6 +142,21 @@ def test_a_voice_enrolled_and_named_everywhere_passes(tmp_path: Path) -> None:
                            "0-2.4 s in ")
     assert ("named it in that clip, similarity 1.0, in JSON and RTTM; named on all of "
             "sample.wav too, similarity 0.9594; ") in line
+
+
+def test_enrolments_connection_attempts_count_and_a_guarded_host_blocks_them(
+        tmp_path: Path) -> None:
+    # bin/enroll's own count (its report's network_attempts) adds to bin/diarize's: the
+    # smoke test fails an install whose programs tried the network, enrolment included.
+    counted = smoke_voiceprints.check(_install(tmp_path / "a", attempts=2), smoke.run_program,
+                                      False)
+    assert counted["network_attempts"] == 2
+    assert counted["network_attempt_details"] == ["bin/enroll: 2 attempt(s)"]
+    # Where the smoke test guards sockets (no network namespace), bin/enroll is told to
+    # refuse them in-process, as bin/diarize is.
+    guarded = smoke_voiceprints.check(_install(tmp_path / "b", expect_block=True),
+                                      smoke.run_program, True)
+    assert guarded["ok"] is True, guarded
 
 
 def test_the_clip_not_named_fails(tmp_path: Path) -> None:

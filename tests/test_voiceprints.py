@@ -404,8 +404,9 @@ def test_enroll_refuses_bad_usage_in_one_line(argv: list[str], why: str,
 def test_enroll_lists_and_removes_really(tmp_path: Path) -> None:
     v.save(tmp_path, _vp("alice", (1.0, 0.0)))
     v.save(tmp_path, _vp("bob", (0.0, 1.0), OTHER))
-    listed = _enroll("--list", "--voiceprints", str(tmp_path), "--json")
+    listed = _enroll("--list", "--voiceprints", str(tmp_path), "--json", "--block-network")
     assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout)["network_attempts"] == 0  # counted, as bin/diarize's
     rows = json.loads(listed.stdout)["voiceprints"]
     assert [(r["name"], r["embedding_model"]["repo"]) for r in rows] == [
         ("alice", MODEL.repo), ("bob", OTHER.repo)]

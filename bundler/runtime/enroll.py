@@ -76,6 +76,9 @@ def parser() -> argparse.ArgumentParser:
     diarize.add_pipeline_arguments(p, matching=False)
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("--block-network", action="store_true",
+                   help="refuse every connection attempt in-process (for hosts that cannot "
+                        "disable the network otherwise); attempts are counted either way")
     p.add_argument("--debug", action="store_true", help="tracebacks for failures")
     return p
 
@@ -185,7 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except exits.RunError as exc:
         print(f"enroll: error: {exc}", file=sys.stderr)
         return exc.code
-    sys.addaudithook(NetworkAudit())
+    audit = NetworkAudit(block=args.block_network)
+    sys.addaudithook(audit)
 
     def say(line: str) -> None:
         if not args.quiet:
@@ -213,6 +217,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()
         os.dup2(stdout, 1)
         os.close(stdout)
+    # Counted as bin/diarize counts them (its summary's network_attempts): none is expected.
+    report["network_attempts"] = len(audit.attempts)
+    if audit.attempts:
+        print(f"enroll: network: {len(audit.attempts)} connection attempt(s), first: "
+              f"{audit.attempts[0]}", file=sys.stderr)
     print(json.dumps(report) if args.json else render(report), flush=True)
     return exits.EXIT_OK
 

@@ -88,11 +88,14 @@ def overlap(segments: list[dict[str, Any]], start: float, end: float) -> dict[st
     return out
 
 
-def enroll(program: Path, clip: Path, voices: Path) -> dict[str, Any]:
-    """``bin/enroll VOICE clip --voiceprints voices --json``: its report, or
-    ``{"ok": False, "error"}`` with the line it said."""
+def enroll(program: Path, clip: Path, voices: Path, block_network: bool = False
+           ) -> dict[str, Any]:
+    """``bin/enroll VOICE clip --voiceprints voices --json`` (``--block-network`` where the
+    smoke test guards sockets): its report, or ``{"ok": False, "error"}`` with the line it
+    said."""
     argv = [str(program), VOICE, str(clip), "--voiceprints", str(voices), "--json", "--quiet",
-            "--embedding-batch-size", "1", "--segmentation-batch-size", "1"]
+            "--embedding-batch-size", "1", "--segmentation-batch-size", "1",
+            *(["--block-network"] if block_network else [])]
     began = time.monotonic()
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, errors="replace",
@@ -109,7 +112,8 @@ def enroll(program: Path, clip: Path, voices: Path) -> dict[str, Any]:
         said = lines[-1][:500] if lines else f"exit {proc.returncode}, no report"
         return {"ok": False, "error": f"bin/enroll refused the clip: {said}",
                 "exit": proc.returncode, "seconds": seconds}
-    return {"ok": True, "seconds": seconds, "speech_seconds": report.get("speech_seconds")}
+    return {"ok": True, "seconds": seconds, "speech_seconds": report.get("speech_seconds"),
+            "network_attempts": report.get("network_attempts")}
 
 
 def check(prefix: Path, run_program: RunProgram, block_network: bool) -> dict[str, Any]:
@@ -125,7 +129,7 @@ def check(prefix: Path, run_program: RunProgram, block_network: bool) -> dict[st
         clip = work / "voice.wav"
         cut_wav(sample, start, end, clip)
         voices = work / "voices"  # made 0700 by bin/enroll
-        enrolled = enroll(prefix / "bin" / "enroll", clip, voices)
+        enrolled = enroll(prefix / "bin" / "enroll", clip, voices, block_network)
         result["enroll_seconds"] = enrolled.get("seconds")
         if not enrolled["ok"]:
             heard = MANY_VOICES.search(enrolled["error"])
@@ -148,8 +152,13 @@ def check(prefix: Path, run_program: RunProgram, block_network: bool) -> dict[st
             [str(prefix / "bin" / "diarize"), "--format", "rttm,json", "--output-dir",
              str(out), "--voiceprints", str(voices), str(clip), str(sample)], block_network)
         result["diarize_seconds"] = summary.get("wall_seconds")
-        result["network_attempts"] = summary.get("network_attempts")
-        result["network_attempt_details"] = summary.get("network_attempt_details", [])
+        # bin/enroll's attempts (its report's count) and bin/diarize's, added up.
+        result["network_attempts"] = (enrolled.get("network_attempts") or 0) + (
+            summary.get("network_attempts") or 0)
+        result["network_attempt_details"] = [
+            *([f"bin/enroll: {enrolled['network_attempts']} attempt(s)"]
+              if enrolled.get("network_attempts") else []),
+            *summary.get("network_attempt_details", [])]
         outputs = [out / f"{p.name}.{fmt}" for p in (clip, sample) for fmt in ("json", "rttm")]
         if proc.returncode != 0 or not all(p.is_file() for p in outputs):
             failure = next((f["error"] for f in summary.get("failures", [])), None)
