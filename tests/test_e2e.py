@@ -372,6 +372,16 @@ def test_every_engine_gives_pyannotes_rttm_and_embeddings(installed: Installed) 
     weights, six kinds of recording; an unknown embedding model falls back, saying so."""
     result = check_engines_match_pyannote(installed)
     print(json.dumps({"seconds": result["seconds"]}))
+def test_voiceprints_on_pyannote_3(installed: Installed) -> None:
+    """The 3.1 recipe (pyannote.audio 3.x, whose centroids come from
+    ``return_embeddings=True``): bin/enroll and --voiceprints as tests/test_e2e_voiceprints.py
+    proves them on community-1 (4.x), offline as nobody, with real segmentation weights and
+    the bundle's random embedding weights (what those can and cannot show: that module)."""
+    from test_e2e_voiceprints import check_voiceprints
+
+    check_voiceprints(installed)
+
+
 def test_image_of_the_bundle_diarizes_in_podman_offline_read_only_as_nobody(
         tarball: Path, tmp_path: Path) -> None:
     """`pyannote-bundle image` of this bundle: its self-test (podman, no network, read-only
