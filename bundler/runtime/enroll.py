@@ -108,14 +108,14 @@ def check(args: argparse.Namespace) -> str:
     return "enroll"
 
 
-def voice_of(loaded: diarize.Loaded, name: str,
+def voice_of(loaded: diarize.Loaded, model: voiceprints.EmbeddingModel, name: str,
              clips: Sequence[tuple[Path, str]], say: Any,
              max_seconds: float = audio.MAX_DURATION_S) -> voiceprints.Voiceprint:
     """The voiceprint ``name`` from ``clips`` (each ``(path, the name shown for it)``), with
-    the pipeline ``loaded``: each clip decoded and diarized, refused unless it holds one
-    voice (RunError, EXIT_USAGE, one line naming the clip). ``bin/serve``'s workers enroll
-    through here too, with their loaded pipeline."""
-    model = voiceprints.installed_model(diarize.default_config().parent)
+    the pipeline ``loaded`` of the install whose embedding model is ``model``
+    (``voiceprints.installed_model``): each clip decoded and diarized, refused unless it
+    holds one voice (RunError, EXIT_USAGE, one line naming the clip). ``bin/serve``'s
+    workers enroll through here too, with their loaded pipeline."""
     vectors, weights, kept = [], [], []
     for path, label in clips:
         try:
@@ -138,9 +138,10 @@ def voice_of(loaded: diarize.Loaded, name: str,
 def enroll(args: argparse.Namespace, say: Any) -> voiceprints.Voiceprint:
     """Each clip decoded and diarized, refused unless it holds one voice, then the voice
     saved: every clip is checked before anything is written."""
-    voiceprints.installed_model(diarize.default_config().parent)  # before the models load
+    model = voiceprints.installed_model(diarize.default_config().parent)  # before loading
     loaded = diarize.load_from_args(args, say)
-    vp = voice_of(loaded, args.name, [(Path(c), common.shown(c)) for c in args.clips], say)
+    vp = voice_of(loaded, model, args.name, [(Path(c), common.shown(c)) for c in args.clips],
+                  say)
     voiceprints.save(args.voiceprints, vp, replace=args.replace)
     return vp
 

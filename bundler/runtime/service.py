@@ -43,7 +43,6 @@ from .responses import ApiError
 # What OpenAI clients send as ``model``: each is served by the bundle's one ASR model.
 OPENAI_ALIASES = ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe",
                   "gpt-4o-transcribe-diarize")
-HEAD_BYTES = 4096
 # A request's headers, all together. uvicorn's h11 refuses more only when they arrive in
 # several reads (a 64 KB header sent at once on loopback was answered 200): the app refuses
 # them whatever their path, so the answer does not depend on how the bytes were split.
@@ -228,12 +227,9 @@ class Service:
                 raise ApiError(400, "the file is empty (0 bytes)", "empty_file", "file")
             for name, path in [(form.filename, form.path)] + (form.more if enrolling else []):
                 with open(path, "rb") as f:
-                    head = f.read(HEAD_BYTES)
+                    head = f.read(uploads.HEAD_BYTES)
                 if not uploads.looks_like_media(head):
-                    raise ApiError(415, f"{shown(name or 'the file')} is not an audio or "
-                                        "video file this server can read (wav, flac, ogg, "
-                                        "mp3, m4a, mp4, webm, ...)", "unsupported_media",
-                                   "file")
+                    raise uploads.not_media(shown(name or "the file"), "file")
             if form.more:  # the job's other files, by the names they take once accepted
                 params["files"] = [uploads.final_name(job_id, i + 1)
                                    for i in range(len(form.more))]
@@ -357,10 +353,7 @@ class Service:
     def discard_upload(self, job: jobstore.Job) -> None:
         """The job's files go: its recording, and its reference clips (private too)."""
         for name in job.uploads():
-            try:
-                (self.settings.uploads / name).unlink()
-            except FileNotFoundError:
-                pass
+            (self.settings.uploads / name).unlink(missing_ok=True)
 
 
 # --- endpoints --------------------------------------------------------------------------

@@ -34,6 +34,7 @@ FILE_FIELD = "file"
 MAX_FIELD_BYTES = 8 << 20
 MAX_FIELDS_BYTES = 34 << 20
 MAX_PARTS = 64
+HEAD_BYTES = 4096  # what looks_like_media is shown of a file: its signature is in there
 MAX_PART_HEADER_BYTES = 16 << 10
 
 
@@ -61,10 +62,7 @@ class Form:
     def discard(self) -> None:
         for path in [self.path, *(p for _, p in self.more)]:
             if path is not None:
-                try:
-                    path.unlink()
-                except FileNotFoundError:
-                    pass
+                path.unlink(missing_ok=True)
         self.path, self.more = None, []
 
 
@@ -258,6 +256,13 @@ _MAGIC = (
     (0, b"\x30\x26\xb2\x75\x8e\x66\xcf\x11"),  # ASF (WMA)
     (0, b".snd"), (0, b"FRM8"), (0, b"\x00\x00\x01\xba"),  # MPEG program stream
 )
+
+
+def not_media(what: str, param: str) -> ApiError:
+    """The 415 for ``what`` (a file or a reference clip) whose first bytes are no container
+    the decoders know (``looks_like_media``)."""
+    return ApiError(415, f"{what} is not an audio or video file this server can read (wav, "
+                         "flac, ogg, mp3, m4a, mp4, webm, ...)", "unsupported_media", param)
 
 
 def looks_like_media(head: bytes) -> bool:

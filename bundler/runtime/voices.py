@@ -71,10 +71,8 @@ def decode_data_url(text: str, index: int) -> bytes:
                        REFERENCES) from None
     if not data:
         raise ApiError(400, f"{where} is empty", "invalid_value", REFERENCES)
-    if not uploads.looks_like_media(data[:4096]):
-        raise ApiError(415, f"{where} is not an audio or video file this server can read "
-                            "(wav, flac, ogg, mp3, m4a, mp4, webm, ...)", "unsupported_media",
-                       REFERENCES)
+    if not uploads.looks_like_media(data[:uploads.HEAD_BYTES]):
+        raise uploads.not_media(where, REFERENCES)
     return data
 
 

@@ -94,6 +94,7 @@ class Worker:
                                             else diarize.Diarize())
         self.args = self._base_args(config.get("options") or [])
         self.loaded: Any = None
+        self._embedding_model: Optional[voiceprints.EmbeddingModel] = None
         self.draining = False
         self.reload = False  # a timeout interrupted the models: load them afresh
         self.events = Events()
@@ -208,21 +209,35 @@ class Worker:
         p = job.params
         folder = voiceprints.owner_folder(self.state, job.owner)
         name = str(p["name"])
-        files = [job.upload, *(p.get("files") or [])]
+        files = job.uploads()
         clips = [(self.uploads / f, shown(str(label)))
                  for f, label in zip(files, p.get("clips") or files)]
-        try:
-            vp = enroll.voice_of(diarization_of(self.loaded), name, clips, self.say,
-                                 voiceprints.MAX_CLIP_S)
-        except exits.RunError as exc:
-            if exc.code != exits.EXIT_USAGE:
-                raise
-            raise Refused("clip_refused", str(exc)) from None
+        vp = self.voice(name, clips, "clip_refused")
         if not p.get("replace") and voiceprints.path_of(folder, name).exists():
             raise Refused("voiceprint_exists", f"a voiceprint named '{name}' exists: send "
                                                "replace=true to replace it")
         voiceprints.save(folder, vp, replace=bool(p.get("replace")))
         return vp.summary()
+
+    def embedding_model(self) -> voiceprints.EmbeddingModel:
+        """The install's embedding model, read from its manifest once: the models this
+        worker loaded are the ones it names, for as long as the worker lives."""
+        if self._embedding_model is None:
+            self._embedding_model = voiceprints.installed_model(
+                diarize.default_config().parent)
+        return self._embedding_model
+
+    def voice(self, name: str, clips: list[tuple[Path, str]], refused: str
+              ) -> voiceprints.Voiceprint:
+        """``name``'s voiceprint from ``clips`` by bin/enroll's own code with the loaded
+        pipeline; a clip it refuses (its one line) fails the job as ``refused``."""
+        try:
+            return enroll.voice_of(diarization_of(self.loaded), self.embedding_model(), name,
+                                   clips, self.say, voiceprints.MAX_CLIP_S)
+        except exits.RunError as exc:
+            if exc.code != exits.EXIT_USAGE:
+                raise
+            raise Refused(refused, str(exc)) from None
 
     def known_voices(self, job: jobstore.Job) -> Optional[list[voiceprints.Voiceprint]]:
         """The job's known speakers as voiceprints: each reference clip enrolled with the
@@ -231,28 +246,21 @@ class Worker:
         speakers = job.params.get("known_speakers")
         if not speakers:
             return None
-        model = voiceprints.installed_model(diarize.default_config().parent)
         folder = voiceprints.owner_folder(self.state, job.owner)
         prints = []
         for speaker in speakers:
             name, reference = str(speaker["name"]), speaker.get("reference")
             if reference:
                 label = f"the reference clip of '{name}'"
-                try:
-                    prints.append(enroll.voice_of(
-                        diarization_of(self.loaded), name, [(self.uploads / reference, label)],
-                        self.say, voiceprints.MAX_CLIP_S))
-                except exits.RunError as exc:
-                    if exc.code != exits.EXIT_USAGE:
-                        raise
-                    raise Refused("invalid_reference", str(exc)) from None
+                prints.append(self.voice(name, [(self.uploads / reference, label)],
+                                         "invalid_reference"))
                 continue
             path = voiceprints.path_of(folder, name)
             if not path.is_file():  # deleted since the request was accepted
                 raise Refused("voiceprint_not_found", f"no voiceprint named '{name}' is "
                                                       "stored for this key")
             try:
-                prints.append(voiceprints.load_file(path, model))
+                prints.append(voiceprints.load_file(path, self.embedding_model()))
             except exits.RunError as exc:  # the client is not shown the state dir's path
                 raise Refused("voiceprint_not_found", one_line(
                     str(exc).replace(str(path), f"the stored voiceprint '{name}'"))) from None
